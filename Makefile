@@ -1,0 +1,57 @@
+# Airloom — two set-up commands for a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install --disable-pip-version-check -c constraints.txt
+
+.PHONY: demo test test-all airflow settings bench lint lock clean venv venv-dev
+
+venv: $(VENV)/.runtime
+venv-dev: $(VENV)/.dev
+
+# Everything the pipeline needs, pinned by constraints.txt (torch==2.13.0: the CPU wheel).
+$(VENV)/.runtime: requirements.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(PIP) -r requirements.txt
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	$(PIP) -r requirements-dev.txt
+	touch $@
+
+## The demo pipeline on the embedded default (SQLite Airflow, local registry, tiny model).
+demo: venv
+	$(BIN)/airloom demo
+
+## The test suite (default run: everything but the minutes-long training checks marked `slow`).
+test: venv-dev
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+## Airflow's scheduler, triggerer, dag-processor and UI (http://localhost:8080) on the embedded default.
+airflow: venv
+	$(BIN)/airloom airflow db migrate >/dev/null
+	$(BIN)/airloom settings airflow_settings.yaml
+	@echo "Airflow UI: http://localhost:8080  — log in as admin/admin (also trainer/trainer, reviewer/reviewer)"
+	$(BIN)/airloom airflow standalone
+
+settings: venv
+	$(BIN)/airloom settings airflow_settings.yaml
+
+bench: venv
+	$(BIN)/python bench/dag_parse.py
+
+lint: venv-dev
+	$(BIN)/ruff check . && $(BIN)/ruff check --select AIR dags
+
+## Regenerate constraints.txt from a fresh resolve of requirements*.txt.
+lock:
+	rm -rf /tmp/airloom-lock && $(PYTHON) -m venv /tmp/airloom-lock
+	/tmp/airloom-lock/bin/pip install -q -r requirements.txt -r requirements-dev.txt
+	( echo "# Full resolved set for a reproducible install. Regenerate: make lock"; \
+	  /tmp/airloom-lock/bin/pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu/torch==2.13.0/' ) > constraints.txt
+
+clean:
+	rm -rf .airflow .airloom .pytest_cache

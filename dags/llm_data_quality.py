@@ -1,0 +1,57 @@
+"""
+### llm_data_quality — ingest → validate → EDA report → prepare
+
+Reads raw instruction data (JSONL, JSON, CSV or Parquet; a file, folder or glob), validates it
+with Great Expectations (rows that fail are quarantined with line and reason; the task fails
+when the suite fails, and the run stops before preparation), writes an HTML EDA report, and
+prepares train/validation/test splits. Emits the asset `prepared_dataset`, which starts
+`llm_finetune`.
+
+Outputs land in `$AIRLOOM_HOME/runs/llm_data_quality/<run_id>/<task_id>/`.
+"""
+
+from datetime import datetime
+
+from airflow.sdk import DAG, Param
+
+from airloom.airflow.assets import PREPARED_DATASET
+from airloom.airflow.defaults import DEFAULT_ARGS, RAW_DATA
+from airloom.airflow.operators.data import DataProfileOperator, PrepareDatasetOperator, ValidateDataOperator
+
+with DAG(
+    dag_id="llm_data_quality",
+    schedule=None,
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    default_args=DEFAULT_ARGS,
+    tags=["airloom", "data"],
+    doc_md=__doc__,
+    max_active_runs=1,
+    params={
+        "source": Param(RAW_DATA, type="string", minLength=1, title="Raw data",
+                        description="File, folder or glob of JSONL/JSON/CSV/Parquet instruction records"),
+        "suite": Param("", type="string", title="Validation config",
+                       description="YAML file of validation thresholds (empty: built-in defaults)"),
+        "on_bad_rows": Param("quarantine", enum=["quarantine", "fail"], title="Bad rows"),
+        "seed": Param(0, type="integer", minimum=0, title="Split seed"),
+        "val_fraction": Param(0.1, type="number", minimum=0, maximum=0.5),
+        "test_fraction": Param(0.1, type="number", minimum=0, maximum=0.5),
+    },
+):
+    validate = ValidateDataOperator(
+        task_id="validate",
+        source="{{ params.source }}",
+        suite="{{ params.suite }}",
+        on_bad_rows="{{ params.on_bad_rows }}",
+        retries=0,
+    )
+    eda = DataProfileOperator(task_id="eda_report", input_path=validate.output["accepted"])
+    prepare = PrepareDatasetOperator(
+        task_id="prepare",
+        input_path=validate.output["accepted"],
+        seed="{{ params.seed }}",
+        val_fraction="{{ params.val_fraction }}",
+        test_fraction="{{ params.test_fraction }}",
+        outlets=[PREPARED_DATASET],
+    )
+    validate >> [eda, prepare]

@@ -1,0 +1,125 @@
+"""
+### llm_finetune — train → evaluate vs. production → gates → register → sign-off → deploy → canary
+
+Fine-tunes the base model on the prepared dataset with the Airloom recipe, launched as a child
+process through the DeepSpeed launcher (or torchrun) in the `gpu` pool. The candidate is
+evaluated on the test split beside the model at alias `production` (or the base model when
+nothing is deployed yet); quality gates decide whether it is registered. A registered version
+waits, deferred, for a person other than the one who triggered the run to approve it
+(`airloom signoff approve MODEL/VERSION --user REVIEWER`), is then verified file by file and
+promoted to `production`, and a canary generates with it.
+
+Runs on each new `prepared_dataset`, on a `retraining_request` from monitoring, or by hand.
+"""
+
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG, Param
+
+from airloom.airflow.assets import PREPARED_DATASET, RETRAINING_REQUEST
+from airloom.airflow.defaults import BASE_MODEL, CANARY_PROMPTS, DEFAULT_ARGS, MODEL_NAME
+from airloom.airflow.operators.data import ResolveDatasetOperator
+from airloom.airflow.operators.deepspeed import DeepSpeedTrainOperator
+from airloom.airflow.operators.evaluation import EvaluateModelOperator, QualityGateOperator
+from airloom.airflow.operators.registry import CanaryOperator, DeployModelOperator, RegisterModelOperator
+from airloom.airflow.sensors.registry import ModelSignOffSensor
+
+with DAG(
+    dag_id="llm_finetune",
+    schedule=(PREPARED_DATASET | RETRAINING_REQUEST),
+    start_date=datetime(2026, 1, 1),
+    catchup=False,
+    default_args=DEFAULT_ARGS,
+    tags=["airloom", "training", "deepspeed"],
+    doc_md=__doc__,
+    max_active_runs=1,
+    params={
+        "model_name": Param(MODEL_NAME, type="string", pattern="^[a-z0-9][a-z0-9._-]*$", title="Registered model"),
+        "base_model": Param(BASE_MODEL, type="string", minLength=1, title="Base model",
+                            description="registry:NAME[/N|@ALIAS], a local folder or a hub id"),
+        "dataset": Param("", type="string", title="Prepared dataset folder",
+                         description="Empty: the triggering asset event, else the newest prepared dataset"),
+        "method": Param("full", enum=["full", "lora"], title="Fine-tuning method"),
+        "launcher": Param("deepspeed", enum=["deepspeed", "torchrun", "python"]),
+        "zero_stage": Param(2, type="integer", enum=[0, 1, 2, 3], title="DeepSpeed ZeRO stage"),
+        "learning_rate": Param(3e-3, type="number", exclusiveMinimum=0),
+        "batch_size": Param(32, type="integer", minimum=1),
+        "max_steps": Param(1500, type="integer", minimum=1, title="Optimizer steps"),
+        "seed": Param(0, type="integer", minimum=0),
+        "eval_limit": Param(300, type="integer", minimum=1, title="Test examples to evaluate"),
+        "gates": Param("exact_match>=0.3,exact_match>=baseline-0.02", type="string", title="Quality gates",
+                       description="Comma-separated: metric>=value or metric>=baseline-delta"),
+    },
+):
+    dataset = ResolveDatasetOperator(task_id="resolve_dataset", dataset="{{ params.dataset }}")
+    train = DeepSpeedTrainOperator(
+        task_id="train",
+        base_model="{{ params.base_model }}",
+        train_file=dataset.output["train"],
+        validation_file=dataset.output["validation"],
+        launcher="{{ params.launcher }}",
+        config={
+            "method": "{{ params.method }}",
+            "zero_stage": "{{ params.zero_stage }}",
+            "learning_rate": "{{ params.learning_rate }}",
+            "batch_size": "{{ params.batch_size }}",
+            "max_steps": "{{ params.max_steps }}",
+            "seed": "{{ params.seed }}",
+        },
+        execution_timeout=timedelta(hours=12),
+    )
+    evaluate_candidate = EvaluateModelOperator(
+        task_id="evaluate_candidate",
+        model=train.output["model_dir"],
+        dataset_file=dataset.output["test"],
+        limit="{{ params.eval_limit }}",
+    )
+    evaluate_production = EvaluateModelOperator(
+        task_id="evaluate_production",
+        model="registry:{{ params.model_name }}@production",
+        fallback_model=train.output["base_model_path"],
+        dataset_file=dataset.output["test"],
+        limit="{{ params.eval_limit }}",
+    )
+    gates = QualityGateOperator(
+        task_id="quality_gates",
+        candidate=evaluate_candidate.output,
+        baseline=evaluate_production.output,
+        gates="{{ params.gates }}",
+        retries=0,
+    )
+    register = RegisterModelOperator(
+        task_id="register_candidate",
+        model_name="{{ params.model_name }}",
+        model_dir=train.output["model_dir"],
+        metadata={
+            "base_model": train.output["base_model"],
+            "metrics": evaluate_candidate.output["aggregate"],
+            "metrics_by_task": evaluate_candidate.output["by_task"],
+            "baseline": {"model": evaluate_production.output["model"],
+                         "metrics": evaluate_production.output["aggregate"]},
+            "gates": gates.output["gates"],
+            "training": train.output["metrics"],
+            "lineage": {"dataset": dataset.output["path"], "dataset_hash": dataset.output["dataset_hash"],
+                        "train_config": train.output["config"]},
+        },
+        evidence={"eval_report": gates.output["report"], "eval_metrics": evaluate_candidate.output["metrics_path"]},
+    )
+    signoff = ModelSignOffSensor(
+        task_id="wait_for_signoff",
+        model_name="{{ params.model_name }}",
+        version=register.output["version"],
+        policy={"required_approvals": 1, "separation_of_duties": True},
+        poll_interval=5,
+        timeout=timedelta(days=7),
+        retries=0,
+    )
+    deploy = DeployModelOperator(
+        task_id="deploy",
+        model_name="{{ params.model_name }}",
+        version=register.output["version"],
+        alias="production",
+    )
+    canary = CanaryOperator(task_id="canary", model_name="{{ params.model_name }}", prompts=CANARY_PROMPTS)
+
+    dataset >> train >> [evaluate_candidate, evaluate_production] >> gates >> register >> signoff >> deploy >> canary

@@ -1,0 +1,23 @@
+"""Defaults the DAG files share (cheap: no I/O, no heavy imports)."""
+
+from datetime import timedelta
+
+from airloom.settings import home
+
+DEFAULT_ARGS = {
+    "owner": "airloom",
+    "retries": 1,
+    "retry_delay": timedelta(minutes=1),
+}
+MODEL_NAME = "airloom-demo"
+BASE_MODEL = "registry:airloom-tiny-base"
+HOME = str(home())
+RAW_DATA = f"{HOME}/data/raw"
+HISTORY = f"{HOME}/data/history"
+FEEDBACK = f"{HOME}/data/feedback"
+EVALUATIONS = f"{HOME}/evaluations"
+CANARY_PROMPTS = [
+    "### Instruction:\nWrite the number in words.\n### Input:\n42\n### Response:\n",
+    "### Instruction:\nWrite the date in words.\n### Input:\n2026-03-14\n### Response:\n",
+    "### Instruction:\nWhat is the last word?\n### Input:\napple river stone\n### Response:\n",
+]

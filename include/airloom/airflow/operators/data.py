@@ -1,0 +1,221 @@
+"""Data-stage operators: validate (Great Expectations), profile (EDA report), prepare (splits).
+
+Each stores its arguments in ``__init__`` and calls the library in ``execute``; library imports
+happen there too, so DAG files that import these operators stay cheap to parse.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from airloom.airflow.operators._base import push_outputs, task_output_dir
+
+
+class ValidateDataOperator(BaseOperator):
+    """Read raw instruction data and validate it; fail the task when the suite fails.
+
+    :param source: a file, folder or glob (JSONL, JSON, CSV, Parquet).
+    :param suite: a YAML file of validation thresholds, or a dict of them; None = defaults.
+    :param on_bad_rows: ``quarantine`` (keep going, fail above the quarantine threshold) or ``fail``.
+    :param output_dir: where validation.json, accepted/quarantined rows and Data Docs go.
+    """
+
+    template_fields: Sequence[str] = ("source", "suite", "on_bad_rows", "output_dir")
+
+    def __init__(
+        self,
+        *,
+        source: str,
+        suite: str | dict | None = None,
+        on_bad_rows: str = "quarantine",
+        output_dir: str | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.source = source
+        self.suite = suite
+        self.on_bad_rows = on_bad_rows
+        self.output_dir = output_dir
+
+    def execute(self, context) -> dict[str, Any]:
+        from airloom.data.load import load_records
+        from airloom.data.validate import ValidationConfig, validate
+
+        out = task_output_dir(context, self.output_dir)
+        if isinstance(self.suite, str) and self.suite:
+            config = ValidationConfig.from_yaml(self.suite)
+        else:
+            config = ValidationConfig.from_dict(dict(self.suite or {}))
+        config.on_bad_rows = self.on_bad_rows
+        loaded = load_records(self.source)
+        self.log.info(
+            "read %d rows from %s (%d findings while reading)",
+            loaded.rows_read,
+            self.source,
+            len(loaded.findings),
+        )
+        result = validate(loaded, out, config)
+        self.log.info("validation summary:\n%s", result.summary())
+        if not result.success:
+            # No retry: the same data fails the same way.
+            raise AirflowFailException(
+                f"data validation failed for {self.source}; see {out / 'validation.json'}"
+            )
+        return push_outputs(
+            context,
+            {
+                "accepted": str(result.accepted_path),
+                "validation": str(result.report_path),
+                "data_docs": str(result.data_docs_path) if result.data_docs_path else None,
+                "rows_read": result.rows_read,
+                "accepted_rows": result.accepted,
+                "quarantined_rows": result.quarantined,
+            },
+        )
+
+
+class DataProfileOperator(BaseOperator):
+    """Write the EDA report (``report.html`` + ``profile.json``) of a JSONL file of records."""
+
+    template_fields: Sequence[str] = ("input_path", "output_dir")
+
+    def __init__(self, *, input_path: str, output_dir: str | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.input_path = input_path
+        self.output_dir = output_dir
+
+    def execute(self, context) -> dict[str, Any]:
+        from airloom.data.eda import build_profile
+        from airloom.data.load import load_records
+
+        out = task_output_dir(context, self.output_dir)
+        records = load_records(self.input_path).records
+        profile = build_profile(records, out)
+        self.log.info("EDA report: %s (%d rows)", out / "report.html", len(records))
+        return push_outputs(
+            context,
+            {
+                "report": str(out / "report.html"),
+                "profile": str(out / "profile.json"),
+                "rows": profile.get("rows", len(records)),
+            },
+        )
+
+
+class PrepareDatasetOperator(BaseOperator):
+    """Clean, dedup, scrub and split accepted records; record the result as the asset's event.
+
+    The prepared folder is also published as ``$AIRLOOM_HOME/datasets/latest.json`` so a manual
+    fine-tuning run finds the newest dataset without being told.
+    """
+
+    template_fields: Sequence[str] = ("input_path", "output_dir", "seed", "val_fraction", "test_fraction")
+
+    def __init__(
+        self,
+        *,
+        input_path: str,
+        output_dir: str | None = None,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.input_path = input_path
+        self.output_dir = output_dir
+        self.seed = seed
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+
+    def execute(self, context) -> dict[str, Any]:
+        from airloom.data.load import load_records
+        from airloom.data.prepare import prepare
+        from airloom.settings import home
+
+        out = task_output_dir(context, self.output_dir)
+        records = load_records(self.input_path).records
+        manifest = prepare(
+            records,
+            out,
+            seed=int(self.seed),
+            val_fraction=float(self.val_fraction),
+            test_fraction=float(self.test_fraction),
+        )
+        info = {
+            "path": str(out),
+            "dataset_hash": manifest["dataset_hash"],
+            "splits": {name: split["rows"] for name, split in manifest["splits"].items()},
+            "dag_id": context["ti"].dag_id,
+            "run_id": context["run_id"],
+        }
+        latest = home() / "datasets" / "latest.json"
+        latest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = latest.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(latest)
+        for outlet in self.outlets:
+            context["outlet_events"][outlet].extra = {
+                "path": info["path"],
+                "dataset_hash": info["dataset_hash"],
+            }
+        self.log.info("prepared dataset at %s: %s", out, json.dumps(info["splits"]))
+        return info
+
+
+def latest_prepared_dataset() -> str:
+    from airloom.settings import home
+
+    latest = home() / "datasets" / "latest.json"
+    if not latest.is_file():
+        raise AirflowFailException(
+            f"no prepared dataset: run llm_data_quality first or pass the 'dataset' param ({latest} missing)"
+        )
+    return json.loads(latest.read_text())["path"]
+
+
+def dataset_file(dataset_dir: str, split: str) -> str:
+    path = Path(dataset_dir) / f"{split}.jsonl"
+    if not path.is_file():
+        raise AirflowFailException(f"{path}: split {split!r} missing from prepared dataset {dataset_dir}")
+    return str(path)
+
+
+class ResolveDatasetOperator(BaseOperator):
+    """Find the prepared dataset a fine-tuning run uses and return its split files.
+
+    Order: the ``dataset`` argument (a DAG param), else the asset event that triggered the run,
+    else the newest dataset published by ``llm_data_quality``.
+    """
+
+    template_fields: Sequence[str] = ("dataset",)
+
+    def __init__(self, *, dataset: str | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.dataset = dataset
+
+    def execute(self, context) -> dict[str, Any]:
+        path = self.dataset or None
+        source = "param"
+        if not path:
+            for events in (context.get("triggering_asset_events") or {}).values():
+                for event in events:
+                    if event.extra and event.extra.get("path"):
+                        path, source = event.extra["path"], "asset event"
+        if not path:
+            path, source = latest_prepared_dataset(), "latest prepared dataset"
+        manifest_path = Path(path) / "manifest.json"
+        if not manifest_path.is_file():
+            raise AirflowFailException(f"{path}: not a prepared dataset (no manifest.json)")
+        manifest = json.loads(manifest_path.read_text())
+        self.log.info("dataset %s (from %s), hash %s", path, source, manifest["dataset_hash"])
+        return push_outputs(context, {
+            "path": path, "dataset_hash": manifest["dataset_hash"],
+            **{split: dataset_file(path, split) for split in ("train", "validation", "test")},
+        })

@@ -1,0 +1,202 @@
+"""Evaluation operators: score a model on a dataset; compare with a baseline and apply gates."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+from airloom.airflow.operators._base import push_outputs, task_output_dir
+
+
+class EvaluateModelOperator(BaseOperator):
+    """Generate with ``model`` on ``dataset_file`` and score the outputs (metrics.json, predictions.jsonl).
+
+    :param model: a folder, ``registry:NAME[/N|@ALIAS]`` or a hub id.
+    :param fallback_model: used when ``model`` is a registry alias that does not exist yet (the
+        first candidate has no production model to beat, so it is compared with its base).
+    :param dataset_file: JSONL with ``id``, ``prompt``, ``response`` (and optional ``task``).
+    :param limit: evaluate only the first N records.
+    """
+
+    template_fields: Sequence[str] = ("model", "fallback_model", "dataset_file", "output_dir", "limit")
+
+    def __init__(
+        self,
+        *,
+        model: str,
+        dataset_file: str,
+        fallback_model: str | None = None,
+        output_dir: str | None = None,
+        limit: int | None = None,
+        max_new_tokens: int = 32,
+        batch_size: int = 64,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+        self.fallback_model = fallback_model
+        self.dataset_file = dataset_file
+        self.output_dir = output_dir
+        self.limit = limit
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+
+    def execute(self, context) -> dict[str, Any]:
+        from airloom.airflow.hooks.registry import RegistryHook
+        from airloom.evaluation.harness import evaluate_model, load_jsonl
+        from airloom.exceptions import RegistryError
+        from airloom.registry.resolve import resolve_model
+
+        registry = RegistryHook().registry
+        try:
+            resolved = resolve_model(self.model, registry=registry)
+        except RegistryError as e:
+            if not self.fallback_model:
+                raise
+            self.log.info("%s (%s); evaluating the fallback %s instead", self.model, e, self.fallback_model)
+            resolved = resolve_model(self.fallback_model, registry=registry)
+        out = task_output_dir(context, self.output_dir)
+        limit = int(self.limit) if self.limit not in (None, "", 0) else None
+        metrics = evaluate_model(
+            resolved["path"],
+            load_jsonl(self.dataset_file),
+            out,
+            limit=limit,
+            max_new_tokens=self.max_new_tokens,
+            batch_size=self.batch_size,
+        )
+        self.log.info(
+            "%s on %s: %s",
+            resolved["ref"],
+            self.dataset_file,
+            json.dumps({k: round(v, 4) for k, v in metrics["aggregate"].items()}),
+        )
+        return push_outputs(
+            context,
+            {
+                "model": resolved["ref"],
+                "model_path": resolved["path"],
+                "metrics_path": str(out / "metrics.json"),
+                "predictions": str(out / "predictions.jsonl"),
+                "aggregate": metrics["aggregate"],
+                "by_task": metrics.get("by_task", {}),
+                "n": metrics.get("n"),
+            },
+        )
+
+
+class QualityGateOperator(BaseOperator):
+    """Compare candidate with baseline, write the HTML report, and fail the run on a failed gate.
+
+    :param candidate: the candidate's EvaluateModelOperator result (XCom).
+    :param baseline: the baseline's result, or None.
+    :param gates: ``"exact_match>=0.3,f1>=baseline-0.02"`` or a list of gate dicts.
+    """
+
+    template_fields: Sequence[str] = ("candidate", "baseline", "gates", "output_dir")
+
+    def __init__(
+        self,
+        *,
+        candidate: Any,
+        baseline: Any = None,
+        gates: str | list | None = None,
+        output_dir: str | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.candidate = candidate
+        self.baseline = baseline
+        self.gates = gates
+        self.output_dir = output_dir
+
+    def execute(self, context) -> dict[str, Any]:
+        from airloom.evaluation.gates import check_gates, parse_gates
+        from airloom.evaluation.report import write_report
+
+        out = task_output_dir(context, self.output_dir)
+        candidate = json.loads(Path(self.candidate["metrics_path"]).read_text())
+        baseline = json.loads(Path(self.baseline["metrics_path"]).read_text()) if self.baseline else None
+        results = check_gates(candidate, parse_gates(self.gates), baseline=baseline)
+        report = write_report(
+            out,
+            candidate,
+            baseline=baseline,
+            gates=results,
+            predictions_path=Path(self.candidate["predictions"]),
+        )
+        for r in results:
+            self.log.info("gate %s: %s", "PASS" if r["passed"] else "FAIL", r["message"])
+        self.log.info("evaluation report: %s", report)
+        failed = [r for r in results if not r["passed"]]
+        if failed:
+            raise AirflowFailException("quality gate failed: " + "; ".join(r["message"] for r in failed))
+        return push_outputs(
+            context, {"report": str(report), "gates": results, "comparison": str(out / "comparison.json")}
+        )
+
+
+class PartitionEvaluationOperator(BaseOperator):
+    """Evaluate the model at ``alias`` (or a pinned ``version``) on the partition ``ds=<ds>``.
+
+    The version is resolved when the run executes and recorded in the output, so a backfill
+    of last month says which model each day was scored with. A missing partition skips the run.
+    """
+
+    template_fields: Sequence[str] = ("model_name", "version", "alias", "history_uri", "output_uri", "ds", "limit")
+
+    def __init__(self, *, model_name: str, ds: str, history_uri: str, output_uri: str, version: Any = None,
+                 alias: str = "production", limit: Any = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.model_name = model_name
+        self.ds = ds
+        self.history_uri = history_uri
+        self.output_uri = output_uri
+        self.version = version
+        self.alias = alias
+        self.limit = limit
+
+    def execute(self, context) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        from airloom.airflow.hooks.registry import RegistryHook
+        from airloom.evaluation.backfill import evaluate_partition, read_partition
+        from airloom.registry.resolve import resolve_model
+
+        records = read_partition(self.history_uri, self.ds)
+        if records is None:
+            raise AirflowSkipException(f"no partition {self.history_uri}/ds={self.ds}: nothing to evaluate")
+        pinned = self.version not in (None, "", "None")
+        ref = f"registry:{self.model_name}/{int(self.version)}" if pinned else f"registry:{self.model_name}@{self.alias}"
+        resolved = resolve_model(ref, registry=RegistryHook().registry)
+        limit = int(self.limit) if self.limit not in (None, "", "None", 0) else None
+        metrics = evaluate_partition(resolved["path"], resolved["ref"], records, self.output_uri, self.model_name,
+                                     self.ds, limit=limit)
+        self.log.info("%s on ds=%s (%d records): %s", resolved["ref"], self.ds, metrics["n"],
+                      json.dumps({k: round(v, 4) for k, v in metrics["aggregate"].items()}))
+        return push_outputs(context, {"model": resolved["ref"], "ds": self.ds, "n": metrics["n"],
+                                      "aggregate": metrics["aggregate"],
+                                      "metrics_path": f"{self.output_uri}/{self.model_name}/ds={self.ds}/metrics.json"})
+
+
+class EvaluationTrendOperator(BaseOperator):
+    """Chart every evaluated date of ``model_name`` (trend.json + trend.png)."""
+
+    template_fields: Sequence[str] = ("model_name", "output_uri")
+
+    def __init__(self, *, model_name: str, output_uri: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.model_name = model_name
+        self.output_uri = output_uri
+
+    def execute(self, context) -> dict[str, Any]:
+        from airloom.evaluation.backfill import build_trend
+
+        trend = build_trend(Path(self.output_uri) / self.model_name)
+        self.log.info("trend over %d dates: %s", trend["dates"], trend.get("plot"))
+        return {"dates": trend["dates"], "plot": trend.get("plot")}

@@ -1,0 +1,87 @@
+"""DriftMonitorOperator: compare a day of traffic and feedback with the training data."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowSkipException
+
+from airloom.airflow.operators._base import task_output_dir
+
+
+class DriftMonitorOperator(BaseOperator):
+    """Drift of ``ds``'s traffic vs. the training split, plus the day's feedback; may request retraining.
+
+    Returns the decision; :class:`RequestRetrainingOperator` turns it into an asset event.
+
+    :param traffic_uri: root of ``ds=YYYY-MM-DD/*.jsonl`` partitions of prompts served.
+    :param feedback_uri: root of ``ds=YYYY-MM-DD/*.jsonl`` partitions of ``{"id", "rating": 1|-1}``.
+    :param reference_file: the training split (JSONL with ``prompt``, ``task``).
+    """
+
+    template_fields: Sequence[str] = ("traffic_uri", "feedback_uri", "reference_file", "ds", "max_psi",
+                                      "max_negative_rate")
+
+    def __init__(self, *, traffic_uri: str, feedback_uri: str, reference_file: str, ds: str,
+                 max_psi: float = 0.25, max_negative_rate: float = 0.3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.traffic_uri = traffic_uri
+        self.feedback_uri = feedback_uri
+        self.reference_file = reference_file
+        self.ds = ds
+        self.max_psi = max_psi
+        self.max_negative_rate = max_negative_rate
+
+    def execute(self, context) -> dict[str, Any]:
+        from airloom.evaluation.backfill import read_partition
+        from airloom.evaluation.harness import load_jsonl
+        from airloom.monitoring.drift import decide_retraining, drift_report, feedback_summary, write_report
+
+        traffic = read_partition(self.traffic_uri, self.ds)
+        if traffic is None:
+            raise AirflowSkipException(f"no traffic partition {self.traffic_uri}/ds={self.ds}")
+        reference = self.reference_file or self._latest_train_split()
+        if not reference or not Path(reference).is_file():
+            raise AirflowSkipException(f"no training reference ({reference or 'no prepared dataset'}): nothing to compare with")
+        report = drift_report(load_jsonl(reference), traffic)
+        report.update(feedback_summary(read_partition(self.feedback_uri, self.ds) or []))
+        reasons = decide_retraining(report, max_psi=float(self.max_psi),
+                                    max_negative_rate=float(self.max_negative_rate))
+        report.update({"ds": self.ds, "retrain": bool(reasons), "reasons": reasons})
+        path = write_report(task_output_dir(context), report)
+        self.log.info("monitoring ds=%s: %s", self.ds, json.dumps({k: report.get(k) for k in (
+            "psi_prompt_length", "psi_task_mix", "negative_rate", "retrain", "reasons")}))
+        return {"report": str(path), "retrain": bool(reasons), "reasons": reasons}
+
+    @staticmethod
+    def _latest_train_split() -> str | None:
+        from airloom.settings import home
+
+        latest = home() / "datasets" / "latest.json"
+        return str(Path(json.loads(latest.read_text())["path"]) / "train.jsonl") if latest.is_file() else None
+
+
+class RequestRetrainingOperator(BaseOperator):
+    """Emit the retraining asset event when ``decision["retrain"]`` is true; skip otherwise.
+
+    A skipped task emits no asset event, so ``llm_finetune`` only starts when a threshold was crossed.
+    """
+
+    template_fields: Sequence[str] = ("decision",)
+
+    def __init__(self, *, decision: Any, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.decision = decision
+
+    def execute(self, context) -> dict[str, Any]:
+        if not self.decision or not self.decision.get("retrain"):
+            raise AirflowSkipException("no drift or feedback threshold crossed: no retraining requested")
+        for outlet in self.outlets:
+            context["outlet_events"][outlet].extra = {"reasons": self.decision["reasons"],
+                                                      "report": self.decision["report"]}
+        self.log.info("retraining requested: %s", "; ".join(self.decision["reasons"]))
+        return dict(self.decision)

@@ -1,0 +1,401 @@
+"""The ``airloom`` command: every pipeline stage without a scheduler.
+
+Exit codes: 0 ok; 1 the data or model failed a check (validation, gate, sign-off rejected,
+corrupt version); 2 bad usage or unreadable input. Errors are one line naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from airloom.exceptions import AirloomError, CheckFailed, UsageError
+
+
+def _emit(args, data: Any, text: str | None = None) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    elif text is not None:
+        print(text)
+    else:
+        print(json.dumps(data, indent=2, default=str))
+
+
+def _registry(args):
+    from airloom.registry.registry import ModelRegistry
+    from airloom.settings import registry_uri
+
+    return ModelRegistry.from_uri(args.registry or registry_uri())
+
+
+def _split_ref(ref: str) -> tuple[str, int]:
+    name, sep, version = ref.partition("/")
+    if not sep or not version.isdigit():
+        raise UsageError(f"expected NAME/VERSION (e.g. airloom-demo/3), got {ref!r}")
+    return name, int(version)
+
+
+def _existing(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists() and not any(ch in path for ch in "*?["):
+        raise UsageError(f"{what} {path}: no such file or folder")
+    return p
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+def cmd_validate(args) -> int:
+    from airloom.data.load import load_records
+    from airloom.data.validate import ValidationConfig, validate
+
+    _existing(args.source, "input")
+    config = ValidationConfig.from_yaml(args.suite) if args.suite else ValidationConfig()
+    if args.on_bad_rows:
+        config.on_bad_rows = args.on_bad_rows
+    result = validate(load_records(args.source), Path(args.out), config)
+    _emit(args, json.loads(result.report_path.read_text()) if args.json else None, result.summary())
+    return 0 if result.success else 1
+
+
+def cmd_eda(args) -> int:
+    from airloom.data.eda import build_profile
+    from airloom.data.load import load_records
+
+    _existing(args.input, "input")
+    previous = json.loads(Path(args.previous).read_text()) if args.previous else None
+    profile = build_profile(load_records(args.input).records, Path(args.out), previous_profile=previous)
+    _emit(args, profile, f"EDA report: {Path(args.out) / 'report.html'} ({profile.get('rows')} rows)")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from airloom.data.load import load_records
+    from airloom.data.prepare import prepare
+
+    _existing(args.input, "input")
+    manifest = prepare(load_records(args.input).records, Path(args.out), seed=args.seed,
+                       val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+    splits = {k: v["rows"] for k, v in manifest["splits"].items()}
+    _emit(args, manifest, f"prepared {args.out}: {splits} (hash {manifest['dataset_hash'][:12]})")
+    return 0
+
+
+def cmd_synth(args) -> int:
+    from airloom.demo import write_demo_data
+
+    info = write_demo_data(Path(args.out), rows=args.rows, history_days=args.history_days,
+                           history_rows=args.history_rows)
+    _emit(args, info, f"wrote {info['raw']} and {len(info['history'])} history partitions")
+    return 0
+
+
+# -- training -------------------------------------------------------------------------------------
+
+def cmd_base(args) -> int:
+    from airloom.demo import build_and_register_base
+
+    info = build_and_register_base(_registry(args), args.name, Path(args.out) if args.out else None,
+                                   force=args.force)
+    _emit(args, info, f"base model {info['ref']} ({info['path']})")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from airloom.registry.resolve import resolve_model
+    from airloom.training.config import TrainConfig
+    from airloom.training.launcher import LaunchSpec, TrainingProcess, build_command, child_env
+
+    _existing(args.config, "training config")
+    overrides = {"base_model": args.base_model, "train_file": args.train_file, "output_dir": args.output_dir,
+                 "validation_file": args.validation_file, "launcher": args.launcher,
+                 "nproc_per_node": args.nproc_per_node, "max_steps": args.max_steps}
+    cfg = TrainConfig.from_file(args.config, **overrides)
+    for field in ("base_model", "train_file", "output_dir"):
+        if not getattr(cfg, field):
+            raise UsageError(f"{field} is not set: give it in {args.config} or as --{field.replace('_', '-')}")
+    _existing(cfg.train_file, "train file")
+    cfg.base_model = resolve_model(cfg.base_model, registry=_registry(args))["path"]
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = LaunchSpec(config_path=cfg.save(out / "train_config.json"), launcher=cfg.launcher,
+                      nproc_per_node=cfg.nproc_per_node)
+    TrainingProcess(build_command(spec), child_env()).run(log=lambda line: print(line, flush=True))
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    metrics.pop("history", None)
+    _emit(args, metrics, f"trained {out / 'model'}: {metrics['steps']} steps, final loss {metrics['final_loss']}")
+    return 0
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+
+def cmd_evaluate_run(args) -> int:
+    from airloom.evaluation.gates import check_gates, parse_gates
+    from airloom.evaluation.harness import evaluate_model, load_jsonl
+    from airloom.registry.resolve import resolve_model
+
+    _existing(args.data, "dataset")
+    model = resolve_model(args.model, registry=_registry(args))
+    metrics = evaluate_model(model["path"], load_jsonl(args.data), Path(args.out), limit=args.limit,
+                             max_new_tokens=args.max_new_tokens)
+    results = check_gates(metrics, parse_gates(args.gates)) if args.gates else []
+    text = "\n".join([f"{k}: {v:.4f}" for k, v in metrics["aggregate"].items()]
+                     + [("PASS " if r["passed"] else "FAIL ") + r["message"] for r in results])
+    _emit(args, {**metrics, "gates": results}, text)
+    return 1 if any(not r["passed"] for r in results) else 0
+
+
+def cmd_evaluate_score(args) -> int:
+    from airloom.evaluation.harness import load_jsonl
+    from airloom.evaluation.metrics import score_predictions
+
+    preds = {r["id"]: r["prediction"] for r in load_jsonl(_existing(args.predictions, "predictions"))}
+    refs = {}
+    for r in load_jsonl(_existing(args.references, "references")):
+        refs[r["id"]] = r["references"] if "references" in r else [r["reference"]]
+    missing = sorted(set(refs) - set(preds))
+    if missing:
+        raise UsageError(f"{args.predictions}: no prediction for id(s) {missing[:5]}")
+    ids = sorted(refs)
+    scores = score_predictions([preds[i] for i in ids], [refs[i] for i in ids])
+    for i, row in zip(ids, scores["per_example"], strict=True):
+        row["id"] = i
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({**scores["aggregate"], "per_example": scores["per_example"]},
+                                                 indent=2))
+    _emit(args, scores["aggregate"], "\n".join(f"{k}: {v:.4f}" for k, v in scores["aggregate"].items()))
+    return 0
+
+
+# -- registry and sign-off ------------------------------------------------------------------------
+
+def cmd_registry(args) -> int:
+    import getpass
+
+    reg = _registry(args)
+    actor = args.user or getpass.getuser()
+    if args.registry_cmd == "register":
+        mv = reg.register(args.name, _existing(args.folder, "model folder"), metadata={}, actor=actor)
+        _emit(args, mv.to_dict(), f"registered {mv.ref}")
+    elif args.registry_cmd == "list":
+        versions = reg.list_versions(args.name)
+        aliases = reg.list_aliases(args.name)
+        rows = [{"version": v.version, "created_at": v.created_at, "created_by": v.created_by,
+                 "aliases": [a for a, n in aliases.items() if n == v.version]} for v in versions]
+        _emit(args, rows, "\n".join(f"{r['version']:>4}  {r['created_at']}  {r['created_by']:<12} "
+                                    f"{','.join(r['aliases'])}" for r in rows) or f"{args.name}: no versions")
+    elif args.registry_cmd == "show":
+        mv = reg.resolve(args.ref)
+        _emit(args, mv.to_dict())
+    elif args.registry_cmd == "verify":
+        name, version = _split_ref(args.ref)
+        reg.verify(name, version)
+        _emit(args, {"ref": args.ref, "ok": True}, f"{args.ref}: every file matches its sha256")
+    elif args.registry_cmd == "promote":
+        name, version = _split_ref(args.ref)
+        reg.verify(name, version)
+        record = reg.set_alias(name, args.alias, version, actor=actor, reason=args.reason or "promoted by CLI")
+        _emit(args, record, f"{name}@{args.alias} -> {version}")
+    elif args.registry_cmd == "history":
+        records = reg.history(args.name)
+        _emit(args, records, "\n".join(
+            f"{r.get('at')}  {r.get('action'):<16} {r.get('actor', ''):<12} "
+            + " ".join(f"{k}={r[k]}" for k in ("version", "alias", "from", "to", "reason") if r.get(k) not in (None, ""))
+            for r in records))
+    return 0
+
+
+def cmd_signoff(args) -> int:
+    import getpass
+
+    from airloom.governance.signoff import SignOffPolicy, record_decision, request_signoff, signoff_status
+
+    reg = _registry(args)
+    name, version = _split_ref(args.ref)
+    user = args.user or getpass.getuser()
+    if args.signoff_cmd == "status":
+        status = signoff_status(reg, name, version)
+        _emit(args, status, f"{args.ref}: {status['state']} (requested by {status['requested_by']}; "
+                            f"approvals {[a['user'] for a in status['approvals']]})")
+        return 1 if status["state"] == "rejected" else 0
+    if args.signoff_cmd == "request":
+        record = request_signoff(reg, name, version, requested_by=user, evidence={})
+        _emit(args, record, f"sign-off requested for {args.ref} by {user}")
+        return 0
+    decision = "approve" if args.signoff_cmd == "approve" else "reject"
+    record_decision(reg, name, version, user=user, decision=decision, comment=args.comment or "",
+                    policy=SignOffPolicy())
+    status = signoff_status(reg, name, version)
+    _emit(args, status, f"{args.ref}: {decision}d by {user}; state {status['state']}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from airloom.demo import DemoConfig, run_demo
+
+    summary = run_demo(DemoConfig(rows=args.rows, max_steps=args.steps, eval_limit=args.eval_limit,
+                                  history_days=args.history_days, history_rows=args.history_rows,
+                                  min_gain=args.min_gain, gates=args.gates, fresh=args.fresh))
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    return 0 if summary["ok"] else 1
+
+
+def cmd_settings(args) -> int:
+    import os
+
+    from airloom.airflow.settings_file import apply_settings
+    from airloom.settings import airflow_env
+
+    os.environ.update(airflow_env())
+    apply_settings(_existing(args.file, "settings file"))
+    print(f"applied {args.file}")
+    return 0
+
+
+def cmd_airflow(args) -> int:
+    """Run the ``airflow`` command against the embedded default (or whatever the environment sets)."""
+    import os
+
+    from airloom.settings import airflow_env, ensure_embedded_airflow_home
+
+    env = airflow_env()
+    ensure_embedded_airflow_home(env)
+    airflow = Path(sys.executable).with_name("airflow")
+    os.execve(str(airflow), [str(airflow), *args.airflow_args], env)
+    return 0  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="airloom", description="LLMOps on Apache Airflow: every stage from the shell.")
+    p.add_argument("--registry", help="registry URI: a folder or s3://bucket/prefix (env AIRLOOM_REGISTRY)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=func)
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        return sp
+
+    sp = add("validate", cmd_validate, "validate raw instruction data with Great Expectations")
+    sp.add_argument("source", help="file, folder or glob (JSONL, JSON, CSV, Parquet)")
+    sp.add_argument("--out", required=True, help="output folder (validation.json, Data Docs, accepted rows)")
+    sp.add_argument("--suite", help="YAML validation thresholds")
+    sp.add_argument("--on-bad-rows", choices=["quarantine", "fail"])
+
+    sp = add("eda", cmd_eda, "write the EDA report (report.html + profile.json)")
+    sp.add_argument("input")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--previous", help="profile.json of an earlier run, to show changes")
+
+    sp = add("prepare", cmd_prepare, "clean, dedup, scrub PII and split into train/validation/test")
+    sp.add_argument("input")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--val-fraction", type=float, default=0.1)
+    sp.add_argument("--test-fraction", type=float, default=0.1)
+
+    sp = add("synth", cmd_synth, "write the synthetic demo dataset and dated history partitions")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--rows", type=int, default=5000)
+    sp.add_argument("--history-days", type=int, default=3)
+    sp.add_argument("--history-rows", type=int, default=100)
+
+    sp = add("base", cmd_base, "build the tiny base model (no download) and register it")
+    sp.add_argument("--name", default="airloom-tiny-base")
+    sp.add_argument("--out", help="also keep the HF folder here")
+    sp.add_argument("--force", action="store_true", help="build a new version even if one exists")
+
+    sp = add("train", cmd_train, "fine-tune with the recipe through the deepspeed/torchrun launcher")
+    sp.add_argument("--config", required=True, help="YAML training config (see include/airloom/training/configs)")
+    sp.add_argument("--base-model")
+    sp.add_argument("--train-file")
+    sp.add_argument("--validation-file")
+    sp.add_argument("--output-dir")
+    sp.add_argument("--launcher", choices=["deepspeed", "torchrun", "python"])
+    sp.add_argument("--nproc-per-node", type=int)
+    sp.add_argument("--max-steps", type=int)
+
+    ev = sub.add_parser("evaluate", help="evaluate a model or score existing predictions")
+    evsub = ev.add_subparsers(dest="evaluate_cmd", required=True)
+    sp = evsub.add_parser("run", help="generate with a model on a dataset and score it")
+    sp.set_defaults(func=cmd_evaluate_run)
+    sp.add_argument("--model", required=True, help="folder, registry:NAME[/N|@ALIAS] or hub id")
+    sp.add_argument("--data", required=True, help="JSONL with id, prompt, response")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--limit", type=int)
+    sp.add_argument("--max-new-tokens", type=int, default=32)
+    sp.add_argument("--gates", help="e.g. exact_match>=0.3,f1>=0.5 (exit 1 when one fails)")
+    sp.add_argument("--json", action="store_true")
+    sp = evsub.add_parser("score", help="score predictions against references")
+    sp.set_defaults(func=cmd_evaluate_score)
+    sp.add_argument("--predictions", required=True, help='JSONL {"id", "prediction"}')
+    sp.add_argument("--references", required=True, help='JSONL {"id", "references": [...]} or "reference"')
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--json", action="store_true")
+
+    rg = sub.add_parser("registry", help="the model registry")
+    rgsub = rg.add_subparsers(dest="registry_cmd", required=True)
+    for name, args_ in [("register", ["name", "folder"]), ("list", ["name"]), ("show", ["ref"]),
+                        ("verify", ["ref"]), ("promote", ["ref", "alias"]), ("history", ["name"])]:
+        sp = rgsub.add_parser(name)
+        sp.set_defaults(func=cmd_registry)
+        for a in args_:
+            sp.add_argument(a)
+        sp.add_argument("--user", help="who does this (default: the OS user)")
+        sp.add_argument("--reason")
+        sp.add_argument("--json", action="store_true")
+
+    so = sub.add_parser("signoff", help="sign-off of a registered version")
+    sosub = so.add_subparsers(dest="signoff_cmd", required=True)
+    for name in ("request", "approve", "reject", "status"):
+        sp = sosub.add_parser(name)
+        sp.set_defaults(func=cmd_signoff)
+        sp.add_argument("ref", help="NAME/VERSION")
+        sp.add_argument("--user", help="the reviewer (default: the OS user)")
+        sp.add_argument("--comment")
+        sp.add_argument("--json", action="store_true")
+
+    sp = add("demo", cmd_demo, "run the whole pipeline through Airflow on the embedded default")
+    sp.add_argument("--rows", type=int, default=5000)
+    sp.add_argument("--steps", type=int, default=800)
+    sp.add_argument("--eval-limit", type=int, default=300)
+    sp.add_argument("--history-days", type=int, default=3)
+    sp.add_argument("--history-rows", type=int, default=100)
+    sp.add_argument("--min-gain", type=float, default=0.3, help="required exact-match gain over the base model")
+    sp.add_argument("--gates", help="quality gates for this run (default: the DAG's)")
+    sp.add_argument("--fresh", action="store_true", help="rebuild the base model too")
+
+    sp = sub.add_parser("airflow", help="run `airflow ...` with Airloom's embedded settings (AIRFLOW_HOME etc.)")
+    sp.set_defaults(func=cmd_airflow)
+    sp.add_argument("airflow_args", nargs=argparse.REMAINDER, help="e.g. standalone, dags list")
+
+    sp = add("settings", cmd_settings, "apply airflow_settings.yaml (connections, pools, variables)")
+    sp.add_argument("file", nargs="?", default="airflow_settings.yaml")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CheckFailed as e:
+        print(f"airloom: check failed: {e}", file=sys.stderr)
+        return 1
+    except AirloomError as e:
+        print(f"airloom: {e}", file=sys.stderr)
+        return e.exit_code
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"airloom: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"airloom: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,491 @@
+"""Read instruction records from JSONL, JSON, CSV or Parquet without letting one bad row stop the read.
+
+Every row that cannot become a record is reported as a :class:`Finding` (file, line, field, reason)
+and kept out of ``records``; the read goes on. Only a file that cannot be opened at all is fatal.
+
+Line numbers (``Finding.line`` and each record's ``_line``):
+
+* JSONL: the 1-based physical line of the file.
+* JSON array: the element's index + 1 (the message also gives the line where it starts).
+* CSV: the 1-based data row; the header is not counted, so row 1 is the first row under it.
+* Parquet: the 1-based row.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from airloom.exceptions import UsageError
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+TEXT_FIELDS = ("instruction", "input", "response")
+REQUIRED_FIELDS = ("instruction", "response")
+CANONICAL_FIELDS = ("id", "instruction", "input", "response", "task")
+
+#: Known source layouts, source key -> canonical key. One is chosen per file (see ``_pick_schema``).
+SCHEMAS: dict[str, dict[str, str]] = {
+    "airloom": {"instruction": "instruction", "input": "input", "response": "response"},
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "response"},
+    "dolly": {"instruction": "instruction", "context": "input", "response": "response", "category": "task"},
+    "prompt_completion": {"prompt": "instruction", "completion": "response"},
+}
+
+_ALIASES = {src: dst for schema in SCHEMAS.values() for src, dst in schema.items() if src != dst}
+_RAW_KEEP = 20_000  # characters of a rejected row kept for the quarantine file
+
+
+@dataclass
+class Finding:
+    """One problem found in the input, precise enough to fix by hand.
+
+    Attributes:
+        file: The file it is in.
+        line: See the module docstring for what the number means per format; 0 = the whole file.
+        field: The canonical field at fault, or None when the row as a whole is at fault.
+        check: A stable short name (``invalid_json``, ``missing_field``, ``too_long`` …).
+        message: What is wrong and what to change.
+        severity: ``error`` keeps the row out of the accepted data; ``warning`` only reports.
+    """
+
+    file: str
+    line: int
+    field: str | None
+    check: str
+    message: str
+    severity: str = "error"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" + (f" [{self.field}]" if self.field else "")
+        return f"{where}: {self.check}: {self.message}"
+
+
+@dataclass
+class LoadResult:
+    """What a read produced.
+
+    ``rows_read == len(records) + len(rejected)`` always holds, so later stages can account for
+    every row. Each record carries ``_file`` and ``_line`` so later findings can point back to it.
+    """
+
+    records: list[dict]
+    findings: list[Finding]
+    rows_read: int
+    source: str
+    rejected: list[dict] = field(default_factory=list)
+    """Rows kept out of ``records``: ``{"file", "line", "raw", "reasons": [finding dicts]}``."""
+
+
+def load_records(path: str | Path, field_map: dict[str, str] | None = None) -> LoadResult:
+    """Read every record from a file, a folder or a glob pattern.
+
+    Args:
+        path: A ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a folder (read recursively, hidden
+            files skipped) or a glob pattern (``data/*.jsonl``, ``**`` allowed).
+        field_map: Source key -> canonical key (``instruction``, ``input``, ``response``, ``id``,
+            ``task``), e.g. ``{"question": "instruction", "answer": "response"}``. Canonical keys not
+            targeted by the map are still read as themselves. Without a map, each file's layout is
+            recognised among :data:`SCHEMAS` (ours, Alpaca, Dolly, prompt/completion).
+
+    Raises:
+        UsageError: The path matches no readable file, or a file cannot be opened or decoded at all.
+    """
+    files = _resolve(path)
+    if field_map is not None:
+        _check_field_map(field_map)
+    result = LoadResult(records=[], findings=[], rows_read=0, source=str(path))
+    for file in files:
+        _load_file(file, field_map, result)
+    return result
+
+
+def _check_field_map(field_map: dict[str, str]) -> None:
+    for src, dst in field_map.items():
+        if dst not in CANONICAL_FIELDS:
+            raise UsageError(
+                f"field_map maps {src!r} to {dst!r}, which is not a record field; "
+                f"use one of {', '.join(CANONICAL_FIELDS)}"
+            )
+
+
+def _resolve(path: str | Path) -> list[Path]:
+    text = str(path)
+    if not Path(path).exists() and any(ch in text for ch in "*?["):
+        matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
+        files = [p for p in matches if p.is_file() and p.suffix.lower() in SUFFIXES]
+        if not files:
+            raise UsageError(f"{text}: the pattern matches no {'/'.join(SUFFIXES)} file")
+        return files
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file()
+            and f.suffix.lower() in SUFFIXES
+            and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
+        if not files:
+            raise UsageError(f"{p}: the folder holds no {'/'.join(SUFFIXES)} file")
+        return files
+    if not p.exists():
+        raise UsageError(f"{p}: no such file or folder")
+    if p.suffix.lower() not in SUFFIXES:
+        raise UsageError(f"{p}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}")
+    return [p]
+
+
+def _read_bytes(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"{file}: cannot read the file ({exc.strerror or exc})") from exc
+
+
+def _load_file(file: Path, field_map: dict[str, str] | None, result: LoadResult) -> None:
+    suffix = file.suffix.lower()
+    if suffix == ".parquet":
+        rows = _parquet_rows(file)
+    else:
+        data = _read_bytes(file)
+        if data.startswith(b"\xef\xbb\xbf"):
+            data = data[3:]
+        # surrogateescape keeps undecodable bytes visible (as lone surrogates) so the bad field can be named.
+        text = data.decode("utf-8", errors="surrogateescape")
+        rows = _csv_rows(text) if suffix == ".csv" else _json_rows(text, suffix)
+    _map_rows(str(file), list(rows), field_map, result)
+
+
+class _Row(NamedTuple):
+    """One parsed row before mapping: ``obj`` is None when parsing failed (see ``problems``)."""
+
+    line: int
+    obj: Any
+    raw: str
+    problems: list[tuple[str | None, str, str]]  # (field, check, message)
+    where: str = ""  # added to messages, e.g. where a JSON array element starts
+
+
+def _json_rows(text: str, suffix: str) -> Iterator[_Row]:
+    stripped = text.lstrip()
+    if stripped.startswith("[") or suffix == ".json":
+        try:
+            data = json.loads(text, strict=False)
+            parsed = True
+        except json.JSONDecodeError:
+            data, parsed = None, False
+        if isinstance(data, list):
+            yield from _array_rows(text, data)
+            return
+        if parsed and suffix == ".json" and "\n" in text.strip():
+            yield _Row(1, data, text[:_RAW_KEEP], [])  # one pretty-printed value
+            return
+        if (
+            not parsed
+            and suffix == ".json"
+            and stripped.startswith("[")
+            and not _parses(stripped.split("\n", 1)[0])
+        ):
+            yield from _salvage_array(text)
+            return
+    yield from _jsonl_rows(text)
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text, strict=False)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def _jsonl_rows(text: str) -> Iterator[_Row]:
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the newline that ends the last line does not start another one
+    for n, line in enumerate(lines, start=1):
+        line = line.removesuffix("\r")
+        problems: list[tuple[str | None, str, str]] = []
+        if not line.strip():
+            problems.append((None, "blank_line", "blank line; remove it"))
+            yield _Row(n, None, line, problems)
+            continue
+        try:
+            obj = json.loads(line, strict=False)
+        except json.JSONDecodeError as exc:
+            if _has_surrogates(line):
+                problems.append((None, "non_utf8", _non_utf8_message(line)))
+            message = f"invalid JSON at column {exc.colno}: {exc.msg}"
+            if exc.msg.startswith("Unterminated string") or exc.pos >= len(line.rstrip()) - 1:
+                message += "; the line ends before the JSON value does (truncated?)"
+            problems.append((None, "invalid_json", message))
+            yield _Row(n, None, line, problems)
+            continue
+        yield _Row(n, obj, line, problems)
+
+
+def _array_rows(text: str, data: list) -> Iterator[_Row]:
+    starts = _element_lines(text, len(data))
+    for i, obj in enumerate(data):
+        raw = json.dumps(obj, ensure_ascii=False)[:_RAW_KEEP]
+        yield _Row(i + 1, obj, raw, [], f" (element starts at line {starts[i]})" if starts else "")
+
+
+def _element_lines(text: str, count: int) -> list[int]:
+    """Source line where each top-level array element starts, for messages."""
+    decoder = json.JSONDecoder(strict=False)
+    pos = text.index("[") + 1
+    lines: list[int] = []
+    try:
+        for _ in range(count):
+            pos = _skip_ws(text, pos)
+            lines.append(text.count("\n", 0, pos) + 1)
+            _, pos = decoder.raw_decode(text, pos)
+            pos = _skip_ws(text, pos)
+            if pos < len(text) and text[pos] == ",":
+                pos += 1
+    except (json.JSONDecodeError, ValueError):
+        return []
+    return lines
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _salvage_array(text: str) -> Iterator[_Row]:
+    """Read the elements of a broken JSON array up to the point where it breaks."""
+    decoder = json.JSONDecoder(strict=False)
+    pos = _skip_ws(text, text.index("[") + 1)
+    index = 0
+    while pos < len(text) and text[pos] != "]":
+        index += 1
+        line = text.count("\n", 0, pos) + 1
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            err_line = text.count("\n", 0, exc.pos) + 1
+            message = (
+                f"invalid JSON in array element {index} (starts at line {line}, error at line {err_line}): "
+                f"{exc.msg}; the rest of the file was not read"
+            )
+            yield _Row(index, None, text[pos : pos + _RAW_KEEP], [(None, "invalid_json", message)])
+            return
+        yield _Row(index, obj, text[pos:end][:_RAW_KEEP], [], f" (element starts at line {line})")
+        pos = _skip_ws(text, end)
+        if pos < len(text) and text[pos] == ",":
+            pos = _skip_ws(text, pos + 1)
+        elif pos < len(text) and text[pos] != "]":
+            err_line = text.count("\n", 0, pos) + 1
+            message = (
+                f"expected ',' or ']' after array element {index} at line {err_line}; the rest was not read"
+            )
+            yield _Row(index + 1, None, text[pos : pos + _RAW_KEEP], [(None, "invalid_json", message)])
+            return
+    if pos >= len(text):
+        yield _Row(
+            index + 1, None, "", [(None, "invalid_json", "the JSON array is not closed (truncated file?)")]
+        )
+
+
+def _csv_rows(text: str) -> Iterator[_Row]:
+    csv.field_size_limit(2**31 - 1)  # long responses are a validation finding, not a parse error
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header: list[str] | None = None
+    n = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            n += 1
+            message = f"unreadable CSV row (file line {reader.line_num}): {exc}"
+            yield _Row(n, None, "", [(None, "invalid_csv", message)])
+            continue
+        if header is None:
+            header = [h.strip() for h in row]
+            continue
+        n += 1
+        raw = ",".join(row)[:_RAW_KEEP]
+        if not row or all(not cell.strip() for cell in row) and len(row) <= 1:
+            yield _Row(
+                n, None, raw, [(None, "blank_line", f"blank row (file line {reader.line_num}); remove it")]
+            )
+            continue
+        if len(row) != len(header):
+            message = f"{len(row)} columns where the header has {len(header)} (file line {reader.line_num})"
+            yield _Row(n, None, raw, [(None, "wrong_column_count", message)])
+            continue
+        yield _Row(n, dict(zip(header, row, strict=True)), raw, [])
+
+
+def _parquet_rows(file: Path) -> Iterator[_Row]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(file)
+    except (OSError, pa.ArrowException) as exc:
+        raise UsageError(f"{file}: cannot read the Parquet file ({exc})") from exc
+    for i, obj in enumerate(table.to_pylist(), start=1):
+        yield _Row(i, obj, json.dumps(obj, ensure_ascii=False, default=str)[:_RAW_KEEP], [])
+
+
+def _pick_schema(objects: list[dict], field_map: dict[str, str] | None) -> dict[str, str]:
+    """Choose one source layout for the whole file, so a row with a stray key name is reported."""
+    if field_map is not None:
+        mapping = dict(field_map)
+    else:
+        best_name, best_score = "airloom", (-1, -1)
+        for name, schema in SCHEMAS.items():
+            required = [src for src, dst in schema.items() if dst in REQUIRED_FIELDS]
+            complete = sum(1 for o in objects if all(k in o for k in required))
+            hits = sum(1 for o in objects for k in schema if k in o)
+            if (complete, hits) > best_score:
+                best_name, best_score = name, (complete, hits)
+        mapping = dict(SCHEMAS[best_name])
+    targeted = set(mapping.values())
+    for name in CANONICAL_FIELDS:
+        if name not in targeted and name not in mapping:
+            mapping[name] = name
+    return mapping
+
+
+def _map_rows(file: str, rows: list[_Row], field_map: dict[str, str] | None, result: LoadResult) -> None:
+    mapping = _pick_schema([row.obj for row in rows if isinstance(row.obj, dict)], field_map)
+    source_of = {dst: src for src, dst in mapping.items()}
+    unknown: dict[str, list[int]] = {}
+    for line, obj, raw, parse_problems, where in rows:
+        result.rows_read += 1
+        problems = list(parse_problems)
+        record = None
+        if obj is not None or not problems:
+            if isinstance(obj, dict):
+                record = _to_record(obj, mapping, source_of, problems, unknown, line)
+            else:
+                problems.append((None, "not_object", f"expected a JSON object, got {_type_name(obj)}"))
+        if problems:
+            findings = [Finding(file, line, f, c, m + where) for f, c, m in problems]
+            result.findings.extend(findings)
+            result.rejected.append(
+                {
+                    "file": file,
+                    "line": line,
+                    "raw": _printable(raw),
+                    "reasons": [f.to_dict() for f in findings],
+                }
+            )
+        else:
+            assert record is not None
+            record["_file"] = file
+            record["_line"] = line
+            result.records.append(record)
+    for key, lines in unknown.items():
+        count = f"in {len(lines)} rows, first here" if len(lines) > 1 else "in this row only"
+        result.findings.append(
+            Finding(
+                file,
+                lines[0],
+                key,
+                "unknown_field",
+                f"unknown key {key!r} ({count}) is ignored; rename it or pass field_map "
+                f"(known keys: {', '.join(sorted(mapping))})",
+                severity="warning",
+            )
+        )
+
+
+def _to_record(
+    obj: dict,
+    mapping: dict[str, str],
+    source_of: dict[str, str],
+    problems: list,
+    unknown: dict[str, list[int]],
+    line: int,
+) -> dict:
+    record: dict[str, Any] = {}
+    for key in obj:
+        if key not in mapping:
+            unknown.setdefault(str(key), []).append(line)
+    for name in CANONICAL_FIELDS:
+        src = source_of.get(name)
+        present = src is not None and src in obj
+        value = obj[src] if present else None
+        label = name if src == name else f"{name} (from {src!r})"
+        if not present:
+            if name in REQUIRED_FIELDS:
+                aliases = [k for k in obj if k not in mapping and _ALIASES.get(k) == name]
+                hint = f"; the row has {aliases[0]!r}: rename it to {src or name!r}" if aliases else ""
+                problems.append((name, "missing_field", f"required key {src or name!r} is missing{hint}"))
+            elif name == "input":
+                record["input"] = ""
+            continue
+        if value is None:
+            if name in TEXT_FIELDS:
+                hint = ' use "" for no input' if name == "input" else " give the text"
+                problems.append((name, "null_field", f"{label} is null;{hint}"))
+            continue
+        if name in TEXT_FIELDS:
+            if not isinstance(value, str):
+                problems.append((name, "wrong_type", f"{label} must be text, got {_type_name(value)}"))
+            elif _has_surrogates(value):
+                problems.append((name, "non_utf8", _non_utf8_message(value, label)))
+            else:
+                record[name] = value
+        elif name == "id":
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                problems.append(
+                    (name, "wrong_type", f"{label} must be text or an integer, got {_type_name(value)}")
+                )
+            else:
+                record["id"] = str(value)
+        elif name == "task":
+            if not isinstance(value, str):
+                problems.append((name, "wrong_type", f"{label} must be text, got {_type_name(value)}"))
+            elif value.strip():
+                record["task"] = value.strip()
+    return record
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _printable(text: str) -> str:
+    """The raw row with undecodable bytes shown as U+FFFD, so it can be written out as UTF-8."""
+    if not _has_surrogates(text):
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _has_surrogates(text: str) -> bool:
+    return any("\udc80" <= ch <= "\udcff" for ch in text)
+
+
+def _non_utf8_message(text: str, label: str | None = None) -> str:
+    bad = [ch for ch in text if "\udc80" <= ch <= "\udcff"]
+    shown = " ".join(f"0x{ord(ch) - 0xDC00:02X}" for ch in bad[:6])
+    where = f"{label} has" if label else "the line has"
+    return f"{where} bytes that are not UTF-8 ({shown}); re-encode the file as UTF-8"

@@ -1,0 +1,121 @@
+"""Typed training config, validated once at the edge (when the DAG run starts, not mid-training)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from airloom.exceptions import UsageError
+
+METHODS = ("full", "lora")
+LAUNCHERS = ("deepspeed", "torchrun", "python")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+_NUMERIC = {"float": float, "int": int, "float | None": float, "int | None": int}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """YAML 1.1 reads ``2e-3`` as a string and UI forms send text: convert numbers by field type."""
+    kind = _NUMERIC.get(TrainConfig.__dataclass_fields__[name].type)
+    if kind is None or value is None or isinstance(value, bool) or not isinstance(value, str | int | float):
+        return value
+    try:
+        return kind(value) if kind is float or not isinstance(value, float) else value
+    except ValueError:
+        raise UsageError(f"training option {name} must be a number, got {value!r}") from None
+
+
+@dataclass
+class TrainConfig:
+    """What the recipe needs. Paths are filled in per run by the operator or the CLI."""
+
+    base_model: str = ""
+    train_file: str = ""
+    output_dir: str = ""
+    validation_file: str | None = None
+    method: str = "full"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    epochs: float = 1.0
+    max_steps: int | None = None
+    max_seconds: float | None = None
+    max_length: int = 128
+    seed: int = 0
+    precision: str = "fp32"
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    launcher: str = "deepspeed"
+    nproc_per_node: int = 1
+    log_every: int = 10
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UsageError(f"training method {self.method!r} is not one of {METHODS}")
+        if self.launcher not in LAUNCHERS:
+            raise UsageError(f"launcher {self.launcher!r} is not one of {LAUNCHERS}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise UsageError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.launcher == "python" and self.nproc_per_node != 1:
+            raise UsageError("launcher 'python' runs one process; use deepspeed or torchrun for nproc_per_node > 1")
+        for name in ("learning_rate", "batch_size", "max_length", "epochs"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        return cls(**{k: _coerce(k, v) for k, v in data.items()})
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        import yaml
+
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise UsageError(f"{p}: cannot read training config: {e}") from e
+        if not isinstance(data, dict):
+            raise UsageError(f"{p}: a training config must be a mapping of options")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def deepspeed_config(self, world_size: int = 1) -> dict[str, Any]:
+        """The DeepSpeed JSON config for this run; written next to the outputs as an artifact."""
+        per_device = max(1, self.batch_size // max(1, world_size))
+        cfg: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": per_device,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "gradient_clipping": self.max_grad_norm,
+            "zero_optimization": {"stage": self.zero_stage},
+            "bf16": {"enabled": self.precision == "bf16"},
+            "fp16": {"enabled": self.precision == "fp16"},
+            "steps_per_print": 10**9,  # the recipe logs progress itself
+            "wall_clock_breakdown": False,
+        }
+        if self.offload_optimizer and self.zero_stage > 0:
+            cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        return cfg
+
+    def save(self, path: Path) -> Path:
+        path.write_text(json.dumps(self.to_dict(), indent=2))
+        return path

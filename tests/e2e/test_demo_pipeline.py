@@ -1,0 +1,98 @@
+"""The demo pipeline on a very small configuration, through real Airflow (`airflow dags test`).
+
+Data quality → fine-tune (DeepSpeed launcher) → gates → register → deferred sign-off answered
+by a second user through the CLI → deploy → canary → daily backfill; then monitoring and an
+idempotent backfill rerun. Everything lives in a throwaway AIRLOOM_HOME/AIRFLOW_HOME.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+AIRLOOM = [sys.executable, "-m", "airloom.cli"]
+
+
+def _env(home: Path) -> dict[str, str]:
+    from airloom.settings import airflow_env
+
+    return airflow_env({**__import__("os").environ, "AIRLOOM_HOME": str(home), "AIRFLOW_HOME": str(home / "airflow"),
+                        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "airflow" / "pw.json")})
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    home = tmp_path_factory.mktemp("demo")
+    env = _env(home)
+    proc = subprocess.run(
+        [*AIRLOOM, "demo", "--rows", "600", "--steps", "60", "--eval-limit", "40", "--history-days", "2",
+         "--history-rows", "20", "--min-gain", "-1", "--gates", "exact_match>=0"],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=1500,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return home, env, proc.stdout
+
+
+def test_demo_deploys_a_signed_off_version(demo):
+    from airloom.governance.signoff import signoff_status
+    from airloom.registry.registry import ModelRegistry
+
+    home, _, stdout = demo
+    assert "=== Airloom demo summary ===" in stdout
+    reg = ModelRegistry.from_uri(home / "registry")
+    assert reg.get_alias("airloom-demo", "production") == 1
+    status = signoff_status(reg, "airloom-demo", 1)
+    assert status["state"] == "approved"
+    assert [a["user"] for a in status["approvals"]] == ["reviewer"]
+    assert status["requested_by"] != "reviewer"
+    reg.verify("airloom-demo", 1)
+    mv = reg.get("airloom-demo", 1)
+    lineage = mv.metadata["lineage"]
+    assert lineage["dag_id"] == "llm_finetune" and lineage["dataset_hash"]
+    assert mv.metadata["training"]["steps"] == 60
+    actions = [h["action"] for h in reg.history("airloom-demo")]
+    assert actions.count("alias") == 2  # candidate, then production
+
+
+def test_demo_quarantines_the_broken_rows(demo):
+    home, _, stdout = demo
+    runs = sorted((home / "runs" / "llm_data_quality").iterdir())
+    validation = json.loads((runs[-1] / "validate" / "validation.json").read_text())
+    assert validation["rows_read"] == validation["accepted"] + validation["quarantined"]
+    assert validation["accepted"] == 600
+    lines = {f["line"] for f in validation["findings"]}
+    assert {601, 602, 603, 604, 605, 606} <= lines  # the six faulty lines appended after 600 good ones
+    assert (runs[-1] / "eda_report" / "report.html").read_text().count("data:image/png;base64,") >= 1
+
+
+def test_backfill_writes_one_partition_per_day_and_reruns_in_place(demo):
+    home, env, _ = demo
+    parts = sorted((home / "evaluations" / "airloom-demo").glob("ds=*/metrics.json"))
+    assert len(parts) == 2
+    first, second = parts
+    assert json.loads(first.read_text())["model_ref"] == "registry:airloom-demo/1"
+    before = second.stat().st_mtime_ns
+    ds = first.parent.name[3:]
+    old = first.stat().st_mtime_ns
+    subprocess.run([str(Path(sys.executable).with_name("airflow")), "dags", "test", "llm_eval_backfill", ds],
+                   env=env, cwd=REPO, check=True, capture_output=True, timeout=600)
+    assert first.stat().st_mtime_ns > old
+    assert second.stat().st_mtime_ns == before
+    assert (home / "evaluations" / "airloom-demo" / "trend.png").is_file()
+
+
+def test_monitoring_compares_traffic_with_training_data(demo):
+    home, env, _ = demo
+    ds = sorted((home / "data" / "history").iterdir())[-1].name[3:]
+    subprocess.run([str(Path(sys.executable).with_name("airflow")), "dags", "test", "llm_feedback_monitoring", ds],
+                   env=env, cwd=REPO, check=True, capture_output=True, timeout=600)
+    reports = list((home / "runs" / "llm_feedback_monitoring").glob("*/drift_and_feedback/monitoring.json"))
+    assert len(reports) == 1
+    report = json.loads(reports[0].read_text())
+    # Same generator, same task mix: no drift, so no retraining request.
+    assert report["psi_task_mix"] < 0.25 and report["retrain"] is False

@@ -1,0 +1,191 @@
+"""validate: a Great Expectations suite over loaded records; bad rows are quarantined and counted.
+
+Each ``validate`` call builds a GX context (about a second), so the GX tests are few and check much.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from airloom.data.load import load_records
+from airloom.data.validate import ValidationConfig, find_pii, has_markup, scrub_pii, validate
+from airloom.exceptions import UsageError
+
+COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "grey", "pink"]
+
+
+def _clean_rows(n: int) -> list[dict]:
+    return [
+        {
+            "instruction": f"Write the word {COLOURS[i % 10]} {i} times, separated by commas.",
+            "input": "" if i % 2 else f"case {i}",
+            "response": ", ".join([COLOURS[i % 10]] * (i % 5 + 1)) + f" (row {i})",
+        }
+        for i in range(n)
+    ]
+
+
+def _write(path: Path, rows: list) -> Path:
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
+    )
+    return path
+
+
+def test_clean_data_passes_and_writes_every_output(tmp_path):
+    load = load_records(_write(tmp_path / "clean.jsonl", _clean_rows(40)))
+    result = validate(load, tmp_path / "out")
+
+    assert result.success, result.summary()
+    assert (result.rows_read, result.accepted, result.quarantined) == (40, 40, 0)
+    assert result.failed_expectations == [] and result.reasons == []
+    assert result.data_docs_path == tmp_path / "out" / "data_docs" / "index.html"
+    assert result.data_docs_path.is_file()
+    assert "<html" in result.data_docs_path.read_text(encoding="utf-8").lower()
+
+    report = json.loads((tmp_path / "out" / "validation.json").read_text())
+    assert (report["success"], report["rows_read"], report["accepted"], report["quarantined"]) == (
+        True,
+        40,
+        40,
+        0,
+    )
+    assert report["data_docs"] == str(result.data_docs_path)
+    types = {(e["type"], e["column"]) for e in report["expectations"]}
+    assert {
+        ("expect_table_row_count_to_be_between", None),
+        ("expect_column_values_to_not_be_null", "instruction"),
+        ("expect_column_values_to_be_of_type", "response"),
+        ("expect_column_value_lengths_to_be_between", "instruction"),
+        ("expect_column_values_to_not_match_regex", "response"),
+        ("expect_column_values_to_be_in_set", "is_duplicate"),
+        ("expect_column_values_to_be_in_set", "has_pii"),
+        ("expect_column_values_to_be_in_set", "has_markup"),
+    } <= types
+    assert all(e["success"] for e in report["expectations"])
+    lengths = next(
+        e
+        for e in report["expectations"]
+        if e["type"] == "expect_column_value_lengths_to_be_between" and e["column"] == "response"
+    )
+    assert (lengths["details"]["min_value"], lengths["details"]["max_value"]) == (1, 8000)
+
+    # accepted.jsonl holds canonical fields only, so it loads back with no findings
+    again = load_records(result.accepted_path)
+    assert len(again.records) == 40 and again.findings == []
+    assert result.quarantine_path.read_text() == ""
+    assert result.summary().startswith("validation PASSED: 40 rows read, 40 accepted, 0 quarantined")
+
+
+def test_duplicates_pii_and_bad_rows_fail_the_suite_and_reconcile(tmp_path):
+    rows: list = _clean_rows(40)
+    rows += [dict(rows[i]) for i in range(10)]  # 10 exact repeats: 20% of 50 rows
+    rows[13]["response"] = "Mail bob.smith@example.org or call 555-123-4567."
+    rows[15]["instruction"] = "Ask 10.20.30.40 for the list of colours."
+    rows.append({"instruction": "Hi", "input": "", "response": "x" * 9000})  # too short and too long
+    rows.append({"instruction": "Name a colour", "input": "", "response": "<html><body>Red</body></html>"})
+    rows.append({"instruction": "Name a colour", "input": "", "response": "Red\x00\x1b[0m"})
+    rows.append('{"instruction": "Name a colour", "input": ""')  # unreadable: quarantined by load
+    load = load_records(_write(tmp_path / "dirty.jsonl", rows))
+    result = validate(load, tmp_path / "out")
+
+    assert not result.success
+    failed = {(e["type"], e["column"]) for e in result.failed_expectations}
+    assert failed == {
+        ("expect_column_values_to_be_in_set", "is_duplicate"),
+        ("expect_column_values_to_be_in_set", "has_pii"),
+    }
+    assert (result.rows_read, result.accepted, result.quarantined) == (54, 40, 14)
+    assert result.rows_read == result.accepted + result.quarantined
+    assert any("max_quarantine_rate" in r for r in result.reasons)
+
+    by_line: dict[int, set[tuple]] = {}
+    for f in result.findings:
+        by_line.setdefault(f.line, set()).add((f.field, f.check, f.severity))
+    assert by_line[14] == {("response", "pii", "warning")}  # PII is kept, prepare scrubs it
+    assert by_line[16] == {("instruction", "pii", "warning")}
+    assert by_line[41] == {(None, "duplicate", "error")}
+    assert by_line[51] == {("instruction", "too_short", "error"), ("response", "too_long", "error")}
+    assert by_line[52] == {("response", "markup", "error")}
+    assert by_line[53] == {("response", "control_chars", "error")}
+    assert by_line[54] == {(None, "invalid_json", "error")}
+    assert "repeats the row at line 1" in next(f.message for f in result.findings if f.line == 41)
+
+    quarantine = [json.loads(line) for line in result.quarantine_path.read_text().splitlines()]
+    assert [q["line"] for q in quarantine] == [*range(41, 55)]
+    assert quarantine[-1]["raw"].startswith('{"instruction"')
+    assert quarantine[10]["record"]["instruction"] == "Hi"
+    assert len(result.accepted_path.read_text().splitlines()) == 40
+
+    summary = result.summary()
+    assert "validation FAILED: 54 rows read, 40 accepted, 14 quarantined" in summary
+    assert (
+        "failed expect_column_values_to_be_in_set(is_duplicate): observed 18.87% unexpected (10 rows)"
+        in summary
+    )
+    assert "line 41: repeats the row at line 1" in summary
+    report = json.loads(result.report_path.read_text())
+    assert report["quarantined"] == 14 and report["success"] is False
+    assert {(f["line"], f["check"]) for f in report["findings"]} >= {(51, "too_long"), (54, "invalid_json")}
+
+
+def test_on_bad_rows_fail_fails_on_a_single_bad_row(tmp_path):
+    rows = _clean_rows(40) + [{"instruction": "Name a colour", "input": "", "response": "   "}]
+    load = load_records(_write(tmp_path / "one_bad.jsonl", rows))
+    lenient = ValidationConfig(max_quarantine_rate=0.1)
+    strict = ValidationConfig(on_bad_rows="fail", max_quarantine_rate=0.1)
+    assert validate(load, tmp_path / "lenient", lenient).success
+    result = validate(load, tmp_path / "strict", strict)
+    assert not result.success and result.failed_expectations == []
+    assert result.reasons == ["on_bad_rows is 'fail' and 1 rows are bad"]
+    assert [(f.line, f.check) for f in result.findings] == [(41, "blank_text")]
+
+
+def test_config_from_dict_and_yaml(tmp_path):
+    cfg = ValidationConfig.from_dict({"max_chars": {"response": 100}, "max_pii_rate": 0})
+    assert cfg.max_chars == {"instruction": 4000, "response": 100}
+    assert cfg.min_chars == {"instruction": 3, "response": 1}
+    assert cfg.max_pii_rate == 0.0
+
+    with pytest.raises(UsageError, match=r"unknown key 'max_dup_rate'; known keys: .*max_duplicate_rate"):
+        ValidationConfig.from_dict({"max_dup_rate": 0.1})
+    path = tmp_path / "validation.yaml"
+    path.write_text("max_duplicate_rate: 0.1\nmin_chars:\n  answer: 3\n")
+    with pytest.raises(UsageError, match=r"validation\.yaml: min_chars\.answer: unknown field"):
+        ValidationConfig.from_yaml(path)
+    path.write_text("max_duplicate_rate: 0.1\non_bad_rows: skip\n")
+    with pytest.raises(UsageError, match=r"validation\.yaml: on_bad_rows must be 'quarantine' or 'fail'"):
+        ValidationConfig.from_yaml(path)
+    path.write_text("max_quarantine_rate: 0.2\nmax_chars: {instruction: 50}\n")
+    assert ValidationConfig.from_yaml(path).max_chars["instruction"] == 50
+    with pytest.raises(UsageError, match=r"min_chars\.response \(10\) is above max_chars\.response \(5\)"):
+        ValidationConfig(min_chars={"response": 10}, max_chars={"response": 5})
+    with pytest.raises(UsageError, match=r"max_pii_rate must be a share between 0 and 1, got 5"):
+        ValidationConfig(max_pii_rate=5)
+    with pytest.raises(UsageError, match=r"nope\.yaml: cannot read"):
+        ValidationConfig.from_yaml(tmp_path / "nope.yaml")
+
+
+def test_text_checks():
+    assert find_pii("write to ann.lee@mail.example.org") == {"email": ["ann.lee@mail.example.org"]}
+    assert find_pii("call (555) 123-4567 or +44 20 7946 0958")["phone"] == [
+        "(555) 123-4567",
+        "+44 20 7946 0958",
+    ]
+    assert find_pii("server 10.1.2.3, localhost 127.0.0.1") == {"ip": ["10.1.2.3"]}
+    assert find_pii("card 4111 1111 1111 1111") == {"card": ["4111 1111 1111 1111"]}
+    # numbers in code and prose are not personal data
+    for text in ["nums = {3, 17, 10, 8, 11}", "version 1.2.3", "on 2023-01-15 at 12:30", "x = 1234567890123"]:
+        assert find_pii(text) == {}, text
+    assert scrub_pii("a@b.io, 555-123-4567, 8.8.8.8") == (
+        "<EMAIL>, <PHONE>, <IP>",
+        {"email": 1, "phone": 1, "ip": 1},
+    )
+
+    assert has_markup("Write a C function", "", "<html><body><pre>int x;</pre></body></html>")
+    assert not has_markup("Write an HTML page with a title", "", "<html><head><title>T</title></head></html>")
+    assert not has_markup("Add a click handler", '<button id="b">Go</button>', "document.getElementById('b')")
+    assert not has_markup("Print a vector", "", "#include <iostream>\nstd::vector<int> v; // <b> is fine")
