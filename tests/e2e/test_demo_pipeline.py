@@ -96,3 +96,29 @@ def test_monitoring_compares_traffic_with_training_data(demo):
     report = json.loads(reports[0].read_text())
     # Same generator, same task mix: no drift, so no retraining request.
     assert report["psi_task_mix"] < 0.25 and report["retrain"] is False
+
+
+def test_rollback_dag_returns_production_to_the_previous_approved_version(demo):
+    from airloom.registry.registry import ModelRegistry
+
+    home, env, _ = demo
+    reg_uri = str(home / "registry")
+    reg = ModelRegistry.from_uri(reg_uri)
+    folder = reg.download("airloom-demo", 1, home / "v1-copy")
+    for name in ("MANIFEST.json", "metadata.json", "CLAIM"):  # a model folder, not a registry copy
+        (folder / name).unlink(missing_ok=True)
+
+    def cli(*args: str) -> None:
+        subprocess.run([*AIRLOOM, "--registry", reg_uri, *args], env=env, cwd=REPO, check=True, capture_output=True)
+
+    cli("registry", "register", "airloom-demo", str(folder), "--user", "trainer")
+    cli("signoff", "request", "airloom-demo/2", "--user", "trainer")
+    cli("signoff", "approve", "airloom-demo/2", "--user", "reviewer")
+    cli("registry", "promote", "airloom-demo/2", "production", "--user", "reviewer")
+    assert reg.get_alias("airloom-demo", "production") == 2
+
+    subprocess.run([str(Path(sys.executable).with_name("airflow")), "dags", "test", "llm_model_rollback"],
+                   env=env, cwd=REPO, check=True, capture_output=True, timeout=600)
+    assert reg.get_alias("airloom-demo", "production") == 1
+    last = [h for h in reg.history("airloom-demo") if h["action"] == "alias"][-1]
+    assert (last["from"], last["to"]) == (2, 1)

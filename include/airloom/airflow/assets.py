@@ -1,6 +1,10 @@
-"""Assets shared by the DAGs: data → fine-tuning, monitoring → fine-tuning."""
+"""Assets shared by the DAGs: data → fine-tuning, monitoring → fine-tuning.
+
+Name-only assets: a URI with a scheme (``s3://``, ``airloom://``) makes Airflow load every
+provider's URI handlers at parse time, which pulled boto3 into each DAG file's parse (~0.2 s).
+"""
 
 from airflow.sdk import Asset
 
-PREPARED_DATASET = Asset(name="prepared_dataset", uri="airloom://datasets/prepared")
-RETRAINING_REQUEST = Asset(name="retraining_request", uri="airloom://monitoring/retraining_request")
+PREPARED_DATASET = Asset("prepared_dataset")
+RETRAINING_REQUEST = Asset("retraining_request")

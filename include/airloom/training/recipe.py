@@ -211,6 +211,9 @@ def train(cfg: TrainConfig) -> dict:
     save(engine, tokenizer, cfg, out, rank, metrics)
     if dist.is_initialized():
         dist.barrier()
+        # Without an orderly shutdown a rank can abort at exit ("terminate called without an
+        # active exception") while gloo's threads are still alive, failing a finished run.
+        dist.destroy_process_group()
     return metrics
 
 

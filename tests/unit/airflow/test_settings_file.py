@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from airloom.airflow.settings_file import apply_settings, load_settings, main, to_import_files
 from airloom.exceptions import UsageError
 

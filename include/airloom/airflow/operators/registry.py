@@ -174,6 +174,7 @@ class RollbackModelOperator(_RegistryOperator):
         self.reason = reason
 
     def execute(self, context) -> dict[str, Any]:
+        from airloom.exceptions import CheckFailed
         from airloom.governance.signoff import is_approved
 
         registry = self.hook.registry
@@ -198,7 +199,10 @@ class RollbackModelOperator(_RegistryOperator):
             raise AirflowFailException(
                 f"refusing to roll back to {self.model_name}/{target}: it was never approved"
             )
-        registry.verify(self.model_name, target)
+        try:
+            registry.verify(self.model_name, target)
+        except CheckFailed as e:
+            raise AirflowFailException(f"refusing to roll back to {self.model_name}/{target}: {e}") from e
         registry.set_alias(
             self.model_name,
             self.alias,
