@@ -60,7 +60,7 @@ def test_params_reject_bad_input(dagbag):
 def test_wiring(dagbag):
     ft = dagbag.dags["llm_finetune"]
     order = ["resolve_dataset", "train", "quality_gates", "register_candidate", "wait_for_signoff", "deploy", "canary"]
-    for up, down in zip(order, order[1:]):
+    for up, down in zip(order, order[1:], strict=False):
         assert up in {t.task_id for t in ft.get_task(down).upstream_list} or any(
             up in {u.task_id for u in t.upstream_list} for t in ft.get_task(down).upstream_list
         ), f"{up} must run before {down}"
