@@ -1,4 +1,4 @@
-"""Both store backends: a local folder, and S3 served by a real moto server over HTTP."""
+"""Shared unit-test fixtures: both store backends — a local folder, and S3 served by a real moto server over HTTP."""
 
 from __future__ import annotations
 
