@@ -351,7 +351,7 @@ h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid
 table{border-collapse:collapse;margin:.5rem 0;font-size:.85rem}td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}
 th{background:#f3f5f8}td.n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}
 .cards{display:flex;gap:1rem;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:6px;padding:.5rem 1rem;min-width:8rem}
-.card b{display:block;font-size:1.3rem}.warn{color:#b3261e}.cols{display:flex;gap:2rem;flex-wrap:wrap}
+.card b{display:block;font-size:1.3rem}.warn{color:#b3261e}.cols{display:flex;gap:2rem;flex-wrap:wrap;align-items:flex-start}
 """
 
 

@@ -37,6 +37,7 @@ class EvaluateModelOperator(BaseOperator):
         batch_size: int = 64,
         **kwargs,
     ) -> None:
+        kwargs.setdefault("pool", "eval")  # each task holds a model in memory: bound how many at once
         super().__init__(**kwargs)
         self.model = model
         self.fallback_model = fallback_model
@@ -152,6 +153,7 @@ class PartitionEvaluationOperator(BaseOperator):
 
     def __init__(self, *, model_name: str, ds: str, history_uri: str, output_uri: str, version: Any = None,
                  alias: str = "production", limit: Any = None, **kwargs) -> None:
+        kwargs.setdefault("pool", "eval")  # each task holds a model in memory: bound how many at once
         super().__init__(**kwargs)
         self.model_name = model_name
         self.ds = ds
