@@ -4,7 +4,8 @@
 Reads raw instruction data (JSONL, JSON, CSV or Parquet; a file, folder or glob), validates it
 with Great Expectations (rows that fail are quarantined with line and reason; the task fails
 when the suite fails, and the run stops before preparation), writes an HTML EDA report, and
-prepares train/validation/test splits. Emits the asset `prepared_dataset`, which starts
+prepares train/validation/test Parquet splits (PII policy, prompt template, token-length filter;
+counts and hashes in `manifest.json`). Emits the asset `prepared_dataset`, which starts
 `llm_finetune`.
 
 Outputs land in `$AIRLOOM_HOME/runs/llm_data_quality/<run_id>/<task_id>/`.
@@ -36,6 +37,18 @@ with DAG(
         "seed": Param(0, type="integer", minimum=0, title="Split seed"),
         "val_fraction": Param(0.1, type="number", minimum=0, maximum=0.5),
         "test_fraction": Param(0.1, type="number", minimum=0, maximum=0.5),
+        "template": Param("alpaca", type="string", minLength=1, title="Prompt template",
+                          description="alpaca, chatml, chat_template (the tokenizer's own) or the path of "
+                                      "a Jinja2 template file (rendered in a sandbox)"),
+        "pii_policy": Param("mask", enum=["mask", "drop", "keep"], title="PII",
+                            description="mask: placeholders such as <EMAIL>; drop: remove the row; "
+                                        "keep: leave it"),
+        "max_seq_len": Param(None, type=["null", "integer"], minimum=1, title="Max tokens per row",
+                             description="Drop rows whose prompt + response exceed this many tokens "
+                                         "(empty: no filter)"),
+        "tokenizer": Param("registry:airloom-tiny-base", type="string", title="Tokenizer",
+                           description="Model folder or registry:NAME[/N|@ALIAS]; used only by "
+                                       "chat_template and the length filter (empty: none)"),
     },
 ):
     validate = ValidateDataOperator(
@@ -52,6 +65,10 @@ with DAG(
         seed="{{ params.seed }}",
         val_fraction="{{ params.val_fraction }}",
         test_fraction="{{ params.test_fraction }}",
+        template="{{ params.template }}",
+        pii_policy="{{ params.pii_policy }}",
+        max_seq_len="{{ params.max_seq_len }}",
+        tokenizer="{{ params.tokenizer }}",
         outlets=[PREPARED_DATASET],
     )
     validate >> [eda, prepare]

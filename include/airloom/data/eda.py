@@ -3,6 +3,14 @@
 The report is one self-contained file (inline CSS, plots as base64 PNG) so it can be attached to a
 task, mailed or served by the UI plugin without a static-file server. The PII, markup and duplicate
 checks are the ones validation uses, so both stages count the same rows.
+
+Numbers a reader may check against pandas are computed the way pandas computes them: quantiles with
+linear interpolation (``Series.quantile``, whose ``0.5`` is ``Series.median``), means as a float64
+sum over the count, and duplicates as *extra copies* (``DataFrame.duplicated().sum()``), not as
+the number of distinct rows that have copies (given separately as ``groups``).
+
+Records are processed in batches and the text is never held twice: per row only lengths and flags
+are kept, plus what near-duplicate detection needs (see :mod:`airloom.data.neardup`).
 """
 
 from __future__ import annotations
@@ -11,26 +19,52 @@ import base64
 import html
 import io
 import json
+import math
 import os
 import re
+import unicodedata
 from collections import Counter
+from collections.abc import Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from airloom.data.load import TEXT_FIELDS
+from airloom.data.neardup import DEFAULT_SHINGLE_SIZE, DEFAULT_THRESHOLD, NearDuplicateFinder, scan_words
 from airloom.data.validate import CONTROL_CHARS_RE, MARKUP_RE, dedup_key, find_pii, has_markup
 
-PROFILE_VERSION = 1
-_WORD_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*")
-_TOKEN_RE = re.compile(r"[^\W_]+(?:'[^\W_]+)*|\n\n")
+PROFILE_VERSION = 2
+QUANTILES = (0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
+_QUANTILE_KEYS = ("p25", "p50", "p75", "p90", "p95", "p99")
+#: Lower edges of the length bins (characters or tokens); the last bin is open-ended. Fixed, so the
+#: counts of any two profiles can be compared (population stability index).
+LENGTH_BIN_EDGES: tuple[int, ...] = tuple(sorted({0, 1, 2, 3, *(round(2 ** (k / 2)) for k in range(4, 38))}))
 _STOPWORDS = frozenset(
     """a an the and or but if then else of to in on at by for from with without into onto over under as is are
     was were be been being it its this that these those there here i you he she we they me him her us them my
     your his our their what which who whom whose how why when where do does did done not no yes so than too very
-    can could will would should may might must shall s t""".split()
+    can could will would should may might must shall s t d ll m re ve don doesn didn isn aren wasn won""".split()
 )
 _TOP = 20
 _EXAMPLES = 5
+_FREQUENCIES = 5000  # words with counts kept in profile.json, for the vocabulary drift of a later run
+_NEW_WORDS_TOP = 1000
+_LANGUAGE_SAMPLE = 200
+_BATCH = 4096
+_ASCII_LETTER_RE = re.compile(r"[A-Za-z]")
+_SCRIPTS = {
+    "LATIN": "Latin", "CYRILLIC": "Cyrillic", "GREEK": "Greek", "ARABIC": "Arabic", "HEBREW": "Hebrew",
+    "CJK": "Han (CJK)", "KANGXI": "Han (CJK)", "IDEOGRAPHIC": "Han (CJK)", "HIRAGANA": "Hiragana",
+    "KATAKANA": "Katakana", "HANGUL": "Hangul", "DEVANAGARI": "Devanagari", "BENGALI": "Bengali",
+    "GURMUKHI": "Gurmukhi", "GUJARATI": "Gujarati", "ORIYA": "Oriya", "TAMIL": "Tamil", "TELUGU": "Telugu",
+    "KANNADA": "Kannada", "MALAYALAM": "Malayalam", "SINHALA": "Sinhala", "THAI": "Thai", "LAO": "Lao",
+    "TIBETAN": "Tibetan", "MYANMAR": "Myanmar", "GEORGIAN": "Georgian", "ARMENIAN": "Armenian",
+    "ETHIOPIC": "Ethiopic", "KHMER": "Khmer", "MONGOLIAN": "Mongolian", "SYRIAC": "Syriac", "THAANA": "Thaana",
+    "BOPOMOFO": "Bopomofo", "CHEROKEE": "Cherokee",
+}  # fmt: skip
+_script_cache: dict[str, str] = {}
 
 
 def build_profile(
@@ -39,6 +73,9 @@ def build_profile(
     *,
     tokenizer: Any = None,
     previous_profile: dict | None = None,
+    near_duplicate_threshold: float | None = DEFAULT_THRESHOLD,
+    shingle_size: int = DEFAULT_SHINGLE_SIZE,
+    languages: bool = True,
 ) -> dict:
     """Profile ``records`` and write ``profile.json`` and ``report.html`` into ``out_dir``.
 
@@ -48,16 +85,22 @@ def build_profile(
         out_dir: Folder for the two files; created if missing.
         tokenizer: Optional Hugging Face tokenizer (or ``tokenizers.Tokenizer``) for token lengths,
             the figure that decides ``max_seq_len``.
-        previous_profile: An earlier ``profile.json`` (as a dict) to compare with; adds ``changes``.
+        previous_profile: An earlier ``profile.json`` (as a dict) to compare with; adds ``changes``
+            and ``drift`` (population stability index of lengths, vocabulary shift).
+        near_duplicate_threshold: Jaccard of word shingles from which a row counts as a near-duplicate
+            of an earlier one; None skips the search.
+        shingle_size: Words per shingle.
+        languages: Guess the language of a sample of instructions when ``langdetect`` is installed.
 
     Returns:
         The profile, as written to ``profile.json``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    profile, series = _profile(records, tokenizer)
+    profile, series = _profile(records, tokenizer, near_duplicate_threshold, shingle_size, languages)
     if previous_profile is not None:
         profile["changes"] = _changes(previous_profile, profile)
+        profile["drift"] = _drift(previous_profile, profile)
     _write(out_dir / "profile.json", json.dumps(profile, indent=2, ensure_ascii=False) + "\n")
     _write(out_dir / "report.html", _render_html(profile, series))
     return profile
@@ -66,37 +109,38 @@ def build_profile(
 # --- numbers -------------------------------------------------------------------------------------
 
 
-def _stats(values: list[int]) -> dict[str, float]:
-    import numpy as np
-
-    if not values:
-        return {"min": 0, "mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0}
-    arr = np.asarray(values)
-    p50, p90, p99 = np.percentile(arr, [50, 90, 99])
+def _stats(values: np.ndarray | Sequence[int]) -> dict[str, float]:
+    """Count, min, mean, quantiles (pandas' linear interpolation: ``p50`` is the median) and max."""
+    arr = np.asarray(values, dtype=np.int64)
+    if not arr.size:
+        return {"count": 0, "min": 0, "mean": 0.0, **dict.fromkeys(_QUANTILE_KEYS, 0.0), "max": 0}
+    qs = np.quantile(arr, QUANTILES)  # the call pandas' Series.quantile makes
     return {
+        "count": int(arr.size),
         "min": int(arr.min()),
-        "mean": round(float(arr.mean()), 3),
-        "p50": round(float(p50), 3),
-        "p90": round(float(p90), 3),
-        "p99": round(float(p99), 3),
+        "mean": float(arr.sum(dtype=np.float64) / arr.size),  # as pandas' nanmean
+        **{k: float(q) for k, q in zip(_QUANTILE_KEYS, qs, strict=True)},
         "max": int(arr.max()),
     }
 
 
-def _histogram(values: list[int], bins: int = 30) -> dict[str, list]:
+def _histogram(values: np.ndarray, bins: int = 30) -> dict[str, list]:
     """Counts over ``[0, p99]``; longer values are counted in ``above`` so one outlier cannot flatten the plot."""
-    import numpy as np
-
-    if not values:
+    if not len(values):
         return {"edges": [], "counts": [], "above": 0}
-    arr = np.asarray(values)
-    top = max(1.0, float(np.percentile(arr, 99)))
-    counts, edges = np.histogram(arr, bins=bins, range=(0.0, top))
+    top = max(1.0, float(np.quantile(values, 0.99)))
+    counts, edges = np.histogram(values, bins=bins, range=(0.0, top))
     return {
         "edges": [round(float(e), 2) for e in edges],
         "counts": [int(c) for c in counts],
-        "above": int((arr > top).sum()),
+        "above": int((values > top).sum()),
     }
+
+
+def _binned(values: np.ndarray) -> list[int]:
+    """Counts per :data:`LENGTH_BIN_EDGES` bin."""
+    idx = np.searchsorted(np.asarray(LENGTH_BIN_EDGES), values, side="right") - 1
+    return [int(c) for c in np.bincount(idx, minlength=len(LENGTH_BIN_EDGES))]
 
 
 def _token_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
@@ -119,31 +163,220 @@ def _mask(value: str) -> str:
     return value[:2] + "*" * (len(value) - 6) + value[-4:]
 
 
-def _profile(records: list[dict], tokenizer: Any) -> tuple[dict, dict]:
+def _script_of(ch: str) -> str:
+    """Unicode script of a letter, from its character name (no data files needed)."""
+    script = _script_cache.get(ch)
+    if script is None:
+        parts = unicodedata.name(ch, "").split(" ")
+        script = _SCRIPTS.get(parts[0])
+        if script is None and len(parts) > 1:  # FULLWIDTH LATIN …, HALFWIDTH KATAKANA …
+            script = _SCRIPTS.get(parts[1])
+        script = _script_cache[ch] = script or "Other"
+    return script
+
+
+def _row_scripts(text: str) -> tuple[str, bool]:
+    """(the script most of the row's letters are in, whether another script has >= 10% of them)."""
+    if text.isascii():
+        return ("Latin" if _ASCII_LETTER_RE.search(text) else "none"), False
+    letters: Counter[str] = Counter()
+    for ch, k in Counter(text).items():
+        if ch.isalpha():
+            letters[_script_of(ch)] += k
+    if not letters:
+        return "none", False
+    ranked = letters.most_common()
+    total = sum(letters.values())
+    return ranked[0][0], len(ranked) > 1 and ranked[1][1] >= 0.1 * total
+
+
+class _PairCounts:
+    """Counts of uint64 keys (word-id bigrams), merged in sorted arrays instead of a Python dict."""
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, dtype=np.uint64)
+        self.counts = np.zeros(0, dtype=np.int64)
+        self._pending: list[np.ndarray] = []
+        self._pending_size = 0
+
+    def add(self, keys: np.ndarray) -> None:
+        self._pending.append(keys)
+        self._pending_size += len(keys)
+        if self._pending_size > 4_000_000:
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        new = np.sort(np.concatenate(self._pending))
+        self._pending, self._pending_size = [], 0
+        keys = np.concatenate((self.keys, new))
+        counts = np.concatenate((self.counts, np.ones(len(new), dtype=np.int64)))
+        order = np.argsort(keys, kind="stable")
+        keys, counts = keys[order], counts[order]
+        starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
+        self.keys, self.counts = keys[starts], np.add.reduceat(counts, starts) if len(keys) else counts
+
+    def top(self, n: int) -> list[tuple[int, int, int]]:
+        """(first id, second id, count), most frequent first; ties in key order."""
+        self._merge()
+        if not len(self.keys):
+            return []
+        order = np.lexsort((self.keys, -self.counts))[:n]
+        return [
+            (int(k >> np.uint64(32)), int(k & np.uint64(0xFFFFFFFF)), int(c))
+            for k, c in zip(self.keys[order], self.counts[order], strict=True)
+        ]
+
+
+def _profile(
+    records: list[dict],
+    tokenizer: Any,
+    near_threshold: float | None,
+    shingle_size: int,
+    want_languages: bool,
+) -> tuple[dict, dict]:
     n = len(records)
     lines = [rec.get("_line", i + 1) for i, rec in enumerate(records)]
-    texts = {f: [rec.get(f) or "" for rec in records] for f in TEXT_FIELDS}
-    series: dict[str, dict[str, list[int]]] = {"chars": {}, "words": {}, "tokens": {}}
+    chars = {f: np.zeros(n, dtype=np.int64) for f in TEXT_FIELDS}
+    nwords = {f: np.zeros(n, dtype=np.int64) for f in TEXT_FIELDS}
+    tokens = {f: np.zeros(n, dtype=np.int64) for f in TEXT_FIELDS} if tokenizer is not None else {}
+    empty = dict.fromkeys(TEXT_FIELDS, 0)
+
+    vocab: dict[int, int] = {}  # word key (WordScan.keys) -> id
+    vocab_words: list[str] = []  # id -> word
+    word_counts = np.zeros(0, dtype=np.int64)
+    leading_counts = np.zeros(0, dtype=np.int64)
+    content = np.zeros(0, dtype=bool)  # per word id: not a stop word, not a number
+    please = -1  # id of "please", skipped as a leading word
+    bigrams = _PairCounts()
+    finder = NearDuplicateFinder(near_threshold, shingle_size) if near_threshold is not None else None
+
+    groups: dict[str, int] = {}  # dedup key -> first row
+    copies: dict[int, list[int]] = {}  # first row -> later copies
+    pii_rows, pii_kinds, pii_examples = 0, Counter(), []
+    markup_rows, markup_examples = 0, []
+    control_rows = 0
+    scripts: Counter[str] = Counter()
+    mixed_rows = 0
+    script_examples: dict[str, list[dict]] = {}
+
+    for start in range(0, n, _BATCH):
+        batch = records[start : start + _BATCH]
+        m = len(batch)
+        cols = {f: [rec.get(f) or "" for rec in batch] for f in TEXT_FIELDS}
+        sl = slice(start, start + m)
+        # the words of instruction, input and response of each row, in that order, as arrays
+        scan = scan_words([t for row in zip(*cols.values(), strict=True) for t in row], keys=True)
+        per_field = scan.lengths.reshape(m, 3)
+        for k, f in enumerate(TEXT_FIELDS):
+            chars[f][sl] = np.fromiter(map(len, cols[f]), dtype=np.int64, count=m)
+            nwords[f][sl] = per_field[:, k]
+            empty[f] += sum(1 for t in cols[f] if not t.strip())
+            if tokenizer is not None:
+                tokens[f][sl] = _token_lengths(tokenizer, cols[f])
+        lengths = per_field.sum(axis=1)
+
+        # word ids: distinct keys of the batch, looked up once each; new words decoded from the bytes
+        order = np.argsort(scan.keys, kind="stable")
+        sorted_keys = scan.keys[order]
+        first = (
+            np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
+            if len(order)
+            else order.astype(bool)
+        )
+        unique_keys = sorted_keys[first].tolist()
+        unique_ids = np.fromiter(
+            map(vocab.get, unique_keys, repeat(-1)), dtype=np.int64, count=len(unique_keys)
+        )
+        new = np.flatnonzero(unique_ids < 0)
+        if new.size:
+            where = order[first]  # first occurrence of each distinct word
+            added = []
+            for j in new[np.argsort(where[new])].tolist():  # ids in order of appearance: ties read naturally
+                unique_ids[j] = vocab[unique_keys[j]] = len(vocab_words)
+                vocab_words.append(w := scan.word(int(where[j])))
+                added.append(w)
+                if w == "please":
+                    please = unique_ids[j]
+            content = np.concatenate((content, [w not in _STOPWORDS and not w.isdigit() for w in added]))
+            grow = np.zeros(len(added), dtype=np.int64)
+            word_counts, leading_counts = (
+                np.concatenate((word_counts, grow)),
+                np.concatenate((leading_counts, grow)),
+            )
+        ids = np.empty(len(order), dtype=np.int64)
+        ids[order] = unique_ids[np.cumsum(first) - 1]
+        word_counts += np.bincount(ids, minlength=len(word_counts))
+
+        row_of = np.repeat(np.arange(m), lengths)
+        keep = content[ids]
+        cid, crow = ids[keep].astype(np.uint64), row_of[keep]
+        same_row = crow[1:] == crow[:-1]
+        bigrams.add((cid[:-1][same_row] << np.uint64(32)) | cid[1:][same_row])
+
+        # leading word of each instruction, "please" skipped
+        row_starts = np.cumsum(lengths) - lengths
+        has = per_field[:, 0] > 0
+        lead = ids[row_starts[has]]
+        skip = (lead == please) & (per_field[has, 0] > 1)
+        lead[skip] = ids[row_starts[has][skip] + 1]
+        leading_counts += np.bincount(lead[~((lead == please) & ~skip)], minlength=len(leading_counts))
+
+        eligible = np.ones(m, dtype=bool)
+        for j in range(m):
+            i = start + j
+            ins, inp, resp = cols["instruction"][j], cols["input"][j], cols["response"][j]
+            key = dedup_key(ins, inp, resp)
+            first_row = groups.setdefault(key, i)
+            if first_row != i:
+                copies.setdefault(first_row, []).append(i)
+                eligible[j] = False
+            row = f"{ins}\n{inp}\n{resp}"
+            if find_pii(row):  # cheap whole-row test first; per field only for the few rows that hit
+                row_kinds: set[str] = set()
+                for f, text in zip(TEXT_FIELDS, (ins, inp, resp), strict=True):
+                    for kind, matches in find_pii(text).items():
+                        row_kinds.add(kind)
+                        if len(pii_examples) < _EXAMPLES:
+                            pii_examples.append(
+                                {"line": lines[i], "field": f, "kind": kind, "match": _mask(matches[0])}
+                            )
+                if row_kinds:
+                    pii_rows += 1
+                    pii_kinds.update(row_kinds)
+            if "<" in row and has_markup(ins, inp, resp):
+                markup_rows += 1
+                if len(markup_examples) < _EXAMPLES:
+                    tag = next(m.group(0) for t in (ins, inp, resp) if (m := MARKUP_RE.search(t)))
+                    markup_examples.append({"line": lines[i], "tag": tag, "instruction": _preview(ins)})
+            if CONTROL_CHARS_RE.search(row):
+                control_rows += 1
+            script, mixed = _row_scripts(row)
+            scripts[script] += 1
+            mixed_rows += mixed
+            if script not in ("Latin", "none") or mixed:
+                shown = script_examples.setdefault(script + (" + other" if mixed else ""), [])
+                if len(shown) < 3:
+                    shown.append({"line": lines[i], "instruction": _preview(ins)})
+        if finder is not None:
+            finder.add_hashes(scan.hashes, lengths, eligible)
+
+    series: dict[str, dict[str, np.ndarray]] = {"chars": chars, "words": nwords, "tokens": tokens}
     fields: dict[str, dict] = {}
+    bins: dict[str, dict[str, list[int]]] = {"chars": {}}
     for f in TEXT_FIELDS:
-        col = texts[f]
-        chars = [len(t) for t in col]
-        words = [len(t.split()) for t in col]
-        series["chars"][f] = chars
-        series["words"][f] = words
-        empty = sum(1 for t in col if not t.strip())
         fields[f] = {
-            "present": n - empty,
-            "empty": empty,
-            "completeness": round((n - empty) / n, 4) if n else 0.0,
-            "chars": _stats(chars),
-            "words": _stats(words),
-            "chars_histogram": _histogram(chars),
+            "present": n - empty[f],
+            "empty": empty[f],
+            "completeness": round((n - empty[f]) / n, 4) if n else 0.0,
+            "chars": _stats(chars[f]),
+            "words": _stats(nwords[f]),
+            "chars_histogram": _histogram(chars[f]),
         }
+        bins["chars"][f] = _binned(chars[f])
         if tokenizer is not None:
-            tokens = _token_lengths(tokenizer, col)
-            series["tokens"][f] = tokens
-            fields[f]["tokens"] = _stats(tokens)
+            fields[f]["tokens"] = _stats(tokens[f])
     for f in ("id", "task"):
         present = sum(1 for rec in records if rec.get(f) not in (None, ""))
         fields[f] = {
@@ -151,100 +384,76 @@ def _profile(records: list[dict], tokenizer: Any) -> tuple[dict, dict]:
             "empty": n - present,
             "completeness": round(present / n, 4) if n else 0.0,
         }
+    totals = chars["instruction"] + chars["input"] + chars["response"]
+    fields["total_chars"] = _stats(totals)
+    fields["total_words"] = _stats(nwords["instruction"] + nwords["input"] + nwords["response"])
+    bins["chars"]["total"] = _binned(totals)
     if tokenizer is not None:
-        total = [a + b + c for a, b, c in zip(*(series["tokens"][f] for f in TEXT_FIELDS), strict=True)]
-        series["tokens"]["total"] = total
-        fields["total_tokens"] = _stats(total)
+        total_tokens = tokens["instruction"] + tokens["input"] + tokens["response"]
+        series["tokens"]["total"] = total_tokens
+        fields["total_tokens"] = _stats(total_tokens)
+        bins["tokens"] = {f: _binned(tokens[f]) for f in TEXT_FIELDS}
+        bins["tokens"]["total"] = _binned(total_tokens)
 
-    rows = ["\n".join(parts) for parts in zip(*(texts[f] for f in TEXT_FIELDS), strict=True)]
+    vocab = vocab_words
+    by_count = np.lexsort((np.arange(len(word_counts)), -word_counts))  # ties: first seen first
+    top_content = by_count[content[by_count]][:_TOP]
+    frequencies = [[vocab[i], int(word_counts[i])] for i in by_count[:_FREQUENCIES]]
 
-    # Vocabulary in one regex pass over the whole corpus; "\n\n" marks row ends so no bigram spans two rows.
-    tokens = _TOKEN_RE.findall("\n\n".join(rows).lower())
-    words = Counter(tokens)
-    words.pop("\n\n", None)
-    content = [t for t in tokens if t not in _STOPWORDS and not t.isdigit()]
-    bigrams = Counter(zip(content, content[1:], strict=False))
-    top_words = [[w, c] for w, c in words.most_common() if w not in _STOPWORDS and not w.isdigit()][:_TOP]
-    top_bigrams = [[f"{a} {b}", c] for (a, b), c in bigrams.most_common(_TOP + 50) if "\n\n" not in (a, b)]
-
-    leading: Counter[str] = Counter()
-    for t in texts["instruction"]:
-        toks = _WORD_RE.findall(t[:200].lower())
-        if toks and toks[0] == "please":
-            toks = toks[1:]
-        if toks:
-            leading[toks[0]] += 1
-
-    groups: dict[str, list[int]] = {}
-    for i in range(n):
-        key = dedup_key(texts["instruction"][i], texts["input"][i], texts["response"][i])
-        groups.setdefault(key, []).append(i)
-    dup_groups = sorted((g for g in groups.values() if len(g) > 1), key=lambda g: (-len(g), g[0]))
-    duplicates = n - len(groups)
-
-    pii_rows, pii_kinds, pii_examples = 0, Counter(), []
-    markup_rows, markup_examples = 0, []
-    control_rows = 0
-    for i, row in enumerate(rows):
-        if find_pii(row):  # cheap whole-row test first; per field only for the few rows that hit
-            row_kinds: set[str] = set()
-            for f in TEXT_FIELDS:
-                for kind, matches in find_pii(texts[f][i]).items():
-                    row_kinds.add(kind)
-                    if len(pii_examples) < _EXAMPLES:
-                        pii_examples.append(
-                            {"line": lines[i], "field": f, "kind": kind, "match": _mask(matches[0])}
-                        )
-            if row_kinds:
-                pii_rows += 1
-                pii_kinds.update(row_kinds)
-        if "<" in row and has_markup(texts["instruction"][i], texts["input"][i], texts["response"][i]):
-            markup_rows += 1
-            if len(markup_examples) < _EXAMPLES:
-                tag = next(m.group(0) for f in TEXT_FIELDS if (m := MARKUP_RE.search(texts[f][i])))
-                markup_examples.append(
-                    {"line": lines[i], "tag": tag, "instruction": _preview(texts["instruction"][i])}
-                )
-        if CONTROL_CHARS_RE.search(row):
-            control_rows += 1
-
-    totals = [
-        series["chars"]["instruction"][i] + series["chars"]["input"][i] + series["chars"]["response"][i]
-        for i in range(n)
-    ]
-    order = sorted(range(n), key=lambda i: (totals[i], lines[i]))
+    order = np.lexsort((np.asarray(lines), totals)) if n else np.zeros(0, dtype=np.int64)
 
     def outlier(i: int) -> dict:
-        return {"line": lines[i], "chars": totals[i], "instruction": _preview(texts["instruction"][i])}
+        return {
+            "line": lines[i],
+            "chars": int(totals[i]),
+            "instruction": _preview(records[i].get("instruction") or ""),
+        }
 
     tasks = None
     if any(rec.get("task") for rec in records):
         tasks = dict(Counter(rec.get("task") or "(none)" for rec in records).most_common())
 
+    duplicates = n - len(groups)
+    dup_groups = sorted(([first, *later] for first, later in copies.items()), key=lambda g: (-len(g), g[0]))
     rate = (lambda k: round(k / n, 4)) if n else (lambda k: 0.0)
     profile = {
         "version": PROFILE_VERSION,
         "rows": n,
         "fields": fields,
+        "length_bins": {"lower_edges": list(LENGTH_BIN_EDGES), **bins},
         "vocabulary": {
-            "size": len(words),
-            "total_words": sum(words.values()),
-            "top_words": top_words,
-            "top_bigrams": top_bigrams[:_TOP],
+            "size": len(vocab),
+            "total_words": int(word_counts.sum()),
+            "top_words": [[vocab[i], int(word_counts[i])] for i in top_content],
+            "top_bigrams": [[f"{vocab[a]} {vocab[b]}", c] for a, b, c in bigrams.top(_TOP)],
+            "frequencies": frequencies,
         },
-        "leading_verbs": [[w, c] for w, c in leading.most_common(15)],
+        "leading_verbs": [
+            [vocab[i], int(leading_counts[i])]
+            for i in np.lexsort((np.arange(len(leading_counts)), -leading_counts))[:15]
+            if leading_counts[i]
+        ],
         "duplicates": {
             "count": duplicates,
             "rate": rate(duplicates),
+            "groups": len(dup_groups),
             "examples": [
                 {
                     "copies": len(g),
                     "lines": [lines[i] for i in g[:10]],
-                    "instruction": _preview(texts["instruction"][g[0]]),
+                    "instruction": _preview(records[g[0]].get("instruction") or ""),
                 }
                 for g in dup_groups[:_EXAMPLES]
             ],
         },
+        "near_duplicates": _near_duplicates(finder, records, lines, rate),
+        "scripts": {
+            "rows": dict(scripts.most_common()),
+            "shares": {k: rate(v) for k, v in scripts.most_common()},
+            "mixed_rows": mixed_rows,
+            "examples": script_examples,
+        },
+        "languages": _languages(records) if want_languages else None,
         "tasks": tasks,
         "pii": {
             "rows": pii_rows,
@@ -255,17 +464,80 @@ def _profile(records: list[dict], tokenizer: Any) -> tuple[dict, dict]:
         "markup": {"rows": markup_rows, "rate": rate(markup_rows), "examples": markup_examples},
         "control_chars": {"rows": control_rows, "rate": rate(control_rows)},
         "outliers": {
-            "longest": [outlier(i) for i in reversed(order[-_EXAMPLES:])],
-            "shortest": [outlier(i) for i in order[:_EXAMPLES]],
+            "longest": [outlier(int(i)) for i in order[::-1][:_EXAMPLES]],
+            "shortest": [outlier(int(i)) for i in order[:_EXAMPLES]],
         },
     }
     return profile, series
 
 
+def _near_duplicates(finder: NearDuplicateFinder | None, records: list[dict], lines: list[int], rate) -> dict:
+    if finder is None:
+        return {"count": 0, "rate": 0.0, "clusters": 0, "examples": [], "settings": None}
+    found = finder.result()
+    clusters = found.clusters()
+    examples = []
+    for group in clusters[:_EXAMPLES]:
+        first, other = (_row_text(records[i]) for i in group[:2])
+        at = len(os.path.commonprefix([first, other]))  # show both from just before they part
+        cut = max(0, at - 30)
+        examples.append(
+            {
+                "rows": len(group),
+                "lines": [lines[i] for i in group[:10]],
+                "jaccard": [found.of[i][1] for i in group[1:10]],
+                "instruction": _preview(records[group[0]].get("instruction") or ""),
+                "first": ("…" if cut else "") + _preview(first[cut:], 100),
+                "repeat": ("…" if cut else "") + _preview(other[cut:], 100),
+            }
+        )
+    return {
+        "count": found.count,
+        "rate": rate(found.count),
+        "clusters": len(clusters),
+        "examples": examples,
+        "settings": found.to_dict(),
+    }
+
+
+def _row_text(rec: dict) -> str:
+    return " ".join(" / ".join(rec.get(f) or "" for f in TEXT_FIELDS).split())
+
+
+def _languages(records: list[dict]) -> dict:
+    """Language guess on an even sample of instructions, when the optional ``langdetect`` is installed."""
+    try:
+        from langdetect import DetectorFactory, detect
+        from langdetect.lang_detect_exception import LangDetectException
+    except ImportError:
+        return {"method": None, "note": "install langdetect (1.0.9) for a language guess; scripts are above"}
+    DetectorFactory.seed = 0  # langdetect is random without it
+    step = max(1, len(records) // _LANGUAGE_SAMPLE)
+    guesses: Counter[str] = Counter()
+    sampled = 0
+    for rec in records[::step][:_LANGUAGE_SAMPLE]:
+        text = (rec.get("instruction") or "")[:200]
+        if sum(ch.isalpha() for ch in text) < 12:
+            continue  # too little text to guess from
+        sampled += 1
+        try:
+            guesses[detect(text)] += 1
+        except LangDetectException:
+            guesses["unknown"] += 1
+    return {
+        "method": "langdetect 1.0.9 (Nakatani's n-gram profiles) on instructions",
+        "sample": sampled,
+        "shares": {lang: round(c / sampled, 4) for lang, c in guesses.most_common()} if sampled else {},
+    }
+
+
+# --- changes and drift ---------------------------------------------------------------------------
+
+
 def _metrics(profile: dict) -> dict[str, float]:
     """The flat numbers compared between two profiles."""
     out: dict[str, float] = {"rows": profile.get("rows", 0)}
-    for key in ("duplicates", "pii", "markup", "control_chars"):
+    for key in ("duplicates", "near_duplicates", "pii", "markup", "control_chars"):
         if isinstance(profile.get(key), dict) and "rate" in profile[key]:
             out[f"{key} rate"] = profile[key]["rate"]
     out["vocabulary size"] = profile.get("vocabulary", {}).get("size", 0)
@@ -278,6 +550,8 @@ def _metrics(profile: dict) -> dict[str, float]:
     rows = profile.get("rows") or 0
     for task, count in (profile.get("tasks") or {}).items():
         out[f"task share: {task}"] = round(count / rows, 4) if rows else 0.0
+    for script, share in ((profile.get("scripts") or {}).get("shares") or {}).items():
+        out[f"script share: {script}"] = share
     return out
 
 
@@ -300,18 +574,95 @@ def _changes(previous: dict, current: dict) -> list[dict]:
     return changes
 
 
+def psi(expected: Sequence[float], actual: Sequence[float], eps: float = 1e-4) -> float:
+    """Population stability index of two histograms over the same bins.
+
+    ``sum((a - e) * ln(a / e))`` over the bins' shares, with empty bins counted as ``eps`` so one
+    empty bin does not make it infinite. Rule of thumb: < 0.1 stable, 0.1-0.25 moderate, > 0.25 major.
+    """
+    e = np.asarray(expected, dtype=np.float64)
+    a = np.asarray(actual, dtype=np.float64)
+    if e.shape != a.shape or not e.sum() or not a.sum():
+        raise ValueError("psi needs two non-empty histograms over the same bins")
+    e = np.maximum(e / e.sum(), eps)
+    a = np.maximum(a / a.sum(), eps)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def _psi_verdict(value: float) -> str:
+    return "stable" if value < 0.1 else "moderate shift" if value < 0.25 else "major shift"
+
+
+def _js_divergence(p: dict[str, int], p_total: int, q: dict[str, int], q_total: int) -> float:
+    """Jensen-Shannon divergence (base 2, 0..1) of two word distributions known by their top words.
+
+    Words outside a profile's list are pooled into one "other" word of that profile.
+    """
+    names = list(dict.fromkeys([*p, *q]))
+    pv = np.array([p.get(w, 0) / p_total for w in names] + [0.0])
+    qv = np.array([q.get(w, 0) / q_total for w in names] + [0.0])
+    pv[-1], qv[-1] = max(0.0, 1 - pv.sum()), max(0.0, 1 - qv.sum())
+    m = (pv + qv) / 2
+
+    def kl(x: np.ndarray) -> float:
+        nz = x > 0
+        return float(np.sum(x[nz] * np.log2(x[nz] / m[nz])))
+
+    return round(max(0.0, (kl(pv) + kl(qv)) / 2), 6)
+
+
+def _drift(previous: dict, current: dict) -> dict:
+    """Length drift (PSI over the fixed length bins) and vocabulary shift against ``previous``."""
+    out: dict[str, Any] = {"length_psi": {}, "vocabulary": None, "notes": []}
+    prev_bins, cur_bins = previous.get("length_bins") or {}, current.get("length_bins") or {}
+    if prev_bins.get("lower_edges") != cur_bins.get("lower_edges"):
+        out["notes"].append(
+            "the previous profile has no length bins or other ones (written before profile version 2): "
+            "no population stability index"
+        )
+    else:
+        for unit in ("chars", "tokens"):
+            for f, counts in (cur_bins.get(unit) or {}).items():
+                before = (prev_bins.get(unit) or {}).get(f)
+                if before is None or not sum(before) or not sum(counts):
+                    continue
+                value = round(psi(before, counts), 4)
+                out["length_psi"].setdefault(unit, {})[f] = {"psi": value, "verdict": _psi_verdict(value)}
+        if "tokens" in cur_bins and "tokens" not in prev_bins:
+            out["notes"].append("the previous profile has no token lengths (no tokenizer then): chars only")
+    prev_vocab, cur_vocab = previous.get("vocabulary") or {}, current.get("vocabulary") or {}
+    if not prev_vocab.get("frequencies") or not cur_vocab.get("frequencies"):
+        out["notes"].append("the previous profile keeps no word frequencies: no vocabulary shift")
+        return out
+    before = {w: c for w, c in prev_vocab["frequencies"]}
+    top = cur_vocab["frequencies"][:_NEW_WORDS_TOP]
+    new = [[w, c] for w, c in top if w not in before]
+    out["vocabulary"] = {
+        "new_top_words_share": round(len(new) / len(top), 4) if top else 0.0,
+        "new_top_words": new[:_TOP],
+        "top_words_compared": len(top),
+        "previous_words_known": len(before),
+        "js_divergence": _js_divergence(
+            before,
+            prev_vocab.get("total_words") or 1,
+            dict(cur_vocab["frequencies"]),
+            cur_vocab["total_words"] or 1,
+        ),
+    }
+    return out
+
+
 # --- report --------------------------------------------------------------------------------------
 
 
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=80)  # tight_layout already fitted it; "tight" would draw twice
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _figures(profile: dict, series: dict) -> dict[str, str]:
     """Base64 PNGs, drawn with the Agg canvas directly so no global pyplot state is touched."""
-    import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -324,9 +675,10 @@ def _figures(profile: dict, series: dict) -> dict[str, str]:
         FigureCanvasAgg(fig)
         for k, f in enumerate(TEXT_FIELDS):
             ax = fig.add_subplot(1, 3, k + 1)
-            values = np.asarray(data[f]) if data[f] else np.zeros(1)
-            top = max(1.0, float(np.percentile(values, 99)))
-            ax.hist(np.clip(values, 0, top), bins=30, color="#4a6fa5")
+            values = data[f] if len(data[f]) else np.zeros(1)
+            top = max(1.0, float(np.quantile(values, 0.99)))
+            counts, edges = np.histogram(np.clip(values, 0, top), bins=30, range=(0.0, top))
+            ax.stairs(counts, edges, fill=True, color="#4a6fa5")
             clipped = int((values > top).sum())
             ax.set_title(f"{f} ({unit})" + (f", {clipped} > p99 at edge" if clipped else ""), fontsize=9)
             ax.tick_params(labelsize=8)
@@ -352,6 +704,7 @@ table{border-collapse:collapse;margin:.5rem 0;font-size:.85rem}td,th{border:1px 
 th{background:#f3f5f8}td.n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}
 .cards{display:flex;gap:1rem;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:6px;padding:.5rem 1rem;min-width:8rem}
 .card b{display:block;font-size:1.3rem}.warn{color:#b3261e}.cols{display:flex;gap:2rem;flex-wrap:wrap;align-items:flex-start}
+.note{color:#555;font-size:.85rem}
 """
 
 
@@ -360,7 +713,11 @@ def _e(value: Any) -> str:
 
 
 def _num(value: Any) -> str:
+    if isinstance(value, bool):
+        return _e(value)
     if isinstance(value, float):
+        if math.isnan(value):
+            return "–"
         return f"{value:,.4g}" if abs(value) < 1 else f"{value:,.1f}"
     if isinstance(value, int):
         return f"{value:,}"
@@ -387,13 +744,44 @@ def _img(figs: dict[str, str], key: str, alt: str) -> str:
     return f'<img src="data:image/png;base64,{figs[key]}" alt="{_e(alt)}">' if key in figs else ""
 
 
+def _drift_html(profile: dict) -> list[str]:
+    drift = profile.get("drift")
+    if not drift:
+        return []
+    parts = ["<h3>Drift</h3>"]
+    rows = [
+        [f"{f} {unit}", v["psi"], v["verdict"]]
+        for unit, by_field in drift["length_psi"].items()
+        for f, v in by_field.items()
+    ]
+    if rows:
+        parts += [
+            "<p class='note'>Population stability index of the length distributions over fixed bins "
+            "(&lt; 0.1 stable, 0.1–0.25 moderate, &gt; 0.25 major).</p>",
+            _table(["length", "PSI", "verdict"], rows),
+        ]
+    v = drift.get("vocabulary")
+    if v:
+        parts.append(
+            f"<p>Vocabulary: {v['new_top_words_share']:.1%} of the {v['top_words_compared']} most frequent "
+            f"words are not among the previous profile's {v['previous_words_known']:,} most frequent; "
+            f"Jensen–Shannon divergence of word frequencies {v['js_divergence']:.4f} (0 same, 1 disjoint).</p>"
+        )
+        if v["new_top_words"]:
+            parts.append(_table(["new frequent word", "count"], v["new_top_words"]))
+    parts += [f"<p class='note'>{_e(note)}</p>" for note in drift.get("notes", [])]
+    return parts
+
+
 def _render_html(profile: dict, series: dict) -> str:
     figs = _figures(profile, series)
     f = profile["fields"]
     pct = lambda r: f"{r:.2%}"  # noqa: E731
+    near = profile["near_duplicates"]
     cards = [
         ("rows", _num(profile["rows"])),
         ("duplicates", f"{_num(profile['duplicates']['count'])} ({pct(profile['duplicates']['rate'])})"),
+        ("near duplicates", f"{_num(near['count'])} ({pct(near['rate'])})"),
         ("PII rows", f"{_num(profile['pii']['rows'])} ({pct(profile['pii']['rate'])})"),
         ("markup rows", f"{_num(profile['markup']['rows'])} ({pct(profile['markup']['rate'])})"),
         ("vocabulary", _num(profile["vocabulary"]["size"])),
@@ -418,6 +806,8 @@ def _render_html(profile: dict, series: dict) -> str:
         ]
         parts += [
             "<h2>Changes since previous profile</h2>",
+            *_drift_html(profile),
+            "<h3>Metrics</h3>",
             _table(["metric", "previous", "current", "change", "relative"], rows),
         ]
     parts += [
@@ -427,35 +817,51 @@ def _render_html(profile: dict, series: dict) -> str:
             [[k, v["present"], v["empty"], pct(v["completeness"])] for k, v in f.items() if "present" in v],
         ),
         "<h2>Lengths</h2>",
+        "<p class='note'>Quantiles interpolate linearly between rows, as pandas does; p50 is the median.</p>",
     ]
+    stat_keys = ("min", "mean", *_QUANTILE_KEYS, "max")
     for unit in ("chars", "words", "tokens"):
-        rows = [
-            [k, *(f[k][unit][s] for s in ("min", "mean", "p50", "p90", "p99", "max"))]
-            for k in TEXT_FIELDS
-            if unit in f[k]
-        ]
+        rows = [[k, *(f[k][unit][s] for s in stat_keys)] for k in TEXT_FIELDS if unit in f[k]]
+        total = f.get(f"total_{unit}")
+        if rows and total:
+            rows.append(["total", *(total[s] for s in stat_keys)])
         if rows:
             parts += [
                 f"<h3>{unit}</h3>",
-                _table(["field", "min", "mean", "p50", "p90", "p99", "max"], rows),
+                _table(["field", *stat_keys], rows),
                 _img(figs, unit, f"{unit} histograms"),
             ]
-    if "total_tokens" in f:
-        t = f["total_tokens"]
-        parts.append(
-            f"<p>Tokens per row (instruction + input + response): p50 {_num(t['p50'])}, "
-            f"p99 {_num(t['p99'])}, max {_num(t['max'])}.</p>"
-        )
     v = profile["vocabulary"]
     parts += [
         "<h2>Vocabulary</h2>",
-        f"<p>{_num(v['size'])} distinct words, {_num(v['total_words'])} in all (lower-cased; the top lists "
-        "leave out stop words and numbers).</p><div class='cols'>",
+        f"<p>{_num(v['size'])} distinct words, {_num(v['total_words'])} in all (lower-cased, punctuation "
+        "removed; the top lists leave out stop words and numbers).</p><div class='cols'>",
         _table(["word", "count"], v["top_words"]),
         _table(["bigram", "count"], v["top_bigrams"]),
         _table(["leading word of instruction", "rows"], profile["leading_verbs"]),
         "</div>",
     ]
+    s = profile["scripts"]
+    parts += [
+        "<h2>Scripts and languages</h2>",
+        "<p>Rows by the Unicode script most of their letters are in (from the characters' names); "
+        f"{_num(s['mixed_rows'])} rows mix scripts (a second one has at least 10% of the letters).</p>",
+        _table(["script", "rows", "share"], [[k, c, pct(s["shares"][k])] for k, c in s["rows"].items()]),
+        _table(
+            ["script", "line", "instruction"],
+            [[k, x["line"], x["instruction"]] for k, xs in s["examples"].items() for x in xs],
+        )
+        if s["examples"]
+        else "",
+    ]
+    lang = profile.get("languages")
+    if lang and lang.get("method"):
+        parts += [
+            f"<p>Language guess on {_num(lang['sample'])} sampled instructions ({_e(lang['method'])}):</p>",
+            _table(["language", "share"], [[k, pct(x)] for k, x in lang["shares"].items()]),
+        ]
+    elif lang:
+        parts.append(f"<p class='note'>No language guess: {_e(lang['note'])}.</p>")
     if profile["tasks"]:
         parts += [
             "<h2>Task mix</h2>",
@@ -465,11 +871,38 @@ def _render_html(profile: dict, series: dict) -> str:
     d = profile["duplicates"]
     parts += [
         "<h2>Exact duplicates</h2>",
-        f"<p>{_num(d['count'])} rows repeat an earlier row (whitespace ignored).</p>",
+        f"<p>{_num(d['count'])} rows repeat an earlier row (whitespace ignored): extra copies, in "
+        f"{_num(d['groups'])} groups.</p>",
         _table(
             ["copies", "lines", "instruction"],
             [[x["copies"], ", ".join(map(str, x["lines"])), x["instruction"]] for x in d["examples"]],
         ),
+        "<h2>Near duplicates</h2>",
+    ]
+    if near["settings"]:
+        st = near["settings"]
+        parts += [
+            f"<p>{_num(near['count'])} more rows nearly repeat an earlier row, in {_num(near['clusters'])} "
+            f"groups: Jaccard similarity of their word {st['shingle_size']}-shingle sets at least "
+            f"{st['threshold']} (MinHash, {st['num_perm']} permutations, {st['bands']} LSH bands of "
+            f"{st['rows_per_band']}; every pair confirmed exactly). Exact duplicates are not counted again.</p>",
+            _table(
+                ["rows", "lines", "Jaccard", "first (from where they differ)", "its first repeat"],
+                [
+                    [
+                        x["rows"],
+                        ", ".join(map(str, x["lines"])),
+                        ", ".join(f"{j:.2f}" for j in x["jaccard"]),
+                        x["first"],
+                        x["repeat"],
+                    ]
+                    for x in near["examples"]
+                ],
+            ),
+        ]
+    else:
+        parts.append("<p>Not searched.</p>")
+    parts += [
         "<h2>Personal data and markup</h2>",
         f"<p>PII in {_num(profile['pii']['rows'])} rows ({pct(profile['pii']['rate'])}): "
         + (", ".join(f"{_e(k)} {_num(c)}" for k, c in profile["pii"]["by_kind"].items()) or "none")

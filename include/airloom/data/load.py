@@ -18,7 +18,7 @@ import glob
 import io
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -62,7 +62,15 @@ class Finding:
     severity: str = "error"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # by hand: dataclasses.asdict deep-copies and is ~10x slower, which shows at 100k findings
+        return {
+            "file": self.file,
+            "line": self.line,
+            "field": self.field,
+            "check": self.check,
+            "message": self.message,
+            "severity": self.severity,
+        }
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" + (f" [{self.field}]" if self.field else "")
@@ -210,6 +218,7 @@ def _parses(text: str) -> bool:
 
 def _jsonl_rows(text: str) -> Iterator[_Row]:
     lines = text.split("\n")
+    unterminated = bool(lines) and lines[-1] != ""  # the file does not end with a newline
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the last line does not start another one
     for n, line in enumerate(lines, start=1):
@@ -226,7 +235,13 @@ def _jsonl_rows(text: str) -> Iterator[_Row]:
                 problems.append((None, "non_utf8", _non_utf8_message(line)))
             message = f"invalid JSON at column {exc.colno}: {exc.msg}"
             if exc.msg.startswith("Unterminated string") or exc.pos >= len(line.rstrip()) - 1:
-                message += "; the line ends before the JSON value does (truncated?)"
+                if unterminated and n == len(lines):
+                    message += (
+                        "; the line ends before the JSON value does and the file ends without a newline:"
+                        " the file was cut off (truncated)"
+                    )
+                else:
+                    message += "; the line ends before the JSON value does (truncated?)"
             problems.append((None, "invalid_json", message))
             yield _Row(n, None, line, problems)
             continue

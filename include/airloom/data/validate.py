@@ -2,12 +2,13 @@
 
 Two kinds of rule, both written as GX expectations so they show up in the Data Docs:
 
-* Row rules (length bounds, blank text, control characters, duplicates, stray HTML): a failing row
-  is quarantined, with its line and reasons, and the rest goes on. Each carries
-  ``mostly = 1 - max_quarantine_rate`` so one rule alone may not eat the quarantine budget.
-* Rate rules (duplicates, PII, markup): ``expect_column_values_to_be_in_set([False], mostly=1 - rate)``
-  on a derived flag column fails the dataset when the share of flagged rows passes the threshold.
-  PII rows are reported but kept, because ``prepare`` scrubs them.
+* Row rules (length bounds, blank text, control characters): a failing row is quarantined, with its
+  line and reasons, and the rest goes on. Each carries ``mostly = 1 - max_quarantine_rate`` so one
+  rule alone may not eat the quarantine budget.
+* Rate rules (exact and near duplicates, PII, markup): ``expect_column_mean_to_be_between(max_value=rate)``
+  on a derived 0/1 flag column fails the dataset when the share of flagged rows passes the threshold.
+  The flagged rows are quarantined too, except PII rows, which are reported but kept because
+  ``prepare`` scrubs them. Of a set of (near) copies the first one that breaks no other rule is kept.
 
 Rows that ``load`` could not read count as quarantined too, so ``rows_read = accepted + quarantined``.
 The text checks (:func:`find_pii`, :func:`scrub_pii`, :func:`has_markup`, :func:`dedup_key`) live here
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 import shutil
@@ -150,7 +152,8 @@ def normalize_text(text: str) -> str:
 def dedup_key(instruction: str, input: str, response: str) -> str:
     """Identity of a row for duplicate detection: NFC text with whitespace runs collapsed."""
     return "\x1f".join(
-        " ".join(unicodedata.normalize("NFC", t).split()) for t in (instruction, input, response)
+        " ".join((t if unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t)).split())
+        for t in (instruction, input, response)
     )
 
 
@@ -173,6 +176,12 @@ class ValidationConfig:
         min_chars: Least characters per field (``instruction``, ``input``, ``response``).
         max_chars: Most characters per field.
         max_duplicate_rate: Largest share of rows that repeat an earlier row.
+        max_near_duplicate_rate: Largest share of rows that nearly repeat an earlier row (see
+            :mod:`airloom.data.neardup`); such rows are quarantined like exact duplicates.
+        near_duplicate_threshold: Least Jaccard similarity of two rows' word-shingle sets for the later
+            one to count as a near-duplicate; None turns the check off.
+        near_duplicate_shingle_size: Words per shingle.
+        near_duplicate_num_perm: MinHash permutations (candidates are confirmed exactly, so 64-128 do).
         max_pii_rate: Largest share of rows holding an e-mail, phone, IP or card number.
         max_markup_rate: Largest share of rows with HTML the instruction does not ask for.
         on_bad_rows: ``quarantine`` sets bad rows aside; ``fail`` fails the run on any bad row.
@@ -182,6 +191,10 @@ class ValidationConfig:
     min_chars: dict[str, int] = field(default_factory=_default_min_chars)
     max_chars: dict[str, int] = field(default_factory=_default_max_chars)
     max_duplicate_rate: float = 0.05
+    max_near_duplicate_rate: float = 0.05
+    near_duplicate_threshold: float | None = 0.8
+    near_duplicate_shingle_size: int = 5
+    near_duplicate_num_perm: int = 128
     max_pii_rate: float = 0.01
     max_markup_rate: float = 0.05
     on_bad_rows: str = "quarantine"
@@ -202,11 +215,24 @@ class ValidationConfig:
                 raise UsageError(
                     f"min_chars.{fld} ({self.min_chars[fld]}) is above max_chars.{fld} ({self.max_chars[fld]})"
                 )
-        for name in ("max_duplicate_rate", "max_pii_rate", "max_markup_rate", "max_quarantine_rate"):
+        rates = ("max_duplicate_rate", "max_near_duplicate_rate", "max_pii_rate", "max_markup_rate")
+        for name in (*rates, "max_quarantine_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
                 raise UsageError(f"{name} must be a share between 0 and 1, got {value!r}")
             setattr(self, name, float(value))
+        t = self.near_duplicate_threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int | float) or not 0 < t <= 1):
+            raise UsageError(
+                f"near_duplicate_threshold must be a Jaccard similarity in (0, 1], or null to turn the "
+                f"check off, got {t!r}"
+            )
+        if t is not None:
+            self.near_duplicate_threshold = float(t)
+        for name, lo, hi in (("near_duplicate_shingle_size", 1, 64), ("near_duplicate_num_perm", 16, 256)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise UsageError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
         if self.on_bad_rows not in ("quarantine", "fail"):
             raise UsageError(f"on_bad_rows must be 'quarantine' or 'fail', got {self.on_bad_rows!r}")
 
@@ -294,29 +320,89 @@ class ValidationResult:
 # --- the suite ------------------------------------------------------------------------------------
 
 # Row checks that set the row aside; the others (pii) only report it.
-_QUARANTINING = {"null_field", "too_short", "too_long", "blank_text", "control_chars", "duplicate", "markup"}
+_QUARANTINING = {
+    "null_field",
+    "too_short",
+    "too_long",
+    "blank_text",
+    "control_chars",
+    "duplicate",
+    "near_duplicate",
+    "markup",
+}
 
 
-def _frame(records: list[dict]):
+#: Flag column -> the row check it stands for (rate rules: GX judges the share, the rows come from here).
+_FLAG_COLUMNS = {
+    "is_duplicate": "duplicate",
+    "is_near_duplicate": "near_duplicate",
+    "has_pii": "pii",
+    "has_markup": "markup",
+}
+
+
+def _frame(records: list[dict], config: ValidationConfig):
+    """The frame GX checks, plus for each row the row it (nearly) repeats.
+
+    Returns:
+        (frame, dup_of, near_of): ``dup_of[i]`` is the first row with the same :func:`dedup_key`;
+        ``near_of`` maps a near-duplicate row to (the kept row it repeats, Jaccard).
+    """
+    import numpy as np
     import pandas as pd
 
     seen: dict[str, int] = {}
-    dup, dup_of, pii, markup = [], [], [], []
+    n = len(records)
+    dup = np.zeros(n, dtype=bool)
+    eligible = np.zeros(n, dtype=bool)  # takes part in (near-)duplicate search
+    dup_of, pii, markup = list(range(n)), [], []
+    (lo_i, hi_i), (lo_n, hi_n), (lo_r, hi_r) = (
+        (config.min_chars.get(f) or 0, config.max_chars.get(f, math.inf)) for f in TEXT_FIELDS
+    )
     for i, rec in enumerate(records):
-        first = seen.setdefault(dedup_key(rec["instruction"], rec.get("input", ""), rec["response"]), i)
-        dup.append(first != i)
-        dup_of.append(first)
-        pii.append(any(find_pii(rec.get(f, "")) for f in TEXT_FIELDS))
-        markup.append(has_markup(rec["instruction"], rec.get("input", ""), rec["response"]))
-    return pd.DataFrame(
+        ins, inp, resp = rec["instruction"], rec.get("input", ""), rec["response"]
+        row = f"{ins}\n{inp}\n{resp}"
+        # the whole row first, a cheap filter: a match in a field is a match in the newline-joined row
+        pii.append(bool(find_pii(row)) and any(find_pii(t) for t in (ins, inp, resp)))
+        markup.append("<" in row and has_markup(ins, inp, resp))
+        # A row that breaks another quarantining rule of the suite (the same rules, in Python) is
+        # quarantined anyway: it must not be the "first copy" that makes a clean copy a duplicate.
+        if (
+            markup[-1]
+            or not (lo_i <= len(ins) <= hi_i and lo_n <= len(inp) <= hi_n and lo_r <= len(resp) <= hi_r)
+            or not ins.strip()
+            or not resp.strip()
+            or CONTROL_CHARS_RE.search(row)  # "\n" is not one of them
+        ):
+            continue
+        first = seen.setdefault(dedup_key(ins, inp, resp), i)
+        dup_of[i] = first
+        dup[i] = first != i
+        eligible[i] = first == i
+    near_of: dict[int, tuple[int, float]] = {}
+    if config.near_duplicate_threshold is not None and n:
+        from airloom.data.neardup import find_near_duplicates
+
+        near_of = find_near_duplicates(
+            (f"{r['instruction']}\n{r.get('input', '')}\n{r['response']}" for r in records),
+            threshold=config.near_duplicate_threshold,
+            shingle_size=config.near_duplicate_shingle_size,
+            num_perm=config.near_duplicate_num_perm,
+            eligible=eligible,
+        ).of
+    near = np.zeros(n, dtype=bool)
+    near[list(near_of)] = True
+    frame = pd.DataFrame(
         {
-            "_row": pd.Series(range(len(records)), dtype="int64"),
+            "_row": pd.Series(range(n), dtype="int64"),
             **{f: pd.Series([r.get(f, "") for r in records], dtype="str") for f in TEXT_FIELDS},
             "is_duplicate": pd.Series(dup, dtype="bool"),
+            "is_near_duplicate": pd.Series(near, dtype="bool"),
             "has_pii": pd.Series(pii, dtype="bool"),
             "has_markup": pd.Series(markup, dtype="bool"),
         }
-    ), dup_of
+    )
+    return frame, dup_of, near_of
 
 
 def _build_suite(config: ValidationConfig):
@@ -367,11 +453,14 @@ def _build_suite(config: ValidationConfig):
         )
     rates = (
         ("is_duplicate", config.max_duplicate_rate, "duplicate"),
+        ("is_near_duplicate", config.max_near_duplicate_rate, "near_duplicate"),
         ("has_pii", config.max_pii_rate, "pii"),
         ("has_markup", config.max_markup_rate, "markup"),
     )
     for column, rate, check in rates:
-        add(gxe.ExpectColumnValuesToBeInSet, check, column=column, value_set=[False], mostly=1.0 - rate)
+        # the mean of a flag column is the share of flagged rows; an aggregate, so GX does not list (and
+        # store, and render) the indices of what can be most of the rows: validate() has them already
+        add(gxe.ExpectColumnMeanToBeBetween, check, column=column, min_value=0.0, max_value=rate)
     return suite
 
 
@@ -414,7 +503,14 @@ def _run_gx(df, config: ValidationConfig, docs_dir: Path):
             name="llm_data_quality",
             validation_definitions=[definition],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["airloom"])],
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["_row"]},
+            # row numbers of every failing row, but not the failing texts (long rows would be copied
+            # several times into the stored result) nor the pandas query that lists them again
+            result_format={
+                "result_format": "COMPLETE",
+                "unexpected_index_column_names": ["_row"],
+                "exclude_unexpected_values": True,
+                "return_unexpected_index_query": False,
+            },
         )
     )
     run = checkpoint.run(batch_parameters={"dataframe": df})
@@ -423,7 +519,12 @@ def _run_gx(df, config: ValidationConfig, docs_dir: Path):
 
 
 def _row_message(
-    check: str, fld: str | None, rec: dict, config: ValidationConfig, first: dict
+    check: str,
+    fld: str | None,
+    rec: dict,
+    config: ValidationConfig,
+    first: dict,
+    near: tuple[dict, float] | None = None,
 ) -> tuple[str, str]:
     """(check, message) for one failing row, with the numbers needed to fix it."""
     if check == "length":
@@ -442,6 +543,14 @@ def _row_message(
     if check == "duplicate":
         where = f"line {first['_line']}" + ("" if first["_file"] == rec["_file"] else f" of {first['_file']}")
         return check, f"repeats the row at {where} (ignoring whitespace); the first copy is kept"
+    if check == "near_duplicate" and near is not None:
+        other, jaccard = near
+        where = f"line {other['_line']}" + ("" if other["_file"] == rec["_file"] else f" of {other['_file']}")
+        return check, (
+            f"nearly repeats the row at {where} (Jaccard {jaccard:.2f} of word "
+            f"{config.near_duplicate_shingle_size}-shingles, near_duplicate_threshold "
+            f"{config.near_duplicate_threshold}); the first copy is kept"
+        )
     if check == "pii":
         kinds = sorted({k for f in TEXT_FIELDS for k in find_pii(rec.get(f, ""))})
         return check, f"personal data ({', '.join(kinds)}); prepare scrubs it, or remove the row"
@@ -458,6 +567,19 @@ def _field_of(check: str, rec: dict) -> str | None:
     return None
 
 
+def _unexpected_rows(result: dict) -> list[int]:
+    """Row numbers (``_row``) of a GX result: one dict per row, or one dict listing all of them (the shape
+    GX uses with ``exclude_unexpected_values``)."""
+    rows: list[int] = []
+    for hit in result.get("unexpected_index_list") or []:
+        value = hit["_row"]
+        if isinstance(value, list):
+            rows.extend(int(v) for v in value)
+        else:
+            rows.append(int(value))
+    return rows
+
+
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item") and not isinstance(value, list | dict | str):
         return value.item()
@@ -469,6 +591,17 @@ def _write_atomic(path: Path, lines: list[str]) -> None:
     with tmp.open("w", encoding="utf-8", newline="\n") as fh:
         fh.writelines(lines)
     os.replace(tmp, path)
+
+
+def _report_json(report: dict) -> str:
+    """``validation.json``: indented, but one finding per line, which keeps 100k findings fast to write and
+    easy to grep (``json.dumps(indent=...)`` runs the pure-Python encoder, ~10x slower)."""
+    findings = report["findings"]
+    head = json.dumps({**report, "findings": []}, indent=2, ensure_ascii=False, default=str)
+    if not findings:
+        return head + "\n"
+    rows = ",\n".join("    " + json.dumps(f, ensure_ascii=False, default=str) for f in findings)
+    return head.replace('"findings": []', '"findings": [\n' + rows + "\n  ]", 1) + "\n"
 
 
 def _public(rec: dict) -> dict:
@@ -487,6 +620,8 @@ def validate(load: LoadResult, out_dir: Path, config: ValidationConfig | None = 
         out_dir: Folder for the outputs; created if missing.
         config: Thresholds; the defaults of :class:`ValidationConfig` when None.
     """
+    import numpy as np
+
     config = config or ValidationConfig()
     if load.rows_read != len(load.records) + len(load.rejected):
         raise UsageError(
@@ -499,13 +634,14 @@ def validate(load: LoadResult, out_dir: Path, config: ValidationConfig | None = 
     shutil.rmtree(docs_dir, ignore_errors=True)
 
     records = load.records
-    df, dup_of = _frame(records)
+    df, dup_of, near_of = _frame(records, config)
     results = _run_gx(df, config, docs_dir)
 
     row_findings: dict[int, list[Finding]] = {}
     warnings: list[Finding] = []
     expectations: list[dict] = []
     failed: list[dict] = []
+    flagged = {check: np.flatnonzero(df[column].to_numpy()) for column, check in _FLAG_COLUMNS.items()}
     for res in results:
         cfg = res.expectation_config
         meta = cfg.meta or {}
@@ -513,25 +649,28 @@ def validate(load: LoadResult, out_dir: Path, config: ValidationConfig | None = 
         r = res.result or {}
         column = cfg.kwargs.get("column")
         examples: list[str] = []
-        for hit in r.get("unexpected_index_list") or []:
-            i = int(hit["_row"])
+        rows = flagged[check].tolist() if check in flagged else _unexpected_rows(r)
+        for i in rows:
             rec = records[i]
-            name, message = _row_message(check, fld, rec, config, records[dup_of[i]])
+            near = (records[near_of[i][0]], near_of[i][1]) if i in near_of else None
+            name, message = _row_message(check, fld, rec, config, records[dup_of[i]], near)
             target = fld or _field_of(check, rec)
             severity = "error" if name in _QUARANTINING else "warning"
             finding = Finding(rec["_file"], rec["_line"], target, name, message, severity=severity)
             (row_findings.setdefault(i, []) if severity == "error" else warnings).append(finding)
             if len(examples) < 5:
                 examples.append(f"line {rec['_line']}: {message}")
-        if "observed_value" in r:
+        if check in flagged:
+            observed = f"{len(rows) / len(df):.2%} of rows ({len(rows)} rows)" if len(df) else None
+        elif "observed_value" in r:
             observed = _jsonable(r["observed_value"])
         elif r.get("unexpected_percent") is not None:
             observed = f"{r['unexpected_percent']:.2f}% unexpected ({r.get('unexpected_count', 0)} rows)"
         else:
             observed = None
         details = {k: _jsonable(v) for k, v in cfg.kwargs.items() if k not in ("batch_id", "column")}
-        if r.get("unexpected_count") is not None:
-            details["unexpected_count"] = int(r["unexpected_count"])
+        if r.get("unexpected_count") is not None or check in flagged:
+            details["unexpected_count"] = len(rows) if check in flagged else int(r["unexpected_count"])
         if examples:
             details["examples"] = examples
         if res.exception_info and res.exception_info.get("raised_exception"):
@@ -605,12 +744,14 @@ def validate(load: LoadResult, out_dir: Path, config: ValidationConfig | None = 
         "accepted": accepted,
         "quarantined": quarantined,
         "reasons": reasons,
+        "duplicates": int(df["is_duplicate"].sum()),
+        "near_duplicates": len(near_of),
         "config": config.to_dict(),
         "findings": [f.to_dict() for f in findings],
         "expectations": expectations,
         "data_docs": str(docs_path) if docs_path else None,
     }
-    _write_atomic(report_path, [json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n"])
+    _write_atomic(report_path, [_report_json(report)])
     return ValidationResult(
         success=success,
         rows_read=load.rows_read,

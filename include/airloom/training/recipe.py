@@ -36,6 +36,21 @@ def _ensure_dist_env() -> None:
 
 
 def read_examples(path: str | Path) -> list[dict]:
+    """Training examples from a prepared split: ``.parquet``, or JSON lines (prepared before Parquet)."""
+    if Path(path).suffix.lower() == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        missing = [c for c in ("prompt", "response") if c not in table.column_names]
+        if missing:
+            raise ValueError(
+                f"{path}: a training example needs 'prompt' and 'response'; no column {missing[0]!r}"
+            )
+        rows = table.to_pylist()
+        for n, row in enumerate(rows, 1):
+            if row["prompt"] is None or row["response"] is None:
+                raise ValueError(f"{path}: row {n}: a training example needs 'prompt' and 'response'")
+        return rows
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

@@ -1,11 +1,16 @@
-"""build_profile: exact numbers on a small known set, a self-contained HTML report, changes over time."""
+"""build_profile: exact numbers (checked against pandas), near duplicates, scripts, drift, the HTML report."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 
-from airloom.data.eda import build_profile
+import numpy as np
+import pandas as pd
+import pytest
+
+from airloom.data.eda import LENGTH_BIN_EDGES, QUANTILES, build_profile, psi
 
 RECORDS = [
     {"instruction": "Reverse the word cat", "input": "", "response": "tac", "task": "reverse", "_line": 1},
@@ -27,10 +32,11 @@ RECORDS = [
         "_line": 6,
     },
 ]
+KEYS = ("p25", "p50", "p75", "p90", "p95", "p99")
 
 
 def test_profile_numbers_on_a_known_set(tmp_path):
-    profile = build_profile(RECORDS, tmp_path)
+    profile = build_profile(RECORDS, tmp_path, languages=False)
     assert json.loads((tmp_path / "profile.json").read_text()) == profile
 
     assert profile["rows"] == 6
@@ -40,23 +46,30 @@ def test_profile_numbers_on_a_known_set(tmp_path):
     assert profile["fields"]["id"]["present"] == 0
     chars = profile["fields"]["response"]["chars"]
     assert (chars["min"], chars["max"]) == (1, 29)
+    # instruction words 4 4 4 3 4 3: sorted 3 3 4 4 4 4, so p25 = 3 + 0.25 * (4 - 3) by linear interpolation
     assert profile["fields"]["instruction"]["words"] == {
+        "count": 6,
         "min": 3,
-        "mean": 3.667,
+        "mean": 22 / 6,
+        "p25": 3.25,
         "p50": 4.0,
+        "p75": 4.0,
         "p90": 4.0,
+        "p95": 4.0,
         "p99": 4.0,
         "max": 4,
     }
-    assert (
-        sum(profile["fields"]["response"]["chars_histogram"]["counts"])
-        + profile["fields"]["response"]["chars_histogram"]["above"]
-        == 6
-    )
+    hist = profile["fields"]["response"]["chars_histogram"]
+    assert sum(hist["counts"]) + hist["above"] == 6
 
     dup = profile["duplicates"]
-    assert (dup["count"], dup["rate"]) == (1, 0.1667)  # line 3 repeats line 1 once spaces are collapsed
+    assert (dup["count"], dup["rate"], dup["groups"]) == (
+        1,
+        0.1667,
+        1,
+    )  # line 3 = line 1 once spaces collapse
     assert dup["examples"] == [{"copies": 2, "lines": [1, 3], "instruction": "Reverse the word cat"}]
+    assert profile["near_duplicates"]["count"] == 0  # the exact copy is not counted twice
     assert profile["tasks"] == {"reverse": 3, "add": 1, "email": 1, "sort": 1}
     assert profile["leading_verbs"][:2] == [["reverse", 3], ["add", 1]]
     assert ["email", 1] in profile["leading_verbs"]  # "please" is skipped
@@ -71,21 +84,190 @@ def test_profile_numbers_on_a_known_set(tmp_path):
     vocab = profile["vocabulary"]
     # reverse the word cat dog tac god add numbers 2 3 5 please email answer sent to ann corp example com sort
     # letters bca html body abc
-    assert vocab["size"] == 27
+    assert vocab["size"] == 27 and vocab["total_words"] == 40
     assert vocab["top_words"][:2] == [["reverse", 3], ["word", 3]]
     assert vocab["top_bigrams"][0] == ["reverse word", 3]
-    assert "changes" not in profile
+    assert vocab["frequencies"][0] == ["the", 6]  # stop words count in the frequencies kept for drift
+    assert profile["scripts"]["rows"] == {"Latin": 6}
+
+    bins = profile["length_bins"]
+    assert bins["lower_edges"] == list(LENGTH_BIN_EDGES)
+    assert [sum(bins["chars"][f]) for f in ("instruction", "input", "response", "total")] == [6, 6, 6, 6]
+    assert bins["chars"]["input"][0] == 4 and bins["chars"]["input"][LENGTH_BIN_EDGES.index(3)] == 2
+    assert "changes" not in profile and "drift" not in profile
+
+
+@pytest.mark.parametrize("n", [10, 11, 64])
+def test_quantiles_means_and_duplicate_counts_match_pandas(tmp_path, n):
+    rng = np.random.default_rng(n)
+    lengths = rng.choice([0, 1, 2, 5, 5, 5, 8, 13, 13, 40, 300], size=n)  # many ties, even and odd n
+    records = [
+        {
+            "instruction": " ".join(["word"] * int(rng.integers(1, 9))),
+            "input": "x" * int(k // 3),
+            "response": "y" * int(k),
+            "_line": i + 1,
+        }
+        for i, k in enumerate(lengths)
+    ]
+    records += [dict(records[0], _line=n + 1), dict(records[0], _line=n + 2), dict(records[1], _line=n + 3)]
+    profile = build_profile(records, tmp_path, languages=False, near_duplicate_threshold=None)
+
+    df = pd.DataFrame([{k: v for k, v in r.items() if not k.startswith("_")} for r in records])
+    for field in ("instruction", "input", "response"):
+        for unit, series in (("chars", df[field].str.len()), ("words", df[field].str.split().str.len())):
+            stats = profile["fields"][field][unit]
+            assert stats["p50"] == series.median() == series.quantile(0.5)
+            assert [stats[k] for k in KEYS] == [series.quantile(q) for q in QUANTILES]
+            assert stats["mean"] == series.mean()
+            assert (stats["min"], stats["max"], stats["count"]) == (series.min(), series.max(), len(series))
+    total = df["instruction"].str.len() + df["input"].str.len() + df["response"].str.len()
+    assert [profile["fields"]["total_chars"][k] for k in KEYS] == [total.quantile(q) for q in QUANTILES]
+    # extra copies, as DataFrame.duplicated counts them; "groups" is what ydata-profiling calls duplicates
+    assert profile["duplicates"]["count"] == df.duplicated().sum() >= 3
+    assert profile["duplicates"]["groups"] == len(df[df.duplicated(keep=False)].drop_duplicates())
+
+
+def test_near_duplicate_clusters_with_examples(tmp_path):
+    text = "Write a Python function that checks whether a string is a palindrome, ignoring case and spaces"
+    records = [
+        {"instruction": text, "input": "", "response": "def is_pal(s): return s == s[::-1]", "_line": 1},
+        {"instruction": "Name a colour", "input": "", "response": "Red", "_line": 2},
+        {
+            "instruction": text + "!",
+            "input": "",
+            "response": "def is_pal(s): return s == s[::-1]",
+            "_line": 3,
+        },
+        {"instruction": text, "input": "", "response": "def is_pal(s): return s == s[::-1]", "_line": 4},
+        {
+            "instruction": text.replace("Python", "Rust"),
+            "input": "",
+            "response": "fn is_pal() {}",
+            "_line": 5,
+        },
+        {
+            "instruction": text,
+            "input": "",
+            "response": "def is_pal(s): return s == s[::-1]  # works",
+            "_line": 6,
+        },
+    ]
+    profile = build_profile(records, tmp_path, languages=False)
+    near = profile["near_duplicates"]
+    # line 4 is an exact copy of line 1 (counted there), line 5 changed too much to count
+    assert profile["duplicates"]["count"] == 1
+    assert (near["count"], near["rate"], near["clusters"]) == (2, 0.3333, 1)
+    (example,) = near["examples"]
+    assert example["lines"] == [1, 3, 6] and example["rows"] == 3
+    assert example["jaccard"] == [1.0, 0.95]  # "!" is punctuation; one more word makes 1 of 20 shingles new
+    assert (
+        example["first"] == "…rome, ignoring case and spaces / / def is_pal(s): return s == s[::-1]"
+    )  # 30 before
+    assert example["repeat"] == "…rome, ignoring case and spaces! / / def is_pal(s): return s == s[::-1]"
+    assert near["settings"] == {
+        "threshold": 0.8,
+        "shingle_size": 5,
+        "num_perm": 128,
+        "bands": 21,
+        "rows_per_band": 6,
+    }
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "<h2>Near duplicates</h2>" in html and "1, 3, 6" in html
+    lenient = build_profile(records, tmp_path, near_duplicate_threshold=0.3, languages=False)
+    assert lenient["near_duplicates"]["count"] == 3  # line 5 shares 3 of 8 shingles: Jaccard 0.375
+
+
+def test_script_mix_and_language_guess(tmp_path):
+    instructions = [
+        ("Reverse the word cat and then explain what you did", "Latin"),
+        ("Переведи это предложение на английский язык, пожалуйста", "Cyrillic"),
+        ("请把这个句子翻译成英文，然后解释每个词的意思", "Han (CJK)"),
+        ("ترجم هذه الجملة إلى اللغة الإنجليزية من فضلك", "Arabic"),
+        ("Μετάφρασε αυτή την πρόταση στα αγγλικά", "Greek"),
+        ("Translate the Russian word кошка into English", "Latin"),  # 5 of 36 letters Cyrillic: mixed
+        ("12 + 30 = ?", "none"),
+        ("Schreibe eine kurze Geschichte über einen Hund und eine Katze", "Latin"),
+    ]
+    records = [
+        {"instruction": t, "input": "", "response": "42", "_line": i + 1}
+        for i, (t, _) in enumerate(instructions)
+    ]
+    profile = build_profile(records, tmp_path, near_duplicate_threshold=None)
+    scripts = profile["scripts"]
+    assert scripts["rows"] == {"Latin": 3, "Cyrillic": 1, "Han (CJK)": 1, "Arabic": 1, "Greek": 1, "none": 1}
+    assert scripts["shares"]["Latin"] == 0.375 and scripts["mixed_rows"] == 1
+    assert scripts["examples"]["Latin + other"] == [{"line": 6, "instruction": instructions[5][0]}]
+    assert scripts["examples"]["Arabic"][0]["line"] == 4
+
+    pytest.importorskip("langdetect")
+    lang = profile["languages"]
+    assert lang["method"].startswith("langdetect") and lang["sample"] == 7  # "12 + 30 = ?" is too short
+    assert {"en", "ru", "ar", "el", "de"} <= set(lang["shares"])
+    assert math.isclose(sum(lang["shares"].values()), 1.0, abs_tol=1e-3)
+
+
+def _rows(words: list[str], n: int, response_len: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "instruction": " ".join(rng.choice(words, size=6)),
+            "input": "",
+            "response": " ".join(rng.choice(words, size=response_len)),
+            "_line": i + 1,
+        }
+        for i in range(n)
+    ]
+
+
+def test_drift_psi_and_vocabulary_shift_against_a_previous_profile(tmp_path):
+    assert psi([50, 50], [25, 75]) == pytest.approx(0.25 * math.log(2) + 0.25 * math.log(1.5))
+    assert psi([10, 0, 5], [10, 0, 5]) == 0.0
+
+    old_words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    new_words = ["red", "green", "blue", "cyan", "magenta", "yellow", "black", "white"]
+    before = build_profile(_rows(old_words, 80, 4, 1), tmp_path / "a", languages=False)
+    same = build_profile(_rows(old_words, 80, 4, 1), tmp_path / "b", previous_profile=before, languages=False)
+    drift = same["drift"]
+    assert all(v["psi"] == 0.0 for by in drift["length_psi"].values() for v in by.values())
+    assert drift["vocabulary"]["new_top_words_share"] == 0.0 and drift["vocabulary"]["js_divergence"] == 0.0
+
+    after = build_profile(
+        _rows(old_words[:4] + new_words, 80, 60, 2), tmp_path / "c", previous_profile=before, languages=False
+    )
+    psis = after["drift"]["length_psi"]["chars"]
+    assert psis["response"]["psi"] > 0.25 and psis["response"]["verdict"] == "major shift"
+    assert psis["instruction"]["psi"] < 0.1 and psis["instruction"]["verdict"] == "stable"
+    expected = psi(before["length_bins"]["chars"]["response"], after["length_bins"]["chars"]["response"])
+    assert psis["response"]["psi"] == round(expected, 4)
+    vocab = after["drift"]["vocabulary"]
+    assert vocab["new_top_words_share"] == round(8 / 12, 4)  # 8 new words of the 12 words now
+    assert {w for w, _ in vocab["new_top_words"]} == set(new_words)
+    assert 0.3 < vocab["js_divergence"] < 1
+    html = (tmp_path / "c" / "report.html").read_text(encoding="utf-8")
+    assert "Changes since previous profile" in html and "major shift" in html and "Jensen" in html
+
+    old_style = {k: v for k, v in before.items() if k not in ("length_bins",)}
+    old_style["vocabulary"] = {k: v for k, v in before["vocabulary"].items() if k != "frequencies"}
+    drift = build_profile(
+        _rows(old_words, 5, 4, 3), tmp_path / "d", previous_profile=old_style, languages=False
+    )["drift"]
+    assert drift["length_psi"] == {} and drift["vocabulary"] is None
+    assert any("no length bins" in n for n in drift["notes"]) and any(
+        "no word frequencies" in n for n in drift["notes"]
+    )
 
 
 def test_report_is_self_contained_html_with_embedded_plots(tmp_path):
-    build_profile(RECORDS, tmp_path)
+    build_profile(RECORDS, tmp_path, languages=False)
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert html.startswith("<!DOCTYPE html>")
-    assert '<img src="data:image/png;base64,' in html
     assert (
         len(re.findall(r'<img src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', html)) == 3
     )  # chars, words, tasks
     assert "<style>" in html and "<link" not in html and "<script" not in html
+    for section in ("Lengths", "Vocabulary", "Scripts and languages", "Exact duplicates", "Near duplicates"):
+        assert f"<h2>{section}</h2>" in html
     # data text is escaped, never injected as markup
     assert "<body>abc" not in html and "<td>&lt;html&gt;</td>" in html
 
@@ -98,28 +280,36 @@ def test_token_lengths_and_changes_since_previous(tmp_path):
     raw.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]")
 
-    previous = build_profile(RECORDS[:3], tmp_path / "before")
-    profile = build_profile(RECORDS, tmp_path / "after", tokenizer=tokenizer, previous_profile=previous)
+    previous = build_profile(RECORDS[:3], tmp_path / "before", tokenizer=tokenizer, languages=False)
+    profile = build_profile(
+        RECORDS, tmp_path / "after", tokenizer=tokenizer, previous_profile=previous, languages=False
+    )
     assert profile["fields"]["instruction"]["tokens"]["max"] == 4
-    assert profile["fields"]["input"]["tokens"] == {
-        "min": 0,
-        "mean": 0.5,
-        "p50": 0.0,
-        "p90": 1.5,
-        "p99": 1.95,
-        "max": 2,
-    }
+    tokens = profile["fields"]["input"]["tokens"]  # 0 0 0 2 0 1
+    assert (tokens["min"], tokens["mean"], tokens["p50"], tokens["p90"], tokens["max"]) == (
+        0,
+        0.5,
+        0.0,
+        1.5,
+        2,
+    )
+    assert tokens["p99"] == pd.Series([0, 0, 0, 2, 0, 1]).quantile(0.99) == pytest.approx(1.95)
+    # line 6: "Sort the letters" 3 + "bca" 1 + 11 pieces of "<html><body>abc</body></html>" (< html >< body …)
+    assert profile["fields"]["total_tokens"]["max"] == 15
     changes = {c["metric"]: c for c in profile["changes"]}
     assert changes["rows"] == {"metric": "rows", "previous": 3, "current": 6, "change": 3, "relative": 1.0}
     assert (
         changes["task share: reverse"]["previous"] == 1.0 and changes["task share: reverse"]["current"] == 0.5
     )
     assert changes["task share: add"]["previous"] is None
+    assert set(profile["drift"]["length_psi"]) == {"chars", "tokens"}
+    assert set(profile["drift"]["length_psi"]["tokens"]) == {"instruction", "input", "response", "total"}
     html = (tmp_path / "after" / "report.html").read_text(encoding="utf-8")
     assert "Changes since previous profile" in html and "<h3>tokens</h3>" in html
 
 
 def test_empty_input_still_writes_a_profile(tmp_path):
-    profile = build_profile([], tmp_path)
+    profile = build_profile([], tmp_path, languages=False)
     assert profile["rows"] == 0 and profile["duplicates"]["count"] == 0
+    assert profile["near_duplicates"]["count"] == 0 and profile["fields"]["response"]["chars"]["count"] == 0
     assert (tmp_path / "report.html").is_file()

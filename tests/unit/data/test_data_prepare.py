@@ -1,4 +1,5 @@
-"""prepare: deterministic, deduplicated, scrubbed, stratified splits written all at once."""
+"""prepare: deterministic Parquet splits and manifest, PII policies, templates, chat records, the
+token-length filter, atomic output, and the readers of old (JSONL) and new (Parquet) datasets."""
 
 from __future__ import annotations
 
@@ -8,11 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from airloom.data.prepare import prepare
+from airloom.data.prepare import content_sha256, prepare, read_split
 from airloom.data.prompts import render_prompt
 from airloom.exceptions import UsageError
 
 TASKS = ["reverse", "upper", "sort", "add"]
+SPLITS = ("train", "validation", "test")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def _records(n: int = 400) -> list[dict]:
@@ -31,32 +37,71 @@ def _records(n: int = 400) -> list[dict]:
     return rows
 
 
-def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+def _read(folder: Path, split: str) -> list[dict]:
+    return read_split(folder / f"{split}.parquet")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A real byte-level BPE tokenizer trained here (no download), with a chat template."""
+    from airloom.training.base import train_tokenizer
+
+    tok = train_tokenizer([f"Apply reverse upper sort add to item {i} value result" for i in range(60)], 300)
+    tok.chat_template = CHAT_TEMPLATE
+    folder = tmp_path_factory.mktemp("tok") / "tokenizer"
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def token_len(tokenizer_dir):
+    """Tokens of prompt + response + EOS, counted independently of prepare (as the recipe trains on them)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return lambda prompt, response: len(tok(prompt, add_special_tokens=False)["input_ids"]) + len(
+        tok(response + tok.eos_token, add_special_tokens=False)["input_ids"]
+    )
 
 
 def test_same_seed_gives_identical_files_and_hash(tmp_path):
     a = prepare(_records(), tmp_path / "a", seed=3)
     b = prepare(_records(), tmp_path / "b", seed=3)
     assert a == b
-    for name in ("train.jsonl", "validation.jsonl", "test.jsonl", "manifest.json"):
+    for name in ("train.parquet", "validation.parquet", "test.parquet", "manifest.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+        "manifest.json", "test.parquet", "train.parquet", "validation.parquet"
+    ]
     for split, info in a["splits"].items():
-        assert info["sha256"] == hashlib.sha256((tmp_path / "a" / f"{split}.jsonl").read_bytes()).hexdigest()
+        assert info["file"] == f"{split}.parquet"
+        assert info["sha256"] == hashlib.sha256((tmp_path / "a" / info["file"]).read_bytes()).hexdigest()
+        rows = _read(tmp_path / "a", split)
+        # The content hash is over the rows: the bytes the same split would have as JSON lines.
+        jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()
+        assert info["content_sha256"] == content_sha256(rows) == hashlib.sha256(jsonl).hexdigest()
+    combined = "".join(f"{s}:{a['splits'][s]['content_sha256']}\n" for s in SPLITS).encode()
+    assert a["dataset_hash"] == hashlib.sha256(combined).hexdigest()
     assert json.loads((tmp_path / "a" / "manifest.json").read_text()) == a
+    assert a["format"] == "airloom.prepared/2" and a["seed"] == 3
+    assert a["template"]["name"] == "alpaca" and len(a["template"]["sha256"]) == 64
+    assert a["tokenizer"] is None and a["max_seq_len"] is None  # alpaca and no length filter: none loaded
+
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(tmp_path / "a" / "train.parquet")
+    assert set(meta.metadata) == {b"ARROW:schema"}  # nothing run-specific (no timestamps) in the file
 
     other = prepare(_records(), tmp_path / "c", seed=4)
     assert other["dataset_hash"] != a["dataset_hash"]
-    ids = lambda d, s: {r["id"] for r in _read(tmp_path / d / f"{s}.jsonl")}  # noqa: E731
+    ids = lambda d, s: {r["id"] for r in _read(tmp_path / d, s)}  # noqa: E731
     assert ids("a", "test") != ids("c", "test")
-    assert set().union(*(ids("a", s) for s in ("train", "validation", "test"))) == set().union(
-        *(ids("c", s) for s in ("train", "validation", "test"))
-    )
+    assert set().union(*(ids("a", s) for s in SPLITS)) == set().union(*(ids("c", s) for s in SPLITS))
 
 
 def test_splits_are_disjoint_stratified_and_rendered(tmp_path):
     manifest = prepare(_records(), tmp_path / "out", val_fraction=0.1, test_fraction=0.2)
-    splits = {s: _read(tmp_path / "out" / f"{s}.jsonl") for s in ("train", "validation", "test")}
+    splits = {s: _read(tmp_path / "out", s) for s in SPLITS}
     ids = {s: {r["id"] for r in rows} for s, rows in splits.items()}
     assert not ids["train"] & ids["validation"] and not ids["train"] & ids["test"]
     assert not ids["validation"] & ids["test"]
@@ -66,6 +111,7 @@ def test_splits_are_disjoint_stratified_and_rendered(tmp_path):
         assert manifest["splits"]["test"]["tasks"][task] == 20
         assert manifest["splits"]["validation"]["tasks"][task] == 10
     assert {s: manifest["splits"][s]["rows"] for s in splits} == {"train": 280, "validation": 40, "test": 80}
+    assert {s: manifest["counts"][s] for s in splits} == {"train": 280, "validation": 40, "test": 80}
 
     row = next(r for r in splits["test"] if r["input"])
     assert list(row) == ["id", "prompt", "response", "task", "instruction", "input"]
@@ -74,32 +120,173 @@ def test_splits_are_disjoint_stratified_and_rendered(tmp_path):
     assert row["prompt"] == f"### Instruction:\n{row['instruction']}\n### Response:\n"
 
 
-def test_dedup_scrub_and_normalise(tmp_path):
-    rows = [
-        {"id": "a", "instruction": "Name a colour", "input": "", "response": "Red"},
-        {"id": "b", "instruction": "Name  a colour ", "input": "", "response": "Red\r\n"},  # same, whitespace
-        {"id": "c", "instruction": "Email me", "input": "", "response": "Write to ann@corp.example.com"},
-        {
-            "id": "d",
-            "instruction": "Call",
-            "input": "+1 (555) 123-4567",
-            "response": "Ask 10.1.2.3 twice: 10.1.2.3",
-        },
-        {"id": "e", "instruction": "Cafe\u0301 menu", "input": "", "response": "Coffee  \n  indented\n"},
-    ]
-    manifest = prepare(rows, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
-    assert manifest["removed_duplicates"] == 1
-    assert manifest["scrubbed"] == {"rows": 2, "email": 1, "phone": 1, "ip": 2, "card": 0}
-    assert manifest["rows"] == 4 and manifest["input_rows"] == 5
-    train = {r["id"]: r for r in _read(tmp_path / "out" / "train.jsonl")}
+PII_ROWS = [
+    {"id": "a", "instruction": "Name a colour", "input": "", "response": "Red"},
+    {"id": "b", "instruction": "Name  a colour ", "input": "", "response": "Red\r\n"},  # same, whitespace
+    {"id": "c", "instruction": "Email me", "input": "", "response": "Write to ann@corp.example.com"},
+    {"id": "d", "instruction": "Call", "input": "+1 (555) 123-4567",
+     "response": "Ask 10.1.2.3 twice: 10.1.2.3"},
+    {"id": "e", "instruction": "Cafe\u0301 menu", "input": "", "response": "Coffee  \n  indented\n"},
+    {"id": "f", "instruction": "Email me", "input": "", "response": "Write to bob@corp.example.com"},
+]
+
+
+def test_pii_mask_replaces_with_placeholders_and_dedups_after_masking(tmp_path):
+    manifest = prepare(PII_ROWS, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    # f equals c once both addresses are masked, so it goes as a duplicate.
+    assert manifest["counts"] == {
+        "input": 6, "normalized": 2, "pii_masked": 2, "pii_dropped": 0, "deduped": 2, "too_long": 0,
+        "output": 4, "train": 4, "validation": 0, "test": 0, "trailing_turns_ignored": 0,
+    }
+    assert manifest["pii"] == {"rows": 2, "email": 1, "phone": 1, "ip": 2, "card": 0}
+    assert manifest["pii_policy"] == "mask"
+    train = {r["id"]: r for r in _read(tmp_path / "out", "train")}
     assert sorted(train) == ["a", "c", "d", "e"]
     assert train["c"]["response"] == "Write to <EMAIL>"
     assert (train["d"]["input"], train["d"]["response"]) == ("<PHONE>", "Ask <IP> twice: <IP>")
     assert train["e"]["instruction"] == "Caf\u00e9 menu"  # NFC
     assert train["e"]["response"] == "Coffee\n  indented"  # trailing spaces gone, indentation kept
 
-    kept = prepare(rows, tmp_path / "raw", dedup=False, scrub_pii=False, val_fraction=0.0, test_fraction=0.0)
-    assert (kept["rows"], kept["removed_duplicates"], kept["scrubbed"]["rows"]) == (5, 0, 0)
+
+def test_pii_drop_removes_the_rows_and_lists_them(tmp_path):
+    manifest = prepare(PII_ROWS, tmp_path / "out", pii_policy="drop", val_fraction=0.0, test_fraction=0.0)
+    counts = manifest["counts"]
+    assert (counts["pii_dropped"], counts["pii_masked"], counts["deduped"], counts["output"]) == (3, 0, 1, 2)
+    assert manifest["pii"] == {"rows": 3, "email": 2, "phone": 1, "ip": 2, "card": 0}
+    assert manifest["dropped_ids"]["pii"] == ["c", "d", "f"]
+    assert sorted(r["id"] for r in _read(tmp_path / "out", "train")) == ["a", "e"]
+    assert counts["input"] == sum(counts[k] for k in ("pii_dropped", "deduped", "too_long", "output"))
+
+
+def test_pii_keep_leaves_the_text_but_still_counts_it(tmp_path):
+    manifest = prepare(PII_ROWS, tmp_path / "out", pii_policy="keep", dedup=False, val_fraction=0.0,
+                       test_fraction=0.0)
+    counts = manifest["counts"]
+    assert (counts["pii_dropped"], counts["pii_masked"], counts["deduped"], counts["output"]) == (0, 0, 0, 6)
+    assert manifest["pii"] == {"rows": 3, "email": 2, "phone": 1, "ip": 2, "card": 0}
+    train = {r["id"]: r for r in _read(tmp_path / "out", "train")}
+    assert train["c"]["response"] == "Write to ann@corp.example.com"
+    assert train["d"]["input"] == "+1 (555) 123-4567"
+
+    with pytest.raises(UsageError, match=r"unknown pii_policy 'scrub'; use one of mask, drop, keep"):
+        prepare(PII_ROWS, tmp_path / "bad", pii_policy="scrub")
+
+
+def test_chat_records_take_the_last_assistant_turn_as_the_response(tmp_path):
+    chat = [
+        {"id": "c1", "task": "chat", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris"},
+        ]},
+        {"id": "c2", "messages": [
+            {"role": "user", "content": "Mail me at ann@corp.example.com  "},
+            {"role": "assistant", "content": "Sure"},
+            {"role": "user", "content": "thanks"},  # after the last assistant turn: not part of the example
+        ]},
+        {"id": "plain", "instruction": "Say hi", "input": "", "response": "hi"},
+    ]
+    manifest = prepare(chat, tmp_path / "out", template="chatml", val_fraction=0.0, test_fraction=0.0)
+    assert manifest["counts"]["trailing_turns_ignored"] == 1
+    assert manifest["counts"]["pii_masked"] == 1 and manifest["counts"]["normalized"] == 1
+    rows = {r["id"]: r for r in _read(tmp_path / "out", "train")}
+    c1 = rows["c1"]
+    assert (c1["response"], c1["task"], c1["instruction"]) == ("Paris", "chat", "Capital of France?")
+    assert c1["input"] == "system: Be brief.\nuser: Hi\nassistant: Hello."
+    assert c1["prompt"] == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        "Hello.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert rows["c2"]["prompt"] == "<|im_start|>user\nMail me at <EMAIL><|im_end|>\n<|im_start|>assistant\n"
+    assert rows["c2"]["response"] == "Sure"
+    assert rows["plain"]["prompt"] == "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
+
+    # alpaca, a single-turn format, still sees the whole conversation through instruction + input
+    prepare(chat, tmp_path / "alpaca", val_fraction=0.0, test_fraction=0.0)
+    c1 = next(r for r in _read(tmp_path / "alpaca", "train") if r["id"] == "c1")
+    history = "system: Be brief.\nuser: Hi\nassistant: Hello."
+    assert c1["prompt"] == render_prompt("Capital of France?", history)
+
+    no_answer = [{"messages": [{"role": "user", "content": "Hi"}], "_line": 4}]
+    with pytest.raises(UsageError, match=r"record 1 \(line 4\): messages need a non-empty assistant turn"):
+        prepare(no_answer, tmp_path / "bad")
+    no_question = [{"messages": [{"role": "system", "content": "x"}, {"role": "assistant", "content": "y"}]}]
+    with pytest.raises(UsageError, match=r"record 1: messages need a non-empty user turn"):
+        prepare(no_question, tmp_path / "bad")
+    with pytest.raises(UsageError, match=r"record 1: messages\[2\]\.content must be text, got int"):
+        prepare([{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]}],
+                tmp_path / "bad")
+
+
+def test_a_user_template_error_names_the_template_and_the_line(tmp_path):
+    good = tmp_path / "mine.j2"
+    good.write_text("Q: {{ instruction }}{% if input %} ({{ input }}){% endif %}\nA:", encoding="utf-8")
+    manifest = prepare(_records(8), tmp_path / "out", template=str(good), val_fraction=0.0, test_fraction=0.0)
+    assert manifest["template"] == {"name": str(good), "kind": "file",
+                                    "sha256": hashlib.sha256(good.read_bytes()).hexdigest()}
+    assert _read(tmp_path / "out", "train")[0]["prompt"] == "Q: Apply reverse to item 0 (value 0)\nA:"
+
+    bad = tmp_path / "bad.j2"
+    bad.write_text("{{ instruction }}{% if task == 'upper' %}{{ response_hint }}{% endif %}",
+                   encoding="utf-8")
+    with pytest.raises(UsageError, match=r"bad\.j2' on record 2 \(line 2\): 'response_hint' is undefined"):
+        prepare(_records(8), tmp_path / "out2", template=str(bad))
+    evil = tmp_path / "evil.j2"
+    evil.write_text("{{ ''.__class__.__mro__[1].__subclasses__() }}", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"evil\.j2' on record 1 \(line 1\): blocked by the sandbox"):
+        prepare(_records(8), tmp_path / "out2", template=str(evil))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.j2", "evil.j2", "mine.j2", "out"]
+
+
+def test_length_filter_drops_and_lists_rows_over_max_seq_len(tmp_path, tokenizer_dir, token_len):
+    records = _records(40)
+    for i in range(0, 40, 5):  # every fifth row gets a long response
+        records[i]["response"] = " ".join(f"word{j}" for j in range(60))
+    lengths = [token_len(render_prompt(r["instruction"], r["input"] or None), r["response"]) for r in records]
+    limit = max(n for i, n in enumerate(lengths) if i % 5)  # the longest short row stays: bound inclusive
+    assert [i for i, n in enumerate(lengths) if n > limit] == list(range(0, 40, 5))
+
+    manifest = prepare(records, tmp_path / "out", max_seq_len=limit, tokenizer=str(tokenizer_dir),
+                       id_list_cap=5)
+    counts = manifest["counts"]
+    assert counts["too_long"] == 8 and counts["output"] == 32
+    assert counts["input"] == sum(counts[k] for k in ("pii_dropped", "deduped", "too_long", "output"))
+    assert len(manifest["dropped_ids"]["too_long"]) == 5 and manifest["dropped_ids"]["cap"] == 5
+    kept = [r for s in SPLITS for r in _read(tmp_path / "out", s)]
+    assert all(token_len(r["prompt"], r["response"]) <= limit for r in kept)
+    assert not {r["id"] for r in kept} & set(manifest["dropped_ids"]["too_long"])
+    assert manifest["max_seq_len"] == limit
+    assert manifest["tokenizer"]["ref"] == manifest["tokenizer"]["requested"] == str(tokenizer_dir)
+    assert len(manifest["tokenizer"]["sha256"]) == 64
+
+    with pytest.raises(UsageError, match=r"max_seq_len=40 needs a tokenizer"):  # checked before loading
+        prepare(records, tmp_path / "x", max_seq_len=40)
+    with pytest.raises(UsageError, match=r"max_seq_len must be a positive number"):
+        prepare(records, tmp_path / "x", max_seq_len=0, tokenizer=str(tokenizer_dir))
+    with pytest.raises(UsageError, match=r"tokenizer '.*nowhere': no such folder"):
+        prepare(records, tmp_path / "x", max_seq_len=40, tokenizer=str(tmp_path / "nowhere"))
+    with pytest.raises(UsageError, match=r"no rows left to prepare out of 40: .*too_long=40"):
+        prepare(records, tmp_path / "x", max_seq_len=2, tokenizer=str(tokenizer_dir))
+
+
+def test_chat_template_from_a_registry_tokenizer(tmp_path, tokenizer_dir, monkeypatch):
+    from airloom.registry.registry import ModelRegistry
+
+    monkeypatch.setenv("AIRLOOM_REGISTRY", str(tmp_path / "registry"))
+    ModelRegistry.from_uri(tmp_path / "registry").register("tok", tokenizer_dir, metadata={}, actor="test")
+    manifest = prepare(_records(8), tmp_path / "out", template="chat_template", tokenizer="registry:tok",
+                       val_fraction=0.0, test_fraction=0.0)
+    row = _read(tmp_path / "out", "train")[0]
+    assert row["prompt"] == "<user>Apply reverse to item 0\n\nvalue 0<|eos|><assistant>"
+    tokenizer = manifest["tokenizer"]
+    assert (tokenizer["ref"], tokenizer["requested"]) == ("registry:tok/1", "registry:tok")
+    assert manifest["template"]["kind"] == "tokenizer"
+    assert manifest["template"]["sha256"] == hashlib.sha256(CHAT_TEMPLATE.encode()).hexdigest()
+
+    with pytest.raises(UsageError, match=r"template 'chat_template' needs a tokenizer"):
+        prepare(_records(8), tmp_path / "x", template="chat_template")
 
 
 def test_ids_fall_back_to_a_content_hash(tmp_path):
@@ -109,7 +296,7 @@ def test_ids_fall_back_to_a_content_hash(tmp_path):
         {"id": 1, "instruction": "Name a planet", "input": "", "response": "Mars"},
     ]
     prepare(rows, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
-    ids = [r["id"] for r in _read(tmp_path / "out" / "train.jsonl")]
+    ids = [r["id"] for r in _read(tmp_path / "out", "train")]
     assert ids[1] == "1" and len(set(ids)) == 3 and len(ids[0]) == len(ids[2]) == 16
 
 
@@ -123,8 +310,8 @@ def test_a_failed_run_leaves_the_previous_output_untouched(tmp_path):
         UsageError, match=r"record 41 \(line 41\): instruction and response must not be empty"
     ):
         prepare(bad, out)
-    with pytest.raises(UsageError, match=r"unknown prompt template 'chatml'"):
-        prepare(_records(40), out, template="chatml")
+    with pytest.raises(UsageError, match=r"unknown prompt template 'chatlm': not a built-in"):
+        prepare(_records(40), out, template="chatlm")
     with pytest.raises(UsageError, match=r"leaves no training rows"):
         prepare(_records(40), out, val_fraction=0.5, test_fraction=0.5)
     with pytest.raises(UsageError, match=r"no records to prepare"):
@@ -140,16 +327,57 @@ def test_a_failed_run_leaves_the_previous_output_untouched(tmp_path):
 def test_a_crash_while_writing_leaves_no_half_written_output(tmp_path, monkeypatch):
     import airloom.data.prepare as prepare_module
 
-    calls = {"n": 0}
-    real = prepare_module.render_prompt
+    real = prepare_module.write_split
 
-    def fail_on_tenth(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 10:
+    def fail_on_test_split(rows, path):
+        if path.name == "test.parquet":  # train and validation are already written
             raise OSError("disk full")
-        return real(*args, **kwargs)
+        return real(rows, path)
 
-    monkeypatch.setattr(prepare_module, "render_prompt", fail_on_tenth)
+    monkeypatch.setattr(prepare_module, "write_split", fail_on_test_split)
     with pytest.raises(OSError, match="disk full"):
         prepare(_records(40), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_readers_accept_parquet_and_older_jsonl_datasets(tmp_path):
+    from airloom.evaluation.harness import load_records_file
+    from airloom.training.recipe import read_examples
+
+    prepare(_records(20), tmp_path / "new")
+    rows = read_split(tmp_path / "new" / "train.parquet")
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    for path in (tmp_path / "new" / "train.parquet", old / "train.jsonl"):
+        assert load_records_file(path) == rows
+        assert read_examples(path) == rows
+    assert rows[0]["task"] == "reverse" and rows[0]["input"] == "value 0"
+
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    with pytest.raises(UsageError, match=r"broken\.parquet: not a readable Parquet file"):
+        load_records_file(tmp_path / "broken.parquet")
+    with pytest.raises(UsageError, match=r"cannot read .*missing\.parquet"):
+        load_records_file(tmp_path / "missing.parquet")
+
+
+def test_cli_prepare_takes_template_policy_and_length_options(tmp_path, tokenizer_dir, capsys):
+    from airloom.cli import main
+
+    src = tmp_path / "raw.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in PII_ROWS), encoding="utf-8")
+    rc = main(["prepare", str(src), "--out", str(tmp_path / "out"), "--template", "chatml", "--pii-policy",
+               "drop", "--max-seq-len", "500", "--tokenizer", str(tokenizer_dir), "--val-fraction", "0",
+               "--test-fraction", "0", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    manifest = json.loads(out)
+    chosen = (manifest["template"]["name"], manifest["pii_policy"], manifest["max_seq_len"])
+    assert chosen == ("chatml", "drop", 500)
+    assert manifest["counts"]["pii_dropped"] == 3
+    assert manifest["tokenizer"]["ref"] == str(tokenizer_dir)
+
+    rc = main(["prepare", str(src), "--out", str(tmp_path / "out2"), "--max-seq-len", "64",
+               "--tokenizer", ""])
+    assert rc == 2
+    assert "max_seq_len=64 needs a tokenizer" in capsys.readouterr().err

@@ -61,9 +61,9 @@ def test_clean_data_passes_and_writes_every_output(tmp_path):
         ("expect_column_values_to_be_of_type", "response"),
         ("expect_column_value_lengths_to_be_between", "instruction"),
         ("expect_column_values_to_not_match_regex", "response"),
-        ("expect_column_values_to_be_in_set", "is_duplicate"),
-        ("expect_column_values_to_be_in_set", "has_pii"),
-        ("expect_column_values_to_be_in_set", "has_markup"),
+        ("expect_column_mean_to_be_between", "is_duplicate"),
+        ("expect_column_mean_to_be_between", "has_pii"),
+        ("expect_column_mean_to_be_between", "has_markup"),
     } <= types
     assert all(e["success"] for e in report["expectations"])
     lengths = next(
@@ -95,8 +95,8 @@ def test_duplicates_pii_and_bad_rows_fail_the_suite_and_reconcile(tmp_path):
     assert not result.success
     failed = {(e["type"], e["column"]) for e in result.failed_expectations}
     assert failed == {
-        ("expect_column_values_to_be_in_set", "is_duplicate"),
-        ("expect_column_values_to_be_in_set", "has_pii"),
+        ("expect_column_mean_to_be_between", "is_duplicate"),
+        ("expect_column_mean_to_be_between", "has_pii"),
     }
     assert (result.rows_read, result.accepted, result.quarantined) == (54, 40, 14)
     assert result.rows_read == result.accepted + result.quarantined
@@ -123,8 +123,7 @@ def test_duplicates_pii_and_bad_rows_fail_the_suite_and_reconcile(tmp_path):
     summary = result.summary()
     assert "validation FAILED: 54 rows read, 40 accepted, 14 quarantined" in summary
     assert (
-        "failed expect_column_values_to_be_in_set(is_duplicate): observed 18.87% unexpected (10 rows)"
-        in summary
+        "failed expect_column_mean_to_be_between(is_duplicate): observed 18.87% of rows (10 rows)" in summary
     )
     assert "line 41: repeats the row at line 1" in summary
     report = json.loads(result.report_path.read_text())
@@ -189,3 +188,83 @@ def test_text_checks():
     assert not has_markup("Write an HTML page with a title", "", "<html><head><title>T</title></head></html>")
     assert not has_markup("Add a click handler", '<button id="b">Go</button>', "document.getElementById('b')")
     assert not has_markup("Print a vector", "", "#include <iostream>\nstd::vector<int> v; // <b> is fine")
+
+
+def test_near_duplicates_are_quarantined_naming_the_row_they_repeat(tmp_path):
+    rows: list = _clean_rows(40)
+    text = "Explain in two sentences why the sky looks blue on a clear day and red at sunset"
+    answer = "Air scatters short blue wavelengths more than red ones. At sunset light crosses more air."
+    rows[5] = {"instruction": text, "input": "", "response": answer}
+    rows[20] = {
+        "instruction": text + "?",
+        "input": "",
+        "response": answer + " Simple.",
+    }  # 1 new shingle of 32
+    rows[30] = {"instruction": text.upper(), "input": "", "response": answer.replace(".", "!")}  # Jaccard 1
+    load = load_records(_write(tmp_path / "near.jsonl", rows))
+    result = validate(load, tmp_path / "out", ValidationConfig(max_quarantine_rate=0.1))
+
+    near = [f for f in result.findings if f.check == "near_duplicate"]
+    assert [(f.line, f.field, f.severity) for f in near] == [(21, None, "error"), (31, None, "error")]
+    assert "nearly repeats the row at line 6 (Jaccard 0.97 of word 5-shingles" in near[0].message
+    assert "nearly repeats the row at line 6 (Jaccard 1.00" in near[1].message
+    assert "the first copy is kept" in near[0].message
+    assert (result.rows_read, result.accepted, result.quarantined) == (40, 38, 2)
+    assert result.success, result.summary()  # 2 of 40 is within max_near_duplicate_rate (5%)
+    report = json.loads(result.report_path.read_text())
+    assert report["near_duplicates"] == 2 and report["duplicates"] == 0
+    quarantine = [json.loads(line) for line in result.quarantine_path.read_text().splitlines()]
+    assert [q["line"] for q in quarantine] == [21, 31] and quarantine[0]["reasons"][0][
+        "check"
+    ] == "near_duplicate"
+
+    strict = validate(
+        load, tmp_path / "strict", ValidationConfig(max_near_duplicate_rate=0.01, max_quarantine_rate=0.1)
+    )
+    assert [(e["type"], e["column"]) for e in strict.failed_expectations] == [
+        ("expect_column_mean_to_be_between", "is_near_duplicate")
+    ]
+    off = validate(load, tmp_path / "off", ValidationConfig(near_duplicate_threshold=None))
+    assert off.success and off.accepted == 40
+
+
+def test_a_broken_first_copy_does_not_cost_the_clean_copy(tmp_path):
+    rows: list = _clean_rows(40)
+    clean = {
+        "instruction": "Name the largest planet",
+        "input": "",
+        "response": "Jupiter is the largest planet.",
+    }
+    rows[3] = dict(clean, response=clean["response"] + "\x07")  # control character: quarantined anyway
+    rows[10] = clean  # same row once the control character is gone
+    rows[12] = dict(clean)  # a true repeat of line 11
+    load = load_records(_write(tmp_path / "first.jsonl", rows))
+    result = validate(
+        load, tmp_path / "out", ValidationConfig(max_quarantine_rate=0.1, max_duplicate_rate=0.1)
+    )
+    assert {(f.line, f.check) for f in result.findings if f.severity == "error"} == {
+        (4, "control_chars"),
+        (13, "duplicate"),
+    }
+    accepted = [json.loads(line) for line in result.accepted_path.read_text().splitlines()]
+    assert clean in accepted and len(accepted) == 38
+
+
+def test_near_duplicate_settings_are_checked():
+    cfg = ValidationConfig.from_dict({"near_duplicate_threshold": 0.9, "near_duplicate_shingle_size": 3})
+    assert (cfg.near_duplicate_threshold, cfg.near_duplicate_shingle_size, cfg.near_duplicate_num_perm) == (
+        0.9,
+        3,
+        128,
+    )
+    assert ValidationConfig.from_dict({"near_duplicate_threshold": None}).near_duplicate_threshold is None
+    with pytest.raises(
+        UsageError, match=r"near_duplicate_threshold must be a Jaccard similarity in \(0, 1\]"
+    ):
+        ValidationConfig(near_duplicate_threshold=1.5)
+    with pytest.raises(
+        UsageError, match="near_duplicate_num_perm must be a whole number from 16 to 256, got 8"
+    ):
+        ValidationConfig(near_duplicate_num_perm=8)
+    with pytest.raises(UsageError, match="max_near_duplicate_rate must be a share between 0 and 1"):
+        ValidationConfig(max_near_duplicate_rate=-0.1)

@@ -109,13 +109,22 @@ class DataProfileOperator(BaseOperator):
 
 
 class PrepareDatasetOperator(BaseOperator):
-    """Clean, dedup, scrub and split accepted records; record the result as the asset's event.
+    """Clean, screen PII, dedup, render, length-filter and split accepted records; emit the asset event.
 
     The prepared folder is also published as ``$AIRLOOM_HOME/datasets/latest.json`` so a manual
     fine-tuning run finds the newest dataset without being told.
+
+    :param template: ``alpaca``, ``chatml``, ``chat_template`` (the tokenizer's) or a Jinja2 file path.
+    :param pii_policy: ``mask``, ``drop`` or ``keep``.
+    :param max_seq_len: drop rows longer than this many tokens; None, "" or "None" = no filter.
+    :param tokenizer: model folder or ``registry:NAME[/N|@ALIAS]``; loaded only when the template or
+        the length filter needs it; empty = none.
     """
 
-    template_fields: Sequence[str] = ("input_path", "output_dir", "seed", "val_fraction", "test_fraction")
+    template_fields: Sequence[str] = (
+        "input_path", "output_dir", "seed", "val_fraction", "test_fraction", "template", "pii_policy",
+        "max_seq_len", "tokenizer",
+    )
 
     def __init__(
         self,
@@ -125,6 +134,10 @@ class PrepareDatasetOperator(BaseOperator):
         seed: int = 0,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
+        template: str = "alpaca",
+        pii_policy: str = "mask",
+        max_seq_len: int | str | None = None,
+        tokenizer: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -133,21 +146,38 @@ class PrepareDatasetOperator(BaseOperator):
         self.seed = seed
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
+        self.template = template
+        self.pii_policy = pii_policy
+        self.max_seq_len = max_seq_len
+        self.tokenizer = tokenizer
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.data.load import load_records
         from airloom.data.prepare import prepare
+        from airloom.exceptions import UsageError
         from airloom.settings import home
 
         out = task_output_dir(context, self.output_dir)
         records = load_records(self.input_path).records
-        manifest = prepare(
-            records,
-            out,
-            seed=int(self.seed),
-            val_fraction=float(self.val_fraction),
-            test_fraction=float(self.test_fraction),
-        )
+        try:
+            manifest = prepare(
+                records,
+                out,
+                seed=int(self.seed),
+                val_fraction=float(self.val_fraction),
+                test_fraction=float(self.test_fraction),
+                template=str(self.template or "alpaca"),
+                pii_policy=str(self.pii_policy or "mask"),
+                max_seq_len=_optional_int(self.max_seq_len, "max_seq_len"),
+                tokenizer=str(self.tokenizer or "").strip() or None,
+            )
+        except UsageError as exc:
+            # Bad template, tokenizer or policy: the same arguments fail the same way, so no retry.
+            raise AirflowFailException(str(exc)) from exc
+        self.log.info("prepare counts: %s", json.dumps(manifest["counts"]))
+        for reason, ids in manifest["dropped_ids"].items():
+            if reason != "cap" and ids:
+                self.log.info("dropped (%s), first ids: %s", reason, ", ".join(ids[:20]))
         info = {
             "path": str(out),
             "dataset_hash": manifest["dataset_hash"],
@@ -180,11 +210,26 @@ def latest_prepared_dataset() -> str:
     return json.loads(latest.read_text())["path"]
 
 
+def _optional_int(value: Any, name: str) -> int | None:
+    """A templated param arrives as text: "", "None" and "null" mean unset."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise AirflowFailException(f"{name} must be an integer or empty, got {value!r}") from None
+
+
 def dataset_file(dataset_dir: str, split: str) -> str:
-    path = Path(dataset_dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise AirflowFailException(f"{path}: split {split!r} missing from prepared dataset {dataset_dir}")
-    return str(path)
+    """``<split>.parquet`` of a prepared dataset, else ``<split>.jsonl`` (prepared before Parquet)."""
+    for suffix in (".parquet", ".jsonl"):
+        path = Path(dataset_dir) / f"{split}{suffix}"
+        if path.is_file():
+            return str(path)
+    raise AirflowFailException(
+        f"{Path(dataset_dir) / split}.parquet: split {split!r} missing from prepared dataset {dataset_dir} "
+        "(no .parquet or .jsonl)"
+    )
 
 
 class ResolveDatasetOperator(BaseOperator):

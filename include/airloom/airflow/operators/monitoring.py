@@ -38,7 +38,7 @@ class DriftMonitorOperator(BaseOperator):
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.evaluation.backfill import read_partition
-        from airloom.evaluation.harness import load_jsonl
+        from airloom.evaluation.harness import load_records_file
         from airloom.monitoring.drift import decide_retraining, drift_report, feedback_summary, write_report
 
         traffic = read_partition(self.traffic_uri, self.ds)
@@ -47,7 +47,7 @@ class DriftMonitorOperator(BaseOperator):
         reference = self.reference_file or self._latest_train_split()
         if not reference or not Path(reference).is_file():
             raise AirflowSkipException(f"no training reference ({reference or 'no prepared dataset'}): nothing to compare with")
-        report = drift_report(load_jsonl(reference), traffic)
+        report = drift_report(load_records_file(reference), traffic)
         report.update(feedback_summary(read_partition(self.feedback_uri, self.ds) or []))
         reasons = decide_retraining(report, max_psi=float(self.max_psi),
                                     max_negative_rate=float(self.max_negative_rate))
@@ -62,7 +62,12 @@ class DriftMonitorOperator(BaseOperator):
         from airloom.settings import home
 
         latest = home() / "datasets" / "latest.json"
-        return str(Path(json.loads(latest.read_text())["path"]) / "train.jsonl") if latest.is_file() else None
+        if not latest.is_file():
+            return None
+        folder = Path(json.loads(latest.read_text())["path"])
+        # Parquet since the airloom.prepared/2 format; JSON lines before.
+        return str(next((p for p in (folder / "train.parquet", folder / "train.jsonl") if p.is_file()),
+                        folder / "train.parquet"))
 
 
 class RequestRetrainingOperator(BaseOperator):

@@ -1,0 +1,162 @@
+"""Prompt templates: alpaca byte-identical to render_prompt, chatml, the tokenizer's chat template,
+user files in a Jinja2 sandbox with strict variables, and errors that name the template and place."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pytest
+
+from airloom.data.prompts import load_template, prompt_context, render_prompt, sandbox
+from airloom.exceptions import UsageError
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    """A real (tiny, trained here) Hugging Face tokenizer with a chat template, and one without."""
+    from transformers import AutoTokenizer
+
+    from airloom.training.base import train_tokenizer
+
+    folder = tmp_path_factory.mktemp("tok")
+    tok = train_tokenizer([f"hello world number {i} and some words" for i in range(40)], vocab_size=300)
+    tok.save_pretrained(folder / "bare")
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder / "chat")
+    return {"tokenizer": AutoTokenizer.from_pretrained(folder / "chat"),
+            "bare": AutoTokenizer.from_pretrained(folder / "bare")}
+
+
+# Text that would trip a naive implementation: format braces, Jinja syntax (data is never re-parsed),
+# percent signs, blank and whitespace-only input, line ends, non-ASCII.
+CASES = [
+    ("Name a colour", None),
+    ("Name a colour", ""),
+    ("Reverse the string.", "abc"),
+    ("Fill in {x} and {{ y }}", "{% if true %}oops{% endif %} 100%"),
+    ("Two\nlines\n", "trailing\n\n"),
+    ("Caf\u00e9 \u2603 \u4e2d\u6587", "  "),
+    ("", "only input"),
+]
+
+
+@pytest.mark.parametrize(("instruction", "input"), CASES)
+def test_builtin_alpaca_renders_exactly_like_render_prompt(instruction, input, tmp_path):
+    alpaca = load_template("alpaca")
+    context = prompt_context(instruction, input or "")
+    expected = render_prompt(instruction, input)
+    assert alpaca.render(context) == expected
+    # The Jinja source the manifest pins renders the same bytes in the sandbox, as a user file too.
+    assert sandbox().from_string(alpaca.source).render(**context) == expected
+    copy = tmp_path / "alpaca.j2"
+    copy.write_text(alpaca.source, encoding="utf-8")
+    assert load_template(str(copy)).render(context) == expected
+    assert alpaca.sha256 == hashlib.sha256(alpaca.source.encode()).hexdigest()
+    assert alpaca.as_manifest() == {"name": "alpaca", "kind": "builtin", "sha256": alpaca.sha256}
+
+
+def test_chatml_renders_instruction_and_chat_records():
+    chatml = load_template("chatml")
+    assert chatml.render(prompt_context("Add the numbers.", "2 3")) == (
+        "<|im_start|>user\nAdd the numbers.\n\n2 3<|im_end|>\n<|im_start|>assistant\n"
+    )
+    turns = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Capital of France?"},
+    ]
+    context = prompt_context("Capital of France?", "", turns)
+    assert context["system"] == "Be brief."
+    assert chatml.render(context) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    assert render_prompt("Add the numbers.", "2 3", template="chatml") == chatml.render(
+        prompt_context("Add the numbers.", "2 3")
+    )
+    with pytest.raises(ValueError, match=r"unknown prompt template 'nope'"):
+        render_prompt("x", template="nope")
+
+
+def test_chat_template_uses_the_tokenizers_own_template(tiny_tokenizer):
+    tok = tiny_tokenizer["tokenizer"]
+    renderer = load_template("chat_template", tokenizer=tok)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    text = renderer.render(prompt_context("Hi there", "", messages))
+    assert text == "<|bos|>[system] Be brief.<|eos|>[user] Hi there<|eos|>[assistant] "
+    assert text == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert renderer.as_manifest() == {
+        "name": "chat_template", "kind": "tokenizer",
+        "sha256": hashlib.sha256(tok.chat_template.encode()).hexdigest(),
+    }
+
+    with pytest.raises(UsageError, match=r"give a tokenizer"):
+        load_template("chat_template")
+    bare = tiny_tokenizer["bare"]
+    with pytest.raises(UsageError, match=r"has no chat template; use template 'chatml' or 'alpaca'"):
+        load_template("chat_template", tokenizer=bare)
+
+
+def test_a_user_template_file_renders_the_record(tmp_path):
+    path = tmp_path / "mine.j2"
+    path.write_text(
+        "{% if system %}<<SYS>>{{ system }}<</SYS>>\n{% endif %}"
+        "[{{ task or 'general' }}] {{ instruction | upper }}{% if input %} :: {{ input }}{% endif %}\n"
+        "turns={{ messages | length }}\n",
+        encoding="utf-8",
+    )
+    renderer = load_template(str(path))
+    assert (renderer.name, renderer.kind) == (str(path), "file")
+    assert renderer.render(prompt_context("sort", "b a", task="sort")) == "[sort] SORT :: b a\nturns=1\n"
+    turns = [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}]
+    assert renderer.render(prompt_context("q", "", turns)) == "<<SYS>>S<</SYS>>\n[general] Q\nturns=2\n"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ ''.__class__.__mro__ }}",
+        "{{ instruction.__class__.__mro__[1].__subclasses__() }}",
+        "{{ messages.__class__ }}",
+        "{{ cycler.__init__.__globals__ }}",
+        "{{ messages.append({'role': 'user', 'content': 'x'}) }}",  # the sandbox is immutable
+        "{% set x = messages.pop() %}{{ x }}",
+    ],
+)
+def test_the_sandbox_blocks_escapes_with_a_clear_error(tmp_path, source):
+    path = tmp_path / "evil.j2"
+    path.write_text(source, encoding="utf-8")
+    renderer = load_template(str(path))
+    expected = rf"template '{re.escape(str(path))}' on record 7 \(line 9\): blocked by the sandbox"
+    with pytest.raises(UsageError, match=expected):
+        renderer.render(prompt_context("x", ""), where="record 7 (line 9)")
+
+
+def test_undefined_variables_fail_instead_of_rendering_empty(tmp_path):
+    path = tmp_path / "typo.j2"
+    path.write_text("### Instruction:\n{{ instrucion }}\n", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"typo\.j2' on record 3 \(line 5\): 'instrucion' is undefined"):
+        load_template(str(path)).render(prompt_context("x", ""), where="record 3 (line 5)")
+
+
+def test_bad_template_specs_are_usage_errors(tmp_path):
+    with pytest.raises(UsageError, match=r"'alpaka': not a built-in \(alpaca, chatml, chat_template\)"):
+        load_template("alpaka")
+    with pytest.raises(UsageError, match=r"empty prompt template"):
+        load_template("")
+    broken = tmp_path / "broken.j2"
+    broken.write_text("line one\n{% if instruction %}\nno endif\n", encoding="utf-8")
+    with pytest.raises(UsageError, match=r"broken\.j2', line \d+: syntax error: .*endif"):
+        load_template(str(broken))
+    latin = tmp_path / "latin.j2"
+    latin.write_bytes(b"caf\xe9 {{ instruction }}")
+    with pytest.raises(UsageError, match=r"cannot read prompt template .*latin\.j2"):
+        load_template(str(latin))
