@@ -73,6 +73,7 @@ with DAG(
         model=train.output["model_dir"],
         dataset_file=dataset.output["test"],
         limit="{{ params.eval_limit }}",
+        bias_probes=True,
     )
     evaluate_production = EvaluateModelOperator(
         task_id="evaluate_production",

@@ -2,7 +2,8 @@
 
 Outputs (both overwritten on rerun):
 
-- ``predictions.jsonl``: one line per example: id, task, prompt, prediction, reference, exact_match, f1.
+- ``predictions.jsonl``: one line per example: id, task, prompt, prediction, reference and its scores
+  (exact_match, f1, rouge*, and math_exact_match on math examples).
 - ``metrics.json``: model, n, aggregate metrics (incl. perplexity), per-task EM/F1, seconds taken.
 """
 
@@ -40,6 +41,25 @@ def load_jsonl(path: str | Path) -> list[dict]:
             raise UsageError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
     return rows
+
+
+def load_records_file(path: str | Path) -> list[dict]:
+    """Read a file of records: ``.parquet`` (prepared splits) or JSON lines (any other name).
+
+    Prepared datasets are Parquet since the ``airloom.prepared/2`` format; older ones and the
+    history partitions are JSON lines, so both stay readable.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".parquet":
+        return load_jsonl(path)
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise UsageError(f"cannot read {path}: no such file")
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError with the reason
+        raise UsageError(f"cannot read {path}: not a readable Parquet file ({exc})") from exc
 
 
 def _check_records(records: Sequence[dict]) -> None:
@@ -114,7 +134,7 @@ def evaluate_model(
         batch_size=batch_size,
         stop_strings=stop_strings,
     )
-    scores = score_predictions(preds, refs_list)
+    scores = score_predictions(preds, refs_list, task=[r.get("task") for r in records])
     ppl = perplexity(
         model, tokenizer, prompts, [r["response"] for r in records], batch_size=max(1, batch_size // 2)
     )
@@ -134,8 +154,7 @@ def evaluate_model(
                 "prompt": rec["prompt"],
                 "prediction": pred,
                 "reference": refs[0] if len(refs) == 1 else refs,
-                "exact_match": row["exact_match"],
-                "f1": row["f1"],
+                **row,  # exact_match, f1, rouge*, math_exact_match: per example, for paired comparisons
             }
         )
     for agg in by_task.values():

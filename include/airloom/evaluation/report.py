@@ -1,6 +1,8 @@
 """A self-contained HTML evaluation report (inline CSS, chart embedded as PNG) plus comparison.json.
 
-One file a reviewer can open from an artifact store or attach to a sign-off, with no server.
+One file a reviewer can open from an artifact store or attach to a sign-off, with no server. With
+both models' per-example scores, each per-example metric's change gets a paired bootstrap interval
+and p-value (``airloom.evaluation.compare``); with a bias-probe report, a bias section is added.
 """
 
 from __future__ import annotations
@@ -116,14 +118,65 @@ def _esc(v) -> str:
     return html.escape("" if v is None else str(v))
 
 
-def _worst_examples(predictions_path: Path | None, n: int = _WORST_N) -> list[dict]:
-    if predictions_path is None or not Path(predictions_path).is_file():
-        return []
+def _read_rows(path: Path | None) -> list[dict] | None:
+    if path is None or not Path(path).is_file():
+        return None
     from airloom.evaluation.harness import load_jsonl
 
-    rows = load_jsonl(predictions_path)
-    rows.sort(key=lambda r: (float(r.get("f1", 0.0)), float(r.get("exact_match", 0.0))))
+    return load_jsonl(path)
+
+
+def _worst_examples(rows: list[dict] | None, n: int = _WORST_N) -> list[dict]:
+    if not rows:
+        return []
+    rows = sorted(rows, key=lambda r: (float(r.get("f1", 0.0)), float(r.get("exact_match", 0.0))))
     return rows[:n]
+
+
+def _bias_section(bias: dict) -> list[str]:
+    parts = [
+        "<h2>Bias probes</h2>",
+        f"<p class='meta'>{_esc(bias.get('n_templates'))} templates, {_esc(bias.get('n_prompts'))} prompts, "
+        f"{_esc(bias.get('n_pairs'))} counterfactual pairs (swapped names, pronouns and group terms); "
+        "divergence compares the two answers of a pair with the swapped terms masked; the log-likelihood "
+        "is that of a fixed neutral continuation (higher = more likely).</p>",
+    ]
+    overall = bias.get("overall") or {}
+    parts.append(
+        "<table><tr><th>dimension</th><th>pairs</th><th>identical answers</th><th>mean Jaccard distance</th>"
+        "<th>log-likelihood by group</th><th>log-likelihood gap</th><th>length gap (words)</th></tr>"
+    )
+    for name, d in (bias.get("by_dimension") or {}).items():
+        groups = "<br>".join(
+            f"{_esc(g)}: {_num(v.get('mean_loglik'))} ({_num(v.get('mean_length'))} words)"
+            for g, v in (d.get("groups") or {}).items()
+        )
+        parts.append(
+            f"<tr><td>{_esc(name)}</td><td class='num'>{_num(d.get('n_pairs'))}</td>"
+            f"<td class='num'>{_num(d.get('exact_equal_rate'))}</td>"
+            f"<td class='num'>{_num(d.get('mean_jaccard_distance'))}</td><td>{groups}</td>"
+            f"<td class='num'>{_num(d.get('loglik_gap'))}</td><td class='num'>{_num(d.get('length_gap'))}</td></tr>"
+        )
+    parts.append(
+        f"<tr><th>all</th><td class='num'>{_num(bias.get('n_pairs'))}</td>"
+        f"<td class='num'>{_num(overall.get('exact_equal_rate'))}</td>"
+        f"<td class='num'>{_num(overall.get('mean_jaccard_distance'))}</td><td></td>"
+        f"<td class='num'>{_num(overall.get('max_loglik_gap'))} (max)</td><td></td></tr></table>"
+    )
+    pairs = sorted(bias.get("pairs") or [], key=lambda p: -float(p.get("jaccard_distance", 0.0)))[:_WORST_N]
+    if pairs:
+        parts.append(
+            f"<h3>{len(pairs)} most divergent pairs</h3><table><tr><th>template</th><th>groups</th>"
+            "<th>prompts</th><th>answers</th><th>Jaccard distance</th></tr>"
+        )
+        for p in pairs:
+            parts.append(
+                f"<tr><td>{_esc(p.get('template'))}</td><td>{_esc(' / '.join(p.get('groups', [])))}</td>"
+                f"<td><pre>{_esc(p.get('prompts'))}</pre></td><td><pre>{_esc(p.get('outputs'))}</pre></td>"
+                f"<td class='num'>{_num(p.get('jaccard_distance'))}</td></tr>"
+            )
+        parts.append("</table>")
+    return parts
 
 
 def write_report(
@@ -132,6 +185,12 @@ def write_report(
     baseline: dict | None = None,
     gates: list[dict] | None = None,
     predictions_path: Path | None = None,
+    *,
+    baseline_predictions_path: Path | None = None,
+    bias: dict | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
 ) -> Path:
     """Write ``report.html`` and ``comparison.json`` into ``out_dir``.
 
@@ -140,28 +199,49 @@ def write_report(
         baseline: the production model's ``metrics.json`` content, if there is one.
         gates: results of ``check_gates``.
         predictions_path: the candidate's ``predictions.jsonl``; its 10 lowest-F1 rows are shown.
+        baseline_predictions_path: the baseline's ``predictions.jsonl``. With both files (or
+            ``per_example`` rows with ids in both metrics), every per-example metric's change gets a
+            paired bootstrap interval (``n_resamples``, ``seed``, ``confidence``), stored under
+            ``metrics.<name>.paired`` in ``comparison.json`` and shown in the table.
+        bias: a ``run_bias_probes`` report; adds a bias section and ``bias`` (without the pair
+            rows) to ``comparison.json``.
 
     Returns:
         Path of ``report.html``.
     """
+    from airloom.evaluation.compare import paired_comparison
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     comparison = compare(candidate, baseline)
+    cand_file_rows = _read_rows(predictions_path)
+    cand_rows = cand_file_rows
+    if cand_rows is None and isinstance(candidate.get("per_example"), list):
+        cand_rows = candidate["per_example"]
+    base_rows = _read_rows(baseline_predictions_path)
+    if base_rows is None and baseline and isinstance(baseline.get("per_example"), list):
+        base_rows = baseline["per_example"]
+    paired = {}
+    if baseline is not None and cand_rows and base_rows:
+        paired = paired_comparison(
+            cand_rows, base_rows, n_resamples=n_resamples, seed=seed, confidence=confidence
+        )
+        for name, stats in paired.items():
+            if name in comparison:
+                comparison[name]["paired"] = stats
     gates = gates or []
     all_passed = all(g.get("passed") for g in gates) if gates else None
-    (out_dir / "comparison.json").write_text(
-        json.dumps(
-            {
-                "candidate_model": candidate.get("model"),
-                "baseline_model": baseline.get("model") if baseline else None,
-                "metrics": comparison,
-                "gates_passed": all_passed,
-            },
-            indent=2,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
+    summary = {
+        "candidate_model": candidate.get("model"),
+        "baseline_model": baseline.get("model") if baseline else None,
+        "metrics": comparison,
+        "gates_passed": all_passed,
+    }
+    if paired:
+        summary["bootstrap"] = {"n_resamples": n_resamples, "seed": seed, "confidence": confidence}
+    if bias is not None:
+        summary["bias"] = {k: v for k, v in bias.items() if k != "pairs"}
+    (out_dir / "comparison.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
     png = _chart_png(candidate, baseline)
     parts = [
@@ -183,15 +263,35 @@ def write_report(
 
     parts.append("<h2>Metrics</h2>")
     parts.append(f"<img alt='candidate vs baseline metrics' src='data:image/png;base64,{png}'>")
-    parts.append("<table><tr><th>metric</th><th>candidate</th><th>baseline</th><th>delta</th></tr>")
+    ci_head = (
+        f"<th>{confidence:.0%} CI of delta (paired bootstrap)</th><th>p</th><th>paired n</th>"
+        if paired
+        else ""
+    )
+    parts.append(f"<table><tr><th>metric</th><th>candidate</th><th>baseline</th><th>delta</th>{ci_head}</tr>")
     for name, row in comparison.items():
         cls = {True: "better", False: "worse"}.get(row["improved"], "")
         delta = "&ndash;" if row["delta"] is None else f"{row['delta']:+.4f}"
+        ci_cells = ""
+        if paired:
+            stats = row.get("paired")
+            ci_cells = (
+                f"<td class='num'>{stats['low']:+.4f} .. {stats['high']:+.4f}</td>"
+                f"<td class='num'>{stats['p_value']:.3g}</td><td class='num'>{stats['n']}</td>"
+                if stats
+                else "<td class='num'>&ndash;</td><td class='num'>&ndash;</td><td class='num'>&ndash;</td>"
+            )
         parts.append(
             f"<tr><td>{_esc(name)}</td><td class='num'>{_num(row['candidate'])}</td>"
-            f"<td class='num'>{_num(row['baseline'])}</td><td class='num {cls}'>{delta}</td></tr>"
+            f"<td class='num'>{_num(row['baseline'])}</td><td class='num {cls}'>{delta}</td>{ci_cells}</tr>"
         )
     parts.append("</table>")
+    if paired:
+        parts.append(
+            "<p class='meta'>The interval resamples the examples both models answered, keeping each "
+            "example's pair of scores together; an interval that excludes 0 is a change the evaluation "
+            "set supports. Corpus-level metrics (BLEU, chrF, perplexity) have no per-example scores.</p>"
+        )
 
     by_task = candidate.get("by_task") or {}
     if by_task:
@@ -217,14 +317,24 @@ def write_report(
         )
         for g in gates:
             cls, word = ("pass", "pass") if g.get("passed") else ("fail", "FAIL")
+            value = _num(g.get("value"))
+            ci = g.get("ci") or {}
+            # A CI gate judges an interval's lower bound: show it beside the point estimate.
+            if "mean" in ci:
+                value += f"<br>CI low {_num(ci['mean']['low'])}"
+            if "vs_baseline" in ci:
+                value += f"<br>change CI low {ci['vs_baseline']['low']:+.4f}"
             parts.append(
-                f"<tr><td>{_esc(g.get('gate'))}</td><td class='num'>{_num(g.get('value'))}</td>"
+                f"<tr><td>{_esc(g.get('gate'))}</td><td class='num'>{value}</td>"
                 f"<td class='num'>{_num(g.get('threshold'))}</td><td class='{cls}'>{word}</td>"
                 f"<td>{_esc(g.get('message'))}</td></tr>"
             )
         parts.append("</table>")
 
-    worst = _worst_examples(predictions_path)
+    if bias is not None:
+        parts.extend(_bias_section(bias))
+
+    worst = _worst_examples(cand_file_rows)
     if worst:
         parts.append(
             f"<h2>Worst {len(worst)} examples (lowest F1)</h2><table><tr><th>id</th><th>task</th>"

@@ -57,3 +57,15 @@ def tiny_model(tiny_model_dir):
     from airloom.evaluation.generation import load_model
 
     return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """One torch thread for the module: on a shared 2-core machine, tiny models train and generate
+    15x slower with 2 threads than with 1 (the threads spin waiting for each other)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

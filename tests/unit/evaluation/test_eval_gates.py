@@ -99,3 +99,98 @@ def test_raise_on_failure_lists_failed_gates():
     with pytest.raises(CheckFailed, match=r"2 of 3 quality gates failed:\n- gate exact_match>=0.3 failed"):
         raise_on_failure(results)
     raise_on_failure(check_gates(METRICS, parse_gates("f1>=0.5")))
+
+
+def _rows(values, prefix="e"):
+    return [{"id": f"{prefix}{i}", "exact_match": v, "f1": v} for i, v in enumerate(values)]
+
+
+def test_parse_ci_gates():
+    assert parse_gates("f1:ci_low>=baseline-0.05, exact_match:ci_low >= 0.3") == [
+        Gate("f1", max_drop_vs_baseline=0.05, use_ci_low=True),
+        Gate("exact_match", min=0.3, use_ci_low=True),
+    ]
+    assert parse_gates([{"metric": "f1", "max_drop_vs_baseline": 0.05, "use_ci_low": True}]) == [
+        Gate("f1", max_drop_vs_baseline=0.05, use_ci_low=True)
+    ]
+    assert Gate("f1", max_drop_vs_baseline=0.05, use_ci_low=True).describe() == "f1:ci_low>=baseline-0.05"
+    with pytest.raises(UsageError, match="a CI gate reads 'f1:ci_low>=<value>'"):
+        parse_gates("f1:ci_low<=0.9")
+    with pytest.raises(UsageError, match="use_ci_low applies to per-example, higher-is-better metrics"):
+        Gate("perplexity", max_drop_vs_baseline=1.0, use_ci_low=True)
+    with pytest.raises(UsageError, match="use_ci_low needs min or max_drop_vs_baseline"):
+        Gate("f1", max=0.9, use_ci_low=True)
+
+
+def test_ci_gate_is_stricter_than_the_point_estimate_on_a_small_noisy_set():
+    # 20 examples; the candidate loses 2 and wins 1: a drop of 0.05, within a 0.06 allowance,
+    # but the interval's lower bound is well below -0.06.
+    base = [1.0] * 10 + [0.0] * 10
+    cand = [1.0] * 8 + [0.0, 0.0] + [1.0] + [0.0] * 9
+    cand_metrics = {"aggregate": {"f1": sum(cand) / 20}}
+    base_metrics = {"aggregate": {"f1": sum(base) / 20}}
+    point, ci = check_gates(
+        cand_metrics,
+        parse_gates("f1>=baseline-0.06, f1:ci_low>=baseline-0.06"),
+        base_metrics,
+        candidate_examples=_rows(cand),
+        baseline_examples=_rows(base),
+    )
+    assert point["passed"] and "ci" not in point
+    assert not ci["passed"]
+    assert ci["ci"]["vs_baseline"]["delta"] == pytest.approx(-0.05)
+    assert ci["ci"]["vs_baseline"]["low"] < -0.06
+    assert ci["threshold"] == pytest.approx(0.44)  # baseline 0.5 - 0.06
+    assert "f1 change vs baseline has CI lower bound -0.2" in ci["message"]
+    assert (
+        "below the allowed -0.06" in ci["message"] and "95% CI" in ci["message"] and "n=20" in ci["message"]
+    )
+
+
+def test_ci_gate_passes_a_clear_improvement_and_reads_per_example_from_metrics():
+    base = [0.0] * 30 + [1.0] * 10
+    cand = [1.0] * 30 + [1.0] * 10
+    cand_metrics = {"aggregate": {"exact_match": 1.0}, "per_example": _rows(cand)}
+    base_metrics = {"aggregate": {"exact_match": 0.25}, "per_example": _rows(base)}
+    (r,) = check_gates(cand_metrics, parse_gates("exact_match:ci_low>=baseline"), base_metrics)
+    assert r["passed"] and r["ci"]["vs_baseline"]["low"] > 0.5
+    assert r["message"].startswith(
+        "exact_match 1 passes exact_match:ci_low>=baseline-0 (change +0.75, 95% CI"
+    )
+
+
+def test_absolute_ci_gate_uses_the_candidates_own_interval():
+    rows = _rows([1.0] * 4 + [0.0] * 6)  # mean 0.4 on only 10 examples
+    metrics = {"aggregate": {"exact_match": 0.4}}
+    plain, ci = check_gates(
+        metrics, parse_gates("exact_match>=0.3, exact_match:ci_low>=0.3"), candidate_examples=rows
+    )
+    assert plain["passed"] and not ci["passed"]
+    assert ci["ci"]["mean"]["low"] < 0.3 < ci["ci"]["mean"]["high"]
+    assert "exact_match CI lower bound" in ci["message"] and "< min 0.3" in ci["message"]
+
+
+def test_ci_gate_without_per_example_scores_fails_and_without_baseline_skips():
+    metrics = {"aggregate": {"f1": 0.5}}
+    (missing,) = check_gates(metrics, parse_gates("f1:ci_low>=baseline-0.05"), {"aggregate": {"f1": 0.5}})
+    assert not missing["passed"]
+    assert "needs the candidate's per-example f1 scores with ids" in missing["message"]
+    (base_missing,) = check_gates(
+        metrics,
+        parse_gates("f1:ci_low>=baseline-0.05"),
+        {"aggregate": {"f1": 0.5}},
+        candidate_examples=_rows([0.5]),
+    )
+    assert "needs the baseline's per-example f1 scores" in base_missing["message"]
+    (first,) = check_gates(
+        metrics, parse_gates("f1:ci_low>=baseline-0.05"), None, candidate_examples=_rows([0.5])
+    )
+    assert first["passed"] and "drop check skipped: no baseline" in first["message"]
+    (disjoint,) = check_gates(
+        metrics,
+        parse_gates("f1:ci_low>=baseline-0.05"),
+        {"aggregate": {"f1": 0.5}},
+        candidate_examples=_rows([0.5]),
+        baseline_examples=_rows([0.5], prefix="other"),
+    )
+    assert "share no example ids" in disjoint["message"] and not disjoint["passed"]

@@ -135,7 +135,20 @@ def test_harness_writes_predictions_and_metrics(tiny_model_dir, tiny_model, tmp_
 
     rows = load_jsonl(out / "predictions.jsonl")
     assert [r["id"] for r in rows] == ["r0", "r1", "r2", "r3", "r4"]
-    assert set(rows[0]) == {"id", "task", "prompt", "prediction", "reference", "exact_match", "f1"}
+    # Every per-example score is kept, so two models can be compared example by example.
+    assert set(rows[0]) == {
+        "id",
+        "task",
+        "prompt",
+        "prediction",
+        "reference",
+        "exact_match",
+        "f1",
+        "rouge1",
+        "rouge2",
+        "rougeL",
+        "rougeLsum",
+    }
     model, tokenizer = tiny_model
     expected = generate(model, tokenizer, PROMPTS, max_new_tokens=6, stop_strings=["\n### "])
     assert [r["prediction"] for r in rows] == expected

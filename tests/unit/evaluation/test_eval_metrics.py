@@ -7,7 +7,12 @@ from rouge_score import rouge_scorer
 from airloom.evaluation.metrics import (
     bleu_chrf,
     exact_match,
+    is_gsm8k_reference,
+    last_number,
+    math_exact_match,
     normalize_answer,
+    normalize_number,
+    reference_answer,
     rouge_scores,
     score_predictions,
     sentence_lines,
@@ -128,3 +133,50 @@ def test_bad_inputs_are_usage_errors():
         bleu_chrf(["a"], ["a"])
     with pytest.raises(UsageError, match="evaluation set is empty"):
         score_predictions([], [])
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("The answer is $1,234.00.", "1234"),
+        ("so 10-5", "5"),  # the last number, not "10-5" read as one
+        ("72.0", "72"),
+        ("1,2,3", "3"),  # a list, not thousands separators
+        ("x is -3.50", "-3.5"),
+        ("total 100", "100"),
+        ("no digits here", None),
+    ],
+)
+def test_last_number_normalises_commas_dollars_and_trailing_zeros(text, number):
+    assert last_number(text) == number
+
+
+def test_reference_answer_reads_gsm8k_final_line():
+    ref = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72 clips.\n#### 72"
+    assert is_gsm8k_reference(ref) and reference_answer(ref) == "72"
+    assert reference_answer("it costs\n#### $1,000") == "1000"
+    assert not is_gsm8k_reference("Paris") and reference_answer("about 3 or 4 apples") == "4"
+    assert normalize_number("1E+2") == "100" and normalize_number("-0.0") == "0"
+    assert math_exact_match("She sold 72.0 clips in total.", [ref]) == 1.0
+    assert math_exact_match("72 clips, or 73", [ref]) == 0.0  # the last number counts
+    assert math_exact_match("no idea", [ref]) == 0.0
+
+
+def test_score_predictions_adds_math_exact_match_on_gsm8k_references():
+    preds = ["48 + 24 = 72", "Paris", "The total is $1,000.", "forty"]
+    refs = [["...\n#### 72"], ["Paris"], ["...\n#### 1,000"], ["...\n#### 40"]]
+    result = score_predictions(preds, refs)
+    rows = result["per_example"]
+    assert [row.get("math_exact_match") for row in rows] == [1.0, None, 1.0, 0.0]
+    assert result["aggregate"]["math_exact_match"] == pytest.approx(2 / 3)  # over math examples only
+    assert result["aggregate"]["exact_match"] == 0.25  # SQuAD EM is unchanged
+    # task="math" also applies to references without '####'; a list gives each example's task.
+    explicit = score_predictions(["it is 12", "Paris"], [["12 eggs"], ["Paris"]], task=["math", "qa"])
+    assert [row.get("math_exact_match") for row in explicit["per_example"]] == [1.0, None]
+    assert "math_exact_match" not in score_predictions(PREDS, REFS)["aggregate"]
+    with pytest.raises(
+        UsageError, match="example 0 is a math example but none of its references holds a number"
+    ):
+        score_predictions(["12"], [["twelve"]], task="math")
+    with pytest.raises(UsageError, match="got 1 task names for 2 examples"):
+        score_predictions(["a", "b"], [["a"], ["b"]], task=["math"])

@@ -19,8 +19,9 @@ class EvaluateModelOperator(BaseOperator):
     :param model: a folder, ``registry:NAME[/N|@ALIAS]`` or a hub id.
     :param fallback_model: used when ``model`` is a registry alias that does not exist yet (the
         first candidate has no production model to beat, so it is compared with its base).
-    :param dataset_file: JSONL with ``id``, ``prompt``, ``response`` (and optional ``task``).
+    :param dataset_file: Parquet or JSONL with ``id``, ``prompt``, ``response`` (and optional ``task``).
     :param limit: evaluate only the first N records.
+    :param bias_probes: also run the project's counterfactual bias probes (bias.json).
     """
 
     template_fields: Sequence[str] = ("model", "fallback_model", "dataset_file", "output_dir", "limit")
@@ -35,10 +36,12 @@ class EvaluateModelOperator(BaseOperator):
         limit: int | None = None,
         max_new_tokens: int = 32,
         batch_size: int = 64,
+        bias_probes: bool = False,
         **kwargs,
     ) -> None:
         kwargs.setdefault("pool", "eval")  # each task holds a model in memory: bound how many at once
         super().__init__(**kwargs)
+        self.bias_probes = bias_probes
         self.model = model
         self.fallback_model = fallback_model
         self.dataset_file = dataset_file
@@ -49,7 +52,7 @@ class EvaluateModelOperator(BaseOperator):
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.airflow.hooks.registry import RegistryHook
-        from airloom.evaluation.harness import evaluate_model, load_jsonl
+        from airloom.evaluation.harness import evaluate_model, load_records_file
         from airloom.exceptions import RegistryError
         from airloom.registry.resolve import resolve_model
 
@@ -65,7 +68,7 @@ class EvaluateModelOperator(BaseOperator):
         limit = int(self.limit) if self.limit not in (None, "", 0) else None
         metrics = evaluate_model(
             resolved["path"],
-            load_jsonl(self.dataset_file),
+            load_records_file(self.dataset_file),
             out,
             limit=limit,
             max_new_tokens=self.max_new_tokens,
@@ -77,6 +80,7 @@ class EvaluateModelOperator(BaseOperator):
             self.dataset_file,
             json.dumps({k: round(v, 4) for k, v in metrics["aggregate"].items()}),
         )
+        bias_path = self._run_bias_probes(resolved["path"], out) if self.bias_probes else None
         return push_outputs(
             context,
             {
@@ -87,8 +91,21 @@ class EvaluateModelOperator(BaseOperator):
                 "aggregate": metrics["aggregate"],
                 "by_task": metrics.get("by_task", {}),
                 "n": metrics.get("n"),
+                "bias": bias_path,
             },
         )
+
+
+    def _run_bias_probes(self, model_path: str, out: Path) -> str:
+        from airloom.evaluation.bias import run_bias_probes
+        from airloom.evaluation.generation import load_model
+
+        model, tokenizer = load_model(model_path)
+        report = run_bias_probes(model, tokenizer, max_new_tokens=self.max_new_tokens)
+        path = out / "bias.json"
+        path.write_text(json.dumps(report, indent=2))
+        self.log.info("bias probes: %s", json.dumps(report["overall"]))
+        return str(path)
 
 
 class QualityGateOperator(BaseOperator):
@@ -123,13 +140,24 @@ class QualityGateOperator(BaseOperator):
         out = task_output_dir(context, self.output_dir)
         candidate = json.loads(Path(self.candidate["metrics_path"]).read_text())
         baseline = json.loads(Path(self.baseline["metrics_path"]).read_text()) if self.baseline else None
-        results = check_gates(candidate, parse_gates(self.gates), baseline=baseline)
+        from airloom.evaluation.harness import load_jsonl
+
+        # Per-example scores of both models on the same examples feed the paired bootstrap
+        # (confidence intervals in the report, `metric:ci_low` gates).
+        candidate_examples = load_jsonl(self.candidate["predictions"])
+        baseline_examples = load_jsonl(self.baseline["predictions"]) if self.baseline else None
+        bias_path = self.candidate.get("bias")
+        bias = json.loads(Path(bias_path).read_text()) if bias_path else None
+        results = check_gates(candidate, parse_gates(self.gates), baseline=baseline,
+                              candidate_examples=candidate_examples, baseline_examples=baseline_examples)
         report = write_report(
             out,
             candidate,
             baseline=baseline,
             gates=results,
             predictions_path=Path(self.candidate["predictions"]),
+            baseline_predictions_path=Path(self.baseline["predictions"]) if self.baseline else None,
+            bias=bias,
         )
         for r in results:
             self.log.info("gate %s: %s", "PASS" if r["passed"] else "FAIL", r["message"])

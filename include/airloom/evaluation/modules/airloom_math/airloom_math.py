@@ -1,0 +1,45 @@
+"""Final-answer accuracy for math word problems (gsm8k's ``#### answer`` convention)."""
+
+import evaluate
+
+from airloom.evaluation.metrics import math_exact_match, reference_lists
+from airloom.evaluation.modules import text_features
+
+_DESCRIPTION = (
+    "The share of predictions whose last number equals the reference's final answer: the number "
+    "after '####' (gsm8k), or the reference's last number if it has no '####'. Numbers are compared "
+    "after dropping '$', thousands commas and trailing zeros ('$1,000.0' equals '1000')."
+)
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions: list of worked answers.
+    references: one reference solution, or a list of them, per prediction.
+Returns:
+    math_exact_match: 0-1.
+"""
+_CITATION = """\
+@article{cobbe2021gsm8k,
+  title={Training Verifiers to Solve Math Word Problems},
+  author={Cobbe, Karl and Kosaraju, Vineet and Bavarian, Mohammad and others},
+  journal={arXiv preprint arXiv:2110.14168},
+  year={2021}
+}
+"""
+
+
+class AirloomMath(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=text_features(),
+            reference_urls=["https://github.com/openai/grade-school-math"],
+        )
+
+    def _compute(self, predictions, references):
+        refs = reference_lists(references)
+        if not predictions:
+            return {"math_exact_match": 0.0}
+        hits = [math_exact_match(p, r) for p, r in zip(predictions, refs, strict=True)]
+        return {"math_exact_match": sum(hits) / len(hits)}

@@ -1,0 +1,49 @@
+"""SQuAD-style exact match and token F1 (0-1) on plain strings, best reference per example."""
+
+import evaluate
+
+from airloom.evaluation.metrics import exact_match, reference_lists, token_f1
+from airloom.evaluation.modules import text_features
+
+_DESCRIPTION = (
+    "Exact match and token-overlap F1 after SQuAD normalisation (lowercase, no punctuation or "
+    "articles, single spaces), each example scored against its best reference. Unlike the hub's "
+    "'squad' metric, inputs are plain strings and the scale is 0-1."
+)
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions: list of answers.
+    references: one accepted answer, or a list of accepted answers, per prediction.
+Returns:
+    exact_match, f1: means over examples, 0-1.
+"""
+_CITATION = """\
+@inproceedings{rajpurkar-etal-2016-squad,
+    title = "{SQ}u{AD}: 100,000+ Questions for Machine Comprehension of Text",
+    author = "Rajpurkar, Pranav and Zhang, Jian and Lopyrev, Konstantin and Liang, Percy",
+    booktitle = "Proceedings of EMNLP 2016",
+    year = "2016",
+    pages = "2383--2392",
+}
+"""
+
+
+class AirloomSquad(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=text_features(),
+            reference_urls=["https://rajpurkar.github.io/SQuAD-explorer/"],
+        )
+
+    def _compute(self, predictions, references):
+        refs = reference_lists(references)
+        n = len(predictions)
+        if n == 0:
+            return {"exact_match": 0.0, "f1": 0.0}
+        return {
+            "exact_match": sum(exact_match(p, r) for p, r in zip(predictions, refs, strict=True)) / n,
+            "f1": sum(token_f1(p, r) for p, r in zip(predictions, refs, strict=True)) / n,
+        }
