@@ -77,9 +77,15 @@ def cmd_prepare(args) -> int:
 
     _existing(args.input, "input")
     manifest = prepare(load_records(args.input).records, Path(args.out), seed=args.seed,
-                       val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+                       val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                       template=args.template, pii_policy=args.pii_policy, max_seq_len=args.max_seq_len,
+                       tokenizer=args.tokenizer.strip() or None)
+    counts = manifest["counts"]
+    dropped = ", ".join(f"{k} {counts[k]}" for k in ("pii_dropped", "deduped", "too_long") if counts[k])
     splits = {k: v["rows"] for k, v in manifest["splits"].items()}
-    _emit(args, manifest, f"prepared {args.out}: {splits} (hash {manifest['dataset_hash'][:12]})")
+    dropped = f" (dropped: {dropped})" if dropped else ""
+    _emit(args, manifest, f"prepared {args.out}: {splits} of {counts['input']} rows{dropped} "
+                          f"(hash {manifest['dataset_hash'][:12]})")
     return 0
 
 
@@ -133,12 +139,12 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate_run(args) -> int:
     from airloom.evaluation.gates import check_gates, parse_gates
-    from airloom.evaluation.harness import evaluate_model, load_jsonl
+    from airloom.evaluation.harness import evaluate_model, load_records_file
     from airloom.registry.resolve import resolve_model
 
     _existing(args.data, "dataset")
     model = resolve_model(args.model, registry=_registry(args))
-    metrics = evaluate_model(model["path"], load_jsonl(args.data), Path(args.out), limit=args.limit,
+    metrics = evaluate_model(model["path"], load_records_file(args.data), Path(args.out), limit=args.limit,
                              max_new_tokens=args.max_new_tokens)
     results = check_gates(metrics, parse_gates(args.gates)) if args.gates else []
     text = "\n".join([f"{k}: {v:.4f}" for k, v in metrics["aggregate"].items()]
@@ -152,14 +158,15 @@ def cmd_evaluate_score(args) -> int:
     from airloom.evaluation.metrics import score_predictions
 
     preds = {r["id"]: r["prediction"] for r in load_jsonl(_existing(args.predictions, "predictions"))}
-    refs = {}
+    refs, tasks = {}, {}
     for r in load_jsonl(_existing(args.references, "references")):
         refs[r["id"]] = r["references"] if "references" in r else [r["reference"]]
+        tasks[r["id"]] = r.get("task")  # "math" scores the final numeric answer too (gsm8k-style)
     missing = sorted(set(refs) - set(preds))
     if missing:
         raise UsageError(f"{args.predictions}: no prediction for id(s) {missing[:5]}")
     ids = sorted(refs)
-    scores = score_predictions([preds[i] for i in ids], [refs[i] for i in ids])
+    scores = score_predictions([preds[i] for i in ids], [refs[i] for i in ids], task=[tasks[i] for i in ids])
     for i, row in zip(ids, scores["per_example"], strict=True):
         row["id"] = i
     out = Path(args.out)
@@ -195,16 +202,60 @@ def cmd_registry(args) -> int:
         reg.verify(name, version)
         _emit(args, {"ref": args.ref, "ok": True}, f"{args.ref}: every file matches its sha256")
     elif args.registry_cmd == "promote":
+        from airloom.governance.signoff import require_approval
+
         name, version = _split_ref(args.ref)
+        # Read before checking: if the alias moves while we verify, the compare-and-swap refuses.
+        expected = reg.get_alias(name, args.alias) if args.expect is None else _expected_version(args.expect)
         reg.verify(name, version)
-        record = reg.set_alias(name, args.alias, version, actor=actor, reason=args.reason or "promoted by CLI")
-        _emit(args, record, f"{name}@{args.alias} -> {version}")
+        require_approval(reg, name, version, args.alias)
+        record = reg.set_alias(name, args.alias, version, actor=actor, reason=args.reason or "promoted by CLI",
+                               expected_version=expected)
+        _emit(args, record, f"{name}@{args.alias} -> {version} (was {record['from']})")
+    elif args.registry_cmd == "history" and args.at:
+        return _alias_at(args, reg)
     elif args.registry_cmd == "history":
         records = reg.history(args.name)
+        if args.alias:
+            records = [r for r in records if r.get("action") == "alias" and r.get("alias") == args.alias]
         _emit(args, records, "\n".join(
             f"{r.get('at')}  {r.get('action'):<16} {r.get('actor', ''):<12} "
             + " ".join(f"{k}={r[k]}" for k in ("version", "alias", "from", "to", "reason") if r.get(k) not in (None, ""))
             for r in records))
+    return 0
+
+
+def _expected_version(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    if not text.isdigit():
+        raise UsageError(f"--expect {text!r}: give the version the alias must point to now, or 'none' if unset")
+    return int(text)
+
+
+def _alias_at(args, reg) -> int:
+    """``history NAME --at TIME``: which version the alias pointed to then (the MLflow gap, mlflow#2169)."""
+    from datetime import UTC, datetime
+
+    try:
+        when = datetime.fromisoformat(args.at)
+    except ValueError:
+        raise UsageError(f"--at {args.at!r} is not an ISO 8601 time; write e.g. 2026-11-20T12:00:00 (UTC) "
+                         "or 2026-11-20T12:00:00+01:00") from None
+    when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+    alias = args.alias or "production"
+    if not reg.store.list(reg.model_prefix(args.name)):  # a typo must not read as "not set yet"
+        raise UsageError(f"model {args.name!r} has no history in {reg.store.uri()}; "
+                         f"models there: {reg.list_models() or 'none'}")
+    rec = reg.alias_record_at(args.name, alias, when)
+    data = {"name": args.name, "alias": alias, "at": when.isoformat(),
+            "version": None if rec is None else rec["to"],
+            "set_at": None if rec is None else rec["at"], "set_by": None if rec is None else rec.get("actor"),
+            "reason": None if rec is None else rec.get("reason")}
+    text = (f"{args.name}@{alias} at {data['at']}: not set yet" if rec is None else
+            f"{args.name}@{alias} at {data['at']}: version {data['version']} "
+            f"(set {data['set_at']} by {data['set_by']}" + (f": {data['reason']})" if data["reason"] else ")"))
+    _emit(args, data, text)
     return 0
 
 
@@ -291,12 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.add_argument("--previous", help="profile.json of an earlier run, to show changes")
 
-    sp = add("prepare", cmd_prepare, "clean, dedup, scrub PII and split into train/validation/test")
+    sp = add("prepare", cmd_prepare, "clean, screen PII, dedup, render prompts and split into Parquet files")
     sp.add_argument("input")
     sp.add_argument("--out", required=True)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--val-fraction", type=float, default=0.1)
     sp.add_argument("--test-fraction", type=float, default=0.1)
+    sp.add_argument("--template", default="alpaca",
+                    help="alpaca, chatml, chat_template (the tokenizer's own) or a Jinja2 template file")
+    sp.add_argument("--pii-policy", choices=["mask", "drop", "keep"], default="mask",
+                    help="mask: placeholders such as <EMAIL>; drop: remove the row; keep: leave it")
+    sp.add_argument("--max-seq-len", type=int,
+                    help="drop rows whose prompt + response exceed this many tokens")
+    sp.add_argument("--tokenizer", default="registry:airloom-tiny-base",
+                    help="model folder or registry:NAME[/N|@ALIAS]; loaded only for chat_template or "
+                         "--max-seq-len ('' = none)")
 
     sp = add("synth", cmd_synth, "write the synthetic demo dataset and dated history partitions")
     sp.add_argument("--out", required=True)
@@ -348,6 +408,15 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--user", help="who does this (default: the OS user)")
         sp.add_argument("--reason")
         sp.add_argument("--json", action="store_true")
+        if name == "promote":
+            sp.add_argument("--expect", metavar="VERSION|none",
+                            help="move only if the alias points to this version now (default: what it "
+                                 "points to when the command starts); 'production' needs an approved sign-off")
+        if name == "history":
+            sp.add_argument("--alias", help="only moves of this alias; with --at, the alias to look up "
+                                            "(default production)")
+            sp.add_argument("--at", metavar="TIME",
+                            help="ISO 8601 time (naive = UTC): which version the alias pointed to then")
 
     so = sub.add_parser("signoff", help="sign-off of a registered version")
     sosub = so.add_subparsers(dest="signoff_cmd", required=True)

@@ -13,6 +13,7 @@ BUCKET = "airloom-registry-tests"
 
 @pytest.fixture(scope="module")
 def moto_endpoint():
+    """moto's S3 server in a thread of this process; AWS_* (endpoint, fake credentials) set in the env."""
     from moto.server import ThreadedMotoServer
 
     with pytest.MonkeyPatch.context() as mp:
@@ -34,10 +35,14 @@ def moto_endpoint():
             server.stop()
 
 
+@pytest.fixture
+def s3_store(moto_endpoint) -> S3Store:
+    # A fresh prefix per test keeps tests independent while sharing one bucket and server.
+    return S3Store(BUCKET, prefix=f"t-{uuid.uuid4().hex[:12]}")
+
+
 @pytest.fixture(params=["local", "s3"])
 def store(request, tmp_path) -> ObjectStore:
     if request.param == "local":
         return LocalStore(tmp_path / "registry")
-    request.getfixturevalue("moto_endpoint")
-    # A fresh prefix per test keeps tests independent while sharing one bucket and server.
-    return S3Store(BUCKET, prefix=f"t-{uuid.uuid4().hex[:12]}")
+    return request.getfixturevalue("s3_store")

@@ -117,13 +117,15 @@ def test_prepare_writes_splits(tmp_path, clean_jsonl, capsys):
     assert rc == 0, err
     manifest = json.loads(out)
     assert manifest == json.loads((out_dir / "manifest.json").read_text())
-    rows = {s: (out_dir / f"{s}.jsonl").read_text().splitlines() for s in ("train", "validation", "test")}
+    from airloom.evaluation.harness import load_records_file
+
+    rows = {s: load_records_file(out_dir / f"{s}.parquet") for s in ("train", "validation", "test")}
     assert {s: len(v) for s, v in rows.items()} == {s: manifest["splits"][s]["rows"] for s in rows}
     assert sum(len(v) for v in rows.values()) == 50
     assert len(rows["validation"]) > 0 and len(rows["test"]) > 0
-    ids = [json.loads(line)["id"] for v in rows.values() for line in v]
+    ids = [r["id"] for v in rows.values() for r in v]
     assert len(set(ids)) == 50
-    first = json.loads(rows["train"][0])
+    first = rows["train"][0]
     assert first["prompt"].startswith("### Instruction:\n") and first["prompt"].endswith("### Response:\n")
 
 
@@ -153,6 +155,11 @@ def test_registry_round_trip(tmp_path, model_folder, capsys):
     rc, out, _ = run(capsys, *reg, "registry", "verify", "demo/1")
     assert rc == 0 and "every file matches" in out
 
+    # production only takes a signed-off version: unapproved → 1, then alice asks and bob approves.
+    rc, _, err = run(capsys, *reg, "registry", "promote", "demo/1", "production", "--user", "carol")
+    assert rc == 1 and "sign-off" in err
+    assert run(capsys, *reg, "signoff", "request", "demo/1", "--user", "alice")[0] == 0
+    assert run(capsys, *reg, "signoff", "approve", "demo/1", "--user", "bob")[0] == 0
     rc, out, err = run(capsys, *reg, "registry", "promote", "demo/1", "production", "--user", "carol",
                        "--reason", "best eval")
     assert rc == 0, err

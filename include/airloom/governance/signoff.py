@@ -264,3 +264,44 @@ def is_approved(
     registry: ModelRegistry, name: str, version: int, policy: SignOffPolicy | None = None
 ) -> bool:
     return signoff_status(registry, name, version, policy)["state"] == "approved"
+
+
+APPROVAL_REQUIRED_ALIASES = frozenset({"production"})
+"""Aliases that serve users: a version may only be pointed at by them once it is signed off."""
+
+
+def require_approval(
+    registry: ModelRegistry, name: str, version: int, alias: str, policy: SignOffPolicy | None = None
+) -> dict[str, Any] | None:
+    """Refuse (CheckFailed) to point a gated ``alias`` at a version whose sign-off is not approved.
+
+    Deploying and rolling back are both alias moves, so this one check keeps a rejected or never
+    approved version out of production on every path. Returns the sign-off status (None: alias not gated).
+    """
+    if alias not in APPROVAL_REQUIRED_ALIASES:
+        return None
+    status = signoff_status(registry, name, version, policy)
+    ref = f"{name}/{int(version)}"
+    if status["state"] == "approved":
+        return status
+    if status["state"] == "rejected":
+        who = ", ".join(
+            f"{r['user']}" + (f" ({r['comment']!r})" if r.get("comment") else "")
+            for r in status["rejections"]
+        )
+        raise CheckFailed(
+            f"refusing to point {name}@{alias} at version {version}: its sign-off was rejected by {who}; "
+            f"a rejected version is never deployed: register a fixed model, or open a new round "
+            f"(airloom signoff request {ref}) with new evidence"
+        )
+    if status["requested_by"] is None:
+        raise CheckFailed(
+            f"refusing to point {name}@{alias} at version {version}: no sign-off was requested; "
+            f"run 'airloom signoff request {ref}' and have a reviewer approve it"
+        )
+    raise CheckFailed(
+        f"refusing to point {name}@{alias} at version {version}: its sign-off is pending "
+        f"({len(status['approvals'])} of {status['required_approvals']} approvals, requested by "
+        f"{status['requested_by']}); a reviewer other than {status['requested_by']} must run "
+        f"'airloom signoff approve {ref}'"
+    )

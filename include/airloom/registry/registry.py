@@ -3,7 +3,7 @@
 Layout under the store (every write is either create-once or compare-and-swap, so any number of
 processes or machines can use one registry without a lock service)::
 
-    models/<name>/versions/<N>/CLAIM           created exclusively: whoever creates it owns N
+    models/<name>/versions/<N>/CLAIM           created exclusively; its owner token, read back, says who owns N
     models/<name>/versions/<N>/<files...>      the model folder, metadata.json, README.md (card)
     models/<name>/versions/<N>/MANIFEST.json   written last: the commit marker (path, sha256, size)
     models/<name>/aliases/<alias>.json         moved by compare-and-swap
@@ -36,6 +36,7 @@ CARD = "README.md"
 # Written by the registry itself; a model folder must not bring its own (README.md is replaced).
 _RESERVED = {MANIFEST, CLAIM, METADATA}
 _MAX_CAS_RETRIES = 50
+_MAX_CLAIM_RACES = 5
 
 
 class _Any:
@@ -189,23 +190,42 @@ class ModelRegistry:
     def has_version(self, name: str, version: int) -> bool:
         return self.store.exists(self._version_prefix(name, int(version)) + MANIFEST)
 
-    def _claim_version(self, name: str, actor: str) -> int:
+    def _owns_claim(self, name: str, version: int, token: str) -> bool:
+        got = self.store.get_with_etag(self._version_prefix(name, version) + CLAIM)
+        if got is None:
+            return False
+        try:
+            return json.loads(got[0]).get("token") == token
+        except (ValueError, AttributeError):
+            return False
+
+    def _claim_version(self, name: str, actor: str) -> tuple[int, str]:
+        """Create ``versions/<N>/CLAIM`` exclusively for the next free N; returns N and our owner token.
+
+        The claim is read back: an S3-compatible server that checks If-None-Match and then writes,
+        without holding a lock in between (moto's server does), can let two writers both "create" it;
+        the later write wins the object, and the token says which writer that was.
+        """
         claimed = self._claimed_versions(name)
         version = (claimed[-1] if claimed else 0) + 1
+        token = uuid.uuid4().hex
         claim = {
             "claimed_by": actor,
             "at": now().isoformat(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "token": token,
         }
+        data = _dumps(claim, "claim")
         for _ in range(1000):
             try:
-                self.store.put_bytes(
-                    self._version_prefix(name, version) + CLAIM, _dumps(claim, "claim"), if_none_match=True
-                )
-                return version
+                self.store.put_bytes(self._version_prefix(name, version) + CLAIM, data, if_none_match=True)
             except ConflictError:
                 version += 1
+                continue
+            if self._owns_claim(name, version, token):
+                return version, token
+            version += 1  # a concurrent writer's claim replaced ours: that number is theirs
         raise RegistryError(f"could not claim a version of {name!r} after 1000 tries in {self.store.uri()}")
 
     def register(
@@ -239,12 +259,33 @@ class ModelRegistry:
                 )
         metadata_bytes = _dumps(metadata, "metadata")
 
-        version = self._claim_version(name, actor)
+        for _ in range(_MAX_CLAIM_RACES):
+            mv = self._upload_version(name, files, metadata_bytes, card, actor)
+            if mv is not None:
+                self.append_audit(
+                    name, {"action": "register", "version": mv.version, "actor": actor, "uri": mv.uri}
+                )
+                return mv
+        raise ConflictError(
+            f"could not register {name!r} in {self.store.uri()}: lost a version claim to a concurrent "
+            f"writer {_MAX_CLAIM_RACES} times (the store does not seem to enforce If-None-Match atomically)"
+        )
+
+    def _upload_version(
+        self,
+        name: str,
+        files: list[tuple[str, Path]],
+        metadata_bytes: bytes,
+        card: str | None,
+        actor: str,
+    ) -> ModelVersion | None:
+        """Claim a number, upload, commit. None if the claim turned out to be another writer's."""
+        version, token = self._claim_version(name, actor)
         prefix = self._version_prefix(name, version)
         if card is None:
             from airloom.registry.card import render_model_card
 
-            card = render_model_card(name, version, metadata)
+            card = render_model_card(name, version, json.loads(metadata_bytes))
         entries = []
         for rel, path in files:
             if rel == CARD:
@@ -255,6 +296,9 @@ class ModelRegistry:
         for rel, data in ((METADATA, metadata_bytes), (CARD, card.encode())):
             self.store.put_bytes(prefix + rel, data)
             entries.append({"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
+        # Checked again just before the commit: never commit under a number someone else holds.
+        if not self._owns_claim(name, version, token):
+            return None
         created_at = now().isoformat()
         manifest = {
             "format": 1,
@@ -265,7 +309,7 @@ class ModelRegistry:
             "files": sorted(entries, key=lambda e: e["path"]),
         }
         self.store.put_bytes(prefix + MANIFEST, _dumps(manifest, "manifest"), if_none_match=True)
-        mv = ModelVersion(
+        return ModelVersion(
             name,
             version,
             created_at,
@@ -274,8 +318,6 @@ class ModelRegistry:
             manifest["files"],
             self.store.uri(prefix.rstrip("/")),
         )
-        self.append_audit(name, {"action": "register", "version": version, "actor": actor, "uri": mv.uri})
-        return mv
 
     def _manifest(self, name: str, version: int) -> tuple[bytes, dict[str, Any]]:
         check_name(name)
@@ -437,6 +479,16 @@ class ModelRegistry:
                 out[alias] = version
         return out
 
+    def _lost_cas(self, name: str, alias: str, revision: int, token: str) -> bool:
+        """True if another writer's move with the same revision replaced ours right after our CAS.
+
+        That only happens on a server whose If-Match check and write are not atomic (moto's server,
+        for one): both writers pass the check and the later write wins. A higher revision is fine:
+        ours landed and a later move followed it.
+        """
+        doc, _ = self._read_alias(name, alias)
+        return doc is not None and doc.get("revision") == revision and doc.get("token") != token
+
     def set_alias(
         self,
         name: str,
@@ -472,6 +524,7 @@ class ModelRegistry:
                 )
             revision = (doc or {}).get("revision", 0) + 1
             at = now().isoformat()
+            token = uuid.uuid4().hex
             new_doc = {
                 "alias": alias,
                 "version": version,
@@ -479,16 +532,20 @@ class ModelRegistry:
                 "set_by": actor,
                 "reason": reason,
                 "at": at,
+                "token": token,
             }
             try:
                 self.store.put_if_match(key, _dumps(new_doc, "alias"), etag)
+                lost = self._lost_cas(name, alias, revision, token)
             except ConflictError:
+                lost = True
+            if lost:
                 if expected_version is ANY:
                     continue  # lost a race with an unconditional move: re-read and apply on top
                 raise ConflictError(
                     f"{name}@{alias} was moved by someone else while it was being set to {version}; "
                     "re-read the alias and decide again"
-                ) from None
+                )
             return self.append_audit(
                 name,
                 {
@@ -504,8 +561,11 @@ class ModelRegistry:
             )
         raise ConflictError(f"{name}@{alias} kept changing; gave up after {_MAX_CAS_RETRIES} tries")
 
-    def alias_at(self, name: str, alias: str, when: datetime) -> int | None:
-        """What ``alias`` pointed to at ``when`` (naive datetimes are taken as UTC), from the audit trail."""
+    def alias_record_at(self, name: str, alias: str, when: datetime) -> dict[str, Any] | None:
+        """The audit record of the move that set ``alias`` as it stood at ``when`` (None: not set yet).
+
+        Naive datetimes are taken as UTC. The record says who moved it, when and why.
+        """
         check_name(alias, "alias")
         when = _as_utc(when)
         best: dict[str, Any] | None = None
@@ -517,4 +577,9 @@ class ModelRegistry:
             # Revisions come from the CAS, so they order moves even if writers' clocks disagree.
             if best is None or rec.get("revision", 0) >= best.get("revision", 0):
                 best = rec
-        return None if best is None else best["to"]
+        return best
+
+    def alias_at(self, name: str, alias: str, when: datetime) -> int | None:
+        """What ``alias`` pointed to at ``when`` (naive datetimes are taken as UTC), from the audit trail."""
+        record = self.alias_record_at(name, alias, when)
+        return None if record is None else record["to"]
