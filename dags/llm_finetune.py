@@ -24,6 +24,14 @@ from airloom.airflow.operators.evaluation import EvaluateModelOperator, QualityG
 from airloom.airflow.operators.registry import CanaryOperator, DeployModelOperator, RegisterModelOperator
 from airloom.airflow.sensors.registry import ModelSignOffSensor
 
+# Approvers come from the Variable airloom_signoff_approvers (comma-separated; empty = anyone but
+# the person who triggered the run), set in airflow_settings.yaml.
+SIGNOFF_POLICY = {
+    "required_approvals": 1,
+    "separation_of_duties": True,
+    "allowed_users": "{{ var.value.get('airloom_signoff_approvers', '') }}",
+}
+
 with DAG(
     dag_id="llm_finetune",
     schedule=(PREPARED_DATASET | RETRAINING_REQUEST),
@@ -110,7 +118,7 @@ with DAG(
         task_id="wait_for_signoff",
         model_name="{{ params.model_name }}",
         version=register.output["version"],
-        policy={"required_approvals": 1, "separation_of_duties": True},
+        policy=SIGNOFF_POLICY,
         poll_interval=5,
         timeout=timedelta(days=7),
         retries=0,
@@ -120,6 +128,7 @@ with DAG(
         model_name="{{ params.model_name }}",
         version=register.output["version"],
         alias="production",
+        policy=SIGNOFF_POLICY,
     )
     canary = CanaryOperator(task_id="canary", model_name="{{ params.model_name }}", prompts=CANARY_PROMPTS)
 

@@ -62,6 +62,27 @@ class SignOffPolicy:
                     "add approvers or lower required_approvals"
                 )
 
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None) -> SignOffPolicy:
+        """Build from DAG params or an Airflow Variable, where values arrive as text:
+        ``allowed_users`` may be ``"alice, bob"`` (empty = anyone), numbers may be strings."""
+        params = dict(params or {})
+        users = params.get("allowed_users")
+        if isinstance(users, str):
+            names = [u.strip() for u in users.split(",") if u.strip()]
+            params["allowed_users"] = names or None
+        if isinstance(params.get("required_approvals"), str):
+            try:
+                params["required_approvals"] = int(params["required_approvals"])
+            except ValueError:
+                raise UsageError(f"required_approvals must be an integer, got {params['required_approvals']!r}") from None
+        if isinstance(params.get("separation_of_duties"), str):
+            params["separation_of_duties"] = params["separation_of_duties"].strip().lower() in ("true", "1", "yes")
+        unknown = sorted(set(params) - {"required_approvals", "allowed_users", "separation_of_duties"})
+        if unknown:
+            raise UsageError(f"unknown sign-off policy option(s) {unknown}")
+        return cls(**params)
+
     def allows(self, user: str) -> bool:
         return self.allowed_users is None or user in self.allowed_users
 

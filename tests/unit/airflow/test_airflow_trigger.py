@@ -133,7 +133,7 @@ def test_policy_is_applied_in_the_trigger(registry):
             {"policy": {"required_approvals": 0}},
             r"^UsageError: SignOffPolicy.required_approvals must be at least 1",
         ),
-        ({"policy": {"quorum": 2}}, r"^TypeError: .*quorum"),
+        ({"policy": {"quorum": 2}}, r"^UsageError: unknown sign-off policy option.*quorum"),
         ({"model_name": "ghost"}, r"^RegistryError: model 'ghost' has no committed version 1 in "),
         (
             {"version": 7},

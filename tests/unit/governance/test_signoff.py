@@ -118,3 +118,19 @@ def test_policy_validation():
     with pytest.raises(UsageError, match=r"needs 2 approvals but allows only 1 user"):
         SignOffPolicy(required_approvals=2, allowed_users=["dave"])
     assert SignOffPolicy(allowed_users=("dave",)).allowed_users == ["dave"]
+
+
+def test_policy_from_params_reads_text_values():
+    from airloom.exceptions import UsageError
+    from airloom.governance.signoff import SignOffPolicy
+
+    p = SignOffPolicy.from_params({"allowed_users": " reviewer, lead ,", "required_approvals": "2",
+                                   "separation_of_duties": "True"})
+    assert (p.allowed_users, p.required_approvals, p.separation_of_duties) == (["reviewer", "lead"], 2, True)
+    assert SignOffPolicy.from_params({"allowed_users": ""}).allowed_users is None
+    assert SignOffPolicy.from_params({"allowed_users": ["a"]}).allowed_users == ["a"]
+    assert SignOffPolicy.from_params(None) == SignOffPolicy()
+    with pytest.raises(UsageError, match="unknown sign-off policy option"):
+        SignOffPolicy.from_params({"approvers": "x"})
+    with pytest.raises(UsageError, match="required_approvals must be an integer"):
+        SignOffPolicy.from_params({"required_approvals": "two"})

@@ -103,9 +103,12 @@ class DeployModelOperator(_RegistryOperator):
 
     The alias only moves if it still points where it pointed when this task read it, so two
     deploys racing cannot both win; the previous version is recorded in the audit trail.
+
+    :param policy: the sign-off policy the sign-off sensor applied (same keys), so a version
+        approved only by someone the policy does not allow is not deployed.
     """
 
-    template_fields: Sequence[str] = ("model_name", "version", "alias")
+    template_fields: Sequence[str] = ("model_name", "version", "alias", "policy")
 
     def __init__(
         self,
@@ -114,6 +117,7 @@ class DeployModelOperator(_RegistryOperator):
         version: Any,
         alias: str = "production",
         require_approval: bool = True,
+        policy: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -121,10 +125,11 @@ class DeployModelOperator(_RegistryOperator):
         self.version = version
         self.alias = alias
         self.require_approval = require_approval
+        self.policy = policy or {}
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.exceptions import CheckFailed
-        from airloom.governance.signoff import signoff_status
+        from airloom.governance.signoff import SignOffPolicy, signoff_status
 
         registry = self.hook.registry
         version = int(self.version)
@@ -133,7 +138,7 @@ class DeployModelOperator(_RegistryOperator):
         except CheckFailed as e:
             raise AirflowFailException(f"refusing to deploy {self.model_name}/{version}: {e}") from e
         if self.require_approval:
-            status = signoff_status(registry, self.model_name, version)
+            status = signoff_status(registry, self.model_name, version, SignOffPolicy.from_params(self.policy))
             if status["state"] != "approved":
                 raise AirflowFailException(
                     f"refusing to deploy {self.model_name}/{version}: sign-off is {status['state']}"

@@ -58,7 +58,7 @@ class SignOffTrigger(BaseTrigger):
         # A version this registry lacks (wrong version, or a triggerer whose AIRLOOM_REGISTRY differs from
         # the worker's) can never be approved: fail now instead of waiting out the deadline.
         registry.get(self.model_name, self.version)
-        return signoff_status(registry, self.model_name, self.version, SignOffPolicy(**self.policy))
+        return signoff_status(registry, self.model_name, self.version, SignOffPolicy.from_params(self.policy))
 
     async def run(self):
         try:
