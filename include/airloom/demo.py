@@ -21,7 +21,7 @@ from pathlib import Path
 from airloom.data.synth import generate_records, write_history, write_jsonl
 from airloom.exceptions import CheckFailed
 from airloom.registry.registry import ModelRegistry
-from airloom.settings import PROJECT_ROOT, airflow_env, home, registry_uri
+from airloom.settings import PROJECT_ROOT, airflow_env, home, registry_uri, run_dir
 
 MODEL_NAME = "airloom-demo"
 BASE_NAME = "airloom-tiny-base"
@@ -193,10 +193,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 def summarize(registry: ModelRegistry, version: int, latest: dict, days: list[str], seconds: float,
               min_gain: float) -> dict:
     mv = registry.get(MODEL_NAME, version)
-    runs = home() / "runs"
-    dq_run = runs / "llm_data_quality" / latest["run_id"].replace(":", "_").replace("+", "_")
+    dq_run = run_dir("llm_data_quality", latest["run_id"])
     validation = json.loads((dq_run / "validate" / "validation.json").read_text())
-    ft_run = runs / "llm_finetune" / mv.metadata["lineage"]["run_id"].replace(":", "_").replace("+", "_")
+    ft_run = run_dir("llm_finetune", mv.metadata["lineage"]["run_id"])
     cand = mv.metadata["metrics"]
     base = mv.metadata["baseline"]["metrics"]
     gain = cand["exact_match"] - base["exact_match"]

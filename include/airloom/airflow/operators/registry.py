@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -262,7 +261,3 @@ class CanaryOperator(_RegistryOperator):
         rows = [{"prompt": p, "output": o} for p, o in zip(self.prompts, outputs, strict=True)]
         (out / "canary.json").write_text(json.dumps({"model": resolved["ref"], "outputs": rows}, indent=2))
         return push_outputs(context, {"model": resolved["ref"], "outputs": rows})
-
-
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())

@@ -11,18 +11,3 @@ from __future__ import annotations
 from pathlib import Path
 
 MODULES_DIR = Path(__file__).resolve().parent
-
-
-def text_features() -> list:
-    """Input formats the text metrics accept: several references per example, or exactly one."""
-    import datasets
-
-    return [
-        datasets.Features(
-            {
-                "predictions": datasets.Value("string"),
-                "references": datasets.Sequence(datasets.Value("string")),
-            }
-        ),
-        datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-    ]

@@ -1,9 +1,7 @@
 """Corpus BLEU (sacrebleu, default settings), several references per example."""
 
-import evaluate
-
 from airloom.evaluation.metrics import corpus_bleu, reference_lists
-from airloom.evaluation.modules import text_features
+from airloom.evaluation.modules import base
 
 _DESCRIPTION = (
     "Corpus BLEU from sacrebleu with its default settings (13a tokenizer, exponential smoothing), "
@@ -27,15 +25,11 @@ _CITATION = """\
 """
 
 
-class AirloomBleu(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=text_features(),
-            reference_urls=["https://github.com/mjpost/sacrebleu"],
-        )
+class AirloomBleu(base.TextMetric):
+    DESCRIPTION = _DESCRIPTION
+    INPUTS = _KWARGS_DESCRIPTION
+    CITATION = _CITATION
+    URL = "https://github.com/mjpost/sacrebleu"
 
     def _compute(self, predictions, references):
         return {"bleu": corpus_bleu(predictions, reference_lists(references))}

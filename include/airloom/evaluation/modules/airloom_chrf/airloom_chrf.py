@@ -1,9 +1,7 @@
 """Corpus chrF (sacrebleu, default settings), several references per example."""
 
-import evaluate
-
 from airloom.evaluation.metrics import corpus_chrf, reference_lists
-from airloom.evaluation.modules import text_features
+from airloom.evaluation.modules import base
 
 _DESCRIPTION = (
     "Corpus chrF from sacrebleu with its default settings (character 6-grams, beta 2), on sacrebleu's "
@@ -27,15 +25,11 @@ _CITATION = """\
 """
 
 
-class AirloomChrf(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=text_features(),
-            reference_urls=["https://github.com/mjpost/sacrebleu"],
-        )
+class AirloomChrf(base.TextMetric):
+    DESCRIPTION = _DESCRIPTION
+    INPUTS = _KWARGS_DESCRIPTION
+    CITATION = _CITATION
+    URL = "https://github.com/mjpost/sacrebleu"
 
     def _compute(self, predictions, references):
         return {"chrf": corpus_chrf(predictions, reference_lists(references))}

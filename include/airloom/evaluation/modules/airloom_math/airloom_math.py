@@ -1,9 +1,7 @@
 """Final-answer accuracy for math word problems (gsm8k's ``#### answer`` convention)."""
 
-import evaluate
-
 from airloom.evaluation.metrics import math_exact_match, reference_lists
-from airloom.evaluation.modules import text_features
+from airloom.evaluation.modules import base
 
 _DESCRIPTION = (
     "The share of predictions whose last number equals the reference's final answer: the number "
@@ -27,15 +25,11 @@ _CITATION = """\
 """
 
 
-class AirloomMath(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=text_features(),
-            reference_urls=["https://github.com/openai/grade-school-math"],
-        )
+class AirloomMath(base.TextMetric):
+    DESCRIPTION = _DESCRIPTION
+    INPUTS = _KWARGS_DESCRIPTION
+    CITATION = _CITATION
+    URL = "https://github.com/openai/grade-school-math"
 
     def _compute(self, predictions, references):
         refs = reference_lists(references)

@@ -1,9 +1,7 @@
 """ROUGE-1/2/L/Lsum F-measures (rouge-score, Porter stemmer), best reference per example."""
 
-import evaluate
-
 from airloom.evaluation.metrics import ROUGE_TYPES, _rouge_per_example, reference_lists, rouge_scores
-from airloom.evaluation.modules import text_features
+from airloom.evaluation.modules import base
 
 _DESCRIPTION = (
     "ROUGE F-measures from Google's rouge-score with the Porter stemmer on (as ROUGE-1.5.5 -m). "
@@ -34,15 +32,11 @@ _CITATION = """\
 """
 
 
-class AirloomRouge(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=text_features(),
-            reference_urls=["https://github.com/google-research/google-research/tree/master/rouge"],
-        )
+class AirloomRouge(base.TextMetric):
+    DESCRIPTION = _DESCRIPTION
+    INPUTS = _KWARGS_DESCRIPTION
+    CITATION = _CITATION
+    URL = "https://github.com/google-research/google-research/tree/master/rouge"
 
     def _compute(self, predictions, references, use_aggregator=True):
         refs = reference_lists(references)

@@ -1,9 +1,7 @@
 """SQuAD-style exact match and token F1 (0-1) on plain strings, best reference per example."""
 
-import evaluate
-
 from airloom.evaluation.metrics import exact_match, reference_lists, token_f1
-from airloom.evaluation.modules import text_features
+from airloom.evaluation.modules import base
 
 _DESCRIPTION = (
     "Exact match and token-overlap F1 after SQuAD normalisation (lowercase, no punctuation or "
@@ -28,15 +26,11 @@ _CITATION = """\
 """
 
 
-class AirloomSquad(evaluate.Metric):
-    def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=text_features(),
-            reference_urls=["https://rajpurkar.github.io/SQuAD-explorer/"],
-        )
+class AirloomSquad(base.TextMetric):
+    DESCRIPTION = _DESCRIPTION
+    INPUTS = _KWARGS_DESCRIPTION
+    CITATION = _CITATION
+    URL = "https://rajpurkar.github.io/SQuAD-explorer/"
 
     def _compute(self, predictions, references):
         refs = reference_lists(references)
