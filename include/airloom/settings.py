@@ -44,7 +44,7 @@ def airflow_env(base: dict[str, str] | None = None) -> dict[str, str]:
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,trainer:user,reviewer:op",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(PROJECT_ROOT / ".airflow" / "passwords.json"),
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
-        "AIRFLOW__API_AUTH__JWT_SECRET": "airloom-embedded-only-change-me",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "airloom-embedded-default-only-never-use-this-secret-in-production-0123456789",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "TORCH_EXTENSIONS_DIR": str(PROJECT_ROOT / ".cache" / "torch_extensions"),
         "TOKENIZERS_PARALLELISM": "false",

@@ -21,3 +21,8 @@ CANARY_PROMPTS = [
     "### Instruction:\nWrite the date in words.\n### Input:\n2026-03-14\n### Response:\n",
     "### Instruction:\nWhat is the last word?\n### Input:\napple river stone\n### Response:\n",
 ]
+
+# The sign-off policy llm_finetune's sensor and deploy apply and the UI plugin enforces. Approvers
+# come from the Variable (comma-separated; empty = anyone but the person who triggered the run).
+SIGNOFF_APPROVERS_VARIABLE = "airloom_signoff_approvers"
+SIGNOFF_POLICY = {"required_approvals": 1, "separation_of_duties": True}

@@ -1,0 +1,743 @@
+"""Model sign-off inside the Airflow UI: a FastAPI app the ``plugins/airloom_signoff.py`` plugin mounts.
+
+Reviewers see the versions awaiting sign-off with their model card, eval report, Data Docs and EDA
+report, and approve or reject with a comment. Identity and role come from Airflow's own auth
+manager (Bearer token or the UI's ``_token`` cookie); the registry stays the system of record:
+every decision goes through :func:`airloom.governance.signoff.record_decision`.
+
+Who may do what:
+
+- view (page, pending list, report files): Airflow read access to the DAG that registered the
+  version (``llm_finetune`` when unknown) — any role from Viewer up under SimpleAuthManager;
+- decide: the access Airflow asks to answer that DAG's human-in-the-loop tasks (edit on its
+  ``HITL_DETAIL``: User and up), then the sign-off policy (the ``airloom_signoff_approvers``
+  Variable, separation of duties: the person who triggered training cannot approve it).
+
+Plugin routes are not authenticated by Airflow: every route here depends on ``get_user`` itself.
+The plugin builds the app on the first request, so importing this module costs only the API server.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import quote, urlparse
+
+from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+from airflow.api_fastapi.core_api.security import GetUserDep
+from fastapi import FastAPI, HTTPException, Query, Request, status
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from airloom.airflow.defaults import SIGNOFF_APPROVERS_VARIABLE
+
+log = logging.getLogger(__name__)
+
+URL_PREFIX = "/airloom"
+"""Where ``plugins/airloom_signoff.py`` mounts the app."""
+DEFAULT_DAG_ID = "llm_finetune"
+"""Whose permissions guard a version that records no ``lineage.dag_id`` (registered from the CLI)."""
+REGISTRY_VARIABLE = "airloom_registry"
+APPROVERS_VARIABLE = SIGNOFF_APPROVERS_VARIABLE
+
+# ---------------------------------------------------------------------------------------------
+# Settings read per request, so a changed Variable applies without restarting the API server.
+
+
+def _variable(key: str) -> str:
+    from airflow.models.variable import Variable
+
+    try:
+        value = Variable.get(key, default_var="")
+    except Exception:  # a missing metadata DB must not take the page down; the default applies
+        log.exception("could not read the Airflow Variable %s; using the default", key)
+        value = ""
+    return (value or "").strip()
+
+
+def registry_uri() -> str:
+    """The ``airloom_registry`` Variable when set, else ``AIRLOOM_REGISTRY`` / ``$AIRLOOM_HOME/registry``."""
+    from airloom.settings import registry_uri as default_uri
+
+    return _variable(REGISTRY_VARIABLE) or default_uri()
+
+
+def open_registry(aws_conn_id: str = "aws_default"):
+    """The registry, with S3 credentials from ``aws_conn_id`` as the tasks get them.
+
+    The Task SDK's hooks look up connections in the metastore only in processes Airflow marks as
+    servers, and in 3.3 the API server is not marked: an S3Hook here would silently fall back to
+    boto3's defaults. So the connection is read through the core model, which includes the metastore.
+    """
+    from airloom.registry.registry import ModelRegistry
+    from airloom.registry.store import S3Store, open_store
+
+    uri = registry_uri()
+    if not uri.startswith("s3://"):
+        return ModelRegistry(open_store(uri))
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    class _ServerS3Hook(S3Hook):
+        @classmethod
+        def get_connection(cls, conn_id: str):
+            from airflow.models.connection import Connection
+
+            return Connection.get_connection_from_secrets(conn_id)
+
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    return ModelRegistry(S3Store(bucket, prefix, client=_ServerS3Hook(aws_conn_id=aws_conn_id).get_conn()))
+
+
+def current_policy():
+    """The policy ``llm_finetune`` applies (one approval, separation of duties, approvers Variable)."""
+    from airloom.airflow.defaults import SIGNOFF_POLICY
+    from airloom.governance.signoff import SignOffPolicy
+
+    return SignOffPolicy.from_params({**SIGNOFF_POLICY, "allowed_users": _variable(APPROVERS_VARIABLE)})
+
+
+def served_roots(registry=None) -> list[Path]:
+    """Folders the file route may serve from: run outputs, evaluations, a local registry in AIRLOOM_HOME.
+
+    URLs are relative to ``$AIRLOOM_HOME`` (the form :func:`airloom.airflow.links.files_url` builds
+    for the tasks' extra links), so only folders inside it can be served; a registry on S3 or
+    elsewhere is read through the card API instead.
+    """
+    from airloom.registry.store import LocalStore
+    from airloom.settings import home
+
+    base = home()
+    roots = [base / "runs", base / "evaluations"]
+    if registry is not None and isinstance(registry.store, LocalStore):
+        roots.append(registry.store.root)
+    return [r.resolve() for r in roots if r.resolve().is_relative_to(base)]
+
+
+def resolve_served_file(rel_path: str, roots: list[Path]) -> Path:
+    """The file at ``$AIRLOOM_HOME/rel_path``; 403 unless it resolves inside one of ``roots``.
+
+    ``resolve()`` follows symlinks and ``..`` first, so neither a symlink nor an encoded ``%2e%2e``
+    reaches a file outside the served folders.
+    """
+    from airloom.settings import home
+
+    if not rel_path or "\x00" in rel_path or Path(rel_path).is_absolute():
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"{rel_path!r} is not a path relative to AIRLOOM_HOME")
+    target = (home() / rel_path).resolve()
+    if not any(target.is_relative_to(root) for root in roots):
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"{rel_path!r} resolves outside the served folders "
+            f"({', '.join(r.relative_to(home()).as_posix() + '/' for r in roots)})",
+        )
+    if target.is_dir() and (target / "index.html").is_file():
+        target = target / "index.html"
+    if not target.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"{rel_path} does not exist under AIRLOOM_HOME")
+    return target
+
+
+def file_href(base: str, path: str | os.PathLike[str] | None, roots: list[Path]) -> str | None:
+    """URL of a local file through the file route, or None when it is not under a served folder."""
+    from airloom.settings import home
+
+    if not path:
+        return None
+    target = Path(path).expanduser().resolve()
+    if not any(target.is_relative_to(root) for root in roots):
+        return None
+    return f"{base}/files/{quote(target.relative_to(home()).as_posix())}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Authorization through Airflow's auth manager. AuthManagerDep fails inside a mounted sub-app
+# (the auth manager lives on the parent app's state), so get_auth_manager() is called instead.
+
+
+def _dag_details(dag_id: str) -> DagDetails:
+    from airflow.configuration import conf
+
+    team = None
+    if conf.getboolean("core", "multi_team", fallback=False):
+        from airflow.models.dag import DagModel
+
+        team = DagModel.get_team_name(dag_id)
+    return DagDetails(id=dag_id, team_name=team)
+
+
+def can_view(user, dag_id: str) -> bool:
+    from airflow.api_fastapi.app import get_auth_manager
+
+    return get_auth_manager().is_authorized_dag(
+        method="GET", access_entity=DagAccessEntity.HITL_DETAIL, details=_dag_details(dag_id), user=user
+    )
+
+
+def can_respond(user, dag_id: str) -> bool:
+    """What Airflow itself requires to answer a human-in-the-loop task of ``dag_id``."""
+    from airflow.api_fastapi.app import get_auth_manager
+
+    return get_auth_manager().is_authorized_dag(
+        method="PUT", access_entity=DagAccessEntity.HITL_DETAIL, details=_dag_details(dag_id), user=user
+    )
+
+
+def why_not_decide(
+    user, dag_id: str, status_: dict[str, Any], policy, decision: str
+) -> tuple[int, str] | None:
+    """(HTTP status, reason) when ``user`` may not record ``decision`` on this round, else None."""
+    name = user.get_name()
+    ref = f"{status_['name']}/{status_['version']}"
+    if not can_respond(user, dag_id):
+        return (
+            status.HTTP_403_FORBIDDEN,
+            f"{name!r} may not sign off {ref}: Airflow grants them no edit access to the human-in-the-loop "
+            f"actions of DAG {dag_id!r} (read-only role)",
+        )
+    if not policy.allows(name):
+        return (
+            status.HTTP_403_FORBIDDEN,
+            f"{name!r} may not sign off {ref}: the Variable {APPROVERS_VARIABLE} allows only "
+            f"{', '.join(policy.allowed_users)}",
+        )
+    if status_["request_id"] is None:
+        return status.HTTP_409_CONFLICT, f"no sign-off was requested for {ref}"
+    if status_["state"] != "pending":
+        return status.HTTP_409_CONFLICT, f"{ref} is already {status_['state']}; its round is closed"
+    if decision == "approve" and policy.separation_of_duties and name == status_["requested_by"]:
+        return (
+            status.HTTP_403_FORBIDDEN,
+            f"{name!r} triggered the training of {ref} and may not approve it (separation of duties): "
+            "another reviewer must approve",
+        )
+    if decision == "approve" and any(a["user"] == name for a in status_["approvals"]):
+        return status.HTTP_409_CONFLICT, f"{name!r} already approved {ref}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# What a reviewer sees for one version.
+
+
+def version_dag(metadata: dict[str, Any]) -> tuple[str, str | None]:
+    lineage = metadata.get("lineage") or {}
+    return str(lineage.get("dag_id") or DEFAULT_DAG_ID), lineage.get("run_id")
+
+
+def _evidence_entry(label: str, item: dict[str, Any], base: str, roots: list[Path]) -> dict[str, Any]:
+    """One evidence item of the request, with whether the file still has the hash the request recorded."""
+    from airloom.registry.store import sha256_file
+
+    entry = {
+        "label": label,
+        "uri": item.get("uri"),
+        "sha256": item.get("sha256"),
+        "href": None,
+        "check": None,
+    }
+    if "value" in item:
+        entry["value"] = item["value"]
+        return entry
+    uri = item.get("uri") or ""
+    if uri.startswith("s3://") or not uri:
+        return entry
+    path = Path(uri)
+    entry["href"] = file_href(base, path, roots)
+    if path.is_file():
+        entry["check"] = (
+            "unchanged" if sha256_file(path)[0] == item.get("sha256") else "changed since request"
+        )
+    elif not path.exists():
+        entry["check"] = "missing"
+    return entry
+
+
+def data_reports(metadata: dict[str, Any], base: str, roots: list[Path]) -> list[dict[str, Any]]:
+    """Data Docs and EDA report of the data-quality run that prepared the training dataset.
+
+    ``lineage.dataset`` is ``…/runs/llm_data_quality/<run>/prepare``; its sibling task folders hold
+    ``validation.json`` (naming the Data Docs folder) and the EDA ``report.html``.
+    """
+    out: list[dict[str, Any]] = []
+    explicit = metadata.get("reports") or {}
+    for label, path in explicit.items() if isinstance(explicit, dict) else []:
+        out.append({"label": str(label), "uri": str(path), "href": file_href(base, path, roots)})
+    dataset = (metadata.get("lineage") or {}).get("dataset")
+    if not dataset or str(dataset).startswith("s3://"):
+        return out
+    run_folder = Path(dataset).expanduser().parent
+    if not run_folder.is_dir():
+        return out
+    for task in sorted(p for p in run_folder.iterdir() if p.is_dir()):
+        validation = task / "validation.json"
+        if validation.is_file():
+            out.append(
+                {
+                    "label": "data validation",
+                    "uri": str(validation),
+                    "href": file_href(base, validation, roots),
+                }
+            )
+            try:
+                docs = json.loads(validation.read_text()).get("data_docs")
+            except ValueError:
+                docs = None
+            index = Path(docs) / "index.html" if docs else None
+            if index is not None and index.is_file():
+                out.append({"label": "Data Docs", "uri": str(index), "href": file_href(base, index, roots)})
+        report = task / "report.html"
+        if report.is_file() and (task / "profile.json").is_file():
+            out.append({"label": "EDA report", "uri": str(report), "href": file_href(base, report, roots)})
+    return out
+
+
+def describe(
+    registry, mv, status_: dict[str, Any], user, policy, base: str, roots: list[Path]
+) -> dict[str, Any]:
+    dag_id, run_id = version_dag(mv.metadata)
+    evidence = [
+        _evidence_entry(label, item, base, roots) for label, item in (status_.get("evidence") or {}).items()
+    ]
+    blocked_approve = why_not_decide(user, dag_id, status_, policy, "approve")
+    blocked_reject = why_not_decide(user, dag_id, status_, policy, "reject")
+    return {
+        "model": mv.name,
+        "version": mv.version,
+        "state": status_["state"],
+        "requested_by": status_["requested_by"],
+        "requested_at": status_["requested_at"],
+        "request_id": status_["request_id"],
+        "approvals": status_["approvals"],
+        "rejections": status_["rejections"],
+        "required_approvals": status_["required_approvals"],
+        "created_at": mv.created_at,
+        "created_by": mv.created_by,
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "metrics": mv.metadata.get("metrics") or {},
+        "gates": mv.metadata.get("gates"),
+        "base_model": mv.metadata.get("base_model"),
+        "evidence": evidence,
+        "reports": data_reports(mv.metadata, base, roots),
+        "card_url": f"{base}/api/models/{quote(mv.name)}/{mv.version}/card",
+        "can_approve": blocked_approve is None,
+        "can_reject": blocked_reject is None,
+        "why_not": None if blocked_approve is None else blocked_approve[1],
+    }
+
+
+def list_versions(
+    user,
+    *,
+    dag_id: str | None = None,
+    run_id: str | None = None,
+    include_decided: bool = False,
+    base: str = "",
+) -> list[dict[str, Any]]:
+    """Versions with an open sign-off round the user may see (all rounds of one run when filtered by run)."""
+    from airloom.governance.signoff import signoff_status
+
+    registry = open_registry()
+    policy = current_policy()
+    roots = served_roots(registry)
+    visible: dict[str, bool] = {}
+    out = []
+    for name in registry.list_models():
+        for mv in registry.list_versions(name):
+            v_dag, v_run = version_dag(mv.metadata)
+            if dag_id and v_dag != dag_id or run_id and v_run != run_id:
+                continue
+            if v_dag not in visible:
+                visible[v_dag] = can_view(user, v_dag)
+            if not visible[v_dag]:
+                continue
+            st = signoff_status(registry, name, mv.version, policy)
+            if st["request_id"] is None:
+                continue
+            if st["state"] != "pending" and not (include_decided or run_id):
+                continue
+            out.append(describe(registry, mv, st, user, policy, base, roots))
+    return sorted(out, key=lambda e: (e["state"] != "pending", e["requested_at"] or ""), reverse=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The HTML page: self-contained (inline CSS and JS, nothing from a CDN).
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def render_card(markdown_text: str) -> str:
+    """The model card as HTML: YAML front matter in a <pre>, the body through markdown-it (raw HTML off)."""
+    header = ""
+    body = markdown_text
+    if markdown_text.startswith("---\n"):
+        end = markdown_text.find("\n---\n", 4)
+        if end != -1:
+            header, body = markdown_text[4:end], markdown_text[end + 5 :]
+    try:
+        from markdown_it import MarkdownIt
+
+        rendered = MarkdownIt("commonmark", {"html": False}).enable("table").render(body)
+    except ImportError:  # markdown-it-py arrives with Airflow (via rich); plain text if it ever does not
+        rendered = f"<pre>{_e(body)}</pre>"
+    return (f'<pre class="front">{_e(header)}</pre>' if header else "") + rendered
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.2rem;color:#1f2933;background:#fff}
+h1{font-size:1.35rem;margin:0 0 .3rem} h2{font-size:1.1rem;margin:.2rem 0}
+.muted{color:#616e7c;font-size:.9rem} .card{border:1px solid #cbd2d9;border-radius:8px;padding:1rem;margin:1rem 0}
+.state{display:inline-block;padding:.1rem .5rem;border-radius:1rem;font-size:.8rem;font-weight:600}
+.pending{background:#fff3c4;color:#8d2b0b}.approved{background:#c6f7e2;color:#014d40}.rejected{background:#ffe3e3;color:#610404}
+table{border-collapse:collapse;margin:.4rem 0} td,th{border:1px solid #e4e7eb;padding:.2rem .5rem;text-align:left;font-size:.9rem}
+details{margin:.5rem 0} .front{background:#f5f7fa;padding:.5rem;font-size:.8rem;overflow:auto}
+.modelcard{max-height:28rem;overflow:auto;border-left:3px solid #e4e7eb;padding-left:.8rem}
+textarea{width:100%;min-height:3rem;font:inherit} button{font:inherit;padding:.35rem .9rem;margin:.3rem .4rem 0 0;border-radius:4px;border:1px solid #9aa5b1;cursor:pointer}
+.approve{background:#0e7c5a;color:#fff;border-color:#0e7c5a}.reject{background:#ab091e;color:#fff;border-color:#ab091e}
+.msg{margin-top:.4rem;font-weight:600} .warn{color:#ab091e}
+"""
+
+_JS = """
+// Decisions go out as JSON with the session cookie. A cross-site HTML form cannot send
+// application/json without a CORS preflight, and the server also checks Origin: see _csrf_check.
+document.querySelectorAll('form.decision').forEach(function (form) {
+  form.addEventListener('submit', function (ev) {
+    ev.preventDefault();
+    var decision = ev.submitter ? ev.submitter.value : 'approve';
+    var msg = form.querySelector('.msg');
+    var body = {model: form.dataset.model, version: Number(form.dataset.version), decision: decision,
+                comment: form.querySelector('textarea').value, request_id: form.dataset.request};
+    msg.textContent = 'Recording ' + decision + '...';
+    fetch(form.dataset.action, {method: 'POST', credentials: 'same-origin',
+      headers: {'Content-Type': 'application/json', 'Accept': 'application/json'}, body: JSON.stringify(body)})
+      .then(function (r) { return r.json().then(function (j) { return [r, j]; }); })
+      .then(function (rj) {
+        if (rj[0].ok) { msg.textContent = 'Recorded: ' + rj[1].status.state + '.'; setTimeout(function () { location.reload(); }, 600); }
+        else { msg.textContent = (rj[1].detail && rj[1].detail.toString()) || ('HTTP ' + rj[0].status); msg.classList.add('warn'); }
+      })
+      .catch(function (e) { msg.textContent = 'Request failed: ' + e; msg.classList.add('warn'); });
+  });
+});
+"""
+
+
+def _links(items: list[dict[str, Any]]) -> str:
+    rows = []
+    for item in items:
+        name = _e(item["label"])
+        target = (
+            f'<a href="{_e(item["href"])}" target="_blank" rel="noopener">{name}</a>'
+            if item.get("href")
+            else name
+        )
+        where = (
+            ""
+            if item.get("href")
+            else f' <span class="muted">{_e(item.get("uri") or item.get("value"))}</span>'
+        )
+        check = item.get("check")
+        check_html = (
+            f' <span class="{"warn" if check != "unchanged" else "muted"}">({_e(check)})</span>'
+            if check
+            else ""
+        )
+        sha = f' <span class="muted">sha256 {_e(item["sha256"][:12])}…</span>' if item.get("sha256") else ""
+        rows.append(f"<li>{target}{where}{sha}{check_html}</li>")
+    return "<ul>" + "".join(rows) + "</ul>" if rows else '<p class="muted">none recorded</p>'
+
+
+def _gates(gates: Any) -> str:
+    """Quality-gate results as ``QualityGateOperator`` records them (gate, passed, message)."""
+    if not isinstance(gates, list) or not gates:
+        return ""
+    rows = "".join(
+        f"<li>{'✔' if g.get('passed') else '✘'} {_e(g.get('message') or g.get('gate'))}</li>"
+        for g in gates
+        if isinstance(g, dict)
+    )
+    return f"<h3>Quality gates</h3><ul>{rows}</ul>"
+
+
+def render_page(
+    user, entries: list[dict[str, Any]], cards: dict[tuple[str, int], str], base: str, title: str
+) -> str:
+    ui_root = base.removesuffix(URL_PREFIX)  # Airflow's own pages live beside the mount
+    blocks = []
+    for e in entries:
+        metrics = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in e["metrics"].items())
+        decided = "".join(
+            f"<li>{_e(kind)} by <b>{_e(d['user'])}</b> at {_e(d['at'])}"
+            + (f": {_e(d['comment'])}" if d.get("comment") else "")
+            + "</li>"
+            for kind, ds in (("approved", e["approvals"]), ("rejected", e["rejections"]))
+            for d in ds
+        )
+        if e["can_approve"] or e["can_reject"]:
+            form = (
+                f'<form class="decision" data-action="{_e(base)}/api/decisions" data-model="{_e(e["model"])}" '
+                f'data-version="{e["version"]}" data-request="{_e(e["request_id"])}">'
+                f'<label>Comment (required to reject)<textarea name="comment" maxlength="2000"></textarea></label>'
+                + (
+                    '<button class="approve" type="submit" value="approve">Approve</button>'
+                    if e["can_approve"]
+                    else f'<span class="muted">{_e(e["why_not"])}</span><br>'
+                )
+                + '<button class="reject" type="submit" value="reject">Reject</button><div class="msg"></div></form>'
+            )
+        elif e["state"] == "pending":
+            form = f'<p class="muted">{_e(e["why_not"])}</p>'
+        else:
+            form = ""
+        run = (
+            f' · run <a href="{_e(ui_root)}/dags/{quote(e["dag_id"])}/runs/{quote(e["run_id"], safe="")}" '
+            'target="_top">'
+            f"{_e(e['run_id'])}</a>"
+            if e["run_id"]
+            else ""
+        )
+        blocks.append(
+            f'<section class="card"><h2>{_e(e["model"])} / {e["version"]} '
+            f'<span class="state {_e(e["state"])}">{_e(e["state"])}</span></h2>'
+            f'<div class="muted">registered {_e(e["created_at"])} by {_e(e["created_by"])} · '
+            f"sign-off requested by <b>{_e(e['requested_by'])}</b> at {_e(e['requested_at'])} · "
+            f"{len(e['approvals'])} of {e['required_approvals']} approvals · DAG {_e(e['dag_id'])}{run}</div>"
+            + (f"<table><tr><th>metric</th><th>value</th></tr>{metrics}</table>" if metrics else "")
+            + _gates(e["gates"])
+            + f"<h3>Evidence (hashed into the request)</h3>{_links(e['evidence'])}"
+            + f"<h3>Data reports</h3>{_links(e['reports'])}"
+            + f'<details><summary>Model card (<a href="{_e(e["card_url"])}" target="_blank">raw</a>)</summary>'
+            f'<div class="modelcard">{cards.get((e["model"], e["version"]), "")}</div></details>'
+            + (f"<ul>{decided}</ul>" if decided else "")
+            + form
+            + "</section>"
+        )
+    body = "".join(blocks) or '<p class="muted">Nothing is awaiting sign-off.</p>'
+    return (
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+        f"<h1>{_e(title)}</h1><div class=muted>Signed in as <b>{_e(user.get_name())}</b>. "
+        "Decisions are recorded in the Airloom registry (also: <code>airloom signoff approve MODEL/VERSION</code>).</div>"
+        f"{body}<script>{_JS}</script></body></html>"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The app.
+
+
+class DecisionBody(BaseModel):
+    """A decision. There is no user field: the decider is whoever the token or cookie says."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200)
+    version: int = Field(ge=1)
+    decision: Literal["approve", "reject"]
+    comment: str = Field(default="", max_length=2000)
+    request_id: str | None = Field(
+        default=None,
+        description="The round the reviewer saw; a newer request makes the decision stale (409).",
+    )
+
+    @model_validator(mode="after")
+    def _reject_needs_reason(self) -> DecisionBody:
+        if self.decision == "reject" and not self.comment.strip():
+            raise ValueError("a rejection needs a comment saying why (field 'comment')")
+        return self
+
+
+def _csrf_check(request: Request) -> None:
+    """Refuse cookie-authenticated writes that a browser sent from another origin.
+
+    The ``_token`` cookie is SameSite=Lax, which already keeps it off cross-site POSTs; this also
+    covers same-site origins (sibling subdomains). Requests with a Bearer header are not at risk
+    (a browser never adds that header by itself), so API clients and the CLI need no Origin.
+    """
+    if request.headers.get("authorization", "").lower().startswith("bearer "):
+        return
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype != "application/json":
+        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, "send the decision as application/json")
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if not origin:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "cookie-authenticated decisions need an Origin header")
+    allowed = {request.url.netloc}
+    from airflow.configuration import conf
+
+    if base_url := conf.get("api", "base_url", fallback=None):
+        allowed.add(urlparse(base_url).netloc)
+    if urlparse(origin).netloc not in allowed:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"cross-origin decision from {origin!r} refused")
+
+
+def _base(request: Request) -> str:
+    """The sub-app's URL prefix as the browser sees it (the Airflow root path plus the mount)."""
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
+def _http_error(exc: Exception) -> HTTPException:
+    from airloom.exceptions import CheckFailed, ConflictError, RegistryError, UsageError
+
+    if isinstance(exc, ConflictError):
+        return HTTPException(status.HTTP_409_CONFLICT, str(exc))
+    if isinstance(exc, RegistryError):
+        return HTTPException(status.HTTP_404_NOT_FOUND, str(exc))
+    if isinstance(exc, CheckFailed):
+        return HTTPException(status.HTTP_409_CONFLICT, str(exc))
+    if isinstance(exc, UsageError):
+        return HTTPException(status.HTTP_400_BAD_REQUEST, str(exc))
+    raise exc
+
+
+def _load_version(registry, model: str, version: int):
+    from airloom.exceptions import AirloomError
+
+    try:
+        return registry.get(model, version)
+    except AirloomError as exc:
+        raise _http_error(exc) from exc
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="Airloom model sign-off",
+        description="Versions awaiting sign-off; approve or reject with Airflow identities.",
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    @app.exception_handler(HTTPException)
+    async def _html_aware_errors(request: Request, exc: HTTPException):
+        # A browser landing on the page without a session gets a way to log in, not bare JSON.
+        if exc.status_code == 401 and "text/html" in request.headers.get("accept", ""):
+            from airflow.api_fastapi.app import get_auth_manager
+
+            login = get_auth_manager().get_url_login(next_url=str(request.url))
+            return HTMLResponse(
+                f'<!doctype html><p>Not signed in to Airflow. <a href="{_e(login)}" target="_top">Log in</a></p>',
+                status_code=401,
+            )
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.get("/", include_in_schema=False)
+    def index(request: Request) -> RedirectResponse:
+        return RedirectResponse(f"{_base(request)}/signoff")
+
+    @app.get("/api/pending")
+    def pending(
+        request: Request,
+        user: GetUserDep,
+        dag_id: str | None = None,
+        run_id: str | None = None,
+        include_decided: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Versions awaiting sign-off that the caller may see, with evidence links and what they may do."""
+        return list_versions(
+            user, dag_id=dag_id, run_id=run_id, include_decided=include_decided, base=_base(request)
+        )
+
+    @app.post("/api/decisions")
+    def decide(body: DecisionBody, request: Request, user: GetUserDep) -> dict[str, Any]:
+        """Approve or reject the latest sign-off request of ``model/version`` as the authenticated user."""
+        from airloom.exceptions import AirloomError
+        from airloom.governance.signoff import record_decision, signoff_status
+
+        _csrf_check(request)
+        registry = open_registry()
+        mv = _load_version(registry, body.model, body.version)
+        dag_id, _ = version_dag(mv.metadata)
+        if not can_view(user, dag_id):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"no read access to DAG {dag_id!r}")
+        policy = current_policy()
+        current = signoff_status(registry, body.model, body.version, policy)
+        refused = why_not_decide(user, dag_id, current, policy, body.decision)
+        if refused:
+            raise HTTPException(*refused)
+        if body.request_id and body.request_id != current["request_id"]:
+            raise HTTPException(
+                status.HTTP_409_CONFLICT,
+                f"{mv.ref} has a newer sign-off request ({current['request_id']}) than the one shown "
+                f"({body.request_id}): reload and review the new evidence",
+            )
+        name = user.get_name()
+        try:
+            record = record_decision(
+                registry,
+                body.model,
+                body.version,
+                user=name,
+                decision=body.decision,
+                comment=body.comment,
+                policy=policy,
+            )
+        except AirloomError as exc:  # the round changed between the checks above and the write
+            raise _http_error(exc) from exc
+        log.info("sign-off %s of %s by %s: %s", body.decision, mv.ref, name, body.comment)
+        return {"record": record, "status": signoff_status(registry, body.model, body.version, policy)}
+
+    @app.get("/api/models/{model}/{version}/card", response_class=PlainTextResponse)
+    def card(model: str, version: int, user: GetUserDep) -> PlainTextResponse:
+        """The version's model card (README.md with YAML front matter) as stored in the registry."""
+        from airloom.registry.registry import CARD
+
+        registry = open_registry()
+        mv = _load_version(registry, model, version)
+        if not can_view(user, version_dag(mv.metadata)[0]):
+            raise HTTPException(
+                status.HTTP_403_FORBIDDEN, f"no read access to DAG {version_dag(mv.metadata)[0]!r}"
+            )
+        key = f"{registry.model_prefix(model)}versions/{mv.version}/{CARD}"
+        return PlainTextResponse(
+            registry.store.get_bytes(key).decode(), media_type="text/markdown; charset=utf-8"
+        )
+
+    @app.get("/files/{rel_path:path}")
+    def serve_file(rel_path: str, user: GetUserDep) -> FileResponse:
+        """A report under ``$AIRLOOM_HOME`` (runs, evaluations, local registry); nothing outside them."""
+        if not can_view(user, DEFAULT_DAG_ID):
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"no read access to DAG {DEFAULT_DAG_ID!r}")
+        target = resolve_served_file(rel_path, served_roots(open_registry()))
+        # Reports embed dataset text: a sandboxed, opaque origin keeps any script in them away from
+        # the Airflow session (no same-origin API calls with the cookie).
+        return FileResponse(
+            target,
+            headers={
+                "Content-Security-Policy": "sandbox allow-scripts allow-popups",
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+
+    @app.get("/signoff", response_class=HTMLResponse)
+    def page(
+        request: Request,
+        user: GetUserDep,
+        dag_id: Annotated[str | None, Query()] = None,
+        run_id: Annotated[str | None, Query()] = None,
+        include_decided: bool = False,
+    ) -> HTMLResponse:
+        """The reviewer's page (in the nav, and on a DAG run filtered to that run's versions)."""
+        from airloom.registry.registry import CARD
+
+        base = _base(request)
+        entries = list_versions(
+            user, dag_id=dag_id, run_id=run_id, include_decided=include_decided, base=base
+        )
+        registry = open_registry()
+        cards = {}
+        for e in entries:
+            key = f"{registry.model_prefix(e['model'])}versions/{e['version']}/{CARD}"
+            try:
+                cards[(e["model"], e["version"])] = render_card(registry.store.get_bytes(key).decode())
+            except Exception:  # a card is shown, not required: a version without one still lists
+                log.exception("no model card for %s/%s", e["model"], e["version"])
+        title = "Model sign-off" + (f" — {dag_id} / {run_id}" if run_id else "")
+        return HTMLResponse(render_page(user, entries, cards, base, title))
+
+    return app
