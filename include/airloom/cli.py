@@ -40,7 +40,8 @@ def _split_ref(ref: str) -> tuple[str, int]:
 
 def _existing(path: str, what: str) -> Path:
     p = Path(path)
-    if not p.exists() and not any(ch in path for ch in "*?["):
+    # s3:// sources and globs are checked where they are read (a missing key is a usage error there too).
+    if not path.startswith("s3://") and not p.exists() and not any(ch in path for ch in "*?["):
         raise UsageError(f"{what} {path}: no such file or folder")
     return p
 
@@ -123,6 +124,9 @@ def cmd_train(args) -> int:
         if not getattr(cfg, field):
             raise UsageError(f"{field} is not set: give it in {args.config} or as --{field.replace('_', '-')}")
     _existing(cfg.train_file, "train file")
+    from airloom.training.recipe import preflight
+
+    preflight(cfg)
     cfg.base_model = resolve_model(cfg.base_model, registry=_registry(args))["path"]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     sp = add("validate", cmd_validate, "validate raw instruction data with Great Expectations")
-    sp.add_argument("source", help="file, folder or glob (JSONL, JSON, CSV, Parquet)")
+    sp.add_argument("source", help="file, folder, glob or s3:// URI (JSONL, JSON, CSV, Parquet)")
     sp.add_argument("--out", required=True, help="output folder (validation.json, Data Docs, accepted rows)")
     sp.add_argument("--suite", help="YAML validation thresholds")
     sp.add_argument("--on-bad-rows", choices=["quarantine", "fail"])
@@ -444,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("settings", cmd_settings, "apply airflow_settings.yaml (connections, pools, variables)")
     sp.add_argument("file", nargs="?", default="airflow_settings.yaml")
+
+    from airloom.production import add_parser as add_prod_parser
+
+    add_prod_parser(sub)  # airloom prod start|stop|status
     return p
 
 

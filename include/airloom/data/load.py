@@ -9,6 +9,10 @@ Line numbers (``Finding.line`` and each record's ``_line``):
 * JSON array: the element's index + 1 (the message also gives the line where it starts).
 * CSV: the 1-based data row; the header is not counted, so row 1 is the first row under it.
 * Parquet: the 1-based row.
+
+Sources are local (a file, a folder, a glob) or on S3 (``s3://bucket/key``, ``s3://bucket/prefix/``,
+``s3://bucket/prefix/*.jsonl``); an S3 object is parsed exactly like a local file, and its findings
+and records name its ``s3://`` URI.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import csv
 import glob
 import io
 import json
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -93,27 +99,47 @@ class LoadResult:
     """Rows kept out of ``records``: ``{"file", "line", "raw", "reasons": [finding dicts]}``."""
 
 
-def load_records(path: str | Path, field_map: dict[str, str] | None = None) -> LoadResult:
-    """Read every record from a file, a folder or a glob pattern.
+def load_records(
+    path: str | Path, field_map: dict[str, str] | None = None, *, s3_client: Any = None
+) -> LoadResult:
+    """Read every record from a file, a folder or a glob pattern, local or on S3.
 
     Args:
         path: A ``.jsonl``/``.json``/``.csv``/``.parquet`` file, a folder (read recursively, hidden
-            files skipped) or a glob pattern (``data/*.jsonl``, ``**`` allowed).
+            files skipped) or a glob pattern (``data/*.jsonl``, ``**`` allowed); each may also be an
+            ``s3://bucket/...`` URI (an object, a prefix ending in ``/``, or a glob over keys).
         field_map: Source key -> canonical key (``instruction``, ``input``, ``response``, ``id``,
             ``task``), e.g. ``{"question": "instruction", "answer": "response"}``. Canonical keys not
             targeted by the map are still read as themselves. Without a map, each file's layout is
             recognised among :data:`SCHEMAS` (ours, Alpaca, Dolly, prompt/completion).
+        s3_client: The boto3 S3 client for ``s3://`` sources (Airflow tasks pass the one of their
+            connection); None builds one as the registry does: boto3's credential chain, with
+            ``AWS_ENDPOINT_URL`` honoured.
 
     Raises:
         UsageError: The path matches no readable file, or a file cannot be opened or decoded at all.
     """
-    files = _resolve(path)
+    text = str(path)
+    sources = _resolve_s3(text, s3_client) if text.startswith("s3://") else _local_sources(path)
     if field_map is not None:
         _check_field_map(field_map)
-    result = LoadResult(records=[], findings=[], rows_read=0, source=str(path))
-    for file in files:
-        _load_file(file, field_map, result)
+    result = LoadResult(records=[], findings=[], rows_read=0, source=text)
+    for source in sources:
+        _load_source(source, field_map, result)
     return result
+
+
+class _Source(NamedTuple):
+    """One file to parse: ``name`` is what findings and records cite (a path or an s3:// URI)."""
+
+    name: str
+    suffix: str
+    read: Callable[[], bytes]
+    path: Path | None = None  # local files: Parquet reads them in place
+
+
+def _local_sources(path: str | Path) -> list[_Source]:
+    return [_Source(str(f), f.suffix.lower(), lambda f=f: _read_bytes(f), f) for f in _resolve(path)]
 
 
 def _check_field_map(field_map: dict[str, str]) -> None:
@@ -152,6 +178,88 @@ def _resolve(path: str | Path) -> list[Path]:
     return [p]
 
 
+def _resolve_s3(uri: str, client: Any) -> list[_Source]:
+    """Objects behind an ``s3://`` URI: one key, every data file under a prefix, or a glob over keys."""
+    from botocore.exceptions import BotoCoreError
+
+    from airloom.exceptions import RegistryError
+    from airloom.registry.store import S3Store
+
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket:
+        raise UsageError(f"{uri}: no bucket; write s3://<bucket>/<key>, s3://<bucket>/<prefix>/ or a glob")
+    # The registry's S3 store builds the client (credential chain + AWS_ENDPOINT_URL) and maps errors.
+    store = S3Store(bucket, client=client)
+
+    def source(k: str) -> _Source:
+        return _Source(f"s3://{bucket}/{k}", Path(k).suffix.lower(), lambda: _s3_read(store, k))
+
+    def listed(prefix: str) -> list[str]:
+        try:
+            return [k for k in store.list(prefix) if not k.endswith("/")]
+        except RegistryError as exc:
+            raise UsageError(f"{uri}: {exc}") from exc
+        except BotoCoreError as exc:  # no response at all: no credentials, endpoint unreachable
+            raise UsageError(f"{uri}: cannot reach S3 ({type(exc).__name__}: {exc})") from exc
+
+    if any(ch in key for ch in "*?["):
+        literal = key[: min(key.find(ch) for ch in "*?[" if ch in key)]
+        pattern = key.split("/")
+        keys = [k for k in listed(literal.rsplit("/", 1)[0] + "/" if "/" in literal else "")
+                if Path(k).suffix.lower() in SUFFIXES and _glob_match(pattern, k.split("/"))]
+        if not keys:
+            raise UsageError(f"{uri}: the pattern matches no {'/'.join(SUFFIXES)} object")
+        return [source(k) for k in keys]
+    if key and not key.endswith("/") and Path(key).suffix.lower() in SUFFIXES:
+        return [source(key)]  # a missing object is reported when it is read
+    prefix = key if not key or key.endswith("/") else key + "/"
+    keys = [
+        k
+        for k in listed(prefix)
+        if Path(k).suffix.lower() in SUFFIXES
+        and not any(part.startswith(".") for part in k[len(prefix) :].split("/"))
+    ]
+    if keys:
+        return [source(k) for k in keys]
+    if key and not key.endswith("/") and key in listed(key):
+        raise UsageError(f"{uri}: unsupported file type {Path(key).suffix!r}; use one of {', '.join(SUFFIXES)}")
+    if listed(prefix):
+        raise UsageError(f"{uri}: the prefix holds no {'/'.join(SUFFIXES)} object")
+    raise UsageError(f"{uri}: no such S3 object or prefix")
+
+
+def _s3_read(store: Any, key: str) -> bytes:
+    from botocore.exceptions import BotoCoreError
+
+    from airloom.exceptions import RegistryError
+
+    try:
+        got = store.get_with_etag(key)
+    except RegistryError as exc:
+        raise UsageError(f"{store.uri(key)}: cannot read the object ({exc})") from exc
+    except BotoCoreError as exc:  # no response at all: no credentials, endpoint unreachable
+        raise UsageError(f"{store.uri(key)}: cannot reach S3 ({type(exc).__name__}: {exc})") from exc
+    if got is None:
+        raise UsageError(f"{store.uri(key)}: no such S3 object")
+    return got[0]
+
+
+def _glob_match(pattern: list[str], parts: list[str]) -> bool:
+    """``glob`` semantics on ``/``-separated keys: ``*`` stays within one part, ``**`` spans parts,
+    and a wildcard does not match a hidden part (one starting with ``.``)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(
+            _glob_match(pattern[1:], parts[i:])
+            for i in range(len(parts) + 1)
+            if not any(p.startswith(".") for p in parts[:i])
+        )
+    if not parts or (parts[0].startswith(".") and not pattern[0].startswith(".")):
+        return False
+    return fnmatchcase(parts[0], pattern[0]) and _glob_match(pattern[1:], parts[1:])
+
+
 def _read_bytes(file: Path) -> bytes:
     try:
         return file.read_bytes()
@@ -159,18 +267,18 @@ def _read_bytes(file: Path) -> bytes:
         raise UsageError(f"{file}: cannot read the file ({exc.strerror or exc})") from exc
 
 
-def _load_file(file: Path, field_map: dict[str, str] | None, result: LoadResult) -> None:
-    suffix = file.suffix.lower()
+def _load_source(source: _Source, field_map: dict[str, str] | None, result: LoadResult) -> None:
+    suffix = source.suffix
     if suffix == ".parquet":
-        rows = _parquet_rows(file)
+        rows = _parquet_rows(source)
     else:
-        data = _read_bytes(file)
+        data = source.read()
         if data.startswith(b"\xef\xbb\xbf"):
             data = data[3:]
         # surrogateescape keeps undecodable bytes visible (as lone surrogates) so the bad field can be named.
         text = data.decode("utf-8", errors="surrogateescape")
         rows = _csv_rows(text) if suffix == ".csv" else _json_rows(text, suffix)
-    _map_rows(str(file), list(rows), field_map, result)
+    _map_rows(source.name, list(rows), field_map, result)
 
 
 class _Row(NamedTuple):
@@ -346,14 +454,14 @@ def _csv_rows(text: str) -> Iterator[_Row]:
         yield _Row(n, dict(zip(header, row, strict=True)), raw, [])
 
 
-def _parquet_rows(file: Path) -> Iterator[_Row]:
+def _parquet_rows(source: _Source) -> Iterator[_Row]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(file)
+        table = pq.read_table(source.path if source.path else pa.BufferReader(source.read()))
     except (OSError, pa.ArrowException) as exc:
-        raise UsageError(f"{file}: cannot read the Parquet file ({exc})") from exc
+        raise UsageError(f"{source.name}: cannot read the Parquet file ({exc})") from exc
     for i, obj in enumerate(table.to_pylist(), start=1):
         yield _Row(i, obj, json.dumps(obj, ensure_ascii=False, default=str)[:_RAW_KEEP], [])
 
@@ -495,8 +603,12 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+
 def _has_surrogates(text: str) -> bool:
-    return any("\udc80" <= ch <= "\udcff" for ch in text)
+    # Called on every field of every row: a per-character Python loop here was most of a read's time.
+    return not text.isascii() and _SURROGATE.search(text) is not None
 
 
 def _non_utf8_message(text: str, label: str | None = None) -> str:

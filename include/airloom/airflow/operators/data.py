@@ -14,19 +14,35 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from airloom.airflow.links import DataDocsLink, EdaReportLink
 from airloom.airflow.operators._base import push_outputs, task_output_dir
+
+
+def _load(path: str, aws_conn_id: str | None):
+    """``load_records`` with, for ``s3://`` paths, the boto3 client of the Airflow connection."""
+    from airloom.data.load import load_records
+
+    client = None
+    if str(path).startswith("s3://"):
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        # The connection's extra ``endpoint_url`` points at MinIO or moto; credentials come from it too.
+        client = S3Hook(aws_conn_id=aws_conn_id).get_conn()
+    return load_records(path, s3_client=client)
 
 
 class ValidateDataOperator(BaseOperator):
     """Read raw instruction data and validate it; fail the task when the suite fails.
 
-    :param source: a file, folder or glob (JSONL, JSON, CSV, Parquet).
+    :param source: a file, folder or glob (JSONL, JSON, CSV, Parquet), local or ``s3://``.
     :param suite: a YAML file of validation thresholds, or a dict of them; None = defaults.
     :param on_bad_rows: ``quarantine`` (keep going, fail above the quarantine threshold) or ``fail``.
     :param output_dir: where validation.json, accepted/quarantined rows and Data Docs go.
+    :param aws_conn_id: the Airflow connection with S3 credentials, for ``s3://`` sources.
     """
 
     template_fields: Sequence[str] = ("source", "suite", "on_bad_rows", "output_dir")
+    operator_extra_links = (DataDocsLink(),)
 
     def __init__(
         self,
@@ -35,6 +51,7 @@ class ValidateDataOperator(BaseOperator):
         suite: str | dict | None = None,
         on_bad_rows: str = "quarantine",
         output_dir: str | None = None,
+        aws_conn_id: str | None = "aws_default",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -42,9 +59,9 @@ class ValidateDataOperator(BaseOperator):
         self.suite = suite
         self.on_bad_rows = on_bad_rows
         self.output_dir = output_dir
+        self.aws_conn_id = aws_conn_id
 
     def execute(self, context) -> dict[str, Any]:
-        from airloom.data.load import load_records
         from airloom.data.validate import ValidationConfig, validate
 
         out = task_output_dir(context, self.output_dir)
@@ -53,7 +70,7 @@ class ValidateDataOperator(BaseOperator):
         else:
             config = ValidationConfig.from_dict(dict(self.suite or {}))
         config.on_bad_rows = self.on_bad_rows
-        loaded = load_records(self.source)
+        loaded = _load(self.source, self.aws_conn_id)
         self.log.info(
             "read %d rows from %s (%d findings while reading)",
             loaded.rows_read,
@@ -62,7 +79,12 @@ class ValidateDataOperator(BaseOperator):
         )
         result = validate(loaded, out, config)
         self.log.info("validation summary:\n%s", result.summary())
+        reports = {
+            "validation": str(result.report_path),
+            "data_docs": str(result.data_docs_path) if result.data_docs_path else None,
+        }
         if not result.success:
+            push_outputs(context, reports)  # a failed suite is when the Data Docs link matters most
             # No retry: the same data fails the same way.
             raise AirflowFailException(
                 f"data validation failed for {self.source}; see {out / 'validation.json'}"
@@ -71,8 +93,7 @@ class ValidateDataOperator(BaseOperator):
             context,
             {
                 "accepted": str(result.accepted_path),
-                "validation": str(result.report_path),
-                "data_docs": str(result.data_docs_path) if result.data_docs_path else None,
+                **reports,
                 "rows_read": result.rows_read,
                 "accepted_rows": result.accepted,
                 "quarantined_rows": result.quarantined,
@@ -81,21 +102,25 @@ class ValidateDataOperator(BaseOperator):
 
 
 class DataProfileOperator(BaseOperator):
-    """Write the EDA report (``report.html`` + ``profile.json``) of a JSONL file of records."""
+    """Write the EDA report (``report.html`` + ``profile.json``) of a file of records (local or ``s3://``)."""
 
     template_fields: Sequence[str] = ("input_path", "output_dir")
+    operator_extra_links = (EdaReportLink(),)
 
-    def __init__(self, *, input_path: str, output_dir: str | None = None, **kwargs) -> None:
+    def __init__(
+        self, *, input_path: str, output_dir: str | None = None, aws_conn_id: str | None = "aws_default",
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.input_path = input_path
         self.output_dir = output_dir
+        self.aws_conn_id = aws_conn_id
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.data.eda import build_profile
-        from airloom.data.load import load_records
 
         out = task_output_dir(context, self.output_dir)
-        records = load_records(self.input_path).records
+        records = _load(self.input_path, self.aws_conn_id).records
         profile = build_profile(records, out)
         self.log.info("EDA report: %s (%d rows)", out / "report.html", len(records))
         return push_outputs(
@@ -119,6 +144,7 @@ class PrepareDatasetOperator(BaseOperator):
     :param max_seq_len: drop rows longer than this many tokens; None, "" or "None" = no filter.
     :param tokenizer: model folder or ``registry:NAME[/N|@ALIAS]``; loaded only when the template or
         the length filter needs it; empty = none.
+    :param aws_conn_id: the Airflow connection with S3 credentials, for an ``s3://`` input.
     """
 
     template_fields: Sequence[str] = (
@@ -138,6 +164,7 @@ class PrepareDatasetOperator(BaseOperator):
         pii_policy: str = "mask",
         max_seq_len: int | str | None = None,
         tokenizer: str | None = None,
+        aws_conn_id: str | None = "aws_default",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -150,15 +177,15 @@ class PrepareDatasetOperator(BaseOperator):
         self.pii_policy = pii_policy
         self.max_seq_len = max_seq_len
         self.tokenizer = tokenizer
+        self.aws_conn_id = aws_conn_id
 
     def execute(self, context) -> dict[str, Any]:
-        from airloom.data.load import load_records
         from airloom.data.prepare import prepare
         from airloom.exceptions import UsageError
         from airloom.settings import home
 
         out = task_output_dir(context, self.output_dir)
-        records = load_records(self.input_path).records
+        records = _load(self.input_path, self.aws_conn_id).records
         try:
             manifest = prepare(
                 records,

@@ -10,6 +10,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
+from airloom.airflow.links import EvalReportLink
 from airloom.airflow.operators._base import push_outputs, task_output_dir
 
 
@@ -117,6 +118,7 @@ class QualityGateOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("candidate", "baseline", "gates", "output_dir")
+    operator_extra_links = (EvalReportLink(),)
 
     def __init__(
         self,
@@ -164,6 +166,7 @@ class QualityGateOperator(BaseOperator):
         self.log.info("evaluation report: %s", report)
         failed = [r for r in results if not r["passed"]]
         if failed:
+            push_outputs(context, {"report": str(report)})  # the report says why: link it from the failed task
             raise AirflowFailException("quality gate failed: " + "; ".join(r["message"] for r in failed))
         return push_outputs(
             context, {"report": str(report), "gates": results, "comparison": str(out / "comparison.json")}

@@ -1,0 +1,238 @@
+"""Data stage throughput and memory: our validate + EDA + prepare vs. ydata-profiling's default report.
+
+The corpus: the GPTeacher codegen set (``../shared/data/instruct/gpteacher_codegen-instruct.json``,
+4,535 real rows) repeated ``--copies`` times (default 30: 136,050 rows), every row made distinct by
+appending `` [row N]`` (N = the row's global number) to its instruction and response, and to its
+input when that is not empty. So no two rows and no two instructions or responses are equal, and a
+profiler that works on distinct values saves nothing. The ``copies`` of one source row are still
+near-duplicates of each other (they differ in one token), which our stage detects: that is work
+our stage does and ydata's report does not.
+
+Our stage runs as the DAG runs it, one child process per task (``airloom validate``, ``airloom
+eda``, ``airloom prepare``), one after the other (the DAG runs EDA and prepare side by side; on a
+shared 2-core machine sequential is the fairer sum). EDA and prepare read the whole corpus, not
+validate's accepted rows: with ×30 near-copies validate quarantines ~97% of the rows, and profiling
+the remaining 4.5k would flatter us. The validation suite is the default one with the duplicate,
+near-duplicate and quarantine limits raised to 1.0, so the ×30 copies do not fail the run. ydata-
+profiling 4.18.4 runs its default ``ProfileReport(df).to_file(html)`` on the same rows (as a pandas
+frame of instruction/input/response) in its own virtualenv under ``.cache/bench-ydata`` (created on
+first use: it pins older pandas/numpy than the project). Wall time and peak RSS of every child come
+from ``os.wait4``; ydata's time is its whole child (read + report) with the report alone also shown.
+
+Then ours runs again on ``--scale`` (default 10) times the rows, for the ratio of peak memory.
+
+    .venv/bin/python bench/data_quality.py [--copies 30] [--scale 10] [--skip-ydata] [--skip-scale]
+                                           [--workdir DIR] [--profile]
+
+``--profile`` also runs each of our stages once under cProfile on the 1× corpus and prints the top
+functions by cumulative time (slower; not part of the timed figures).
+
+Goals (issue #3): our whole stage faster than ydata's report alone, at <= 1/3 of its peak memory;
+peak memory at 10× rows within 1.2× of that at 1×. The last line is ``key=value`` pairs, e.g.
+``ours_s=… ydata_s=… speed_ratio=… ours_peak_mib=… ydata_peak_mib=… mem_ratio=… peak_10x_over_1x=…``.
+Exit status 0 (figures are reported, not enforced).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO.parent / "shared" / "data" / "instruct" / "gpteacher_codegen-instruct.json"
+YDATA_VENV = REPO / ".cache" / "bench-ydata"
+YDATA_PINS = ["ydata-profiling==4.18.4", "setuptools<81"]  # pkg_resources, which ydata still imports
+BENCH_SUITE = {"max_duplicate_rate": 1.0, "max_near_duplicate_rate": 1.0, "max_quarantine_rate": 1.0}
+
+YDATA_SCRIPT = textwrap.dedent("""
+    import json, sys, time, warnings
+    warnings.filterwarnings("ignore")
+    import pandas as pd
+    t0 = time.perf_counter()
+    df = pd.read_json(sys.argv[1], lines=True, dtype=False)[["instruction", "input", "response"]]
+    t1 = time.perf_counter()
+    from ydata_profiling import ProfileReport
+    ProfileReport(df, title="codegen x30", progress_bar=False).to_file(sys.argv[2])
+    t2 = time.perf_counter()
+    print("YDATA " + json.dumps({"read_s": t1 - t0, "report_s": t2 - t1, "rows": len(df)}))
+""")
+
+
+def make_corpus(path: Path, copies: int) -> int:
+    """Write ``copies`` × the codegen set as JSONL, each row distinct (see the module docstring)."""
+    rows = json.loads(SOURCE.read_text(encoding="utf-8"))
+    n = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        for _ in range(copies):
+            for row in rows:
+                n += 1
+                tag = f" [row {n}]"
+                out = {
+                    "instruction": row["instruction"] + tag,
+                    "input": row["input"] + tag if row.get("input") else "",
+                    "response": row["response"] + tag,
+                }
+                fh.write(json.dumps(out, ensure_ascii=False) + "\n")
+    return n
+
+
+def run_child(argv: list[str], *, env: dict[str, str] | None = None, log: Path | None = None) -> dict:
+    """Run one child; its own wall time and peak RSS (``os.wait4`` gives the rusage of that child only)."""
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if log:
+        out.close()
+    # ru_maxrss is in KiB on Linux
+    return {"wall_s": wall, "peak_mib": usage.ru_maxrss / 1024, "rc": proc.returncode,
+            "cpu_s": usage.ru_utime + usage.ru_stime}
+
+
+def run_ours(corpus: Path, work: Path, label: str) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    suite = work / "bench_suite.json"
+    suite.write_text(json.dumps(BENCH_SUITE))
+    cli = [sys.executable, "-m", "airloom.cli"]
+    stages = {
+        "validate": [*cli, "validate", str(corpus), "--out", str(work / "validate"), "--suite", str(suite)],
+        "eda": [*cli, "eda", str(corpus), "--out", str(work / "eda")],
+        "prepare": [*cli, "prepare", str(corpus), "--out", str(work / "prepare")],
+    }
+    result: dict = {"stages": {}}
+    for name, argv in stages.items():
+        res = run_child(argv, log=work / f"{name}.log")
+        if res["rc"] not in (0, 1):  # 1 = a check failed, which still did all the work
+            raise SystemExit(f"{label} {name} exited {res['rc']}; see {work / (name + '.log')}")
+        result["stages"][name] = res
+        print(f"  {label} {name:<8} {res['wall_s']:7.1f} s  peak {res['peak_mib']:7.0f} MiB  "
+              f"cpu {res['cpu_s']:6.1f} s  rc {res['rc']}", flush=True)
+    result["wall_s"] = sum(s["wall_s"] for s in result["stages"].values())
+    result["peak_mib"] = max(s["peak_mib"] for s in result["stages"].values())
+    validation = json.loads((work / "validate" / "validation.json").read_text())
+    manifest = json.loads((work / "prepare" / "manifest.json").read_text())
+    result["validation"] = {k: validation[k] for k in ("rows_read", "accepted", "quarantined", "duplicates",
+                                                         "near_duplicates", "success")}
+    result["prepare_counts"] = manifest["counts"]
+    return result
+
+
+def ensure_ydata() -> Path:
+    python = YDATA_VENV / "bin" / "python"
+    if not python.exists() or subprocess.run([str(python), "-c", "import ydata_profiling"],
+                                             capture_output=True).returncode != 0:
+        print(f"creating {YDATA_VENV} ({' '.join(YDATA_PINS)}) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(YDATA_VENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *YDATA_PINS],
+                       check=True)
+    return python
+
+
+def run_ydata(corpus: Path, work: Path) -> dict:
+    python = ensure_ydata()
+    script = work / "ydata_report.py"
+    script.write_text(YDATA_SCRIPT)
+    log = work / "ydata.log"
+    res = run_child([str(python), str(script), str(corpus), str(work / "ydata.html")], log=log)
+    lines = [line for line in log.read_text().splitlines() if line.startswith("YDATA ")]
+    if res["rc"] != 0 or not lines:
+        raise SystemExit(f"ydata-profiling failed (rc {res['rc']}); see {log}")
+    res.update(json.loads(lines[-1].removeprefix("YDATA ")))
+    print(f"  ydata    report {res['report_s']:7.1f} s (read {res['read_s']:.1f} s, child {res['wall_s']:.1f} s)  "
+          f"peak {res['peak_mib']:7.0f} MiB  cpu {res['cpu_s']:6.1f} s", flush=True)
+    return res
+
+
+def profile_ours(corpus: Path, work: Path) -> None:
+    """cProfile each stage once (in its own child) and print the top of the cumulative-time table."""
+    suite = work / "bench_suite.json"
+    for name, extra in (("validate", ["--suite", str(suite)]), ("eda", []), ("prepare", [])):
+        stats = work / f"{name}.prof"
+        argv = [sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "airloom.cli", name, str(corpus),
+                "--out", str(work / f"prof_{name}"), *extra]
+        subprocess.run(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        code = (f"import pstats; pstats.Stats({str(stats)!r}).sort_stats('tottime').print_stats(12)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+        print(f"--- cProfile {name}: top functions by own time ---")
+        body = out.split("ncalls", 1)[-1]
+        print("   ncalls" + body.rstrip())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--copies", type=int, default=30, help="times the codegen set is repeated (1×)")
+    parser.add_argument("--scale", type=int, default=10, help="the larger run has this many times the rows")
+    parser.add_argument("--skip-ydata", action="store_true")
+    parser.add_argument("--skip-scale", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also cProfile our stages on the 1× corpus")
+    parser.add_argument("--workdir", type=Path, help="keep the corpora and outputs here (default: a temp folder)")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="airloom-bench-data-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        corpus = work / "corpus_1x.jsonl"
+        rows = make_corpus(corpus, args.copies)
+        mib = corpus.stat().st_size / 2**20
+        print(f"corpus 1x: {rows:,} rows ({args.copies} x {SOURCE.name}, each row suffixed ' [row N]'), "
+              f"{mib:.0f} MiB JSONL", flush=True)
+
+        ours = run_ours(corpus, work / "ours_1x", "ours 1x ")
+        print(f"  ours 1x  total    {ours['wall_s']:7.1f} s  peak {ours['peak_mib']:7.0f} MiB  "
+              f"{rows / ours['wall_s']:,.0f} rows/s", flush=True)
+        print(f"  validation: {json.dumps(ours['validation'])}")
+        print(f"  prepare counts: {json.dumps(ours['prepare_counts'])}")
+
+        ydata = None if args.skip_ydata else run_ydata(corpus, work)
+
+        big = None
+        if not args.skip_scale:
+            big_corpus = work / f"corpus_{args.scale}x.jsonl"
+            big_rows = make_corpus(big_corpus, args.copies * args.scale)
+            print(f"corpus {args.scale}x: {big_rows:,} rows, {big_corpus.stat().st_size / 2**20:.0f} MiB", flush=True)
+            big = run_ours(big_corpus, work / f"ours_{args.scale}x", f"ours {args.scale}x")
+            big["rows"] = big_rows
+            print(f"  ours {args.scale}x total    {big['wall_s']:7.1f} s  peak {big['peak_mib']:7.0f} MiB  "
+                  f"{big_rows / big['wall_s']:,.0f} rows/s", flush=True)
+            big_corpus.unlink()
+
+        if args.profile:
+            profile_ours(corpus, work / "ours_1x")
+
+        figures = {
+            "rows": rows,
+            "ours_s": round(ours["wall_s"], 1),
+            "ours_rows_per_s": round(rows / ours["wall_s"]),
+            "ours_peak_mib": round(ours["peak_mib"]),
+            **{f"ours_{k}_s": round(v["wall_s"], 1) for k, v in ours["stages"].items()},
+            **{f"ours_{k}_peak_mib": round(v["peak_mib"]) for k, v in ours["stages"].items()},
+        }
+        if ydata:
+            figures.update({
+                "ydata_s": round(ydata["report_s"], 1),
+                "ydata_child_s": round(ydata["wall_s"], 1),
+                "ydata_peak_mib": round(ydata["peak_mib"]),
+                "speed_ratio": round(ydata["report_s"] / ours["wall_s"], 2),  # > 1: ours is faster
+                "mem_ratio": round(ours["peak_mib"] / ydata["peak_mib"], 2),  # goal <= 0.33
+            })
+        if big:
+            figures.update({
+                f"ours_{args.scale}x_s": round(big["wall_s"], 1),
+                f"ours_{args.scale}x_peak_mib": round(big["peak_mib"]),
+                f"peak_{args.scale}x_over_1x": round(big["peak_mib"] / ours["peak_mib"], 2),  # goal <= 1.2
+            })
+        print(" ".join(f"{k}={v}" for k, v in figures.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
