@@ -1,12 +1,13 @@
 """
-### llm_finetune — train → evaluate vs. production → gates → register → sign-off → deploy → canary
+### llm_finetune — train (one trial or a sweep) → evaluate vs. production → gates → register → sign-off → deploy → canary
 
 Fine-tunes the base model on the prepared dataset with the Airloom recipe, launched as a child
 process through the DeepSpeed launcher (or torchrun) in the `gpu` pool. The candidate is
 evaluated on the test split beside the model at alias `production` (or the base model when
 nothing is deployed yet); quality gates decide whether it is registered. A registered version
 waits, deferred, for a person other than the one who triggered the run to approve it
-(`airloom signoff approve MODEL/VERSION --user REVIEWER`), is then verified file by file and
+(in the UI: Browse → Model sign-off, or
+`airloom signoff approve MODEL/VERSION --user REVIEWER`), is then verified file by file and
 promoted to `production`, and a canary generates with it.
 
 Runs on each new `prepared_dataset`, on a `retraining_request` from monitoring, or by hand.
@@ -17,19 +18,29 @@ from datetime import datetime, timedelta
 from airflow.sdk import DAG, Param
 
 from airloom.airflow.assets import PREPARED_DATASET, RETRAINING_REQUEST
-from airloom.airflow.defaults import BASE_MODEL, CANARY_PROMPTS, DEFAULT_ARGS, MODEL_NAME
+from airloom.airflow.defaults import (
+    BASE_MODEL,
+    CANARY_PROMPTS,
+    DEFAULT_ARGS,
+    MODEL_NAME,
+    SIGNOFF_APPROVERS_VARIABLE,
+    SIGNOFF_POLICY,
+)
 from airloom.airflow.operators.data import ResolveDatasetOperator
 from airloom.airflow.operators.deepspeed import DeepSpeedTrainOperator
 from airloom.airflow.operators.evaluation import EvaluateModelOperator, QualityGateOperator
 from airloom.airflow.operators.registry import CanaryOperator, DeployModelOperator, RegisterModelOperator
+from airloom.airflow.operators.sweep import PlanTrialsOperator, SelectBestTrialOperator
 from airloom.airflow.sensors.registry import ModelSignOffSensor
 
-# Approvers come from the Variable airloom_signoff_approvers (comma-separated; empty = anyone but
-# the person who triggered the run), set in airflow_settings.yaml.
-SIGNOFF_POLICY = {
-    "required_approvals": 1,
-    "separation_of_duties": True,
-    "allowed_users": "{{ var.value.get('airloom_signoff_approvers', '') }}",
+
+def model_dir_of(train_result: dict) -> str:
+    return train_result["model_dir"]
+
+
+SIGNOFF = {
+    **SIGNOFF_POLICY,
+    "allowed_users": "{{ var.value.get('" + SIGNOFF_APPROVERS_VARIABLE + "', '') }}",
 }
 
 with DAG(
@@ -55,30 +66,62 @@ with DAG(
         "max_steps": Param(1500, type="integer", minimum=1, title="Optimizer steps"),
         "seed": Param(0, type="integer", minimum=0),
         "eval_limit": Param(300, type="integer", minimum=1, title="Test examples to evaluate"),
+        "packing": Param(False, type="boolean", title="Pack examples into full rows"),
+        "sweep": Param({}, type="object", title="Hyperparameter sweep",
+                       description='Empty: one trial. Grid: {"learning_rate": [0.001, 0.003], "lora_r": [8, 16]}. '
+                                   'Random: {"learning_rate": {"log_uniform": [0.0001, 0.01]}} with sweep_trials draws'),
+        "sweep_trials": Param(4, type="integer", minimum=1, maximum=64, title="Random-search trials"),
+        "sweep_metric": Param("exact_match", type="string", title="Metric that picks the best trial",
+                              description="An evaluation metric on the validation split, or validation_loss"),
+        "sweep_eval_limit": Param(100, type="integer", minimum=1, title="Validation examples per trial"),
         "gates": Param("exact_match>=0.3,exact_match>=baseline-0.02", type="string", title="Quality gates",
                        description="Comma-separated: metric>=value or metric>=baseline-delta"),
     },
 ):
     dataset = ResolveDatasetOperator(task_id="resolve_dataset", dataset="{{ params.dataset }}")
-    train = DeepSpeedTrainOperator(
-        task_id="train",
-        base_model="{{ params.base_model }}",
-        train_file=dataset.output["train"],
-        validation_file=dataset.output["validation"],
-        launcher="{{ params.launcher }}",
-        config={
+    # One trial (the params above) unless a sweep space is given: each trial is a mapped training
+    # task in the gpu pool, evaluated on the validation split; only the best goes on.
+    plan = PlanTrialsOperator(
+        task_id="plan_trials",
+        base_config={
             "method": "{{ params.method }}",
             "zero_stage": "{{ params.zero_stage }}",
             "learning_rate": "{{ params.learning_rate }}",
             "batch_size": "{{ params.batch_size }}",
             "max_steps": "{{ params.max_steps }}",
+            "packing": "{{ params.packing }}",
             "seed": "{{ params.seed }}",
         },
+        space="{{ params.sweep }}",
+        trials="{{ params.sweep_trials }}",
+        seed="{{ params.seed }}",
+    )
+    train = DeepSpeedTrainOperator.partial(
+        task_id="train",
+        base_model="{{ params.base_model }}",
+        train_file=dataset.output["train"],
+        validation_file=dataset.output["validation"],
+        launcher="{{ params.launcher }}",
         execution_timeout=timedelta(hours=12),
+        # partial() does not apply the operator's own defaults at parse time: name pool and queue here.
+        pool="gpu",
+        queue="gpu",
+    ).expand(config=plan.output)
+    evaluate_trials = EvaluateModelOperator.partial(
+        task_id="evaluate_trial",
+        dataset_file=dataset.output["validation"],
+        limit="{{ params.sweep_eval_limit }}",
+        pool="eval",
+    ).expand(model=train.output.map(model_dir_of))
+    best = SelectBestTrialOperator(
+        task_id="select_best_trial",
+        trials=train.output,
+        evaluations=evaluate_trials.output,
+        metric="{{ params.sweep_metric }}",
     )
     evaluate_candidate = EvaluateModelOperator(
         task_id="evaluate_candidate",
-        model=train.output["model_dir"],
+        model=best.output["model_dir"],
         dataset_file=dataset.output["test"],
         limit="{{ params.eval_limit }}",
         bias_probes=True,
@@ -86,7 +129,7 @@ with DAG(
     evaluate_production = EvaluateModelOperator(
         task_id="evaluate_production",
         model="registry:{{ params.model_name }}@production",
-        fallback_model=train.output["base_model_path"],
+        fallback_model=best.output["base_model_path"],
         dataset_file=dataset.output["test"],
         limit="{{ params.eval_limit }}",
     )
@@ -100,17 +143,17 @@ with DAG(
     register = RegisterModelOperator(
         task_id="register_candidate",
         model_name="{{ params.model_name }}",
-        model_dir=train.output["model_dir"],
+        model_dir=best.output["model_dir"],
         metadata={
-            "base_model": train.output["base_model"],
+            "base_model": best.output["base_model"],
             "metrics": evaluate_candidate.output["aggregate"],
             "metrics_by_task": evaluate_candidate.output["by_task"],
             "baseline": {"model": evaluate_production.output["model"],
                          "metrics": evaluate_production.output["aggregate"]},
             "gates": gates.output["gates"],
-            "training": train.output["metrics"],
+            "training": best.output["metrics"],
             "lineage": {"dataset": dataset.output["path"], "dataset_hash": dataset.output["dataset_hash"],
-                        "train_config": train.output["config"]},
+                        "train_config": best.output["config"]},
         },
         evidence={"eval_report": gates.output["report"], "eval_metrics": evaluate_candidate.output["metrics_path"]},
     )
@@ -118,7 +161,7 @@ with DAG(
         task_id="wait_for_signoff",
         model_name="{{ params.model_name }}",
         version=register.output["version"],
-        policy=SIGNOFF_POLICY,
+        policy=SIGNOFF,
         poll_interval=5,
         timeout=timedelta(days=7),
         retries=0,
@@ -128,8 +171,8 @@ with DAG(
         model_name="{{ params.model_name }}",
         version=register.output["version"],
         alias="production",
-        policy=SIGNOFF_POLICY,
+        policy=SIGNOFF,
     )
     canary = CanaryOperator(task_id="canary", model_name="{{ params.model_name }}", prompts=CANARY_PROMPTS)
 
-    dataset >> train >> [evaluate_candidate, evaluate_production] >> gates >> register >> signoff >> deploy >> canary
+    best >> [evaluate_candidate, evaluate_production] >> gates >> register >> signoff >> deploy >> canary

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+BUCKET = "airloom-registry-tests"
 # Airflow reads its config at import: point it at a throwaway home before any test imports it.
 os.environ["AIRFLOW_HOME"] = tempfile.mkdtemp(prefix="airloom-test-airflow-")
 os.environ["AIRFLOW__CORE__LOAD_EXAMPLES"] = "False"
@@ -24,3 +25,33 @@ def _airloom_home(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("AIRLOOM_HOME", str(home))
     monkeypatch.delenv("AIRLOOM_REGISTRY", raising=False)
     return home
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """moto's S3 server in a thread of this process; AWS_* (endpoint, fake credentials) set in the env."""
+    from moto.server import ThreadedMotoServer
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_SESSION_TOKEN", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        try:
+            _, port = server.get_host_and_port()
+            endpoint = f"http://127.0.0.1:{port}"
+            mp.setenv("AWS_ENDPOINT_URL", endpoint)
+            import boto3
+
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+            yield endpoint
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def moto_bucket(moto_endpoint) -> str:
+    """A bucket on moto's server (shared; give each test its own prefix)."""
+    return BUCKET

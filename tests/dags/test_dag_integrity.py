@@ -59,12 +59,15 @@ def test_params_reject_bad_input(dagbag):
 
 def test_wiring(dagbag):
     ft = dagbag.dags["llm_finetune"]
-    order = ["resolve_dataset", "train", "quality_gates", "register_candidate", "wait_for_signoff", "deploy", "canary"]
+    order = ["plan_trials", "train", "evaluate_trial", "select_best_trial", "quality_gates", "register_candidate",
+             "wait_for_signoff", "deploy", "canary"]
+    assert "resolve_dataset" in {t.task_id for t in ft.get_task("train").upstream_list}
     for up, down in zip(order, order[1:], strict=False):
         assert up in {t.task_id for t in ft.get_task(down).upstream_list} or any(
             up in {u.task_id for u in t.upstream_list} for t in ft.get_task(down).upstream_list
         ), f"{up} must run before {down}"
-    assert ft.get_task("train").pool == "gpu"
+    assert ft.get_task("train").pool == "gpu" and ft.get_task("train").queue == "gpu"
+    assert ft.get_task("evaluate_trial").pool == "eval"
     dq = dagbag.dags["llm_data_quality"]
     assert [o.name for o in dq.get_task("prepare").outlets] == ["prepared_dataset"]
 
@@ -112,3 +115,25 @@ def test_parse_time_close_to_an_empty_dag(tmp_path):
         # bench/dag_parse.py measures the ratio precisely; here only a gross regression fails
         # (a heavy import costs seconds, far beyond this margin).
         assert t < baseline * 1.6 + 0.3, f"{path.name}: {t:.2f}s to parse vs {baseline:.2f}s for an empty DAG"
+
+
+@pytest.mark.parametrize(
+    ("dag_id", "task_id", "link", "xcom_key"),
+    [
+        ("llm_data_quality", "validate", "Data Docs", "_link_DataDocsLink"),
+        ("llm_data_quality", "eda_report", "EDA report", "_link_EdaReportLink"),
+        ("llm_finetune", "quality_gates", "Eval report", "_link_EvalReportLink"),
+    ],
+)
+def test_serialized_dags_keep_the_report_links(dagbag, dag_id, task_id, link, xcom_key):
+    """The API server knows a task's links only from the serialized DAG (name -> XCom key)."""
+    import json
+
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    encoded = json.loads(json.dumps(DagSerialization.to_dict(dagbag.dags[dag_id])))
+    op = next(t for t in encoded["dag"]["tasks"] if t["__var"]["task_id"] == task_id)["__var"]
+    assert op["_operator_extra_links"] == {link: xcom_key}
+    served = DagSerialization.from_dict(encoded).get_task(task_id)
+    assert served.extra_links == [link]
+    assert served.operator_extra_link_dict[link].xcom_key == xcom_key

@@ -122,3 +122,27 @@ def test_rollback_dag_returns_production_to_the_previous_approved_version(demo):
     assert reg.get_alias("airloom-demo", "production") == 1
     last = [h for h in reg.history("airloom-demo") if h["action"] == "alias"][-1]
     assert (last["from"], last["to"]) == (2, 1)
+
+
+def test_sweep_maps_one_training_task_per_trial_and_passes_on_the_best(demo):
+    """A 2-trial grid through dynamic task mapping: both trials train and are scored on the validation
+    split; the one with the lower validation loss is picked; an impossible gate then stops the run
+    before anything is registered."""
+    from airloom.registry.registry import ModelRegistry
+
+    home, env, _ = demo
+    versions = [v.version for v in ModelRegistry.from_uri(home / "registry").list_versions("airloom-demo")]
+    conf = {"max_steps": 30, "sweep": {"learning_rate": [0.00001, 0.003]}, "sweep_metric": "validation_loss",
+            "sweep_eval_limit": 10, "eval_limit": 10, "gates": "exact_match>=2", "packing": True}
+    proc = subprocess.run([str(Path(sys.executable).with_name("airflow")), "dags", "test", "llm_finetune",
+                           "-c", json.dumps(conf)], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, "the impossible gate must fail the run"
+    run = max((home / "runs" / "llm_finetune").iterdir(), key=lambda p: p.stat().st_mtime)
+    for index in ("0", "1"):
+        metrics = json.loads((run / "train" / index / "train_metrics.json").read_text())
+        assert metrics["steps"] == 30 and metrics["packing"] is True
+        assert (run / "evaluate_trial" / index / "metrics.json").is_file()
+    assert "BEST trial 1 {'learning_rate': 0.003}" in out, out[-3000:]
+    assert "exact_match>=2" in out
+    assert [v.version for v in ModelRegistry.from_uri(home / "registry").list_versions("airloom-demo")] == versions

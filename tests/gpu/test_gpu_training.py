@@ -61,3 +61,29 @@ def test_batched_generation_matches_one_at_a_time_on_gpu(tiny):
     batched = generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=8)
     single = [generate(model, tokenizer, [p], max_new_tokens=12, batch_size=1)[0] for p in prompts]
     assert batched == single
+
+
+def test_varlen_flash_attention_matches_sdpa_on_packed_rows_on_gpu():
+    """The flash varlen kernel gives sdpa's packed-row result in bf16 (what bench/gpu_mfu.sh runs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from airloom.training import varlen
+    from airloom.training.packing import collate_packed, pack_examples
+
+    varlen.register()
+    cfg = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    sdpa = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa")).cuda().bfloat16()
+    fast = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation=varlen.NAME)).cuda().bfloat16()
+    fast.load_state_dict(sdpa.state_dict())
+    g = torch.Generator().manual_seed(1)
+    examples = [(ids, ids) for ids in (torch.randint(1, 255, (int(n),), generator=g).tolist()
+                                       for n in torch.randint(8, 120, (40,), generator=g))]
+    input_ids, position_ids, labels = (t.cuda() for t in collate_packed(pack_examples(examples, 512), 0, 512))
+    with torch.no_grad():
+        a = sdpa(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False)
+        b = fast(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False)
+    assert varlen._flash_varlen() is not None
+    assert abs(a.loss.item() - b.loss.item()) < 1e-2
+    assert (a.logits.float() - b.logits.float()).abs().max().item() < 0.1

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +80,96 @@ def test_failing_child_fails_with_its_last_lines(tmp_path):
     with pytest.raises(TrainingFailed, match="exited with code 1"):
         TrainingProcess(build_command(spec), child_env()).run(log=lambda m: None)
     assert not (tmp_path / "out" / "model").exists()
+
+
+def test_packed_training_learns_with_full_rows(tiny, tmp_path):
+    out = tmp_path / "packed"
+    cfg = TrainConfig(base_model=str(tiny / "base"), train_file=str(tiny / "train.jsonl"), output_dir=str(out),
+                      max_steps=30, batch_size=4, learning_rate=3e-3, warmup_steps=3, zero_stage=2,
+                      launcher="python", log_every=5, packing=True, max_length=256)
+    out.mkdir()
+    spec = LaunchSpec(config_path=cfg.save(out / "train_config.json"), launcher="python")
+    TrainingProcess(build_command(spec), child_env({"OMP_NUM_THREADS": "1"})).run(log=lambda line: None)
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert metrics["non_pad_share"] > 0.9, metrics  # the last, partly filled row weighs on 31 rows
+    assert metrics["rows"] < metrics["examples"] / 4
+    assert metrics["history"][-1]["loss"] < metrics["history"][0]["loss"]
+
+
+def _start_until(cmd, env, marker: str, timeout: float = 240) -> subprocess.Popen:
+    """Start the run and return once ``marker`` appears in its output (the run keeps going)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + timeout
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            return proc
+        if time.monotonic() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError(f"never saw {marker!r}; last lines:\n{''.join(seen[-20:])}")
+
+
+def test_run_killed_after_a_checkpoint_resumes_from_it(tiny, tmp_path):
+    """SIGKILL the whole launcher group after the step-20 checkpoint; the rerun continues at step 20
+    and ends where an uninterrupted run ends."""
+    def config(out: Path) -> Path:
+        out.mkdir()
+        return TrainConfig(base_model=str(tiny / "base"), train_file=str(tiny / "train.jsonl"), output_dir=str(out),
+                           max_steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=3, zero_stage=2,
+                           launcher="deepspeed", log_every=10, checkpoint_every=10).save(out / "train_config.json")
+
+    env = child_env({"OMP_NUM_THREADS": "1"})
+    killed = tmp_path / "killed"
+    cmd = build_command(LaunchSpec(config_path=config(killed), launcher="deepspeed"))
+    proc = _start_until(cmd, env, "checkpoint step-00000020 saved")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "step-00000020" / "COMPLETE").is_file()
+    assert not (killed / "model").exists() and not (killed / "train_metrics.json").exists()
+    (killed / "checkpoints" / "step-00000030").mkdir()  # as a save cut short would leave it: no marker
+
+    lines: list[str] = []
+    TrainingProcess(cmd, env).run(log=lines.append)
+    assert any("resuming from checkpoint step-00000020 (step 20/40)" in line for line in lines), lines[-30:]
+    resumed = json.loads((killed / "train_metrics.json").read_text())
+    assert resumed["steps"] == 40 and resumed["resumed_from_step"] == 20
+    assert [h["step"] for h in resumed["history"]] == [10, 20, 30, 40]
+    assert not (killed / "checkpoints").exists()  # superseded by the saved model
+
+    straight = tmp_path / "straight"
+    TrainingProcess(build_command(LaunchSpec(config_path=config(straight), launcher="deepspeed")), env).run(
+        log=lambda line: None)
+    reference = json.loads((straight / "train_metrics.json").read_text())
+    assert resumed["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-4)
+
+
+def test_retry_on_another_machine_resumes_from_the_s3_mirror(tiny, tmp_path, moto_bucket):
+    """Checkpoints mirrored to S3 (moto's server): with the local folder gone, the rerun fetches the
+    newest complete checkpoint and resumes; a finished run leaves nothing behind in the mirror."""
+    import boto3
+
+    prefix = f"ckpt-{tmp_path.name}"
+    uri = f"s3://{moto_bucket}/{prefix}"
+    out = tmp_path / "run"
+    out.mkdir()
+    config = TrainConfig(base_model=str(tiny / "base"), train_file=str(tiny / "train.jsonl"), output_dir=str(out),
+                         max_steps=30, batch_size=16, learning_rate=3e-3, warmup_steps=3, zero_stage=2,
+                         launcher="deepspeed", log_every=10, checkpoint_every=10, checkpoint_uri=uri
+                         ).save(out / "train_config.json")
+    env = child_env({"OMP_NUM_THREADS": "1"})  # AWS_ENDPOINT_URL and credentials: set by moto_endpoint
+    cmd = build_command(LaunchSpec(config_path=config, launcher="deepspeed"))
+    proc = _start_until(cmd, env, "checkpoint step-00000020 saved")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    shutil.rmtree(out / "checkpoints")  # the retry runs on a machine that never saw them
+
+    lines: list[str] = []
+    TrainingProcess(cmd, env).run(log=lines.append)
+    assert any(f"fetched checkpoint step-00000020 from {uri}" in line for line in lines), lines[-30:]
+    assert any("resuming from checkpoint step-00000020 (step 20/30)" in line for line in lines)
+    assert json.loads((out / "train_metrics.json").read_text())["resumed_from_step"] == 20
+    listing = boto3.client("s3").list_objects_v2(Bucket=moto_bucket, Prefix=prefix)
+    assert listing.get("KeyCount", 0) == 0

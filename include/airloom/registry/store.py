@@ -58,6 +58,10 @@ class ObjectStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix`` (training checkpoints; registry versions are never deleted)."""
+        ...
+
     def list(self, prefix: str = "") -> list[str]:
         """All keys starting with ``prefix`` (recursive), sorted."""
         ...
@@ -215,6 +219,12 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return self.path(key).is_file()
 
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for key in keys:
+            self.path(key).unlink(missing_ok=True)
+        return len(keys)
+
     def list(self, prefix: str = "") -> list[str]:
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         if not base.is_dir():
@@ -356,6 +366,14 @@ class S3Store:
         except ClientError as exc:
             raise RegistryError(f"S3 list of {self.uri()}/{prefix} failed: {exc}") from exc
         return sorted(keys)
+
+
+    def delete_prefix(self, prefix: str) -> int:
+        keys = self.list(prefix)
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch = [{"Key": self._key(k)} for k in keys[start : start + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(keys)
 
 
 def open_store(uri: str | os.PathLike[str]) -> ObjectStore:

@@ -9,7 +9,7 @@ from typing import Any
 
 from airloom.exceptions import UsageError
 
-METHODS = ("full", "lora")
+METHODS = ("full", "lora", "qlora")
 LAUNCHERS = ("deepspeed", "torchrun", "python")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -19,6 +19,14 @@ _NUMERIC = {"float": float, "int": int, "float | None": float, "int | None": int
 
 def _coerce(name: str, value: Any) -> Any:
     """YAML 1.1 reads ``2e-3`` as a string and UI forms send text: convert numbers by field type."""
+    if TrainConfig.__dataclass_fields__[name].type == "bool" and isinstance(value, str):
+        # A templated DAG param renders a boolean as "True"/"False".
+        flag = value.strip().lower()
+        if flag in ("true", "1", "yes", "on"):
+            return True
+        if flag in ("false", "0", "no", "off", ""):
+            return False
+        raise UsageError(f"training option {name} must be true or false, got {value!r}")
     kind = _NUMERIC.get(TrainConfig.__dataclass_fields__[name].type)
     if kind is None or value is None or isinstance(value, bool) or not isinstance(value, str | int | float):
         return value
@@ -50,13 +58,24 @@ class TrainConfig:
     max_steps: int | None = None
     max_seconds: float | None = None
     max_length: int = 128
+    # Pack several examples per row of max_length tokens (batch_size then counts rows, not examples).
+    packing: bool = False
+    attn_implementation: str = "sdpa"
     seed: int = 0
     precision: str = "fp32"
     zero_stage: int = 2
     offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only: parameters live in CPU memory between uses
     launcher: str = "deepspeed"
     nproc_per_node: int = 1
     log_every: int = 10
+    # Every N optimizer steps a DeepSpeed checkpoint under output_dir/checkpoints; a rerun resumes from
+    # the newest complete one. 0 = never.
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    # Also copy each complete checkpoint here (s3://bucket/prefix or a folder), so a retry on another
+    # machine resumes too. One per run: a finished run deletes what it left there.
+    checkpoint_uri: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -70,6 +89,12 @@ class TrainConfig:
             raise UsageError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.launcher == "python" and self.nproc_per_node != 1:
             raise UsageError("launcher 'python' runs one process; use deepspeed or torchrun for nproc_per_node > 1")
+        if self.method == "qlora" and (self.zero_stage == 3 or self.precision == "fp32"):
+            raise UsageError("qlora needs zero_stage 0-2 and precision bf16 or fp16 (4-bit weights, half compute)")
+        if self.offload_params and self.zero_stage != 3:
+            raise UsageError("offload_params needs zero_stage 3 (only ZeRO-3 partitions the parameters)")
+        if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
+            raise UsageError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         for name in ("learning_rate", "batch_size", "max_length", "epochs"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -114,6 +139,8 @@ class TrainConfig:
         }
         if self.offload_optimizer and self.zero_stage > 0:
             cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        if self.offload_params:
+            cfg["zero_optimization"]["offload_param"] = {"device": "cpu", "pin_memory": False}
         return cfg
 
     def save(self, path: Path) -> Path:

@@ -2,7 +2,7 @@
 
 ``python -m airloom.training.recipe --config run/train_config.json``
 
-setup → train → save, as torchtune's recipes. Every rank runs this file; DeepSpeed's engine
+setup → (resume) → train → checkpoint → save, as torchtune's recipes. Every rank runs this file; DeepSpeed's engine
 does the distributed part (ZeRO stage from the config, gloo on CPU, NCCL on GPUs). Only the
 response tokens carry loss: the prompt is context, not something to learn to produce.
 """
@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+from airloom.exceptions import UsageError
 from airloom.training.config import TrainConfig
 from airloom.training.launcher import PROGRESS_PREFIX
 
@@ -115,18 +116,55 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def load_model(cfg: TrainConfig):
+def preflight(cfg: TrainConfig) -> None:
+    """Refuse, before any work, what this machine cannot run (the operator calls it too)."""
+    if cfg.method == "qlora":
+        import importlib.util
+
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("method qlora loads 4-bit weights with bitsandbytes and needs a CUDA GPU; this "
+                             "machine has none. Use method lora (same adapter, full-precision base) or run on "
+                             "the gpu queue.")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError("method qlora needs the bitsandbytes package on the training machine "
+                             "(pip install bitsandbytes)")
+
+
+def _dtype(precision: str):
     import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def load_model(cfg: TrainConfig):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision]
     tokenizer = AutoTokenizer.from_pretrained(cfg.base_model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=dtype)
-    if cfg.method == "lora":
+    if cfg.attn_implementation == "airloom_varlen":
+        from airloom.training import varlen
+
+        varlen.register()
+    kwargs = {"dtype": _dtype(cfg.precision), "attn_implementation": cfg.attn_implementation}
+    if cfg.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_dtype(cfg.precision))
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs)
+    model.config.use_cache = False
+    if cfg.method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model
 
+        if cfg.method == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules="all-linear", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
@@ -150,8 +188,126 @@ def _evaluate_loss(engine, examples, pad_id: int, batch_size: int) -> float:
     return total / max(1, count)
 
 
+# -- checkpoints ----------------------------------------------------------------------------------
+# DeepSpeed writes each checkpoint into its own tag folder; ours is complete only once every rank
+# has written its shard and rank 0 has then written COMPLETE. A process killed mid-save leaves a
+# folder without the marker, which resume ignores and the next save removes.
+
+CHECKPOINT_MARKER = "COMPLETE"
+
+
+def checkpoint_root(cfg: TrainConfig) -> Path:
+    return Path(cfg.output_dir) / "checkpoints"
+
+
+def newest_checkpoint(root: Path) -> tuple[str, int] | None:
+    """(tag, step) of the newest complete checkpoint under ``root``, if any."""
+    done = []
+    for d in root.glob("step-*") if root.is_dir() else []:
+        marker = d / CHECKPOINT_MARKER
+        if marker.is_file():
+            try:
+                done.append((int(json.loads(marker.read_text())["step"]), d.name))
+            except (ValueError, KeyError, json.JSONDecodeError):
+                continue  # a marker cut short is no marker
+    if not done:
+        return None
+    step, tag = max(done)
+    return tag, step
+
+
+def checkpoint_mirror(cfg: TrainConfig):
+    """The object store that mirrors checkpoints, if ``checkpoint_uri`` is set."""
+    if not cfg.checkpoint_uri:
+        return None
+    from airloom.registry.store import open_store
+
+    return open_store(cfg.checkpoint_uri)
+
+
+def _tag_step(tag: str) -> int:
+    return int(tag.removeprefix("step-"))
+
+
+def upload_checkpoint(store, root: Path, tag: str, keep: int) -> None:
+    """Copy a complete checkpoint to the mirror, marker last; drop older and unfinished ones there."""
+    folder = root / tag
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != CHECKPOINT_MARKER:
+            store.put_file(f"{tag}/{f.relative_to(folder).as_posix()}", f)
+    store.put_bytes(f"{tag}/{CHECKPOINT_MARKER}", (folder / CHECKPOINT_MARKER).read_bytes())
+    complete = sorted(remote_checkpoints(store), key=_tag_step)
+    tags = {k.split("/", 1)[0] for k in store.list("step-")}
+    for old in tags - set(complete[-keep:]) - {tag}:
+        store.delete_prefix(old + "/")
+
+
+def remote_checkpoints(store) -> list[str]:
+    return [k.split("/", 1)[0] for k in store.list("step-") if k.endswith("/" + CHECKPOINT_MARKER)]
+
+
+def fetch_checkpoint(store, root: Path) -> str | None:
+    """Download the mirror's newest complete checkpoint into ``root`` (marker last); its tag, or None."""
+    complete = remote_checkpoints(store)
+    if not complete:
+        return None
+    tag = max(complete, key=_tag_step)
+    keys = store.list(tag + "/")
+    for key in sorted(keys, key=lambda k: k.endswith("/" + CHECKPOINT_MARKER)):
+        store.download_file(key, root / key)
+    return tag
+
+
+def save_checkpoint(engine, cfg: TrainConfig, rank: int, step: int, state: dict) -> None:
+    import torch.distributed as dist
+
+    root = checkpoint_root(cfg)
+    tag = f"step-{step:08d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        (root / tag / CHECKPOINT_MARKER).write_text(json.dumps({"step": step}))
+        complete = sorted(d for d in root.glob("step-*") if (d / CHECKPOINT_MARKER).is_file())
+        for d in root.glob("step-*"):
+            if d.name != tag and (d not in complete or d in complete[: -cfg.keep_checkpoints]):
+                shutil.rmtree(d, ignore_errors=True)
+        mirror = checkpoint_mirror(cfg)
+        if mirror is not None:
+            upload_checkpoint(mirror, root, tag, cfg.keep_checkpoints)
+    if dist.is_initialized():
+        dist.barrier()  # nobody starts the next save while rank 0 still prunes
+
+
+# -- training -------------------------------------------------------------------------------------
+
+def _units(cfg: TrainConfig, examples: list) -> list:
+    """What one batch slot holds: an example, or (packing) a row of several examples."""
+    if not cfg.packing:
+        return examples
+    from airloom.training.packing import pack_examples
+
+    return pack_examples(examples, cfg.max_length)
+
+
+def _batch(cfg: TrainConfig, units: list, pad_id: int, device) -> tuple[dict, int, int]:
+    """Model inputs for a micro-batch, its real (non-pad) tokens and its padded size."""
+    if cfg.packing:
+        from airloom.training.packing import collate_packed
+
+        input_ids, position_ids, labels = collate_packed(units, pad_id)
+        real = sum(len(ids) for row in units for ids, _ in row)
+        inputs = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+    else:
+        input_ids, attn, labels = collate(units, pad_id)
+        real = int(attn.sum())
+        inputs = {"input_ids": input_ids, "attention_mask": attn, "labels": labels}
+    return {k: v.to(device) for k, v in inputs.items()}, real, input_ids.numel()
+
+
 def train(cfg: TrainConfig) -> dict:
     _ensure_dist_env()
+    preflight(cfg)
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -165,12 +321,13 @@ def train(cfg: TrainConfig) -> dict:
     examples = tokenize_examples(read_examples(cfg.train_file), tokenizer, cfg.max_length)
     if not examples:
         raise ValueError(f"{cfg.train_file}: no usable training examples")
+    units = _units(cfg, examples)
     micro = max(1, cfg.batch_size // world)
-    steps_per_epoch = max(1, len(examples) // (micro * world * cfg.gradient_accumulation_steps))
+    steps_per_epoch = max(1, len(units) // (micro * world * cfg.gradient_accumulation_steps))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total))
     ds_config = cfg.deepspeed_config(world)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -181,21 +338,41 @@ def train(cfg: TrainConfig) -> dict:
         (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
 
     history: list[dict] = []
-    batches = global_batches(len(examples), micro * world, cfg.seed)
-    step, tokens, t0 = 0, 0, time.monotonic()
+    step, tokens, padded = 0, 0, 0
+    resumed = None
+    if cfg.checkpoint_every:
+        mirror = checkpoint_mirror(cfg)
+        if rank == 0 and mirror is not None and newest_checkpoint(checkpoint_root(cfg)) is None:
+            # A retry on another machine: nothing here, but the mirror may hold the last checkpoint.
+            fetched = fetch_checkpoint(mirror, checkpoint_root(cfg))
+            if fetched:
+                print(f"fetched checkpoint {fetched} from {cfg.checkpoint_uri}", flush=True)
+        if dist.is_initialized():
+            dist.barrier()
+        resumed = newest_checkpoint(checkpoint_root(cfg))
+    if resumed:
+        _, state = engine.load_checkpoint(str(checkpoint_root(cfg)), tag=resumed[0])
+        step, tokens, padded, history = state["step"], state["tokens"], state["padded"], state["history"]
+        if rank == 0:
+            print(f"resuming from checkpoint {resumed[0]} (step {step}/{total})", flush=True)
+    batches = global_batches(len(units), micro * world, cfg.seed)
+    for _ in range(step * cfg.gradient_accumulation_steps):
+        next(batches)  # the same data order as an uninterrupted run
+    start_step, run_tokens, t0 = step, 0, time.monotonic()
     engine.train()
     while step < total:
         loss_sum = 0.0
         for _ in range(cfg.gradient_accumulation_steps):
             chunk = next(batches)
-            mine = [examples[i] for i in chunk[rank * micro : (rank + 1) * micro]]
-            input_ids, attn, labels = collate(mine, tokenizer.pad_token_id)
-            loss = engine(input_ids=input_ids.to(engine.device), attention_mask=attn.to(engine.device),
-                          labels=labels.to(engine.device)).loss
+            mine = [units[i] for i in chunk[rank * micro : (rank + 1) * micro]]
+            inputs, real, size = _batch(cfg, mine, tokenizer.pad_token_id, engine.device)
+            loss = engine(**inputs, use_cache=False).loss
             engine.backward(loss)
             engine.step()
             loss_sum += loss.item()
-            tokens += int(attn.sum()) * world
+            tokens += real * world
+            run_tokens += real * world
+            padded += size * world
         step += 1
         loss_val = loss_sum / cfg.gradient_accumulation_steps
         elapsed = time.monotonic() - t0
@@ -206,18 +383,28 @@ def train(cfg: TrainConfig) -> dict:
             stop = bool(flag.item())
         if rank == 0 and (step % cfg.log_every == 0 or step == total or stop):
             lr = scheduler.get_last_lr()[0]
-            rate = tokens / max(elapsed, 1e-9)
-            eta = (total - step) * elapsed / step
+            rate = run_tokens / max(elapsed, 1e-9)
+            eta = (total - step) * elapsed / max(1, step - start_step)
             rec = {"step": step, "total": total, "loss": round(loss_val, 5), "lr": lr,
-                   "tokens_per_s": round(rate, 1), "eta_s": round(eta, 1), "elapsed_s": round(elapsed, 1)}
+                   "tokens_per_s": round(rate, 1), "eta_s": round(eta, 1), "elapsed_s": round(elapsed, 3),
+                   "run_tokens": run_tokens}
             history.append(rec)
             print(PROGRESS_PREFIX + json.dumps(rec), flush=True)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total and not stop:
+            save_checkpoint(engine, cfg, rank, step,
+                            {"step": step, "tokens": tokens, "padded": padded, "history": history})
+            if rank == 0:
+                print(f"checkpoint step-{step:08d} saved", flush=True)
         if stop:
             break
 
-    metrics = {"steps": step, "planned_steps": total, "examples": len(examples), "world_size": world,
-               "train_seconds": round(time.monotonic() - t0, 2), "tokens": tokens,
-               "tokens_per_s": round(tokens / max(time.monotonic() - t0, 1e-9), 1),
+    seconds = time.monotonic() - t0
+    metrics = {"steps": step, "planned_steps": total, "examples": len(examples), "rows": len(units),
+               "mean_example_tokens": round(sum(len(ids) for ids, _ in examples) / len(examples), 2),
+               "world_size": world, "packing": cfg.packing, "resumed_from_step": start_step if resumed else None,
+               "train_seconds": round(seconds, 2), "tokens": tokens,
+               "tokens_per_s": round(run_tokens / max(seconds, 1e-9), 1),
+               "non_pad_share": round(tokens / max(1, padded), 4),
                "final_loss": history[-1]["loss"] if history else None, "history": history,
                "zero_stage": cfg.zero_stage, "method": cfg.method}
     if cfg.validation_file and rank == 0:
@@ -242,12 +429,25 @@ def save(engine, tokenizer, cfg: TrainConfig, out: Path, rank: int, metrics: dic
     model = engine.module
     tmp = out / "model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.method == "lora":
+    if cfg.method in ("lora", "qlora"):
         if state_dict is not None:
             model.load_state_dict(state_dict, strict=False)
         model.save_pretrained(out / "adapter")
-        model = model.merge_and_unload()
         state_dict = None
+        if cfg.method == "qlora":
+            # 4-bit weights cannot be merged in place: merge the adapter into the base in half precision.
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            base = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=_dtype(cfg.precision))
+            model = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
+        else:
+            model = model.merge_and_unload()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.config.use_cache = True  # off for training only
+    if cfg.attn_implementation == "airloom_varlen":
+        model.set_attn_implementation("sdpa")  # a saved model must load where airloom is not imported
     model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     final = out / "model"
@@ -255,6 +455,11 @@ def save(engine, tokenizer, cfg: TrainConfig, out: Path, rank: int, metrics: dic
     tmp.rename(final)
     (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_loss(metrics["history"], out / "loss_curve.png")
+    # The finished model supersedes the checkpoints (each holds optimizer state: ~3x the model).
+    shutil.rmtree(checkpoint_root(cfg), ignore_errors=True)
+    mirror = checkpoint_mirror(cfg)
+    if mirror is not None:
+        mirror.delete_prefix("step-")
 
 
 def plot_loss(history: list[dict], path: Path) -> None:

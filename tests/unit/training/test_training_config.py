@@ -16,7 +16,7 @@ from airloom.training.launcher import RECIPE_MODULE, LaunchSpec, build_command
 @pytest.mark.parametrize(
     ("options", "match"),
     [
-        ({"method": "qlora"}, r"training method 'qlora' is not one of \('full', 'lora'\)"),
+        ({"method": "dpo"}, r"training method 'dpo' is not one of \('full', 'lora', 'qlora'\)"),
         ({"launcher": "mpirun"}, r"launcher 'mpirun' is not one of"),
         ({"zero_stage": 4}, r"zero_stage must be 0, 1, 2 or 3, got 4"),
         ({"precision": "int8"}, r"precision 'int8' is not one of"),
@@ -198,3 +198,31 @@ def test_deepspeed_runner_accepts_the_commands(tmp_path):
         assert args.no_ssh == (name == "no_ssh"), name
         if name == "no_ssh":
             assert (args.node_rank, args.master_addr) == (1, "10.0.0.5")
+
+
+def test_qlora_is_refused_before_any_work_without_cuda(tmp_path):
+    torch = pytest.importorskip("torch")
+    from airloom.training.recipe import preflight
+
+    cfg = TrainConfig(base_model="b", train_file="t.jsonl", output_dir=str(tmp_path), method="qlora", precision="bf16")
+    if torch.cuda.is_available():
+        pytest.skip("this check is about machines without CUDA")
+    with pytest.raises(UsageError, match="qlora .* needs a CUDA GPU"):
+        preflight(cfg)
+    with pytest.raises(UsageError, match="qlora needs zero_stage 0-2 and precision bf16 or fp16"):
+        TrainConfig(method="qlora", precision="fp32")
+
+
+def test_boolean_options_accept_rendered_params():
+    assert TrainConfig.from_dict({"packing": "True"}).packing is True
+    assert TrainConfig.from_dict({"packing": "False"}).packing is False
+    with pytest.raises(UsageError, match="packing must be true or false"):
+        TrainConfig.from_dict({"packing": "maybe"})
+
+
+def test_parameter_offload_is_a_zero3_option():
+    ds = TrainConfig(zero_stage=3, offload_params=True, offload_optimizer=True).deepspeed_config()
+    assert ds["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    with pytest.raises(UsageError, match="offload_params needs zero_stage 3"):
+        TrainConfig(zero_stage=2, offload_params=True)

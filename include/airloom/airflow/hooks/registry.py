@@ -46,3 +46,21 @@ class RegistryHook(BaseHook):
     @cached_property
     def registry(self):
         return self.get_conn()
+
+
+def aws_env_for_child(aws_conn_id: str = "aws_default") -> dict[str, str]:
+    """The connection's S3 credentials as environment variables, for a child process (training)
+    that reads or writes ``s3://`` itself and knows nothing of Airflow connections."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    hook = S3Hook(aws_conn_id=aws_conn_id)
+    creds = hook.get_credentials()
+    env = {"AWS_ACCESS_KEY_ID": creds.access_key, "AWS_SECRET_ACCESS_KEY": creds.secret_key}
+    if creds.token:
+        env["AWS_SESSION_TOKEN"] = creds.token
+    if hook.conn_config.region_name:
+        env["AWS_DEFAULT_REGION"] = hook.conn_config.region_name
+    endpoint = hook.conn_config.get_service_endpoint_url("s3")
+    if endpoint:
+        env["AWS_ENDPOINT_URL"] = endpoint
+    return {k: v for k, v in env.items() if v}

@@ -22,7 +22,7 @@ from airloom.exceptions import AirloomError
 class DeepSpeedTrainOperator(BaseOperator):
     """Fine-tune ``base_model`` on ``train_file`` with the Airloom recipe.
 
-    :param base_model: a model folder, ``registry:NAME[/N|@ALIAS]`` or a hub id.
+    :param base_model: a model folder, ``registry:NAME[/N|@ALIAS]``, ``s3://bucket/prefix`` or a hub id.
     :param train_file: JSONL of ``{"prompt", "response"}``.
     :param validation_file: optional JSONL for the validation loss.
     :param config: training options (:class:`airloom.training.config.TrainConfig` fields).
@@ -64,6 +64,7 @@ class DeepSpeedTrainOperator(BaseOperator):
         **kwargs,
     ) -> None:
         kwargs.setdefault("pool", "gpu")
+        kwargs.setdefault("queue", "gpu")  # Celery: only GPU workers listen here (ignored by local executors)
         # A templated process count is only known at run time; size the pool claim explicitly then.
         kwargs.setdefault("pool_slots", nproc_per_node if isinstance(nproc_per_node, int) else 1)
         super().__init__(**kwargs)
@@ -86,10 +87,16 @@ class DeepSpeedTrainOperator(BaseOperator):
         from airloom.registry.resolve import resolve_model
         from airloom.training.config import TrainConfig
         from airloom.training.launcher import LaunchSpec, TrainingProcess, build_command, child_env
+        from airloom.training.recipe import preflight
 
         out = task_output_dir(context, self.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        base = resolve_model(self.base_model, registry=self._registry())
+        s3_client = None
+        if str(self.base_model).startswith("s3://"):
+            from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+            s3_client = S3Hook(aws_conn_id="aws_default").get_conn()
+        base = resolve_model(self.base_model, registry=self._registry(), s3_client=s3_client)
         try:
             cfg = TrainConfig.from_dict(
                 {
@@ -102,6 +109,7 @@ class DeepSpeedTrainOperator(BaseOperator):
                     "nproc_per_node": int(self.nproc_per_node),
                 }
             )
+            preflight(cfg)  # e.g. qlora without CUDA: say so before launching anything
         except AirloomError as e:  # bad config: a retry would fail the same way
             raise AirflowFailException(str(e)) from e
         config_path = cfg.save(out / "train_config.json")
@@ -116,7 +124,12 @@ class DeepSpeedTrainOperator(BaseOperator):
             hostfile=self.hostfile,
         )
         threads = max(1, (os.cpu_count() or 1) // int(self.nproc_per_node))
-        env = child_env({"OMP_NUM_THREADS": str(threads), **{k: str(v) for k, v in self.env.items()}})
+        extra = {"OMP_NUM_THREADS": str(threads)}
+        if str(cfg.checkpoint_uri or "").startswith("s3://"):
+            from airloom.airflow.hooks.registry import aws_env_for_child
+
+            extra.update(aws_env_for_child())  # the recipe mirrors checkpoints with the connection's credentials
+        env = child_env({**extra, **{k: str(v) for k, v in self.env.items()}})
         self._process = TrainingProcess(build_command(spec), env, cwd=out)
         try:
             self._process.run(log=self.log.info)
