@@ -156,6 +156,9 @@ with DAG(
                         "train_config": best.output["config"]},
         },
         evidence={"eval_report": gates.output["report"], "eval_metrics": evaluate_candidate.output["metrics_path"]},
+        attachments={"evaluation/report.html": gates.output["report"],
+                     "evaluation/metrics.json": evaluate_candidate.output["metrics_path"],
+                     "evaluation/comparison.json": gates.output["comparison"]},
     )
     signoff = ModelSignOffSensor(
         task_id="wait_for_signoff",

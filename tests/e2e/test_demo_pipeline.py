@@ -55,6 +55,8 @@ def test_demo_deploys_a_signed_off_version(demo):
     lineage = mv.metadata["lineage"]
     assert lineage["dag_id"] == "llm_finetune" and lineage["dataset_hash"]
     assert mv.metadata["training"]["steps"] == 60
+    # The evidence reviewers saw is part of the immutable version, hashed in its manifest.
+    assert {"evaluation/report.html", "evaluation/metrics.json"} <= {f["path"] for f in mv.files}
     actions = [h["action"] for h in reg.history("airloom-demo")]
     assert actions.count("alias") == 2  # candidate, then production
 

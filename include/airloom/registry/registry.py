@@ -236,11 +236,14 @@ class ModelRegistry:
         metadata: dict[str, Any],
         actor: str,
         card: str | None = None,
+        attachments: dict[str, str | os.PathLike[str]] | None = None,
     ) -> ModelVersion:
         """Upload ``folder`` as the next version of ``name`` and commit it with a manifest.
 
         Until MANIFEST.json exists the version is invisible, so a crash mid-upload leaves only an
         unused number behind, never a half model. A README.md in ``folder`` is replaced by the card.
+        ``attachments`` maps a path inside the version (e.g. ``evaluation/report.html``) to a file
+        stored with it: evidence that is hashed in the manifest like the weights.
         """
         check_name(name)
         _check_actor(actor)
@@ -252,6 +255,15 @@ class ModelRegistry:
         files = sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
         if not files:
             raise UsageError(f"model folder {root} is empty; point register at a saved model folder")
+        taken = {rel for rel, _ in files}
+        for rel, path in sorted((attachments or {}).items()):
+            p = Path(path)
+            if not p.is_file():
+                raise UsageError(f"attachment {rel}: {p} is not a file")
+            if rel in taken or rel == CARD or rel.startswith("/") or ".." in rel.split("/"):
+                raise UsageError(f"attachment {rel}: not a free relative path in the version")
+            files.append((rel, p))
+            taken.add(rel)
         for rel, _ in files:
             if rel in _RESERVED:
                 raise UsageError(

@@ -153,3 +153,27 @@ def test_from_uri(tmp_path):
     assert ModelRegistry.from_uri(str(tmp_path / "reg")).resolve("bot").uri == str(
         tmp_path / "reg" / "models" / "bot" / "versions" / "1"
     )
+
+
+def test_attachments_are_stored_and_verified_with_the_version(registry, tmp_path):
+    report = tmp_path / "gates" / "report.html"
+    report.parent.mkdir()
+    report.write_text("<html>gates passed</html>")
+    v = registry.register("support-bot", make_model(tmp_path / "m"), metadata={}, actor="alice",
+                          attachments={"evaluation/report.html": report})
+    assert "evaluation/report.html" in [f["path"] for f in v.files]
+    assert registry.store.get_bytes("models/support-bot/versions/1/evaluation/report.html") == report.read_bytes()
+    registry.verify("support-bot", 1)
+    registry.store.put_bytes("models/support-bot/versions/1/evaluation/report.html", b"<html>edited</html>")
+    with pytest.raises(CheckFailed, match="evaluation/report.html"):
+        registry.verify("support-bot", 1)
+
+
+@pytest.mark.parametrize("rel", ["config.json", "../escape.html", "README.md", "MANIFEST.json"])
+def test_attachments_cannot_replace_model_files_or_escape(registry, tmp_path, rel):
+    extra = tmp_path / "x.html"
+    extra.write_text("x")
+    with pytest.raises(UsageError):
+        registry.register("support-bot", make_model(tmp_path / "m"), metadata={}, actor="alice",
+                          attachments={rel: extra})
+    assert registry.list_versions("support-bot") == []

@@ -34,9 +34,10 @@ class RegisterModelOperator(_RegistryOperator):
     :param metadata: metrics, gate results, lineage; the run's dag_id/run_id and the triggering
         user are added here so lineage cannot be forgotten.
     :param evidence: label → path/URI shown to reviewers (model card, eval report); hashed into the request.
+    :param attachments: path in the version → file stored with it (the eval report and metrics).
     """
 
-    template_fields: Sequence[str] = ("model_name", "model_dir", "metadata", "evidence", "alias")
+    template_fields: Sequence[str] = ("model_name", "model_dir", "metadata", "evidence", "attachments", "alias")
 
     def __init__(
         self,
@@ -45,6 +46,7 @@ class RegisterModelOperator(_RegistryOperator):
         model_dir: str,
         metadata: dict | None = None,
         evidence: dict | None = None,
+        attachments: dict | None = None,
         alias: str | None = "candidate",
         request_signoff: bool = True,
         **kwargs,
@@ -54,6 +56,7 @@ class RegisterModelOperator(_RegistryOperator):
         self.model_dir = model_dir
         self.metadata = metadata or {}
         self.evidence = evidence or {}
+        self.attachments = attachments or {}
         self.alias = alias
         self.request_signoff = request_signoff
 
@@ -71,7 +74,8 @@ class RegisterModelOperator(_RegistryOperator):
             "code_version": airloom.__version__,
         }
         version = registry.register(
-            self.model_name, self.model_dir, metadata={**self.metadata, "lineage": lineage}, actor=user
+            self.model_name, self.model_dir, metadata={**self.metadata, "lineage": lineage}, actor=user,
+            attachments={k: v for k, v in self.attachments.items() if v},
         )
         self.log.info("registered %s (%d files) at %s", version.ref, len(version.files), version.uri)
         if self.alias:
