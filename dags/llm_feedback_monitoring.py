@@ -1,9 +1,12 @@
 """
 ### llm_feedback_monitoring — daily drift and feedback check that can request retraining
 
-Compares the day's traffic (`history/ds=<date>/`) with the training split of the newest
+Compares the day's traffic (`traffic/ds=<date>/`, written by `airloom serve`) with the training split of the newest
 prepared dataset (population stability index of prompt length and task mix) and summarises
-the day's thumbs-up/down feedback (`feedback/ds=<date>/`). When a threshold is crossed,
+the day's thumbs-up/down feedback (`feedback/ds=<date>/`). On traffic logged by `airloom serve` it
+also reports satisfaction, the rating distribution, latency and token percentiles and the share of
+outputs failing checks (empty, PII), writes `dashboard.html` with daily trends, and turns corrected
+answers into `corrected/instructions.jsonl` (raw rows for `llm_data_quality`). When a threshold is crossed,
 `request_retraining` emits the asset `retraining_request`, which starts `llm_finetune`;
 otherwise it is skipped and nothing is emitted.
 """
@@ -13,7 +16,7 @@ from datetime import datetime
 from airflow.sdk import DAG, Param
 
 from airloom.airflow.assets import RETRAINING_REQUEST
-from airloom.airflow.defaults import DEFAULT_ARGS, FEEDBACK, HISTORY
+from airloom.airflow.defaults import DEFAULT_ARGS, FEEDBACK, TRAFFIC
 from airloom.airflow.operators.monitoring import DriftMonitorOperator, RequestRetrainingOperator
 
 with DAG(
@@ -25,11 +28,13 @@ with DAG(
     tags=["airloom", "monitoring"],
     doc_md=__doc__,
     params={
-        "traffic_uri": Param(HISTORY, type="string", minLength=1),
+        "traffic_uri": Param(TRAFFIC, type="string", minLength=1, title="Served traffic (airloom serve's log)"),
         "feedback_uri": Param(FEEDBACK, type="string", minLength=1),
         "reference_file": Param("", type="string", title="Training split (empty: newest prepared dataset)"),
         "max_psi": Param(0.25, type="number", minimum=0),
         "max_negative_rate": Param(0.3, type="number", minimum=0, maximum=1),
+        "max_failing_rate": Param(0.2, type="number", minimum=0, maximum=1,
+                                  title="Most outputs failing checks (empty, PII) before retraining"),
     },
 ):
     monitor = DriftMonitorOperator(
@@ -40,6 +45,7 @@ with DAG(
         reference_file="{{ params.reference_file }}",
         max_psi="{{ params.max_psi }}",
         max_negative_rate="{{ params.max_negative_rate }}",
+        max_failing_rate="{{ params.max_failing_rate }}",
     )
     request = RequestRetrainingOperator(task_id="request_retraining", decision=monitor.output,
                                         outlets=[RETRAINING_REQUEST])

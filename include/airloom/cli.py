@@ -324,6 +324,27 @@ def cmd_airflow(args) -> int:
     return 0  # not reached
 
 
+def cmd_serve(args) -> int:
+    """Serve a registry version over OpenAI-compatible HTTP until interrupted."""
+    import logging
+
+    from airloom.serving.app import serve
+    from airloom.serving.engine import Engine
+    from airloom.settings import home
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be 1-65535, got {args.port}")
+    engine = Engine(_registry(args), args.model, cache_dir=args.cache_dir or home() / "cache" / "models",
+                    max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                    poll_seconds=args.poll_seconds, torch_threads=args.torch_threads)
+    print(f"serving {engine.current.ref} ({args.model}) on http://{args.host}:{args.port}", flush=True)
+    serve(engine, host=args.host, port=args.port,
+          traffic_dir=args.traffic_dir or home() / "data" / "traffic",
+          feedback_dir=args.feedback_dir or home() / "data" / "feedback")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="airloom", description="LLMOps on Apache Airflow: every stage from the shell.")
     p.add_argument("--registry", help="registry URI: a folder or s3://bucket/prefix (env AIRLOOM_REGISTRY)")
@@ -448,6 +469,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("settings", cmd_settings, "apply airflow_settings.yaml (connections, pools, variables)")
     sp.add_argument("file", nargs="?", default="airflow_settings.yaml")
+
+    sp = sub.add_parser("serve", help="serve a registry version over OpenAI-compatible HTTP",
+                        description="OpenAI-compatible /v1/completions and /v1/chat/completions, /v1/feedback, "
+                                    "/healthz; follows the alias when given NAME@ALIAS")
+    sp.set_defaults(func=cmd_serve)
+    sp.add_argument("--model", required=True, help="NAME@ALIAS (reloads when the alias moves) or NAME/VERSION")
+    # SUPPRESS: without it the subcommand's default would overwrite `airloom --registry X serve`.
+    sp.add_argument("--registry", default=argparse.SUPPRESS, help="registry URI (default: the global --registry)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--traffic-dir", help="traffic log root (default AIRLOOM_HOME/data/traffic)")
+    sp.add_argument("--feedback-dir", help="feedback root (default AIRLOOM_HOME/data/feedback)")
+    sp.add_argument("--cache-dir", help="downloaded versions (default AIRLOOM_HOME/cache/models)")
+    sp.add_argument("--max-batch-size", type=int, default=16, help="rows per generate call; 1 = no batching")
+    sp.add_argument("--batch-wait-ms", type=float, default=2.0,
+                    help="how long a lone request waits for others to join its batch")
+    sp.add_argument("--poll-seconds", type=float, default=5.0, help="how often the alias is read")
+    sp.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's choice)")
 
     from airloom.production import add_parser as add_prod_parser
 

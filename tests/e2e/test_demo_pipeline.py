@@ -91,8 +91,10 @@ def test_backfill_writes_one_partition_per_day_and_reruns_in_place(demo):
 def test_monitoring_compares_traffic_with_training_data(demo):
     home, env, _ = demo
     ds = sorted((home / "data" / "history").iterdir())[-1].name[3:]
-    subprocess.run([str(Path(sys.executable).with_name("airflow")), "dags", "test", "llm_feedback_monitoring", ds],
-                   env=env, cwd=REPO, check=True, capture_output=True, timeout=600)
+    # The demo's history partitions stand in for served traffic (same layout as airloom serve's log).
+    conf = json.dumps({"traffic_uri": str(home / "data" / "history")})
+    subprocess.run([str(Path(sys.executable).with_name("airflow")), "dags", "test", "llm_feedback_monitoring", ds,
+                    "-c", conf], env=env, cwd=REPO, check=True, capture_output=True, timeout=600)
     reports = list((home / "runs" / "llm_feedback_monitoring").glob("*/drift_and_feedback/monitoring.json"))
     assert len(reports) == 1
     report = json.loads(reports[0].read_text())

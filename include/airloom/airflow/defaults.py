@@ -15,6 +15,7 @@ HOME = str(home())
 RAW_DATA = f"{HOME}/data/raw"
 HISTORY = f"{HOME}/data/history"
 FEEDBACK = f"{HOME}/data/feedback"
+TRAFFIC = f"{HOME}/data/traffic"  # where `airloom serve` logs requests and responses
 EVALUATIONS = f"{HOME}/evaluations"
 CANARY_PROMPTS = [
     "### Instruction:\nWrite the number in words.\n### Input:\n42\n### Response:\n",

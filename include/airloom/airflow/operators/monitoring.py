@@ -24,11 +24,13 @@ class DriftMonitorOperator(BaseOperator):
     """
 
     template_fields: Sequence[str] = ("traffic_uri", "feedback_uri", "reference_file", "ds", "max_psi",
-                                      "max_negative_rate")
+                                      "max_negative_rate", "max_failing_rate")
 
     def __init__(self, *, traffic_uri: str, feedback_uri: str, reference_file: str, ds: str,
-                 max_psi: float = 0.25, max_negative_rate: float = 0.3, **kwargs) -> None:
+                 max_psi: float = 0.25, max_negative_rate: float = 0.3, max_failing_rate: float = 0.2,
+                 **kwargs) -> None:
         super().__init__(**kwargs)
+        self.max_failing_rate = max_failing_rate
         self.traffic_uri = traffic_uri
         self.feedback_uri = feedback_uri
         self.reference_file = reference_file
@@ -40,6 +42,12 @@ class DriftMonitorOperator(BaseOperator):
         from airloom.evaluation.backfill import read_partition
         from airloom.evaluation.harness import load_records_file
         from airloom.monitoring.drift import decide_retraining, drift_report, feedback_summary, write_report
+        from airloom.monitoring.serving import (
+            corrected_dataset,
+            decide_serving,
+            serving_summary,
+            write_dashboard,
+        )
 
         traffic = read_partition(self.traffic_uri, self.ds)
         if traffic is None:
@@ -47,15 +55,32 @@ class DriftMonitorOperator(BaseOperator):
         reference = self.reference_file or self._latest_train_split()
         if not reference or not Path(reference).is_file():
             raise AirflowSkipException(f"no training reference ({reference or 'no prepared dataset'}): nothing to compare with")
+        feedback = read_partition(self.feedback_uri, self.ds) or []
         report = drift_report(load_records_file(reference), traffic)
-        report.update(feedback_summary(read_partition(self.feedback_uri, self.ds) or []))
+        report.update(feedback_summary(feedback))
         reasons = decide_retraining(report, max_psi=float(self.max_psi),
                                     max_negative_rate=float(self.max_negative_rate))
+        # Served traffic (airloom serve): satisfaction, latency/token percentiles, failing outputs.
+        report["serving"] = serving_summary(traffic, feedback)
+        reasons += decide_serving(report["serving"], max_failing_rate=float(self.max_failing_rate))
+        out_dir = task_output_dir(context)
+        corrected, dropped = corrected_dataset(feedback)
+        if corrected:
+            # Raw instruction rows, the input format of llm_data_quality.
+            target = out_dir / "corrected" / "instructions.jsonl"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in corrected))
+            report["corrected_dataset"] = {"path": str(target), "rows": len(corrected), "dropped": dropped}
         report.update({"ds": self.ds, "retrain": bool(reasons), "reasons": reasons})
-        path = write_report(task_output_dir(context), report)
+        dashboard = write_dashboard(out_dir, self.traffic_uri, self.feedback_uri, self.ds,
+                                    extra={"drift": {k: report.get(k) for k in ("psi_prompt_length", "psi_task_mix")},
+                                           "reasons": reasons})
+        path = write_report(out_dir, report)
         self.log.info("monitoring ds=%s: %s", self.ds, json.dumps({k: report.get(k) for k in (
             "psi_prompt_length", "psi_task_mix", "negative_rate", "retrain", "reasons")}))
-        return {"report": str(path), "retrain": bool(reasons), "reasons": reasons}
+        return {"report": str(path), "retrain": bool(reasons), "reasons": reasons,
+                "dashboard": dashboard["dashboard"],
+                "corrected_dataset": (report.get("corrected_dataset") or {}).get("path")}
 
     @staticmethod
     def _latest_train_split() -> str | None:

@@ -1,0 +1,184 @@
+"""What the served model's traffic and feedback say: satisfaction, ratings, latency, tokens, failing
+outputs, a dashboard with daily trends, and corrected answers as a new raw dataset.
+
+Inputs are the partitions ``airloom serve`` writes (see :mod:`airloom.serving.logs`): traffic lines
+with ``response``, ``latency_ms``, ``prompt_tokens``, ``completion_tokens``, ``pii_masked`` (per
+field); feedback lines with ``rating`` (+1/-1/0), ``rating_raw`` ("up"/"down" or 1-5),
+``corrected_answer`` and the logged ``prompt``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections import Counter
+from datetime import date, timedelta
+from pathlib import Path
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    pos = (len(s) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(s) - 1)
+    return round(s[lo] + (s[hi] - s[lo]) * (pos - lo), 2)
+
+
+def output_failures(record: dict) -> list[str]:
+    """Checks a served answer fails: ``empty`` (blank) and ``pii`` (the scrubber masked personal data in it)."""
+    failed = []
+    if not str(record.get("response") or "").strip():
+        failed.append("empty")
+    if (record.get("pii_masked") or {}).get("response"):
+        failed.append("pii")
+    return failed
+
+
+def serving_summary(traffic: list[dict], feedback: list[dict]) -> dict:
+    """One day's figures. ``satisfaction_rate`` = positive / (positive + negative) ratings."""
+    served = [r for r in traffic if "response" in r]  # prompt-only history rows have no answer to check
+    failures = Counter(f for r in served for f in output_failures(r))
+    failing = sum(1 for r in served if output_failures(r))
+    signs = Counter(r.get("rating") for r in feedback)
+    raw = Counter(str(r.get("rating_raw", r.get("rating"))) for r in feedback)
+    rated = signs[1] + signs[-1]
+    latency = [float(r["latency_ms"]) for r in traffic if isinstance(r.get("latency_ms"), int | float)]
+    ptok = [float(r["prompt_tokens"]) for r in traffic if isinstance(r.get("prompt_tokens"), int)]
+    ctok = [float(r["completion_tokens"]) for r in traffic if isinstance(r.get("completion_tokens"), int)]
+    return {
+        "requests": len({r.get("response_id", r.get("id")) for r in traffic}),
+        "outputs": len(traffic),
+        "models": dict(Counter(r.get("model") or "unknown" for r in traffic)),
+        "feedback": len(feedback),
+        "satisfaction_rate": round(signs[1] / rated, 4) if rated else None,
+        "rating_distribution": dict(sorted(raw.items())),
+        "corrected_answers": sum(1 for r in feedback if (r.get("corrected_answer") or "").strip()),
+        "latency_ms": {"p50": _pct(latency, 0.5), "p95": _pct(latency, 0.95), "p99": _pct(latency, 0.99)},
+        "prompt_tokens": {"p50": _pct(ptok, 0.5), "p95": _pct(ptok, 0.95)},
+        "completion_tokens": {"p50": _pct(ctok, 0.5), "p95": _pct(ctok, 0.95)},
+        "failing_outputs": failing,
+        "failing_output_rate": round(failing / len(served), 4) if served else None,
+        "failures": dict(failures),
+    }
+
+
+def decide_serving(summary: dict, *, max_failing_rate: float = 0.2) -> list[str]:
+    """Reasons to retrain from served outputs (empty = fine).
+
+    Satisfaction is not decided here: it is 1 - the negative-feedback rate that
+    :func:`airloom.monitoring.drift.decide_retraining` already thresholds.
+    """
+    fail = summary.get("failing_output_rate")
+    if fail is not None and fail > max_failing_rate:
+        return [f"failing outputs {fail:.2f} > {max_failing_rate} ({summary['failures']})"]
+    return []
+
+
+def corrected_dataset(feedback: list[dict]) -> tuple[list[dict], dict]:
+    """Corrected answers as raw instruction rows for ``llm_data_quality``, validated and deduplicated.
+
+    Alpaca prompts are parsed back into instruction/input; other prompts (a chat template) keep the
+    whole prompt as the instruction. Rows with PII left after scrubbing, or blank parts, are dropped.
+    """
+    from airloom.data.validate import dedup_key, find_pii
+
+    rows, seen, dropped = [], set(), Counter()
+    for fb in feedback:
+        answer = (fb.get("corrected_answer") or "").strip()
+        if not answer:
+            continue
+        instruction, inp = split_alpaca(fb.get("prompt") or "")
+        if not instruction.strip():
+            dropped["no_prompt"] += 1
+            continue
+        if find_pii(instruction) or find_pii(inp) or find_pii(answer):
+            dropped["pii"] += 1
+            continue
+        key = dedup_key(instruction, inp, answer)
+        if key in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        rows.append({"id": fb.get("id"), "instruction": instruction, "input": inp, "response": answer,
+                     "source": "feedback", "response_id": fb.get("response_id"), "model": fb.get("model")})
+    return rows, dict(dropped)
+
+
+def split_alpaca(prompt: str) -> tuple[str, str]:
+    """Inverse of the alpaca template (:mod:`airloom.data.prompts`); non-alpaca text is all instruction."""
+    head, resp = "### Instruction:\n", "\n### Response:\n"
+    if not (prompt.startswith(head) and prompt.endswith(resp)):
+        return prompt.strip(), ""
+    body = prompt[len(head) : -len(resp)]
+    instruction, sep, inp = body.partition("\n### Input:\n")
+    return instruction.strip(), inp.strip() if sep else ""
+
+
+def _plot(days: list[str], series: dict[str, list], ylabel: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 2.8))
+    for label, values in series.items():
+        ax.plot(days, [float("nan") if v is None else v for v in values], marker="o", label=label)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def write_dashboard(out_dir: Path, traffic_root: str | Path, feedback_root: str | Path, ds: str,
+                    days: int = 14, extra: dict | None = None) -> dict:
+    """``dashboard.html`` (self-contained: plots inlined) and ``serving.json`` for the ``days`` up to ``ds``."""
+    from airloom.evaluation.backfill import read_partition
+
+    end = date.fromisoformat(ds)
+    trend = []
+    for k in range(days - 1, -1, -1):
+        day = (end - timedelta(days=k)).isoformat()
+        traffic = read_partition(traffic_root, day)
+        if traffic is None:
+            continue
+        trend.append({"ds": day, **serving_summary(traffic, read_partition(feedback_root, day) or [])})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    today = next((t for t in trend if t["ds"] == ds), None)
+    xs = [t["ds"] for t in trend]
+    plots = {}
+    if trend:
+        plots["Satisfaction and failing outputs"] = _plot(xs, {
+            "satisfaction": [t["satisfaction_rate"] for t in trend],
+            "failing outputs": [t["failing_output_rate"] for t in trend]}, "share")
+        plots["Latency (ms)"] = _plot(xs, {q: [t["latency_ms"][q] for t in trend] for q in ("p50", "p95")}, "ms")
+        plots["Tokens"] = _plot(xs, {"prompt p50": [t["prompt_tokens"]["p50"] for t in trend],
+                                     "completion p50": [t["completion_tokens"]["p50"] for t in trend]}, "tokens")
+    rows = "".join(
+        f"<tr><td>{t['ds']}</td><td>{t['requests']}</td><td>{t['feedback']}</td><td>{t['satisfaction_rate']}</td>"
+        f"<td>{t['latency_ms']['p50']}</td><td>{t['latency_ms']['p95']}</td><td>{t['failing_output_rate']}</td></tr>"
+        for t in trend)
+    imgs = "".join(f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>"
+                   for title, b64 in plots.items())
+    detail = html.escape(json.dumps({"today": today, **(extra or {})}, indent=2, default=str))
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>Airloom serving monitor "
+        f"{html.escape(ds)}</title><style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}"
+        "td,th{border:1px solid #ccc;padding:4px 8px}</style></head><body>"
+        f"<h1>Serving monitor, ds={html.escape(ds)}</h1>"
+        "<table><tr><th>ds</th><th>requests</th><th>feedback</th><th>satisfaction</th><th>p50 ms</th>"
+        f"<th>p95 ms</th><th>failing outputs</th></tr>{rows}</table>{imgs}<h2>Details</h2><pre>{detail}</pre>"
+        "</body></html>"
+    )
+    (out_dir / "dashboard.html").write_text(page, encoding="utf-8")
+    result = {"ds": ds, "today": today, "trend": trend, "dashboard": str(out_dir / "dashboard.html")}
+    (out_dir / "serving.json").write_text(json.dumps(result, indent=2, default=str))
+    return result

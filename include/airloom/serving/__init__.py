@@ -1,0 +1,10 @@
+"""Serving the deployed model: an OpenAI-compatible HTTP server with request batching, alias
+reloads, a PII-scrubbed traffic log and a human-feedback endpoint.
+
+- :mod:`airloom.serving.engine` loads a registry version (manifest-verified), batches generation on
+  one worker thread and swaps in a new version when the alias moves.
+- :mod:`airloom.serving.logs` appends traffic and feedback records to daily JSONL partitions.
+- :mod:`airloom.serving.app` is the FastAPI app; :func:`airloom.serving.app.serve` runs it with uvicorn.
+
+No Airflow imports here; torch/transformers are imported when a model is loaded.
+"""

@@ -1,0 +1,409 @@
+"""The model server on a tiny registered model: uvicorn on 127.0.0.1, real HTTP shaped like the
+``openai`` Python client's, batching, feedback, the PII-masked traffic log and alias reloads.
+
+One server (module scope) serves ``tiny@production``; the alias-move test runs last because it
+changes what the server serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+NAME = "tiny"
+# What openai-python 1.x sends besides the body (it identifies itself and always sends a key).
+OPENAI_HEADERS = {
+    "Authorization": "Bearer sk-test",
+    "Content-Type": "application/json",
+    "Accept": "application/json",
+    "User-Agent": "OpenAI/Python 1.109.1",
+    "X-Stainless-Lang": "python",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spread_weights(folder: Path, seed: int) -> None:
+    """Redraw the weights wider than the default init: at std 0.02 a random model answers only
+    newlines, which would make the stop/padding checks vacuous. Two seeds = two different versions."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0, 0.2)
+    model.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def registry_with_two_versions(tmp_path_factory):
+    """A random-weight tiny Llama (no pre-training: seconds, not minutes) registered as versions 1 and 2."""
+    from airloom.registry.registry import ModelRegistry
+    from airloom.training.base import BaseModelSpec, build_base_model
+
+    root = tmp_path_factory.mktemp("serving")
+    spec = BaseModelSpec(vocab_size=320, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                         pretrain_lines=400, pretrain_seconds=0)
+    build_base_model(root / "model", spec, log=lambda *_: None)
+    reg = ModelRegistry.from_uri(root / "registry")
+    for seed in (1, 2):
+        _spread_weights(root / "model", seed)
+        reg.register(NAME, root / "model", metadata={"summary": "serving test", "seed": seed}, actor="test")
+    reg.set_alias(NAME, "production", 1, actor="test")
+    return root, reg
+
+
+@pytest.fixture(scope="module")
+def server(registry_with_two_versions):
+    import torch
+    import uvicorn
+
+    from airloom.serving.app import create_app
+    from airloom.serving.engine import Engine
+
+    root, reg = registry_with_two_versions
+    threads = torch.get_num_threads()
+    engine = Engine(reg, f"{NAME}@production", cache_dir=root / "cache", max_batch_size=16,
+                    batch_wait_ms=30, poll_seconds=0.2, torch_threads=1)
+    app = create_app(engine, traffic_dir=root / "traffic", feedback_dir=root / "feedback")
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not srv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "root": root, "registry": reg, "engine": engine}
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+        torch.set_num_threads(threads)
+
+
+def _completion_body(prompt, **kw):
+    return {"model": NAME, "prompt": prompt, "max_tokens": 8, "temperature": 0, **kw}
+
+
+async def _post_many(url: str, path: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, headers=OPENAI_HEADERS, timeout=60) as client:
+        return await asyncio.gather(*(client.post(path, json=b) for b in bodies))
+
+
+def _post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server["url"] + path, json=body, headers=OPENAI_HEADERS, timeout=60)
+
+
+def test_parse_model_ref():
+    from airloom.exceptions import UsageError
+    from airloom.serving.engine import parse_model_ref
+
+    assert parse_model_ref("tiny@production") == ("tiny", None, "production")
+    assert parse_model_ref("tiny/3") == ("tiny", 3, None)
+    for bad in ("tiny", "tiny/x", "tiny/0", "Tiny@prod", "a/1@b"):
+        with pytest.raises(UsageError, match="--model|invalid model name"):
+            parse_model_ref(bad)
+
+
+def test_verify_local_copy_names_the_corrupt_file(registry_with_two_versions, tmp_path):
+    from airloom.exceptions import CheckFailed
+    from airloom.serving.engine import verify_local_copy
+
+    _, reg = registry_with_two_versions
+    dest = reg.download(NAME, 1, tmp_path / "v1")
+    verify_local_copy(dest)
+    cfg = dest / "config.json"
+    data = bytearray(cfg.read_bytes())
+    data[-2] = ord(" ") if data[-2] != ord(" ") else ord("\t")  # same size: only the hash can tell
+    cfg.write_bytes(bytes(data))
+    with pytest.raises(CheckFailed, match=r"config\.json: sha256"):
+        verify_local_copy(dest)
+
+
+def test_healthz_names_the_served_version(server):
+    r = httpx.get(server["url"] + "/healthz")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["model"] == f"{NAME}/1" and body["version"] == 1 and body["serving"] == f"{NAME}@production"
+    assert r.headers["x-airloom-model-version"] == f"{NAME}/1"
+    models = httpx.get(server["url"] + "/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == f"{NAME}/1"
+
+
+def test_concurrent_completions_are_batched_and_match_unbatched(server):
+    prompts = [f"### Instruction:\nReverse the word.\n### Input:\nword{i}\n### Response:\n" for i in range(12)]
+    before = httpx.get(server["url"] + "/healthz").json()
+    responses = asyncio.run(_post_many(server["url"], "/v1/completions", [_completion_body(p) for p in prompts]))
+    for r in responses:
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["id"].startswith("cmpl-") and body["object"] == "text_completion"
+        assert isinstance(body["created"], int) and body["model"] == f"{NAME}/1"
+        assert r.headers["x-airloom-model-version"] == f"{NAME}/1"
+        (choice,) = body["choices"]
+        assert set(choice) == {"text", "index", "logprobs", "finish_reason"}
+        assert choice["finish_reason"] in ("stop", "length") and choice["index"] == 0
+        usage = body["usage"]
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        assert 0 < usage["prompt_tokens"] and 0 <= usage["completion_tokens"] <= 8
+    after = httpx.get(server["url"] + "/healthz").json()
+    assert after["requests"] - before["requests"] == 12
+    assert after["max_batch_size_seen"] > 1, after  # concurrent requests shared a generate call
+    assert after["batches"] - before["batches"] < 12
+    # Left padding must not change greedy output: the same prompt alone gives the same text.
+    texts = [r.json()["choices"][0]["text"] for r in responses]
+    assert len(set(texts)) > 1, texts
+    for i in (0, 7):
+        alone = _post(server, "/v1/completions", _completion_body(prompts[i])).json()
+        assert alone["choices"][0]["text"] == texts[i]
+
+
+def test_max_tokens_stop_and_n(server):
+    prompt = "### Instruction:\nSort the letters.\n### Input:\ndcba\n### Response:\n"
+    full = _post(server, "/v1/completions", _completion_body(prompt, max_tokens=12)).json()["choices"][0]
+    short = _post(server, "/v1/completions", _completion_body(prompt, max_tokens=2)).json()
+    assert short["usage"]["completion_tokens"] <= 2
+    assert full["text"].startswith(short["choices"][0]["text"])
+    text = full["text"]
+    assert len(set(text)) >= 3, text  # varied output, so the cut below means something
+    k = next(i for i in range(1, len(text)) if not text[i].isspace())
+    stop = text[k : k + 2]
+    cut = _post(server, "/v1/completions", _completion_body(prompt, max_tokens=12, stop=["@@@", stop])).json()
+    assert cut["choices"][0]["text"] == text[: text.find(stop)]
+    assert cut["choices"][0]["finish_reason"] == "stop"
+    many = _post(server, "/v1/completions", _completion_body([prompt, "Hello"], n=2)).json()
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2, 3]
+
+
+def test_chat_completion_shape_and_alpaca_prompt(server):
+    body = {"model": NAME, "messages": [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "Reverse the word.\n\nriver"}],
+            "max_completion_tokens": 6, "temperature": 0}
+    r = _post(server, "/v1/chat/completions", body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["id"].startswith("chatcmpl-") and out["object"] == "chat.completion"
+    assert out["model"] == f"{NAME}/1" and r.headers["x-airloom-model-version"] == f"{NAME}/1"
+    msg = out["choices"][0]["message"]
+    assert msg["role"] == "assistant" and isinstance(msg["content"], str)
+    assert out["usage"]["completion_tokens"] <= 6
+    # the tokenizer has no chat template, so the project's alpaca prompt was used
+    from airloom.data.prompts import render_prompt
+    from airloom.serving.logs import TrafficLog
+
+    logged = TrafficLog(server["root"] / "traffic").find(out["id"])
+    assert logged["prompt"] == render_prompt("Reverse the word.", "river")
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param"),
+    [
+        ("/v1/completions", _completion_body("hi", stream=True), 400, "stream"),
+        ("/v1/completions", _completion_body("hi", temperature=5), 422, "temperature"),
+        ("/v1/completions", _completion_body("hi", max_tokens=0), 422, "max_tokens"),
+        ("/v1/completions", {"model": NAME}, 422, "prompt"),
+        ("/v1/completions", _completion_body("word " * 400), 400, "prompt"),
+        ("/v1/completions", {**_completion_body("hi"), "model": "gpt-4o"}, 404, "model"),
+        ("/v1/chat/completions", {"model": NAME, "messages": []}, 422, "messages"),
+        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "robot", "content": "x"}]}, 422, "messages"),
+    ],
+)
+def test_bad_requests_get_openai_errors_naming_the_field(server, path, body, status, param):
+    r = _post(server, path, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param
+    if status == 422:
+        assert err["message"].startswith(param)
+    assert err["type"] in ("invalid_request_error", "not_found_error")
+
+
+def test_feedback_ok_404_and_422(server):
+    root = server["root"]
+    done = _post(server, "/v1/completions", _completion_body("Say hi.")).json()
+    ok = _post(server, "/v1/feedback", {"response_id": done["id"], "rating": "down",
+                                        "corrected_answer": "hi, write to ann@example.org",
+                                        "comment": "wrong"})
+    assert ok.status_code == 201, ok.text
+    assert ok.json()["response_id"] == done["id"] and ok.json()["rating"] == -1
+    stars = _post(server, "/v1/feedback", {"response_id": done["id"], "rating": 5})
+    assert stars.status_code == 201 and stars.json()["rating"] == 1
+
+    missing = _post(server, "/v1/feedback", {"response_id": "cmpl-nope", "rating": "up"})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["param"] == "response_id"
+
+    for body, field in [
+        ({"response_id": done["id"], "rating": "meh"}, "rating"),
+        ({"response_id": done["id"], "rating": 6}, "rating"),
+        ({"response_id": done["id"], "rating": True}, "rating"),
+        ({"rating": "up"}, "response_id"),
+        ({"response_id": done["id"], "rating": "up", "stars": 3}, "stars"),
+    ]:
+        bad = _post(server, "/v1/feedback", body)
+        assert bad.status_code == 422, (body, bad.text)
+        err = bad.json()["error"]
+        assert err["param"] == field and err["message"].startswith(field), err
+    assert _post(server, "/v1/feedback", {"response_id": done["id"], "rating": "meh"}).json()["detail"][0]["loc"] == [
+        "body", "rating"]
+
+    files = list((root / "feedback").glob("ds=*/part-*.jsonl"))
+    assert len(files) == 1
+    rows = [json.loads(line) for line in files[0].read_text().splitlines()]
+    first = next(r for r in rows if r["rating_raw"] == "down")
+    assert first["rating"] == -1 and first["model"] == f"{NAME}/1" and first["response_id"] == done["id"]
+    assert first["corrected_answer"] == "hi, write to <EMAIL>" and first["pii_masked"] == {"corrected_answer": {"email": 1}}
+    assert "ann@example.org" not in files[0].read_text()
+    assert sorted(r["rating"] for r in rows) == [-1, 1]
+
+
+def test_traffic_partition_is_masked_and_backfill_readable(server):
+    from airloom.evaluation.backfill import read_partition
+    from airloom.evaluation.harness import _check_records
+
+    prompt = "### Instruction:\nReply to jane.doe@example.com or +1 415 555 0132.\n### Response:\n"
+    done = _post(server, "/v1/completions", _completion_body(prompt)).json()
+    files = list((server["root"] / "traffic").glob("ds=*/part-*.jsonl"))
+    assert [f.name for f in files] == [f"part-{os.getpid()}.jsonl"] * len(files) and files
+    text = "".join(f.read_text() for f in files)
+    assert "jane.doe@example.com" not in text and "555 0132" not in text
+    ds = files[0].parent.name.removeprefix("ds=")
+    records = read_partition(server["root"] / "traffic", ds)
+    _check_records(records)  # what llm_eval_backfill's harness demands: id, prompt, response as strings
+    (rec,) = [r for r in records if r["response_id"] == done["id"]]
+    assert "<EMAIL>" in rec["prompt"] and "<PHONE>" in rec["prompt"]
+    assert rec["pii_masked"] == {"prompt": {"email": 1, "phone": 1}}
+    from airloom.data.validate import scrub_pii
+
+    assert rec["response"] == scrub_pii(done["choices"][0]["text"])[0]
+    assert rec["model"] == f"{NAME}/1" and rec["model_version"] == 1 and rec["latency_ms"] > 0
+    assert rec["prompt_tokens"] == done["usage"]["prompt_tokens"]
+    assert rec["completion_tokens"] == done["usage"]["completion_tokens"]
+    assert len({r["id"] for r in records}) == len(records)
+
+
+def test_monitoring_over_the_logged_partitions_requests_retraining(server):
+    """llm_feedback_monitoring's operators over what the server wrote: report, dashboard, corrected
+    answers as a dataset, and the retraining asset event (negative feedback 1 of 2 > 0.4)."""
+    from types import SimpleNamespace
+
+    from airflow.sdk import Asset
+    from airflow.sdk.execution_time.context import OutletEventAccessors
+
+    from airloom.airflow.operators.monitoring import DriftMonitorOperator, RequestRetrainingOperator
+
+    root = server["root"]
+    ds = next((root / "traffic").glob("ds=*")).name.removeprefix("ds=")
+    reference = root / "reference.jsonl"
+    reference.write_text("".join(json.dumps({"prompt": f"### Instruction:\nTask {i}\n### Response:\n"}) + "\n"
+                                 for i in range(50)))
+    context = {"ti": SimpleNamespace(dag_id="llm_feedback_monitoring", task_id="drift_and_feedback", map_index=-1),
+               "run_id": f"scheduled__{ds}T00:00:00+00:00", "dag_run": SimpleNamespace(triggering_user_name=None),
+               "outlet_events": OutletEventAccessors()}
+    decision = DriftMonitorOperator(task_id="drift_and_feedback", ds=ds, traffic_uri=str(root / "traffic"),
+                                    feedback_uri=str(root / "feedback"), reference_file=str(reference),
+                                    max_psi="100", max_negative_rate="0.4").execute(context)
+    assert decision["retrain"] is True and decision["reasons"] == ["negative feedback rate 0.50 > 0.4"]
+    report = json.loads(Path(decision["report"]).read_text())
+    serving = report["serving"]
+    assert serving["models"] == {f"{NAME}/1": serving["outputs"]} and serving["requests"] > 20
+    assert serving["satisfaction_rate"] == 0.5 and serving["rating_distribution"] == {"5": 1, "down": 1}
+    assert 0 < serving["latency_ms"]["p50"] <= serving["latency_ms"]["p95"]
+    assert serving["completion_tokens"]["p95"] <= 24 and serving["corrected_answers"] == 1
+    assert 0 <= serving["failing_output_rate"] <= 1
+    page = Path(decision["dashboard"]).read_text()
+    assert f"ds={ds}" in page and page.count("data:image/png;base64,") == 3
+    (row,) = [json.loads(line) for line in Path(decision["corrected_dataset"]).read_text().splitlines()]
+    assert row["instruction"] == "Say hi." and row["input"] == "" and row["source"] == "feedback"
+    assert row["response"] == "hi, write to <EMAIL>"
+    asset = Asset("retraining_request")
+    RequestRetrainingOperator(task_id="request_retraining", decision=decision, outlets=[asset]).execute(context)
+    assert context["outlet_events"][asset].extra["reasons"] == decision["reasons"]
+
+
+def test_alias_move_reloads_without_dropping_in_flight_requests(server):
+    """Runs last: afterwards the server serves version 2."""
+    reg = server["registry"]
+    prompts = [f"### Instruction:\nCount.\n### Input:\n{i}\n### Response:\n" for i in range(8)]
+    before = asyncio.run(_post_many(server["url"], "/v1/completions", [_completion_body(p) for p in prompts]))
+    before_texts = [b.json()["choices"][0]["text"] for b in before]
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=server["url"], headers=OPENAI_HEADERS, timeout=60) as client:
+            tasks = [asyncio.create_task(client.post("/v1/completions", json=_completion_body(p, max_tokens=24)))
+                     for p in prompts]
+            await asyncio.sleep(0.01)
+            await asyncio.to_thread(reg.set_alias, NAME, "production", 2, actor="test", reason="serving test")
+            return await asyncio.gather(*tasks)
+
+    in_flight = asyncio.run(scenario())
+    assert [r.status_code for r in in_flight] == [200] * 8
+    assert {r.json()["model"] for r in in_flight} <= {f"{NAME}/1", f"{NAME}/2"}
+    deadline = time.monotonic() + 60
+    while httpx.get(server["url"] + "/healthz").json()["version"] != 2:
+        assert time.monotonic() < deadline, "the server did not follow the alias"
+        time.sleep(0.1)
+    r = _post(server, "/v1/completions", _completion_body("Hello"))
+    assert r.json()["model"] == f"{NAME}/2" and r.headers["x-airloom-model-version"] == f"{NAME}/2"
+    # version 2 has other weights: the same greedy prompts now get other answers
+    after = asyncio.run(_post_many(server["url"], "/v1/completions", [_completion_body(p) for p in prompts]))
+    assert {a.json()["model"] for a in after} == {f"{NAME}/2"}
+    assert [a.json()["choices"][0]["text"] for a in after] != before_texts
+    chat = _post(server, "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}],
+                                                  "max_tokens": 2})
+    assert chat.json()["model"] == f"{NAME}/2"
+    health = httpx.get(server["url"] + "/healthz").json()
+    assert health["reloads"][-1]["from"] == f"{NAME}/1" and health["reloads"][-1]["to"] == f"{NAME}/2"
+    assert health["last_reload_error"] is None
+
+
+def test_cli_serve_runs_and_refuses_bad_refs(registry_with_two_versions, tmp_path):
+    root, _ = registry_with_two_versions
+    cli = [sys.executable, "-m", "airloom.cli", "--registry", str(root / "registry"), "serve"]
+    bad = subprocess.run([*cli, "--model", NAME], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert bad.returncode == 2 and "NAME@ALIAS" in bad.stderr
+    missing = subprocess.run([*cli, "--model", f"{NAME}/9"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert missing.returncode == 2 and "no committed version 9" in missing.stderr
+
+    port = _free_port()
+    env = {**os.environ, "AIRLOOM_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([*cli, "--model", f"{NAME}/1", "--port", str(port), "--torch-threads", "1",
+                             "--traffic-dir", str(tmp_path / "traffic")],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "airloom serve did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers=OPENAI_HEADERS, timeout=60,
+                       json={"model": f"{NAME}/1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["model"] == f"{NAME}/1"
+        assert list((tmp_path / "traffic").glob("ds=*/part-*.jsonl"))
+        assert (tmp_path / "home" / "cache" / "models" / NAME / "1" / "MANIFEST.json").is_file()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
