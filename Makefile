@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test test-all airflow settings bench lint lock clean venv venv-dev
+.PHONY: demo test test-all airflow settings bench lint lock clean venv venv-dev browser
 
 venv: $(VENV)/.runtime
 venv-dev: $(VENV)/.dev
@@ -27,8 +27,18 @@ demo: venv
 	$(BIN)/airloom demo
 
 ## The test suite (default run: everything but the minutes-long training checks marked `slow`).
-test: venv-dev
+test: venv-dev browser
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+## Debian's chromium for the browser tests (tests/browser), when none is on PATH (needs root or sudo).
+## Playwright drives this system browser; it never downloads one of its own. (Debian's launcher
+## script warns about the size of /dev/shm on stderr, hence 2>/dev/null.)
+browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium fonts-liberation; }
+	@chromium --version 2>/dev/null
 
 ## Airflow's scheduler, triggerer, dag-processor and UI (http://localhost:8080) on the embedded default.
 airflow: venv

@@ -9,6 +9,18 @@ counts and hashes in `manifest.json`). Emits the asset `prepared_dataset`, which
 `llm_finetune`.
 
 Outputs land in `$AIRLOOM_HOME/runs/llm_data_quality/<run_id>/<task_id>/`.
+
+**Corrected answers from feedback.** `llm_feedback_monitoring` writes the day's corrected answers
+(validated, PII-free, deduplicated raw rows) to
+`$AIRLOOM_HOME/data/feedback_datasets/ds=<date>/instructions.jsonl` and emits the asset
+`feedback_dataset` with that `path`. Turn them into a prepared dataset version by triggering this DAG
+with `source` set to the file (one day) or to the folder `…/data/feedback_datasets` (every day so far):
+
+    airflow dags trigger llm_data_quality -c '{"source": "<AIRLOOM_HOME>/data/feedback_datasets"}'
+
+To retrain on the original data plus the corrections, copy the file into the raw-data folder
+(`$AIRLOOM_HOME/data/raw`) first. This DAG is not scheduled on `feedback_dataset`: which rows to train on
+is a person's decision.
 """
 
 from datetime import datetime
@@ -31,7 +43,7 @@ with DAG(
     params={
         "source": Param(RAW_DATA, type="string", minLength=1, title="Raw data",
                         description="File, folder or glob of JSONL/JSON/CSV/Parquet instruction records"),
-        "suite": Param("", type="string", title="Validation config",
+        "suite": Param(None, type=["null", "string"], title="Validation config",
                        description="YAML file of validation thresholds (empty: built-in defaults)"),
         "on_bad_rows": Param("quarantine", enum=["quarantine", "fail"], title="Bad rows"),
         "seed": Param(0, type="integer", minimum=0, title="Split seed"),
@@ -46,7 +58,7 @@ with DAG(
         "max_seq_len": Param(None, type=["null", "integer"], minimum=1, title="Max tokens per row",
                              description="Drop rows whose prompt + response exceed this many tokens "
                                          "(empty: no filter)"),
-        "tokenizer": Param("registry:airloom-tiny-base", type="string", title="Tokenizer",
+        "tokenizer": Param("registry:airloom-tiny-base", type=["null", "string"], title="Tokenizer",
                            description="Model folder or registry:NAME[/N|@ALIAS]; used only by "
                                        "chat_template and the length filter (empty: none)"),
     },
@@ -54,7 +66,7 @@ with DAG(
     validate = ValidateDataOperator(
         task_id="validate",
         source="{{ params.source }}",
-        suite="{{ params.suite }}",
+        suite="{{ params.suite or '' }}",
         on_bad_rows="{{ params.on_bad_rows }}",
         retries=0,
     )
@@ -68,7 +80,7 @@ with DAG(
         template="{{ params.template }}",
         pii_policy="{{ params.pii_policy }}",
         max_seq_len="{{ params.max_seq_len }}",
-        tokenizer="{{ params.tokenizer }}",
+        tokenizer="{{ params.tokenizer or '' }}",
         outlets=[PREPARED_DATASET],
     )
     validate >> [eda, prepare]

@@ -56,7 +56,7 @@ with DAG(
         "model_name": Param(MODEL_NAME, type="string", pattern="^[a-z0-9][a-z0-9._-]*$", title="Registered model"),
         "base_model": Param(BASE_MODEL, type="string", minLength=1, title="Base model",
                             description="registry:NAME[/N|@ALIAS], a local folder or a hub id"),
-        "dataset": Param("", type="string", title="Prepared dataset folder",
+        "dataset": Param(None, type=["null", "string"], title="Prepared dataset folder",
                          description="Empty: the triggering asset event, else the newest prepared dataset"),
         "method": Param("full", enum=["full", "lora"], title="Fine-tuning method"),
         "launcher": Param("deepspeed", enum=["deepspeed", "torchrun", "python"]),
@@ -67,7 +67,7 @@ with DAG(
         "seed": Param(0, type="integer", minimum=0),
         "eval_limit": Param(300, type="integer", minimum=1, title="Test examples to evaluate"),
         "packing": Param(False, type="boolean", title="Pack examples into full rows"),
-        "sweep": Param({}, type="object", title="Hyperparameter sweep",
+        "sweep": Param(None, type=["null", "object"], title="Hyperparameter sweep",
                        description='Empty: one trial. Grid: {"learning_rate": [0.001, 0.003], "lora_r": [8, 16]}. '
                                    'Random: {"learning_rate": {"log_uniform": [0.0001, 0.01]}} with sweep_trials draws'),
         "sweep_trials": Param(4, type="integer", minimum=1, maximum=64, title="Random-search trials"),
@@ -78,7 +78,7 @@ with DAG(
                        description="Comma-separated: metric>=value or metric>=baseline-delta"),
     },
 ):
-    dataset = ResolveDatasetOperator(task_id="resolve_dataset", dataset="{{ params.dataset }}")
+    dataset = ResolveDatasetOperator(task_id="resolve_dataset", dataset="{{ params.dataset or '' }}")
     # One trial (the params above) unless a sweep space is given: each trial is a mapped training
     # task in the gpu pool, evaluated on the validation split; only the best goes on.
     plan = PlanTrialsOperator(

@@ -28,7 +28,7 @@ with DAG(
         "to_version": Param(None, type=["null", "integer"], minimum=1,
                             title="Version (empty: the previous approved one)"),
         "alias": Param("production", type="string", minLength=1),
-        "reason": Param("", type="string", title="Why (kept in the audit trail)"),
+        "reason": Param(None, type=["null", "string"], title="Why (kept in the audit trail)"),
     },
 ):
     rollback = RollbackModelOperator(
@@ -36,7 +36,7 @@ with DAG(
         model_name="{{ params.model_name }}",
         to_version="{{ params.to_version }}",
         alias="{{ params.alias }}",
-        reason="{{ params.reason }}",
+        reason="{{ params.reason or '' }}",
         retries=0,  # a compare-and-swap that lost must be looked at, not retried blindly
     )
     canary = CanaryOperator(task_id="canary", model_name="{{ params.model_name }}", alias="{{ params.alias }}",

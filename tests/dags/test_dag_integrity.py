@@ -46,6 +46,17 @@ def test_dag_is_documented_owned_and_retried(dagbag, dag_id):
         assert param.schema.get("type") or param.schema.get("enum"), f"{dag_id}.{name} has no schema"
 
 
+def test_empty_params_are_optional_in_the_trigger_form(dagbag):
+    """Airflow's params form treats a param as required unless its type allows null, and an empty
+    default as missing: such a param would keep the Trigger button disabled (found in a browser)."""
+    for dag_id, dag in dagbag.dags.items():
+        for name, param in dag.params.items():
+            types = param.schema.get("type")
+            types = types if isinstance(types, list) else [types]
+            if param.value in ("", {}, []) or param.value is None:
+                assert "null" in types, f"{dag_id}.{name}: an empty default needs type [\"null\", …]"
+
+
 def test_params_reject_bad_input(dagbag):
     from airflow.sdk.exceptions import ParamValidationError
 

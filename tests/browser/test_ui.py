@@ -1,0 +1,197 @@
+"""The Airflow UI in a real browser: what a trainer and a reviewer do, click by click.
+
+A trainer logs in, triggers ``llm_data_quality`` through its params form with a non-default split
+seed, waits for the run to succeed and opens the EDA report through the ``eda_report`` task's extra
+link (served by Airloom's plugin). A reviewer opens Browse → Model sign-off and approves a version
+the trainer registered and sent for sign-off from the CLI; the registry records the approval under
+the reviewer's Airflow identity. A screenshot of every step lands in the ``screens`` tmp folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import time
+import urllib.parse
+
+import pytest
+
+from airloom.settings import EMBEDDED_PASSWORDS
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+                       reason="no chromium on PATH: run `make browser` (Debian package)"),
+    pytest.mark.timeout(900),
+]
+
+DAG = "llm_data_quality"
+MODEL = "airloom-demo"
+SEED = 7  # the form's default is 0
+UI_TIMEOUT_MS = 60_000  # React pages on two busy cores
+
+
+@pytest.fixture(scope="module")
+def stack(airflow_ui, tmp_path_factory):
+    """Raw data for the DAG and a version awaiting sign-off, made while Airflow boots; then wait for it."""
+    from airloom.demo import write_demo_data
+    from airloom.training.base import BaseModelSpec, build_base_model
+
+    af = airflow_ui
+    # Where the DAG's `source` param points by default ($AIRLOOM_HOME/data/raw), as `airloom demo` writes it.
+    write_demo_data(af.home / "data", rows=300, history_days=0)
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    build_base_model(folder, BaseModelSpec(hidden_size=48, num_layers=1, num_heads=2, intermediate_size=96,
+                                           pretrain_lines=2000), log=lambda m: None)
+    cli = [sys.executable, "-m", "airloom.cli", "--registry", str(af.home / "registry")]
+    af.run("register", [*cli, "registry", "register", MODEL, str(folder), "--user", "trainer"])
+    af.run("signoff-request", [*cli, "signoff", "request", f"{MODEL}/1", "--user", "trainer",
+                               "--comment", "tiny model for the browser test"])
+    af.wait_healthy(timeout=300)
+    af.wait_dag(DAG, timeout=300)
+    return af
+
+
+@pytest.fixture(autouse=True)
+def _patient_expect():
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=UI_TIMEOUT_MS)  # expect() waits 5 s by default, the page's timeout aside
+
+
+def _login(browser, af, user: str):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(UI_TIMEOUT_MS)
+    page = context.new_page()
+    page.goto(af.url + "/")
+    page.get_by_label("Username").fill(user)
+    page.get_by_label("Password").fill(EMBEDDED_PASSWORDS[user])
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("link", name="Dags").first.wait_for()  # the app's nav: signed in
+    return context, page
+
+
+def _wait_run(af, run_id: str, timeout: float) -> dict:
+    token = af.token("admin")
+    path = f"/api/v2/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+    deadline = time.monotonic() + timeout
+    run = {"state": "unknown"}
+    while time.monotonic() < deadline:
+        af.check_running()
+        run = af.request("GET", path, token=token)
+        if run["state"] in ("success", "failed"):
+            return run
+        time.sleep(3)
+    pytest.fail(f"{DAG} run {run_id} still {run['state']} after {timeout:.0f}s; logs in {af.logs}")
+
+
+def test_trainer_triggers_from_the_params_form_and_opens_the_eda_report(stack, browser, shots):
+    from playwright.sync_api import expect
+
+    af = stack
+    context, page = _login(browser, af, "trainer")
+    try:
+        expect(page.get_by_text("Welcome")).to_be_visible()
+        shots(page, "01_trainer_logged_in")
+
+        page.goto(f"{af.url}/dags/{DAG}")
+        page.get_by_role("button", name="Trigger Dag").click()
+        form = page.get_by_role("dialog")
+        expect(form.get_by_text(f"Trigger Dag - {DAG}")).to_be_visible()
+        seed = form.get_by_label("Split seed")
+        seed.fill(str(SEED))
+        seed.scroll_into_view_if_needed()
+        shots(page, "02_params_form_seed_7")
+        trigger = form.get_by_role("button", name="Trigger", exact=True)
+        if not trigger.is_enabled():
+            empty = [el.get_attribute("name") for el in form.locator("input[required]").all() if not el.input_value()]
+            shots(page, "02_params_form_blocked")
+            pytest.fail(f"the params form of {DAG} keeps Trigger disabled with its defaults; required but "
+                        f"empty: {empty} (a Param whose type excludes null must not default to empty)")
+        before = {r["dag_run_id"] for r in af.request("GET", f"/api/v2/dags/{DAG}/dagRuns")["dag_runs"]}
+        trigger.click()
+
+        deadline = time.monotonic() + 60
+        while not (new := [r for r in af.request("GET", f"/api/v2/dags/{DAG}/dagRuns")["dag_runs"]
+                           if r["dag_run_id"] not in before]):
+            assert time.monotonic() < deadline, "the form's Trigger created no DAG run within 60 s"
+            time.sleep(1)
+        run_id = new[0]["dag_run_id"]
+        assert new[0]["conf"]["seed"] == SEED, new[0]["conf"]
+        assert new[0]["triggering_user_name"] == "trainer"
+
+        run = _wait_run(af, run_id, timeout=420)
+        states = {ti["task_id"]: ti["state"] for ti in af.request(
+            "GET", f"/api/v2/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances")["task_instances"]}
+        assert run["state"] == "success", f"run {run_id}: {states}; scheduler log {af.logs / 'scheduler.log'}"
+        run_url = f"{af.url}/dags/{DAG}/runs/{urllib.parse.quote(run_id, safe='')}"
+        page.goto(run_url)
+        expect(page.get_by_text("Triggering User")).to_be_visible()
+        expect(page.get_by_text("Success").first).to_be_visible()
+        shots(page, "03_run_succeeded")
+
+        # What the seed changed: the split manifest of this run records it.
+        run_dir = af.home / "runs" / DAG / run_id.replace(":", "_").replace("+", "_")  # = settings.run_dir
+        assert json.loads((run_dir / "prepare" / "manifest.json").read_text())["seed"] == SEED
+
+        page.goto(f"{run_url}/tasks/eda_report/details")
+        link = page.get_by_role("link", name="EDA report", exact=True)
+        expect(link).to_be_visible()
+        shots(page, "04_eda_task_extra_link")
+        link.click()
+        page.wait_for_url("**/airloom/files/runs/llm_data_quality/**/eda_report/report.html")
+        expect(page.get_by_role("heading", name="Instruction data profile")).to_be_visible()
+        assert page.title() == "Data profile: 300 rows"
+        shots(page, "05_eda_report")
+    finally:
+        context.close()
+
+
+def test_reviewer_approves_on_the_signoff_page(stack, browser, shots):
+    from playwright.sync_api import expect
+
+    from airloom.governance.signoff import signoff_status
+    from airloom.registry.registry import ModelRegistry
+
+    af = stack
+    # The trainer who asked may see the request but gets no Approve button (approvers Variable).
+    context, page = _login(browser, af, "trainer")
+    try:
+        page.goto(f"{af.url}/airloom/signoff")
+        expect(page.get_by_text(f"{MODEL} / 1")).to_be_visible()
+        expect(page.get_by_text("allows only reviewer")).to_be_visible()
+        assert page.get_by_role("button", name="Approve").count() == 0
+        shots(page, "06_signoff_as_trainer_no_approve")
+    finally:
+        context.close()
+
+    context, page = _login(browser, af, "reviewer")
+    try:
+        page.get_by_role("button", name="Browse").click()
+        page.get_by_role("menuitem", name="Model sign-off").click()
+        expect(page).to_have_url(re.compile(r"/plugin/airloom-signoff"))  # the plugin's page, in Airflow's frame
+        frame = page.frame_locator("iframe").first
+        card = frame.locator("section.card", has_text=f"{MODEL} / 1")
+        expect(card.get_by_text("pending", exact=True)).to_be_visible()
+        expect(frame.get_by_text("Signed in as reviewer")).to_be_visible()
+        card.get_by_role("textbox").fill("browser test: card and metrics reviewed")
+        shots(page, "07_signoff_pending_as_reviewer")
+        card.get_by_role("button", name="Approve").click()
+        # The page reloads after the decision and lists open rounds only; decided ones on request.
+        expect(frame.get_by_text("Nothing is awaiting sign-off.")).to_be_visible()
+        page.goto(f"{af.url}/airloom/signoff?include_decided=true")
+        decided = page.locator("section.card", has_text=f"{MODEL} / 1")
+        expect(decided.get_by_text("approved", exact=True)).to_be_visible()
+        expect(decided.get_by_text("approved by reviewer")).to_be_visible()
+        shots(page, "08_signoff_approved_by_reviewer")
+    finally:
+        context.close()
+
+    status = signoff_status(ModelRegistry.from_uri(af.home / "registry"), MODEL, 1)
+    assert status["state"] == "approved"
+    assert [(a["user"], a["comment"]) for a in status["approvals"]] == [
+        ("reviewer", "browser test: card and metrics reviewed")]
+    assert status["requested_by"] == "trainer"
+
