@@ -1,0 +1,381 @@
+"""Production mode end to end: PostgreSQL + CeleryExecutor + Redis, driven only through the REST API.
+
+One stack for the module (:class:`airloom.production.ProductionStack`: a fresh database, api-server,
+scheduler, dag-processor, triggerer, one Celery worker on ``default,gpu``), the registry on S3
+through moto's server. The test prepares what the demo prepares before Airflow runs (synthetic data,
+the tiny base model registered), then, as ``trainer`` over REST: ``llm_data_quality`` →
+``llm_finetune`` with a run conf; while ``wait_for_signoff`` is deferred, ``reviewer`` approves through
+the sign-off plugin's endpoint; the run deploys. Then a 3-day backfill of ``llm_eval_backfill``
+created through ``POST /api/v2/backfills``. Fault checks: the Celery worker killed (SIGKILL, whole
+session) while a task runs → the task fails by heartbeat timeout, is retried on the restarted worker
+and the run succeeds; 20 sign-off sensors waiting at once are deferred in the triggerer and hold no
+worker slot (Celery's active count and the pool's slot counts).
+
+Needs the PostgreSQL on 127.0.0.1:5432 (user postgres, trust) and the Redis on 127.0.0.1:6379 that
+CI machines run; skipped when either is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+import time
+from datetime import date
+from pathlib import Path
+
+import pytest
+
+MODEL = "airloom-demo"
+HOLD_MODEL = "airloom-hold"
+HOLD_DAG = "airloom_hold_signoff"
+WAITERS = 20
+# A DAG of the test's own (a second DAG bundle), made of the project's sign-off sensor: WAITERS tasks
+# waiting for one version at once. max_active_tasks above the default 16 so all of them start.
+HOLD_DAG_SOURCE = f"""
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG
+
+from airloom.airflow.sensors.registry import ModelSignOffSensor
+
+with DAG("{HOLD_DAG}", schedule=None, start_date=datetime(2026, 1, 1), catchup=False,
+         max_active_tasks={WAITERS}, tags=["airloom-test"]):
+    for i in range({WAITERS}):
+        ModelSignOffSensor(task_id=f"wait_{{i:02d}}", model_name="{HOLD_MODEL}", version=1,
+                           policy={{"required_approvals": 1, "separation_of_duties": True,
+                                    "allowed_users": "reviewer"}},
+                           poll_interval=2, timeout=timedelta(hours=1), retries=0)
+"""
+BUCKET = "airloom-registry-tests"  # created by the moto_endpoint fixture (tests/conftest.py)
+TERMINAL = {"success", "failed"}
+
+
+def _reachable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(
+    not (_reachable(5432) and _reachable(6379)),
+    reason="production mode needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379",
+)
+
+
+class Api:
+    """The stack's REST API as one user (token from POST /auth/token)."""
+
+    def __init__(self, base: str, user: str):
+        import httpx
+
+        self.user = user
+        self.http = httpx.Client(base_url=base, timeout=60)
+        r = self.http.post("/auth/token", json={"username": user, "password": user})
+        assert r.status_code == 201, r.text
+        self.http.headers["Authorization"] = f"Bearer {r.json()['access_token']}"
+
+    def get(self, path: str, **params):
+        r = self.http.get(path, params=params)
+        assert r.status_code == 200, f"GET {path}: {r.status_code} {r.text[:500]}"
+        return r.json()
+
+    def unpause(self, dag_id: str) -> None:
+        r = self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False})
+        assert r.status_code == 200 and r.json()["is_paused"] is False, r.text
+
+    def trigger(self, dag_id: str, conf: dict) -> str:
+        r = self.http.post(f"/api/v2/dags/{dag_id}/dagRuns", json={"logical_date": None, "conf": conf})
+        assert r.status_code == 200, r.text
+        return r.json()["dag_run_id"]
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        return self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+
+    def diagnose(self, dag_id: str, run_id: str) -> str:
+        """Task states, and the log tail of every task that did not succeed: the failure message's body."""
+        lines = []
+        for ti in self.task_instances(dag_id, run_id):
+            lines.append(f"{ti['task_id']}[{ti['map_index']}] {ti['state']} (try {ti['try_number']})")
+            if ti["state"] in ("failed", "up_for_retry", "upstream_failed") and ti["try_number"]:
+                r = self.http.get(
+                    f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/logs/{ti['try_number']}",
+                    params={"map_index": ti["map_index"], "full_content": True}, headers={"Accept": "text/plain"})
+                lines.append(r.text[-3000:])
+        return "\n".join(lines)
+
+    def wait_run(self, dag_id: str, run_id: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            run = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+            if run["state"] in TERMINAL:
+                return run
+            time.sleep(3)
+        pytest.fail(f"{dag_id} {run_id} not finished in {timeout:.0f}s:\n{self.diagnose(dag_id, run_id)}")
+
+    def wait_task_state(self, dag_id: str, run_id: str, task_id: str, state: str, timeout: float,
+                        poll: float = 3) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ti = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
+            if ti["state"] == state:
+                return ti
+            run = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+            if run["state"] in TERMINAL:
+                pytest.fail(f"{dag_id} {run_id} ended {run['state']} before {task_id} was {state}:\n"
+                            f"{self.diagnose(dag_id, run_id)}")
+            time.sleep(poll)
+        pytest.fail(f"{task_id} not {state} in {timeout:.0f}s:\n{self.diagnose(dag_id, run_id)}")
+
+    def link(self, dag_id: str, run_id: str, task_id: str, name: str) -> str:
+        """A task's stored extra link, fetched through the plugin's file route; returns the page."""
+        links = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/links")
+        url = links["extra_links"].get(name)
+        assert url and url.startswith("/airloom/files/"), f"{task_id}: no {name!r} link in {links}"
+        r = self.http.get(url)
+        assert r.status_code == 200, f"{url}: {r.status_code} {r.text[:300]}"
+        return r.text
+
+
+@pytest.fixture(scope="module")
+def prod(tmp_path_factory, moto_endpoint):
+    from airloom.demo import build_and_register_base, write_demo_data
+    from airloom.production import ProductionStack
+    from airloom.registry.registry import ModelRegistry
+
+    t0 = time.monotonic()
+    root = tmp_path_factory.mktemp("prod")
+    registry_uri = f"s3://{BUCKET}/prod-{secrets.token_hex(3)}"
+    # What the demo prepares before Airflow runs: raw data with faulty rows, four past days of
+    # history partitions (ending yesterday: one for the worker-kill check, three to backfill), and
+    # the base model registered on S3.
+    data = write_demo_data(root / "airloom" / "data", rows=600, history_days=4, history_rows=20, today=date.today())
+    registry = ModelRegistry.from_uri(registry_uri)
+    base = build_and_register_base(registry, log=lambda m: None)
+    test_dags = root / "test_dags"
+    test_dags.mkdir()
+    (test_dags / f"{HOLD_DAG}.py").write_text(HOLD_DAG_SOURCE)
+    bundles = [
+        {"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle", "kwargs": {}},
+        {"name": "airloom-test-dags", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+         "kwargs": {"path": str(test_dags)}},
+    ]
+    extra_env = {
+        "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(bundles),
+        # A task whose worker died is failed (and retried) after this long without a heartbeat;
+        # the default 300 s would make the worker-kill check slow. Heartbeats come every few seconds.
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
+    }
+    stack = ProductionStack(root, s3_endpoint=moto_endpoint, registry=registry_uri, extra_env=extra_env)
+    stack.start(timeout=600)
+    timings = {"start": round(time.monotonic() - t0, 1)}
+    try:
+        yield {"stack": stack, "data": data, "base": base, "registry": registry, "timings": timings,
+               "trainer": Api(stack.api_url, "trainer"), "reviewer": Api(stack.api_url, "reviewer")}
+    finally:
+        stack.stop()
+        timings["module"] = round(time.monotonic() - t0, 1)
+        print(f"\nproduction-mode timings (s): {json.dumps(timings)}")
+        (root / "timings.json").write_text(json.dumps(timings))
+
+
+def test_stack_components_are_healthy_and_celery_runs_tasks(prod):
+    stack = prod["stack"]
+    assert set(stack.health().values()) == {"healthy"}
+    assert stack.env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert stack.env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://")
+    health = prod["trainer"].get("/api/v2/monitor/health")
+    assert health["metadatabase"]["status"] == "healthy"
+    # The pools from airflow_settings.yaml are in the new database.
+    pools = {p["name"]: p["slots"] for p in prod["trainer"].get("/api/v2/pools")["pools"]}
+    assert pools["gpu"] == 1 and pools["eval"] == 2
+
+
+def test_data_quality_then_finetune_signed_off_over_rest_deploys(prod):
+    from airloom.governance.signoff import signoff_status
+
+    trainer, reviewer, timings = prod["trainer"], prod["reviewer"], prod["timings"]
+    t0 = time.monotonic()
+    # llm_finetune stays paused until data quality is done: a paused DAG queues no asset-triggered run,
+    # so the only fine-tuning run is the one triggered below with a small conf.
+    trainer.unpause("llm_data_quality")
+    dq_run = trainer.trigger("llm_data_quality", {"source": str(Path(prod["data"]["raw"]).parent)})
+    run = trainer.wait_run("llm_data_quality", dq_run, timeout=900)
+    assert run["state"] == "success", trainer.diagnose("llm_data_quality", dq_run)
+    assert run["triggering_user_name"] == "trainer"
+    eda = trainer.link("llm_data_quality", dq_run, "eda_report", "EDA report")
+    assert "<html" in eda.lower() and "data:image/png;base64," in eda
+    timings["llm_data_quality"] = round(time.monotonic() - t0, 1)
+
+    t0 = time.monotonic()
+    trainer.unpause("llm_finetune")
+    conf = {"max_steps": 40, "eval_limit": 20, "gates": "exact_match>=0"}
+    ft_run = trainer.trigger("llm_finetune", conf)
+    # The sensor defers: the wait holds a triggerer slot, not a Celery worker slot.
+    trainer.wait_task_state("llm_finetune", ft_run, "wait_for_signoff", "deferred", timeout=1500)
+    timings["llm_finetune_to_signoff"] = round(time.monotonic() - t0, 1)
+    train = [ti for ti in trainer.task_instances("llm_finetune", ft_run) if ti["task_id"] == "train"]
+    assert [(t["state"], t["queue"], t["pool"]) for t in train] == [("success", "gpu", "gpu")]
+
+    pending = reviewer.get("/airloom/api/pending", dag_id="llm_finetune", run_id=ft_run)
+    assert [e["model"] for e in pending] == [MODEL], pending
+    version = pending[0]["version"]
+    decision = {"model": MODEL, "version": version, "decision": "approve", "comment": "REST: metrics reviewed"}
+    # Separation of duties: the user who triggered the training may not approve it.
+    refused = trainer.http.post("/airloom/api/decisions", json=decision)
+    assert refused.status_code == 403, refused.text
+    r = reviewer.http.post("/airloom/api/decisions", json=decision)
+    assert r.status_code == 200, r.text
+    assert r.json()["status"]["state"] == "approved"
+
+    t0 = time.monotonic()
+    run = trainer.wait_run("llm_finetune", ft_run, timeout=600)
+    assert run["state"] == "success", trainer.diagnose("llm_finetune", ft_run)
+    timings["llm_finetune_after_signoff"] = round(time.monotonic() - t0, 1)
+    states = {(ti["task_id"], ti["map_index"]): ti["state"] for ti in trainer.task_instances("llm_finetune", ft_run)}
+    assert set(states.values()) == {"success"}, states
+    assert {"deploy", "canary"} <= {task for task, _ in states}
+
+    registry = prod["registry"]
+    assert registry.get_alias(MODEL, "production") == version
+    mv = registry.get(MODEL, version)
+    assert mv.metadata["training"]["steps"] == 40
+    assert mv.metadata["lineage"]["run_id"] == ft_run
+    status = signoff_status(registry, MODEL, version)
+    assert (status["state"], status["requested_by"]) == ("approved", "trainer")
+    assert [a["user"] for a in status["approvals"]] == ["reviewer"]
+    report = trainer.link("llm_finetune", ft_run, "quality_gates", "Eval report")
+    assert "exact_match" in report
+    prod["version"] = version
+
+
+def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
+    if "version" not in prod:
+        pytest.skip("needs the deployed version from the fine-tuning test")
+    trainer, timings = prod["trainer"], prod["timings"]
+    days = prod["data"]["days"][1:]  # the first day is the worker-kill check's
+    assert len(days) == 3
+    t0 = time.monotonic()
+    trainer.unpause("llm_eval_backfill")
+    r = trainer.http.post("/api/v2/backfills", json={
+        "dag_id": "llm_eval_backfill", "from_date": f"{days[0]}T00:00:00Z", "to_date": f"{days[-1]}T00:00:00Z",
+        "max_active_runs": 3, "reprocess_behavior": "none"})
+    assert r.status_code == 200, r.text
+    backfill = r.json()
+    assert backfill["max_active_runs"] == 3
+
+    deadline = time.monotonic() + 900
+    runs: list[dict] = []
+    while time.monotonic() < deadline:
+        runs = [run for run in trainer.get("/api/v2/dags/llm_eval_backfill/dagRuns", limit=50)["dag_runs"]
+                if run["run_type"] == "backfill"]
+        if len(runs) == 3 and all(run["state"] in TERMINAL for run in runs):
+            break
+        time.sleep(3)
+    timings["backfill"] = round(time.monotonic() - t0, 1)
+    detail = "\n".join(trainer.diagnose("llm_eval_backfill", run["dag_run_id"]) for run in runs
+                       if run["state"] != "success")
+    assert sorted(run["logical_date"][:10] for run in runs) == days, runs
+    assert {run["state"] for run in runs} == {"success"}, detail
+    # The scheduler marks the backfill complete on a later loop than the last run's end.
+    while trainer.get(f"/api/v2/backfills/{backfill['id']}")["completed_at"] is None:
+        assert time.monotonic() < deadline + 60, f"backfill {backfill['id']} never marked complete"
+        time.sleep(2)
+
+    evaluations = prod["stack"].root / "airloom" / "evaluations" / MODEL
+    for ds in days:
+        metrics = json.loads((evaluations / f"ds={ds}" / "metrics.json").read_text())
+        assert metrics["model_ref"] == f"registry:{MODEL}/{prod['version']}"
+        assert metrics["aggregate"]["exact_match"] >= 0
+    assert (evaluations / "trend.png").is_file()
+
+
+# The two fault checks add ~3-4 minutes (a 60 s heartbeat timeout plus the DAG's 60 s retry delay;
+# 20 task starts on 2 worker slots) to a module of ~4 minutes: slow, so `-m "not slow"` can skip them.
+@pytest.mark.slow
+def test_worker_killed_during_a_task_the_task_is_retried_and_the_run_succeeds(prod):
+    if "version" not in prod:
+        pytest.skip("needs the deployed version from the fine-tuning test")
+    trainer, stack, timings = prod["trainer"], prod["stack"], prod["timings"]
+    day = prod["data"]["days"][0]
+    t0 = time.monotonic()
+    r = trainer.http.post("/api/v2/dags/llm_eval_backfill/dagRuns",
+                          json={"logical_date": f"{day}T00:00:00Z", "conf": {}})
+    assert r.status_code == 200, r.text
+    run_id = r.json()["dag_run_id"]
+    ti = trainer.wait_task_state("llm_eval_backfill", run_id, "evaluate_partition", "running", timeout=600,
+                                 poll=0.5)
+    assert ti["try_number"] == 1
+    killed = stack.kill("celery-worker")
+    assert killed >= 2, "the worker and at least the task's process"
+    assert stack.active_tasks(timeout=1) is None  # nobody answers: the worker is gone
+    stack.restart("celery-worker")
+    deadline = time.monotonic() + 180
+    while not stack.ping_worker():
+        assert time.monotonic() < deadline, f"restarted worker silent; see {stack.log_dir / 'celery-worker.log'}"
+        time.sleep(2)
+
+    run = trainer.wait_run("llm_eval_backfill", run_id, timeout=900)
+    timings["worker_kill_retry"] = round(time.monotonic() - t0, 1)
+    assert run["state"] == "success", trainer.diagnose("llm_eval_backfill", run_id)
+    tries = trainer.get(f"/api/v2/dags/llm_eval_backfill/dagRuns/{run_id}/taskInstances/evaluate_partition/tries")
+    states = [(t["try_number"], t["state"]) for t in tries["task_instances"]]
+    # Try 1 died with its worker (failed by heartbeat timeout), try 2 ran on the restarted worker.
+    assert [n for n, _ in states] == [1, 2] and states[0][1] != "success" and states[1][1] == "success", states
+    metrics = prod["stack"].root / "airloom" / "evaluations" / MODEL / f"ds={day}" / "metrics.json"
+    assert json.loads(metrics.read_text())["model_ref"] == f"registry:{MODEL}/{prod['version']}"
+
+
+@pytest.mark.slow
+def test_twenty_deferred_signoff_sensors_hold_no_worker_slot(prod, tmp_path):
+    from airloom.governance.signoff import request_signoff
+
+    trainer, reviewer, stack, timings = prod["trainer"], prod["reviewer"], prod["stack"], prod["timings"]
+    registry = prod["registry"]
+    folder = tmp_path / "hold"
+    folder.mkdir()
+    (folder / "weights.txt").write_text("a version for the waiting sensors\n")
+    registry.register(HOLD_MODEL, folder, actor="trainer", metadata={"summary": "deferred-sensor check"})
+    request_signoff(registry, HOLD_MODEL, 1, requested_by="trainer", evidence={})
+
+    t0 = time.monotonic()
+    deadline = time.monotonic() + 300
+    while HOLD_DAG not in {d["dag_id"] for d in trainer.get("/api/v2/dags", limit=100)["dags"]}:
+        assert time.monotonic() < deadline, f"{HOLD_DAG} never parsed; see {stack.log_dir / 'dag-processor.log'}"
+        time.sleep(3)
+    trainer.unpause(HOLD_DAG)
+    run_id = trainer.trigger(HOLD_DAG, {})
+    deadline = time.monotonic() + 600
+    states: dict[str, int] = {}
+    while time.monotonic() < deadline:
+        tis = trainer.task_instances(HOLD_DAG, run_id)
+        states = {s: sum(ti["state"] == s for ti in tis) for s in {ti["state"] for ti in tis}}
+        if states.get("deferred") == WAITERS:
+            break
+        assert not {"failed", "upstream_failed"} & set(states), trainer.diagnose(HOLD_DAG, run_id)
+        time.sleep(2)
+    assert states.get("deferred") == WAITERS, states
+    timings["twenty_sensors_deferred"] = round(time.monotonic() - t0, 1)
+
+    # The last workloads end a moment after their task reports "deferred" (the supervisor's teardown).
+    deadline = time.monotonic() + 60
+    while (active := stack.active_tasks()) != 0 and time.monotonic() < deadline:
+        time.sleep(1)
+    pool = trainer.get("/api/v2/pools/default_pool")
+    slots = {k: pool[k] for k in ("slots", "occupied_slots", "running_slots", "queued_slots", "deferred_slots",
+                                  "open_slots")}
+    print(f"\n{WAITERS} sensors deferred: celery worker active tasks {active} of "
+          f"{stack.worker_concurrency}; default_pool {slots}")
+    assert active == 0  # both worker slots free while all of them wait
+    assert slots["deferred_slots"] == WAITERS and slots["running_slots"] == 0
+    assert slots["occupied_slots"] == 0  # default_pool does not count deferred tasks (include_deferred False)
+
+    r = reviewer.http.post("/airloom/api/decisions", json={"model": HOLD_MODEL, "version": 1,
+                                                           "decision": "approve", "comment": "release them"})
+    assert r.status_code == 200, r.text
+    run = trainer.wait_run(HOLD_DAG, run_id, timeout=600)
+    timings["twenty_sensors_total"] = round(time.monotonic() - t0, 1)
+    assert run["state"] == "success", trainer.diagnose(HOLD_DAG, run_id)
+    assert {ti["state"] for ti in trainer.task_instances(HOLD_DAG, run_id)} == {"success"}
