@@ -1,23 +1,41 @@
 """
 ### llm_feedback_monitoring — daily drift and feedback check that can request retraining
 
-Compares the day's traffic (`traffic/ds=<date>/`, written by `airloom serve`) with the training split of the newest
-prepared dataset (population stability index of prompt length and task mix) and summarises
-the day's thumbs-up/down feedback (`feedback/ds=<date>/`). On traffic logged by `airloom serve` it
-also reports satisfaction, the rating distribution, latency and token percentiles and the share of
-outputs failing checks (empty, PII), writes `dashboard.html` with daily trends, and turns corrected
-answers into `corrected/instructions.jsonl` (raw rows for `llm_data_quality`). When a threshold is crossed,
-`request_retraining` emits the asset `retraining_request`, which starts `llm_finetune`;
-otherwise it is skipped and nothing is emitted.
+Reads the day's traffic (`traffic/ds=<date>/`, written by `airloom serve`) and feedback
+(`feedback/ds=<date>/`) and writes `monitoring.json` and `dashboard.html` (daily trends):
+
+- **Input drift vs. the training data's EDA profile**: the day's prompts are profiled with the data
+  stage's EDA and compared with the `profile.json` that `llm_data_quality`'s `eda_report` wrote for the
+  newest prepared dataset (or `reference_profile`; without one, a profile of the training split):
+  population stability index (PSI) of instruction/input/response length, vocabulary shift
+  (Jensen-Shannon divergence, new top words) and language shift (PSI of script and language mix).
+  The traffic's own EDA report lands next to the dashboard (`traffic_profile/report.html`).
+- PSI of rendered prompt length and task mix vs. the training split (task mix only when the traffic
+  carries task labels).
+- Feedback: satisfaction, rating distribution, thumbs-down rate; served outputs: latency and token
+  percentiles, share failing checks (empty, PII).
+
+When a threshold is crossed (`max_psi` for any PSI, `max_negative_rate`, `max_failing_rate`),
+`request_retraining` emits the asset `retraining_request`, which starts `llm_finetune`; otherwise it is
+skipped and nothing is emitted.
+
+Corrected answers (validated, PII-free, deduplicated) become a dataset version,
+`<corrections_uri>/ds=<date>/instructions.jsonl`; `publish_feedback_dataset` then emits the asset
+`feedback_dataset` (extra: path, rows, sha256, ds), or is skipped when there are none. Prepare it with
+`airflow dags trigger llm_data_quality -c '{"source": "<path>"}'` (see `llm_data_quality`).
 """
 
 from datetime import datetime
 
 from airflow.sdk import DAG, Param
 
-from airloom.airflow.assets import RETRAINING_REQUEST
-from airloom.airflow.defaults import DEFAULT_ARGS, FEEDBACK, TRAFFIC
-from airloom.airflow.operators.monitoring import DriftMonitorOperator, RequestRetrainingOperator
+from airloom.airflow.assets import FEEDBACK_DATASET, RETRAINING_REQUEST
+from airloom.airflow.defaults import DEFAULT_ARGS, FEEDBACK, FEEDBACK_DATASETS, TRAFFIC
+from airloom.airflow.operators.monitoring import (
+    DriftMonitorOperator,
+    PublishFeedbackDatasetOperator,
+    RequestRetrainingOperator,
+)
 
 with DAG(
     dag_id="llm_feedback_monitoring",
@@ -30,8 +48,14 @@ with DAG(
     params={
         "traffic_uri": Param(TRAFFIC, type="string", minLength=1, title="Served traffic (airloom serve's log)"),
         "feedback_uri": Param(FEEDBACK, type="string", minLength=1),
-        "reference_file": Param("", type="string", title="Training split (empty: newest prepared dataset)"),
-        "max_psi": Param(0.25, type="number", minimum=0),
+        "reference_file": Param(None, type=["null", "string"], title="Training split (empty: newest prepared dataset)"),
+        "reference_profile": Param(None, type=["null", "string"], title="Training data's EDA profile.json",
+                                   description="Empty: the one llm_data_quality wrote for the newest "
+                                               "prepared dataset"),
+        "corrections_uri": Param(FEEDBACK_DATASETS, type="string", minLength=1,
+                                 title="Where corrected answers become dataset versions (ds=<date>/)"),
+        "max_psi": Param(0.25, type="number", minimum=0,
+                         title="Most PSI of any drift measure (length, task, script, language mix)"),
         "max_negative_rate": Param(0.3, type="number", minimum=0, maximum=1),
         "max_failing_rate": Param(0.2, type="number", minimum=0, maximum=1,
                                   title="Most outputs failing checks (empty, PII) before retraining"),
@@ -42,11 +66,15 @@ with DAG(
         ds="{{ ds }}",
         traffic_uri="{{ params.traffic_uri }}",
         feedback_uri="{{ params.feedback_uri }}",
-        reference_file="{{ params.reference_file }}",
+        reference_file="{{ params.reference_file or '' }}",
+        reference_profile="{{ params.reference_profile or '' }}",
+        corrections_uri="{{ params.corrections_uri }}",
         max_psi="{{ params.max_psi }}",
         max_negative_rate="{{ params.max_negative_rate }}",
         max_failing_rate="{{ params.max_failing_rate }}",
     )
     request = RequestRetrainingOperator(task_id="request_retraining", decision=monitor.output,
                                         outlets=[RETRAINING_REQUEST])
-    monitor >> request
+    publish = PublishFeedbackDatasetOperator(task_id="publish_feedback_dataset", decision=monitor.output,
+                                             outlets=[FEEDBACK_DATASET])
+    monitor >> [request, publish]

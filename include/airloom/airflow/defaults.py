@@ -16,6 +16,7 @@ RAW_DATA = f"{HOME}/data/raw"
 HISTORY = f"{HOME}/data/history"
 FEEDBACK = f"{HOME}/data/feedback"
 TRAFFIC = f"{HOME}/data/traffic"  # where `airloom serve` logs requests and responses
+FEEDBACK_DATASETS = f"{HOME}/data/feedback_datasets"  # corrected answers, one version per day
 EVALUATIONS = f"{HOME}/evaluations"
 CANARY_PROMPTS = [
     "### Instruction:\nWrite the number in words.\n### Input:\n42\n### Response:\n",

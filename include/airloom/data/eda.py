@@ -210,6 +210,8 @@ class _PairCounts:
             return
         new = np.sort(np.concatenate(self._pending))
         self._pending, self._pending_size = [], 0
+        if not len(new):  # rows without a content-word pair (e.g. "Task 0"): nothing to count
+            return
         keys = np.concatenate((self.keys, new))
         counts = np.concatenate((self.counts, np.ones(len(new), dtype=np.int64)))
         order = np.argsort(keys, kind="stable")

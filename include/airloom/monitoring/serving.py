@@ -137,9 +137,46 @@ def _plot(days: list[str], series: dict[str, list], ylabel: str) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def _input_drift_html(drift: dict, out_dir: Path) -> str:
+    """The input-drift section: PSI per field and language mix, vocabulary shift, link to the traffic's EDA."""
+    def row(label: str, value: float | None, note: str = "") -> str:
+        # the EDA report's rule of thumb
+        verdict = "" if value is None else "stable" if value < 0.1 else "moderate shift" if value < 0.25 else "major shift"
+        return (f"<tr><td>{html.escape(label)}</td><td>{'' if value is None else value}</td>"
+                f"<td>{verdict}</td><td>{html.escape(note)}</td></tr>")
+
+    means = drift.get("mean_chars") or {}
+    rows = [row(f"{f} length (chars)", v, "mean {reference} → {current}".format(
+        **{k: "?" if x is None else round(x, 1) for k, x in (means.get(f) or {"reference": None, "current": None}).items()}))
+        for f, v in (drift.get("length_psi") or {}).items() if f != "total"]
+    lang = drift.get("language") or {}
+    rows.append(row("script mix", lang.get("psi_scripts"), json.dumps((lang.get("scripts") or {}).get("current"))))
+    rows.append(row("language mix", lang.get("psi_languages"), json.dumps((lang.get("languages") or {}).get("current"))))
+    vocab = drift.get("vocabulary") or {}
+    new = ", ".join(w for w, _ in (vocab.get("new_top_words") or [])[:10])
+    report = Path(drift["report"]) if drift.get("report") else None
+    link = ""
+    if report is not None and report.is_file():
+        try:
+            href = report.relative_to(Path(out_dir)).as_posix()
+        except ValueError:
+            href = report.as_uri()
+        link = f"<p><a href='{html.escape(href)}'>EDA report of the day's traffic</a></p>"
+    return (
+        f"<h2>Input drift vs. training data ({drift.get('reference_rows')} rows → {drift.get('current_rows')} today)</h2>"
+        "<table><tr><th>measure</th><th>PSI</th><th>verdict</th><th>detail</th></tr>" + "".join(rows) + "</table>"
+        f"<p>Vocabulary: Jensen-Shannon divergence {vocab.get('js_divergence')}, new top words share "
+        f"{vocab.get('new_top_words_share')}{': ' + html.escape(new) if new else ''}</p>{link}"
+    )
+
+
 def write_dashboard(out_dir: Path, traffic_root: str | Path, feedback_root: str | Path, ds: str,
-                    days: int = 14, extra: dict | None = None) -> dict:
-    """``dashboard.html`` (self-contained: plots inlined) and ``serving.json`` for the ``days`` up to ``ds``."""
+                    days: int = 14, extra: dict | None = None, input_drift: dict | None = None) -> dict:
+    """``dashboard.html`` (self-contained: plots inlined) and ``serving.json`` for the ``days`` up to ``ds``.
+
+    ``input_drift`` (:func:`airloom.monitoring.drift.input_drift`) adds the day's length, vocabulary and
+    language shift against the training data's EDA profile.
+    """
     from airloom.evaluation.backfill import read_partition
 
     end = date.fromisoformat(ds)
@@ -169,13 +206,14 @@ def write_dashboard(out_dir: Path, traffic_root: str | Path, feedback_root: str 
     imgs = "".join(f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>"
                    for title, b64 in plots.items())
     detail = html.escape(json.dumps({"today": today, **(extra or {})}, indent=2, default=str))
+    drift_html = _input_drift_html(input_drift, out_dir) if input_drift else ""
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>Airloom serving monitor "
         f"{html.escape(ds)}</title><style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}"
         "td,th{border:1px solid #ccc;padding:4px 8px}</style></head><body>"
         f"<h1>Serving monitor, ds={html.escape(ds)}</h1>"
         "<table><tr><th>ds</th><th>requests</th><th>feedback</th><th>satisfaction</th><th>p50 ms</th>"
-        f"<th>p95 ms</th><th>failing outputs</th></tr>{rows}</table>{imgs}<h2>Details</h2><pre>{detail}</pre>"
+        f"<th>p95 ms</th><th>failing outputs</th></tr>{rows}</table>{imgs}{drift_html}<h2>Details</h2><pre>{detail}</pre>"
         "</body></html>"
     )
     (out_dir / "dashboard.html").write_text(page, encoding="utf-8")

@@ -313,3 +313,10 @@ def test_empty_input_still_writes_a_profile(tmp_path):
     assert profile["rows"] == 0 and profile["duplicates"]["count"] == 0
     assert profile["near_duplicates"]["count"] == 0 and profile["fields"]["response"]["chars"]["count"] == 0
     assert (tmp_path / "report.html").is_file()
+
+
+def test_rows_without_any_word_pair_profile_cleanly(tmp_path):
+    """One-word prompts (served traffic such as "Task 0") have no bigram to count."""
+    records = [{"instruction": f"Task {i}", "input": "", "response": str(i)} for i in range(5)]
+    profile = build_profile(records, tmp_path, languages=False, near_duplicate_threshold=None)
+    assert profile["rows"] == 5

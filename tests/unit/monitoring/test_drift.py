@@ -39,9 +39,25 @@ def test_psi_small_vs_strong_shift():
     assert psi({"a": 100}, {"a": 50, "new": 50}) > 0.25
 
 
-def test_psi_of_empty_inputs_is_finite():
-    assert psi({}, {}) == 0.0
-    assert math.isfinite(psi({"a": 1}, {}))
+def test_psi_of_an_empty_side_is_none_not_a_shift():
+    assert psi({}, {}) is None
+    assert psi({"a": 1}, {}) is None and psi({}, {"a": 1}) is None
+    assert psi({"a": 0}, {"a": 3}) is None
+    empty_day = drift_report(_records({"add": 3}, 10), [])
+    assert empty_day["psi_prompt_length"] is None and decide_retraining(empty_day) == []
+
+
+def test_psi_is_the_eda_psi():
+    from airloom.data.eda import psi as eda_psi
+
+    assert psi({"a": 50, "b": 50}, {"b": 20, "a": 80}) == eda_psi([50, 50], [80, 20])
+
+
+def test_unlabelled_traffic_has_no_task_mix_psi():
+    # airloom serve logs no task: "all unknown" against a labelled training set is not a shift
+    report = drift_report(_records({"add": 50, "sort": 50}, 70), [{"prompt": "p" * 70}] * 10)
+    assert report["psi_task_mix"] is None and report["psi_prompt_length"] == 0.0
+    assert decide_retraining(report) == []
 
 
 def test_length_histogram_bins():

@@ -1,4 +1,5 @@
-"""DriftMonitorOperator: compare a day of traffic and feedback with the training data."""
+"""Monitoring operators: compare a day of traffic and feedback with the training data, request
+retraining, and announce corrected answers as a new raw dataset."""
 
 from __future__ import annotations
 
@@ -14,34 +15,56 @@ from airloom.airflow.operators._base import task_output_dir
 
 
 class DriftMonitorOperator(BaseOperator):
-    """Drift of ``ds``'s traffic vs. the training split, plus the day's feedback; may request retraining.
+    """Drift of ``ds``'s traffic vs. the training data, plus the day's feedback; may request retraining.
 
-    Returns the decision; :class:`RequestRetrainingOperator` turns it into an asset event.
+    Returns the decision; :class:`RequestRetrainingOperator` turns it into an asset event and
+    :class:`PublishFeedbackDatasetOperator` announces the corrected answers as a dataset.
+
+    The reference for input drift is an EDA ``profile.json``: ``reference_profile`` if given, else a
+    profile of ``reference_file`` (built in the task's folder), else the profile ``llm_data_quality``'s
+    ``eda_report`` wrote for the newest prepared dataset, else a profile of that dataset's train split.
 
     :param traffic_uri: root of ``ds=YYYY-MM-DD/*.jsonl`` partitions of prompts served.
     :param feedback_uri: root of ``ds=YYYY-MM-DD/*.jsonl`` partitions of ``{"id", "rating": 1|-1}``.
-    :param reference_file: the training split (JSONL with ``prompt``, ``task``).
+    :param reference_file: the training split (JSONL/Parquet with ``prompt``, ``task``); empty = the
+        newest prepared dataset's.
+    :param reference_profile: an EDA ``profile.json`` of the training data; empty = found as above.
+    :param corrections_uri: root of the ``ds=YYYY-MM-DD/instructions.jsonl`` corrected-answer datasets;
+        empty = the task's own folder.
+    :param max_psi: most population stability index of any drift measure (prompt length, task mix;
+        instruction/input length, script and language mix vs. the training profile) before retraining.
     """
 
-    template_fields: Sequence[str] = ("traffic_uri", "feedback_uri", "reference_file", "ds", "max_psi",
-                                      "max_negative_rate", "max_failing_rate")
+    template_fields: Sequence[str] = ("traffic_uri", "feedback_uri", "reference_file", "reference_profile",
+                                      "corrections_uri", "ds", "max_psi", "max_negative_rate",
+                                      "max_failing_rate")
 
     def __init__(self, *, traffic_uri: str, feedback_uri: str, reference_file: str, ds: str,
-                 max_psi: float = 0.25, max_negative_rate: float = 0.3, max_failing_rate: float = 0.2,
+                 reference_profile: str = "", corrections_uri: str = "", max_psi: float = 0.25,
+                 max_negative_rate: float = 0.3, max_failing_rate: float = 0.2,
                  **kwargs) -> None:
         super().__init__(**kwargs)
-        self.max_failing_rate = max_failing_rate
         self.traffic_uri = traffic_uri
         self.feedback_uri = feedback_uri
         self.reference_file = reference_file
+        self.reference_profile = reference_profile
+        self.corrections_uri = corrections_uri
         self.ds = ds
         self.max_psi = max_psi
         self.max_negative_rate = max_negative_rate
+        self.max_failing_rate = max_failing_rate
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.evaluation.backfill import read_partition
         from airloom.evaluation.harness import load_records_file
-        from airloom.monitoring.drift import decide_retraining, drift_report, feedback_summary, write_report
+        from airloom.monitoring.drift import (
+            decide_input_drift,
+            decide_retraining,
+            drift_report,
+            feedback_summary,
+            input_drift,
+            write_report,
+        )
         from airloom.monitoring.serving import (
             corrected_dataset,
             decide_serving,
@@ -52,27 +75,37 @@ class DriftMonitorOperator(BaseOperator):
         traffic = read_partition(self.traffic_uri, self.ds)
         if traffic is None:
             raise AirflowSkipException(f"no traffic partition {self.traffic_uri}/ds={self.ds}")
-        reference = self.reference_file or self._latest_train_split()
-        if not reference or not Path(reference).is_file():
-            raise AirflowSkipException(f"no training reference ({reference or 'no prepared dataset'}): nothing to compare with")
+        out_dir = task_output_dir(context)
+        split, profile_path = self._reference()
+        if profile_path is None and split is None:
+            missing = self.reference_profile or self.reference_file or "no prepared dataset"
+            raise AirflowSkipException(f"no training reference ({missing}): nothing to compare with")
         feedback = read_partition(self.feedback_uri, self.ds) or []
-        report = drift_report(load_records_file(reference), traffic)
+        training = load_records_file(split) if split else None
+        report: dict[str, Any] = drift_report(training, traffic) if training is not None else {}
         report.update(feedback_summary(feedback))
         reasons = decide_retraining(report, max_psi=float(self.max_psi),
                                     max_negative_rate=float(self.max_negative_rate))
+        if profile_path is not None:
+            reference = json.loads(Path(profile_path).read_text())
+        else:  # no EDA profile of the training data: profile its split the same way
+            from airloom.data.eda import build_profile
+            from airloom.monitoring.drift import profile_records
+
+            profile_path = str(out_dir / "reference_profile" / "profile.json")
+            reference = build_profile(profile_records(training), out_dir / "reference_profile",
+                                      near_duplicate_threshold=None)
+        report["input_drift"] = {"reference_profile": profile_path,
+                                 **input_drift(reference, traffic, out_dir / "traffic_profile")}
+        reasons += decide_input_drift(report["input_drift"], max_input_psi=float(self.max_psi))
         # Served traffic (airloom serve): satisfaction, latency/token percentiles, failing outputs.
         report["serving"] = serving_summary(traffic, feedback)
         reasons += decide_serving(report["serving"], max_failing_rate=float(self.max_failing_rate))
-        out_dir = task_output_dir(context)
         corrected, dropped = corrected_dataset(feedback)
-        if corrected:
-            # Raw instruction rows, the input format of llm_data_quality.
-            target = out_dir / "corrected" / "instructions.jsonl"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in corrected))
-            report["corrected_dataset"] = {"path": str(target), "rows": len(corrected), "dropped": dropped}
+        report["corrected_dataset"] = self._write_corrections(out_dir, corrected, dropped)
         report.update({"ds": self.ds, "retrain": bool(reasons), "reasons": reasons})
         dashboard = write_dashboard(out_dir, self.traffic_uri, self.feedback_uri, self.ds,
+                                    input_drift=report["input_drift"],
                                     extra={"drift": {k: report.get(k) for k in ("psi_prompt_length", "psi_task_mix")},
                                            "reasons": reasons})
         path = write_report(out_dir, report)
@@ -80,19 +113,58 @@ class DriftMonitorOperator(BaseOperator):
             "psi_prompt_length", "psi_task_mix", "negative_rate", "retrain", "reasons")}))
         return {"report": str(path), "retrain": bool(reasons), "reasons": reasons,
                 "dashboard": dashboard["dashboard"],
-                "corrected_dataset": (report.get("corrected_dataset") or {}).get("path")}
+                # the path, as before; the whole entry (rows, sha256, ds) for PublishFeedbackDatasetOperator
+                "corrected_dataset": report["corrected_dataset"]["path"],
+                "feedback_dataset": report["corrected_dataset"]}
+
+    def _reference(self) -> tuple[str | None, str | None]:
+        """(training split file, EDA profile file); either may be None."""
+        split = self.reference_file if self.reference_file and Path(self.reference_file).is_file() else None
+        if self.reference_profile:  # named explicitly: missing means skip, not a silent fallback
+            return (split, self.reference_profile) if Path(self.reference_profile).is_file() else (None, None)
+        if self.reference_file:
+            return split, None
+        latest = self._latest_dataset()
+        if latest is None:
+            return None, None
+        folder = Path(latest["path"])
+        # Parquet since the airloom.prepared/2 format; JSON lines before.
+        split = next((str(p) for p in (folder / "train.parquet", folder / "train.jsonl") if p.is_file()), None)
+        profile = None
+        if latest.get("dag_id") and latest.get("run_id"):
+            from airloom.settings import run_dir
+
+            # llm_data_quality's eda_report task profiled the same accepted rows prepare split.
+            candidate = run_dir(latest["dag_id"], latest["run_id"], "eda_report") / "profile.json"
+            profile = str(candidate) if candidate.is_file() else None
+        return split, profile
 
     @staticmethod
-    def _latest_train_split() -> str | None:
+    def _latest_dataset() -> dict | None:
         from airloom.settings import home
 
         latest = home() / "datasets" / "latest.json"
-        if not latest.is_file():
-            return None
-        folder = Path(json.loads(latest.read_text())["path"])
-        # Parquet since the airloom.prepared/2 format; JSON lines before.
-        return str(next((p for p in (folder / "train.parquet", folder / "train.jsonl") if p.is_file()),
-                        folder / "train.parquet"))
+        return json.loads(latest.read_text()) if latest.is_file() else None
+
+    def _write_corrections(self, out_dir: Path, corrected: list[dict], dropped: dict) -> dict:
+        """Corrected answers as raw instruction rows (llm_data_quality's input), one version per ``ds``.
+
+        The ``ds`` partition is replaced as a whole, so a rerun leaves exactly this run's rows there.
+        """
+        import hashlib
+
+        root = Path(self.corrections_uri) if self.corrections_uri else out_dir / "corrected"
+        target = (root / f"ds={self.ds}" if self.corrections_uri else root) / "instructions.jsonl"
+        if not corrected:
+            target.unlink(missing_ok=True)
+            return {"path": None, "rows": 0, "dropped": dropped, "ds": self.ds}
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in corrected).encode()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+        return {"path": str(target), "rows": len(corrected), "dropped": dropped,
+                "sha256": hashlib.sha256(data).hexdigest(), "ds": self.ds}
 
 
 class RequestRetrainingOperator(BaseOperator):
@@ -115,3 +187,28 @@ class RequestRetrainingOperator(BaseOperator):
                                                       "report": self.decision["report"]}
         self.log.info("retraining requested: %s", "; ".join(self.decision["reasons"]))
         return dict(self.decision)
+
+
+class PublishFeedbackDatasetOperator(BaseOperator):
+    """Emit the ``feedback_dataset`` asset event for the corrected answers the monitor wrote; skip when none.
+
+    The event's extra (``path``, ``rows``, ``sha256``, ``ds``) is what ``llm_data_quality``'s ``source``
+    param takes to turn them into a prepared dataset version.
+    """
+
+    template_fields: Sequence[str] = ("decision",)
+
+    def __init__(self, *, decision: Any, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.decision = decision
+
+    def execute(self, context) -> dict[str, Any]:
+        corrected = (self.decision or {}).get("feedback_dataset") or {}
+        if not corrected.get("path"):
+            raise AirflowSkipException("no corrected answers passed validation and dedup: no feedback dataset")
+        extra = {k: corrected.get(k) for k in ("path", "rows", "sha256", "ds")}
+        for outlet in self.outlets:
+            context["outlet_events"][outlet].extra = extra
+        self.log.info("feedback dataset %s (%d rows): trigger llm_data_quality with source=%s",
+                      extra["path"], extra["rows"], extra["path"])
+        return extra

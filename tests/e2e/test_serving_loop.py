@@ -1,0 +1,237 @@
+"""The serving loop through real processes: `airloom serve` on a tiny deployed model, concurrent
+requests shaped like the ``openai`` client's, feedback with thumbs-down and corrected answers, an
+alias move the server follows, then `airflow dags test llm_feedback_monitoring` over the logged
+partitions: report, dashboard, the feedback dataset, and the asset events in Airflow's database.
+
+Throwaway AIRLOOM_HOME/AIRFLOW_HOME; the model has random weights (seconds to build, no training).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+NAME = "tiny"
+DAG_ID = "llm_feedback_monitoring"
+# What openai-python 1.x sends besides the body (it identifies itself and always sends a key).
+OPENAI_HEADERS = {
+    "Authorization": "Bearer sk-test",
+    "Content-Type": "application/json",
+    "Accept": "application/json",
+    "User-Agent": "OpenAI/Python 1.109.1",
+    "X-Stainless-Lang": "python",
+}
+AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+
+pytestmark = pytest.mark.slow
+
+
+def _env(home: Path) -> dict[str, str]:
+    from airloom.settings import airflow_env
+
+    return airflow_env({**os.environ, "AIRLOOM_HOME": str(home), "AIRFLOW_HOME": str(home / "airflow"),
+                        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "airflow" / "pw.json")})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _register_two_versions(home: Path):
+    """A tiny Llama with random, widened weights (so answers vary), registered as versions 1 and 2."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from airloom.registry.registry import ModelRegistry
+    from airloom.training.base import BaseModelSpec, build_base_model
+
+    spec = BaseModelSpec(vocab_size=320, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                         pretrain_lines=400, pretrain_seconds=0)
+    folder = home / "model"
+    build_base_model(folder, spec, log=lambda *_: None)
+    reg = ModelRegistry.from_uri(home / "registry")
+    for seed in (1, 2):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" not in name:
+                    p.normal_(0, 0.2)
+        model.save_pretrained(folder)
+        reg.register(NAME, folder, metadata={"summary": "serving loop", "seed": seed}, actor="test")
+    reg.set_alias(NAME, "production", 1, actor="test")
+    return reg
+
+
+def _training_profile(home: Path) -> Path:
+    """What llm_data_quality leaves behind: latest.json naming its run, and eda_report/profile.json."""
+    from airloom.data.eda import build_profile
+    from airloom.data.prompts import render_prompt
+    from airloom.data.synth import generate_records
+    from airloom.settings import run_dir
+
+    run_id = "manual__2026-11-01T00:00:00+00:00"
+    records = list(generate_records(400, seed=0))
+    dataset = run_dir("llm_data_quality", run_id, "prepare")
+    dataset.mkdir(parents=True)
+    (dataset / "train.jsonl").write_text("".join(
+        json.dumps({**r, "prompt": render_prompt(r["instruction"], r["input"])}) + "\n" for r in records))
+    (home / "datasets").mkdir()
+    (home / "datasets" / "latest.json").write_text(json.dumps(
+        {"path": str(dataset), "dag_id": "llm_data_quality", "run_id": run_id}))
+    eda = run_dir("llm_data_quality", run_id, "eda_report")
+    build_profile(records, eda, near_duplicate_threshold=None)
+    return eda / "profile.json"
+
+
+async def _post_many(url: str, path: str, bodies: list[dict]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=url, headers=OPENAI_HEADERS, timeout=120) as client:
+        return await asyncio.gather(*(client.post(path, json=b) for b in bodies))
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "airloom serve did not come up"
+        try:
+            r = httpx.get(url + "/healthz", timeout=2)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+
+
+def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
+    from airloom.data.prompts import render_prompt
+    from airloom.data.synth import generate_records
+
+    home = Path(os.environ["AIRLOOM_HOME"])  # conftest gives each test its own
+    env = _env(home)
+    reg = _register_two_versions(home)
+    reference_profile = _training_profile(home)
+    migrate = subprocess.Popen([AIRFLOW, "db", "migrate"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # runs while the server works
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "airloom.cli", "serve", "--model", f"{NAME}@production", "--port", str(port),
+         "--torch-threads", "1", "--poll-seconds", "0.5", "--batch-wait-ms", "20"],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert _wait_healthy(server, url)["model"] == f"{NAME}/1"
+        records = list(generate_records(16, seed=7))
+        bodies = [{"model": NAME, "prompt": render_prompt(r["instruction"], r["input"]), "max_tokens": 8,
+                   "temperature": 0} for r in records[:12]]
+        chats = [{"model": NAME, "messages": [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}],
+                  "max_completion_tokens": 8, "temperature": 0} for r in records[12:]]
+        done = asyncio.run(_post_many(url, "/v1/completions", bodies))
+        done += asyncio.run(_post_many(url, "/v1/chat/completions", chats))
+        assert [r.status_code for r in done] == [200] * 16, [r.text for r in done if r.status_code != 200]
+        assert {r.json()["model"] for r in done} == {f"{NAME}/1"}
+        assert {r.headers["x-airloom-model-version"] for r in done} == {f"{NAME}/1"}
+        assert httpx.get(url + "/healthz").json()["max_batch_size_seen"] > 1
+
+        # 7 thumbs-down of 9 ratings; corrected answers: two, one with an email (masked), a duplicate
+        ids = [r.json()["id"] for r in done]
+        feedback = [{"response_id": i, "rating": "down"} for i in ids[:6]]
+        feedback += [{"response_id": ids[6], "rating": "up"}, {"response_id": ids[7], "rating": 5}]
+        feedback[0]["corrected_answer"] = records[0]["response"]
+        feedback[1]["corrected_answer"] = records[1]["response"]
+        feedback[2].update(corrected_answer="mail ann@example.org", comment="wrong")
+        feedback.append({"response_id": ids[0], "rating": "down", "corrected_answer": records[0]["response"]})
+        posted = asyncio.run(_post_many(url, "/v1/feedback", feedback))
+        assert [r.status_code for r in posted] == [201] * len(feedback), [r.text for r in posted]
+        assert httpx.post(url + "/v1/feedback", headers=OPENAI_HEADERS,
+                          json={"response_id": "cmpl-unknown", "rating": "up"}).status_code == 404
+
+        reg.set_alias(NAME, "production", 2, actor="test", reason="serving loop")
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/healthz").json()["version"] != 2:
+            assert time.monotonic() < deadline, "the server did not follow the alias"
+            time.sleep(0.2)
+        after = asyncio.run(_post_many(url, "/v1/completions", bodies[:8]))
+        assert {r.json()["model"] for r in after} == {f"{NAME}/2"}
+        assert {r.headers["x-airloom-model-version"] for r in after} == {f"{NAME}/2"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert migrate.wait(timeout=300) == 0, migrate.stdout.read()[-3000:]
+
+    traffic, fb_root = home / "data" / "traffic", home / "data" / "feedback"
+    (part,) = sorted(fb_root.glob("ds=*"))  # one day's partition (the requests took seconds)
+    ds = part.name.removeprefix("ds=")
+    conf = {"traffic_uri": str(traffic), "feedback_uri": str(fb_root)}
+    proc = subprocess.run([AIRFLOW, "dags", "test", DAG_ID, ds, "-c", json.dumps(conf)], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    (report_path,) = (home / "runs" / DAG_ID).glob("*/drift_and_feedback/monitoring.json")
+    report = json.loads(report_path.read_text())
+    assert report["ds"] == ds and report["retrain"] is True
+    assert "negative feedback rate 0.78 > 0.3" in report["reasons"]
+    serving = report["serving"]
+    assert serving["models"] == {f"{NAME}/1": 16, f"{NAME}/2": 8} and serving["satisfaction_rate"] == 0.2222
+    assert (report["thumbs_down"], report["thumbs_up"]) == (7, 2)
+    drift = report["input_drift"]
+    assert drift["reference_profile"] == str(reference_profile)  # the newest dataset's EDA profile
+    assert drift["reference_rows"] == 400 and drift["current_rows"] == 24
+    assert set(drift["length_psi"]) >= {"instruction", "input", "response"}
+    assert 0 <= drift["vocabulary"]["js_divergence"] <= 1
+    assert drift["language"]["scripts"]["current"] and drift["input_psi"] is not None
+    # vs. the train split: served traffic has no task labels, so no (false) task-mix shift
+    assert report["psi_task_mix"] is None and report["reference_rows"] == 400
+    page = (report_path.parent / "dashboard.html").read_text()
+    assert "Input drift vs. training data (400 rows → 24 today)" in page and f"ds={ds}" in page
+    assert (report_path.parent / "traffic_profile" / "report.html").is_file()
+
+    dataset = report["corrected_dataset"]
+    assert dataset["path"] == str(home / "data" / "feedback_datasets" / f"ds={ds}" / "instructions.jsonl")
+    rows = [json.loads(line) for line in Path(dataset["path"]).read_text().splitlines()]
+    # the server masked the email before anything was written; the duplicate correction was dropped
+    assert sorted(r["response"] for r in rows) == sorted([records[0]["response"], records[1]["response"],
+                                                          "mail <EMAIL>"])
+    first = next(r for r in rows if r["response"] == records[0]["response"])
+    assert (first["instruction"], first["input"]) == (records[0]["instruction"], records[0]["input"])
+    assert first["source"] == "feedback" and dataset["rows"] == 3 and dataset["dropped"] == {"duplicate": 1}
+
+    # What Airflow recorded: both tasks succeeded and each asset got one event with our extra.
+    query = (
+        "import json\n"
+        "from sqlalchemy import select\n"
+        "from airflow.models.asset import AssetEvent, AssetModel\n"
+        "from airflow.models.taskinstance import TaskInstance\n"
+        "from airflow.utils.session import create_session\n"
+        "with create_session() as s:\n"
+        "    ev = s.execute(select(AssetModel.name, AssetEvent.extra, AssetEvent.source_task_id)"
+        ".join(AssetEvent, AssetEvent.asset_id == AssetModel.id)).all()\n"
+        f"    ti = s.execute(select(TaskInstance.task_id, TaskInstance.state).where(TaskInstance.dag_id == {DAG_ID!r})).all()\n"
+        "print(json.dumps({'events': [list(e) for e in ev], 'states': {t: str(st) for t, st in ti}}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", query], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    db = json.loads(out.stdout.strip().splitlines()[-1])
+    assert db["states"] == {"drift_and_feedback": "success", "request_retraining": "success",
+                            "publish_feedback_dataset": "success"}
+    events = {name: (extra, task) for name, extra, task in db["events"]}
+    assert set(events) == {"retraining_request", "feedback_dataset"}
+    extra, task = events["retraining_request"]
+    assert task == "request_retraining" and extra["reasons"] == report["reasons"]
+    extra, task = events["feedback_dataset"]
+    assert task == "publish_feedback_dataset"
+    assert extra == {"path": dataset["path"], "rows": 3, "sha256": dataset["sha256"], "ds": ds}
