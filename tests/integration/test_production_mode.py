@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import secrets
 import socket
+import subprocess
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -290,6 +292,28 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
         assert metrics["model_ref"] == f"registry:{MODEL}/{prod['version']}"
         assert metrics["aggregate"]["exact_match"] >= 0
     assert (evaluations / "trend.png").is_file()
+
+    # Airflow's CLI backfill, reprocessing one completed day: only that day's partition is rewritten.
+    before = {ds: (evaluations / f"ds={ds}" / "metrics.json").stat().st_mtime_ns for ds in days}
+    stack = prod["stack"]
+    cli = subprocess.run([str(Path(sys.executable).with_name("airflow")), "backfill", "create", "--dag-id", "llm_eval_backfill",
+                          "--from-date", days[1], "--to-date", days[1], "--reprocess-behavior", "completed"],
+                         env=stack.env, capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
+    # The rerun clears the day's existing run (or adds one): wait for its partition to be rewritten
+    # and every run of that day to end.
+    metrics_file = evaluations / f"ds={days[1]}" / "metrics.json"
+    wait_until = time.monotonic() + 600
+    while time.monotonic() < wait_until:
+        reruns = [run for run in trainer.get("/api/v2/dags/llm_eval_backfill/dagRuns", limit=50)["dag_runs"]
+                  if run["logical_date"][:10] == days[1]]
+        rewritten = metrics_file.is_file() and metrics_file.stat().st_mtime_ns != before[days[1]]
+        if rewritten and all(r["state"] in TERMINAL for r in reruns):
+            break
+        time.sleep(3)
+    assert {r["state"] for r in reruns} == {"success"}, reruns
+    after = {ds: (evaluations / f"ds={ds}" / "metrics.json").stat().st_mtime_ns for ds in days}
+    assert [ds for ds in days if after[ds] != before[ds]] == [days[1]], (before, after)
 
 
 # The two fault checks add ~3-4 minutes (a 60 s heartbeat timeout plus the DAG's 60 s retry delay;
