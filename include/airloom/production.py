@@ -56,6 +56,7 @@ from pathlib import Path
 
 from airloom.exceptions import AirloomError, CheckFailed, UsageError
 from airloom.settings import PROJECT_ROOT, airflow_env, ensure_embedded_airflow_home
+from airloom.training.launcher import free_port
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379"
@@ -68,13 +69,8 @@ _REDIS_CLAIM_KEY = "airloom:prod:claim"
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer", "celery-worker")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, lines: int = 40) -> str:
+def tail(path: Path, lines: int = 40) -> str:
+    """The end of a component's log, for error messages."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -300,13 +296,13 @@ class ProductionStack:
             for name, pid in self.pids.items():
                 if not _alive(pid, self.started.get(name)):
                     raise CheckFailed(f"{name} exited during start-up; last lines of {self._log(name)}:\n"
-                                      f"{_tail(self._log(name))}")
+                                      f"{tail(self._log(name))}")
             last = self.health()
             if all(v == "healthy" for v in last.values()):
                 return last
             time.sleep(2)
         bad = {k: v for k, v in last.items() if v != "healthy"}
-        logs = "\n".join(f"--- {self._log(n)}\n{_tail(self._log(n), 15)}" for n in bad if n in self.pids)
+        logs = "\n".join(f"--- {self._log(n)}\n{tail(self._log(n), 15)}" for n in bad if n in self.pids)
         raise CheckFailed(f"production stack not healthy in time: {bad}\n{logs}")
 
     # -- state, for the CLI ----------------------------------------------------------------------
@@ -479,7 +475,7 @@ class ProductionStack:
                                check=True, timeout=max(1.0, deadline - started))
             except subprocess.CalledProcessError as e:
                 raise CheckFailed(f"{name} failed (exit {e.returncode}); last lines of {self._log(name)}:\n"
-                                  f"{_tail(self._log(name))}") from e
+                                  f"{tail(self._log(name))}") from e
             except subprocess.TimeoutExpired as e:
                 raise CheckFailed(f"{name} did not finish before the start-up deadline; see {self._log(name)}") from e
 

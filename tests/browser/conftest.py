@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,23 +25,15 @@ from pathlib import Path
 
 import pytest
 
+from airloom.production import tail
+from airloom.training.launcher import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # No sandbox: CI runs as root in a container; no GPU; no component updates or safe-browsing fetches.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return f"(no log at {path})"
 
 
 @dataclass
@@ -69,7 +60,7 @@ class EmbeddedAirflow:
             rc = subprocess.run(cmd, env=self.env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
                                 timeout=timeout).returncode
         if rc != 0:
-            pytest.fail(f"{' '.join(cmd[:4])} exited {rc}; {log}:\n{_tail(log)}")
+            pytest.fail(f"{' '.join(cmd[:4])} exited {rc}; {log}:\n{tail(log)}")
         return log.read_text()
 
     def start(self) -> None:
@@ -110,7 +101,7 @@ class EmbeddedAirflow:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
                 pytest.fail(f"airflow {name} exited {proc.returncode}; {self.logs / (name + '.log')}:\n"
-                            f"{_tail(self.logs / (name + '.log'))}")
+                            f"{tail(self.logs / (name + '.log'))}")
 
     # -- REST API ------------------------------------------------------------------------------
 
@@ -162,7 +153,7 @@ class EmbeddedAirflow:
             except AssertionError:
                 time.sleep(2)
         pytest.fail(f"DAG {dag_id} not parsed within {timeout:.0f}s; dag-processor log:\n"
-                    f"{_tail(self.logs / 'dag-processor.log')}")
+                    f"{tail(self.logs / 'dag-processor.log')}")
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +162,7 @@ def airflow_ui(tmp_path_factory):
     from airloom.settings import airflow_env, ensure_embedded_airflow_home
 
     root = tmp_path_factory.mktemp("browser")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     base = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__") and k != "AIRLOOM_REGISTRY"}
     env = airflow_env({

@@ -72,3 +72,13 @@ def test_another_script_is_a_language_shift(reference, tmp_path):
 def test_no_drift_decision_without_a_comparison():
     assert decide_input_drift(None) == []
     assert decide_input_drift({"input_psi": None}) == []
+
+
+def test_a_handful_of_prompts_is_reported_but_decides_nothing(reference, tmp_path):
+    """20 prompts from the training distribution itself: the length PSI is noise at that size."""
+    same = served(list(generate_records(20, seed=5)))
+    drift = input_drift(reference, same, tmp_path / "few")
+    assert drift["current_rows"] == 20
+    assert any("fewer than 30" in note for note in drift["notes"])
+    assert decide_input_drift(drift, max_input_psi=0.0) == []  # even a zero threshold: too few rows
+    assert drift["input_psi"] > 0 and decide_input_drift(drift, max_input_psi=0.0, min_rows=10)
