@@ -52,7 +52,9 @@ def test_prepare_operator_renders_params_as_text_and_publishes_parquet(tmp_path,
 
     from airloom.airflow.operators.monitoring import DriftMonitorOperator
 
-    assert DriftMonitorOperator._latest_train_split() == str(out / "train.parquet")
+    monitor = DriftMonitorOperator(task_id="monitor", traffic_uri="t", feedback_uri="f", reference_file="",
+                                   ds="2026-01-01")
+    assert monitor._reference()[0] == str(out / "train.parquet")  # monitoring finds the newest split
 
     resolved = ResolveDatasetOperator(task_id="resolve_dataset", dataset="").execute(make_context())
     assert resolved["path"] == str(out)
