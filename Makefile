@@ -28,7 +28,7 @@ demo: venv
 
 ## The test suite (default run: everything but the minutes-long training checks marked `slow`).
 test: venv-dev browser
-	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not gpu" --durations=15 $(PYTEST_ARGS)
 
 ## Debian's chromium for the browser tests (tests/browser), when none is on PATH (needs root or sudo).
 ## Playwright drives this system browser; it never downloads one of its own. (Debian's launcher
