@@ -76,6 +76,17 @@ def render_prompt(instruction: str, input: str | None = None, template: str = DE
     raise ValueError(f"unknown prompt template {template!r}; known: {sorted(BUILTIN_SOURCES)}")
 
 
+def split_alpaca(prompt: str) -> tuple[str, str]:
+    """``(instruction, input)`` back from an alpaca prompt; text in another shape is all instruction."""
+    tpl = TEMPLATES["alpaca"]
+    head, resp = tpl.without_input.split("{instruction}")
+    input_marker = tpl.with_input.split("{instruction}")[1].split("{input}")[0]
+    if not (prompt.startswith(head) and prompt.endswith(resp)):
+        return prompt.strip(), ""
+    instruction, sep, inp = prompt[len(head) : -len(resp)].partition(input_marker)
+    return instruction.strip(), inp.strip() if sep else ""
+
+
 def prompt_context(
     instruction: str,
     input: str = "",

@@ -73,7 +73,7 @@ def profile_records(records: list[dict]) -> list[dict]:
     Rows that already have ``instruction`` keep their fields; otherwise the rendered ``prompt`` is
     parsed back (alpaca template; other text is all instruction) and ``response`` is the served answer.
     """
-    from airloom.monitoring.serving import split_alpaca
+    from airloom.data.prompts import split_alpaca
 
     out = []
     for i, rec in enumerate(records):

@@ -83,6 +83,7 @@ def corrected_dataset(feedback: list[dict]) -> tuple[list[dict], dict]:
     Alpaca prompts are parsed back into instruction/input; other prompts (a chat template) keep the
     whole prompt as the instruction. Rows with PII left after scrubbing, or blank parts, are dropped.
     """
+    from airloom.data.prompts import split_alpaca
     from airloom.data.validate import dedup_key, find_pii
 
     rows, seen, dropped = [], set(), Counter()
@@ -105,16 +106,6 @@ def corrected_dataset(feedback: list[dict]) -> tuple[list[dict], dict]:
         rows.append({"id": fb.get("id"), "instruction": instruction, "input": inp, "response": answer,
                      "source": "feedback", "response_id": fb.get("response_id"), "model": fb.get("model")})
     return rows, dict(dropped)
-
-
-def split_alpaca(prompt: str) -> tuple[str, str]:
-    """Inverse of the alpaca template (:mod:`airloom.data.prompts`); non-alpaca text is all instruction."""
-    head, resp = "### Instruction:\n", "\n### Response:\n"
-    if not (prompt.startswith(head) and prompt.endswith(resp)):
-        return prompt.strip(), ""
-    body = prompt[len(head) : -len(resp)]
-    instruction, sep, inp = body.partition("\n### Input:\n")
-    return instruction.strip(), inp.strip() if sep else ""
 
 
 def _plot(days: list[str], series: dict[str, list], ylabel: str) -> str:
