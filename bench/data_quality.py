@@ -10,10 +10,11 @@ our stage does and ydata's report does not.
 
 Our stage runs as the DAG runs it, one child process per task (``airloom validate``, ``airloom
 eda``, ``airloom prepare``), one after the other (the DAG runs EDA and prepare side by side; on a
-shared 2-core machine sequential is the fairer sum). EDA and prepare read the whole corpus, not
-validate's accepted rows: with ×30 near-copies validate quarantines ~97% of the rows, and profiling
-the remaining 4.5k would flatter us. The validation suite is the default one with the duplicate,
-near-duplicate and quarantine limits raised to 1.0, so the ×30 copies do not fail the run. ydata-
+shared 2-core machine sequential is the fairer sum). As in the DAG, validation computes the EDA
+profile of the rows it reads in the same pass and EDA renders it (``--scan``). Prepare reads the
+whole corpus, not validate's accepted rows (~90% of them here), so it does the most work. The
+validation suite is the default one with the duplicate, near-duplicate and quarantine limits raised
+to 1.0, so the ×30 copies do not fail the run. ydata-
 profiling 4.18.4 runs its default ``ProfileReport(df).to_file(html)`` on the same rows (as a pandas
 frame of instruction/input/response) in its own virtualenv under ``.cache/bench-ydata`` (created on
 first use: it pins older pandas/numpy than the project). Wall time and peak RSS of every child come
@@ -105,7 +106,7 @@ def run_ours(corpus: Path, work: Path, label: str) -> dict:
     cli = [sys.executable, "-m", "airloom.cli"]
     stages = {
         "validate": [*cli, "validate", str(corpus), "--out", str(work / "validate"), "--suite", str(suite)],
-        "eda": [*cli, "eda", str(corpus), "--out", str(work / "eda")],
+        "eda": [*cli, "eda", str(corpus), "--out", str(work / "eda"), "--scan", str(work / "validate" / "scan")],
         "prepare": [*cli, "prepare", str(corpus), "--out", str(work / "prepare")],
     }
     result: dict = {"stages": {}}
@@ -155,7 +156,8 @@ def run_ydata(corpus: Path, work: Path) -> dict:
 def profile_ours(corpus: Path, work: Path) -> None:
     """cProfile each stage once (in its own child) and print the top of the cumulative-time table."""
     suite = work / "bench_suite.json"
-    for name, extra in (("validate", ["--suite", str(suite)]), ("eda", []), ("prepare", [])):
+    for name, extra in (("validate", ["--suite", str(suite)]), ("eda", ["--scan", str(work / "prof_validate" / "scan")]),
+                        ("prepare", [])):
         stats = work / f"{name}.prof"
         argv = [sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "airloom.cli", name, str(corpus),
                 "--out", str(work / f"prof_{name}"), *extra]

@@ -3,7 +3,8 @@
 
 Reads raw instruction data (JSONL, JSON, CSV or Parquet; a file, folder or glob), validates it
 with Great Expectations (rows that fail are quarantined with line and reason; the task fails
-when the suite fails, and the run stops before preparation), writes an HTML EDA report, and
+when the suite fails, and the run stops before preparation), writes an HTML EDA report of the data
+as read (from the profile validation computed in the same pass; also after a failed validation), and
 prepares train/validation/test Parquet splits (PII policy, prompt template, token-length filter;
 counts and hashes in `manifest.json`). Emits the asset `prepared_dataset`, which starts
 `llm_finetune`.
@@ -70,7 +71,14 @@ with DAG(
         on_bad_rows="{{ params.on_bad_rows }}",
         retries=0,
     )
-    eda = DataProfileOperator(task_id="eda_report", input_path=validate.output["accepted"])
+    # EDA of the data as read (duplicates, PII, markup are what it is for), rendered from the profile
+    # validation computed in its pass; it runs after a failed validation too, to help read why.
+    eda = DataProfileOperator(
+        task_id="eda_report",
+        input_path="{{ params.source }}",
+        scan_dir=validate.output["scan"],
+        trigger_rule="all_done",
+    )
     prepare = PrepareDatasetOperator(
         task_id="prepare",
         input_path=validate.output["accepted"],

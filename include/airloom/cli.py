@@ -49,35 +49,36 @@ def _existing(path: str, what: str) -> Path:
 # -- data -----------------------------------------------------------------------------------------
 
 def cmd_validate(args) -> int:
-    from airloom.data.load import load_records
-    from airloom.data.validate import ValidationConfig, validate
+    from airloom.data.load import fingerprint, iter_chunks
+    from airloom.data.validate import ValidationConfig, validate_stream
 
     _existing(args.source, "input")
     config = ValidationConfig.from_yaml(args.suite) if args.suite else ValidationConfig()
     if args.on_bad_rows:
         config.on_bad_rows = args.on_bad_rows
-    result = validate(load_records(args.source), Path(args.out), config)
+    result = validate_stream(lambda: iter_chunks(args.source), Path(args.out), config, source=args.source,
+                             scan_source=fingerprint(args.source))
     _emit(args, json.loads(result.report_path.read_text()) if args.json else None, result.summary())
     return 0 if result.success else 1
 
 
 def cmd_eda(args) -> int:
-    from airloom.data.eda import build_profile
-    from airloom.data.load import load_records
+    from airloom.data.eda import profile_source
 
     _existing(args.input, "input")
     previous = json.loads(Path(args.previous).read_text()) if args.previous else None
-    profile = build_profile(load_records(args.input).records, Path(args.out), previous_profile=previous)
+    profile = profile_source(args.input, Path(args.out), scan_dir=args.scan, previous_profile=previous)
     _emit(args, profile, f"EDA report: {Path(args.out) / 'report.html'} ({profile.get('rows')} rows)")
     return 0
 
 
 def cmd_prepare(args) -> int:
-    from airloom.data.load import load_records
+    from airloom.data.load import iter_chunks
     from airloom.data.prepare import prepare
 
     _existing(args.input, "input")
-    manifest = prepare(load_records(args.input).records, Path(args.out), seed=args.seed,
+    records = (rec for chunk in iter_chunks(args.input) for rec in chunk.records)
+    manifest = prepare(records, Path(args.out), seed=args.seed,
                        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                        template=args.template, pii_policy=args.pii_policy, max_seq_len=args.max_seq_len,
                        tokenizer=args.tokenizer.strip() or None)
@@ -366,6 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("input")
     sp.add_argument("--out", required=True)
     sp.add_argument("--previous", help="profile.json of an earlier run, to show changes")
+    sp.add_argument("--scan", help="the scan/ folder `airloom validate` wrote for the same input: render its "
+                                   "profile instead of reading the data again (ignored if the files changed)")
 
     sp = add("prepare", cmd_prepare, "clean, screen PII, dedup, render prompts and split into Parquet files")
     sp.add_argument("input")

@@ -16,6 +16,7 @@ are kept, plus what near-duplicate detection needs (see :mod:`airloom.data.neard
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import json
@@ -24,7 +25,7 @@ import os
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,14 @@ from typing import Any
 import numpy as np
 
 from airloom.data.load import TEXT_FIELDS
-from airloom.data.neardup import DEFAULT_SHINGLE_SIZE, DEFAULT_THRESHOLD, NearDuplicateFinder, scan_words
+from airloom.data.neardup import (
+    DEFAULT_NUM_PERM,
+    DEFAULT_SHINGLE_SIZE,
+    DEFAULT_THRESHOLD,
+    NearDuplicateFinder,
+    NearDuplicates,
+    scan_words,
+)
 from airloom.data.validate import CONTROL_CHARS_RE, MARKUP_RE, dedup_key, find_pii, has_markup
 
 PROFILE_VERSION = 2
@@ -52,6 +60,8 @@ _EXAMPLES = 5
 _FREQUENCIES = 5000  # words with counts kept in profile.json, for the vocabulary drift of a later run
 _NEW_WORDS_TOP = 1000
 _LANGUAGE_SAMPLE = 200
+_PAIRS_CAP = 1_000_000  # distinct word pairs counted (see _PairCounts)
+_VOCAB_CAP = 250_000  # distinct words counted exactly; the size of a larger vocabulary is estimated
 _BATCH = 4096
 _ASCII_LETTER_RE = re.compile(r"[A-Za-z]")
 _SCRIPTS = {
@@ -68,7 +78,7 @@ _script_cache: dict[str, str] = {}
 
 
 def build_profile(
-    records: list[dict],
+    records: Sequence[dict],
     out_dir: Path,
     *,
     tokenizer: Any = None,
@@ -95,15 +105,113 @@ def build_profile(
     Returns:
         The profile, as written to ``profile.json``.
     """
+    records = list(records)
+    return profile_stream(
+        lambda: [records],
+        out_dir,
+        tokenizer=tokenizer,
+        previous_profile=previous_profile,
+        near_duplicate_threshold=near_duplicate_threshold,
+        shingle_size=shingle_size,
+        languages=languages,
+    )
+
+
+def profile_stream(
+    chunks: Callable[[], Iterable[Sequence[dict]]],
+    out_dir: Path,
+    *,
+    tokenizer: Any = None,
+    previous_profile: dict | None = None,
+    near_duplicate_threshold: float | None = DEFAULT_THRESHOLD,
+    shingle_size: int = DEFAULT_SHINGLE_SIZE,
+    languages: bool = True,
+) -> dict:
+    """:func:`build_profile` over a stream: ``chunks()`` yields the records chunk by chunk.
+
+    It is called twice: once for the profile, once more to pick the few rows shown as examples, so
+    memory holds one chunk and a few bytes per row, never the corpus.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    profile, series = _profile(records, tokenizer, near_duplicate_threshold, shingle_size, languages)
+    profiler = Profiler(tokenizer, near_duplicate_threshold, shingle_size, languages=languages, spill_dir=out_dir)
+    for chunk in chunks():
+        profiler.add(chunk)
+    profile, series = profiler.finish(pick_rows(chunks(), profiler.wanted()))
+    return write_profile(profile, series, out_dir, previous_profile)
+
+
+def profile_source(
+    path: str | Path,
+    out_dir: Path,
+    *,
+    scan_dir: str | Path | None = None,
+    previous_profile: dict | None = None,
+    s3_client: Any = None,
+) -> dict:
+    """The EDA report of a file, folder, glob or ``s3://`` source, read as a stream.
+
+    When ``scan_dir`` holds the profile validation computed while reading the same files (unchanged
+    since: see :func:`airloom.data.load.fingerprint`), it is rendered instead of read again.
+    """
+    from airloom.data.load import fingerprint, iter_chunks
+
+    if scan_dir:
+        source = fingerprint(path)
+        saved = load_scan(Path(scan_dir), source) if source is not None else None
+        if saved is not None:
+            profile, series = saved
+            return write_profile(profile, series, out_dir, previous_profile)
+    return profile_stream(
+        lambda: (chunk.records for chunk in iter_chunks(path, s3_client=s3_client)),
+        out_dir,
+        previous_profile=previous_profile,
+    )
+
+
+def write_profile(profile: dict, series: dict, out_dir: Path, previous_profile: dict | None = None) -> dict:
+    """Write ``profile.json`` and ``report.html`` (with drift against ``previous_profile``, if given)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    profile = dict(profile)
     if previous_profile is not None:
         profile["changes"] = _changes(previous_profile, profile)
         profile["drift"] = _drift(previous_profile, profile)
     _write(out_dir / "profile.json", json.dumps(profile, indent=2, ensure_ascii=False) + "\n")
     _write(out_dir / "report.html", _render_html(profile, series))
     return profile
+
+
+def save_scan(profile: dict, series: dict, scan_dir: Path, source: dict) -> None:
+    """Keep a profile computed elsewhere (validation computes one in its pass) for :func:`load_scan`.
+
+    ``source`` identifies what was read (see :func:`airloom.data.load.fingerprint`), so a later EDA
+    reuses the scan only for the same data.
+    """
+    scan_dir = Path(scan_dir)
+    scan_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {f"{unit}:{f}": values for unit, by_field in series.items() for f, values in by_field.items()}
+    with open(scan_dir / "series.npz", "wb") as fh:
+        np.savez(fh, **arrays)
+    _write(scan_dir / "profile.json", json.dumps(profile, ensure_ascii=False) + "\n")
+    _write(scan_dir / "source.json", json.dumps(source, sort_keys=True) + "\n")
+
+
+def load_scan(scan_dir: Path, source: dict) -> tuple[dict, dict] | None:
+    """(profile, series) saved by :func:`save_scan` for the same ``source``; None when absent or stale."""
+    scan_dir = Path(scan_dir)
+    try:
+        if json.loads((scan_dir / "source.json").read_text()) != json.loads(json.dumps(source, sort_keys=True)):
+            return None
+        profile = json.loads((scan_dir / "profile.json").read_text(encoding="utf-8"))
+        with np.load(scan_dir / "series.npz") as arrays:
+            series: dict[str, dict[str, np.ndarray]] = {"chars": {}, "words": {}, "tokens": {}}
+            for key in arrays.files:
+                unit, f = key.split(":", 1)
+                series.setdefault(unit, {})[f] = arrays[key]
+    except (OSError, ValueError, KeyError):
+        return None
+    return profile, series
 
 
 # --- numbers -------------------------------------------------------------------------------------
@@ -191,7 +299,11 @@ def _row_scripts(text: str) -> tuple[str, bool]:
 
 
 class _PairCounts:
-    """Counts of uint64 keys (word-id bigrams), merged in sorted arrays instead of a Python dict."""
+    """Counts of uint64 keys (word-id bigrams), merged in sorted arrays instead of a Python dict.
+
+    At most ``_PAIRS_CAP`` distinct keys are kept: past it the rarest half is dropped (the top pairs of
+    a big corpus are frequent from early on; their counts stay exact once kept).
+    """
 
     def __init__(self) -> None:
         self.keys = np.zeros(0, dtype=np.uint64)
@@ -202,7 +314,7 @@ class _PairCounts:
     def add(self, keys: np.ndarray) -> None:
         self._pending.append(keys)
         self._pending_size += len(keys)
-        if self._pending_size > 4_000_000:
+        if self._pending_size > 1_000_000:
             self._merge()
 
     def _merge(self) -> None:
@@ -212,12 +324,19 @@ class _PairCounts:
         self._pending, self._pending_size = [], 0
         if not len(new):  # rows without a content-word pair (e.g. "Task 0"): nothing to count
             return
-        keys = np.concatenate((self.keys, new))
-        counts = np.concatenate((self.counts, np.ones(len(new), dtype=np.int64)))
-        order = np.argsort(keys, kind="stable")
-        keys, counts = keys[order], counts[order]
-        starts = np.flatnonzero(np.concatenate(([True], keys[1:] != keys[:-1])))
-        self.keys, self.counts = keys[starts], np.add.reduceat(counts, starts) if len(keys) else counts
+        starts = np.flatnonzero(np.concatenate(([True], new[1:] != new[:-1])))
+        keys, counts = new[starts], np.diff(np.append(starts, len(new)))
+        del new
+        # into the sorted table: counts of known keys added in place, new keys inserted where they sort
+        pos = np.searchsorted(self.keys, keys)
+        known = pos < len(self.keys)
+        known[known] = self.keys[pos[known]] == keys[known]
+        np.add.at(self.counts, pos[known], counts[known])
+        self.keys = np.insert(self.keys, pos[~known], keys[~known])
+        self.counts = np.insert(self.counts, pos[~known], counts[~known])
+        if len(self.keys) > _PAIRS_CAP:
+            keep = np.sort(np.argsort(-self.counts, kind="stable")[: _PAIRS_CAP // 2])
+            self.keys, self.counts = self.keys[keep], self.counts[keep]
 
     def top(self, n: int) -> list[tuple[int, int, int]]:
         """(first id, second id, count), most frequent first; ties in key order."""
@@ -231,54 +350,231 @@ class _PairCounts:
         ]
 
 
-def _profile(
-    records: list[dict],
-    tokenizer: Any,
-    near_threshold: float | None,
-    shingle_size: int,
-    want_languages: bool,
-) -> tuple[dict, dict]:
-    n = len(records)
-    lines = [rec.get("_line", i + 1) for i, rec in enumerate(records)]
-    chars = {f: np.zeros(n, dtype=np.int64) for f in TEXT_FIELDS}
-    nwords = {f: np.zeros(n, dtype=np.int64) for f in TEXT_FIELDS}
-    tokens = {f: np.zeros(n, dtype=np.int64) for f in TEXT_FIELDS} if tokenizer is not None else {}
-    empty = dict.fromkeys(TEXT_FIELDS, 0)
+class FirstSeen:
+    """The first row of each 64-bit key over a stream of chunks, in a few bytes per distinct key.
 
-    vocab: dict[int, int] = {}  # word key (WordScan.keys) -> id
-    vocab_words: list[str] = []  # id -> word
-    word_counts = np.zeros(0, dtype=np.int64)
-    leading_counts = np.zeros(0, dtype=np.int64)
-    content = np.zeros(0, dtype=bool)  # per word id: not a stop word, not a number
-    please = -1  # id of "please", skipped as a leading word
-    bigrams = _PairCounts()
-    finder = NearDuplicateFinder(near_threshold, shingle_size) if near_threshold is not None else None
+    Keys seen so far live in sorted numpy runs (merged when there are many), not in a dict: 16 bytes a
+    key instead of ~100, which is what lets a profile of millions of rows stay small.
+    """
 
-    groups: dict[str, int] = {}  # dedup key -> first row
-    copies: dict[int, list[int]] = {}  # first row -> later copies
-    pii_rows, pii_kinds, pii_examples = 0, Counter(), []
-    markup_rows, markup_examples = 0, []
-    control_rows = 0
-    scripts: Counter[str] = Counter()
-    mixed_rows = 0
-    script_examples: dict[str, list[dict]] = {}
+    def __init__(self) -> None:
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted keys, their first rows)
 
-    for start in range(0, n, _BATCH):
-        batch = records[start : start + _BATCH]
+    def first_rows(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """For each (key, row) of a chunk, in stream order: the first row seen with that key."""
+        if not len(keys):
+            return rows.copy()
+        uniq, at, inverse = np.unique(keys, return_index=True, return_inverse=True)
+        first = rows[at]
+        new = np.ones(len(uniq), dtype=bool)
+        for run_keys, run_rows in self._runs:  # earlier chunks: their rows come first
+            pos = np.minimum(np.searchsorted(run_keys, uniq), len(run_keys) - 1)
+            hit = run_keys[pos] == uniq
+            first[hit] = run_rows[pos[hit]]
+            new &= ~hit
+        if new.any():
+            self._runs.append((uniq[new], first[new]))
+            if len(self._runs) > 8:
+                k = np.concatenate([r[0] for r in self._runs])
+                r = np.concatenate([r[1] for r in self._runs])
+                order = np.argsort(k)
+                self._runs = [(k[order], r[order])]
+        return first[inverse.reshape(-1)]
+
+
+def row_key_hashes(records: Sequence[dict]) -> np.ndarray:
+    """64-bit hash of each record's :func:`dedup_key` (two rows collide by chance with p ~ n^2 / 2^65)."""
+    return np.fromiter(
+        (
+            int.from_bytes(
+                hashlib.blake2b(
+                    dedup_key(r.get("instruction") or "", r.get("input") or "", r.get("response") or "").encode(
+                        "utf-8", "surrogatepass"
+                    ),
+                    digest_size=8,
+                ).digest(),
+                "little",
+            )
+            for r in records
+        ),
+        dtype=np.uint64,
+        count=len(records),
+    )
+
+
+class _Hll:
+    """HyperLogLog (2^14 registers, ~0.8% error) over 64-bit word keys, for the vocabulary size once the
+    exact word table is full."""
+
+    P = 14
+
+    def __init__(self) -> None:
+        self.registers = np.zeros(1 << self.P, dtype=np.uint8)
+
+    def add(self, keys: np.ndarray) -> None:
+        h = keys.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)  # spread both halves of the key
+        idx = (h >> np.uint64(64 - self.P)).astype(np.int64)
+        rest = (h << np.uint64(self.P)) | np.uint64(1 << (self.P - 1))  # never 0: rank <= 64 - P + 1
+        rank = (64 - np.floor(np.log2(rest.astype(np.float64)))).astype(np.uint8)
+        np.maximum.at(self.registers, idx, rank)
+
+    def estimate(self) -> int:
+        m = float(len(self.registers))
+        raw = 0.7213 / (1 + 1.079 / m) * m * m / float(np.sum(2.0 ** -self.registers.astype(np.float64)))
+        zeros = int(np.count_nonzero(self.registers == 0))
+        if raw <= 2.5 * m and zeros:
+            return round(m * math.log(m / zeros))  # linear counting for small sets
+        return round(raw)
+
+
+class Profiler:
+    """The EDA of a stream of records: :meth:`add` chunk after chunk, then :meth:`finish`.
+
+    One pass computes every number; only the examples in the report need text again, from a handful
+    of rows, which :meth:`finish` asks for by index (:meth:`wanted` lists them) so the caller can read
+    them in a second pass instead of keeping the corpus. Per row, only lengths, flags and a 64-bit
+    key stay in memory (plus what near-duplicate detection needs).
+
+    ``add(records, eligible)`` lets validation say which rows take part in the duplicate and
+    near-duplicate search (those its other row checks keep); by default every row does. With
+    ``spill_dir``, the near-duplicate search keeps its per-row data (~1.5 KB a row) in scratch files
+    there instead of in memory.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        near_duplicate_threshold: float | None = DEFAULT_THRESHOLD,
+        shingle_size: int = DEFAULT_SHINGLE_SIZE,
+        num_perm: int = DEFAULT_NUM_PERM,
+        languages: bool = True,
+        spill_dir: str | Path | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.want_languages = languages
+        self.n = 0
+        self._lines: list[np.ndarray] = []
+        self._cols: dict[str, list[np.ndarray]] = {
+            f"{unit}:{f}": [] for unit in ("chars", "words", "tokens") for f in TEXT_FIELDS
+        }
+        self._dup_of: list[np.ndarray] = []
+        self._flags: dict[str, list[np.ndarray]] = {"pii": [], "markup": [], "control": []}
+        self._first_seen = FirstSeen()
+        self.empty = dict.fromkeys(TEXT_FIELDS, 0)
+        self.present = {"id": 0, "task": 0}
+        self.tasks: Counter[str] = Counter()
+
+        self.vocab: dict[int, int] = {}  # word key (WordScan.keys) -> id, up to _VOCAB_CAP words
+        self.vocab_words: list[str] = []  # id -> word
+        self.word_counts = np.zeros(0, dtype=np.int64)
+        self.leading_counts = np.zeros(0, dtype=np.int64)
+        self.content = np.zeros(0, dtype=bool)  # per word id: not a stop word, not a number
+        self.total_words = 0
+        self.please = -1  # id of "please", skipped as a leading word
+        self.bigrams = _PairCounts()
+        self.hll = _Hll()
+        self.finder = (
+            NearDuplicateFinder(near_duplicate_threshold, shingle_size, num_perm, spill_dir=spill_dir)
+            if near_duplicate_threshold is not None
+            else None
+        )
+        self.pii_rows, self.pii_kinds, self.pii_examples = 0, Counter(), []
+        self.markup_rows, self.markup_examples = 0, []
+        self.control_rows = 0
+        self.scripts: Counter[str] = Counter()
+        self.mixed_rows = 0
+        self.script_examples: dict[str, list[dict]] = {}
+        self._near: NearDuplicates | None = None
+        self._want: set[int] | None = None
+        self._result: tuple[dict, dict] | None = None
+
+    # --- pass 1 -----------------------------------------------------------------------------------
+
+    def add(self, records: Sequence[dict], eligible: np.ndarray | None = None) -> None:
+        """Profile one chunk of records (a few thousand at a time keeps the temporary arrays small)."""
+        for start in range(0, len(records), _BATCH):
+            batch = records[start : start + _BATCH]
+            ok = None if eligible is None else np.asarray(eligible[start : start + _BATCH], dtype=bool)
+            self._add(batch, ok)
+
+    def _add(self, batch: Sequence[dict], eligible: np.ndarray | None) -> None:
         m = len(batch)
+        if not m:
+            return
+        base = self.n
+        self.n += m
+        # per-row columns in 32 bits: at millions of rows they are most of what a profile holds
+        lines = np.fromiter((rec.get("_line", base + j + 1) for j, rec in enumerate(batch)), np.int32, m)
+        self._lines.append(lines)
         cols = {f: [rec.get(f) or "" for rec in batch] for f in TEXT_FIELDS}
-        sl = slice(start, start + m)
+        for f in ("id", "task"):
+            self.present[f] += sum(1 for rec in batch if rec.get(f) not in (None, ""))
+        self.tasks.update(rec.get("task") or "(none)" for rec in batch)
         # the words of instruction, input and response of each row, in that order, as arrays
         scan = scan_words([t for row in zip(*cols.values(), strict=True) for t in row], keys=True)
         per_field = scan.lengths.reshape(m, 3)
         for k, f in enumerate(TEXT_FIELDS):
-            chars[f][sl] = np.fromiter(map(len, cols[f]), dtype=np.int64, count=m)
-            nwords[f][sl] = per_field[:, k]
-            empty[f] += sum(1 for t in cols[f] if not t.strip())
-            if tokenizer is not None:
-                tokens[f][sl] = _token_lengths(tokenizer, cols[f])
+            self._cols[f"chars:{f}"].append(np.fromiter(map(len, cols[f]), dtype=np.int32, count=m))
+            self._cols[f"words:{f}"].append(per_field[:, k].astype(np.int32))
+            self.empty[f] += sum(1 for t in cols[f] if not t.strip())
+            if self.tokenizer is not None:
+                self._cols[f"tokens:{f}"].append(np.asarray(_token_lengths(self.tokenizer, cols[f]), np.int32))
         lengths = per_field.sum(axis=1)
+        self._count_words(scan, per_field, lengths, m)
 
+        rows = np.arange(base, base + m, dtype=np.int64)
+        keys = row_key_hashes(batch)
+        ok = np.ones(m, dtype=bool) if eligible is None else eligible
+        dup_of = rows.copy()
+        dup_of[ok] = self._first_seen.first_rows(keys[ok], rows[ok])
+        self._dup_of.append(dup_of.astype(np.int32))
+
+        pii = np.zeros(m, dtype=bool)
+        markup = np.zeros(m, dtype=bool)
+        control = np.zeros(m, dtype=bool)
+        for j in range(m):
+            ins, inp, resp = cols["instruction"][j], cols["input"][j], cols["response"][j]
+            line = int(lines[j])
+            row = f"{ins}\n{inp}\n{resp}"
+            if find_pii(row):  # cheap whole-row test first; per field only for the few rows that hit
+                row_kinds: set[str] = set()
+                for f, text in zip(TEXT_FIELDS, (ins, inp, resp), strict=True):
+                    for kind, matches in find_pii(text).items():
+                        row_kinds.add(kind)
+                        if len(self.pii_examples) < _EXAMPLES:
+                            self.pii_examples.append(
+                                {"line": line, "field": f, "kind": kind, "match": _mask(matches[0])}
+                            )
+                if row_kinds:
+                    pii[j] = True
+                    self.pii_rows += 1
+                    self.pii_kinds.update(row_kinds)
+            if "<" in row and has_markup(ins, inp, resp):
+                markup[j] = True
+                self.markup_rows += 1
+                if len(self.markup_examples) < _EXAMPLES:
+                    tag = next(mt.group(0) for t in (ins, inp, resp) if (mt := MARKUP_RE.search(t)))
+                    self.markup_examples.append({"line": line, "tag": tag, "instruction": _preview(ins)})
+            if CONTROL_CHARS_RE.search(row):
+                control[j] = True
+                self.control_rows += 1
+            script, mixed = _row_scripts(row)
+            self.scripts[script] += 1
+            self.mixed_rows += mixed
+            if script not in ("Latin", "none") or mixed:
+                shown = self.script_examples.setdefault(script + (" + other" if mixed else ""), [])
+                if len(shown) < 3:
+                    shown.append({"line": line, "instruction": _preview(ins)})
+        self._flags["pii"].append(pii)
+        self._flags["markup"].append(markup)
+        self._flags["control"].append(control)
+        if self.finder is not None:
+            self.finder.add_hashes(scan.hashes, lengths, ok & (dup_of == rows))
+
+    def _count_words(self, scan: Any, per_field: np.ndarray, lengths: np.ndarray, m: int) -> None:
+        """Word counts, content-word bigrams and leading words of one batch."""
+        self.total_words += len(scan.keys)
+        self.hll.add(scan.keys)
         # word ids: distinct keys of the batch, looked up once each; new words decoded from the bytes
         order = np.argsort(scan.keys, kind="stable")
         sorted_keys = scan.keys[order]
@@ -289,217 +585,254 @@ def _profile(
         )
         unique_keys = sorted_keys[first].tolist()
         unique_ids = np.fromiter(
-            map(vocab.get, unique_keys, repeat(-1)), dtype=np.int64, count=len(unique_keys)
+            map(self.vocab.get, unique_keys, repeat(-1)), dtype=np.int64, count=len(unique_keys)
         )
         new = np.flatnonzero(unique_ids < 0)
-        if new.size:
+        room = _VOCAB_CAP - len(self.vocab_words)
+        if new.size and room > 0:
             where = order[first]  # first occurrence of each distinct word
             added = []
-            for j in new[np.argsort(where[new])].tolist():  # ids in order of appearance: ties read naturally
-                unique_ids[j] = vocab[unique_keys[j]] = len(vocab_words)
-                vocab_words.append(w := scan.word(int(where[j])))
+            for j in new[np.argsort(where[new])][:room].tolist():  # ids in order of appearance
+                unique_ids[j] = self.vocab[unique_keys[j]] = len(self.vocab_words)
+                self.vocab_words.append(w := scan.word(int(where[j])))
                 added.append(w)
                 if w == "please":
-                    please = unique_ids[j]
-            content = np.concatenate((content, [w not in _STOPWORDS and not w.isdigit() for w in added]))
+                    self.please = unique_ids[j]
+            self.content = np.concatenate((self.content, [w not in _STOPWORDS and not w.isdigit() for w in added]))
             grow = np.zeros(len(added), dtype=np.int64)
-            word_counts, leading_counts = (
-                np.concatenate((word_counts, grow)),
-                np.concatenate((leading_counts, grow)),
-            )
+            self.word_counts = np.concatenate((self.word_counts, grow))
+            self.leading_counts = np.concatenate((self.leading_counts, grow))
         ids = np.empty(len(order), dtype=np.int64)
         ids[order] = unique_ids[np.cumsum(first) - 1]
-        word_counts += np.bincount(ids, minlength=len(word_counts))
+        known = ids >= 0  # words past the table's cap are counted in total_words and the size estimate
+        self.word_counts += np.bincount(ids[known], minlength=len(self.word_counts))
 
         row_of = np.repeat(np.arange(m), lengths)
-        keep = content[ids]
+        keep = known.copy()
+        keep[known] = self.content[ids[known]]
         cid, crow = ids[keep].astype(np.uint64), row_of[keep]
         same_row = crow[1:] == crow[:-1]
-        bigrams.add((cid[:-1][same_row] << np.uint64(32)) | cid[1:][same_row])
+        self.bigrams.add((cid[:-1][same_row] << np.uint64(32)) | cid[1:][same_row])
 
         # leading word of each instruction, "please" skipped
         row_starts = np.cumsum(lengths) - lengths
         has = per_field[:, 0] > 0
         lead = ids[row_starts[has]]
-        skip = (lead == please) & (per_field[has, 0] > 1)
+        skip = (lead == self.please) & (per_field[has, 0] > 1)
         lead[skip] = ids[row_starts[has][skip] + 1]
-        leading_counts += np.bincount(lead[~((lead == please) & ~skip)], minlength=len(leading_counts))
+        lead = lead[~((lead == self.please) & ~skip) & (lead >= 0)]
+        self.leading_counts += np.bincount(lead, minlength=len(self.leading_counts))
 
-        eligible = np.ones(m, dtype=bool)
-        for j in range(m):
-            i = start + j
-            ins, inp, resp = cols["instruction"][j], cols["input"][j], cols["response"][j]
-            key = dedup_key(ins, inp, resp)
-            first_row = groups.setdefault(key, i)
-            if first_row != i:
-                copies.setdefault(first_row, []).append(i)
-                eligible[j] = False
-            row = f"{ins}\n{inp}\n{resp}"
-            if find_pii(row):  # cheap whole-row test first; per field only for the few rows that hit
-                row_kinds: set[str] = set()
-                for f, text in zip(TEXT_FIELDS, (ins, inp, resp), strict=True):
-                    for kind, matches in find_pii(text).items():
-                        row_kinds.add(kind)
-                        if len(pii_examples) < _EXAMPLES:
-                            pii_examples.append(
-                                {"line": lines[i], "field": f, "kind": kind, "match": _mask(matches[0])}
-                            )
-                if row_kinds:
-                    pii_rows += 1
-                    pii_kinds.update(row_kinds)
-            if "<" in row and has_markup(ins, inp, resp):
-                markup_rows += 1
-                if len(markup_examples) < _EXAMPLES:
-                    tag = next(m.group(0) for t in (ins, inp, resp) if (m := MARKUP_RE.search(t)))
-                    markup_examples.append({"line": lines[i], "tag": tag, "instruction": _preview(ins)})
-            if CONTROL_CHARS_RE.search(row):
-                control_rows += 1
-            script, mixed = _row_scripts(row)
-            scripts[script] += 1
-            mixed_rows += mixed
-            if script not in ("Latin", "none") or mixed:
-                shown = script_examples.setdefault(script + (" + other" if mixed else ""), [])
-                if len(shown) < 3:
-                    shown.append({"line": lines[i], "instruction": _preview(ins)})
-        if finder is not None:
-            finder.add_hashes(scan.hashes, lengths, eligible)
+    # --- per-row results (for validation) ---------------------------------------------------------
 
-    series: dict[str, dict[str, np.ndarray]] = {"chars": chars, "words": nwords, "tokens": tokens}
-    fields: dict[str, dict] = {}
-    bins: dict[str, dict[str, list[int]]] = {"chars": {}}
-    for f in TEXT_FIELDS:
-        fields[f] = {
-            "present": n - empty[f],
-            "empty": empty[f],
-            "completeness": round((n - empty[f]) / n, 4) if n else 0.0,
-            "chars": _stats(chars[f]),
-            "words": _stats(nwords[f]),
-            "chars_histogram": _histogram(chars[f]),
-        }
-        bins["chars"][f] = _binned(chars[f])
-        if tokenizer is not None:
-            fields[f]["tokens"] = _stats(tokens[f])
-    for f in ("id", "task"):
-        present = sum(1 for rec in records if rec.get(f) not in (None, ""))
-        fields[f] = {
-            "present": present,
-            "empty": n - present,
-            "completeness": round(present / n, 4) if n else 0.0,
-        }
-    totals = chars["instruction"] + chars["input"] + chars["response"]
-    fields["total_chars"] = _stats(totals)
-    fields["total_words"] = _stats(nwords["instruction"] + nwords["input"] + nwords["response"])
-    bins["chars"]["total"] = _binned(totals)
-    if tokenizer is not None:
-        total_tokens = tokens["instruction"] + tokens["input"] + tokens["response"]
-        series["tokens"]["total"] = total_tokens
-        fields["total_tokens"] = _stats(total_tokens)
-        bins["tokens"] = {f: _binned(tokens[f]) for f in TEXT_FIELDS}
-        bins["tokens"]["total"] = _binned(total_tokens)
+    def column(self, name: str) -> np.ndarray:
+        """A per-row array: ``chars:<field>``, ``words:<field>``, ``tokens:<field>``, ``line``,
+        ``dup_of`` (the first row with the same text; itself when none), ``pii``, ``markup``, ``control``."""
+        parts = (
+            self._lines if name == "line"
+            else self._dup_of if name == "dup_of"
+            else self._flags[name] if name in self._flags
+            else self._cols[name]
+        )  # fmt: skip
+        if len(parts) > 1:  # keep one array from now on
+            parts[:] = [np.concatenate(parts)]
+        return parts[0] if parts else np.zeros(0, dtype=np.int64)
 
-    vocab = vocab_words
-    by_count = np.lexsort((np.arange(len(word_counts)), -word_counts))  # ties: first seen first
-    top_content = by_count[content[by_count]][:_TOP]
-    frequencies = [[vocab[i], int(word_counts[i])] for i in by_count[:_FREQUENCIES]]
+    def near_duplicates(self) -> NearDuplicates | None:
+        if self.finder is None:
+            return None
+        if self._near is None:
+            self._near = self.finder.result()
+        return self._near
 
-    order = np.lexsort((np.asarray(lines), totals)) if n else np.zeros(0, dtype=np.int64)
+    # --- pass 2 and the profile -------------------------------------------------------------------
 
-    def outlier(i: int) -> dict:
-        return {
-            "line": lines[i],
-            "chars": int(totals[i]),
-            "instruction": _preview(records[i].get("instruction") or ""),
+    def wanted(self) -> list[int]:
+        """Rows (0-based, in stream order) whose text :meth:`finish` needs for examples."""
+        self._plan()
+        return sorted(self._want)
+
+    def _plan(self) -> None:
+        if self._want is not None:
+            return
+        n = self.n
+        totals = sum(self.column(f"chars:{f}") for f in TEXT_FIELDS) if n else np.zeros(0, np.int64)
+        lines = self.column("line")
+        order = np.lexsort((lines, totals)) if n else np.zeros(0, dtype=np.int64)
+        self._longest = [int(i) for i in order[::-1][:_EXAMPLES]]
+        self._shortest = [int(i) for i in order[:_EXAMPLES]]
+        dup_of = self.column("dup_of")
+        later = np.flatnonzero(dup_of != np.arange(n))
+        firsts, sizes = np.unique(dup_of[later], return_counts=True)
+        rank = np.lexsort((firsts, -sizes))
+        self._dup_groups = len(firsts)
+        self._dup_examples = []
+        for g in rank[:_EXAMPLES]:
+            first = int(firsts[g])
+            copies = later[dup_of[later] == first][:9].tolist()
+            self._dup_examples.append((first, [first, *copies], int(sizes[g]) + 1))
+        found = self.near_duplicates()
+        self._clusters = found.clusters() if found is not None else []
+        step = max(1, n // _LANGUAGE_SAMPLE)
+        self._sample = list(range(0, n, step))[:_LANGUAGE_SAMPLE] if self.want_languages else []
+        self._want = {
+            *self._longest,
+            *self._shortest,
+            *(first for first, _, _ in self._dup_examples),
+            *(i for group in self._clusters[:_EXAMPLES] for i in group[:2]),
+            *self._sample,
         }
 
-    tasks = None
-    if any(rec.get("task") for rec in records):
-        tasks = dict(Counter(rec.get("task") or "(none)" for rec in records).most_common())
-
-    duplicates = n - len(groups)
-    dup_groups = sorted(([first, *later] for first, later in copies.items()), key=lambda g: (-len(g), g[0]))
-    rate = (lambda k: round(k / n, 4)) if n else (lambda k: 0.0)
-    profile = {
-        "version": PROFILE_VERSION,
-        "rows": n,
-        "fields": fields,
-        "length_bins": {"lower_edges": list(LENGTH_BIN_EDGES), **bins},
-        "vocabulary": {
-            "size": len(vocab),
-            "total_words": int(word_counts.sum()),
-            "top_words": [[vocab[i], int(word_counts[i])] for i in top_content],
-            "top_bigrams": [[f"{vocab[a]} {vocab[b]}", c] for a, b, c in bigrams.top(_TOP)],
-            "frequencies": frequencies,
-        },
-        "leading_verbs": [
-            [vocab[i], int(leading_counts[i])]
-            for i in np.lexsort((np.arange(len(leading_counts)), -leading_counts))[:15]
-            if leading_counts[i]
-        ],
-        "duplicates": {
-            "count": duplicates,
-            "rate": rate(duplicates),
-            "groups": len(dup_groups),
-            "examples": [
-                {
-                    "copies": len(g),
-                    "lines": [lines[i] for i in g[:10]],
-                    "instruction": _preview(records[g[0]].get("instruction") or ""),
-                }
-                for g in dup_groups[:_EXAMPLES]
-            ],
-        },
-        "near_duplicates": _near_duplicates(finder, records, lines, rate),
-        "scripts": {
-            "rows": dict(scripts.most_common()),
-            "shares": {k: rate(v) for k, v in scripts.most_common()},
-            "mixed_rows": mixed_rows,
-            "examples": script_examples,
-        },
-        "languages": _languages(records) if want_languages else None,
-        "tasks": tasks,
-        "pii": {
-            "rows": pii_rows,
-            "rate": rate(pii_rows),
-            "by_kind": dict(pii_kinds),
-            "examples": pii_examples,
-        },
-        "markup": {"rows": markup_rows, "rate": rate(markup_rows), "examples": markup_examples},
-        "control_chars": {"rows": control_rows, "rate": rate(control_rows)},
-        "outliers": {
-            "longest": [outlier(int(i)) for i in order[::-1][:_EXAMPLES]],
-            "shortest": [outlier(int(i)) for i in order[:_EXAMPLES]],
-        },
-    }
-    return profile, series
-
-
-def _near_duplicates(finder: NearDuplicateFinder | None, records: list[dict], lines: list[int], rate) -> dict:
-    if finder is None:
-        return {"count": 0, "rate": 0.0, "clusters": 0, "examples": [], "settings": None}
-    found = finder.result()
-    clusters = found.clusters()
-    examples = []
-    for group in clusters[:_EXAMPLES]:
-        first, other = (_row_text(records[i]) for i in group[:2])
-        at = len(os.path.commonprefix([first, other]))  # show both from just before they part
-        cut = max(0, at - 30)
-        examples.append(
-            {
-                "rows": len(group),
-                "lines": [lines[i] for i in group[:10]],
-                "jaccard": [found.of[i][1] for i in group[1:10]],
-                "instruction": _preview(records[group[0]].get("instruction") or ""),
-                "first": ("…" if cut else "") + _preview(first[cut:], 100),
-                "repeat": ("…" if cut else "") + _preview(other[cut:], 100),
+    def finish(self, rows: dict[int, dict]) -> tuple[dict, dict]:
+        """The profile and the per-row series for the plots; ``rows`` maps each :meth:`wanted` row to its record."""
+        if self._result is not None:
+            return self._result
+        self._plan()
+        n = self.n
+        lines = self.column("line")
+        chars = {f: self.column(f"chars:{f}") for f in TEXT_FIELDS}
+        nwords = {f: self.column(f"words:{f}") for f in TEXT_FIELDS}
+        tokens = {f: self.column(f"tokens:{f}") for f in TEXT_FIELDS} if self.tokenizer is not None else {}
+        series: dict[str, dict[str, np.ndarray]] = {"chars": chars, "words": nwords, "tokens": tokens}
+        fields: dict[str, dict] = {}
+        bins: dict[str, dict[str, list[int]]] = {"chars": {}}
+        for f in TEXT_FIELDS:
+            empty = self.empty[f]
+            fields[f] = {
+                "present": n - empty,
+                "empty": empty,
+                "completeness": round((n - empty) / n, 4) if n else 0.0,
+                "chars": _stats(chars[f]),
+                "words": _stats(nwords[f]),
+                "chars_histogram": _histogram(chars[f]),
             }
-        )
-    return {
-        "count": found.count,
-        "rate": rate(found.count),
-        "clusters": len(clusters),
-        "examples": examples,
-        "settings": found.to_dict(),
-    }
+            bins["chars"][f] = _binned(chars[f])
+            if self.tokenizer is not None:
+                fields[f]["tokens"] = _stats(tokens[f])
+        for f in ("id", "task"):
+            present = self.present[f]
+            fields[f] = {"present": present, "empty": n - present, "completeness": round(present / n, 4) if n else 0.0}
+        totals = chars["instruction"] + chars["input"] + chars["response"]
+        fields["total_chars"] = _stats(totals)
+        fields["total_words"] = _stats(nwords["instruction"] + nwords["input"] + nwords["response"])
+        bins["chars"]["total"] = _binned(totals)
+        if self.tokenizer is not None:
+            total_tokens = tokens["instruction"] + tokens["input"] + tokens["response"]
+            series["tokens"]["total"] = total_tokens
+            fields["total_tokens"] = _stats(total_tokens)
+            bins["tokens"] = {f: _binned(tokens[f]) for f in TEXT_FIELDS}
+            bins["tokens"]["total"] = _binned(total_tokens)
+
+        vocab, word_counts, leading = self.vocab_words, self.word_counts, self.leading_counts
+        by_count = np.lexsort((np.arange(len(word_counts)), -word_counts))  # ties: first seen first
+        top_content = by_count[self.content[by_count]][:_TOP]
+        exact = len(vocab) < _VOCAB_CAP
+
+        def instruction(i: int) -> str:
+            return _preview(rows[i].get("instruction") or "")
+
+        def outlier(i: int) -> dict:
+            return {"line": int(lines[i]), "chars": int(totals[i]), "instruction": instruction(i)}
+
+        tasks = None
+        if any(t != "(none)" for t in self.tasks):
+            tasks = dict(self.tasks.most_common())
+        duplicates = int(np.count_nonzero(self.column("dup_of") != np.arange(n)))
+        rate = (lambda k: round(k / n, 4)) if n else (lambda k: 0.0)
+        profile = {
+            "version": PROFILE_VERSION,
+            "rows": n,
+            "fields": fields,
+            "length_bins": {"lower_edges": list(LENGTH_BIN_EDGES), **bins},
+            "vocabulary": {
+                "size": len(vocab) if exact else max(self.hll.estimate(), len(vocab)),
+                "size_exact": exact,
+                "total_words": int(self.total_words),
+                "top_words": [[vocab[i], int(word_counts[i])] for i in top_content],
+                "top_bigrams": [[f"{vocab[a]} {vocab[b]}", c] for a, b, c in self.bigrams.top(_TOP)],
+                "frequencies": [[vocab[i], int(word_counts[i])] for i in by_count[:_FREQUENCIES]],
+            },
+            "leading_verbs": [
+                [vocab[i], int(leading[i])]
+                for i in np.lexsort((np.arange(len(leading)), -leading))[:15]
+                if leading[i]
+            ],
+            "duplicates": {
+                "count": duplicates,
+                "rate": rate(duplicates),
+                "groups": self._dup_groups,
+                "examples": [
+                    {"copies": size, "lines": [int(lines[i]) for i in group], "instruction": instruction(first)}
+                    for first, group, size in self._dup_examples
+                ],
+            },
+            "near_duplicates": self._near_profile(rows, lines, rate),
+            "scripts": {
+                "rows": dict(self.scripts.most_common()),
+                "shares": {k: rate(v) for k, v in self.scripts.most_common()},
+                "mixed_rows": self.mixed_rows,
+                "examples": self.script_examples,
+            },
+            "languages": _languages([rows[i] for i in self._sample]) if self.want_languages else None,
+            "tasks": tasks,
+            "pii": {
+                "rows": self.pii_rows,
+                "rate": rate(self.pii_rows),
+                "by_kind": dict(self.pii_kinds),
+                "examples": self.pii_examples,
+            },
+            "markup": {"rows": self.markup_rows, "rate": rate(self.markup_rows), "examples": self.markup_examples},
+            "control_chars": {"rows": self.control_rows, "rate": rate(self.control_rows)},
+            "outliers": {
+                "longest": [outlier(i) for i in self._longest],
+                "shortest": [outlier(i) for i in self._shortest],
+            },
+        }
+        self._result = (profile, series)
+        return self._result
+
+    def _near_profile(self, rows: dict[int, dict], lines: np.ndarray, rate) -> dict:
+        found = self.near_duplicates()
+        if found is None:
+            return {"count": 0, "rate": 0.0, "clusters": 0, "examples": [], "settings": None}
+        examples = []
+        for group in self._clusters[:_EXAMPLES]:
+            first, other = (_row_text(rows[i]) for i in group[:2])
+            at = len(os.path.commonprefix([first, other]))  # show both from just before they part
+            cut = max(0, at - 30)
+            examples.append(
+                {
+                    "rows": len(group),
+                    "lines": [int(lines[i]) for i in group[:10]],
+                    "jaccard": [found.of[i][1] for i in group[1:10]],
+                    "instruction": _preview(rows[group[0]].get("instruction") or ""),
+                    "first": ("…" if cut else "") + _preview(first[cut:], 100),
+                    "repeat": ("…" if cut else "") + _preview(other[cut:], 100),
+                }
+            )
+        return {
+            "count": found.count,
+            "rate": rate(found.count),
+            "clusters": len(self._clusters),
+            "examples": examples,
+            "settings": found.to_dict(),
+        }
+
+
+def pick_rows(chunks: Iterable[Sequence[dict]], wanted: Sequence[int]) -> dict[int, dict]:
+    """The records at the ``wanted`` 0-based positions of a stream of chunks (a second pass)."""
+    want = sorted(set(wanted))
+    got: dict[int, dict] = {}
+    k, base = 0, 0
+    for chunk in chunks:
+        end = base + len(chunk)
+        while k < len(want) and want[k] < end:
+            got[want[k]] = chunk[want[k] - base]
+            k += 1
+        base = end
+        if k == len(want):
+            break
+    return got
 
 
 def _row_text(rec: dict) -> str:

@@ -22,9 +22,10 @@ import glob
 import io
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -45,6 +46,7 @@ SCHEMAS: dict[str, dict[str, str]] = {
 
 _ALIASES = {src: dst for schema in SCHEMAS.values() for src, dst in schema.items() if src != dst}
 _RAW_KEEP = 20_000  # characters of a rejected row kept for the quarantine file
+CHUNK_ROWS = 8192  # rows per chunk of a streamed read (see iter_chunks)
 
 
 @dataclass
@@ -111,7 +113,8 @@ def load_records(
         field_map: Source key -> canonical key (``instruction``, ``input``, ``response``, ``id``,
             ``task``), e.g. ``{"question": "instruction", "answer": "response"}``. Canonical keys not
             targeted by the map are still read as themselves. Without a map, each file's layout is
-            recognised among :data:`SCHEMAS` (ours, Alpaca, Dolly, prompt/completion).
+            recognised among :data:`SCHEMAS` (ours, Alpaca, Dolly, prompt/completion) from its first
+            :data:`CHUNK_ROWS` rows.
         s3_client: The boto3 S3 client for ``s3://`` sources (Airflow tasks pass the one of their
             connection); None builds one as the registry does: boto3's credential chain, with
             ``AWS_ENDPOINT_URL`` honoured.
@@ -119,14 +122,46 @@ def load_records(
     Raises:
         UsageError: The path matches no readable file, or a file cannot be opened or decoded at all.
     """
+    result = LoadResult(records=[], findings=[], rows_read=0, source=str(path))
+    for chunk in iter_chunks(path, field_map, s3_client=s3_client):
+        result.records.extend(chunk.records)
+        result.findings.extend(chunk.findings)
+        result.rejected.extend(chunk.rejected)
+        result.rows_read += chunk.rows_read
+    return result
+
+
+def iter_chunks(
+    path: str | Path,
+    field_map: dict[str, str] | None = None,
+    *,
+    s3_client: Any = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Iterator[LoadResult]:
+    """What :func:`load_records` reads, as consecutive chunks of at most ``chunk_rows`` rows.
+
+    Local JSONL, CSV and Parquet files are read incrementally, so memory holds one chunk, not the
+    corpus; a JSON array and an S3 object are read whole, then handed out in chunks. A chunk may hold
+    no rows, only findings (the unknown keys of a file are reported after its last row).
+    """
     text = str(path)
     sources = _resolve_s3(text, s3_client) if text.startswith("s3://") else _local_sources(path)
     if field_map is not None:
         _check_field_map(field_map)
-    result = LoadResult(records=[], findings=[], rows_read=0, source=text)
     for source in sources:
-        _load_source(source, field_map, result)
-    return result
+        yield from _source_chunks(source, field_map, chunk_rows)
+
+
+def fingerprint(path: str | Path) -> dict:
+    """What identifies the data behind ``path`` now: each local file's name, size and modification
+    time; for ``s3://`` the URI alone."""
+    if str(path).startswith("s3://"):
+        return {"source": str(path)}  # objects are taken as unchanged between the tasks of one run
+    files = []
+    for f in _resolve(path):
+        st = f.stat()
+        files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return {"source": str(path), "files": files}
 
 
 class _Source(NamedTuple):
@@ -154,7 +189,8 @@ def _check_field_map(field_map: dict[str, str]) -> None:
 def _resolve(path: str | Path) -> list[Path]:
     text = str(path)
     if not Path(path).exists() and any(ch in text for ch in "*?["):
-        matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
+        # sorted by name as text, the order findings are reported in, so a streamed read already is
+        matches = [Path(p) for p in sorted(glob.glob(text, recursive=True))]
         files = [p for p in matches if p.is_file() and p.suffix.lower() in SUFFIXES]
         if not files:
             raise UsageError(f"{text}: the pattern matches no {'/'.join(SUFFIXES)} file")
@@ -162,11 +198,14 @@ def _resolve(path: str | Path) -> list[Path]:
     p = Path(path)
     if p.is_dir():
         files = sorted(
-            f
-            for f in p.rglob("*")
-            if f.is_file()
-            and f.suffix.lower() in SUFFIXES
-            and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            (
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in SUFFIXES
+                and not any(part.startswith(".") for part in f.relative_to(p).parts)
+            ),
+            key=str,
         )
         if not files:
             raise UsageError(f"{p}: the folder holds no {'/'.join(SUFFIXES)} file")
@@ -267,18 +306,59 @@ def _read_bytes(file: Path) -> bytes:
         raise UsageError(f"{file}: cannot read the file ({exc.strerror or exc})") from exc
 
 
-def _load_source(source: _Source, field_map: dict[str, str] | None, result: LoadResult) -> None:
+def _source_chunks(source: _Source, field_map: dict[str, str] | None, chunk_rows: int) -> Iterator[LoadResult]:
+    mapper = _Mapper(source.name, field_map)
+    batch: list[_Row] = []
+    for row in _source_rows(source):
+        batch.append(row)
+        if len(batch) >= chunk_rows:
+            yield mapper.chunk(batch)
+            batch = []
+    chunk = mapper.chunk(batch)
+    chunk.findings.extend(mapper.unknown_findings())
+    yield chunk
+
+
+def _source_rows(source: _Source) -> Iterator[_Row]:
     suffix = source.suffix
     if suffix == ".parquet":
-        rows = _parquet_rows(source)
-    else:
-        data = source.read()
-        if data.startswith(b"\xef\xbb\xbf"):
-            data = data[3:]
-        # surrogateescape keeps undecodable bytes visible (as lone surrogates) so the bad field can be named.
-        text = data.decode("utf-8", errors="surrogateescape")
-        rows = _csv_rows(text) if suffix == ".csv" else _json_rows(text, suffix)
-    _map_rows(source.name, list(rows), field_map, result)
+        return _parquet_rows(source)
+    if source.path is not None and suffix in (".jsonl", ".csv"):
+        return _streamed_rows(source.path, suffix)
+    return _text_rows(_decode(source.read()), suffix)
+
+
+def _decode(data: bytes) -> str:
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    # surrogateescape keeps undecodable bytes visible (as lone surrogates) so the bad field can be named.
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _text_rows(text: str, suffix: str) -> Iterator[_Row]:
+    return _csv_rows(io.StringIO(text, newline="")) if suffix == ".csv" else _json_rows(text, suffix)
+
+
+def _streamed_rows(path: Path, suffix: str) -> Iterator[_Row]:
+    """A local JSONL or CSV file, read as it is parsed (a JSONL file holding a JSON array is read whole)."""
+    try:
+        fh = open(path, "rb")  # noqa: SIM115 - closed by the with below, after the generator ends
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
+    with fh:
+        head = fh.read(3)
+        if head != b"\xef\xbb\xbf":
+            fh.seek(0)
+        if suffix == ".csv":
+            text = io.TextIOWrapper(fh, encoding="utf-8", errors="surrogateescape", newline="")
+            yield from _csv_rows(text)
+            return
+        first = fh.read(4096).lstrip()
+        fh.seek(0 if head != b"\xef\xbb\xbf" else 3)
+        if first.startswith(b"["):
+            yield from _json_rows(_decode(fh.read()), suffix)
+            return
+        yield from _jsonl_lines(line.decode("utf-8", errors="surrogateescape") for line in fh)
 
 
 class _Row(NamedTuple):
@@ -325,12 +405,17 @@ def _parses(text: str) -> bool:
 
 
 def _jsonl_rows(text: str) -> Iterator[_Row]:
-    lines = text.split("\n")
-    unterminated = bool(lines) and lines[-1] != ""  # the file does not end with a newline
-    if lines and lines[-1] == "":
-        lines.pop()  # the newline that ends the last line does not start another one
+    *lines, last = text.split("\n")
+    return _jsonl_lines(chain((line + "\n" for line in lines), [last]))
+
+
+def _jsonl_lines(lines: Iterable[str]) -> Iterator[_Row]:
+    """Rows of JSONL given as lines that keep their ``\\n`` (the last one may lack it: a cut-off file)."""
     for n, line in enumerate(lines, start=1):
-        line = line.removesuffix("\r")
+        terminated = line.endswith("\n")
+        if not terminated and not line:
+            return
+        line = line.removesuffix("\n").removesuffix("\r")
         problems: list[tuple[str | None, str, str]] = []
         if not line.strip():
             problems.append((None, "blank_line", "blank line; remove it"))
@@ -343,7 +428,7 @@ def _jsonl_rows(text: str) -> Iterator[_Row]:
                 problems.append((None, "non_utf8", _non_utf8_message(line)))
             message = f"invalid JSON at column {exc.colno}: {exc.msg}"
             if exc.msg.startswith("Unterminated string") or exc.pos >= len(line.rstrip()) - 1:
-                if unterminated and n == len(lines):
+                if not terminated:
                     message += (
                         "; the line ends before the JSON value does and the file ends without a newline:"
                         " the file was cut off (truncated)"
@@ -422,9 +507,10 @@ def _salvage_array(text: str) -> Iterator[_Row]:
         )
 
 
-def _csv_rows(text: str) -> Iterator[_Row]:
+def _csv_rows(text: io.TextIOBase) -> Iterator[_Row]:
+    """Rows of CSV read from ``text``, a text stream opened with ``newline=""``."""
     csv.field_size_limit(2**31 - 1)  # long responses are a validation finding, not a parse error
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = csv.reader(text)
     header: list[str] | None = None
     n = 0
     while True:
@@ -459,11 +545,15 @@ def _parquet_rows(source: _Source) -> Iterator[_Row]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(source.path if source.path else pa.BufferReader(source.read()))
+        parquet = pq.ParquetFile(source.path if source.path else pa.BufferReader(source.read()))
+        batches = parquet.iter_batches(batch_size=CHUNK_ROWS)
+        i = 0
+        for batch in batches:
+            for obj in batch.to_pylist():
+                i += 1
+                yield _Row(i, obj, json.dumps(obj, ensure_ascii=False, default=str)[:_RAW_KEEP], [])
     except (OSError, pa.ArrowException) as exc:
         raise UsageError(f"{source.name}: cannot read the Parquet file ({exc})") from exc
-    for i, obj in enumerate(table.to_pylist(), start=1):
-        yield _Row(i, obj, json.dumps(obj, ensure_ascii=False, default=str)[:_RAW_KEEP], [])
 
 
 def _pick_schema(objects: list[dict], field_map: dict[str, str] | None) -> dict[str, str]:
@@ -486,48 +576,67 @@ def _pick_schema(objects: list[dict], field_map: dict[str, str] | None) -> dict[
     return mapping
 
 
-def _map_rows(file: str, rows: list[_Row], field_map: dict[str, str] | None, result: LoadResult) -> None:
-    mapping = _pick_schema([row.obj for row in rows if isinstance(row.obj, dict)], field_map)
-    source_of = {dst: src for src, dst in mapping.items()}
-    unknown: dict[str, list[int]] = {}
-    for line, obj, raw, parse_problems, where in rows:
-        result.rows_read += 1
-        problems = list(parse_problems)
-        record = None
-        if obj is not None or not problems:
-            if isinstance(obj, dict):
-                record = _to_record(obj, mapping, source_of, problems, unknown, line)
+class _Mapper:
+    """Turns one file's parsed rows into records and findings, chunk by chunk.
+
+    The layout (:data:`SCHEMAS`) is chosen once per file, from its first chunk, so a row with a stray
+    key name is reported rather than read with another layout.
+    """
+
+    def __init__(self, file: str, field_map: dict[str, str] | None) -> None:
+        self.file, self.field_map = file, field_map
+        self.mapping: dict[str, str] | None = None
+        self.source_of: dict[str, str] = {}
+        self.unknown: dict[str, list[int]] = {}  # key -> [first line, rows]
+
+    def chunk(self, rows: list[_Row]) -> LoadResult:
+        file = self.file
+        if self.mapping is None and (rows or self.field_map is not None):
+            self.mapping = _pick_schema([row.obj for row in rows if isinstance(row.obj, dict)], self.field_map)
+            self.source_of = {dst: src for src, dst in self.mapping.items()}
+        result = LoadResult(records=[], findings=[], rows_read=len(rows), source=file)
+        for line, obj, raw, parse_problems, where in rows:
+            problems = list(parse_problems)
+            record = None
+            if obj is not None or not problems:
+                if isinstance(obj, dict):
+                    record = _to_record(obj, self.mapping, self.source_of, problems, self.unknown, line)
+                else:
+                    problems.append((None, "not_object", f"expected a JSON object, got {_type_name(obj)}"))
+            if problems:
+                findings = [Finding(file, line, f, c, m + where) for f, c, m in problems]
+                result.findings.extend(findings)
+                result.rejected.append(
+                    {
+                        "file": file,
+                        "line": line,
+                        "raw": _printable(raw),
+                        "reasons": [f.to_dict() for f in findings],
+                    }
+                )
             else:
-                problems.append((None, "not_object", f"expected a JSON object, got {_type_name(obj)}"))
-        if problems:
-            findings = [Finding(file, line, f, c, m + where) for f, c, m in problems]
-            result.findings.extend(findings)
-            result.rejected.append(
-                {
-                    "file": file,
-                    "line": line,
-                    "raw": _printable(raw),
-                    "reasons": [f.to_dict() for f in findings],
-                }
+                assert record is not None
+                record["_file"] = file
+                record["_line"] = line
+                result.records.append(record)
+        return result
+
+    def unknown_findings(self) -> list[Finding]:
+        findings = []
+        for key, (first, rows) in self.unknown.items():
+            count = f"in {rows} rows, first here" if rows > 1 else "in this row only"
+            findings.append(
+                Finding(
+                    self.file,
+                    first,
+                    key,
+                    "unknown_field",
+                    f"unknown key {key!r} ({count}) is ignored; rename it or pass field_map "
+                    f"(known keys: {', '.join(sorted(self.mapping or {}))})",
+                    severity="warning",
+                )
             )
-        else:
-            assert record is not None
-            record["_file"] = file
-            record["_line"] = line
-            result.records.append(record)
-    for key, lines in unknown.items():
-        count = f"in {len(lines)} rows, first here" if len(lines) > 1 else "in this row only"
-        result.findings.append(
-            Finding(
-                file,
-                lines[0],
-                key,
-                "unknown_field",
-                f"unknown key {key!r} ({count}) is ignored; rename it or pass field_map "
-                f"(known keys: {', '.join(sorted(mapping))})",
-                severity="warning",
-            )
-        )
+        return findings
 
 
 def _to_record(
@@ -541,7 +650,8 @@ def _to_record(
     record: dict[str, Any] = {}
     for key in obj:
         if key not in mapping:
-            unknown.setdefault(str(key), []).append(line)
+            seen = unknown.setdefault(str(key), [line, 0])
+            seen[1] += 1
     for name in CANONICAL_FIELDS:
         src = source_of.get(name)
         present = src is not None and src in obj

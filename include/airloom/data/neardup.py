@@ -26,9 +26,13 @@ from A keeps A and C.
 
 from __future__ import annotations
 
+import mmap
+import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,6 +45,7 @@ _MAX32 = np.uint32(0xFFFFFFFF)
 _CHUNK = 32768  # shingles per permutation block: P x 32768 uint32 = 16 MiB at P=128
 _CANDIDATES_PER_BAND = 2  # earliest and nearest-earlier bucket mates taken per band
 _CHECKS_PER_ROW = 3  # earlier kept rows (best estimates first) checked exactly per row
+_ROW_BLOCK = 8192  # rows whose candidate pairs are ranked and checked together
 _RECALL = 0.99  # wanted chance that a pair exactly at the threshold becomes a candidate
 
 _ASCII_PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~"  # "_" stays: it is part of identifiers
@@ -291,6 +296,7 @@ class NearDuplicateFinder:
         shingle_size: int = DEFAULT_SHINGLE_SIZE,
         num_perm: int = DEFAULT_NUM_PERM,
         seed: int = DEFAULT_SEED,
+        spill_dir: str | Path | None = None,
     ) -> None:
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
@@ -312,11 +318,11 @@ class NearDuplicateFinder:
         self._b = np.ascontiguousarray(b, dtype=np.uint32)[:, None]
         self.bands, self.rows_per_band = lsh_bands(threshold, num_perm)
         self._rows = 0
-        self._shingles: list[np.ndarray] = []  # distinct shingle hashes per batch, sorted within each row
         self._counts: list[np.ndarray] = []  # distinct shingles per row
-        self._keys: list[np.ndarray] = []  # (bands, rows) band keys per batch
-        self._sigs: list[np.ndarray] = []  # (rows, num_perm) signatures per batch, to rank candidates
         self._eligible: list[np.ndarray] = []
+        # per row: its distinct shingle hashes (sorted), its signature (to rank candidates) and its band
+        # keys; in memory, or appended to files under spill_dir and read back in slices
+        self._store = _Store(self.bands, num_perm) if spill_dir is None else _Spill(spill_dir, self.bands, num_perm)
         self._buf = np.empty((num_perm, _CHUNK), dtype=np.uint32)
 
     # --- input ------------------------------------------------------------------------------------
@@ -359,12 +365,10 @@ class NearDuplicateFinder:
         rows = (pairs >> np.uint64(32)).astype(np.int64)
         values = (pairs & np.uint64(0xFFFFFFFF)).astype(np.uint32)
         counts = np.bincount(rows, minlength=n).astype(np.int64)
-        self._shingles.append(values)
-        self._counts.append(counts)
+        self._counts.append(counts.astype(np.int32))
         self._eligible.append(ok & (counts > 0))
         sig = self._signatures(values, rows, counts)
-        self._keys.append(self._band_keys(sig))
-        self._sigs.append(np.ascontiguousarray(sig.T))
+        self._store.append(values, np.ascontiguousarray(sig.T), self._band_keys(sig))
         self._rows += n
 
     def _shingle_hashes(self, th: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -452,85 +456,214 @@ class NearDuplicateFinder:
         )
         if n == 0:
             return out
+        store = self._store
+        store.seal()
         counts = np.concatenate(self._counts)
-        rows = np.flatnonzero(np.concatenate(self._eligible))
-        pairs = self._candidate_pairs(np.concatenate(self._keys, axis=1)[:, rows], rows)
-        if not pairs.size:
-            return out
-        later = (pairs >> np.uint64(32)).astype(np.int64)
-        earlier = (pairs & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        del pairs
+        offsets = np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))
+        rows = np.flatnonzero(np.concatenate(self._eligible)).astype(np.int32)
+        if len(rows) > 1:
+            for band in range(self.bands):
+                store.put_partners(band, _partners(store.band_keys(band)[rows], rows))
         t, p = self.threshold, self.num_perm
-        # |A|/|B| bounds the Jaccard of A and B from above
-        small, big = np.minimum(counts[later], counts[earlier]), np.maximum(counts[later], counts[earlier])
-        ok = small >= t * big
-        later, earlier = later[ok], earlier[ok]
-        sigs = np.concatenate(self._sigs)
-        estimate = np.empty(len(later), dtype=np.float32)
-        for c0 in range(0, len(later), 16384):
-            c1 = c0 + 16384
-            same = sigs[later[c0:c1]] == sigs[earlier[c0:c1]]
-            estimate[c0:c1] = np.count_nonzero(same, axis=1) / p
-        del sigs
-        ok = estimate >= t - max(0.05, 3 * (t * (1 - t) / p) ** 0.5)
-        later, earlier, estimate = later[ok], earlier[ok], estimate[ok]
-        order = np.lexsort((-estimate, later))
-        later, earlier = later[order].tolist(), earlier[order].tolist()
-
-        offsets = np.concatenate(([0], np.cumsum(counts))).tolist()
-        shingles = np.concatenate(self._shingles)
-        size = counts.tolist()
+        floor = t - max(0.05, 3 * (t * (1 - t) / p) ** 0.5)
         removed: set[int] = set()
         best: dict[int, tuple[int, float]] = {}
         checked = 0
         current, tries = -1, 0
-        for i, c in zip(later, earlier, strict=True):
-            if i != current:
-                current, tries = i, 0
-            if tries >= _CHECKS_PER_ROW or c in removed:
-                continue
-            tries += 1
-            checked += 1
-            si, sc = size[i], size[c]
-            a = shingles[offsets[i] : offsets[i + 1]]
-            b = shingles[offsets[c] : offsets[c + 1]]
-            pos = b.searchsorted(a)
-            np.minimum(pos, sc - 1, out=pos)
-            inter = int(np.count_nonzero(b[pos] == a))
-            jac = inter / (si + sc - inter)
-            if jac >= t and (i not in best or jac > best[i][1]):
-                best[i] = (c, jac)
-                removed.add(i)
+        # Rows in blocks, in order: each block's candidate pairs are made, ranked and checked before the
+        # next block's exist, so memory holds one block's pairs, not the corpus's (tens of millions).
+        for r0 in range(0, len(rows) if len(rows) > 1 else 0, _ROW_BLOCK):
+            r1 = min(r0 + _ROW_BLOCK, len(rows))
+            slots = np.concatenate([store.partners(band, r0, r1) for band in range(self.bands)], axis=1)
+            later = np.repeat(rows[r0:r1], slots.shape[1])
+            earlier = slots.reshape(-1)
+            has = earlier >= 0
+            pairs = _unique((later[has].astype(np.uint64) << np.uint64(32)) | earlier[has].astype(np.uint64))
+            later = (pairs >> np.uint64(32)).astype(np.int32)
+            earlier = (pairs & np.uint64(0xFFFFFFFF)).astype(np.int32)
+            # |A|/|B| bounds the Jaccard of A and B from above
+            a, b = counts[later], counts[earlier]
+            ok = np.minimum(a, b) >= t * np.maximum(a, b)
+            later, earlier = later[ok], earlier[ok]
+            estimate = np.empty(len(later), dtype=np.float32)
+            for c0 in range(0, len(later), 4096):  # 4096 rows' signatures: ~2 MiB, up to 16 MiB of pages
+                c1 = c0 + 4096
+                same = store.signatures(later[c0:c1]) == store.signatures(earlier[c0:c1])
+                estimate[c0:c1] = np.count_nonzero(same, axis=1) / p
+            ok = estimate >= floor  # well below the threshold: dropped unchecked
+            later, earlier, estimate = later[ok], earlier[ok], estimate[ok]
+            order = np.lexsort((-estimate, later))
+            later, earlier = later[order], earlier[order]
+            for c0 in range(0, len(later), 16384):  # as Python numbers a slice at a time
+                li, ei = later[c0 : c0 + 16384], earlier[c0 : c0 + 16384]
+                for i, c, a0, a1, b0, b1 in zip(
+                    li.tolist(), ei.tolist(), offsets[li].tolist(), offsets[li + 1].tolist(),
+                    offsets[ei].tolist(), offsets[ei + 1].tolist(), strict=True,
+                ):  # fmt: skip
+                    if i != current:
+                        current, tries = i, 0
+                    if tries >= _CHECKS_PER_ROW or c in removed:
+                        continue
+                    tries += 1
+                    checked += 1
+                    si, sc = a1 - a0, b1 - b0
+                    sa = store.shingles(a0, a1)
+                    sb = store.shingles(b0, b1)
+                    pos = sb.searchsorted(sa)
+                    np.minimum(pos, sc - 1, out=pos)
+                    inter = int(np.count_nonzero(sb[pos] == sa))
+                    jac = inter / (si + sc - inter)
+                    if jac >= t and (i not in best or jac > best[i][1]):
+                        best[i] = (c, jac)
+                        removed.add(i)
+        store.close()
         out.of = {i: (c, round(jac, 4)) for i, (c, jac) in best.items()}
         out.pairs_checked = checked
         return out
 
-    def _candidate_pairs(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Distinct (later << 32 | earlier) row pairs that share a band key."""
-        m = len(rows)
-        if m < 2:
-            return np.zeros(0, dtype=np.uint64)
-        found = []
-        pos = np.arange(m)
-        for band in range(keys.shape[0]):
-            order = np.argsort(keys[band], kind="stable")
-            sk, sr = keys[band][order], rows[order]
-            new = np.concatenate(([True], sk[1:] != sk[:-1]))
-            if new.all():
-                continue
-            run_start = np.maximum.accumulate(np.where(new, pos, 0))
-            for d in range(_CANDIDATES_PER_BAND):
-                lead = run_start + d  # the run's first members: likely the kept copies
-                ok = lead < pos
-                found.append((sr[ok].astype(np.uint64) << np.uint64(32)) | sr[lead[ok]].astype(np.uint64))
-                near = pos[d + 1 :]  # nearest earlier members of the same run
-                ok = run_start[near] <= near - d - 1
-                found.append(
-                    (sr[near[ok]].astype(np.uint64) << np.uint64(32)) | sr[near[ok] - d - 1].astype(np.uint64)
-                )
-        if not found:
-            return np.zeros(0, dtype=np.uint64)
-        return _unique(np.concatenate(found))
+
+def _partners(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For each of ``rows`` (in order), the earlier rows sharing its band key that it is compared with.
+
+    Returns (len(rows), 2 * _CANDIDATES_PER_BAND) row numbers, -1 for none: the first members of its
+    run of equal keys (likely the kept copies), then its nearest earlier members.
+    """
+    m = len(rows)
+    slots = np.full((m, 2 * _CANDIDATES_PER_BAND), -1, dtype=np.int32)
+    order = np.argsort(keys, kind="stable")  # equal keys stay in row order
+    sorted_keys = keys[order]
+    new = np.empty(m, dtype=bool)
+    new[0] = True
+    np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new[1:])
+    del sorted_keys
+    if new.all():
+        return slots
+    pos = np.arange(m, dtype=np.int32)
+    run_start = np.maximum.accumulate(np.where(new, pos, np.int32(0)))
+    sorted_rows = rows[order]
+    for d in range(_CANDIDATES_PER_BAND):
+        lead = run_start + d
+        ok = lead < pos
+        slots[order[ok], 2 * d] = sorted_rows[lead[ok]]
+        near = pos[d + 1 :]
+        near = near[run_start[near] <= near - d - 1]
+        slots[order[near], 2 * d + 1] = sorted_rows[near - d - 1]
+    return slots
+
+
+class _Store:
+    """Per-row shingles, signatures and band keys of a :class:`NearDuplicateFinder`, in memory."""
+
+    def __init__(self, bands: int, num_perm: int) -> None:
+        self._shingles: list[np.ndarray] = []
+        self._sigs: list[np.ndarray] = []
+        self._keys: list[np.ndarray] = []  # (bands, rows) per batch
+        self._partners: dict[int, np.ndarray] = {}  # band -> _partners() of the eligible rows
+
+    def append(self, shingles: np.ndarray, sigs: np.ndarray, keys: np.ndarray) -> None:
+        self._shingles.append(shingles)
+        self._sigs.append(sigs)
+        self._keys.append(keys)
+
+    def seal(self) -> None:
+        for parts in (self._shingles, self._sigs):
+            if len(parts) > 1:
+                parts[:] = [np.concatenate(parts)]
+        if len(self._keys) > 1:
+            self._keys[:] = [np.concatenate(self._keys, axis=1)]
+
+    def band_keys(self, band: int) -> np.ndarray:
+        return self._keys[0][band]
+
+    def put_partners(self, band: int, slots: np.ndarray) -> None:
+        self._partners[band] = slots
+
+    def partners(self, band: int, start: int, end: int) -> np.ndarray:
+        return self._partners[band][start:end]
+
+    def signatures(self, rows: np.ndarray) -> np.ndarray:
+        return self._sigs[0][rows]
+
+    def shingles(self, start: int, end: int) -> np.ndarray:
+        return self._shingles[0][start:end]
+
+    def close(self) -> None:
+        pass
+
+
+class _Spill(_Store):
+    """The same, appended to files as rows come and read back through memory maps whose pages are
+    released as they are passed, so memory stays flat however many rows there are (the page cache,
+    not the process, holds the data)."""
+
+    _RELEASE_EVERY = 2048  # reads of a page or two each between releases of the mapped pages (~16 MiB)
+
+    def __init__(self, spill_dir: str | Path, bands: int, num_perm: int) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="neardup.", dir=spill_dir))
+        self.num_perm = num_perm
+        self._files = {
+            "shingles": open(self.dir / "shingles.u32", "wb"),  # noqa: SIM115 - closed in seal()
+            "sigs": open(self.dir / "sigs.u32", "wb"),  # noqa: SIM115
+            **{f"band{b}": open(self.dir / f"band{b}.u64", "wb") for b in range(bands)},  # noqa: SIM115
+        }
+        self._maps: dict[str, np.memmap] = {}
+        self._reads = 0
+
+    def append(self, shingles: np.ndarray, sigs: np.ndarray, keys: np.ndarray) -> None:
+        self._files["shingles"].write(np.ascontiguousarray(shingles, dtype=np.uint32).tobytes())
+        self._files["sigs"].write(np.ascontiguousarray(sigs, dtype=np.uint32).tobytes())
+        for b, row in enumerate(keys):
+            self._files[f"band{b}"].write(np.ascontiguousarray(row, dtype=np.uint64).tobytes())
+
+    def seal(self) -> None:
+        for fh in self._files.values():
+            fh.close()
+
+    def _map(self, name: str, dtype: Any, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        arr = self._maps.get(name)
+        if arr is None:
+            path = self.dir / name
+            if not path.stat().st_size:
+                return np.zeros((0, *(shape or ())[1:]), dtype=dtype)
+            arr = self._maps[name] = np.memmap(path, dtype=dtype, mode="r", shape=shape)
+        return arr
+
+    def _release(self) -> None:
+        self._reads += 1
+        if self._reads % self._RELEASE_EVERY == 0:
+            for arr in self._maps.values():
+                arr._mmap.madvise(mmap.MADV_DONTNEED)  # drop the pages from this process, not the file
+
+    def band_keys(self, band: int) -> np.ndarray:
+        return np.fromfile(self.dir / f"band{band}.u64", dtype=np.uint64)
+
+    def put_partners(self, band: int, slots: np.ndarray) -> None:
+        slots.tofile(self.dir / f"partners{band}.i32")
+        self._width = slots.shape[1]
+
+    def partners(self, band: int, start: int, end: int) -> np.ndarray:
+        name = f"partners{band}.i32"
+        size = (self.dir / name).stat().st_size // (4 * self._width)
+        got = np.array(self._map(name, np.int32, (size, self._width))[start:end])
+        self._maps.pop(name)._mmap.close()  # read once, in order: no need to keep it mapped
+        return got
+
+    def signatures(self, rows: np.ndarray) -> np.ndarray:
+        size = (self.dir / "sigs.u32").stat().st_size // (4 * self.num_perm)
+        got = np.asarray(self._map("sigs.u32", np.uint32, (size, self.num_perm))[rows])
+        self._reads = self._RELEASE_EVERY - 1  # a block of rows is many pages: release after each
+        self._release()
+        return got
+
+    def shingles(self, start: int, end: int) -> np.ndarray:
+        got = np.array(self._map("shingles.u32", np.uint32)[start:end])
+        self._release()
+        return got
+
+    def close(self) -> None:
+        self.seal()
+        self._maps.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def find_near_duplicates(
@@ -542,6 +675,7 @@ def find_near_duplicates(
     seed: int = DEFAULT_SEED,
     eligible: Sequence[bool] | np.ndarray | None = None,
     batch_size: int = 4096,
+    spill_dir: str | Path | None = None,
 ) -> NearDuplicates:
     """Near-duplicates among ``texts`` (index order decides which copy is first).
 
@@ -554,8 +688,10 @@ def find_near_duplicates(
         eligible: Rows that take part; the others are neither flagged nor kept as first copies
             (e.g. rows already quarantined, or exact duplicates already counted).
         batch_size: Rows per batch.
+        spill_dir: Keep the per-row data in a scratch folder made here (removed at the end) instead of
+            in memory: for corpora whose shingles would not fit.
     """
-    finder = NearDuplicateFinder(threshold, shingle_size, num_perm, seed)
+    finder = NearDuplicateFinder(threshold, shingle_size, num_perm, seed, spill_dir=spill_dir)
     flags = None if eligible is None else np.asarray(eligible, dtype=bool)
     if flags is not None and isinstance(texts, Sequence) and len(texts) != len(flags):
         raise ValueError(f"eligible has {len(flags)} entries for {len(texts)} texts")

@@ -11,14 +11,23 @@ columns as ``<split>.jsonl``; :func:`read_split` reads either.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
+import re
 import shutil
 import tempfile
+import unicodedata
 from collections import Counter
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from json.encoder import encode_basestring as _json_str  # what json.dumps(ensure_ascii=False) uses
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from airloom.data.prompts import BUILTIN_TEMPLATES, CHAT_TEMPLATE, load_template, prompt_context
 from airloom.data.validate import dedup_key, normalize_text
@@ -37,10 +46,16 @@ TOKENIZER_FILES = (
     "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
 )
 ROW_GROUP_SIZE = 50_000
+# Records cleaned, rendered and spooled at a time: bounds memory, and amortises numpy/arrow calls.
+CHUNK_ROWS = 4096
+SPOOL_BATCH_ROWS = 4096
+# The kept rows in input order, in the temporary output folder until the split files are written.
+SPOOL_FILE = ".rows.spool.parquet"
+_NO_RECORD = object()
 
 
 def prepare(
-    records: list[dict],
+    records: Iterable[dict],
     out_dir: Path,
     *,
     seed: int = 0,
@@ -67,6 +82,10 @@ def prepare(
     5. Rows whose prompt + response + EOS exceed ``max_seq_len`` tokens dropped (as the training
        recipe counts them), when ``max_seq_len`` is set.
     6. Each row assigned to a split.
+
+    ``records`` may be any iterable (a generator streaming from a file): it is read once, in chunks
+    of ``CHUNK_ROWS``; kept rows are spooled to a Parquet file in the temporary output folder and only
+    a few fixed-size numbers per row stay in memory, so peak memory hardly grows with the corpus.
 
     A record is either ``instruction``/``input``/``response`` or a chat: ``messages``, a list of
     ``{"role", "content"}`` whose last assistant turn is the response and whose earlier turns are the
@@ -98,7 +117,8 @@ def prepare(
 
     Raises:
         UsageError: Bad fractions/policy/length, an unknown or broken template, a missing tokenizer,
-            no records, or a record without text.
+            no records, or a record without text. Records are checked a chunk at a time, so with
+            several bad records the first chunk holding one decides which error is reported.
     """
     if pii_policy not in PII_POLICIES:
         raise UsageError(f"unknown pii_policy {pii_policy!r}; use one of {', '.join(PII_POLICIES)}")
@@ -117,8 +137,12 @@ def prepare(
             f"unknown prompt template {template!r}: not a built-in ({', '.join(BUILTIN_TEMPLATES)}) "
             "and no such file"
         )
-    if not records:
+    # Peek at the first record so an empty input fails before a tokenizer is loaded, as it always did.
+    records = iter(records)
+    first = next(records, _NO_RECORD)
+    if first is _NO_RECORD:
         raise UsageError("no records to prepare; did validation accept any row?")
+    records = itertools.chain((first,), records)
 
     tok, tok_info = None, None
     if template == CHAT_TEMPLATE or max_seq_len is not None:
@@ -128,77 +152,26 @@ def prepare(
         tok, tok_info = load_tokenizer(tokenizer)
     renderer = load_template(template, tokenizer=tok)
 
-    rows: list[dict] = []
-    counts: Counter[str] = Counter()
-    pii_found: Counter[str] = Counter()
-    pii_rows = 0
-    dropped: dict[str, list[str]] = {"pii": [], "too_long": []}
-    seen_keys: set[str] = set()
-    for i, rec in enumerate(records):
-        where = f"record {i + 1}" + (f" (line {rec['_line']})" if "_line" in rec else "")
-        row, changed, row_pii = _clean(rec, where, pii_policy)
-        counts["normalized"] += changed
-        counts["trailing_turns_ignored"] += row.pop("trailing_turns")
-        if row_pii and pii_policy == "drop":
-            counts["pii_dropped"] += 1
-            pii_rows += 1
-            pii_found.update(row_pii)
-            _note(dropped["pii"], _given_id(rec, i), id_list_cap)
-            continue
-        key = dedup_key(row["instruction"], row["input"], row["response"])
-        if dedup and key in seen_keys:
-            counts["deduped"] += 1
-            continue
-        seen_keys.add(key)
-        if row_pii:
-            pii_rows += 1
-            pii_found.update(row_pii)
-            counts["pii_masked"] += pii_policy == "mask"
-        row["key"] = key
-        row["where"] = where
-        rows.append(row)
-
-    _assign_ids(rows)
-    for row in rows:
-        context = prompt_context(row["instruction"], row["input"], row.pop("messages"), row["task"])
-        row["prompt"] = renderer.render(context, where=row["where"])
-
-    if max_seq_len is not None:
-        lengths = _token_lengths(tok, rows)
-        kept = []
-        for row, n in zip(rows, lengths, strict=True):
-            if n > max_seq_len:
-                counts["too_long"] += 1
-                _note(dropped["too_long"], row["id"], id_list_cap)
-            else:
-                kept.append(row)
-        rows = kept
-    if not rows:
-        raise UsageError(
-            f"no rows left to prepare out of {len(records)}: pii_dropped={counts['pii_dropped']}, "
-            f"deduped={counts['deduped']}, too_long={counts['too_long']}; relax pii_policy or max_seq_len"
-        )
-    assignment = _split(rows, seed, val_fraction, test_fraction)
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"{out_dir}: exists and is not a folder")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    made = _make_folders(out_dir.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        splits: dict[str, dict[str, Any]] = {}
-        for split in SPLITS:
-            chosen = [{c: r[c] for c in COLUMNS} for r, s in zip(rows, assignment, strict=True) if s == split]
-            path = tmp / f"{split}.parquet"
-            write_split(chosen, path)
-            tasks = Counter(r["task"] for r in chosen if r["task"] is not None)
-            splits[split] = {
-                "file": path.name,
-                "rows": len(chosen),
-                "sha256": _sha256(path),
-                "content_sha256": content_sha256(chosen),
-                "tasks": dict(sorted(tasks.items())),
-            }
+        spool = tmp / SPOOL_FILE
+        screen = _Screen(spool, seed=seed, dedup=dedup, pii_policy=pii_policy, renderer=renderer, tok=tok,
+                         max_seq_len=max_seq_len, id_list_cap=id_list_cap)
+        screen.run(records)
+        counts = screen.counts
+        if not screen.kept:
+            raise UsageError(
+                f"no rows left to prepare out of {screen.inputs}: pii_dropped={counts['pii_dropped']}, "
+                f"deduped={counts['deduped']}, too_long={counts['too_long']}; relax pii_policy or max_seq_len"
+            )
+        tasks, ranks = screen.strata()
+        assignment = _split(tasks, ranks, val_fraction, test_fraction)
+        splits = _write_splits(spool, assignment, tasks, screen.task_names, tmp)
+        spool.unlink()
         combined = hashlib.sha256()
         for split in SPLITS:
             combined.update(f"{split}:{splits[split]['content_sha256']}\n".encode())
@@ -214,18 +187,18 @@ def prepare(
             "pii_policy": pii_policy,
             "dedup": dedup,
             "counts": {
-                "input": len(records),
+                "input": screen.inputs,
                 "normalized": counts["normalized"],
                 "pii_masked": counts["pii_masked"],
                 "pii_dropped": counts["pii_dropped"],
                 "deduped": counts["deduped"],
                 "too_long": counts["too_long"],
-                "output": len(rows),
+                "output": screen.kept,
                 **{split: splits[split]["rows"] for split in SPLITS},
                 "trailing_turns_ignored": counts["trailing_turns_ignored"],
             },
-            "pii": {"rows": pii_rows, **{k: pii_found[k] for k in PII_KINDS}},
-            "dropped_ids": {**dropped, "cap": id_list_cap},
+            "pii": {"rows": screen.pii_rows, **{k: screen.pii_found[k] for k in PII_KINDS}},
+            "dropped_ids": {**screen.dropped, "cap": id_list_cap},
             "splits": splits,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -233,6 +206,9 @@ def prepare(
         _swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in reversed(made):  # the parents this run created, deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return manifest
 
@@ -265,17 +241,70 @@ def load_tokenizer(ref: str) -> tuple[Any, dict[str, Any]]:
     return tok, {"ref": resolved["ref"], "requested": ref, "sha256": digest.hexdigest()}
 
 
-def write_split(rows: list[dict], path: Path) -> None:
+def write_split(rows: Iterable[dict], path: Path) -> None:
     """Write rows (``COLUMNS``, all text, ``task`` nullable) as Parquet in a fixed layout.
 
     pyarrow writes no timestamps; the same rows and pyarrow version give the same bytes.
     """
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    schema = pa.schema([(c, pa.string()) for c in COLUMNS])
-    table = pa.Table.from_pydict({c: [r[c] for r in rows] for c in COLUMNS}, schema=schema)
-    pq.write_table(table, path, row_group_size=ROW_GROUP_SIZE, compression="zstd")
+    writer = SplitWriter(path)
+    try:
+        for chunk in _chunks(rows, ROW_GROUP_SIZE):
+            writer.write(pa.Table.from_pydict({c: [r[c] for r in chunk] for c in COLUMNS}, schema=_schema()))
+    finally:
+        writer.close()
+
+
+class SplitWriter:
+    """Writes a split file from tables of any size, in :func:`write_split`'s layout and bytes.
+
+    Rows are buffered until a ``ROW_GROUP_SIZE`` row group is complete, which is then written as one
+    contiguous table: pages and dictionaries depend on how the writer is handed a row group (a table
+    of several chunks gives other bytes), so this gives the bytes one ``pq.write_table(...,
+    row_group_size=ROW_GROUP_SIZE)`` over all rows gave before prepare streamed. At most one row
+    group (and its contiguous copy) is in memory.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self.rows = 0
+        self._writer = pq.ParquetWriter(self.path, _schema(), compression="zstd")
+        self._pending: list[Any] = []  # tables not yet written, in order
+        self._pending_rows = 0
+
+    def write(self, table: Any) -> None:
+        """Append the rows of ``table`` (a pyarrow table with ``COLUMNS``)."""
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        self.rows += table.num_rows
+        while self._pending_rows >= ROW_GROUP_SIZE:
+            group, size = [], 0
+            while size < ROW_GROUP_SIZE:
+                part = self._pending.pop(0)
+                if part.num_rows > ROW_GROUP_SIZE - size:
+                    self._pending.insert(0, part.slice(ROW_GROUP_SIZE - size))
+                    part = part.slice(0, ROW_GROUP_SIZE - size)
+                group.append(part)
+                size += part.num_rows
+            self._pending_rows -= size
+            self._write_group(group)
+
+    def close(self) -> None:
+        """Write the last (partial) row group, or an empty one for a split without rows, and the footer."""
+        if self._pending or not self.rows:
+            self._write_group(self._pending or [_schema().empty_table()])
+            self._pending, self._pending_rows = [], 0
+        self._writer.close()
+
+    def _write_group(self, parts: list[Any]) -> None:
+        import pyarrow as pa
+
+        table = pa.concat_tables(parts).combine_chunks()
+        del parts[:]  # let the pieces go before the write
+        self._writer.write_table(table, row_group_size=ROW_GROUP_SIZE)
 
 
 def read_split(path: str | Path) -> list[dict]:
@@ -285,7 +314,7 @@ def read_split(path: str | Path) -> list[dict]:
     return load_records_file(path)
 
 
-def content_sha256(rows: list[dict]) -> str:
+def content_sha256(rows: Iterable[dict]) -> str:
     """Digest of the rows as canonical JSON lines: the same as the bytes of the equivalent JSONL file."""
     digest = hashlib.sha256()
     for r in rows:
@@ -293,23 +322,382 @@ def content_sha256(rows: list[dict]) -> str:
     return digest.hexdigest()
 
 
-def _clean(rec: dict, where: str, pii_policy: str) -> tuple[dict, bool, Counter[str]]:
-    """Normalised (and, under ``mask``, scrubbed) row; whether normalising changed it; PII found."""
-    pii: Counter[str] = Counter()
+# One row of ``COLUMNS`` as json.dumps(row, ensure_ascii=False) + "\n" writes it, for values already
+# JSON-encoded; test_json_lines_match_json_dumps holds it to json.dumps.
+_JSON_LINE = ('{{"id": {}, "prompt": {}, "response": {}, "task": {}, "instruction": {}, "input": {}}}\n').format
 
-    def clean(value: Any, what: str) -> tuple[str, bool]:
-        if value is None:
-            value = ""
-        if not isinstance(value, str):
-            raise UsageError(f"{where}: {what} must be text, got {type(value).__name__}; validate first")
-        text = normalize_text(value)
-        changed = text != value
-        scrubbed, found = _scrub(text)  # also under "keep": the manifest reports what was kept
-        pii.update(found)
-        if pii_policy == "mask":
+
+def _json_lines(batch: Any) -> list[str]:
+    """The canonical JSON line of each row of a pyarrow batch (``COLUMNS``: text, ``task`` nullable)."""
+    encoded = []
+    for name in COLUMNS:
+        values = batch.column(name).to_pylist()
+        if name == "task":
+            encoded.append(["null" if v is None else _json_str(v) for v in values])
+        else:
+            encoded.append(list(map(_json_str, values)))
+    return list(map(_JSON_LINE, *encoded))
+
+
+class _InBackground:
+    """Runs calls one at a time, in order, on a worker thread.
+
+    Parquet compression and I/O release the GIL, so handing them over lets them overlap the Python work
+    on the next chunk. At most one call is in flight (``submit`` waits for the previous one), which
+    bounds the memory held by pending data; a call's error comes out of the next ``submit``/``wait``.
+    """
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="airloom-prepare")
+        self._pending: Future | None = None
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        self.wait()
+        self._pending = self._pool.submit(fn, *args)
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def shutdown(self) -> None:
+        """Wait for the call in flight without raising its error (for ``finally``: the first error wins)."""
+        self._pool.shutdown(wait=True)
+
+
+class _HashSet:
+    """A set of 64-bit hashes in a few sorted numpy runs: 8 bytes a member, where a Python set needs ~80.
+
+    Runs merge like a binary counter (a new run swallows every older run no longer than itself), so
+    there are O(log n) runs to search and each member is copied O(log n) times.
+    """
+
+    def __init__(self) -> None:
+        self._runs: list[np.ndarray] = []
+
+    def contains(self, values: np.ndarray) -> np.ndarray:
+        found = np.zeros(len(values), dtype=bool)
+        for run in self._runs:
+            at = np.minimum(np.searchsorted(run, values), len(run) - 1)
+            found |= run[at] == values
+        return found
+
+    def add(self, values: np.ndarray) -> None:
+        """Add ``values`` (callers add only values not yet in the set; a repeat would be harmless)."""
+        run = np.sort(values)
+        while self._runs and len(self._runs[-1]) <= len(run):
+            run = np.sort(np.concatenate((self._runs.pop(), run)))
+        if len(run):
+            self._runs.append(run)
+
+
+def _hashes64(digests: list[bytes]) -> np.ndarray:
+    """The first 8 bytes of each digest as a big-endian unsigned number."""
+    return np.frombuffer(b"".join(d[:8] for d in digests), dtype=">u8").astype(np.uint64)
+
+
+def _id_hashes(ids: list[str]) -> np.ndarray:
+    return _hashes64([hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=8).digest() for i in ids])
+
+
+class _Screen:
+    """The single pass over the records: clean, screen PII, dedup, assign ids, render, length-filter.
+
+    Works a chunk of ``CHUNK_ROWS`` records at a time and appends the kept rows, in input order, to a
+    Parquet spool file. What stays in memory per kept row is fixed-size: its task (as a small code)
+    and the first 16 bytes of its rank digest ``sha256(seed, key)``; plus, for dedup and id
+    uniqueness, a 64-bit hash per distinct key and per id (see :class:`_HashSet`).
+
+    The rank digest doubles as the dedup hash: for one seed, equal keys give equal digests. Two
+    different keys share the first 64 bits with probability ~n²/2**65 (about 5e-8 for 1.4M rows), in
+    which case the second row would be dropped as a duplicate; ids are hashed the same way, and a
+    collision there would give a row a ``-2`` id. The ranking uses 128 bits: ties between different
+    keys (~n²/2**129) are as good as impossible, and equal keys tie as before (input order).
+    """
+
+    def __init__(self, spool: Path, *, seed: int, dedup: bool, pii_policy: str, renderer: Any, tok: Any,
+                 max_seq_len: int | None, id_list_cap: int) -> None:
+        self.spool = spool
+        self.dedup, self.pii_policy, self.renderer = dedup, pii_policy, renderer
+        self.tok, self.max_seq_len, self.id_list_cap = tok, max_seq_len, id_list_cap
+        self.inputs = 0
+        self.kept = 0
+        self.counts: Counter[str] = Counter()
+        self.pii_found: Counter[str] = Counter()
+        self.pii_rows = 0
+        self.dropped: dict[str, list[str]] = {"pii": [], "too_long": []}
+        self.task_names: dict[str | None, int] = {}  # task -> code, in order of first appearance
+        self._rank_prefix = f"{seed}\x1e".encode()
+        self._seen_keys = _HashSet()
+        self._used_ids = _HashSet()
+        self._ranks: list[np.ndarray] = []  # per chunk: (rows, 2) uint64, the rank digest's first 16 bytes
+        self._tasks: list[np.ndarray] = []  # per chunk: task codes
+        self._writer: Any = None
+        self._background: _InBackground
+
+    def run(self, records: Iterable[dict]) -> None:
+        self._background = _InBackground()
+        try:
+            for chunk in _chunks(enumerate(records), CHUNK_ROWS):
+                self.inputs += len(chunk)
+                self._chunk(chunk)
+            self._background.wait()
+        finally:
+            self._background.shutdown()
+            if self._writer is not None:
+                self._writer.close()
+
+    def strata(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per kept row, in order: its task code and its (rows, 2) rank key."""
+        return np.concatenate(self._tasks), np.concatenate(self._ranks)
+
+    def _chunk(self, chunk: list[tuple[int, dict]]) -> None:
+        counts, pii_policy, rank_prefix = self.counts, self.pii_policy, self._rank_prefix
+        rows = []
+        normalized = trailing = 0
+        for i, rec in chunk:
+            where = f"record {i + 1}" + (f" (line {rec['_line']})" if "_line" in rec else "")
+            row, changed, row_pii = _clean(rec, where, pii_policy)
+            normalized += changed
+            trailing += row.pop("trailing_turns")
+            if row_pii and pii_policy == "drop":
+                counts["pii_dropped"] += 1
+                self.pii_rows += 1
+                self.pii_found.update(row_pii)
+                _note(self.dropped["pii"], _given_id(rec, i), self.id_list_cap)
+                continue
+            key = _dedup_key(row["instruction"], row["input"], row["response"]).encode("utf-8")
+            row["key"] = key
+            row["digest"] = hashlib.sha256(rank_prefix + key).digest()
+            row["where"] = where
+            row["pii"] = row_pii
+            rows.append(row)
+        counts["normalized"] += normalized
+        counts["trailing_turns_ignored"] += trailing
+        if self.dedup:
+            rows = self._drop_duplicates(rows)
+        for row in rows:
+            if row_pii := row.pop("pii"):
+                self.pii_rows += 1
+                self.pii_found.update(row_pii)
+                counts["pii_masked"] += self.pii_policy == "mask"
+        self._assign_ids(rows)
+        for row in rows:
+            context = prompt_context(row["instruction"], row["input"], row.pop("messages"), row["task"])
+            row["prompt"] = self.renderer.render(context, where=row["where"])
+        if self.max_seq_len is not None:
+            kept = []
+            for row, n in zip(rows, _token_lengths(self.tok, rows), strict=True):
+                if n > self.max_seq_len:
+                    counts["too_long"] += 1
+                    _note(self.dropped["too_long"], row["id"], self.id_list_cap)
+                else:
+                    kept.append(row)
+            rows = kept
+        if rows:
+            self._spool(rows)
+
+    def _drop_duplicates(self, rows: list[dict]) -> list[dict]:
+        """The rows whose key no earlier row had (in this chunk or before); the first copy stays."""
+        firsts, in_chunk = [], set()
+        for row in rows:
+            h = row["digest"][:8]
+            if h not in in_chunk:
+                in_chunk.add(h)
+                firsts.append(row)
+        hashes = _hashes64([r["digest"] for r in firsts])
+        seen = self._seen_keys.contains(hashes)
+        self._seen_keys.add(hashes[~seen])
+        kept = [r for r, s in zip(firsts, seen.tolist(), strict=True) if not s]
+        self.counts["deduped"] += len(rows) - len(kept)
+        return kept
+
+    def _assign_ids(self, rows: list[dict]) -> None:
+        """Keep the source id when it is unique; otherwise use a content hash, stable across runs.
+
+        Ids of earlier chunks are only known by their 64-bit hash (see the class docstring).
+        """
+        given = []
+        for r in rows:
+            g = r.pop("given_id")
+            given.append(str(g) if g not in (None, "") else None)
+        # The first id each row asks for (its own, or its content hash) is nearly always free: one
+        # vectorised look-up settles those; repeats take the exact loop below, one look-up per try.
+        asked = [g or _content_id(r["key"]) for r, g in zip(rows, given, strict=True)]
+        hashes = _id_hashes(asked)
+        taken_before = self._used_ids.contains(hashes).tolist()
+        used: set[str] = set()  # ids given out in this chunk
+        as_asked = True  # whether every row got the id it asked for (so ``hashes`` are the ids' hashes)
+
+        def taken(rid: str) -> bool:
+            return rid in used or bool(self._used_ids.contains(_id_hashes([rid]))[0])
+
+        for r, g, first, before in zip(rows, given, asked, taken_before, strict=True):
+            first_taken = before or first in used
+            if g is not None and not first_taken:
+                rid = g
+            else:
+                base = rid = first if g is None else _content_id(r["key"])
+                in_use = first_taken if g is None else taken(base)
+                n = 1
+                while in_use:  # only when dedup is off and a row repeats
+                    n += 1
+                    rid = f"{base}-{n}"
+                    in_use = taken(rid)
+            if rid != first:
+                as_asked = False
+            used.add(rid)
+            r["id"] = rid
+        if as_asked:
+            self._used_ids.add(hashes)
+        else:
+            self._used_ids.add(_id_hashes([r["id"] for r in rows]))
+
+    def _spool(self, rows: list[dict]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pydict({c: [r[c] for r in rows] for c in COLUMNS}, schema=_schema())
+        if self._writer is None:
+            # A scratch file read back once: fast compression, no dictionaries or statistics.
+            self._writer = pq.ParquetWriter(self.spool, _schema(), compression="lz4", use_dictionary=False,
+                                            write_statistics=False)
+        self._background.submit(self._writer.write_table, table)
+        self.kept += len(rows)
+        self._ranks.append(np.frombuffer(b"".join(r["digest"][:16] for r in rows), dtype=">u8")
+                           .astype(np.uint64).reshape(-1, 2))
+        names = self.task_names
+        self._tasks.append(np.fromiter((names.setdefault(r["task"], len(names)) for r in rows),
+                                       dtype=np.int32, count=len(rows)))
+
+
+def _split(tasks: np.ndarray, ranks: np.ndarray, val_fraction: float, test_fraction: float) -> np.ndarray:
+    """Each row's split (an index into ``SPLITS``): within each task, the lowest ranks go to test, the next
+    to validation. A stable sort, so rows of equal content keep their input order, as before."""
+    order = np.lexsort((ranks[:, 1], ranks[:, 0], tasks))
+    by_task = tasks[order]
+    starts = np.flatnonzero(np.r_[True, by_task[1:] != by_task[:-1]]).tolist()
+    out = np.zeros(len(tasks), dtype=np.int8)  # 0 = train
+    for start, end in zip(starts, starts[1:] + [len(order)], strict=True):
+        n = end - start
+        n_test = round(n * test_fraction)
+        n_val = round(n * val_fraction)
+        out[order[start : start + n_test]] = SPLITS.index("test")
+        out[order[start + n_test : start + n_test + n_val]] = SPLITS.index("validation")
+    return out
+
+
+def _write_splits(spool: Path, assignment: np.ndarray, tasks: np.ndarray, task_names: dict[str | None, int],
+                  folder: Path) -> dict[str, dict[str, Any]]:
+    """Second pass: copy each split's rows, in input order, from the spool to its file and content hash.
+
+    One read of the spool per split, so that only one split's row group is buffered at a time (a
+    read costs far less than the writing).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = {code: name for name, code in task_names.items()}
+    splits: dict[str, dict[str, Any]] = {}
+    for n, split in enumerate(SPLITS):
+        writer = SplitWriter(folder / f"{split}.parquet")
+        digest = hashlib.sha256()
+        background = _InBackground()  # the Parquet writing, while this thread builds the JSON lines
+        try:
+            done = 0
+            batches = pq.ParquetFile(spool, pre_buffer=False).iter_batches(
+                batch_size=SPOOL_BATCH_ROWS, columns=list(COLUMNS), use_threads=False
+            )
+            for batch in batches:
+                picked = np.flatnonzero(assignment[done : done + batch.num_rows] == n)
+                done += batch.num_rows
+                if len(picked):
+                    rows = pa.Table.from_batches([batch])
+                    rows = rows if len(picked) == batch.num_rows else rows.take(picked)
+                    background.submit(writer.write, rows)
+                    digest.update("".join(_json_lines(rows)).encode("utf-8"))
+            background.wait()
+        finally:
+            background.shutdown()
+        writer.close()
+        per_task = np.bincount(tasks[assignment == n], minlength=len(names)).tolist()
+        counted = {names[code]: k for code, k in enumerate(per_task) if k and names[code] is not None}
+        splits[split] = {
+            "file": writer.path.name,
+            "rows": writer.rows,
+            "sha256": _sha256(writer.path),
+            "content_sha256": digest.hexdigest(),
+            "tasks": dict(sorted(counted.items())),
+        }
+    return splits
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([(c, pa.string()) for c in COLUMNS])
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
+
+
+# Whitespace (other than the line break itself) just before a line break: normalize_text strips it.
+# Written to start with the literal "\n", which re finds far faster than a leading character class.
+_SPACE_BEFORE_BREAK_RE = re.compile(r"\n(?<=[^\S\n]\n)")
+# scrub_pii's own early exit (validate.py): without "@" and without this, it finds nothing.
+_NUMBERISH_RE = re.compile(r"\d[\d .()+-]{5,}\d")
+
+
+def _normalize(text: str) -> str:
+    """``normalize_text(text)``, without its split/rstrip/join when that would return ``text`` as it is.
+
+    That is so when the text is NFC (ASCII always is), has no ``\\r``, no whitespace before a line
+    break and none at either end, which most text already is; the tests hold both to the same result.
+    """
+    if (
+        "\r" not in text
+        and not (text[:1].isspace() or text[-1:].isspace())
+        and not _SPACE_BEFORE_BREAK_RE.search(text)
+        and (text.isascii() or unicodedata.is_normalized("NFC", text))
+    ):
+        return text
+    return normalize_text(text)
+
+
+def _dedup_key(instruction: str, input: str, response: str) -> str:
+    """``dedup_key(...)``, without its NFC checks when all three are ASCII (which is always NFC)."""
+    if instruction.isascii() and input.isascii() and response.isascii():
+        return f"{' '.join(instruction.split())}\x1f{' '.join(input.split())}\x1f{' '.join(response.split())}"
+    return dedup_key(instruction, input, response)
+
+
+def _clean_text(value: Any, what: str, where: str, mask: bool, pii: list[dict[str, int]]) -> tuple[str, bool]:
+    """One field normalised (and scrubbed when ``mask``); whether normalising changed it. PII found is
+    appended to ``pii``."""
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise UsageError(f"{where}: {what} must be text, got {type(value).__name__}; validate first")
+    text = _normalize(value)
+    changed = text is not value and text != value
+    # Scrubbed also under "keep": the manifest reports what was kept. The pre-check is the one
+    # scrub_pii starts with, here only to skip the call for the (many) texts without PII.
+    if "@" in text or _NUMBERISH_RE.search(text):
+        scrubbed, found = _scrub(text)
+        if found:
+            pii.append(found)
+        if mask:
             text = scrubbed
-        return text, changed
+    return text, changed
 
+
+def _clean(rec: dict, where: str, pii_policy: str) -> tuple[dict, bool, Counter[str] | None]:
+    """Normalised (and, under ``mask``, scrubbed) row; whether normalising changed it; PII found, if any."""
+    mask = pii_policy == "mask"
+    found: list[dict[str, int]] = []
     messages = rec.get("messages")
     trailing = 0
     if isinstance(messages, list) and messages:
@@ -317,7 +705,7 @@ def _clean(rec: dict, where: str, pii_policy: str) -> tuple[dict, bool, Counter[
         for n, m in enumerate(messages, start=1):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not m["role"]:
                 raise UsageError(f"{where}: messages[{n}] must be an object with a 'role' and 'content'")
-            content, ch = clean(m.get("content"), f"messages[{n}].content")
+            content, ch = _clean_text(m.get("content"), f"messages[{n}].content", where, mask, found)
             changed |= ch
             turns.append({"role": m["role"], "content": content})
         last = max((n for n, t in enumerate(turns) if t["role"] == "assistant"), default=None)
@@ -333,15 +721,20 @@ def _clean(rec: dict, where: str, pii_policy: str) -> tuple[dict, bool, Counter[
         row = {"instruction": prompt[user]["content"], "input": "\n".join(others),
                "response": turns[last]["content"], "messages": prompt}
     else:
-        texts, changed = {}, False
-        for fld in ("instruction", "input", "response"):
-            texts[fld], ch = clean(rec.get(fld), fld)
-            changed |= ch
-        if not texts["instruction"] or not texts["response"]:
+        instruction, ch1 = _clean_text(rec.get("instruction"), "instruction", where, mask, found)
+        input_, ch2 = _clean_text(rec.get("input"), "input", where, mask, found)
+        response, ch3 = _clean_text(rec.get("response"), "response", where, mask, found)
+        changed = ch1 or ch2 or ch3
+        if not instruction or not response:
             raise UsageError(f"{where}: instruction and response must not be empty; validate first")
-        row = {**texts, "messages": None}
+        row = {"instruction": instruction, "input": input_, "response": response, "messages": None}
     task = rec.get("task") or None
     row.update(given_id=rec.get("id"), task=str(task) if task is not None else None, trailing_turns=trailing)
+    pii = None
+    if found:
+        pii = Counter()
+        for kinds in found:
+            pii.update(kinds)
     return row, changed, pii
 
 
@@ -371,40 +764,16 @@ def _token_lengths(tokenizer: Any, rows: list[dict], batch: int = 1024) -> list[
     return out
 
 
-def _assign_ids(rows: list[dict]) -> None:
-    """Keep the source id when it is unique; otherwise use a content hash, stable across runs."""
-    used: set[str] = set()
-    for r in rows:
-        given = r.pop("given_id")
-        rid = str(given) if given not in (None, "") else None
-        if rid is None or rid in used:
-            base = rid = hashlib.sha256(r["key"].encode("utf-8")).hexdigest()[:16]
-            n = 1
-            while rid in used:  # only when dedup is off and a row repeats
-                n += 1
-                rid = f"{base}-{n}"
-        used.add(rid)
-        r["id"] = rid
+def _content_id(key: bytes) -> str:
+    """The id of a row without a usable source id: a hash of its dedup key."""
+    return hashlib.sha256(key).hexdigest()[:16]
 
 
-def _split(rows: list[dict], seed: int, val_fraction: float, test_fraction: float) -> list[str]:
-    strata: dict[str | None, list[int]] = {}
-    for i, r in enumerate(rows):
-        strata.setdefault(r["task"], []).append(i)
-    out = ["train"] * len(rows)
-    for members in strata.values():
-        ranked = sorted(members, key=lambda i: _rank(seed, rows[i]["key"]))
-        n_test = round(len(ranked) * test_fraction)
-        n_val = round(len(ranked) * val_fraction)
-        for i in ranked[:n_test]:
-            out[i] = "test"
-        for i in ranked[n_test : n_test + n_val]:
-            out[i] = "validation"
-    return out
-
-
-def _rank(seed: int, key: str) -> str:
-    return hashlib.sha256(f"{seed}\x1e{key}".encode()).hexdigest()
+def _make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return those created, outermost first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
 
 
 def _sha256(path: Path) -> str:

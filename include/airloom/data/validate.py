@@ -17,16 +17,19 @@ so EDA and preparation flag exactly what validation flags.
 
 from __future__ import annotations
 
+import heapq
 import ipaddress
 import json
-import math
 import os
+import pickle
 import re
 import shutil
+import tempfile
 import unicodedata
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from airloom.data.load import TEXT_FIELDS, Finding, LoadResult
 from airloom.exceptions import UsageError
@@ -40,8 +43,9 @@ PHONE_RE = re.compile(
     r"|\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}\d"  # international, must start with +
     r")(?![\w-])"
 )
-IPV4_RE = re.compile(
-    r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])"
+IPV4_RE = re.compile(  # [0-9], not \d: an address is ASCII digits (ipaddress rejects others)
+    r"(?<![\w.])(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
+    r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?![\w.])"
 )
 CARD_RE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 CONTROL_CHARS_PATTERN = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
@@ -287,12 +291,19 @@ class ValidationResult:
     accepted: int
     quarantined: int
     failed_expectations: list[dict]
-    findings: list[Finding]
     reasons: list[str]
     report_path: Path
     accepted_path: Path
     quarantine_path: Path
     data_docs_path: Path | None
+    error_count: int = 0
+    first_errors: list[Finding] = field(default_factory=list)
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Every finding, read back from ``validation.json`` (not kept in memory: there can be millions)."""
+        report = json.loads(self.report_path.read_text(encoding="utf-8"))
+        return [Finding(**f) for f in report["findings"]]
 
     def summary(self) -> str:
         """A few lines for the task log: the verdict, counts, then each failed rule with example rows."""
@@ -307,10 +318,9 @@ class ValidationResult:
             lines.append(f"  failed {exp['type']}{col}: observed {exp['observed']}")
             for ex in exp.get("details", {}).get("examples", [])[:3]:
                 lines.append(f"      {ex}")
-        errors = [f for f in self.findings if f.severity == "error"]
-        if errors:
-            lines.append(f"  {len(errors)} row problems, first ones:")
-            lines += [f"      {f}" for f in errors[:5]]
+        if self.error_count:
+            lines.append(f"  {self.error_count} row problems, first ones:")
+            lines += [f"      {f}" for f in self.first_errors[:5]]
         lines.append(f"  report: {self.report_path}")
         if self.data_docs_path:
             lines.append(f"  data docs: {self.data_docs_path}")
@@ -341,72 +351,103 @@ _FLAG_COLUMNS = {
 }
 
 
-def _frame(records: list[dict], config: ValidationConfig):
-    """The frame GX checks, plus for each row the row it (nearly) repeats.
+class _Features:
+    """Pass 1 of validation: per-row features of a stream of records, the EDA profile on the way.
 
-    Returns:
-        (frame, dup_of, near_of): ``dup_of[i]`` is the first row with the same :func:`dedup_key`;
-        ``near_of`` maps a near-duplicate row to (the kept row it repeats, Jaccard).
+    GX checks these columns (lengths, blank and control-character flags, duplicate/PII/markup flags),
+    not the text, so the frame it holds is a few bytes per row however long the rows are.
     """
-    import numpy as np
-    import pandas as pd
 
-    seen: dict[str, int] = {}
-    n = len(records)
-    dup = np.zeros(n, dtype=bool)
-    eligible = np.zeros(n, dtype=bool)  # takes part in (near-)duplicate search
-    dup_of, pii, markup = list(range(n)), [], []
-    (lo_i, hi_i), (lo_n, hi_n), (lo_r, hi_r) = (
-        (config.min_chars.get(f) or 0, config.max_chars.get(f, math.inf)) for f in TEXT_FIELDS
-    )
-    for i, rec in enumerate(records):
-        ins, inp, resp = rec["instruction"], rec.get("input", ""), rec["response"]
-        row = f"{ins}\n{inp}\n{resp}"
-        # the whole row first, a cheap filter: a match in a field is a match in the newline-joined row
-        pii.append(bool(find_pii(row)) and any(find_pii(t) for t in (ins, inp, resp)))
-        markup.append("<" in row and has_markup(ins, inp, resp))
-        # A row that breaks another quarantining rule of the suite (the same rules, in Python) is
-        # quarantined anyway: it must not be the "first copy" that makes a clean copy a duplicate.
-        if (
-            markup[-1]
-            or not (lo_i <= len(ins) <= hi_i and lo_n <= len(inp) <= hi_n and lo_r <= len(resp) <= hi_r)
-            or not ins.strip()
-            or not resp.strip()
-            or CONTROL_CHARS_RE.search(row)  # "\n" is not one of them
-        ):
-            continue
-        first = seen.setdefault(dedup_key(ins, inp, resp), i)
-        dup_of[i] = first
-        dup[i] = first != i
-        eligible[i] = first == i
-    near_of: dict[int, tuple[int, float]] = {}
-    if config.near_duplicate_threshold is not None and n:
-        from airloom.data.neardup import find_near_duplicates
+    def __init__(self, config: ValidationConfig, spill_dir: Path) -> None:
+        from airloom.data.eda import Profiler
 
-        near_of = find_near_duplicates(
-            (f"{r['instruction']}\n{r.get('input', '')}\n{r['response']}" for r in records),
-            threshold=config.near_duplicate_threshold,
+        self.config = config
+        self.profiler = Profiler(
+            near_duplicate_threshold=config.near_duplicate_threshold,
             shingle_size=config.near_duplicate_shingle_size,
             num_perm=config.near_duplicate_num_perm,
-            eligible=eligible,
-        ).of
-    near = np.zeros(n, dtype=bool)
-    near[list(near_of)] = True
-    frame = pd.DataFrame(
-        {
-            "_row": pd.Series(range(n), dtype="int64"),
-            **{f: pd.Series([r.get(f, "") for r in records], dtype="str") for f in TEXT_FIELDS},
-            "is_duplicate": pd.Series(dup, dtype="bool"),
-            "is_near_duplicate": pd.Series(near, dtype="bool"),
-            "has_pii": pd.Series(pii, dtype="bool"),
-            "has_markup": pd.Series(markup, dtype="bool"),
-        }
-    )
-    return frame, dup_of, near_of
+            spill_dir=spill_dir,
+        )
+        self.files: list[str] = []
+        self._file_ids: dict[str, int] = {}
+        self._parts: dict[str, list] = {"file": []}
+        for f in TEXT_FIELDS:
+            self._parts[f"{f}_control"] = []
+        for f in ("instruction", "response"):
+            self._parts[f"{f}_blank"] = []
+        self.columns: dict[str, Any] = {}
+
+    def add(self, records: list[dict]) -> None:
+        import numpy as np
+
+        m = len(records)
+        if not m:
+            return
+        file_ids = np.empty(m, dtype=np.int32)
+        for j, rec in enumerate(records):
+            name = rec.get("_file", "")
+            k = self._file_ids.get(name)
+            if k is None:
+                k = self._file_ids[name] = len(self.files)
+                self.files.append(name)
+            file_ids[j] = k
+        self._parts["file"].append(file_ids)
+        bad = np.zeros(m, dtype=bool)  # breaks another quarantining row rule: no (near) duplicate search
+        for f in TEXT_FIELDS:
+            texts = [rec.get(f) or "" for rec in records]
+            chars = np.fromiter(map(len, texts), dtype=np.int64, count=m)
+            control = np.fromiter((CONTROL_CHARS_RE.search(t) is not None for t in texts), dtype=bool, count=m)
+            lo, hi = self.config.min_chars.get(f), self.config.max_chars.get(f)
+            bad |= control
+            if lo is not None:
+                bad |= chars < lo
+            if hi is not None:
+                bad |= chars > hi
+            self._parts[f"{f}_control"].append(control)
+            if f in ("instruction", "response"):
+                blank = np.fromiter((not t.strip() for t in texts), dtype=bool, count=m)
+                bad |= blank
+                self._parts[f"{f}_blank"].append(blank)
+        bad |= np.fromiter(
+            ("<" in (r.get("instruction", "") + r.get("input", "") + r.get("response", ""))
+             and has_markup(r.get("instruction", ""), r.get("input", ""), r.get("response", ""))
+             for r in records),
+            dtype=bool,
+            count=m,
+        )  # fmt: skip
+        self.profiler.add(records, eligible=~bad)
+
+    def finish(self):
+        """The frame GX checks (one row per record, no text) and the near-duplicate result."""
+        import numpy as np
+        import pandas as pd
+
+        p = self.profiler
+        n = p.n
+        for name, parts in self._parts.items():
+            self.columns[name] = np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+        for f in TEXT_FIELDS:  # the profile counted them already
+            self.columns[f"{f}_chars"] = p.column(f"chars:{f}") if n else np.zeros(0, dtype=np.int32)
+        near = p.near_duplicates()
+        near_of = near.of if near is not None else {}
+        near_flag = np.zeros(n, dtype=bool)
+        near_flag[list(near_of)] = True
+        dup_of = p.column("dup_of") if n else np.zeros(0, dtype=np.int64)
+        self.columns.update(
+            line=p.column("line") if n else np.zeros(0, dtype=np.int64),
+            dup_of=dup_of,
+            is_duplicate=dup_of != np.arange(n),
+            is_near_duplicate=near_flag,
+            has_pii=p.column("pii") if n else np.zeros(0, dtype=bool),
+            has_markup=p.column("markup") if n else np.zeros(0, dtype=bool),
+        )
+        frame = pd.DataFrame({k: v for k, v in self.columns.items() if k not in ("file", "line", "dup_of")})
+        return frame, near_of
 
 
 def _build_suite(config: ValidationConfig):
-    """The expectation suite; each expectation's ``meta`` names the row check it stands for."""
+    """The expectation suite over the feature frame; each expectation's ``meta`` names the row check it
+    stands for. (Null and wrong-typed fields never get here: the loader reports them per row.)"""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
@@ -419,36 +460,33 @@ def _build_suite(config: ValidationConfig):
 
     add(gxe.ExpectTableRowCountToBeBetween, min_value=1)
     for fld in TEXT_FIELDS:
-        add(gxe.ExpectColumnValuesToNotBeNull, "null_field", fld, column=fld)
-        add(gxe.ExpectColumnValuesToBeOfType, column=fld, type_="str")
-    for fld in TEXT_FIELDS:
         lo, hi = config.min_chars.get(fld), config.max_chars.get(fld)
         if lo is not None or hi is not None:
             add(
-                gxe.ExpectColumnValueLengthsToBeBetween,
+                gxe.ExpectColumnValuesToBeBetween,
                 "length",
                 fld,
-                column=fld,
+                column=f"{fld}_chars",
                 min_value=lo,
                 max_value=hi,
                 mostly=row_mostly,
             )
     for fld in ("instruction", "response"):
         add(
-            gxe.ExpectColumnValuesToNotMatchRegex,
+            gxe.ExpectColumnValuesToBeInSet,
             "blank_text",
             fld,
-            column=fld,
-            regex=r"^\s*$",
+            column=f"{fld}_blank",
+            value_set=[False],
             mostly=row_mostly,
         )
     for fld in TEXT_FIELDS:
         add(
-            gxe.ExpectColumnValuesToNotMatchRegex,
+            gxe.ExpectColumnValuesToBeInSet,
             "control_chars",
             fld,
-            column=fld,
-            regex=CONTROL_CHARS_PATTERN,
+            column=f"{fld}_control",
+            value_set=[False],
             mostly=row_mostly,
         )
     rates = (
@@ -503,14 +541,9 @@ def _run_gx(df, config: ValidationConfig, docs_dir: Path):
             name="llm_data_quality",
             validation_definitions=[definition],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["airloom"])],
-            # row numbers of every failing row, but not the failing texts (long rows would be copied
-            # several times into the stored result) nor the pandas query that lists them again
-            result_format={
-                "result_format": "COMPLETE",
-                "unexpected_index_column_names": ["_row"],
-                "exclude_unexpected_values": True,
-                "return_unexpected_index_query": False,
-            },
+            # counts and a few examples: the failing rows themselves come from the same feature columns
+            # (_rule_rows), so GX does not build, copy and render lists of up to every row
+            result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
         )
     )
     run = checkpoint.run(batch_parameters={"dataframe": df})
@@ -518,15 +551,26 @@ def _run_gx(df, config: ValidationConfig, docs_dir: Path):
     return validation.results
 
 
+def _write_atomic(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
+        fh.writelines(lines)
+    os.replace(tmp, path)
+
+
 def _row_message(
     check: str,
     fld: str | None,
     rec: dict,
     config: ValidationConfig,
-    first: dict,
-    near: tuple[dict, float] | None = None,
+    first: tuple[str, int] | None = None,
+    near: tuple[str, int, float] | None = None,
 ) -> tuple[str, str]:
-    """(check, message) for one failing row, with the numbers needed to fix it."""
+    """(check, message) for one failing row, with the numbers needed to fix it.
+
+    ``first`` is the (file, line) of the row a duplicate repeats; ``near`` the (file, line, Jaccard) of
+    the row a near-duplicate repeats.
+    """
     if check == "length":
         n = len(rec.get(fld, ""))
         lo, hi = config.min_chars.get(fld), config.max_chars.get(fld)
@@ -535,17 +579,15 @@ def _row_message(
         return "too_long", f"{fld} has {n} characters; at most {hi} allowed (max_chars.{fld})"
     if check == "blank_text":
         return check, f"{fld} is empty or only whitespace"
-    if check == "null_field":
-        return check, f"{fld} is missing or null"
     if check == "control_chars":
         chars = sorted({f"U+{ord(c):04X}" for c in CONTROL_CHARS_RE.findall(rec.get(fld, ""))})
         return check, f"{fld} holds control characters ({', '.join(chars[:6])}); remove them"
-    if check == "duplicate":
-        where = f"line {first['_line']}" + ("" if first["_file"] == rec["_file"] else f" of {first['_file']}")
+    if check == "duplicate" and first is not None:
+        where = f"line {first[1]}" + ("" if first[0] == rec["_file"] else f" of {first[0]}")
         return check, f"repeats the row at {where} (ignoring whitespace); the first copy is kept"
     if check == "near_duplicate" and near is not None:
-        other, jaccard = near
-        where = f"line {other['_line']}" + ("" if other["_file"] == rec["_file"] else f" of {other['_file']}")
+        file, line, jaccard = near
+        where = f"line {line}" + ("" if file == rec["_file"] else f" of {file}")
         return check, (
             f"nearly repeats the row at {where} (Jaccard {jaccard:.2f} of word "
             f"{config.near_duplicate_shingle_size}-shingles, near_duplicate_threshold "
@@ -567,17 +609,24 @@ def _field_of(check: str, rec: dict) -> str | None:
     return None
 
 
-def _unexpected_rows(result: dict) -> list[int]:
-    """Row numbers (``_row``) of a GX result: one dict per row, or one dict listing all of them (the shape
-    GX uses with ``exclude_unexpected_values``)."""
-    rows: list[int] = []
-    for hit in result.get("unexpected_index_list") or []:
-        value = hit["_row"]
-        if isinstance(value, list):
-            rows.extend(int(v) for v in value)
-        else:
-            rows.append(int(value))
-    return rows
+def _rule_rows(check: str | None, fld: str | None, cols: dict, config: ValidationConfig) -> list[int]:
+    """Rows breaking a row rule, from the feature columns GX judged."""
+    import numpy as np
+
+    if check == "length":
+        chars = cols[f"{fld}_chars"]
+        lo, hi = config.min_chars.get(fld), config.max_chars.get(fld)
+        bad = np.zeros(len(chars), dtype=bool)
+        if lo is not None:
+            bad |= chars < lo
+        if hi is not None:
+            bad |= chars > hi
+        return np.flatnonzero(bad).tolist()
+    if check == "blank_text":
+        return np.flatnonzero(cols[f"{fld}_blank"]).tolist()
+    if check == "control_chars":
+        return np.flatnonzero(cols[f"{fld}_control"]).tolist()
+    return []
 
 
 def _jsonable(value: Any) -> Any:
@@ -586,22 +635,37 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _write_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
-        fh.writelines(lines)
-    os.replace(tmp, path)
-
-
-def _report_json(report: dict) -> str:
-    """``validation.json``: indented, but one finding per line, which keeps 100k findings fast to write and
-    easy to grep (``json.dumps(indent=...)`` runs the pure-Python encoder, ~10x slower)."""
-    findings = report["findings"]
+def _report_lines(report: dict, findings: Iterable[str]) -> Iterator[str]:
+    """``validation.json``: indented, but one finding per line (given as JSON text), which keeps 100k findings
+    fast to write and easy to grep (``json.dumps(indent=...)`` runs the pure-Python encoder, ~10x slower)."""
     head = json.dumps({**report, "findings": []}, indent=2, ensure_ascii=False, default=str)
-    if not findings:
-        return head + "\n"
-    rows = ",\n".join("    " + json.dumps(f, ensure_ascii=False, default=str) for f in findings)
-    return head.replace('"findings": []', '"findings": [\n' + rows + "\n  ]", 1) + "\n"
+    before, after = head.split('"findings": []', 1)
+    yield before + '"findings": ['
+    sep = "\n    "
+    for f in findings:
+        yield sep + f
+        sep = ",\n    "
+    yield ("\n  ]" if sep != "\n    " else "]") + after + "\n"
+
+
+def _keyed(key: tuple, value: dict) -> str:
+    """A scratch-file line: the sort key, a tab, the value (JSON text has no raw tab)."""
+    return json.dumps(key, ensure_ascii=False) + "\t" + json.dumps(value, ensure_ascii=False) + "\n"
+
+
+def _unkeyed(fh: IO[str]) -> Iterator[tuple[tuple, str]]:
+    for line in fh:
+        key, body = line.rstrip("\n").split("\t", 1)
+        yield tuple(json.loads(key)), body
+
+
+def _bits(mask: int) -> Iterator[int]:
+    k = 0
+    while mask:
+        if mask & 1:
+            yield k
+        mask >>= 1
+        k += 1
 
 
 def _public(rec: dict) -> dict:
@@ -609,75 +673,132 @@ def _public(rec: dict) -> dict:
 
 
 def validate(load: LoadResult, out_dir: Path, config: ValidationConfig | None = None) -> ValidationResult:
-    """Run the suite over ``load.records`` and write the verdict, the clean rows and the quarantine.
-
-    Writes ``validation.json``, ``accepted.jsonl`` (canonical fields only, so it loads cleanly),
-    ``quarantine.jsonl`` (one row per quarantined line with its reasons) and GX Data Docs under
-    ``data_docs/``. A rerun into the same ``out_dir`` replaces these.
-
-    Args:
-        load: What :func:`airloom.data.load.load_records` read.
-        out_dir: Folder for the outputs; created if missing.
-        config: Thresholds; the defaults of :class:`ValidationConfig` when None.
-    """
-    import numpy as np
-
-    config = config or ValidationConfig()
+    """Run the suite over ``load.records`` (all in memory); see :func:`validate_stream`."""
     if load.rows_read != len(load.records) + len(load.rejected):
         raise UsageError(
             f"{load.source}: rows_read is {load.rows_read} but there are {len(load.records)} records and "
             f"{len(load.rejected)} rejected rows; pass what load_records returned"
         )
-    out_dir = Path(out_dir)
+    return validate_stream(lambda: [load], out_dir, config, source=load.source)
+
+
+def validate_stream(
+    chunks: Callable[[], Iterable[LoadResult]],
+    out_dir: Path,
+    config: ValidationConfig | None = None,
+    *,
+    source: str,
+    scan_source: dict | None = None,
+) -> ValidationResult:
+    """Run the suite over what ``chunks()`` reads and write the verdict, the clean rows and the quarantine.
+
+    ``chunks()`` (e.g. ``lambda: iter_chunks(path)``) is read once: pass 1 computes per-row features and
+    the data's EDA profile while spilling the records to a scratch file, GX judges the features, pass 2
+    reads the scratch file back and writes the rows and the findings. Memory holds one chunk and a few
+    dozen bytes per row, never the corpus.
+
+    Writes ``validation.json``, ``accepted.jsonl`` (canonical fields only, so it loads cleanly),
+    ``quarantine.jsonl`` (one row per quarantined line with its reasons), GX Data Docs under
+    ``data_docs/`` and, when ``scan_source`` is given (see :func:`airloom.data.load.fingerprint`), the
+    profile of the rows read under ``scan/`` for the EDA task to render (:func:`airloom.data.eda.load_scan`).
+    A rerun into the same ``out_dir`` replaces these.
+
+    Args:
+        chunks: Returns an iterable of :class:`LoadResult` chunks.
+        out_dir: Folder for the outputs; created if missing.
+        config: Thresholds; the defaults of :class:`ValidationConfig` when None.
+        source: What was read, for the report.
+    """
+    config = config or ValidationConfig()
+    out_dir = Path(out_dir).absolute()  # GX's docs site wants an absolute folder
     out_dir.mkdir(parents=True, exist_ok=True)
     docs_dir = out_dir / "data_docs"
     shutil.rmtree(docs_dir, ignore_errors=True)
 
-    records = load.records
-    df, dup_of, near_of = _frame(records, config)
-    results = _run_gx(df, config, docs_dir)
+    # pass 1: features (and the profile), the loader's findings and rejected rows; the records are
+    # spilled to a scratch file as they go (pickle: ~10x faster to read back than parsing the source)
+    features = _Features(config, spill_dir=out_dir)
+    load_findings: list[Finding] = []
+    rejected: list[dict] = []
+    rows_read = 0
+    spill = tempfile.TemporaryFile(dir=out_dir, prefix=".records.", suffix=".spill")  # noqa: SIM115
+    with spill:
+        for chunk in chunks():
+            rows_read += chunk.rows_read
+            load_findings.extend(chunk.findings)
+            rejected.extend(chunk.rejected)
+            features.add(chunk.records)
+            if chunk.records:
+                pickle.dump(chunk.records, spill, protocol=pickle.HIGHEST_PROTOCOL)
+        spill.seek(0)
+        return _judge(features, spill, out_dir, docs_dir, config, source, scan_source, rows_read,
+                      load_findings, rejected)
 
-    row_findings: dict[int, list[Finding]] = {}
-    warnings: list[Finding] = []
+
+def _spilled(spill: IO[bytes]) -> Iterator[list[dict]]:
+    while True:
+        try:
+            yield pickle.load(spill)
+        except EOFError:
+            return
+
+
+def _judge(
+    features: _Features,
+    spill: IO[bytes],
+    out_dir: Path,
+    docs_dir: Path,
+    config: ValidationConfig,
+    source: str,
+    scan_source: dict | None,
+    rows_read: int,
+    load_findings: list[Finding],
+    rejected: list[dict],
+) -> ValidationResult:
+    """GX on the features, then pass 2 over the spilled records: findings, accepted and quarantined rows."""
+    import numpy as np
+
+    df, near_of = features.finish()
+    n = len(df)
+    results = _run_gx(df, config, docs_dir)
+    cols = features.columns
+    del df
+
+    # which rows fail which check: GX lists the rows of row rules; the flags give those of rate rules
+    failed_mask = np.zeros(n, dtype=np.uint32)  # bit k: the row fails expectation k
+    checks: list[tuple[str | None, str | None]] = []
+    if len(results) > 32:
+        raise RuntimeError(f"{len(results)} expectations: the per-row failure mask holds 32")
     expectations: list[dict] = []
     failed: list[dict] = []
-    flagged = {check: np.flatnonzero(df[column].to_numpy()) for column, check in _FLAG_COLUMNS.items()}
-    for res in results:
+    for k, res in enumerate(results):
         cfg = res.expectation_config
         meta = cfg.meta or {}
         check, fld = meta.get("check"), meta.get("field")
         r = res.result or {}
-        column = cfg.kwargs.get("column")
-        examples: list[str] = []
-        rows = flagged[check].tolist() if check in flagged else _unexpected_rows(r)
-        for i in rows:
-            rec = records[i]
-            near = (records[near_of[i][0]], near_of[i][1]) if i in near_of else None
-            name, message = _row_message(check, fld, rec, config, records[dup_of[i]], near)
-            target = fld or _field_of(check, rec)
-            severity = "error" if name in _QUARANTINING else "warning"
-            finding = Finding(rec["_file"], rec["_line"], target, name, message, severity=severity)
-            (row_findings.setdefault(i, []) if severity == "error" else warnings).append(finding)
-            if len(examples) < 5:
-                examples.append(f"line {rec['_line']}: {message}")
-        if check in flagged:
-            observed = f"{len(rows) / len(df):.2%} of rows ({len(rows)} rows)" if len(df) else None
+        flag = next((c for c, chk in _FLAG_COLUMNS.items() if chk == check), None)
+        rows = np.flatnonzero(cols[flag]) if flag else _rule_rows(check, fld, cols, config)
+        if not flag and r.get("unexpected_count") is not None and len(rows) != r["unexpected_count"]:
+            raise RuntimeError(f"{cfg.type}({cfg.kwargs.get('column')}): GX counted {r['unexpected_count']} "
+                               f"failing rows, the feature columns {len(rows)}")  # the two must agree
+        checks.append((check, fld))
+        failed_mask[rows] |= np.uint32(1 << k)
+        if flag:
+            observed = f"{len(rows) / n:.2%} of rows ({len(rows)} rows)" if n else None
         elif "observed_value" in r:
             observed = _jsonable(r["observed_value"])
         elif r.get("unexpected_percent") is not None:
             observed = f"{r['unexpected_percent']:.2f}% unexpected ({r.get('unexpected_count', 0)} rows)"
         else:
             observed = None
-        details = {k: _jsonable(v) for k, v in cfg.kwargs.items() if k not in ("batch_id", "column")}
-        if r.get("unexpected_count") is not None or check in flagged:
-            details["unexpected_count"] = len(rows) if check in flagged else int(r["unexpected_count"])
-        if examples:
-            details["examples"] = examples
+        details = {k2: _jsonable(v) for k2, v in cfg.kwargs.items() if k2 not in ("batch_id", "column")}
+        if r.get("unexpected_count") is not None or flag:
+            details["unexpected_count"] = len(rows) if flag else int(r["unexpected_count"])
         if res.exception_info and res.exception_info.get("raised_exception"):
             details["error"] = res.exception_info.get("exception_message")
         entry = {
             "type": cfg.type,
-            "column": column,
+            "column": cfg.kwargs.get("column"),
             "success": bool(res.success),
             "observed": observed,
             "details": details,
@@ -686,82 +807,161 @@ def validate(load: LoadResult, out_dir: Path, config: ValidationConfig | None = 
         if not res.success:
             failed.append(entry)
 
-    quarantine_rows: list[dict] = []
-    for rej in load.rejected:
-        quarantine_rows.append(
-            {"file": rej["file"], "line": rej["line"], "reasons": rej["reasons"], "raw": rej["raw"]}
-        )
-    accepted_lines: list[str] = []
-    for i, rec in enumerate(records):
-        if i in row_findings:
-            quarantine_rows.append(
-                {
-                    "file": rec["_file"],
-                    "line": rec["_line"],
-                    "reasons": [f.to_dict() for f in row_findings[i]],
-                    "record": _public(rec),
-                }
-            )
-        else:
-            accepted_lines.append(json.dumps(_public(rec), ensure_ascii=False) + "\n")
-    quarantine_rows.sort(key=lambda q: (q["file"], q["line"]))
+    # pass 2: messages need the text of the failing rows; the clean rows are written as they come, the
+    # quarantined rows and the findings to scratch files in read order, which is (file, line) order
+    files, lines, dup_of = features.files, cols["line"], cols["dup_of"]
+    file_of = cols["file"]
 
-    quarantined = len(quarantine_rows)
-    accepted = len(accepted_lines)
+    def at(i: int) -> tuple[str, int]:
+        return files[int(file_of[i])], int(lines[i])
+
+    examples: dict[int, list[str]] = {}
+    wanted = features.profiler.wanted()
+    picked: dict[int, dict] = {}
+    accepted = quarantined_rows = 0
+    accepted_path = out_dir / "accepted.jsonl"
+    tmp_accepted = accepted_path.with_name(f".{accepted_path.name}.tmp")
+    scratch_findings = tempfile.TemporaryFile("w+", encoding="utf-8", dir=out_dir)  # noqa: SIM115
+    scratch_quarantine = tempfile.TemporaryFile("w+", encoding="utf-8", dir=out_dir)  # noqa: SIM115
+    i = w = 0
+    with tmp_accepted.open("w", encoding="utf-8", newline="\n") as out:
+        for records in _spilled(spill):
+            for rec in records:
+                while w < len(wanted) and wanted[w] < i:
+                    w += 1
+                if w < len(wanted) and wanted[w] == i:
+                    picked[i] = rec
+                failed_bits = int(failed_mask[i])
+                if not failed_bits:
+                    out.write(json.dumps(_public(rec), ensure_ascii=False) + "\n")
+                    accepted += 1
+                    i += 1
+                    continue
+                row_findings: list[Finding] = []
+                for k in _bits(failed_bits):
+                    check, fld = checks[k]
+                    first = at(int(dup_of[i])) if check == "duplicate" else None
+                    near = (*at(near_of[i][0]), near_of[i][1]) if i in near_of else None
+                    name, message = _row_message(check, fld, rec, config, first, near)
+                    target = fld or _field_of(check, rec)
+                    severity = "error" if name in _QUARANTINING else "warning"
+                    row_findings.append(Finding(rec["_file"], rec["_line"], target, name, message, severity=severity))
+                    shown = examples.setdefault(k, [])
+                    if len(shown) < 5:
+                        shown.append(f"line {rec['_line']}: {message}")
+                for f in sorted(row_findings, key=lambda f: f.check):  # the report's order; reasons keep the suite's
+                    scratch_findings.write(_keyed((f.file, f.line, f.check), f.to_dict()))
+                errors = [f for f in row_findings if f.severity == "error"]
+                if errors:
+                    entry = {
+                        "file": rec["_file"],
+                        "line": rec["_line"],
+                        "reasons": [f.to_dict() for f in errors],
+                        "record": _public(rec),
+                    }
+                    scratch_quarantine.write(_keyed((rec["_file"], rec["_line"]), entry))
+                    quarantined_rows += 1
+                else:
+                    out.write(json.dumps(_public(rec), ensure_ascii=False) + "\n")
+                    accepted += 1
+                i += 1
+    if i != n:
+        tmp_accepted.unlink(missing_ok=True)
+        raise UsageError(f"{source}: the scratch copy gave {i} records, the read {n}")
+    for k, shown in examples.items():
+        expectations[k]["details"]["examples"] = shown
+
+    # the rows the loader could not read, and its findings, merged in (file, line) order
+    rejected_entries = sorted(
+        (
+            (rej["file"], rej["line"]),
+            {"file": rej["file"], "line": rej["line"], "reasons": rej["reasons"], "raw": rej["raw"]},
+        )
+        for rej in rejected
+    )
+    load_findings.sort(key=lambda f: (f.file, f.line, f.check))
+    quarantined = len(rejected_entries) + quarantined_rows
     reasons: list[str] = []
     if failed:
         reasons.append(
             f"{len(failed)} expectation(s) failed: "
             + ", ".join(f"{e['type']}({e['column']})" if e["column"] else e["type"] for e in failed)
         )
-    share = quarantined / load.rows_read if load.rows_read else 0.0
+    share = quarantined / rows_read if rows_read else 0.0
     if share > config.max_quarantine_rate:
         reasons.append(
-            f"quarantined {quarantined} of {load.rows_read} rows ({share:.1%}), "
+            f"quarantined {quarantined} of {rows_read} rows ({share:.1%}), "
             f"above max_quarantine_rate {config.max_quarantine_rate:.1%}"
         )
     if config.on_bad_rows == "fail" and quarantined:
         reasons.append(f"on_bad_rows is 'fail' and {quarantined} rows are bad")
-    if load.rows_read == 0:
+    if rows_read == 0:
         reasons.append("no rows were read")
     success = not reasons
 
-    findings = sorted(
-        [*load.findings, *(f for fs in row_findings.values() for f in fs), *warnings],
-        key=lambda f: (f.file, f.line, f.check),
-    )
     index = docs_dir / "index.html"
     docs_path = index if index.exists() else None
     report_path = out_dir / "validation.json"
-    accepted_path = out_dir / "accepted.jsonl"
     quarantine_path = out_dir / "quarantine.jsonl"
-    _write_atomic(accepted_path, accepted_lines)
-    _write_atomic(quarantine_path, [json.dumps(q, ensure_ascii=False) + "\n" for q in quarantine_rows])
+    with scratch_quarantine:
+        scratch_quarantine.seek(0)
+        merged = heapq.merge(
+            ((key, json.dumps(entry, ensure_ascii=False)) for key, entry in rejected_entries),
+            _unkeyed(scratch_quarantine),
+            key=lambda item: item[0],
+        )
+        _write_atomic(quarantine_path, (body + "\n" for _, body in merged))
     report = {
         "success": success,
-        "source": load.source,
-        "rows_read": load.rows_read,
+        "source": source,
+        "rows_read": rows_read,
         "accepted": accepted,
         "quarantined": quarantined,
         "reasons": reasons,
-        "duplicates": int(df["is_duplicate"].sum()),
+        "duplicates": int(cols["is_duplicate"].sum()),
         "near_duplicates": len(near_of),
         "config": config.to_dict(),
-        "findings": [f.to_dict() for f in findings],
+        "findings": [],
         "expectations": expectations,
         "data_docs": str(docs_path) if docs_path else None,
     }
-    _write_atomic(report_path, [_report_json(report)])
+    error_count = 0
+    first_errors: list[Finding] = []
+
+    def findings() -> Iterator[str]:
+        nonlocal error_count
+        merged = heapq.merge(
+            (((f.file, f.line, f.check), f.to_dict()) for f in load_findings),
+            ((key, json.loads(body)) for key, body in _unkeyed(scratch_findings)),
+            key=lambda item: item[0],
+        )
+        for _, f in merged:
+            if f["severity"] == "error":
+                error_count += 1
+                if len(first_errors) < 5:
+                    first_errors.append(Finding(**f))
+            yield json.dumps(f, ensure_ascii=False, default=str)
+
+    with scratch_findings:
+        scratch_findings.seek(0)
+        _write_atomic(report_path, _report_lines(report, findings()))
+    os.replace(tmp_accepted, accepted_path)
+    if scan_source is not None:
+        from airloom.data.eda import save_scan
+
+        profile, series = features.profiler.finish(picked)
+        save_scan(profile, series, out_dir / "scan", scan_source)
     return ValidationResult(
         success=success,
-        rows_read=load.rows_read,
+        rows_read=rows_read,
         accepted=accepted,
         quarantined=quarantined,
         failed_expectations=failed,
-        findings=findings,
         reasons=reasons,
         report_path=report_path,
         accepted_path=accepted_path,
         quarantine_path=quarantine_path,
         data_docs_path=docs_path,
+        error_count=error_count,
+        first_errors=first_errors,
     )

@@ -65,7 +65,8 @@ def test_signatures_are_datasketch_minhashes(num_perm):
     assert estimate == pytest.approx(_jaccard(TEXT, other), abs=0.2)
 
 
-def test_same_answer_as_brute_force_on_planted_near_duplicates():
+def test_same_answer_as_brute_force_on_planted_near_duplicates(tmp_path):
+    """In memory and spilled to files (as validation does for big corpora) alike."""
     rng = random.Random(3)
     vocab = [f"w{i}" for i in range(400)]
     base = [" ".join(rng.choice(vocab) for _ in range(rng.randint(60, 120))) for _ in range(120)]
@@ -78,6 +79,9 @@ def test_same_answer_as_brute_force_on_planted_near_duplicates():
 
     expected = _brute_force(texts, 0.8)
     found = find_near_duplicates(texts, threshold=0.8, batch_size=64)  # several batches
+    spilled = find_near_duplicates(texts, threshold=0.8, batch_size=64, spill_dir=tmp_path)
+    assert spilled.of == found.of and spilled.pairs_checked == found.pairs_checked
+    assert list(tmp_path.iterdir()) == []  # the scratch files are gone
     assert 50 < len(expected) < 110  # the fixture plants copies above and below the threshold
     assert set(found.of) == set(expected)
     for row, (first, jaccard) in found.of.items():
@@ -154,4 +158,4 @@ def test_the_fast_byte_split_is_words_and_both_entry_points_agree():
     toks = [words(t) for t in more]
     by_ids.add_ids(table.ids([w for ws in toks for w in ws]), np.array([len(t) for t in toks]), table.hashes)
     assert by_text.result().of == by_ids.result().of == {6: (1, 0.8), 7: (5, 0.75)}
-    assert by_text._keys[0].tolist() == by_ids._keys[0].tolist()
+    assert by_text._store._keys[0].tolist() == by_ids._store._keys[0].tolist()

@@ -327,16 +327,19 @@ def test_a_failed_run_leaves_the_previous_output_untouched(tmp_path):
 def test_a_crash_while_writing_leaves_no_half_written_output(tmp_path, monkeypatch):
     import airloom.data.prepare as prepare_module
 
-    real = prepare_module.write_split
+    real = prepare_module.SplitWriter.close
 
-    def fail_on_test_split(rows, path):
-        if path.name == "test.parquet":  # train and validation are already written
+    def fail_on_test_split(self):
+        if self.path.name == "test.parquet":  # train and validation are already written
             raise OSError("disk full")
-        return real(rows, path)
+        return real(self)
 
-    monkeypatch.setattr(prepare_module, "write_split", fail_on_test_split)
+    monkeypatch.setattr(prepare_module.SplitWriter, "close", fail_on_test_split)
     with pytest.raises(OSError, match="disk full"):
         prepare(_records(40), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError, match="disk full"):  # parent folders it had to create go too
+        prepare(_records(40), tmp_path / "new" / "deeper" / "out")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -381,3 +384,130 @@ def test_cli_prepare_takes_template_policy_and_length_options(tmp_path, tokenize
                "--tokenizer", ""])
     assert rc == 2
     assert "max_seq_len=64 needs a tokenizer" in capsys.readouterr().err
+
+
+# --- streaming: records read once, a chunk at a time, with the same output as one pass over a list ----------
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_generator_gives_the_same_output_as_a_list(tmp_path):
+    records = _records(300) + PII_ROWS
+    listed = prepare(records, tmp_path / "list", val_fraction=0.2, test_fraction=0.1)
+    reads = []
+
+    def stream():
+        for rec in records:
+            reads.append(1)
+            yield dict(rec)
+
+    streamed = prepare(stream(), tmp_path / "gen", val_fraction=0.2, test_fraction=0.1)
+    assert len(reads) == len(records)  # read once
+    assert streamed == listed
+    assert _outputs(tmp_path / "gen") == _outputs(tmp_path / "list")
+
+    with pytest.raises(UsageError, match=r"no records to prepare"):
+        prepare(iter([]), tmp_path / "empty")
+    with pytest.raises(UsageError, match=r"no rows left to prepare out of 3: pii_dropped=3"):
+        prepare((r for r in PII_ROWS if r["id"] in "cdf"), tmp_path / "a" / "b" / "none", pii_policy="drop")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen", "list"]  # no temporary folders left
+
+
+def _repeats(n: int) -> list[dict]:
+    """Rows that repeat (also with other whitespace) and ids that repeat, far apart and close by."""
+    rows = []
+    for i in range(n):
+        k = i % 23 if i % 5 else i  # most rows repeat one of 23 contents
+        text = f"Name  thing {k}" if i % 2 else f"Name thing {k} "
+        rows.append({"id": f"id{i // 2 % 31}" if i % 3 else None, "instruction": text, "input": "",
+                     "response": f"Thing {k}", "task": TASKS[k % 2], "_line": i + 1})
+    return rows
+
+
+@pytest.mark.parametrize("dedup", [True, False])
+def test_chunks_do_not_change_dedup_ids_or_splits(tmp_path, monkeypatch, dedup):
+    import airloom.data.prepare as prepare_module
+
+    records = _repeats(200)
+    whole = prepare(records, tmp_path / "whole", dedup=dedup, val_fraction=0.2, test_fraction=0.2)
+    monkeypatch.setattr(prepare_module, "CHUNK_ROWS", 7)  # duplicates and id clashes across chunk bounds
+    monkeypatch.setattr(prepare_module, "SPOOL_BATCH_ROWS", 5)
+    chunked = prepare(iter(records), tmp_path / "chunked", dedup=dedup, val_fraction=0.2, test_fraction=0.2)
+    assert chunked == whole
+    assert _outputs(tmp_path / "chunked") == _outputs(tmp_path / "whole")
+    counts = whole["counts"]
+    distinct = len({(" ".join(r["instruction"].split()), r["response"]) for r in records})
+    assert counts["output"] == (distinct if dedup else 200) and counts["deduped"] == 200 - counts["output"]
+    ids = [r["id"] for s in SPLITS for r in _read(tmp_path / "whole", s)]
+    assert len(set(ids)) == len(ids)
+    if not dedup:  # the same content without a usable id: content hash, then -2, -3, ...
+        assert any(i.endswith("-2") for i in ids) and any(i.endswith("-3") for i in ids)
+
+
+def test_split_files_keep_their_bytes_across_row_groups(tmp_path, monkeypatch):
+    """A split written a chunk at a time has the bytes of one pq.write_table over all its rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import airloom.data.prepare as prepare_module
+
+    monkeypatch.setattr(prepare_module, "ROW_GROUP_SIZE", 40)
+    rows = [{"id": str(i), "prompt": f"p{i}" * (i % 9), "response": "r", "task": None if i % 4 else "t",
+             "instruction": f"i{i}", "input": ""} for i in range(157)]
+    schema = pa.schema([(c, pa.string()) for c in prepare_module.COLUMNS])
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, tmp_path / "expected.parquet", row_group_size=40, compression="zstd")
+    for sizes in ([157], [1, 39, 1, 40, 76], [13] * 12 + [1]):
+        writer = prepare_module.SplitWriter(tmp_path / "split.parquet")
+        start = 0
+        for size in sizes:
+            writer.write(table.slice(start, size))
+            start += size
+        writer.close()
+        assert writer.rows == 157
+        assert (tmp_path / "split.parquet").read_bytes() == (tmp_path / "expected.parquet").read_bytes()
+    prepare_module.write_split(rows, tmp_path / "split.parquet")
+    assert (tmp_path / "split.parquet").read_bytes() == (tmp_path / "expected.parquet").read_bytes()
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(schema.empty_table(), tmp_path / "expected_empty.parquet", row_group_size=40,
+                   compression="zstd")
+    prepare_module.SplitWriter(empty).close()
+    assert empty.read_bytes() == (tmp_path / "expected_empty.parquet").read_bytes()
+
+
+def _tricky_texts() -> list[str]:
+    import random
+
+    rnd = random.Random(7)
+    alphabet = ["a", "Z", "0", "7", " ", "  ", "\t", "\n", "\r", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f",
+                "\x85", "\u00a0", "\u2028", "\u3000", "e\u0301", "\u00e9", "\ufb01", "\u212b", "@", ".",
+                "-", "(", ")", "+", '"', "\\", "\x00", "\x7f", "\U0001f600", "x@y.example.org",
+                "555-123-4567", "+44 20 7946 0958", "4111 1111 1111 1111", "10.1.2.3", "127.0.0.1"]
+    texts = ["", " ", "\n", "plain", "ends with space ", " starts", "line \nbreak", "a\n\nb", "\u00e9t\u00e9"]
+    texts += ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 12))) for _ in range(4000)]
+    return texts
+
+
+def test_fast_paths_match_validate_and_json():
+    import airloom.data.prepare as prepare_module
+    from airloom.data.validate import dedup_key, normalize_text, scrub_pii
+
+    texts = _tricky_texts()
+    for text in texts:
+        assert prepare_module._normalize(text) == normalize_text(text), repr(text)
+        scrubbed = scrub_pii(text)
+        if not ("@" in text or prepare_module._NUMBERISH_RE.search(text)):  # the call prepare skips
+            assert scrubbed == (text, {}), repr(text)
+    for a, b, c in zip(texts, texts[1:], texts[2:], strict=False):
+        assert prepare_module._dedup_key(a, b, c) == dedup_key(a, b, c)
+
+    import pyarrow as pa
+
+    rows = [{"id": a, "prompt": b, "response": c, "task": None if len(a) % 3 else a, "instruction": b,
+             "input": c} for a, b, c in zip(texts, texts[1:], texts[2:], strict=False)]
+    batch = pa.Table.from_pylist(rows)
+    expected = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
+    assert prepare_module._json_lines(batch) == expected
+    assert content_sha256(rows) == hashlib.sha256("".join(expected).encode()).hexdigest()

@@ -57,10 +57,9 @@ def test_clean_data_passes_and_writes_every_output(tmp_path):
     types = {(e["type"], e["column"]) for e in report["expectations"]}
     assert {
         ("expect_table_row_count_to_be_between", None),
-        ("expect_column_values_to_not_be_null", "instruction"),
-        ("expect_column_values_to_be_of_type", "response"),
-        ("expect_column_value_lengths_to_be_between", "instruction"),
-        ("expect_column_values_to_not_match_regex", "response"),
+        ("expect_column_values_to_be_between", "instruction_chars"),
+        ("expect_column_values_to_be_in_set", "response_blank"),
+        ("expect_column_values_to_be_in_set", "input_control"),
         ("expect_column_mean_to_be_between", "is_duplicate"),
         ("expect_column_mean_to_be_between", "has_pii"),
         ("expect_column_mean_to_be_between", "has_markup"),
@@ -69,7 +68,7 @@ def test_clean_data_passes_and_writes_every_output(tmp_path):
     lengths = next(
         e
         for e in report["expectations"]
-        if e["type"] == "expect_column_value_lengths_to_be_between" and e["column"] == "response"
+        if e["type"] == "expect_column_values_to_be_between" and e["column"] == "response_chars"
     )
     assert (lengths["details"]["min_value"], lengths["details"]["max_value"]) == (1, 8000)
 
@@ -268,3 +267,9 @@ def test_near_duplicate_settings_are_checked():
         ValidationConfig(near_duplicate_num_perm=8)
     with pytest.raises(UsageError, match="max_near_duplicate_rate must be a share between 0 and 1"):
         ValidationConfig(max_near_duplicate_rate=-0.1)
+
+
+def test_an_address_with_a_non_ascii_digit_is_text_not_an_ip():
+    # \d also matches e.g. ARABIC-INDIC DIGIT THREE, which ipaddress rejects: it used to raise here
+    assert scrub_pii("ping 127.0.0.\u0663 or 10.1.2.3") == ("ping 127.0.0.\u0663 or <IP>", {"ip": 1})
+    assert "ip" not in find_pii("192.168.1.\u0663")

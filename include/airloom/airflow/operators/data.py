@@ -18,17 +18,22 @@ from airloom.airflow.links import DataDocsLink, EdaReportLink
 from airloom.airflow.operators._base import push_outputs, task_output_dir
 
 
-def _load(path: str, aws_conn_id: str | None):
-    """``load_records`` with, for ``s3://`` paths, the boto3 client of the Airflow connection."""
-    from airloom.data.load import load_records
+def _s3_client(path: str, aws_conn_id: str | None):
+    """For ``s3://`` paths, the boto3 client of the Airflow connection (None otherwise)."""
+    if not str(path).startswith("s3://"):
+        return None
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    client = None
-    if str(path).startswith("s3://"):
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+    # The connection's extra ``endpoint_url`` points at MinIO or moto; credentials come from it too.
+    return S3Hook(aws_conn_id=aws_conn_id).get_conn()
 
-        # The connection's extra ``endpoint_url`` points at MinIO or moto; credentials come from it too.
-        client = S3Hook(aws_conn_id=aws_conn_id).get_conn()
-    return load_records(path, s3_client=client)
+
+def _chunks(path: str, aws_conn_id: str | None):
+    """A function streaming the records of ``path`` chunk by chunk (see ``iter_chunks``)."""
+    from airloom.data.load import iter_chunks
+
+    client = _s3_client(path, aws_conn_id)
+    return lambda: iter_chunks(path, s3_client=client)
 
 
 class ValidateDataOperator(BaseOperator):
@@ -62,7 +67,8 @@ class ValidateDataOperator(BaseOperator):
         self.aws_conn_id = aws_conn_id
 
     def execute(self, context) -> dict[str, Any]:
-        from airloom.data.validate import ValidationConfig, validate
+        from airloom.data.load import fingerprint
+        from airloom.data.validate import ValidationConfig, validate_stream
 
         out = task_output_dir(context, self.output_dir)
         if isinstance(self.suite, str) and self.suite:
@@ -70,18 +76,18 @@ class ValidateDataOperator(BaseOperator):
         else:
             config = ValidationConfig.from_dict(dict(self.suite or {}))
         config.on_bad_rows = self.on_bad_rows
-        loaded = _load(self.source, self.aws_conn_id)
-        self.log.info(
-            "read %d rows from %s (%d findings while reading)",
-            loaded.rows_read,
-            self.source,
-            len(loaded.findings),
+        result = validate_stream(
+            _chunks(self.source, self.aws_conn_id),
+            out,
+            config,
+            source=self.source,
+            scan_source=fingerprint(self.source),
         )
-        result = validate(loaded, out, config)
         self.log.info("validation summary:\n%s", result.summary())
         reports = {
             "validation": str(result.report_path),
             "data_docs": str(result.data_docs_path) if result.data_docs_path else None,
+            "scan": str(out / "scan"),  # the profile of the rows read, for the EDA task
         }
         if not result.success:
             push_outputs(context, reports)  # a failed suite is when the Data Docs link matters most
@@ -102,33 +108,48 @@ class ValidateDataOperator(BaseOperator):
 
 
 class DataProfileOperator(BaseOperator):
-    """Write the EDA report (``report.html`` + ``profile.json``) of a file of records (local or ``s3://``)."""
+    """Write the EDA report (``report.html`` + ``profile.json``) of a file, folder or glob of records
+    (local or ``s3://``).
 
-    template_fields: Sequence[str] = ("input_path", "output_dir")
+    :param scan_dir: the ``scan`` folder validation wrote while reading the same source: its profile is
+        rendered instead of reading the data again (read again when absent or the files changed).
+    """
+
+    template_fields: Sequence[str] = ("input_path", "scan_dir", "output_dir")
     operator_extra_links = (EdaReportLink(),)
 
     def __init__(
-        self, *, input_path: str, output_dir: str | None = None, aws_conn_id: str | None = "aws_default",
+        self,
+        *,
+        input_path: str,
+        scan_dir: str | None = None,
+        output_dir: str | None = None,
+        aws_conn_id: str | None = "aws_default",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.input_path = input_path
+        self.scan_dir = scan_dir
         self.output_dir = output_dir
         self.aws_conn_id = aws_conn_id
 
     def execute(self, context) -> dict[str, Any]:
-        from airloom.data.eda import build_profile
+        from airloom.data.eda import profile_source
 
         out = task_output_dir(context, self.output_dir)
-        records = _load(self.input_path, self.aws_conn_id).records
-        profile = build_profile(records, out)
-        self.log.info("EDA report: %s (%d rows)", out / "report.html", len(records))
+        profile = profile_source(
+            self.input_path,
+            out,
+            scan_dir=self.scan_dir or None,
+            s3_client=_s3_client(self.input_path, self.aws_conn_id),
+        )
+        self.log.info("EDA report: %s (%d rows)", out / "report.html", profile.get("rows", 0))
         return push_outputs(
             context,
             {
                 "report": str(out / "report.html"),
                 "profile": str(out / "profile.json"),
-                "rows": profile.get("rows", len(records)),
+                "rows": profile.get("rows", 0),
             },
         )
 
@@ -185,7 +206,7 @@ class PrepareDatasetOperator(BaseOperator):
         from airloom.settings import home
 
         out = task_output_dir(context, self.output_dir)
-        records = _load(self.input_path, self.aws_conn_id).records
+        records = (rec for chunk in _chunks(self.input_path, self.aws_conn_id)() for rec in chunk.records)
         try:
             manifest = prepare(
                 records,

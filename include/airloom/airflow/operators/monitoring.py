@@ -134,7 +134,7 @@ class DriftMonitorOperator(BaseOperator):
         if latest.get("dag_id") and latest.get("run_id"):
             from airloom.settings import run_dir
 
-            # llm_data_quality's eda_report task profiled the same accepted rows prepare split.
+            # llm_data_quality's eda_report task profiled the data that run read (prepare split its accepted rows).
             candidate = run_dir(latest["dag_id"], latest["run_id"], "eda_report") / "profile.json"
             profile = str(candidate) if candidate.is_file() else None
         return split, profile
