@@ -18,7 +18,9 @@ to 1.0, so the ×30 copies do not fail the run. ydata-
 profiling 4.18.4 runs its default ``ProfileReport(df).to_file(html)`` on the same rows (as a pandas
 frame of instruction/input/response) in its own virtualenv under ``.cache/bench-ydata`` (created on
 first use: it pins older pandas/numpy than the project). Wall time and peak RSS of every child come
-from ``os.wait4``; ydata's time is its whole child (read + report) with the report alone also shown.
+from ``os.wait4``; since validation runs its near-duplicate search in a worker process, the peak is the
+larger of that RSS and the PSS of the child's whole process tree sampled every 50 ms. ydata's time is
+its whole child (read + report) with the report alone also shown.
 
 Then ours runs again on ``--scale`` (default 10) times the rows, for the ratio of peak memory.
 
@@ -43,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -84,19 +87,48 @@ def make_corpus(path: Path, copies: int) -> int:
     return n
 
 
+def _tree_pss_mib(pid: int) -> float:
+    """Proportional set size of a process and its descendants (shared pages counted once overall)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as fh:
+                total += next(int(line.split()[1]) for line in fh if line.startswith("Pss:"))
+            with open(f"/proc/{p}/task/{p}/children") as fh:
+                todo.extend(int(c) for c in fh.read().split())
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total / 1024
+
+
 def run_child(argv: list[str], *, env: dict[str, str] | None = None, log: Path | None = None) -> dict:
-    """Run one child; its own wall time and peak RSS (``os.wait4`` gives the rusage of that child only)."""
+    """Run one child: its wall time, its peak RSS (``os.wait4``: that process alone) and the peak PSS of
+    its whole process tree (sampled every 50 ms), which counts worker processes it starts too."""
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    peak_tree = 0.0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak_tree
+        while not done.wait(0.05):
+            peak_tree = max(peak_tree, _tree_pss_mib(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
+    done.set()
+    sampler.join()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if log:
         out.close()
-    # ru_maxrss is in KiB on Linux
-    return {"wall_s": wall, "peak_mib": usage.ru_maxrss / 1024, "rc": proc.returncode,
-            "cpu_s": usage.ru_utime + usage.ru_stime}
+    # ru_maxrss is in KiB on Linux; the tree's PSS can read a little under it (shared library pages)
+    peak = max(usage.ru_maxrss / 1024, peak_tree)
+    return {"wall_s": wall, "peak_mib": peak, "rss_mib": usage.ru_maxrss / 1024, "tree_pss_mib": peak_tree,
+            "rc": proc.returncode, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def run_ours(corpus: Path, work: Path, label: str) -> dict:

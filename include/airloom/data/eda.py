@@ -16,13 +16,14 @@ are kept, plus what near-duplicate detection needs (see :mod:`airloom.data.neard
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import io
 import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +38,7 @@ from airloom.data.neardup import (
     DEFAULT_NUM_PERM,
     DEFAULT_SHINGLE_SIZE,
     DEFAULT_THRESHOLD,
+    BackgroundFinder,
     NearDuplicateFinder,
     NearDuplicates,
     scan_words,
@@ -135,9 +137,12 @@ def profile_stream(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     profiler = Profiler(tokenizer, near_duplicate_threshold, shingle_size, languages=languages, spill_dir=out_dir)
-    for chunk in chunks():
-        profiler.add(chunk)
-    profile, series = profiler.finish(pick_rows(chunks(), profiler.wanted()))
+    try:
+        for chunk in chunks():
+            profiler.add(chunk)
+        profile, series = profiler.finish(pick_rows(chunks(), profiler.wanted()))
+    finally:
+        profiler.close()  # scratch files
     return write_profile(profile, series, out_dir, previous_profile)
 
 
@@ -383,18 +388,15 @@ class FirstSeen:
 
 
 def row_key_hashes(records: Sequence[dict]) -> np.ndarray:
-    """64-bit hash of each record's :func:`dedup_key` (two rows collide by chance with p ~ n^2 / 2^65)."""
+    """64-bit hash of each record's :func:`dedup_key`, for duplicate detection within this process.
+
+    Python's own string hash (SipHash): several times cheaper than a cryptographic digest, and
+    nothing here is kept across processes. Two distinct rows collide with p ~ n^2 / 2^65.
+    """
+    mask = (1 << 64) - 1
     return np.fromiter(
         (
-            int.from_bytes(
-                hashlib.blake2b(
-                    dedup_key(r.get("instruction") or "", r.get("input") or "", r.get("response") or "").encode(
-                        "utf-8", "surrogatepass"
-                    ),
-                    digest_size=8,
-                ).digest(),
-                "little",
-            )
+            hash(dedup_key(r.get("instruction") or "", r.get("input") or "", r.get("response") or "")) & mask
             for r in records
         ),
         dtype=np.uint64,
@@ -427,6 +429,43 @@ class _Hll:
         return round(raw)
 
 
+class Columns:
+    """Per-row arrays appended chunk by chunk, read back whole one at a time.
+
+    With ``spill_dir`` they go to scratch files there (removed by :meth:`close`), so a profile of
+    millions of rows holds the column it is working on, not all of them.
+    """
+
+    def __init__(self, spill_dir: str | Path | None = None) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix=".columns.", dir=spill_dir)) if spill_dir is not None else None
+        self._parts: dict[str, list[np.ndarray]] = {}
+        self._dtypes: dict[str, np.dtype] = {}
+
+    def append(self, name: str, values: np.ndarray) -> None:
+        values = np.ascontiguousarray(values)
+        self._dtypes[name] = values.dtype
+        if self.dir is None:
+            self._parts.setdefault(name, []).append(values)
+        else:
+            with open(self.dir / name, "ab") as fh:
+                fh.write(values.tobytes())
+
+    def get(self, name: str) -> np.ndarray:
+        """The whole column; an empty int64 array for a column nothing was appended to."""
+        if name not in self._dtypes:
+            return np.zeros(0, dtype=np.int64)
+        if self.dir is None:
+            parts = self._parts[name]
+            if len(parts) > 1:  # keep one array from now on
+                parts[:] = [np.concatenate(parts)]
+            return parts[0]
+        return np.fromfile(self.dir / name, dtype=self._dtypes[name])
+
+    def close(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class Profiler:
     """The EDA of a stream of records: :meth:`add` chunk after chunk, then :meth:`finish`.
 
@@ -452,13 +491,13 @@ class Profiler:
     ) -> None:
         self.tokenizer = tokenizer
         self.want_languages = languages
+        # instructions of every stride-th row; the stride doubles whenever twice the sample is held,
+        # so an even sample of any stream is at hand at the end of the pass
+        self._lang_texts: list[tuple[int, str]] = []
+        self._lang_stride = 1
+        self._languages: Any = None  # the result, or a pending background job
         self.n = 0
-        self._lines: list[np.ndarray] = []
-        self._cols: dict[str, list[np.ndarray]] = {
-            f"{unit}:{f}": [] for unit in ("chars", "words", "tokens") for f in TEXT_FIELDS
-        }
-        self._dup_of: list[np.ndarray] = []
-        self._flags: dict[str, list[np.ndarray]] = {"pii": [], "markup": [], "control": []}
+        self.columns = Columns(spill_dir)
         self._first_seen = FirstSeen()
         self.empty = dict.fromkeys(TEXT_FIELDS, 0)
         self.present = {"id": 0, "task": 0}
@@ -474,7 +513,10 @@ class Profiler:
         self.bigrams = _PairCounts()
         self.hll = _Hll()
         self.finder = (
-            NearDuplicateFinder(near_duplicate_threshold, shingle_size, num_perm, spill_dir=spill_dir)
+            # with a scratch folder the corpus may be big: the search runs beside the pass, in a child
+            (BackgroundFinder if spill_dir is not None else NearDuplicateFinder)(
+                near_duplicate_threshold, shingle_size, num_perm, spill_dir=spill_dir
+            )
             if near_duplicate_threshold is not None
             else None
         )
@@ -505,8 +547,15 @@ class Profiler:
         self.n += m
         # per-row columns in 32 bits: at millions of rows they are most of what a profile holds
         lines = np.fromiter((rec.get("_line", base + j + 1) for j, rec in enumerate(batch)), np.int32, m)
-        self._lines.append(lines)
+        self.columns.append("line", lines)
         cols = {f: [rec.get(f) or "" for rec in batch] for f in TEXT_FIELDS}
+        if self.want_languages:
+            stride = self._lang_stride
+            for i in range(-(-base // stride) * stride, base + m, stride):
+                self._lang_texts.append((i, cols["instruction"][i - base][:200]))
+            if len(self._lang_texts) > 2 * _LANGUAGE_SAMPLE:
+                self._lang_stride = stride = stride * 2
+                self._lang_texts = [(i, t) for i, t in self._lang_texts if i % stride == 0]
         for f in ("id", "task"):
             self.present[f] += sum(1 for rec in batch if rec.get(f) not in (None, ""))
         self.tasks.update(rec.get("task") or "(none)" for rec in batch)
@@ -514,28 +563,32 @@ class Profiler:
         scan = scan_words([t for row in zip(*cols.values(), strict=True) for t in row], keys=True)
         per_field = scan.lengths.reshape(m, 3)
         for k, f in enumerate(TEXT_FIELDS):
-            self._cols[f"chars:{f}"].append(np.fromiter(map(len, cols[f]), dtype=np.int32, count=m))
-            self._cols[f"words:{f}"].append(per_field[:, k].astype(np.int32))
+            self.columns.append(f"chars:{f}", np.fromiter(map(len, cols[f]), dtype=np.int32, count=m))
+            self.columns.append(f"words:{f}", per_field[:, k].astype(np.int32))
             self.empty[f] += sum(1 for t in cols[f] if not t.strip())
             if self.tokenizer is not None:
-                self._cols[f"tokens:{f}"].append(np.asarray(_token_lengths(self.tokenizer, cols[f]), np.int32))
+                self.columns.append(f"tokens:{f}", np.asarray(_token_lengths(self.tokenizer, cols[f]), np.int32))
         lengths = per_field.sum(axis=1)
         self._count_words(scan, per_field, lengths, m)
 
-        rows = np.arange(base, base + m, dtype=np.int64)
+        rows = np.arange(base, base + m, dtype=np.int32)
         keys = row_key_hashes(batch)
         ok = np.ones(m, dtype=bool) if eligible is None else eligible
         dup_of = rows.copy()
         dup_of[ok] = self._first_seen.first_rows(keys[ok], rows[ok])
-        self._dup_of.append(dup_of.astype(np.int32))
+        self.columns.append("dup_of", dup_of)
 
         pii = np.zeros(m, dtype=bool)
         markup = np.zeros(m, dtype=bool)
         control = np.zeros(m, dtype=bool)
+        rows_text = [f"{a}\n{b}\n{c}" for a, b, c in zip(*cols.values(), strict=True)]
+        blob = "\n".join(rows_text)  # searched once for what most rows lack
+        any_control = CONTROL_CHARS_RE.search(blob) is not None
+        any_markup = "<" in blob
         for j in range(m):
             ins, inp, resp = cols["instruction"][j], cols["input"][j], cols["response"][j]
             line = int(lines[j])
-            row = f"{ins}\n{inp}\n{resp}"
+            row = rows_text[j]
             if find_pii(row):  # cheap whole-row test first; per field only for the few rows that hit
                 row_kinds: set[str] = set()
                 for f, text in zip(TEXT_FIELDS, (ins, inp, resp), strict=True):
@@ -549,13 +602,13 @@ class Profiler:
                     pii[j] = True
                     self.pii_rows += 1
                     self.pii_kinds.update(row_kinds)
-            if "<" in row and has_markup(ins, inp, resp):
+            if any_markup and "<" in row and has_markup(ins, inp, resp):
                 markup[j] = True
                 self.markup_rows += 1
                 if len(self.markup_examples) < _EXAMPLES:
                     tag = next(mt.group(0) for t in (ins, inp, resp) if (mt := MARKUP_RE.search(t)))
                     self.markup_examples.append({"line": line, "tag": tag, "instruction": _preview(ins)})
-            if CONTROL_CHARS_RE.search(row):
+            if any_control and CONTROL_CHARS_RE.search(row):
                 control[j] = True
                 self.control_rows += 1
             script, mixed = _row_scripts(row)
@@ -565,9 +618,9 @@ class Profiler:
                 shown = self.script_examples.setdefault(script + (" + other" if mixed else ""), [])
                 if len(shown) < 3:
                     shown.append({"line": line, "instruction": _preview(ins)})
-        self._flags["pii"].append(pii)
-        self._flags["markup"].append(markup)
-        self._flags["control"].append(control)
+        self.columns.append("pii", pii)
+        self.columns.append("markup", markup)
+        self.columns.append("control", control)
         if self.finder is not None:
             self.finder.add_hashes(scan.hashes, lengths, ok & (dup_of == rows))
 
@@ -628,15 +681,32 @@ class Profiler:
     def column(self, name: str) -> np.ndarray:
         """A per-row array: ``chars:<field>``, ``words:<field>``, ``tokens:<field>``, ``line``,
         ``dup_of`` (the first row with the same text; itself when none), ``pii``, ``markup``, ``control``."""
-        parts = (
-            self._lines if name == "line"
-            else self._dup_of if name == "dup_of"
-            else self._flags[name] if name in self._flags
-            else self._cols[name]
-        )  # fmt: skip
-        if len(parts) > 1:  # keep one array from now on
-            parts[:] = [np.concatenate(parts)]
-        return parts[0] if parts else np.zeros(0, dtype=np.int64)
+        return self.columns.get(name)
+
+    def close(self) -> None:
+        """Remove the scratch files (:meth:`finish` does; call it when not finishing)."""
+        self.columns.close()
+        if self.finder is not None:
+            self.finder.close()
+
+    def start_near_duplicates(self) -> None:
+        """Let a background search start confirming its candidates, then guess the languages of the sample,
+        while the caller does other work."""
+        if isinstance(self.finder, BackgroundFinder):
+            self.finder.start()
+            if self.want_languages and self._languages is None:
+                self._languages = self.finder.submit(_languages, self._language_sample())
+
+    def _language_sample(self) -> list[str]:
+        step = max(1, len(self._lang_texts) // _LANGUAGE_SAMPLE)
+        return [t for _, t in self._lang_texts[::step][:_LANGUAGE_SAMPLE]]
+
+    def _language_guess(self) -> dict:
+        if self._languages is None:
+            self._languages = _languages(self._language_sample())
+        elif not isinstance(self._languages, dict):  # a background job
+            self._languages = self._languages()
+        return self._languages
 
     def near_duplicates(self) -> NearDuplicates | None:
         if self.finder is None:
@@ -673,14 +743,11 @@ class Profiler:
             self._dup_examples.append((first, [first, *copies], int(sizes[g]) + 1))
         found = self.near_duplicates()
         self._clusters = found.clusters() if found is not None else []
-        step = max(1, n // _LANGUAGE_SAMPLE)
-        self._sample = list(range(0, n, step))[:_LANGUAGE_SAMPLE] if self.want_languages else []
         self._want = {
             *self._longest,
             *self._shortest,
             *(first for first, _, _ in self._dup_examples),
             *(i for group in self._clusters[:_EXAMPLES] for i in group[:2]),
-            *self._sample,
         }
 
     def finish(self, rows: dict[int, dict]) -> tuple[dict, dict]:
@@ -773,7 +840,7 @@ class Profiler:
                 "mixed_rows": self.mixed_rows,
                 "examples": self.script_examples,
             },
-            "languages": _languages([rows[i] for i in self._sample]) if self.want_languages else None,
+            "languages": self._language_guess() if self.want_languages else None,
             "tasks": tasks,
             "pii": {
                 "rows": self.pii_rows,
@@ -789,6 +856,7 @@ class Profiler:
             },
         }
         self._result = (profile, series)
+        self.close()
         return self._result
 
     def _near_profile(self, rows: dict[int, dict], lines: np.ndarray, rate) -> dict:
@@ -839,7 +907,7 @@ def _row_text(rec: dict) -> str:
     return " ".join(" / ".join(rec.get(f) or "" for f in TEXT_FIELDS).split())
 
 
-def _languages(records: list[dict]) -> dict:
+def _languages(texts: list[str]) -> dict:
     """Language guess on an even sample of instructions, when the optional ``langdetect`` is installed."""
     try:
         from langdetect import DetectorFactory, detect
@@ -847,11 +915,10 @@ def _languages(records: list[dict]) -> dict:
     except ImportError:
         return {"method": None, "note": "install langdetect (1.0.9) for a language guess; scripts are above"}
     DetectorFactory.seed = 0  # langdetect is random without it
-    step = max(1, len(records) // _LANGUAGE_SAMPLE)
     guesses: Counter[str] = Counter()
     sampled = 0
-    for rec in records[::step][:_LANGUAGE_SAMPLE]:
-        text = (rec.get("instruction") or "")[:200]
+    for text in texts:
+        text = text[:200]
         if sum(ch.isalpha() for ch in text) < 12:
             continue  # too little text to guess from
         sampled += 1

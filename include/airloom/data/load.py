@@ -358,7 +358,7 @@ def _streamed_rows(path: Path, suffix: str) -> Iterator[_Row]:
         if first.startswith(b"["):
             yield from _json_rows(_decode(fh.read()), suffix)
             return
-        yield from _jsonl_lines(line.decode("utf-8", errors="surrogateescape") for line in fh)
+        yield from _jsonl_lines(fh)
 
 
 class _Row(NamedTuple):
@@ -366,7 +366,7 @@ class _Row(NamedTuple):
 
     line: int
     obj: Any
-    raw: str
+    raw: str | bytes  # bytes: a line parsed as read (decoded only if the row is rejected)
     problems: list[tuple[str | None, str, str]]  # (field, check, message)
     where: str = ""  # added to messages, e.g. where a JSON array element starts
 
@@ -409,12 +409,24 @@ def _jsonl_rows(text: str) -> Iterator[_Row]:
     return _jsonl_lines(chain((line + "\n" for line in lines), [last]))
 
 
-def _jsonl_lines(lines: Iterable[str]) -> Iterator[_Row]:
-    """Rows of JSONL given as lines that keep their ``\\n`` (the last one may lack it: a cut-off file)."""
+def _jsonl_lines(lines: Iterable[str | bytes]) -> Iterator[_Row]:
+    """Rows of JSONL given as lines (text, or bytes as read) that keep their ``\\n`` (the last one may
+    lack it: a cut-off file)."""
+    fast = _fast_decoder()
     for n, line in enumerate(lines, start=1):
-        terminated = line.endswith("\n")
+        terminated = line.endswith(b"\n" if isinstance(line, bytes) else "\n")
         if not terminated and not line:
             return
+        if isinstance(line, bytes):
+            # the common case, a good line: msgspec parses the bytes (and checks they are UTF-8) ~3x
+            # faster than decoding + json.loads; anything it refuses takes the careful path below
+            if fast is not None and line.strip():
+                try:
+                    yield _Row(n, fast(line), line, [])
+                    continue
+                except ValueError:  # msgspec.DecodeError is one
+                    pass
+            line = line.decode("utf-8", errors="surrogateescape")
         line = line.removesuffix("\n").removesuffix("\r")
         problems: list[tuple[str | None, str, str]] = []
         if not line.strip():
@@ -439,6 +451,14 @@ def _jsonl_lines(lines: Iterable[str]) -> Iterator[_Row]:
             yield _Row(n, None, line, problems)
             continue
         yield _Row(n, obj, line, problems)
+
+
+def _fast_decoder() -> Callable[[bytes], Any] | None:
+    try:
+        import msgspec
+    except ImportError:  # a dependency of Airflow's task SDK; without it, json does all the work
+        return None
+    return msgspec.json.Decoder().decode
 
 
 def _array_rows(text: str, data: list) -> Iterator[_Row]:
@@ -604,6 +624,8 @@ class _Mapper:
                 else:
                     problems.append((None, "not_object", f"expected a JSON object, got {_type_name(obj)}"))
             if problems:
+                if isinstance(raw, bytes):  # a line msgspec parsed, rejected by the mapping
+                    raw = raw.decode("utf-8", errors="surrogateescape").removesuffix("\n").removesuffix("\r")
                 findings = [Finding(file, line, f, c, m + where) for f, c, m in problems]
                 result.findings.extend(findings)
                 result.rejected.append(

@@ -26,10 +26,11 @@ from A keeps A and C.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
 from pathlib import Path
@@ -304,18 +305,14 @@ class NearDuplicateFinder:
             raise ValueError(f"shingle_size must be 1..{len(_SHINGLE_MUL)}, got {shingle_size!r}")
         if not 2 <= num_perm <= len(_BAND_MUL):
             raise ValueError(f"num_perm must be 2..{len(_BAND_MUL)}, got {num_perm!r}")
-        try:
-            from datasketch import MinHash
-        except ImportError as exc:  # a dependency of the project; say what to do if it is missing
-            raise ImportError(
-                "near-duplicate detection needs datasketch (pip install datasketch==2.0.0); "
-                "or turn it off (near_duplicate_threshold: null)"
-            ) from exc
-
         self.threshold, self.shingle_size, self.num_perm, self.seed = threshold, shingle_size, num_perm, seed
-        a, b = MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
-        self._a = np.ascontiguousarray(a, dtype=np.uint32)[:, None]
-        self._b = np.ascontiguousarray(b, dtype=np.uint32)[:, None]
+        # datasketch 2.0's affine32 permutations (MinHash._init_permutations), drawn the same way here
+        # rather than importing datasketch (half a second); a test holds the signatures to datasketch's
+        gen = np.random.RandomState(seed)
+        a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+        b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+        self._a = np.ascontiguousarray(a)[:, None]
+        self._b = np.ascontiguousarray(b)[:, None]
         self.bands, self.rows_per_band = lsh_bands(threshold, num_perm)
         self._rows = 0
         self._counts: list[np.ndarray] = []  # distinct shingles per row
@@ -426,6 +423,10 @@ class NearDuplicateFinder:
             block = sig[band * r : (band + 1) * r].astype(np.uint64)
             keys[band] = (block * _BAND_MUL[:r, None]).sum(axis=0, dtype=np.uint64) ^ np.uint64(band)
         return keys
+
+    def close(self) -> None:
+        """Remove the scratch files, if any (:meth:`result` does too)."""
+        self._store.close()
 
     # --- single rows (for checks and interop) -----------------------------------------------------
 
@@ -551,6 +552,102 @@ def _partners(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return slots
 
 
+class BackgroundFinder:
+    """A :class:`NearDuplicateFinder` in a child process, fed batch by batch.
+
+    The near-duplicate search is a third of a validation's CPU time and needs nothing from the rest of
+    the pass but each batch's word hashes, so it runs on the other core: the caller goes on with its
+    own work and collects :meth:`result` at the end (:meth:`start` asks for it early). The child is
+    forked, so it starts at once, and exits when done or closed.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        import multiprocessing
+
+        settings = NearDuplicateFinder(*args, **{**kwargs, "spill_dir": None})  # validates, for the attributes
+        self.threshold, self.shingle_size, self.num_perm = settings.threshold, settings.shingle_size, settings.num_perm
+        self.bands, self.rows_per_band = settings.bands, settings.rows_per_band
+        ctx = multiprocessing.get_context("fork")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_finder_worker, args=(child, args, kwargs), daemon=True)
+        self._proc.start()
+        child.close()
+        self._asked = False
+        self._result: NearDuplicates | None = None
+
+    def add_hashes(
+        self,
+        token_hashes: np.ndarray,
+        lengths: np.ndarray,
+        eligible: Sequence[bool] | np.ndarray | None = None,
+    ) -> None:
+        """As :meth:`NearDuplicateFinder.add_hashes` (blocks only while the child is a batch behind)."""
+        self._conn.send(("add", token_hashes, np.asarray(lengths), None if eligible is None else np.asarray(eligible)))
+
+    def start(self) -> None:
+        """Ask for the result now; :meth:`result` collects it."""
+        if not self._asked:
+            self._conn.send(("result",))
+            self._asked = True
+
+    def result(self) -> NearDuplicates:
+        if self._result is None:
+            self.start()
+            self._result = self._receive()
+        return self._result
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+        """Run ``fn(*args)`` in the child after the search (it is idle then); call what this returns for
+        the value. ``fn`` must be importable by name (it is pickled by reference)."""
+        self.start()
+        self._conn.send(("call", fn, args))
+
+        def collect() -> Any:
+            self.result()  # answers come in order: the search's first
+            return self._receive()
+
+        return collect
+
+    def _receive(self) -> Any:
+        kind, value = self._conn.recv()
+        if kind == "error":
+            self.close()
+            raise RuntimeError(f"the near-duplicate worker process failed:\n{value}")
+        return value
+
+    def close(self) -> None:
+        if self._proc.is_alive():
+            with contextlib.suppress(OSError):
+                self._conn.send(("close",))
+        self._proc.join(timeout=30)
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._conn.close()
+
+
+def _finder_worker(conn: Any, args: tuple, kwargs: dict) -> None:
+    finder = NearDuplicateFinder(*args, **kwargs)
+    try:
+        while True:
+            message = conn.recv()
+            if message[0] == "add":
+                finder.add_hashes(*message[1:])
+            elif message[0] == "result":
+                conn.send(("ok", finder.result()))
+            elif message[0] == "call":
+                conn.send(("ok", message[1](*message[2])))
+            else:
+                return
+    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+        import traceback
+
+        with contextlib.suppress(OSError):
+            conn.send(("error", traceback.format_exc()))
+    finally:
+        finder.close()
+        conn.close()
+
+
 class _Store:
     """Per-row shingles, signatures and band keys of a :class:`NearDuplicateFinder`, in memory."""
 
@@ -596,7 +693,7 @@ class _Spill(_Store):
     released as they are passed, so memory stays flat however many rows there are (the page cache,
     not the process, holds the data)."""
 
-    _RELEASE_EVERY = 2048  # reads of a page or two each between releases of the mapped pages (~16 MiB)
+    _RELEASE_EVERY = 128  # reads between releases of the mapped pages (each maps up to ~64 KiB: fault-around)
 
     def __init__(self, spill_dir: str | Path, bands: int, num_perm: int) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="neardup.", dir=spill_dir))
@@ -607,6 +704,7 @@ class _Spill(_Store):
             **{f"band{b}": open(self.dir / f"band{b}.u64", "wb") for b in range(bands)},  # noqa: SIM115
         }
         self._maps: dict[str, np.memmap] = {}
+        self._sig_file: Any = None
         self._reads = 0
 
     def append(self, shingles: np.ndarray, sigs: np.ndarray, keys: np.ndarray) -> None:
@@ -649,11 +747,20 @@ class _Spill(_Store):
         return got
 
     def signatures(self, rows: np.ndarray) -> np.ndarray:
-        size = (self.dir / "sigs.u32").stat().st_size // (4 * self.num_perm)
-        got = np.asarray(self._map("sigs.u32", np.uint32, (size, self.num_perm))[rows])
-        self._reads = self._RELEASE_EVERY - 1  # a block of rows is many pages: release after each
-        self._release()
-        return got
+        # Read, not mapped: a page fault maps its neighbours too (fault-around), so a few thousand
+        # scattered rows through a memory map would put hundreds of MiB in the process.
+        if self._sig_file is None:
+            self._sig_file = open(self.dir / "sigs.u32", "rb")  # noqa: SIM115 - closed in close()
+        row_bytes = 4 * self.num_perm
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        got = np.empty((len(uniq), self.num_perm), dtype=np.uint32)
+        view = memoryview(got).cast("B")
+        cut = np.flatnonzero(np.diff(uniq) != 1) + 1  # runs of consecutive rows: one read each
+        starts, ends = np.concatenate(([0], cut)).tolist(), np.concatenate((cut, [len(uniq)])).tolist()
+        for k0, k1 in zip(starts, ends, strict=True):
+            self._sig_file.seek(int(uniq[k0]) * row_bytes)
+            self._sig_file.readinto(view[k0 * row_bytes : k1 * row_bytes])
+        return got[inverse.reshape(-1)]
 
     def shingles(self, start: int, end: int) -> np.ndarray:
         got = np.array(self._map("shingles.u32", np.uint32)[start:end])
@@ -662,6 +769,8 @@ class _Spill(_Store):
 
     def close(self) -> None:
         self.seal()
+        if self._sig_file is not None:
+            self._sig_file.close()
         self._maps.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -156,7 +156,9 @@ def normalize_text(text: str) -> str:
 def dedup_key(instruction: str, input: str, response: str) -> str:
     """Identity of a row for duplicate detection: NFC text with whitespace runs collapsed."""
     return "\x1f".join(
-        " ".join((t if unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t)).split())
+        " ".join(
+            (t if t.isascii() or unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t)).split()
+        )
         for t in (instruction, input, response)
     )
 
@@ -359,7 +361,7 @@ class _Features:
     """
 
     def __init__(self, config: ValidationConfig, spill_dir: Path) -> None:
-        from airloom.data.eda import Profiler
+        from airloom.data.eda import Columns, Profiler
 
         self.config = config
         self.profiler = Profiler(
@@ -370,11 +372,7 @@ class _Features:
         )
         self.files: list[str] = []
         self._file_ids: dict[str, int] = {}
-        self._parts: dict[str, list] = {"file": []}
-        for f in TEXT_FIELDS:
-            self._parts[f"{f}_control"] = []
-        for f in ("instruction", "response"):
-            self._parts[f"{f}_blank"] = []
+        self._parts = Columns(spill_dir)
         self.columns: dict[str, Any] = {}
 
     def add(self, records: list[dict]) -> None:
@@ -391,23 +389,25 @@ class _Features:
                 k = self._file_ids[name] = len(self.files)
                 self.files.append(name)
             file_ids[j] = k
-        self._parts["file"].append(file_ids)
+        self._parts.append("file", file_ids)
         bad = np.zeros(m, dtype=bool)  # breaks another quarantining row rule: no (near) duplicate search
         for f in TEXT_FIELDS:
             texts = [rec.get(f) or "" for rec in records]
             chars = np.fromiter(map(len, texts), dtype=np.int64, count=m)
-            control = np.fromiter((CONTROL_CHARS_RE.search(t) is not None for t in texts), dtype=bool, count=m)
+            control = np.zeros(m, dtype=bool)
+            if CONTROL_CHARS_RE.search("\n".join(texts)):  # rare: one search of the chunk, then per row
+                control[:] = [CONTROL_CHARS_RE.search(t) is not None for t in texts]
             lo, hi = self.config.min_chars.get(f), self.config.max_chars.get(f)
             bad |= control
             if lo is not None:
                 bad |= chars < lo
             if hi is not None:
                 bad |= chars > hi
-            self._parts[f"{f}_control"].append(control)
+            self._parts.append(f"{f}_control", control)
             if f in ("instruction", "response"):
                 blank = np.fromiter((not t.strip() for t in texts), dtype=bool, count=m)
                 bad |= blank
-                self._parts[f"{f}_blank"].append(blank)
+                self._parts.append(f"{f}_blank", blank)
         bad |= np.fromiter(
             ("<" in (r.get("instruction", "") + r.get("input", "") + r.get("response", ""))
              and has_markup(r.get("instruction", ""), r.get("input", ""), r.get("response", ""))
@@ -417,6 +417,10 @@ class _Features:
         )  # fmt: skip
         self.profiler.add(records, eligible=~bad)
 
+    def close(self) -> None:
+        self._parts.close()
+        self.profiler.close()
+
     def finish(self):
         """The frame GX checks (one row per record, no text) and the near-duplicate result."""
         import numpy as np
@@ -424,8 +428,10 @@ class _Features:
 
         p = self.profiler
         n = p.n
-        for name, parts in self._parts.items():
-            self.columns[name] = np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+        self.columns["file"] = self._parts.get("file")
+        for name in [*(f"{f}_control" for f in TEXT_FIELDS), "instruction_blank", "response_blank"]:
+            self.columns[name] = self._parts.get(name).astype(bool, copy=False)
+        self._parts.close()
         for f in TEXT_FIELDS:  # the profile counted them already
             self.columns[f"{f}_chars"] = p.column(f"chars:{f}") if n else np.zeros(0, dtype=np.int32)
         near = p.near_duplicates()
@@ -668,6 +674,17 @@ def _bits(mask: int) -> Iterator[int]:
         k += 1
 
 
+def _json_line_encoder() -> Callable[[dict], bytes]:
+    """A row as one line of UTF-8 JSON: msgspec's compact encoder (a few times faster than json.dumps on
+    100k+ rows), or json's when msgspec is missing."""
+    try:
+        import msgspec
+    except ImportError:
+        return lambda row: (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
+    encoder = msgspec.json.Encoder()
+    return lambda row: encoder.encode(row) + b"\n"
+
+
 def _public(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if not k.startswith("_")}
 
@@ -723,16 +740,19 @@ def validate_stream(
     rows_read = 0
     spill = tempfile.TemporaryFile(dir=out_dir, prefix=".records.", suffix=".spill")  # noqa: SIM115
     with spill:
-        for chunk in chunks():
-            rows_read += chunk.rows_read
-            load_findings.extend(chunk.findings)
-            rejected.extend(chunk.rejected)
-            features.add(chunk.records)
-            if chunk.records:
-                pickle.dump(chunk.records, spill, protocol=pickle.HIGHEST_PROTOCOL)
-        spill.seek(0)
-        return _judge(features, spill, out_dir, docs_dir, config, source, scan_source, rows_read,
-                      load_findings, rejected)
+        try:
+            for chunk in chunks():
+                rows_read += chunk.rows_read
+                load_findings.extend(chunk.findings)
+                rejected.extend(chunk.rejected)
+                features.add(chunk.records)
+                if chunk.records:
+                    pickle.dump(chunk.records, spill, protocol=pickle.HIGHEST_PROTOCOL)
+            spill.seek(0)
+            return _judge(features, spill, out_dir, docs_dir, config, source, scan_source, rows_read,
+                          load_findings, rejected)
+        finally:
+            features.close()  # scratch files
 
 
 def _spilled(spill: IO[bytes]) -> Iterator[list[dict]]:
@@ -757,6 +777,9 @@ def _judge(
 ) -> ValidationResult:
     """GX on the features, then pass 2 over the spilled records: findings, accepted and quarantined rows."""
     import numpy as np
+
+    features.profiler.start_near_duplicates()
+    import great_expectations  # noqa: F401 - seconds of imports, while the near-duplicate search runs
 
     df, near_of = features.finish()
     n = len(df)
@@ -807,6 +830,10 @@ def _judge(
         if not res.success:
             failed.append(entry)
 
+    duplicates = int(cols["is_duplicate"].sum())
+    for name in [c for c in cols if c not in ("line", "dup_of", "file")]:
+        del cols[name]  # what pass 2 does not need: at millions of rows, tens of MiB
+
     # pass 2: messages need the text of the failing rows; the clean rows are written as they come, the
     # quarantined rows and the findings to scratch files in read order, which is (file, line) order
     files, lines, dup_of = features.files, cols["line"], cols["dup_of"]
@@ -824,7 +851,8 @@ def _judge(
     scratch_findings = tempfile.TemporaryFile("w+", encoding="utf-8", dir=out_dir)  # noqa: SIM115
     scratch_quarantine = tempfile.TemporaryFile("w+", encoding="utf-8", dir=out_dir)  # noqa: SIM115
     i = w = 0
-    with tmp_accepted.open("w", encoding="utf-8", newline="\n") as out:
+    encode = _json_line_encoder()
+    with tmp_accepted.open("wb") as out:
         for records in _spilled(spill):
             for rec in records:
                 while w < len(wanted) and wanted[w] < i:
@@ -833,7 +861,7 @@ def _judge(
                     picked[i] = rec
                 failed_bits = int(failed_mask[i])
                 if not failed_bits:
-                    out.write(json.dumps(_public(rec), ensure_ascii=False) + "\n")
+                    out.write(encode(_public(rec)))
                     accepted += 1
                     i += 1
                     continue
@@ -862,7 +890,7 @@ def _judge(
                     scratch_quarantine.write(_keyed((rec["_file"], rec["_line"]), entry))
                     quarantined_rows += 1
                 else:
-                    out.write(json.dumps(_public(rec), ensure_ascii=False) + "\n")
+                    out.write(encode(_public(rec)))
                     accepted += 1
                 i += 1
     if i != n:
@@ -918,7 +946,7 @@ def _judge(
         "accepted": accepted,
         "quarantined": quarantined,
         "reasons": reasons,
-        "duplicates": int(cols["is_duplicate"].sum()),
+        "duplicates": duplicates,
         "near_duplicates": len(near_of),
         "config": config.to_dict(),
         "findings": [],
