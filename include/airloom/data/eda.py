@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
+from airloom.data.background import Background, Local
 from airloom.data.load import TEXT_FIELDS
 from airloom.data.neardup import (
     DEFAULT_NUM_PERM,
     DEFAULT_SHINGLE_SIZE,
     DEFAULT_THRESHOLD,
-    BackgroundFinder,
     NearDuplicateFinder,
     NearDuplicates,
     scan_words,
@@ -436,10 +436,19 @@ class Columns:
     millions of rows holds the column it is working on, not all of them.
     """
 
-    def __init__(self, spill_dir: str | Path | None = None) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix=".columns.", dir=spill_dir)) if spill_dir is not None else None
+    def __init__(self, spill_dir: str | Path | None = None, *, existing: str | Path | None = None) -> None:
+        """``existing``: write into another Columns' folder (from another process); it stays its owner's."""
+        self._owner = existing is None
+        if existing is not None:
+            self.dir: Path | None = Path(existing)
+        else:
+            self.dir = Path(tempfile.mkdtemp(prefix=".columns.", dir=spill_dir)) if spill_dir is not None else None
         self._parts: dict[str, list[np.ndarray]] = {}
         self._dtypes: dict[str, np.dtype] = {}
+
+    def declare(self, name: str, dtype: Any) -> None:
+        """A column another process appends to this folder."""
+        self._dtypes[name] = np.dtype(dtype)
 
     def append(self, name: str, values: np.ndarray) -> None:
         values = np.ascontiguousarray(values)
@@ -455,54 +464,33 @@ class Columns:
         if name not in self._dtypes:
             return np.zeros(0, dtype=np.int64)
         if self.dir is None:
-            parts = self._parts[name]
+            parts = self._parts.get(name) or [np.zeros(0, dtype=self._dtypes[name])]
             if len(parts) > 1:  # keep one array from now on
                 parts[:] = [np.concatenate(parts)]
             return parts[0]
-        return np.fromfile(self.dir / name, dtype=self._dtypes[name])
+        path = self.dir / name
+        return np.fromfile(path, dtype=self._dtypes[name]) if path.exists() else np.zeros(0, self._dtypes[name])
 
     def close(self) -> None:
-        if self.dir is not None:
+        if self.dir is not None and self._owner:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class Profiler:
-    """The EDA of a stream of records: :meth:`add` chunk after chunk, then :meth:`finish`.
-
-    One pass computes every number; only the examples in the report need text again, from a handful
-    of rows, which :meth:`finish` asks for by index (:meth:`wanted` lists them) so the caller can read
-    them in a second pass instead of keeping the corpus. Per row, only lengths, flags and a 64-bit
-    key stay in memory (plus what near-duplicate detection needs).
-
-    ``add(records, eligible)`` lets validation say which rows take part in the duplicate and
-    near-duplicate search (those its other row checks keep); by default every row does. With
-    ``spill_dir``, the near-duplicate search keeps its per-row data (~1.5 KB a row) in scratch files
-    there instead of in memory.
-    """
+class WordWork:
+    """The part of a profile computed from each row's words: word counts, content-word bigrams, leading
+    words, the vocabulary size, and the near-duplicate search. It needs only the text of each batch,
+    so it can run in a child process (:class:`airloom.data.background.Background`) beside the rest."""
 
     def __init__(
         self,
-        tokenizer: Any = None,
+        columns: Columns | str,
         near_duplicate_threshold: float | None = DEFAULT_THRESHOLD,
         shingle_size: int = DEFAULT_SHINGLE_SIZE,
         num_perm: int = DEFAULT_NUM_PERM,
-        languages: bool = True,
         spill_dir: str | Path | None = None,
     ) -> None:
-        self.tokenizer = tokenizer
-        self.want_languages = languages
-        # instructions of every stride-th row; the stride doubles whenever twice the sample is held,
-        # so an even sample of any stream is at hand at the end of the pass
-        self._lang_texts: list[tuple[int, str]] = []
-        self._lang_stride = 1
-        self._languages: Any = None  # the result, or a pending background job
-        self.n = 0
-        self.columns = Columns(spill_dir)
-        self._first_seen = FirstSeen()
-        self.empty = dict.fromkeys(TEXT_FIELDS, 0)
-        self.present = {"id": 0, "task": 0}
-        self.tasks: Counter[str] = Counter()
-
+        # a Columns in this process, or the folder of one in the parent (a child appends beside it)
+        self.columns = columns if isinstance(columns, Columns) else Columns(existing=columns)
         self.vocab: dict[int, int] = {}  # word key (WordScan.keys) -> id, up to _VOCAB_CAP words
         self.vocab_words: list[str] = []  # id -> word
         self.word_counts = np.zeros(0, dtype=np.int64)
@@ -513,116 +501,24 @@ class Profiler:
         self.bigrams = _PairCounts()
         self.hll = _Hll()
         self.finder = (
-            # with a scratch folder the corpus may be big: the search runs beside the pass, in a child
-            (BackgroundFinder if spill_dir is not None else NearDuplicateFinder)(
-                near_duplicate_threshold, shingle_size, num_perm, spill_dir=spill_dir
-            )
+            NearDuplicateFinder(near_duplicate_threshold, shingle_size, num_perm, spill_dir=spill_dir)
             if near_duplicate_threshold is not None
             else None
         )
-        self.pii_rows, self.pii_kinds, self.pii_examples = 0, Counter(), []
-        self.markup_rows, self.markup_examples = 0, []
-        self.control_rows = 0
-        self.scripts: Counter[str] = Counter()
-        self.mixed_rows = 0
-        self.script_examples: dict[str, list[dict]] = {}
-        self._near: NearDuplicates | None = None
-        self._want: set[int] | None = None
-        self._result: tuple[dict, dict] | None = None
 
-    # --- pass 1 -----------------------------------------------------------------------------------
-
-    def add(self, records: Sequence[dict], eligible: np.ndarray | None = None) -> None:
-        """Profile one chunk of records (a few thousand at a time keeps the temporary arrays small)."""
-        for start in range(0, len(records), _BATCH):
-            batch = records[start : start + _BATCH]
-            ok = None if eligible is None else np.asarray(eligible[start : start + _BATCH], dtype=bool)
-            self._add(batch, ok)
-
-    def _add(self, batch: Sequence[dict], eligible: np.ndarray | None) -> None:
-        m = len(batch)
-        if not m:
-            return
-        base = self.n
-        self.n += m
-        # per-row columns in 32 bits: at millions of rows they are most of what a profile holds
-        lines = np.fromiter((rec.get("_line", base + j + 1) for j, rec in enumerate(batch)), np.int32, m)
-        self.columns.append("line", lines)
-        cols = {f: [rec.get(f) or "" for rec in batch] for f in TEXT_FIELDS}
-        if self.want_languages:
-            stride = self._lang_stride
-            for i in range(-(-base // stride) * stride, base + m, stride):
-                self._lang_texts.append((i, cols["instruction"][i - base][:200]))
-            if len(self._lang_texts) > 2 * _LANGUAGE_SAMPLE:
-                self._lang_stride = stride = stride * 2
-                self._lang_texts = [(i, t) for i, t in self._lang_texts if i % stride == 0]
-        for f in ("id", "task"):
-            self.present[f] += sum(1 for rec in batch if rec.get(f) not in (None, ""))
-        self.tasks.update(rec.get("task") or "(none)" for rec in batch)
+    def add(self, cols: list[list[str]], eligible: np.ndarray) -> None:
+        """One batch: the instruction, input and response texts, and which rows the near-duplicate
+        search takes part in. Appends the ``words:<field>`` columns."""
+        m = len(cols[0])
         # the words of instruction, input and response of each row, in that order, as arrays
-        scan = scan_words([t for row in zip(*cols.values(), strict=True) for t in row], keys=True)
+        scan = scan_words([t for row in zip(*cols, strict=True) for t in row], keys=True)
         per_field = scan.lengths.reshape(m, 3)
         for k, f in enumerate(TEXT_FIELDS):
-            self.columns.append(f"chars:{f}", np.fromiter(map(len, cols[f]), dtype=np.int32, count=m))
             self.columns.append(f"words:{f}", per_field[:, k].astype(np.int32))
-            self.empty[f] += sum(1 for t in cols[f] if not t.strip())
-            if self.tokenizer is not None:
-                self.columns.append(f"tokens:{f}", np.asarray(_token_lengths(self.tokenizer, cols[f]), np.int32))
         lengths = per_field.sum(axis=1)
         self._count_words(scan, per_field, lengths, m)
-
-        rows = np.arange(base, base + m, dtype=np.int32)
-        keys = row_key_hashes(batch)
-        ok = np.ones(m, dtype=bool) if eligible is None else eligible
-        dup_of = rows.copy()
-        dup_of[ok] = self._first_seen.first_rows(keys[ok], rows[ok])
-        self.columns.append("dup_of", dup_of)
-
-        pii = np.zeros(m, dtype=bool)
-        markup = np.zeros(m, dtype=bool)
-        control = np.zeros(m, dtype=bool)
-        rows_text = [f"{a}\n{b}\n{c}" for a, b, c in zip(*cols.values(), strict=True)]
-        blob = "\n".join(rows_text)  # searched once for what most rows lack
-        any_control = CONTROL_CHARS_RE.search(blob) is not None
-        any_markup = "<" in blob
-        for j in range(m):
-            ins, inp, resp = cols["instruction"][j], cols["input"][j], cols["response"][j]
-            line = int(lines[j])
-            row = rows_text[j]
-            if find_pii(row):  # cheap whole-row test first; per field only for the few rows that hit
-                row_kinds: set[str] = set()
-                for f, text in zip(TEXT_FIELDS, (ins, inp, resp), strict=True):
-                    for kind, matches in find_pii(text).items():
-                        row_kinds.add(kind)
-                        if len(self.pii_examples) < _EXAMPLES:
-                            self.pii_examples.append(
-                                {"line": line, "field": f, "kind": kind, "match": _mask(matches[0])}
-                            )
-                if row_kinds:
-                    pii[j] = True
-                    self.pii_rows += 1
-                    self.pii_kinds.update(row_kinds)
-            if any_markup and "<" in row and has_markup(ins, inp, resp):
-                markup[j] = True
-                self.markup_rows += 1
-                if len(self.markup_examples) < _EXAMPLES:
-                    tag = next(mt.group(0) for t in (ins, inp, resp) if (mt := MARKUP_RE.search(t)))
-                    self.markup_examples.append({"line": line, "tag": tag, "instruction": _preview(ins)})
-            if any_control and CONTROL_CHARS_RE.search(row):
-                control[j] = True
-                self.control_rows += 1
-            script, mixed = _row_scripts(row)
-            self.scripts[script] += 1
-            self.mixed_rows += mixed
-            if script not in ("Latin", "none") or mixed:
-                shown = self.script_examples.setdefault(script + (" + other" if mixed else ""), [])
-                if len(shown) < 3:
-                    shown.append({"line": line, "instruction": _preview(ins)})
-        self.columns.append("pii", pii)
-        self.columns.append("markup", markup)
-        self.columns.append("control", control)
         if self.finder is not None:
-            self.finder.add_hashes(scan.hashes, lengths, ok & (dup_of == rows))
+            self.finder.add_hashes(scan.hashes, lengths, eligible)
 
     def _count_words(self, scan: Any, per_field: np.ndarray, lengths: np.ndarray, m: int) -> None:
         """Word counts, content-word bigrams and leading words of one batch."""
@@ -676,6 +572,183 @@ class Profiler:
         lead = lead[~((lead == self.please) & ~skip) & (lead >= 0)]
         self.leading_counts += np.bincount(lead, minlength=len(self.leading_counts))
 
+    def near_duplicates(self) -> NearDuplicates | None:
+        return self.finder.result() if self.finder is not None else None
+
+    def summary(self) -> dict:
+        """The profile's ``vocabulary`` and ``leading_verbs``."""
+        vocab, word_counts, leading = self.vocab_words, self.word_counts, self.leading_counts
+        by_count = np.lexsort((np.arange(len(word_counts)), -word_counts))  # ties: first seen first
+        top_content = by_count[self.content[by_count]][:_TOP]
+        exact = len(vocab) < _VOCAB_CAP
+        return {
+            "vocabulary": {
+                "size": len(vocab) if exact else max(self.hll.estimate(), len(vocab)),
+                "size_exact": exact,
+                "total_words": int(self.total_words),
+                "top_words": [[vocab[i], int(word_counts[i])] for i in top_content],
+                "top_bigrams": [[f"{vocab[a]} {vocab[b]}", c] for a, b, c in self.bigrams.top(_TOP)],
+                "frequencies": [[vocab[i], int(word_counts[i])] for i in by_count[:_FREQUENCIES]],
+            },
+            "leading_verbs": [
+                [vocab[i], int(leading[i])]
+                for i in np.lexsort((np.arange(len(leading)), -leading))[:15]
+                if leading[i]
+            ],
+        }
+
+    def close(self) -> None:
+        if self.finder is not None:
+            self.finder.close()
+
+
+class Profiler:
+    """The EDA of a stream of records: :meth:`add` chunk after chunk, then :meth:`finish`.
+
+    One pass computes every number; only the examples in the report need text again, from a handful
+    of rows, which :meth:`finish` asks for by index (:meth:`wanted` lists them) so the caller can read
+    them in a second pass instead of keeping the corpus. Per row, only lengths, flags and a 64-bit
+    key stay in memory (plus what near-duplicate detection needs).
+
+    ``add(records, eligible)`` lets validation say which rows take part in the duplicate and
+    near-duplicate search (those its other row checks keep); by default every row does. With
+    ``spill_dir``, the near-duplicate search keeps its per-row data (~1.5 KB a row) in scratch files
+    there instead of in memory.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any = None,
+        near_duplicate_threshold: float | None = DEFAULT_THRESHOLD,
+        shingle_size: int = DEFAULT_SHINGLE_SIZE,
+        num_perm: int = DEFAULT_NUM_PERM,
+        languages: bool = True,
+        spill_dir: str | Path | None = None,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.want_languages = languages
+        # instructions of every stride-th row; the stride doubles whenever twice the sample is held,
+        # so an even sample of any stream is at hand at the end of the pass
+        self._lang_texts: list[tuple[int, str]] = []
+        self._lang_stride = 1
+        self.n = 0
+        self.columns = Columns(spill_dir)
+        self._first_seen = FirstSeen()
+        self.empty = dict.fromkeys(TEXT_FIELDS, 0)
+        self.present = {"id": 0, "task": 0}
+        self.tasks: Counter[str] = Counter()
+
+        # words, vocabulary and near-duplicates: with a scratch folder the corpus may be big, and this
+        # half of the work runs in a child process beside the other (Background), else in place
+        if spill_dir is not None:
+            for f in TEXT_FIELDS:
+                self.columns.declare(f"words:{f}", np.int32)
+        self.near_threshold = near_duplicate_threshold
+        self.work = (Background if spill_dir is not None else Local)(
+            WordWork,
+            str(self.columns.dir) if spill_dir is not None else self.columns,
+            near_duplicate_threshold,
+            shingle_size,
+            num_perm,
+            spill_dir,
+        )
+        self._near_job: Callable[[], NearDuplicates | None] | None = None
+        self.pii_rows, self.pii_kinds, self.pii_examples = 0, Counter(), []
+        self.markup_rows, self.markup_examples = 0, []
+        self.control_rows = 0
+        self.scripts: Counter[str] = Counter()
+        self.mixed_rows = 0
+        self.script_examples: dict[str, list[dict]] = {}
+        self._near: NearDuplicates | None = None
+        self._want: set[int] | None = None
+        self._result: tuple[dict, dict] | None = None
+
+    # --- pass 1 -----------------------------------------------------------------------------------
+
+    def add(self, records: Sequence[dict], eligible: np.ndarray | None = None) -> None:
+        """Profile one chunk of records (a few thousand at a time keeps the temporary arrays small)."""
+        for start in range(0, len(records), _BATCH):
+            batch = records[start : start + _BATCH]
+            ok = None if eligible is None else np.asarray(eligible[start : start + _BATCH], dtype=bool)
+            self._add(batch, ok)
+
+    def _add(self, batch: Sequence[dict], eligible: np.ndarray | None) -> None:
+        m = len(batch)
+        if not m:
+            return
+        base = self.n
+        self.n += m
+        # per-row columns in 32 bits: at millions of rows they are most of what a profile holds
+        lines = np.fromiter((rec.get("_line", base + j + 1) for j, rec in enumerate(batch)), np.int32, m)
+        self.columns.append("line", lines)
+        cols = {f: [rec.get(f) or "" for rec in batch] for f in TEXT_FIELDS}
+        if self.want_languages:
+            stride = self._lang_stride
+            for i in range(-(-base // stride) * stride, base + m, stride):
+                self._lang_texts.append((i, cols["instruction"][i - base][:200]))
+            if len(self._lang_texts) > 2 * _LANGUAGE_SAMPLE:
+                self._lang_stride = stride = stride * 2
+                self._lang_texts = [(i, t) for i, t in self._lang_texts if i % stride == 0]
+        for f in ("id", "task"):
+            self.present[f] += sum(1 for rec in batch if rec.get(f) not in (None, ""))
+        self.tasks.update(rec.get("task") or "(none)" for rec in batch)
+        rows = np.arange(base, base + m, dtype=np.int32)
+        keys = row_key_hashes(batch)
+        ok = np.ones(m, dtype=bool) if eligible is None else eligible
+        dup_of = rows.copy()
+        dup_of[ok] = self._first_seen.first_rows(keys[ok], rows[ok])
+        self.columns.append("dup_of", dup_of)
+        self.work.post("add", [cols[f] for f in TEXT_FIELDS], ok & (dup_of == rows))
+        for f in TEXT_FIELDS:
+            self.columns.append(f"chars:{f}", np.fromiter(map(len, cols[f]), dtype=np.int32, count=m))
+            self.empty[f] += sum(1 for t in cols[f] if not t.strip())
+            if self.tokenizer is not None:
+                self.columns.append(f"tokens:{f}", np.asarray(_token_lengths(self.tokenizer, cols[f]), np.int32))
+
+        pii = np.zeros(m, dtype=bool)
+        markup = np.zeros(m, dtype=bool)
+        control = np.zeros(m, dtype=bool)
+        rows_text = [f"{a}\n{b}\n{c}" for a, b, c in zip(*cols.values(), strict=True)]
+        blob = "\n".join(rows_text)  # searched once for what most rows lack
+        any_control = CONTROL_CHARS_RE.search(blob) is not None
+        any_markup = "<" in blob
+        for j in range(m):
+            ins, inp, resp = cols["instruction"][j], cols["input"][j], cols["response"][j]
+            line = int(lines[j])
+            row = rows_text[j]
+            if find_pii(row):  # cheap whole-row test first; per field only for the few rows that hit
+                row_kinds: set[str] = set()
+                for f, text in zip(TEXT_FIELDS, (ins, inp, resp), strict=True):
+                    for kind, matches in find_pii(text).items():
+                        row_kinds.add(kind)
+                        if len(self.pii_examples) < _EXAMPLES:
+                            self.pii_examples.append(
+                                {"line": line, "field": f, "kind": kind, "match": _mask(matches[0])}
+                            )
+                if row_kinds:
+                    pii[j] = True
+                    self.pii_rows += 1
+                    self.pii_kinds.update(row_kinds)
+            if any_markup and "<" in row and has_markup(ins, inp, resp):
+                markup[j] = True
+                self.markup_rows += 1
+                if len(self.markup_examples) < _EXAMPLES:
+                    tag = next(mt.group(0) for t in (ins, inp, resp) if (mt := MARKUP_RE.search(t)))
+                    self.markup_examples.append({"line": line, "tag": tag, "instruction": _preview(ins)})
+            if any_control and CONTROL_CHARS_RE.search(row):
+                control[j] = True
+                self.control_rows += 1
+            script, mixed = _row_scripts(row)
+            self.scripts[script] += 1
+            self.mixed_rows += mixed
+            if script not in ("Latin", "none") or mixed:
+                shown = self.script_examples.setdefault(script + (" + other" if mixed else ""), [])
+                if len(shown) < 3:
+                    shown.append({"line": line, "instruction": _preview(ins)})
+        self.columns.append("pii", pii)
+        self.columns.append("markup", markup)
+        self.columns.append("control", control)
+
     # --- per-row results (for validation) ---------------------------------------------------------
 
     def column(self, name: str) -> np.ndarray:
@@ -684,35 +757,31 @@ class Profiler:
         return self.columns.get(name)
 
     def close(self) -> None:
-        """Remove the scratch files (:meth:`finish` does; call it when not finishing)."""
+        """Stop the background work and remove the scratch files (:meth:`finish` does both)."""
+        self.work.close()
         self.columns.close()
-        if self.finder is not None:
-            self.finder.close()
 
     def start_near_duplicates(self) -> None:
-        """Let a background search start confirming its candidates, then guess the languages of the sample,
-        while the caller does other work."""
-        if isinstance(self.finder, BackgroundFinder):
-            self.finder.start()
-            if self.want_languages and self._languages is None:
-                self._languages = self.finder.submit(_languages, self._language_sample())
+        """Ask for the near-duplicates, the word statistics and the language guess now, so a background
+        process works on them while the caller does other things (in place: computed here and now)."""
+        if self._near_job is None:
+            self._near_job = self.work.ask("near_duplicates")
+            self._words_job = self.work.ask("summary")
+            if self.want_languages:
+                self._languages_job = self.work.ask(_languages, self._language_sample())
 
     def _language_sample(self) -> list[str]:
         step = max(1, len(self._lang_texts) // _LANGUAGE_SAMPLE)
         return [t for _, t in self._lang_texts[::step][:_LANGUAGE_SAMPLE]]
 
-    def _language_guess(self) -> dict:
-        if self._languages is None:
-            self._languages = _languages(self._language_sample())
-        elif not isinstance(self._languages, dict):  # a background job
-            self._languages = self._languages()
-        return self._languages
+    def _words(self) -> dict:
+        self.start_near_duplicates()
+        return self._words_job()
 
     def near_duplicates(self) -> NearDuplicates | None:
-        if self.finder is None:
-            return None
+        self.start_near_duplicates()
         if self._near is None:
-            self._near = self.finder.result()
+            self._near = self._near_job()
         return self._near
 
     # --- pass 2 and the profile -------------------------------------------------------------------
@@ -790,10 +859,7 @@ class Profiler:
             bins["tokens"] = {f: _binned(tokens[f]) for f in TEXT_FIELDS}
             bins["tokens"]["total"] = _binned(total_tokens)
 
-        vocab, word_counts, leading = self.vocab_words, self.word_counts, self.leading_counts
-        by_count = np.lexsort((np.arange(len(word_counts)), -word_counts))  # ties: first seen first
-        top_content = by_count[self.content[by_count]][:_TOP]
-        exact = len(vocab) < _VOCAB_CAP
+        words = self._words()
 
         def instruction(i: int) -> str:
             return _preview(rows[i].get("instruction") or "")
@@ -811,19 +877,8 @@ class Profiler:
             "rows": n,
             "fields": fields,
             "length_bins": {"lower_edges": list(LENGTH_BIN_EDGES), **bins},
-            "vocabulary": {
-                "size": len(vocab) if exact else max(self.hll.estimate(), len(vocab)),
-                "size_exact": exact,
-                "total_words": int(self.total_words),
-                "top_words": [[vocab[i], int(word_counts[i])] for i in top_content],
-                "top_bigrams": [[f"{vocab[a]} {vocab[b]}", c] for a, b, c in self.bigrams.top(_TOP)],
-                "frequencies": [[vocab[i], int(word_counts[i])] for i in by_count[:_FREQUENCIES]],
-            },
-            "leading_verbs": [
-                [vocab[i], int(leading[i])]
-                for i in np.lexsort((np.arange(len(leading)), -leading))[:15]
-                if leading[i]
-            ],
+            "vocabulary": words["vocabulary"],
+            "leading_verbs": words["leading_verbs"],
             "duplicates": {
                 "count": duplicates,
                 "rate": rate(duplicates),
@@ -840,7 +895,7 @@ class Profiler:
                 "mixed_rows": self.mixed_rows,
                 "examples": self.script_examples,
             },
-            "languages": self._language_guess() if self.want_languages else None,
+            "languages": self._languages_job() if self.want_languages else None,
             "tasks": tasks,
             "pii": {
                 "rows": self.pii_rows,

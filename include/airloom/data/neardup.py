@@ -26,11 +26,10 @@ from A keeps A and C.
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
 from pathlib import Path
@@ -550,102 +549,6 @@ def _partners(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
         near = near[run_start[near] <= near - d - 1]
         slots[order[near], 2 * d + 1] = sorted_rows[near - d - 1]
     return slots
-
-
-class BackgroundFinder:
-    """A :class:`NearDuplicateFinder` in a child process, fed batch by batch.
-
-    The near-duplicate search is a third of a validation's CPU time and needs nothing from the rest of
-    the pass but each batch's word hashes, so it runs on the other core: the caller goes on with its
-    own work and collects :meth:`result` at the end (:meth:`start` asks for it early). The child is
-    forked, so it starts at once, and exits when done or closed.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        import multiprocessing
-
-        settings = NearDuplicateFinder(*args, **{**kwargs, "spill_dir": None})  # validates, for the attributes
-        self.threshold, self.shingle_size, self.num_perm = settings.threshold, settings.shingle_size, settings.num_perm
-        self.bands, self.rows_per_band = settings.bands, settings.rows_per_band
-        ctx = multiprocessing.get_context("fork")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_finder_worker, args=(child, args, kwargs), daemon=True)
-        self._proc.start()
-        child.close()
-        self._asked = False
-        self._result: NearDuplicates | None = None
-
-    def add_hashes(
-        self,
-        token_hashes: np.ndarray,
-        lengths: np.ndarray,
-        eligible: Sequence[bool] | np.ndarray | None = None,
-    ) -> None:
-        """As :meth:`NearDuplicateFinder.add_hashes` (blocks only while the child is a batch behind)."""
-        self._conn.send(("add", token_hashes, np.asarray(lengths), None if eligible is None else np.asarray(eligible)))
-
-    def start(self) -> None:
-        """Ask for the result now; :meth:`result` collects it."""
-        if not self._asked:
-            self._conn.send(("result",))
-            self._asked = True
-
-    def result(self) -> NearDuplicates:
-        if self._result is None:
-            self.start()
-            self._result = self._receive()
-        return self._result
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
-        """Run ``fn(*args)`` in the child after the search (it is idle then); call what this returns for
-        the value. ``fn`` must be importable by name (it is pickled by reference)."""
-        self.start()
-        self._conn.send(("call", fn, args))
-
-        def collect() -> Any:
-            self.result()  # answers come in order: the search's first
-            return self._receive()
-
-        return collect
-
-    def _receive(self) -> Any:
-        kind, value = self._conn.recv()
-        if kind == "error":
-            self.close()
-            raise RuntimeError(f"the near-duplicate worker process failed:\n{value}")
-        return value
-
-    def close(self) -> None:
-        if self._proc.is_alive():
-            with contextlib.suppress(OSError):
-                self._conn.send(("close",))
-        self._proc.join(timeout=30)
-        if self._proc.is_alive():
-            self._proc.kill()
-        self._conn.close()
-
-
-def _finder_worker(conn: Any, args: tuple, kwargs: dict) -> None:
-    finder = NearDuplicateFinder(*args, **kwargs)
-    try:
-        while True:
-            message = conn.recv()
-            if message[0] == "add":
-                finder.add_hashes(*message[1:])
-            elif message[0] == "result":
-                conn.send(("ok", finder.result()))
-            elif message[0] == "call":
-                conn.send(("ok", message[1](*message[2])))
-            else:
-                return
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
-        import traceback
-
-        with contextlib.suppress(OSError):
-            conn.send(("error", traceback.format_exc()))
-    finally:
-        finder.close()
-        conn.close()
 
 
 class _Store:

@@ -779,7 +779,7 @@ def _judge(
     import numpy as np
 
     features.profiler.start_near_duplicates()
-    import great_expectations  # noqa: F401 - seconds of imports, while the near-duplicate search runs
+    import great_expectations  # noqa: F401 - seconds of imports, while the background work finishes
 
     df, near_of = features.finish()
     n = len(df)

@@ -273,3 +273,45 @@ def test_an_address_with_a_non_ascii_digit_is_text_not_an_ip():
     # \d also matches e.g. ARABIC-INDIC DIGIT THREE, which ipaddress rejects: it used to raise here
     assert scrub_pii("ping 127.0.0.\u0663 or 10.1.2.3") == ("ping 127.0.0.\u0663 or <IP>", {"ip": 1})
     assert "ip" not in find_pii("192.168.1.\u0663")
+
+
+def test_a_stream_of_small_chunks_over_two_files_gives_what_one_read_gives(tmp_path):
+    """Chunk boundaries, files and the scratch copy change nothing: outputs equal a whole read's, in
+    (file, line) order, and the EDA task renders validation's profile of the same files."""
+    from airloom.data.eda import profile_source
+    from airloom.data.load import fingerprint, iter_chunks
+    from airloom.data.validate import validate_stream
+
+    rows: list = _clean_rows(30)
+    rows += [dict(rows[i]) for i in (2, 3)]  # repeats of rows in the other file
+    rows[5]["response"] = "Mail bob.smith@example.org"
+    rows.insert(20, '{"instruction": "cut off"')  # unreadable, in the second file
+    rows.append({"instruction": "Name a colour", "input": "", "response": "Red\x00"})
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _write(folder / "b.jsonl", rows[16:])  # read second: files go by name
+    _write(folder / "a.jsonl", rows[:16])
+    config = ValidationConfig(max_duplicate_rate=0.5, max_pii_rate=0.5, max_quarantine_rate=0.5)
+
+    whole = validate(load_records(folder), tmp_path / "whole", config)
+    streamed = validate_stream(lambda: iter_chunks(folder, chunk_rows=7), tmp_path / "streamed", config,
+                               source=str(folder), scan_source=fingerprint(folder))
+
+    assert (streamed.rows_read, streamed.accepted, streamed.quarantined) == (34, 30, 4)
+    assert (whole.rows_read, whole.accepted, whole.quarantined) == (34, 30, 4)
+    for name in ("accepted.jsonl", "quarantine.jsonl"):
+        assert (tmp_path / "streamed" / name).read_text() == (tmp_path / "whole" / name).read_text()
+    got, want = (json.loads((tmp_path / d / "validation.json").read_text()) for d in ("streamed", "whole"))
+    assert got["findings"] == want["findings"]
+    assert [(f["file"].rsplit("/", 1)[1], f["line"]) for f in got["findings"]] == sorted(
+        (f["file"].rsplit("/", 1)[1], f["line"]) for f in got["findings"]
+    )
+    assert "repeats the row at line 3 of" in next(f.message for f in streamed.findings if f.check == "duplicate")
+    assert not [p for p in (tmp_path / "streamed").iterdir() if p.name.startswith(".")]  # no scratch left
+
+    rendered = profile_source(folder, tmp_path / "eda", scan_dir=tmp_path / "streamed" / "scan")
+    assert rendered["rows"] == 33 and rendered["pii"]["rows"] == 1 and rendered["duplicates"]["count"] == 2
+    assert (tmp_path / "eda" / "report.html").stat().st_size > 10_000
+    _write(folder / "a.jsonl", [*rows[:16], _clean_rows(31)[30]])  # changed since: read again
+    again = profile_source(folder, tmp_path / "eda2", scan_dir=tmp_path / "streamed" / "scan")
+    assert again["rows"] == 34
