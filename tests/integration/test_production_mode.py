@@ -104,7 +104,8 @@ class Api:
             if ti["state"] in ("failed", "up_for_retry", "upstream_failed") and ti["try_number"]:
                 r = self.http.get(
                     f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/logs/{ti['try_number']}",
-                    params={"map_index": ti["map_index"], "full_content": True}, headers={"Accept": "text/plain"})
+                    params={"map_index": ti["map_index"], "full_content": True},
+                    headers={"Accept": "application/x-ndjson"})  # Airflow 3.3: json or ndjson only
                 lines.append(r.text[-3000:])
         return "\n".join(lines)
 

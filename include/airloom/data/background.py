@@ -6,14 +6,21 @@ while the child is a few calls behind: back-pressure); :meth:`Background.ask` se
 is wanted and returns a function that waits for it. :class:`Local` has the same interface and runs
 the calls in place, for small inputs and tests.
 
-The child is forked (it starts at once, with the parent's modules loaded); what it is sent and what
-it returns is pickled, so arguments are arrays and lists of text, and functions are module-level.
+The child is forked (it starts at once, with the parent's modules loaded; ``os.fork``, so it also
+works in a daemonic Celery pool process); what it is sent and what it returns is pickled, so
+arguments are arrays and lists of text, and functions are module-level.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import queue
+import signal
+import socket
+import threading
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import Any
 
 
@@ -39,34 +46,67 @@ class Background:
     """``factory(*args)`` in a forked child; see the module docstring."""
 
     def __init__(self, factory: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("fork")
-        self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(child, factory, args, kwargs), daemon=True)
-        self._proc.start()
-        child.close()
+        # os.fork, not multiprocessing.Process: an Airflow task under Celery runs in a daemonic pool
+        # process, and multiprocessing refuses to start children there
+        parent_end, child_end = socket.socketpair()
+        pid = os.fork()
+        if pid == 0:  # the child: serve, then leave without the parent's exit handlers
+            code = 0
+            try:
+                parent_end.close()
+                _serve(Connection(child_end.detach()), factory, args, kwargs)
+            except BaseException:  # noqa: BLE001 - nothing must escape into the parent's code
+                code = 1
+            finally:
+                os._exit(code)
+        child_end.close()
+        self._conn = Connection(parent_end.detach())
+        self._proc = _Child(pid)
         self._asked = 0  # answers asked for
         self._got: dict[int, Any] = {}  # answers received, by number
+        # Calls go out through a thread: a big call and a big answer crossing would otherwise block both
+        # processes on a full pipe. Two calls queued at most: the caller still waits for a slow child.
+        self._outbox: queue.Queue = queue.Queue(maxsize=2)
+        self._send_error: BaseException | None = None
+        self._sender = threading.Thread(target=self._send_loop, name="airloom-background-send", daemon=True)
+        self._sender.start()
 
-    def post(self, method: str, *args: Any) -> None:
-        try:
-            self._conn.send((False, method, args))
-        except OSError:  # the child stopped: it failed on an earlier call and said why
+    def _send_loop(self) -> None:
+        while True:
+            item = self._outbox.get()
+            try:
+                self._conn.send(item)  # None: the child's cue to stop
+            except OSError as exc:  # the child stopped: it failed on an earlier call and said why
+                self._send_error = exc
+                return
+            if item is None:
+                return
+
+    def _put(self, item: tuple) -> None:
+        if self._send_error is not None or not self._sender.is_alive():
             error = self._conn.recv() if self._conn.poll(5) else ("error", "it exited")
             self.close()
-            raise RuntimeError(f"the background process failed:\n{error[1]}") from None
+            if error[0] == "raise":
+                raise error[1]
+            raise RuntimeError(f"the background process failed:\n{error[1]}")
+        self._outbox.put(item)
+
+    def post(self, method: str, *args: Any) -> None:
+        self._put((False, method, args))
 
     def ask(self, method: str | Callable[..., Any], *args: Any) -> Callable[[], Any]:
         """Send a call (a method name, or a module-level function run in the child); return a function
         that waits for its value (answers come in the order asked)."""
-        self._conn.send((True, method, args))
+        self._put((True, method, args))
         number = self._asked
         self._asked += 1
 
         def collect() -> Any:
             while number not in self._got:
                 kind, value = self._conn.recv()
+                if kind == "raise":  # the call's own exception (e.g. a UsageError naming a bad row)
+                    self.close()
+                    raise value
                 if kind == "error":
                     self.close()
                     raise RuntimeError(f"the background process failed:\n{value}")
@@ -78,11 +118,16 @@ class Background:
     def close(self) -> None:
         import time
 
-        if self._proc.is_alive():
+        stop_queued = not self._sender.is_alive()
+        if stop_queued and self._proc.is_alive():  # no sender thread left: say stop directly
             with contextlib.suppress(OSError):
                 self._conn.send(None)
         deadline = time.monotonic() + 60
         while self._proc.is_alive() and time.monotonic() < deadline:
+            if not stop_queued:  # behind what is queued: one writer on the pipe at a time
+                with contextlib.suppress(queue.Full):
+                    self._outbox.put_nowait(None)
+                    stop_queued = True
             # answers nobody collected (an error path) would keep the child blocked on a full pipe
             with contextlib.suppress(OSError, EOFError):
                 if self._conn.poll(0.05):
@@ -90,7 +135,35 @@ class Background:
         if self._proc.is_alive():
             self._proc.kill()
         self._proc.join()
+        if not stop_queued:
+            with contextlib.suppress(queue.Full):
+                self._outbox.put_nowait(None)
+        self._sender.join(timeout=5)
         self._conn.close()
+
+
+class _Child:
+    """The forked child, as much of ``multiprocessing.Process`` as :class:`Background` uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.exitcode = pid, None
+
+    def is_alive(self) -> bool:
+        if self.exitcode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.exitcode = os.waitstatus_to_exitcode(status)
+        return self.exitcode is None
+
+    def kill(self) -> None:
+        if self.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+
+    def join(self) -> None:
+        if self.exitcode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.exitcode = os.waitstatus_to_exitcode(status)
 
 
 def _serve(conn: Any, factory: Callable[..., Any], args: tuple, kwargs: dict) -> None:
@@ -104,11 +177,17 @@ def _serve(conn: Any, factory: Callable[..., Any], args: tuple, kwargs: dict) ->
                 conn.send(("ok", value))
     except EOFError:  # the parent went away
         pass
-    except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+    except Exception as exc:  # noqa: BLE001 - reported to the parent, which raises
+        import pickle
         import traceback
 
+        try:
+            pickle.loads(pickle.dumps(exc))
+            answer = ("raise", exc)
+        except Exception:  # noqa: BLE001 - not picklable: send the text
+            answer = ("error", traceback.format_exc())
         with contextlib.suppress(OSError):
-            conn.send(("error", traceback.format_exc()))
+            conn.send(answer)
     finally:
         with contextlib.suppress(AttributeError):
             obj.close()  # type: ignore[union-attr]

@@ -400,6 +400,24 @@ def _id_hashes(ids: list[str]) -> np.ndarray:
     return _hashes64([hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=8).digest() for i in ids])
 
 
+def _cleaned(chunk: list[tuple[int, dict]], pii_policy: str, rank_prefix: bytes) -> list[tuple]:
+    """Clean a chunk of (position, record): per record ``(row, changed, trailing turns, PII found, id)``;
+    ``row`` is None for a row dropped for PII (``id`` then names it), else carries its dedup ``key``,
+    rank ``digest`` and ``where``. Pure, so it can run in another process."""
+    out = []
+    for i, rec in chunk:
+        where = f"record {i + 1}" + (f" (line {rec['_line']})" if "_line" in rec else "")
+        row, changed, row_pii = _clean(rec, where, pii_policy)
+        turns = row.pop("trailing_turns")
+        if row_pii and pii_policy == "drop":
+            out.append((None, changed, turns, row_pii, _given_id(rec, i)))
+            continue
+        key = _dedup_key(row["instruction"], row["input"], row["response"]).encode("utf-8")
+        row.update(key=key, digest=hashlib.sha256(rank_prefix + key).digest(), where=where)
+        out.append((row, changed, turns, row_pii, None))
+    return out
+
+
 class _Screen:
     """The single pass over the records: clean, screen PII, dedup, assign ids, render, length-filter.
 
@@ -435,14 +453,26 @@ class _Screen:
         self._writer: Any = None
         self._background: _InBackground
 
-    def run(self, records: Iterable[dict]) -> None:
+    def run(self, records: Iterable[dict], *, cores: int = 2) -> None:
+        """Screen ``records``; with ``cores`` > 1 the cleaning (normalisation, PII, hashing: most of the
+        work) of each chunk runs in a forked child while this process finishes the chunk before it."""
+        from airloom.data.background import Background, Local
+
         self._background = _InBackground()
+        cleaner = (Background if cores > 1 else Local)(dict)  # runs _cleaned; holds no state
         try:
+            pending = None
             for chunk in _chunks(enumerate(records), CHUNK_ROWS):
                 self.inputs += len(chunk)
-                self._chunk(chunk)
+                job = cleaner.ask(_cleaned, chunk, self.pii_policy, self._rank_prefix)
+                if pending is not None:
+                    self._chunk(pending())
+                pending = job
+            if pending is not None:
+                self._chunk(pending())
             self._background.wait()
         finally:
+            cleaner.close()
             self._background.shutdown()
             if self._writer is not None:
                 self._writer.close()
@@ -451,25 +481,20 @@ class _Screen:
         """Per kept row, in order: its task code and its (rows, 2) rank key."""
         return np.concatenate(self._tasks), np.concatenate(self._ranks)
 
-    def _chunk(self, chunk: list[tuple[int, dict]]) -> None:
-        counts, pii_policy, rank_prefix = self.counts, self.pii_policy, self._rank_prefix
+    def _chunk(self, cleaned: list[tuple]) -> None:
+        """The rest of a chunk's screening, on what :func:`_cleaned` made of it: in order, as it must be."""
+        counts = self.counts
         rows = []
         normalized = trailing = 0
-        for i, rec in chunk:
-            where = f"record {i + 1}" + (f" (line {rec['_line']})" if "_line" in rec else "")
-            row, changed, row_pii = _clean(rec, where, pii_policy)
+        for row, changed, turns, row_pii, dropped_id in cleaned:
             normalized += changed
-            trailing += row.pop("trailing_turns")
-            if row_pii and pii_policy == "drop":
+            trailing += turns
+            if row is None:  # PII under pii_policy "drop"
                 counts["pii_dropped"] += 1
                 self.pii_rows += 1
                 self.pii_found.update(row_pii)
-                _note(self.dropped["pii"], _given_id(rec, i), self.id_list_cap)
+                _note(self.dropped["pii"], dropped_id, self.id_list_cap)
                 continue
-            key = _dedup_key(row["instruction"], row["input"], row["response"]).encode("utf-8")
-            row["key"] = key
-            row["digest"] = hashlib.sha256(rank_prefix + key).digest()
-            row["where"] = where
             row["pii"] = row_pii
             rows.append(row)
         counts["normalized"] += normalized
