@@ -9,8 +9,12 @@ linear interpolation (``Series.quantile``, whose ``0.5`` is ``Series.median``), 
 sum over the count, and duplicates as *extra copies* (``DataFrame.duplicated().sum()``), not as
 the number of distinct rows that have copies (given separately as ``groups``).
 
-Records are processed in batches and the text is never held twice: per row only lengths and flags
-are kept, plus what near-duplicate detection needs (see :mod:`airloom.data.neardup`).
+Records stream through :class:`Profiler` in chunks and are never held: per row it keeps lengths,
+flags and a 64-bit content hash (in scratch files when given a folder), and the word-level half
+(vocabulary, bigrams, near-duplicates: :class:`WordWork`) runs in a forked child beside the rest
+(:mod:`airloom.data.background`). Only the few rows shown as examples are read a second time.
+Validation profiles the data in its own pass (:func:`save_scan`); EDA then renders that
+(:func:`profile_source` with ``scan_dir``).
 """
 
 from __future__ import annotations
