@@ -83,44 +83,10 @@ _SCRIPTS = {
 _script_cache: dict[str, str] = {}
 
 
-def build_profile(
-    records: Sequence[dict],
-    out_dir: Path,
-    *,
-    tokenizer: Any = None,
-    previous_profile: dict | None = None,
-    near_duplicate_threshold: float | None = DEFAULT_THRESHOLD,
-    shingle_size: int = DEFAULT_SHINGLE_SIZE,
-    languages: bool = True,
-) -> dict:
-    """Profile ``records`` and write ``profile.json`` and ``report.html`` into ``out_dir``.
-
-    Args:
-        records: Records as :func:`airloom.data.load.load_records` returns them (``_line`` is used
-            to point at rows; records without it are numbered from 1).
-        out_dir: Folder for the two files; created if missing.
-        tokenizer: Optional Hugging Face tokenizer (or ``tokenizers.Tokenizer``) for token lengths,
-            the figure that decides ``max_seq_len``.
-        previous_profile: An earlier ``profile.json`` (as a dict) to compare with; adds ``changes``
-            and ``drift`` (population stability index of lengths, vocabulary shift).
-        near_duplicate_threshold: Jaccard of word shingles from which a row counts as a near-duplicate
-            of an earlier one; None skips the search.
-        shingle_size: Words per shingle.
-        languages: Guess the language of a sample of instructions when ``langdetect`` is installed.
-
-    Returns:
-        The profile, as written to ``profile.json``.
-    """
+def build_profile(records: Sequence[dict], out_dir: Path, **options: Any) -> dict:
+    """:func:`profile_stream` over records already in memory; the options are the same."""
     records = list(records)
-    return profile_stream(
-        lambda: [records],
-        out_dir,
-        tokenizer=tokenizer,
-        previous_profile=previous_profile,
-        near_duplicate_threshold=near_duplicate_threshold,
-        shingle_size=shingle_size,
-        languages=languages,
-    )
+    return profile_stream(lambda: [records], out_dir, **options)
 
 
 def profile_stream(
@@ -133,10 +99,26 @@ def profile_stream(
     shingle_size: int = DEFAULT_SHINGLE_SIZE,
     languages: bool = True,
 ) -> dict:
-    """:func:`build_profile` over a stream: ``chunks()`` yields the records chunk by chunk.
+    """Profile a stream of records and write ``profile.json`` and ``report.html`` into ``out_dir``.
 
-    It is called twice: once for the profile, once more to pick the few rows shown as examples, so
-    memory holds one chunk and a few bytes per row, never the corpus.
+    ``chunks()`` is called twice: once for the profile, once more to pick the few rows shown as
+    examples, so memory holds one chunk and a few bytes per row, never the corpus.
+
+    Args:
+        chunks: Returns the records chunk by chunk, as :func:`airloom.data.load.iter_chunks` reads them
+            (``_line`` is used to point at rows; records without it are numbered from 1).
+        out_dir: Folder for the two files (and scratch files while it runs); created if missing.
+        tokenizer: Optional Hugging Face tokenizer (or ``tokenizers.Tokenizer``) for token lengths,
+            the figure that decides ``max_seq_len``.
+        previous_profile: An earlier ``profile.json`` (as a dict) to compare with; adds ``changes``
+            and ``drift`` (population stability index of lengths, vocabulary shift).
+        near_duplicate_threshold: Jaccard of word shingles from which a row counts as a near-duplicate
+            of an earlier one; None skips the search.
+        shingle_size: Words per shingle.
+        languages: Guess the language of a sample of instructions when ``langdetect`` is installed.
+
+    Returns:
+        The profile, as written to ``profile.json``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
