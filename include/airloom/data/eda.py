@@ -20,6 +20,7 @@ Validation profiles the data in its own pass (:func:`save_scan`); EDA then rende
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
@@ -629,6 +630,9 @@ class Profiler:
         if spill_dir is not None:
             for f in TEXT_FIELDS:
                 self.columns.declare(f"words:{f}", np.int32)
+            if languages:  # imported before the fork: the child then takes no import lock for it
+                with contextlib.suppress(ImportError):
+                    import langdetect.lang_detect_exception  # noqa: F401
         self.near_threshold = near_duplicate_threshold
         self.work = (Background if spill_dir is not None else Local)(
             WordWork,
