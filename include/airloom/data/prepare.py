@@ -412,7 +412,7 @@ def _cleaned(chunk: list[tuple[int, dict]], pii_policy: str, rank_prefix: bytes)
         if row_pii and pii_policy == "drop":
             out.append((None, changed, turns, row_pii, _given_id(rec, i)))
             continue
-        key = _dedup_key(row["instruction"], row["input"], row["response"]).encode("utf-8")
+        key = dedup_key(row["instruction"], row["input"], row["response"]).encode("utf-8")
         row.update(key=key, digest=hashlib.sha256(rank_prefix + key).digest(), where=where)
         out.append((row, changed, turns, row_pii, None))
     return out
@@ -680,13 +680,6 @@ def _normalize(text: str) -> str:
     ):
         return text
     return normalize_text(text)
-
-
-def _dedup_key(instruction: str, input: str, response: str) -> str:
-    """``dedup_key(...)``, without its NFC checks when all three are ASCII (which is always NFC)."""
-    if instruction.isascii() and input.isascii() and response.isascii():
-        return f"{' '.join(instruction.split())}\x1f{' '.join(input.split())}\x1f{' '.join(response.split())}"
-    return dedup_key(instruction, input, response)
 
 
 def _clean_text(value: Any, what: str, where: str, mask: bool, pii: list[dict[str, int]]) -> tuple[str, bool]:
