@@ -11,15 +11,15 @@ our stage does and ydata's report does not.
 Our stage runs as the DAG runs it, one child process per task (``airloom validate``, ``airloom
 eda``, ``airloom prepare``), one after the other (the DAG runs EDA and prepare side by side; on a
 shared 2-core machine sequential is the fairer sum). As in the DAG, validation computes the EDA
-profile of the rows it reads in the same pass and EDA renders it (``--scan``). Prepare reads the
-whole corpus, not validate's accepted rows (~90% of them here), so it does the most work. The
+profile of the rows it reads in the same pass and EDA renders it (``--scan``), and prepare reads
+validation's accepted rows (``accepted.jsonl``: ~90% of the rows here; the near-copies are gone). The
 validation suite is the default one with the duplicate, near-duplicate and quarantine limits raised
 to 1.0, so the ×30 copies do not fail the run. ydata-
 profiling 4.18.4 runs its default ``ProfileReport(df).to_file(html)`` on the same rows (as a pandas
 frame of instruction/input/response) in its own virtualenv under ``.cache/bench-ydata`` (created on
 first use: it pins older pandas/numpy than the project). Wall time and peak RSS of every child come
 from ``os.wait4``; since validation runs its near-duplicate search in a worker process, the peak is the
-larger of that RSS and the PSS of the child's whole process tree sampled every 50 ms. ydata's time is
+larger of that RSS and the PSS of the child's whole process tree sampled every 100 ms. ydata's time is
 its whole child (read + report) with the report alone also shown.
 
 Then ours runs again on ``--scale`` (default 10) times the rows, for the ratio of peak memory.
@@ -104,7 +104,7 @@ def _tree_pss_mib(pid: int) -> float:
 
 def run_child(argv: list[str], *, env: dict[str, str] | None = None, log: Path | None = None) -> dict:
     """Run one child: its wall time, its peak RSS (``os.wait4``: that process alone) and the peak PSS of
-    its whole process tree (sampled every 50 ms), which counts worker processes it starts too."""
+    its whole process tree (sampled every 100 ms), which counts worker processes it starts too."""
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
@@ -113,7 +113,7 @@ def run_child(argv: list[str], *, env: dict[str, str] | None = None, log: Path |
 
     def sample() -> None:
         nonlocal peak_tree
-        while not done.wait(0.05):
+        while not done.wait(0.1):
             peak_tree = max(peak_tree, _tree_pss_mib(proc.pid))
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -139,7 +139,7 @@ def run_ours(corpus: Path, work: Path, label: str) -> dict:
     stages = {
         "validate": [*cli, "validate", str(corpus), "--out", str(work / "validate"), "--suite", str(suite)],
         "eda": [*cli, "eda", str(corpus), "--out", str(work / "eda"), "--scan", str(work / "validate" / "scan")],
-        "prepare": [*cli, "prepare", str(corpus), "--out", str(work / "prepare")],
+        "prepare": [*cli, "prepare", str(work / "validate" / "accepted.jsonl"), "--out", str(work / "prepare")],
     }
     result: dict = {"stages": {}}
     for name, argv in stages.items():
@@ -188,10 +188,12 @@ def run_ydata(corpus: Path, work: Path) -> dict:
 def profile_ours(corpus: Path, work: Path) -> None:
     """cProfile each stage once (in its own child) and print the top of the cumulative-time table."""
     suite = work / "bench_suite.json"
-    for name, extra in (("validate", ["--suite", str(suite)]), ("eda", ["--scan", str(work / "prof_validate" / "scan")]),
-                        ("prepare", [])):
+    accepted = work / "prof_validate" / "accepted.jsonl"
+    for name, source, extra in (("validate", corpus, ["--suite", str(suite)]),
+                                ("eda", corpus, ["--scan", str(work / "prof_validate" / "scan")]),
+                                ("prepare", accepted, [])):
         stats = work / f"{name}.prof"
-        argv = [sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "airloom.cli", name, str(corpus),
+        argv = [sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "airloom.cli", name, str(source),
                 "--out", str(work / f"prof_{name}"), *extra]
         subprocess.run(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         code = (f"import pstats; pstats.Stats({str(stats)!r}).sort_stats('tottime').print_stats(12)")

@@ -18,6 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
 
+# Validation runs Great Expectations in a forked process (airloom.data.validate._GxRunner), which starts
+# with whatever its parent imported: import it once here, not in each of the suite's ~100 validations.
+import great_expectations  # noqa: E402, F401
+
 
 @pytest.fixture(autouse=True)
 def _airloom_home(tmp_path_factory, monkeypatch):

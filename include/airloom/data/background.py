@@ -37,6 +37,9 @@ class Local:
         value = method(*args) if callable(method) else getattr(self.obj, method)(*args)
         return lambda: value
 
+    def ready(self) -> bool:
+        return True
+
     def close(self) -> None:
         with contextlib.suppress(AttributeError):
             self.obj.close()
@@ -64,6 +67,7 @@ class Background:
         self._proc = _Child(pid)
         self._asked = 0  # answers asked for
         self._got: dict[int, Any] = {}  # answers received, by number
+        self._closed = False
         # Calls go out through a thread: a big call and a big answer crossing would otherwise block both
         # processes on a full pipe. Two calls queued at most: the caller still waits for a slow child.
         self._outbox: queue.Queue = queue.Queue(maxsize=2)
@@ -103,21 +107,34 @@ class Background:
 
         def collect() -> Any:
             while number not in self._got:
-                kind, value = self._conn.recv()
-                if kind == "raise":  # the call's own exception (e.g. a UsageError naming a bad row)
-                    self.close()
-                    raise value
-                if kind == "error":
-                    self.close()
-                    raise RuntimeError(f"the background process failed:\n{value}")
-                self._got[len(self._got)] = value
+                self._receive()
             return self._got[number]
 
         return collect
 
+    def _receive(self) -> None:
+        kind, value = self._conn.recv()
+        if kind == "raise":  # the call's own exception (e.g. a UsageError naming a bad row)
+            self.close()
+            raise value
+        if kind == "error":
+            self.close()
+            raise RuntimeError(f"the background process failed:\n{value}")
+        self._got[len(self._got)] = value
+
+    def ready(self) -> bool:
+        """Whether every answer asked for has come; receives those waiting, never waits itself. Once
+        it has, :meth:`close` frees the child's memory and the answers stay collectable."""
+        while not self._closed and len(self._got) < self._asked and self._conn.poll(0):
+            self._receive()
+        return len(self._got) >= self._asked
+
     def close(self) -> None:
         import time
 
+        if self._closed:
+            return
+        self._closed = True
         stop_queued = not self._sender.is_alive()
         if stop_queued and self._proc.is_alive():  # no sender thread left: say stop directly
             with contextlib.suppress(OSError):

@@ -30,9 +30,9 @@ import re
 import shutil
 import tempfile
 import unicodedata
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -446,21 +446,46 @@ class Columns:
             with open(self.dir / name, "ab") as fh:
                 fh.write(values.tobytes())
 
-    def get(self, name: str) -> np.ndarray:
-        """The whole column; an empty int64 array for a column nothing was appended to."""
+    def get(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The column's rows ``[start, stop)`` (default: all); an empty int64 array for a column nothing
+        was appended to."""
         if name not in self._dtypes:
             return np.zeros(0, dtype=np.int64)
+        dtype = self._dtypes[name]
         if self.dir is None:
-            parts = self._parts.get(name) or [np.zeros(0, dtype=self._dtypes[name])]
+            parts = self._parts.get(name) or [np.zeros(0, dtype=dtype)]
             if len(parts) > 1:  # keep one array from now on
                 parts[:] = [np.concatenate(parts)]
-            return parts[0]
+            return parts[0][start:stop]
         path = self.dir / name
-        return np.fromfile(path, dtype=self._dtypes[name]) if path.exists() else np.zeros(0, self._dtypes[name])
+        if not path.exists():
+            return np.zeros(0, dtype)
+        count = -1 if stop is None else max(0, stop - start)
+        return np.fromfile(path, dtype=dtype, count=count, offset=start * dtype.itemsize)
 
     def close(self) -> None:
         if self.dir is not None and self._owner:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _Words:
+    """A growing list of words kept as one UTF-8 buffer and offsets (a Python str costs ~50 bytes more)."""
+
+    def __init__(self) -> None:
+        self._blob = bytearray()
+        self._ends = array("q")
+
+    def extend(self, words: Iterable[str]) -> None:
+        for w in words:
+            self._blob += w.encode("utf-8", "surrogatepass")
+            self._ends.append(len(self._blob))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> str:
+        start = self._ends[i - 1] if i else 0
+        return self._blob[start : self._ends[i]].decode("utf-8", "surrogatepass")
 
 
 class WordWork:
@@ -478,8 +503,11 @@ class WordWork:
     ) -> None:
         # a Columns in this process, or the folder of one in the parent (a child appends beside it)
         self.columns = columns if isinstance(columns, Columns) else Columns(existing=columns)
-        self.vocab: dict[int, int] = {}  # word key (WordScan.keys) -> id, up to _VOCAB_CAP words
-        self.vocab_words: list[str] = []  # id -> word
+        # word key (WordScan.keys) -> id as sorted arrays, up to _VOCAB_CAP words: a few bytes a word
+        # where a dict of Python ints takes ~100
+        self.vocab_keys = np.zeros(0, dtype=np.uint64)
+        self.vocab_ids = np.zeros(0, dtype=np.int32)
+        self.vocab_words = _Words()  # id -> word
         self.word_counts = np.zeros(0, dtype=np.int64)
         self.leading_counts = np.zeros(0, dtype=np.int64)
         self.content = np.zeros(0, dtype=bool)  # per word id: not a stop word, not a number
@@ -519,21 +547,26 @@ class WordWork:
             if len(order)
             else order.astype(bool)
         )
-        unique_keys = sorted_keys[first].tolist()
-        unique_ids = np.fromiter(
-            map(self.vocab.get, unique_keys, repeat(-1)), dtype=np.int64, count=len(unique_keys)
-        )
-        new = np.flatnonzero(unique_ids < 0)
+        unique_keys = sorted_keys[first]
+        at = np.searchsorted(self.vocab_keys, unique_keys)
+        known = at < len(self.vocab_keys)
+        known[known] = self.vocab_keys[at[known]] == unique_keys[known]
+        unique_ids = np.full(len(unique_keys), -1, dtype=np.int64)
+        unique_ids[known] = self.vocab_ids[at[known]]
+        new = np.flatnonzero(~known)
         room = _VOCAB_CAP - len(self.vocab_words)
         if new.size and room > 0:
             where = order[first]  # first occurrence of each distinct word
-            added = []
-            for j in new[np.argsort(where[new])][:room].tolist():  # ids in order of appearance
-                unique_ids[j] = self.vocab[unique_keys[j]] = len(self.vocab_words)
-                self.vocab_words.append(w := scan.word(int(where[j])))
-                added.append(w)
-                if w == "please":
-                    self.please = unique_ids[j]
+            new = new[np.argsort(where[new], kind="stable")][:room]  # ids in order of appearance
+            start = len(self.vocab_words)
+            unique_ids[new] = np.arange(start, start + len(new))
+            added = [scan.word(k) for k in where[new].tolist()]
+            self.vocab_words.extend(added)
+            if self.please < 0 and "please" in added:
+                self.please = start + added.index("please")
+            by_key = np.sort(new)  # insert in key order, so the table stays sorted
+            self.vocab_keys = np.insert(self.vocab_keys, at[by_key], unique_keys[by_key])
+            self.vocab_ids = np.insert(self.vocab_ids, at[by_key], unique_ids[by_key].astype(np.int32))
             self.content = np.concatenate((self.content, [w not in _STOPWORDS and not w.isdigit() for w in added]))
             grow = np.zeros(len(added), dtype=np.int64)
             self.word_counts = np.concatenate((self.word_counts, grow))
@@ -741,10 +774,11 @@ class Profiler:
 
     # --- per-row results (for validation) ---------------------------------------------------------
 
-    def column(self, name: str) -> np.ndarray:
-        """A per-row array: ``chars:<field>``, ``words:<field>``, ``tokens:<field>``, ``line``,
-        ``dup_of`` (the first row with the same text; itself when none), ``pii``, ``markup``, ``control``."""
-        return self.columns.get(name)
+    def column(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """A per-row array (rows ``[start, stop)``, default all): ``chars:<field>``, ``words:<field>``,
+        ``tokens:<field>``, ``line``, ``dup_of`` (the first row with the same text; itself when none),
+        ``pii``, ``markup``, ``control``."""
+        return self.columns.get(name, start, stop)
 
     def close(self) -> None:
         """Stop the background work and remove the scratch files (:meth:`finish` does both)."""
@@ -755,10 +789,20 @@ class Profiler:
         """Ask for the near-duplicates, the word statistics and the language guess now, so a background
         process works on them while the caller does other things (in place: computed here and now)."""
         if self._near_job is None:
+            self._first_seen = FirstSeen()  # the pass is over: its keys (12 bytes a row) can go
             self._near_job = self.work.ask("near_duplicates")
             self._words_job = self.work.ask("summary")
             if self.want_languages:
                 self._languages_job = self.work.ask(_languages, self._language_sample())
+
+    def release_worker(self) -> bool:
+        """After :meth:`start_near_duplicates`: stop the background process if it has answered all it
+        was asked (its memory goes with it); True when it is stopped. Never waits, so a caller can try
+        now and then while it does something else."""
+        if self._near_job is not None and self.work.ready():
+            self.work.close()
+            return True
+        return False
 
     def _language_sample(self) -> list[str]:
         step = max(1, len(self._lang_texts) // _LANGUAGE_SAMPLE)
@@ -801,7 +845,7 @@ class Profiler:
             copies = later[dup_of[later] == first][:9].tolist()
             self._dup_examples.append((first, [first, *copies], int(sizes[g]) + 1))
         found = self.near_duplicates()
-        self._clusters = found.clusters() if found is not None else []
+        self._clusters = found.clusters(limit=_EXAMPLES) if found is not None else []
         self._want = {
             *self._longest,
             *self._shortest,
@@ -850,6 +894,8 @@ class Profiler:
             bins["tokens"]["total"] = _binned(total_tokens)
 
         words = self._words()
+        languages = self._languages_job() if self.want_languages else None
+        self.work.close()  # all its answers are in: its memory can go before the profile's own
 
         def instruction(i: int) -> str:
             return _preview(rows[i].get("instruction") or "")
@@ -885,7 +931,7 @@ class Profiler:
                 "mixed_rows": self.mixed_rows,
                 "examples": self.script_examples,
             },
-            "languages": self._languages_job() if self.want_languages else None,
+            "languages": languages,
             "tasks": tasks,
             "pii": {
                 "rows": self.pii_rows,
@@ -917,7 +963,7 @@ class Profiler:
                 {
                     "rows": len(group),
                     "lines": [int(lines[i]) for i in group[:10]],
-                    "jaccard": [found.of[i][1] for i in group[1:10]],
+                    "jaccard": [found.jaccards[np.searchsorted(found.members, i)].item() for i in group[1:10]],
                     "instruction": _preview(rows[group[0]].get("instruction") or ""),
                     "first": ("…" if cut else "") + _preview(first[cut:], 100),
                     "repeat": ("…" if cut else "") + _preview(other[cut:], 100),
@@ -926,7 +972,7 @@ class Profiler:
         return {
             "count": found.count,
             "rate": rate(found.count),
-            "clusters": len(self._clusters),
+            "clusters": found.cluster_count,
             "examples": examples,
             "settings": found.to_dict(),
         }

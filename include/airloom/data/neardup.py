@@ -26,9 +26,11 @@ from A keeps A and C.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import shutil
 import tempfile
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, repeat
@@ -46,6 +48,8 @@ _CHUNK = 32768  # shingles per permutation block: P x 32768 uint32 = 16 MiB at P
 _CANDIDATES_PER_BAND = 2  # earliest and nearest-earlier bucket mates taken per band
 _CHECKS_PER_ROW = 3  # earlier kept rows (best estimates first) checked exactly per row
 _ROW_BLOCK = 8192  # rows whose candidate pairs are ranked and checked together
+_GAP = 32  # signature rows this close are read together (see _Spill.signatures)
+_SPAN = 2048  # signature rows read at a time: 1 MiB at 128 permutations
 _RECALL = 0.99  # wanted chance that a pair exactly at the threshold becomes a candidate
 
 _ASCII_PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~"  # "_" stays: it is part of identifiers
@@ -222,16 +226,21 @@ def _unique(values: np.ndarray) -> np.ndarray:
 
 @dataclass
 class NearDuplicates:
-    """Which rows nearly repeat an earlier kept row.
+    """Which rows nearly repeat an earlier kept row, as three parallel arrays (a few bytes per row
+    found, however many there are).
 
     Attributes:
-        of: Row index -> (index of the earlier kept row it repeats, exact Jaccard of their shingle sets).
+        members: The rows that repeat an earlier row, ascending (int32).
+        firsts: For each of ``members``, the earlier kept row it repeats (int32).
+        jaccards: For each of ``members``, the exact Jaccard of the two rows' shingle sets (4 decimals).
         threshold, shingle_size, num_perm, bands, rows_per_band: The settings used.
         rows: Rows looked at.
         pairs_checked: Candidate pairs whose Jaccard was computed (a measure of LSH work).
     """
 
-    of: dict[int, tuple[int, float]]
+    members: np.ndarray
+    firsts: np.ndarray
+    jaccards: np.ndarray
     threshold: float
     shingle_size: int
     num_perm: int
@@ -243,14 +252,44 @@ class NearDuplicates:
     @property
     def count(self) -> int:
         """Rows that would be removed: each near-duplicate counts once, its first copy not at all."""
-        return len(self.of)
+        return len(self.members)
 
-    def clusters(self) -> list[list[int]]:
-        """Groups of rows: the kept row first, then the rows that repeat it; biggest groups first."""
-        groups: dict[int, list[int]] = {}
-        for row, (first, _) in sorted(self.of.items()):
-            groups.setdefault(first, [first]).append(row)
-        return sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+    @property
+    def of(self) -> dict[int, tuple[int, float]]:
+        """Row -> (the earlier kept row it repeats, Jaccard), as a dict (for small results and tests)."""
+        return dict(zip(self.members.tolist(), zip(self.firsts.tolist(), self.jaccards.tolist(), strict=True),
+                        strict=True))
+
+    def first_of(self, row: int) -> tuple[int, float] | None:
+        """(the earlier kept row ``row`` repeats, Jaccard), or None when it repeats none."""
+        k = int(np.searchsorted(self.members, row))
+        if k < len(self.members) and self.members[k] == row:
+            return int(self.firsts[k]), float(self.jaccards[k])
+        return None
+
+    def flags(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """One bool per row of ``[start, stop)`` (default: all rows): does it repeat an earlier row?"""
+        stop = self.rows if stop is None else stop
+        flags = np.zeros(stop - start, dtype=bool)
+        lo, hi = np.searchsorted(self.members, [start, stop])
+        flags[self.members[lo:hi] - start] = True
+        return flags
+
+    @property
+    def cluster_count(self) -> int:
+        """Groups of a kept row and the rows that repeat it."""
+        return len(np.unique(self.firsts))
+
+    def clusters(self, limit: int | None = None) -> list[list[int]]:
+        """Groups of rows: the kept row first, then the rows that repeat it; biggest groups first
+        (ties: the earlier kept row first); the first ``limit`` groups only when given."""
+        firsts, sizes = np.unique(self.firsts, return_counts=True)
+        order = np.lexsort((firsts, -sizes))[:limit]
+        by_first = np.argsort(self.firsts, kind="stable")  # members ascending within a group
+        starts = np.concatenate(([0], np.cumsum(sizes)))
+        return [
+            [int(firsts[g]), *self.members[by_first[starts[g] : starts[g + 1]]].tolist()] for g in order.tolist()
+        ]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -451,11 +490,17 @@ class NearDuplicateFinder:
         most similar of its (at most three) best-estimated earlier kept rows, confirmed exactly, wins.
         """
         n = self._rows
-        out = NearDuplicates(
-            {}, self.threshold, self.shingle_size, self.num_perm, self.bands, self.rows_per_band, n
-        )
+        members, firsts, jaccards = array("i"), array("i"), array("d")  # what is found, compactly
+
+        def found(checked: int = 0) -> NearDuplicates:
+            return NearDuplicates(
+                np.array(members, dtype=np.int32), np.array(firsts, dtype=np.int32),
+                np.array(jaccards, dtype=np.float64), self.threshold, self.shingle_size, self.num_perm,
+                self.bands, self.rows_per_band, n, checked,
+            )  # fmt: skip
+
         if n == 0:
-            return out
+            return found()
         store = self._store
         store.seal()
         counts = np.concatenate(self._counts)
@@ -463,13 +508,13 @@ class NearDuplicateFinder:
         rows = np.flatnonzero(np.concatenate(self._eligible)).astype(np.int32)
         if len(rows) > 1:
             for band in range(self.bands):
-                store.put_partners(band, _partners(store.band_keys(band)[rows], rows))
+                store.put_partners(band, _partners(_take(store.band_keys(band), rows), rows))
         t, p = self.threshold, self.num_perm
         floor = t - max(0.05, 3 * (t * (1 - t) / p) ** 0.5)
-        removed: set[int] = set()
-        best: dict[int, tuple[int, float]] = {}
+        removed = bytearray(n)  # 1: the row repeats an earlier one, so it is no row's first copy
         checked = 0
-        current, tries = -1, 0
+        current, tries, best, best_jac = -1, 0, -1, 0.0
+        shingles = store.all_shingles()
         # Rows in blocks, in order: each block's candidate pairs are made, ranked and checked before the
         # next block's exist, so memory holds one block's pairs, not the corpus's (tens of millions).
         for r0 in range(0, len(rows) if len(rows) > 1 else 0, _ROW_BLOCK):
@@ -500,51 +545,69 @@ class NearDuplicateFinder:
                     li.tolist(), ei.tolist(), offsets[li].tolist(), offsets[li + 1].tolist(),
                     offsets[ei].tolist(), offsets[ei + 1].tolist(), strict=True,
                 ):  # fmt: skip
-                    if i != current:
-                        current, tries = i, 0
-                    if tries >= _CHECKS_PER_ROW or c in removed:
+                    if i != current:  # rows come in order, so the last row's verdict is final
+                        if best >= 0:
+                            members.append(current)
+                            firsts.append(best)
+                            jaccards.append(round(best_jac, 4))
+                        current, tries, best = i, 0, -1
+                    if tries >= _CHECKS_PER_ROW or removed[c]:
                         continue
                     tries += 1
                     checked += 1
                     si, sc = a1 - a0, b1 - b0
-                    sa = store.shingles(a0, a1)
-                    sb = store.shingles(b0, b1)
+                    sa = shingles[a0:a1]
+                    sb = shingles[b0:b1]
+                    store.release()
                     pos = sb.searchsorted(sa)
                     np.minimum(pos, sc - 1, out=pos)
                     inter = int(np.count_nonzero(sb[pos] == sa))
                     jac = inter / (si + sc - inter)
-                    if jac >= t and (i not in best or jac > best[i][1]):
-                        best[i] = (c, jac)
-                        removed.add(i)
+                    if jac >= t and (best < 0 or jac > best_jac):
+                        best, best_jac = c, jac
+                        removed[i] = 1
+        if best >= 0:
+            members.append(current)
+            firsts.append(best)
+            jaccards.append(round(best_jac, 4))
         store.close()
-        out.of = {i: (c, round(jac, 4)) for i, (c, jac) in best.items()}
-        out.pairs_checked = checked
-        return out
+        return found(checked)
+
+
+def _take(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``values[rows]``, without a copy when ``rows`` is every row."""
+    return values if len(rows) == len(values) else values[rows]
 
 
 def _partners(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """For each of ``rows`` (in order), the earlier rows sharing its band key that it is compared with.
 
     Returns (len(rows), 2 * _CANDIDATES_PER_BAND) row numbers, -1 for none: the first members of its
-    run of equal keys (likely the kept copies), then its nearest earlier members.
+    run of equal keys (likely the kept copies), then its nearest earlier members. (Temporaries are
+    int32 and freed early: at millions of rows this is the near-duplicate search's largest moment.)
     """
     m = len(rows)
     slots = np.full((m, 2 * _CANDIDATES_PER_BAND), -1, dtype=np.int32)
     order = np.argsort(keys, kind="stable")  # equal keys stay in row order
-    sorted_keys = keys[order]
     new = np.empty(m, dtype=bool)
     new[0] = True
+    sorted_keys = keys[order]
+    del keys  # the caller passes a temporary: this frees it
     np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=new[1:])
     del sorted_keys
     if new.all():
         return slots
+    order = order.astype(np.int32)
     pos = np.arange(m, dtype=np.int32)
-    run_start = np.maximum.accumulate(np.where(new, pos, np.int32(0)))
+    run_start = np.where(new, pos, np.int32(0))
+    del new
+    np.maximum.accumulate(run_start, out=run_start)
     sorted_rows = rows[order]
     for d in range(_CANDIDATES_PER_BAND):
-        lead = run_start + d
+        lead = run_start + np.int32(d)
         ok = lead < pos
         slots[order[ok], 2 * d] = sorted_rows[lead[ok]]
+        del lead, ok
         near = pos[d + 1 :]
         near = near[run_start[near] <= near - d - 1]
         slots[order[near], 2 * d + 1] = sorted_rows[near - d - 1]
@@ -584,8 +647,12 @@ class _Store:
     def signatures(self, rows: np.ndarray) -> np.ndarray:
         return self._sigs[0][rows]
 
-    def shingles(self, start: int, end: int) -> np.ndarray:
-        return self._shingles[0][start:end]
+    def all_shingles(self) -> np.ndarray:
+        """Every row's distinct shingle hashes end to end, sorted within a row (read-only)."""
+        return self._shingles[0] if self._shingles else np.zeros(0, dtype=np.uint32)
+
+    def release(self) -> None:
+        """Called every few reads of :meth:`all_shingles`: a store on disk lets go of the pages read."""
 
     def close(self) -> None:
         pass
@@ -606,7 +673,7 @@ class _Spill(_Store):
             "sigs": open(self.dir / "sigs.u32", "wb"),  # noqa: SIM115
             **{f"band{b}": open(self.dir / f"band{b}.u64", "wb") for b in range(bands)},  # noqa: SIM115
         }
-        self._maps: dict[str, np.memmap] = {}
+        self._maps: dict[str, tuple[mmap.mmap, np.ndarray]] = {}
         self._sig_file: Any = None
         self._reads = 0
 
@@ -620,20 +687,23 @@ class _Spill(_Store):
         for fh in self._files.values():
             fh.close()
 
-    def _map(self, name: str, dtype: Any, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        arr = self._maps.get(name)
-        if arr is None:
+    def _map(self, name: str, dtype: Any) -> np.ndarray:
+        """The file as a flat array over a read-only memory map (a plain ndarray: slicing it is cheap)."""
+        got = self._maps.get(name)
+        if got is None:
             path = self.dir / name
             if not path.stat().st_size:
-                return np.zeros((0, *(shape or ())[1:]), dtype=dtype)
-            arr = self._maps[name] = np.memmap(path, dtype=dtype, mode="r", shape=shape)
-        return arr
+                return np.zeros(0, dtype=dtype)
+            with open(path, "rb") as fh:
+                mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            got = self._maps[name] = (mapped, np.frombuffer(mapped, dtype=dtype))
+        return got[1]
 
-    def _release(self) -> None:
+    def release(self) -> None:
         self._reads += 1
         if self._reads % self._RELEASE_EVERY == 0:
-            for arr in self._maps.values():
-                arr._mmap.madvise(mmap.MADV_DONTNEED)  # drop the pages from this process, not the file
+            for mapped, _ in self._maps.values():
+                mapped.madvise(mmap.MADV_DONTNEED)  # drop the pages from this process, not the file
 
     def band_keys(self, band: int) -> np.ndarray:
         return np.fromfile(self.dir / f"band{band}.u64", dtype=np.uint64)
@@ -643,32 +713,41 @@ class _Spill(_Store):
         self._width = slots.shape[1]
 
     def partners(self, band: int, start: int, end: int) -> np.ndarray:
-        name = f"partners{band}.i32"
-        size = (self.dir / name).stat().st_size // (4 * self._width)
-        got = np.array(self._map(name, np.int32, (size, self._width))[start:end])
-        self._maps.pop(name)._mmap.close()  # read once, in order: no need to keep it mapped
-        return got
+        w = self._width
+        got = np.fromfile(self.dir / f"partners{band}.i32", dtype=np.int32, count=(end - start) * w, offset=4 * start * w)
+        return got.reshape(-1, w)
 
     def signatures(self, rows: np.ndarray) -> np.ndarray:
-        # Read, not mapped: a page fault maps its neighbours too (fault-around), so a few thousand
-        # scattered rows through a memory map would put hundreds of MiB in the process.
+        # Read, not mapped: a page fault maps its neighbours too (fault-around, whole large folios), so a
+        # few thousand scattered rows through a memory map would put hundreds of MiB in the process.
         if self._sig_file is None:
             self._sig_file = open(self.dir / "sigs.u32", "rb")  # noqa: SIM115 - closed in close()
-        row_bytes = 4 * self.num_perm
+        p = self.num_perm
         uniq, inverse = np.unique(rows, return_inverse=True)
-        got = np.empty((len(uniq), self.num_perm), dtype=np.uint32)
-        view = memoryview(got).cast("B")
-        cut = np.flatnonzero(np.diff(uniq) != 1) + 1  # runs of consecutive rows: one read each
-        starts, ends = np.concatenate(([0], cut)).tolist(), np.concatenate((cut, [len(uniq)])).tolist()
-        for k0, k1 in zip(starts, ends, strict=True):
-            self._sig_file.seek(int(uniq[k0]) * row_bytes)
-            self._sig_file.readinto(view[k0 * row_bytes : k1 * row_bytes])
+        got = np.empty((len(uniq), p), dtype=np.uint32)
+        # Rows less than _GAP apart are read as one span (the rows between read and dropped): one read
+        # costs more than copying a few dozen rows more, and wanted rows often cluster.
+        cut = np.flatnonzero(np.diff(uniq) > _GAP) + 1
+        bounds = np.concatenate(([0], cut, [len(uniq)])).tolist()
+        buf = np.empty((_SPAN, p), dtype=np.uint32)
+        for k0, k1 in itertools.pairwise(bounds):
+            first, last = int(uniq[k0]), int(uniq[k1 - 1])
+            if first == last:
+                self._sig_file.seek(first * 4 * p)
+                self._sig_file.readinto(memoryview(got[k0]).cast("B"))
+                continue
+            k = k0
+            for s0 in range(first, last + 1, _SPAN):  # a long span in pieces: memory stays small
+                s1 = min(s0 + _SPAN, last + 1)
+                self._sig_file.seek(s0 * 4 * p)
+                self._sig_file.readinto(memoryview(buf[: s1 - s0]).cast("B"))
+                k_end = k + int(np.searchsorted(uniq[k:k1], s1))
+                got[k:k_end] = buf[uniq[k:k_end] - s0]
+                k = k_end
         return got[inverse.reshape(-1)]
 
-    def shingles(self, start: int, end: int) -> np.ndarray:
-        got = np.array(self._map("shingles.u32", np.uint32)[start:end])
-        self._release()
-        return got
+    def all_shingles(self) -> np.ndarray:
+        return self._map("shingles.u32", np.uint32)
 
     def close(self) -> None:
         self.seal()

@@ -421,80 +421,55 @@ class _Features:
         self._parts.close()
         self.profiler.close()
 
-    def finish(self):
-        """The frame GX checks (one row per record, no text) and the near-duplicate result."""
+    def finish(self) -> Any:
+        """The near-duplicates found (None when the check is off); the columns pass 2 needs in memory."""
+        p = self.profiler
+        self.columns = {
+            "file": self._parts.get("file"),
+            "line": p.column("line"),
+            "dup_of": p.column("dup_of"),
+        }
+        return p.near_duplicates()
+
+    def feature_chunks(self, near: Any, rows: int = 65536) -> Iterator[dict[str, Any]]:
+        """The columns GX checks (lengths, flags; no text), ``rows`` rows at a time from the scratch files."""
         import numpy as np
-        import pandas as pd
 
         p = self.profiler
-        n = p.n
-        self.columns["file"] = self._parts.get("file")
-        for name in [*(f"{f}_control" for f in TEXT_FIELDS), "instruction_blank", "response_blank"]:
-            self.columns[name] = self._parts.get(name).astype(bool, copy=False)
-        self._parts.close()
-        for f in TEXT_FIELDS:  # the profile counted them already
-            self.columns[f"{f}_chars"] = p.column(f"chars:{f}") if n else np.zeros(0, dtype=np.int32)
-        near = p.near_duplicates()
-        near_of = near.of if near is not None else {}
-        near_flag = np.zeros(n, dtype=bool)
-        near_flag[list(near_of)] = True
-        dup_of = p.column("dup_of") if n else np.zeros(0, dtype=np.int64)
-        self.columns.update(
-            line=p.column("line") if n else np.zeros(0, dtype=np.int64),
-            dup_of=dup_of,
-            is_duplicate=dup_of != np.arange(n),
-            is_near_duplicate=near_flag,
-            has_pii=p.column("pii") if n else np.zeros(0, dtype=bool),
-            has_markup=p.column("markup") if n else np.zeros(0, dtype=bool),
-        )
-        frame = pd.DataFrame({k: v for k, v in self.columns.items() if k not in ("file", "line", "dup_of")})
-        return frame, near_of
+        for start in range(0, p.n, rows):
+            stop = min(start + rows, p.n)
+            chunk = {f"{f}_chars": p.column(f"chars:{f}", start, stop) for f in TEXT_FIELDS}
+            for f in TEXT_FIELDS:
+                chunk[f"{f}_control"] = self._parts.get(f"{f}_control", start, stop).astype(bool, copy=False)
+            for f in ("instruction", "response"):
+                chunk[f"{f}_blank"] = self._parts.get(f"{f}_blank", start, stop).astype(bool, copy=False)
+            chunk["is_duplicate"] = self.columns["dup_of"][start:stop] != np.arange(start, stop)
+            chunk["is_near_duplicate"] = near.flags(start, stop) if near is not None else np.zeros(stop - start, bool)
+            chunk["has_pii"] = p.column("pii", start, stop).astype(bool, copy=False)
+            chunk["has_markup"] = p.column("markup", start, stop).astype(bool, copy=False)
+            yield chunk
 
 
-def _build_suite(config: ValidationConfig):
-    """The expectation suite over the feature frame; each expectation's ``meta`` names the row check it
-    stands for. (Null and wrong-typed fields never get here: the loader reports them per row.)"""
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
-
+def _suite_spec(config: ValidationConfig) -> list[tuple[str, str | None, str | None, dict[str, Any]]]:
+    """The expectation suite over the feature table, as (GX expectation class, row check, field, kwargs);
+    the check and field go into each expectation's ``meta``. Plain data, so the process that judges the
+    rows and the one that runs GX build it alike. (Null and wrong-typed fields never get here: the loader
+    reports them per row.)"""
     row_mostly = 1.0 - config.max_quarantine_rate
-    suite = gx.ExpectationSuite(name="airloom_instruction_records")
-
-    def add(cls: Any, check: str | None = None, fld: str | None = None, **kwargs: Any) -> None:
-        # meta tells the result reader what a failing row means for us
-        suite.add_expectation(cls(**kwargs, meta={"check": check, "field": fld}))
-
-    add(gxe.ExpectTableRowCountToBeBetween, min_value=1)
+    spec: list[tuple[str, str | None, str | None, dict[str, Any]]] = [
+        ("ExpectTableRowCountToBeBetween", None, None, {"min_value": 1})
+    ]
     for fld in TEXT_FIELDS:
         lo, hi = config.min_chars.get(fld), config.max_chars.get(fld)
         if lo is not None or hi is not None:
-            add(
-                gxe.ExpectColumnValuesToBeBetween,
-                "length",
-                fld,
-                column=f"{fld}_chars",
-                min_value=lo,
-                max_value=hi,
-                mostly=row_mostly,
-            )
+            kwargs = {"column": f"{fld}_chars", "min_value": lo, "max_value": hi, "mostly": row_mostly}
+            spec.append(("ExpectColumnValuesToBeBetween", "length", fld, kwargs))
     for fld in ("instruction", "response"):
-        add(
-            gxe.ExpectColumnValuesToBeInSet,
-            "blank_text",
-            fld,
-            column=f"{fld}_blank",
-            value_set=[False],
-            mostly=row_mostly,
-        )
+        kwargs = {"column": f"{fld}_blank", "value_set": [False], "mostly": row_mostly}
+        spec.append(("ExpectColumnValuesToBeInSet", "blank_text", fld, kwargs))
     for fld in TEXT_FIELDS:
-        add(
-            gxe.ExpectColumnValuesToBeInSet,
-            "control_chars",
-            fld,
-            column=f"{fld}_control",
-            value_set=[False],
-            mostly=row_mostly,
-        )
+        kwargs = {"column": f"{fld}_control", "value_set": [False], "mostly": row_mostly}
+        spec.append(("ExpectColumnValuesToBeInSet", "control_chars", fld, kwargs))
     rates = (
         ("is_duplicate", config.max_duplicate_rate, "duplicate"),
         ("is_near_duplicate", config.max_near_duplicate_rate, "near_duplicate"),
@@ -504,11 +479,103 @@ def _build_suite(config: ValidationConfig):
     for column, rate, check in rates:
         # the mean of a flag column is the share of flagged rows; an aggregate, so GX does not list (and
         # store, and render) the indices of what can be most of the rows: validate() has them already
-        add(gxe.ExpectColumnMeanToBeBetween, check, column=column, min_value=0.0, max_value=rate)
+        spec.append(("ExpectColumnMeanToBeBetween", check, None, {"column": column, "min_value": 0.0, "max_value": rate}))
+    return spec
+
+
+def _rules(config: ValidationConfig) -> list[tuple[str, str | None]]:
+    """(check, field) of each expectation that stands for a row check, in suite order."""
+    return [(check, fld) for _, check, fld, _ in _suite_spec(config) if check]
+
+
+def _build_suite(config: ValidationConfig) -> Any:
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    suite = gx.ExpectationSuite(name="airloom_instruction_records")
+    for name, check, fld, kwargs in _suite_spec(config):
+        # meta tells the result reader what a failing row means for us
+        suite.add_expectation(getattr(gxe, name)(**kwargs, meta={"check": check, "field": fld}))
     return suite
 
 
-def _run_gx(df, config: ValidationConfig, docs_dir: Path):
+#: The feature table GX checks: one row per record, no text (see _Features.feature_chunks), in a
+#: scratch SQLite file in the output folder.
+_FEATURE_DB = ".features.sqlite"
+_FEATURE_COLUMNS = (
+    *(f"{f}_chars" for f in TEXT_FIELDS),
+    *(f"{f}_control" for f in TEXT_FIELDS),
+    "instruction_blank",
+    "response_blank",
+    *_FLAG_COLUMNS,
+)
+
+
+def _failing(check: str | None, fld: str | None, chunk: dict, config: ValidationConfig) -> Any:
+    """Rows of a feature chunk that break a rule (a bool array), or None for a rule without rows."""
+    import numpy as np
+
+    if check == "length":
+        chars = chunk[f"{fld}_chars"]
+        lo, hi = config.min_chars.get(fld), config.max_chars.get(fld)
+        bad = np.zeros(len(chars), dtype=bool)
+        if lo is not None:
+            bad |= chars < lo
+        if hi is not None:
+            bad |= chars > hi
+        return bad
+    if check == "blank_text":
+        return chunk[f"{fld}_blank"]
+    if check == "control_chars":
+        return chunk[f"{fld}_control"]
+    flag = next((c for c, chk in _FLAG_COLUMNS.items() if chk == check), None)
+    return chunk[flag] if flag else None
+
+
+def _write_features(
+    db: Path, chunks: Iterable[dict], rules: list[tuple[str, str | None]], config: ValidationConfig, n: int
+) -> tuple[Any, list[int]]:
+    """Write the feature table GX checks into the SQLite file ``db``, chunk by chunk, and note which
+    rows break which rule on the way.
+
+    Returns:
+        A uint32 per row (bit k: the row breaks ``rules[k]``) and the number of rows breaking each rule.
+    """
+    import sqlite3
+
+    import numpy as np
+
+    if len(rules) > 32:
+        raise RuntimeError(f"{len(rules)} row rules: the per-row failure mask holds 32")
+    failed = np.zeros(n, dtype=np.uint32)
+    counts = [0] * len(rules)
+    con = sqlite3.connect(db)
+    try:
+        con.execute("PRAGMA journal_mode=OFF")  # a scratch file: nothing to roll back to
+        con.execute("PRAGMA synchronous=OFF")
+        types = ", ".join(f"{c} {'INTEGER' if c.endswith('_chars') else 'BOOLEAN'} NOT NULL" for c in _FEATURE_COLUMNS)
+        con.execute(f"CREATE TABLE features ({types})")
+        insert = f"INSERT INTO features VALUES ({', '.join('?' * len(_FEATURE_COLUMNS))})"
+        start = 0
+        for chunk in chunks:
+            m = len(chunk[_FEATURE_COLUMNS[0]])
+            part = failed[start : start + m]
+            for bit, (check, fld) in enumerate(rules):
+                bad = _failing(check, fld, chunk, config)
+                part[bad] |= np.uint32(1 << bit)
+                counts[bit] += int(np.count_nonzero(bad))
+            con.executemany(insert, zip(*(chunk[c].tolist() for c in _FEATURE_COLUMNS), strict=True))
+            start += m
+        con.commit()
+    finally:
+        con.close()
+    if start != n:
+        raise RuntimeError(f"the feature table has {start} rows, the read {n}")
+    return failed, counts
+
+
+def _gx_context(docs_dir: Path) -> Any:
+    """An ephemeral GX context whose only Data Docs site is ``docs_dir``."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,
@@ -532,13 +599,20 @@ def _run_gx(df, config: ValidationConfig, docs_dir: Path):
         progress_bars=ProgressBarsConfig(globally=False),
         analytics_enabled=False,
     )
-    context = gx.get_context(mode="ephemeral", project_config=project_config)
+    return gx.get_context(mode="ephemeral", project_config=project_config)
+
+
+def _run_gx(context: Any, db: Path, suite: Any):
+    """Run ``suite`` on the feature table in the SQLite file ``db`` (GX's SQL engine: it aggregates in
+    the database, so memory does not grow with the rows) and build the Data Docs."""
+    import great_expectations as gx
+
     batch = (
-        context.data_sources.add_pandas("records")
-        .add_dataframe_asset("instruction_records")
-        .add_batch_definition_whole_dataframe("all_rows")
+        context.data_sources.add_sqlite("records", connection_string=f"sqlite:///{db}")
+        .add_table_asset("instruction_records", table_name="features")
+        .add_batch_definition_whole_table("all_rows")
     )
-    suite = context.suites.add(_build_suite(config))
+    suite = context.suites.add(suite)
     definition = context.validation_definitions.add(
         gx.ValidationDefinition(name="instruction_records", data=batch, suite=suite)
     )
@@ -548,13 +622,39 @@ def _run_gx(df, config: ValidationConfig, docs_dir: Path):
             validation_definitions=[definition],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["airloom"])],
             # counts and a few examples: the failing rows themselves come from the same feature columns
-            # (_rule_rows), so GX does not build, copy and render lists of up to every row
+            # (_write_features), so GX does not build, copy and render lists of up to every row
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
         )
     )
-    run = checkpoint.run(batch_parameters={"dataframe": df})
+    run = checkpoint.run()
     (validation,) = run.run_results.values()
     return validation.results
+
+
+class _GxRunner:
+    """Great Expectations in a process of its own (:class:`airloom.data.background.Background`): made
+    after the first pass, it imports GX (seconds) while the near-duplicate search finishes, then runs the
+    suite on the feature table while the second pass writes the rows."""
+
+    def __init__(self, docs_dir: str) -> None:
+        self.context = _gx_context(Path(docs_dir))
+
+    def run(self, db: str, config: ValidationConfig) -> list[dict]:
+        """The suite's results as plain values (GX's result objects stay in this process)."""
+        results = []
+        for res in _run_gx(self.context, Path(db), _build_suite(config)):
+            cfg, r = res.expectation_config, res.result or {}
+            info = res.exception_info or {}
+            results.append({
+                "type": cfg.type,
+                "kwargs": {k: _jsonable(v) for k, v in cfg.kwargs.items() if k != "batch_id"},
+                "meta": dict(cfg.meta or {}),
+                "success": bool(res.success),
+                "result": {k: _jsonable(r[k]) for k in ("observed_value", "unexpected_count", "unexpected_percent")
+                           if k in r},
+                "error": info.get("exception_message") if info.get("raised_exception") else None,
+            })  # fmt: skip
+        return results
 
 
 def _write_atomic(path: Path, lines: list[str]) -> None:
@@ -613,26 +713,6 @@ def _field_of(check: str, rec: dict) -> str | None:
     if check == "markup":
         return next((f for f in TEXT_FIELDS if MARKUP_RE.search(rec.get(f, ""))), None)
     return None
-
-
-def _rule_rows(check: str | None, fld: str | None, cols: dict, config: ValidationConfig) -> list[int]:
-    """Rows breaking a row rule, from the feature columns GX judged."""
-    import numpy as np
-
-    if check == "length":
-        chars = cols[f"{fld}_chars"]
-        lo, hi = config.min_chars.get(fld), config.max_chars.get(fld)
-        bad = np.zeros(len(chars), dtype=bool)
-        if lo is not None:
-            bad |= chars < lo
-        if hi is not None:
-            bad |= chars > hi
-        return np.flatnonzero(bad).tolist()
-    if check == "blank_text":
-        return np.flatnonzero(cols[f"{fld}_blank"]).tolist()
-    if check == "control_chars":
-        return np.flatnonzero(cols[f"{fld}_control"]).tolist()
-    return []
 
 
 def _jsonable(value: Any) -> Any:
@@ -732,27 +812,38 @@ def validate_stream(
     docs_dir = out_dir / "data_docs"
     shutil.rmtree(docs_dir, ignore_errors=True)
 
-    # pass 1: features (and the profile), the loader's findings and rejected rows; the records are
-    # spilled to a scratch file as they go (pickle: ~10x faster to read back than parsing the source)
-    features = _Features(config, spill_dir=out_dir)
-    load_findings: list[Finding] = []
-    rejected: list[dict] = []
-    rows_read = 0
+    from airloom.data.background import Background
+
+    gx: Background | None = None
+    features: _Features | None = None
     spill = tempfile.TemporaryFile(dir=out_dir, prefix=".records.", suffix=".spill")  # noqa: SIM115
-    with spill:
-        try:
-            for chunk in chunks():
-                rows_read += chunk.rows_read
-                load_findings.extend(chunk.findings)
-                rejected.extend(chunk.rejected)
-                features.add(chunk.records)
-                if chunk.records:
-                    pickle.dump(chunk.records, spill, protocol=pickle.HIGHEST_PROTOCOL)
-            spill.seek(0)
-            return _judge(features, spill, out_dir, docs_dir, config, source, scan_source, rows_read,
-                          load_findings, rejected)
-        finally:
+    try:
+        # pass 1: features (and the profile), the loader's findings and rejected rows; the records are
+        # spilled to a scratch file as they go (pickle: ~10x faster to read back than parsing the source)
+        features = _Features(config, spill_dir=out_dir)
+        load_findings: list[Finding] = []
+        rejected: list[dict] = []
+        rows_read = 0
+        for chunk in chunks():
+            rows_read += chunk.rows_read
+            load_findings.extend(chunk.findings)
+            rejected.extend(chunk.rejected)
+            features.add(chunk.records)
+            if chunk.records:
+                pickle.dump(chunk.records, spill, protocol=pickle.HIGHEST_PROTOCOL)
+        spill.seek(0)
+        # GX in a process of its own: it imports (seconds) while the pass's worker finishes the
+        # near-duplicate search, and runs while this process writes the rows
+        gx = Background(_GxRunner, str(docs_dir))
+        return _judge(features, spill, gx, out_dir, docs_dir, config, source, scan_source, rows_read,
+                      load_findings, rejected)
+    finally:
+        spill.close()
+        if features is not None:
             features.close()  # scratch files
+        if gx is not None:
+            gx.close()
+        (out_dir / _FEATURE_DB).unlink(missing_ok=True)
 
 
 def _spilled(spill: IO[bytes]) -> Iterator[list[dict]]:
@@ -766,6 +857,7 @@ def _spilled(spill: IO[bytes]) -> Iterator[list[dict]]:
 def _judge(
     features: _Features,
     spill: IO[bytes],
+    gx: Any,
     out_dir: Path,
     docs_dir: Path,
     config: ValidationConfig,
@@ -776,63 +868,16 @@ def _judge(
     rejected: list[dict],
 ) -> ValidationResult:
     """GX on the features, then pass 2 over the spilled records: findings, accepted and quarantined rows."""
-    import numpy as np
 
     features.profiler.start_near_duplicates()
-    import great_expectations  # noqa: F401 - seconds of imports, while the background work finishes
-
-    df, near_of = features.finish()
-    n = len(df)
-    results = _run_gx(df, config, docs_dir)
+    near = features.finish()
     cols = features.columns
-    del df
-
-    # which rows fail which check: GX lists the rows of row rules; the flags give those of rate rules
-    failed_mask = np.zeros(n, dtype=np.uint32)  # bit k: the row fails expectation k
-    checks: list[tuple[str | None, str | None]] = []
-    if len(results) > 32:
-        raise RuntimeError(f"{len(results)} expectations: the per-row failure mask holds 32")
-    expectations: list[dict] = []
-    failed: list[dict] = []
-    for k, res in enumerate(results):
-        cfg = res.expectation_config
-        meta = cfg.meta or {}
-        check, fld = meta.get("check"), meta.get("field")
-        r = res.result or {}
-        flag = next((c for c, chk in _FLAG_COLUMNS.items() if chk == check), None)
-        rows = np.flatnonzero(cols[flag]) if flag else _rule_rows(check, fld, cols, config)
-        if not flag and r.get("unexpected_count") is not None and len(rows) != r["unexpected_count"]:
-            raise RuntimeError(f"{cfg.type}({cfg.kwargs.get('column')}): GX counted {r['unexpected_count']} "
-                               f"failing rows, the feature columns {len(rows)}")  # the two must agree
-        checks.append((check, fld))
-        failed_mask[rows] |= np.uint32(1 << k)
-        if flag:
-            observed = f"{len(rows) / n:.2%} of rows ({len(rows)} rows)" if n else None
-        elif "observed_value" in r:
-            observed = _jsonable(r["observed_value"])
-        elif r.get("unexpected_percent") is not None:
-            observed = f"{r['unexpected_percent']:.2f}% unexpected ({r.get('unexpected_count', 0)} rows)"
-        else:
-            observed = None
-        details = {k2: _jsonable(v) for k2, v in cfg.kwargs.items() if k2 not in ("batch_id", "column")}
-        if r.get("unexpected_count") is not None or flag:
-            details["unexpected_count"] = len(rows) if flag else int(r["unexpected_count"])
-        if res.exception_info and res.exception_info.get("raised_exception"):
-            details["error"] = res.exception_info.get("exception_message")
-        entry = {
-            "type": cfg.type,
-            "column": cfg.kwargs.get("column"),
-            "success": bool(res.success),
-            "observed": observed,
-            "details": details,
-        }
-        expectations.append(entry)
-        if not res.success:
-            failed.append(entry)
-
-    duplicates = int(cols["is_duplicate"].sum())
-    for name in [c for c in cols if c not in ("line", "dup_of", "file")]:
-        del cols[name]  # what pass 2 does not need: at millions of rows, tens of MiB
+    n = len(cols["line"])
+    rules = _rules(config)
+    db = out_dir / _FEATURE_DB  # removed by validate_stream
+    db.unlink(missing_ok=True)
+    failed_mask, rule_counts = _write_features(db, features.feature_chunks(near), rules, config, n)
+    gx_results = gx.ask("run", str(db), config)  # GX runs while this process writes the rows
 
     # pass 2: messages need the text of the failing rows; the clean rows are written as they come, the
     # quarantined rows and the findings to scratch files in read order, which is (file, line) order
@@ -852,8 +897,16 @@ def _judge(
     scratch_quarantine = tempfile.TemporaryFile("w+", encoding="utf-8", dir=out_dir)  # noqa: SIM115
     i = w = 0
     encode = _json_line_encoder()
+    results: list[dict] | None = None
+    worker_done = False
     with tmp_accepted.open("wb") as out:
         for records in _spilled(spill):
+            # the two helper processes go as soon as they have answered: their memory with them
+            if results is None and gx.ready():
+                results = gx_results()
+                gx.close()
+            if not worker_done:
+                worker_done = features.profiler.release_worker()
             for rec in records:
                 while w < len(wanted) and wanted[w] < i:
                     w += 1
@@ -867,10 +920,12 @@ def _judge(
                     continue
                 row_findings: list[Finding] = []
                 for k in _bits(failed_bits):
-                    check, fld = checks[k]
+                    check, fld = rules[k]
                     first = at(int(dup_of[i])) if check == "duplicate" else None
-                    near = (*at(near_of[i][0]), near_of[i][1]) if i in near_of else None
-                    name, message = _row_message(check, fld, rec, config, first, near)
+                    similar = None
+                    if check == "near_duplicate" and (hit := near.first_of(i)) is not None:
+                        similar = (*at(hit[0]), hit[1])
+                    name, message = _row_message(check, fld, rec, config, first, similar)
                     target = fld or _field_of(check, rec)
                     severity = "error" if name in _QUARANTINING else "warning"
                     row_findings.append(Finding(rec["_file"], rec["_line"], target, name, message, severity=severity))
@@ -896,8 +951,55 @@ def _judge(
     if i != n:
         tmp_accepted.unlink(missing_ok=True)
         raise UsageError(f"{source}: the scratch copy gave {i} records, the read {n}")
-    for k, shown in examples.items():
-        expectations[k]["details"]["examples"] = shown
+    try:
+        if results is None:
+            results = gx_results()
+            gx.close()
+    except BaseException:
+        tmp_accepted.unlink(missing_ok=True)
+        raise
+    # the verdict of each expectation; which rows fail which rule the feature columns say (bit k of
+    # failed_mask: rules[k]), and GX's counts of the row rules must agree with them
+    expectations: list[dict] = []
+    failed: list[dict] = []
+    for res in results:
+        meta, r, kwargs = res["meta"], res["result"], res["kwargs"]
+        check, fld = meta.get("check"), meta.get("field")
+        flag = next((c for c, chk in _FLAG_COLUMNS.items() if chk == check), None)
+        bit = rules.index((check, fld)) if (check, fld) in rules else None
+        count = rule_counts[bit] if bit is not None else None
+        if not flag and count is not None and r.get("unexpected_count") is not None and count != r["unexpected_count"]:
+            tmp_accepted.unlink(missing_ok=True)
+            raise RuntimeError(f"{res['type']}({kwargs.get('column')}): GX counted {r['unexpected_count']} "
+                               f"failing rows, the feature columns {count}")  # the two must agree
+        if flag:
+            observed = f"{count / n:.2%} of rows ({count} rows)" if n else None
+        elif "observed_value" in r:
+            observed = r["observed_value"]
+        elif r.get("unexpected_percent") is not None:
+            observed = f"{r['unexpected_percent']:.2f}% unexpected ({r.get('unexpected_count', 0)} rows)"
+        else:
+            observed = None
+        details = {k: v for k, v in kwargs.items() if k != "column"}
+        if r.get("unexpected_count") is not None or flag:
+            details["unexpected_count"] = count if flag else int(r["unexpected_count"])
+        if res["error"]:
+            details["error"] = res["error"]
+        entry = {
+            "type": res["type"],
+            "column": kwargs.get("column"),
+            "success": res["success"],
+            "observed": observed,
+            "details": details,
+        }
+        if bit is not None:
+            if shown := examples.get(bit):
+                details["examples"] = shown
+        expectations.append(entry)
+        if not res["success"]:
+            failed.append(entry)
+    duplicates = rule_counts[rules.index(("duplicate", None))]
+
 
     # the rows the loader could not read, and its findings, merged in (file, line) order
     rejected_entries = sorted(
@@ -947,7 +1049,7 @@ def _judge(
         "quarantined": quarantined,
         "reasons": reasons,
         "duplicates": duplicates,
-        "near_duplicates": len(near_of),
+        "near_duplicates": near.count if near is not None else 0,
         "config": config.to_dict(),
         "findings": [],
         "expectations": expectations,
