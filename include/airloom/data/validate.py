@@ -421,18 +421,19 @@ class _Features:
         self._parts.close()
         self.profiler.close()
 
-    def finish(self) -> Any:
-        """The near-duplicates found (None when the check is off); the columns pass 2 needs in memory."""
+    def finish(self) -> dict[str, Any]:
+        """The columns pass 2 needs (``file``, ``line``, ``dup_of``), read into memory."""
         p = self.profiler
         self.columns = {
             "file": self._parts.get("file"),
             "line": p.column("line"),
             "dup_of": p.column("dup_of"),
         }
-        return p.near_duplicates()
+        return self.columns
 
-    def feature_chunks(self, near: Any, rows: int = 65536) -> Iterator[dict[str, Any]]:
-        """The columns GX checks (lengths, flags; no text), ``rows`` rows at a time from the scratch files."""
+    def feature_chunks(self, rows: int = 65536) -> Iterator[dict[str, Any]]:
+        """The columns GX checks (lengths, flags; no text), ``rows`` rows at a time from the scratch files;
+        ``is_near_duplicate`` all False (the search ends later: :func:`_mark_near_duplicates`)."""
         import numpy as np
 
         p = self.profiler
@@ -444,7 +445,7 @@ class _Features:
             for f in ("instruction", "response"):
                 chunk[f"{f}_blank"] = self._parts.get(f"{f}_blank", start, stop).astype(bool, copy=False)
             chunk["is_duplicate"] = self.columns["dup_of"][start:stop] != np.arange(start, stop)
-            chunk["is_near_duplicate"] = near.flags(start, stop) if near is not None else np.zeros(stop - start, bool)
+            chunk["is_near_duplicate"] = np.zeros(stop - start, dtype=bool)
             chunk["has_pii"] = p.column("pii", start, stop).astype(bool, copy=False)
             chunk["has_markup"] = p.column("markup", start, stop).astype(bool, copy=False)
             yield chunk
@@ -572,6 +573,27 @@ def _write_features(
     if start != n:
         raise RuntimeError(f"the feature table has {start} rows, the read {n}")
     return failed, counts
+
+
+def _mark_near_duplicates(db: Path, near: Any, rules: list[tuple[str, str | None]], failed: Any,
+                          counts: list[int]) -> None:
+    """Set the near-duplicate flags in the feature table (rowid k+1 is row k) and in the failure mask."""
+    import sqlite3
+
+    import numpy as np
+
+    if near is None or not near.count or ("near_duplicate", None) not in rules:
+        return
+    bit = rules.index(("near_duplicate", None))
+    failed[near.members] |= np.uint32(1 << bit)
+    counts[bit] = near.count
+    con = sqlite3.connect(db)
+    try:
+        con.executemany("UPDATE features SET is_near_duplicate = 1 WHERE rowid = ?",
+                        ((k + 1,) for k in near.members.tolist()))
+        con.commit()
+    finally:
+        con.close()
 
 
 def _gx_context(docs_dir: Path) -> Any:
@@ -870,13 +892,15 @@ def _judge(
     """GX on the features, then pass 2 over the spilled records: findings, accepted and quarantined rows."""
 
     features.profiler.start_near_duplicates()
-    near = features.finish()
-    cols = features.columns
+    cols = features.finish()
     n = len(cols["line"])
     rules = _rules(config)
     db = out_dir / _FEATURE_DB  # removed by validate_stream
     db.unlink(missing_ok=True)
-    failed_mask, rule_counts = _write_features(db, features.feature_chunks(near), rules, config, n)
+    # the feature table while the worker finishes the near-duplicate search; then its flags
+    failed_mask, rule_counts = _write_features(db, features.feature_chunks(), rules, config, n)
+    near = features.profiler.near_duplicates()
+    _mark_near_duplicates(db, near, rules, failed_mask, rule_counts)
     gx_results = gx.ask("run", str(db), config)  # GX runs while this process writes the rows
 
     # pass 2: messages need the text of the failing rows; the clean rows are written as they come, the
