@@ -12,7 +12,8 @@ Our stage runs as the DAG runs it, one child process per task (``airloom validat
 eda``, ``airloom prepare``), one after the other (the DAG runs EDA and prepare side by side; on a
 shared 2-core machine sequential is the fairer sum). As in the DAG, validation computes the EDA
 profile of the rows it reads in the same pass and EDA renders it (``--scan``), and prepare reads
-validation's accepted rows (``accepted.jsonl``: ~90% of the rows here; the near-copies are gone). The
+validation's accepted rows (``accepted.jsonl``: ~90% of the rows here; the near-copies are gone, so
+prepare's own near-duplicate search is off, ``--near-dedup off``, as the DAG sets it). The
 validation suite is the default one with the duplicate, near-duplicate and quarantine limits raised
 to 1.0, so the ×30 copies do not fail the run. ydata-
 profiling 4.18.4 runs its default ``ProfileReport(df).to_file(html)`` on the same rows (as a pandas
@@ -139,7 +140,8 @@ def run_ours(corpus: Path, work: Path, label: str) -> dict:
     stages = {
         "validate": [*cli, "validate", str(corpus), "--out", str(work / "validate"), "--suite", str(suite)],
         "eda": [*cli, "eda", str(corpus), "--out", str(work / "eda"), "--scan", str(work / "validate" / "scan")],
-        "prepare": [*cli, "prepare", str(work / "validate" / "accepted.jsonl"), "--out", str(work / "prepare")],
+        "prepare": [*cli, "prepare", str(work / "validate" / "accepted.jsonl"), "--out", str(work / "prepare"),
+                    "--near-dedup", "off"],
     }
     result: dict = {"stages": {}}
     for name, argv in stages.items():
@@ -191,7 +193,7 @@ def profile_ours(corpus: Path, work: Path) -> None:
     accepted = work / "prof_validate" / "accepted.jsonl"
     for name, source, extra in (("validate", corpus, ["--suite", str(suite)]),
                                 ("eda", corpus, ["--scan", str(work / "prof_validate" / "scan")]),
-                                ("prepare", accepted, [])):
+                                ("prepare", accepted, ["--near-dedup", "off"])):
         stats = work / f"{name}.prof"
         argv = [sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "airloom.cli", name, str(source),
                 "--out", str(work / f"prof_{name}"), *extra]

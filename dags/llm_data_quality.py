@@ -5,7 +5,7 @@ Reads raw instruction data (JSONL, JSON, CSV or Parquet; a file, folder or glob)
 with Great Expectations (rows that fail are quarantined with line and reason; the task fails
 when the suite fails, and the run stops before preparation), writes an HTML EDA report of the data
 as read (from the profile validation computed in the same pass; also after a failed validation), and
-prepares train/validation/test Parquet splits (PII policy, prompt template, token-length filter;
+prepares train/validation/test Parquet splits (markup clean-up, PII policy, prompt template, token-length filter;
 counts and hashes in `manifest.json`). Emits the asset `prepared_dataset`, which starts
 `llm_finetune`.
 
@@ -89,6 +89,7 @@ with DAG(
         pii_policy="{{ params.pii_policy }}",
         max_seq_len="{{ params.max_seq_len }}",
         tokenizer="{{ params.tokenizer or '' }}",
+        near_dedup=None,  # validation quarantined the near-duplicates (its suite's near_duplicate_threshold)
         outlets=[PREPARED_DATASET],
     )
     validate >> [eda, prepare]

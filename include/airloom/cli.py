@@ -72,6 +72,15 @@ def cmd_eda(args) -> int:
     return 0
 
 
+def _threshold_or_off(text: str) -> float | None:
+    if text.strip().lower() in ("off", "none", ""):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a Jaccard threshold such as 0.8, or off; got {text!r}") from None
+
+
 def cmd_prepare(args) -> int:
     from airloom.data.load import iter_chunks
     from airloom.data.prepare import prepare
@@ -81,9 +90,11 @@ def cmd_prepare(args) -> int:
     manifest = prepare(records, Path(args.out), seed=args.seed,
                        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                        template=args.template, pii_policy=args.pii_policy, max_seq_len=args.max_seq_len,
-                       tokenizer=args.tokenizer.strip() or None)
+                       tokenizer=args.tokenizer.strip() or None, markup=args.markup,
+                       near_dedup=args.near_dedup)
     counts = manifest["counts"]
-    dropped = ", ".join(f"{k} {counts[k]}" for k in ("pii_dropped", "deduped", "too_long") if counts[k])
+    dropped = ", ".join(f"{k} {counts[k]}" for k in ("pii_dropped", "deduped", "too_long", "near_deduped")
+                        if counts[k])
     splits = {k: v["rows"] for k, v in manifest["splits"].items()}
     dropped = f" (dropped: {dropped})" if dropped else ""
     _emit(args, manifest, f"prepared {args.out}: {splits} of {counts['input']} rows{dropped} "
@@ -382,6 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="mask: placeholders such as <EMAIL>; drop: remove the row; keep: leave it")
     sp.add_argument("--max-seq-len", type=int,
                     help="drop rows whose prompt + response exceed this many tokens")
+    sp.add_argument("--markup", choices=["strip", "keep"], default="strip",
+                    help="strip: remove HTML tags from rows that do not ask for HTML (scraped junk); keep: leave them")
+    sp.add_argument("--near-dedup", type=_threshold_or_off, default=0.8, metavar="JACCARD|off",
+                    help="drop rows at least this similar (Jaccard of word 5-shingles) to an earlier kept row; "
+                         "off for rows validation already screened (default 0.8)")
     sp.add_argument("--tokenizer", default="registry:airloom-tiny-base",
                     help="model folder or registry:NAME[/N|@ALIAS]; loaded only for chat_template or "
                          "--max-seq-len ('' = none)")

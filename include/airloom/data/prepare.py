@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import html
 import itertools
 import json
 import os
@@ -29,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from airloom.data.neardup import DEFAULT_THRESHOLD as DEFAULT_NEAR_THRESHOLD
 from airloom.data.prompts import BUILTIN_TEMPLATES, CHAT_TEMPLATE, load_template, prompt_context
-from airloom.data.validate import dedup_key, normalize_text
+from airloom.data.validate import dedup_key, has_markup, normalize_text
 from airloom.data.validate import scrub_pii as _scrub
 from airloom.exceptions import UsageError
 
@@ -39,6 +41,7 @@ COLUMNS = ("id", "prompt", "response", "task", "instruction", "input")
 MANIFEST_FORMAT = "airloom.prepared/2"
 PII_POLICIES = ("mask", "drop", "keep")
 PII_KINDS = ("email", "phone", "ip", "card")
+MARKUP_POLICIES = ("strip", "keep")
 DEFAULT_TOKENIZER = "registry:airloom-tiny-base"
 # Files that define a Hugging Face tokenizer; their digest pins the tokenizer in the manifest.
 TOKENIZER_FILES = (
@@ -67,12 +70,17 @@ def prepare(
     max_seq_len: int | None = None,
     tokenizer: str | None = None,
     id_list_cap: int = 100,
+    markup: str = "strip",
+    near_dedup: float | None = DEFAULT_NEAR_THRESHOLD,
 ) -> dict:
     """Normalise, screen for PII, deduplicate, render, length-filter and split ``records`` into ``out_dir``.
 
     Steps, in order (each counted in the manifest's ``counts``):
 
-    1. Unicode NFC and whitespace clean-up (line ends, trailing spaces; indentation is kept).
+    1. Unicode NFC and whitespace clean-up (line ends, trailing spaces; indentation is kept). With
+       ``markup="strip"``, a row with HTML it does not ask for (:func:`airloom.data.validate.has_markup`:
+       scraped-page junk) loses its tags, ``<script>``/``<style>`` elements and entities
+       (``markup_stripped``); rows about HTML keep theirs.
     2. PII (e-mail, phone, IP, card-like numbers) by ``pii_policy``: ``mask`` replaces it with
        ``<EMAIL>``/``<PHONE>``/``<IP>``/``<CARD>``, ``drop`` removes the row, ``keep`` leaves it (and
        still counts it).
@@ -81,7 +89,12 @@ def prepare(
     4. The prompt rendered with ``template`` (see :func:`airloom.data.prompts.load_template`).
     5. Rows whose prompt + response + EOS exceed ``max_seq_len`` tokens dropped (as the training
        recipe counts them), when ``max_seq_len`` is set.
-    6. Each row assigned to a split.
+    6. Near-duplicates dropped (``near_deduped``), when ``near_dedup`` is a Jaccard threshold: a row
+       whose word 5-shingles are at least that similar to an earlier kept row's (MinHash LSH, confirmed
+       exactly: :mod:`airloom.data.neardup`, as validation finds them; the search runs in a worker
+       process beside the pass). None turns it off, e.g. for rows validation already screened; so does
+       ``dedup=False``, which keeps every copy.
+    7. Each row assigned to a split.
 
     ``records`` may be any iterable (a generator streaming from a file): it is read once, in chunks
     of ``CHUNK_ROWS``; kept rows are spooled to a Parquet file in the temporary output folder and only
@@ -108,7 +121,7 @@ def prepare(
 
     Returns:
         The manifest, as written to ``manifest.json``: the arguments, ``counts`` per step (``input =
-        pii_dropped + deduped + too_long + output``), ``pii`` (rows with PII and matches per kind,
+        pii_dropped + deduped + too_long + near_deduped + output``), ``pii`` (rows with PII and matches per kind,
         among the rows kept under mask/keep, among the rows dropped under drop), ``dropped_ids``
         (up to ``id_list_cap`` per reason), ``template`` and ``tokenizer`` with their sha256, and
         per split its file, rows, tasks and hashes. ``dataset_hash`` and each split's
@@ -122,6 +135,11 @@ def prepare(
     """
     if pii_policy not in PII_POLICIES:
         raise UsageError(f"unknown pii_policy {pii_policy!r}; use one of {', '.join(PII_POLICIES)}")
+    if markup not in MARKUP_POLICIES:
+        raise UsageError(f"unknown markup policy {markup!r}; use one of {', '.join(MARKUP_POLICIES)}")
+    if near_dedup is not None and (isinstance(near_dedup, bool) or not isinstance(near_dedup, int | float)
+                                   or not 0 < near_dedup <= 1):
+        raise UsageError(f"near_dedup must be a Jaccard threshold in (0, 1], or None to turn it off, got {near_dedup!r}")
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= value < 1:
             raise UsageError(f"{name} must be in [0, 1), got {value!r}")
@@ -160,8 +178,9 @@ def prepare(
     try:
         spool = tmp / SPOOL_FILE
         screen = _Screen(spool, seed=seed, dedup=dedup, pii_policy=pii_policy, renderer=renderer, tok=tok,
-                         max_seq_len=max_seq_len, id_list_cap=id_list_cap)
-        screen.run(records)
+                         max_seq_len=max_seq_len, id_list_cap=id_list_cap, strip_markup=markup == "strip",
+                         near_dedup=near_dedup if dedup else None)
+        near = screen.run(records)
         counts = screen.counts
         if not screen.kept:
             raise UsageError(
@@ -169,8 +188,14 @@ def prepare(
                 f"deduped={counts['deduped']}, too_long={counts['too_long']}; relax pii_policy or max_seq_len"
             )
         tasks, ranks = screen.strata()
-        assignment = _split(tasks, ranks, val_fraction, test_fraction)
-        splits = _write_splits(spool, assignment, tasks, screen.task_names, tmp)
+        kept = np.ones(screen.kept, dtype=bool)
+        if near is not None:
+            kept[near.members] = False
+        assignment = np.full(screen.kept, -1, dtype=np.int8)  # -1: dropped as a near-duplicate
+        assignment[kept] = _split(tasks[kept], ranks[kept], val_fraction, test_fraction)
+        near_ids: list[str] = []
+        splits = _write_splits(spool, assignment, tasks, screen.task_names, tmp, near_ids, id_list_cap)
+        screen.dropped["near_duplicate"] = near_ids
         spool.unlink()
         combined = hashlib.sha256()
         for split in SPLITS:
@@ -186,14 +211,18 @@ def prepare(
             "max_seq_len": max_seq_len,
             "pii_policy": pii_policy,
             "dedup": dedup,
+            "markup": markup,
+            "near_dedup": near.to_dict() if near is not None else None,
             "counts": {
                 "input": screen.inputs,
                 "normalized": counts["normalized"],
+                "markup_stripped": counts["markup_stripped"],
                 "pii_masked": counts["pii_masked"],
                 "pii_dropped": counts["pii_dropped"],
                 "deduped": counts["deduped"],
                 "too_long": counts["too_long"],
-                "output": screen.kept,
+                "near_deduped": near.count if near is not None else 0,
+                "output": int(kept.sum()),
                 **{split: splits[split]["rows"] for split in SPLITS},
                 "trailing_turns_ignored": counts["trailing_turns_ignored"],
             },
@@ -400,14 +429,14 @@ def _id_hashes(ids: list[str]) -> np.ndarray:
     return _hashes64([hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=8).digest() for i in ids])
 
 
-def _cleaned(chunk: list[tuple[int, dict]], pii_policy: str, rank_prefix: bytes) -> list[tuple]:
+def _cleaned(chunk: list[tuple[int, dict]], pii_policy: str, rank_prefix: bytes, strip_markup: bool) -> list[tuple]:
     """Clean a chunk of (position, record): per record ``(row, changed, trailing turns, PII found, id)``;
     ``row`` is None for a row dropped for PII (``id`` then names it), else carries its dedup ``key``,
-    rank ``digest`` and ``where``."""
+    rank ``digest`` and ``where`` (and ``markup_stripped``)."""
     out = []
     for i, rec in chunk:
         where = f"record {i + 1}" + (f" (line {rec['_line']})" if "_line" in rec else "")
-        row, changed, row_pii = _clean(rec, where, pii_policy)
+        row, changed, row_pii = _clean(rec, where, pii_policy, strip_markup)
         turns = row.pop("trailing_turns")
         if row_pii and pii_policy == "drop":
             out.append((None, changed, turns, row_pii, _given_id(rec, i)))
@@ -434,8 +463,11 @@ class _Screen:
     """
 
     def __init__(self, spool: Path, *, seed: int, dedup: bool, pii_policy: str, renderer: Any, tok: Any,
-                 max_seq_len: int | None, id_list_cap: int) -> None:
+                 max_seq_len: int | None, id_list_cap: int, strip_markup: bool = False,
+                 near_dedup: float | None = None) -> None:
         self.spool = spool
+        self.strip_markup, self.near_dedup = strip_markup, near_dedup
+        self._near: Any = None  # the near-duplicate search, in a worker process
         self.dedup, self.pii_policy, self.renderer = dedup, pii_policy, renderer
         self.tok, self.max_seq_len, self.id_list_cap = tok, max_seq_len, id_list_cap
         self.inputs = 0
@@ -453,19 +485,29 @@ class _Screen:
         self._writer: Any = None
         self._background: _InBackground
 
-    def run(self, records: Iterable[dict]) -> None:
+    def run(self, records: Iterable[dict]) -> Any:
+        """The pass; returns the near-duplicates among the spooled rows (None when ``near_dedup`` is off)."""
         # (Cleaning chunks in a forked child while this process finished the one before was measured
         # on 136k rows: no faster, 1.4x the memory. The pickling costs what the cleaning saves.)
+        if self.near_dedup is not None:
+            from airloom.data.background import Background
+            from airloom.data.neardup import NearDuplicateFinder
+
+            # forked before the writer thread starts; its scratch files go beside the spool
+            self._near = Background(NearDuplicateFinder, self.near_dedup, spill_dir=str(self.spool.parent))
         self._background = _InBackground()
         try:
             for chunk in _chunks(enumerate(records), CHUNK_ROWS):
                 self.inputs += len(chunk)
-                self._chunk(_cleaned(chunk, self.pii_policy, self._rank_prefix))
+                self._chunk(_cleaned(chunk, self.pii_policy, self._rank_prefix, self.strip_markup))
             self._background.wait()
+            return self._near.ask("result")() if self._near is not None else None
         finally:
             self._background.shutdown()
             if self._writer is not None:
                 self._writer.close()
+            if self._near is not None:
+                self._near.close()
 
     def strata(self) -> tuple[np.ndarray, np.ndarray]:
         """Per kept row, in order: its task code and its (rows, 2) rank key."""
@@ -479,6 +521,8 @@ class _Screen:
         for row, changed, turns, row_pii, dropped_id in cleaned:
             normalized += changed
             trailing += turns
+            if row is not None and row.pop("markup_stripped"):
+                counts["markup_stripped"] += 1
             if row is None:  # PII under pii_policy "drop"
                 counts["pii_dropped"] += 1
                 self.pii_rows += 1
@@ -578,6 +622,8 @@ class _Screen:
             self._writer = pq.ParquetWriter(self.spool, _schema(), compression="lz4", use_dictionary=False,
                                             write_statistics=False)
         self._background.submit(self._writer.write_table, table)
+        if self._near is not None:  # what validation's search reads: the three fields' words, in order
+            self._near.post("add_texts", [f"{r['instruction']}\n{r['input']}\n{r['response']}" for r in rows])
         self.kept += len(rows)
         self._ranks.append(np.frombuffer(b"".join(r["digest"][:16] for r in rows), dtype=">u8")
                            .astype(np.uint64).reshape(-1, 2))
@@ -603,11 +649,12 @@ def _split(tasks: np.ndarray, ranks: np.ndarray, val_fraction: float, test_fract
 
 
 def _write_splits(spool: Path, assignment: np.ndarray, tasks: np.ndarray, task_names: dict[str | None, int],
-                  folder: Path) -> dict[str, dict[str, Any]]:
+                  folder: Path, dropped_ids: list[str] | None = None, cap: int = 0) -> dict[str, dict[str, Any]]:
     """Second pass: copy each split's rows, in input order, from the spool to its file and content hash.
 
     One read of the spool per split, so that only one split's row group is buffered at a time (a
-    read costs far less than the writing).
+    read costs far less than the writing). Rows assigned -1 go nowhere; the first ``cap`` of their ids
+    are appended to ``dropped_ids``.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -624,8 +671,12 @@ def _write_splits(spool: Path, assignment: np.ndarray, tasks: np.ndarray, task_n
                 batch_size=SPOOL_BATCH_ROWS, columns=list(COLUMNS), use_threads=False
             )
             for batch in batches:
-                picked = np.flatnonzero(assignment[done : done + batch.num_rows] == n)
+                here = assignment[done : done + batch.num_rows]
+                picked = np.flatnonzero(here == n)
                 done += batch.num_rows
+                if n == 0 and dropped_ids is not None and len(dropped_ids) < cap:
+                    ids = batch.column("id")
+                    dropped_ids += [ids[k].as_py() for k in np.flatnonzero(here < 0)[: cap - len(dropped_ids)]]
                 if len(picked):
                     rows = pa.Table.from_batches([batch])
                     rows = rows if len(picked) == batch.num_rows else rows.take(picked)
@@ -702,8 +753,10 @@ def _clean_text(value: Any, what: str, where: str, mask: bool, pii: list[dict[st
     return text, changed
 
 
-def _clean(rec: dict, where: str, pii_policy: str) -> tuple[dict, bool, Counter[str] | None]:
-    """Normalised (and, under ``mask``, scrubbed) row; whether normalising changed it; PII found, if any."""
+def _clean(rec: dict, where: str, pii_policy: str,
+           strip_markup: bool = False) -> tuple[dict, bool, Counter[str] | None]:
+    """Normalised (and, under ``mask``, scrubbed) row; whether normalising changed it; PII found, if any.
+    With ``strip_markup``, a row with HTML it does not ask for loses it (``row["markup_stripped"]``)."""
     mask = pii_policy == "mask"
     found: list[dict[str, int]] = []
     messages = rec.get("messages")
@@ -716,18 +769,11 @@ def _clean(rec: dict, where: str, pii_policy: str) -> tuple[dict, bool, Counter[
             content, ch = _clean_text(m.get("content"), f"messages[{n}].content", where, mask, found)
             changed |= ch
             turns.append({"role": m["role"], "content": content})
-        last = max((n for n, t in enumerate(turns) if t["role"] == "assistant"), default=None)
-        if last is None or not turns[last]["content"]:
-            raise UsageError(
-                f"{where}: messages need a non-empty assistant turn (the response); validate first"
-            )
-        prompt, trailing = turns[:last], len(turns) - last - 1
-        user = max((n for n, t in enumerate(prompt) if t["role"] == "user"), default=None)
-        if user is None or not prompt[user]["content"]:
-            raise UsageError(f"{where}: messages need a non-empty user turn before the last assistant turn")
-        others = [f"{t['role']}: {t['content']}" for n, t in enumerate(prompt) if n != user]
-        row = {"instruction": prompt[user]["content"], "input": "\n".join(others),
-               "response": turns[last]["content"], "messages": prompt}
+        row, trailing = _chat_row(turns, where)
+        stripped = strip_markup and _is_junk_markup(row)
+        if stripped:
+            turns = [{"role": t["role"], "content": _strip_markup(t["content"])} for t in turns]
+            row, trailing = _chat_row(turns, where)
     else:
         instruction, ch1 = _clean_text(rec.get("instruction"), "instruction", where, mask, found)
         input_, ch2 = _clean_text(rec.get("input"), "input", where, mask, found)
@@ -736,14 +782,62 @@ def _clean(rec: dict, where: str, pii_policy: str) -> tuple[dict, bool, Counter[
         if not instruction or not response:
             raise UsageError(f"{where}: instruction and response must not be empty; validate first")
         row = {"instruction": instruction, "input": input_, "response": response, "messages": None}
+        stripped = strip_markup and _is_junk_markup(row)
+        if stripped:  # the input holds no markup (else has_markup would call the row about HTML)
+            row["instruction"] = _strip_markup(instruction)
+            row["response"] = _strip_markup(response)
     task = rec.get("task") or None
-    row.update(given_id=rec.get("id"), task=str(task) if task is not None else None, trailing_turns=trailing)
+    row.update(given_id=rec.get("id"), task=str(task) if task is not None else None, trailing_turns=trailing,
+               markup_stripped=stripped)
     pii = None
     if found:
         pii = Counter()
         for kinds in found:
             pii.update(kinds)
     return row, changed, pii
+
+
+def _chat_row(turns: list[dict], where: str) -> tuple[dict, int]:
+    """A chat's row (the last assistant turn is the response, the turns before it the prompt) and the
+    number of turns after that response."""
+    last = max((n for n, t in enumerate(turns) if t["role"] == "assistant"), default=None)
+    if last is None or not turns[last]["content"]:
+        raise UsageError(f"{where}: messages need a non-empty assistant turn (the response); validate first")
+    prompt = turns[:last]
+    user = max((n for n, t in enumerate(prompt) if t["role"] == "user"), default=None)
+    if user is None or not prompt[user]["content"]:
+        raise UsageError(f"{where}: messages need a non-empty user turn before the last assistant turn")
+    others = [f"{t['role']}: {t['content']}" for n, t in enumerate(prompt) if n != user]
+    row = {"instruction": prompt[user]["content"], "input": "\n".join(others),
+           "response": turns[last]["content"], "messages": prompt}
+    return row, len(turns) - last - 1
+
+
+# HTML elements whose tags _strip_markup removes (names that are not also common in code, such as the
+# <T> or <int> of generics); block elements leave a line break.
+_INLINE_TAGS = "a|abbr|b|big|cite|em|font|i|img|link|meta|small|span|strong|sub|sup|u|iframe|input|label|button"
+_BLOCK_TAGS = (
+    "br|hr|p|div|li|ul|ol|dl|dt|dd|tr|td|th|thead|tbody|table|h[1-6]|section|article|nav|footer|header|main"
+    "|aside|center|pre|blockquote|form|html|head|body|title"
+)
+_TAG_RE = re.compile(rf"</?(?:({_BLOCK_TAGS})|(?:{_INLINE_TAGS}))\b[^<>]*?/?>|<!--.*?-->|<!doctype[^<>]*>",
+                     re.IGNORECASE | re.DOTALL)
+_SCRIPT_STYLE_RE = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
+_BLANK_LINES_RE = re.compile(r"\n{3,}")
+
+
+def _is_junk_markup(row: dict) -> bool:
+    text = row["instruction"] + row["input"] + row["response"]
+    return "<" in text and has_markup(row["instruction"], row["input"], row["response"])
+
+
+def _strip_markup(text: str) -> str:
+    """``text`` without HTML tags, ``<script>``/``<style>`` elements and entities; whitespace tidied.
+    Left as it is when nothing but markup would remain."""
+    out = _SCRIPT_STYLE_RE.sub("", text)
+    out = _TAG_RE.sub(lambda m: "\n" if m.group(1) else "", out)
+    out = _BLANK_LINES_RE.sub("\n\n", normalize_text(html.unescape(out)))
+    return out or text
 
 
 def _given_id(rec: dict, i: int) -> str:

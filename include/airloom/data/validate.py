@@ -357,7 +357,8 @@ class _Features:
     """Pass 1 of validation: per-row features of a stream of records, the EDA profile on the way.
 
     GX checks these columns (lengths, blank and control-character flags, duplicate/PII/markup flags),
-    not the text, so the frame it holds is a few bytes per row however long the rows are.
+    not the text: a few bytes per row however long the rows are, kept in scratch files and handed to GX
+    as a SQLite table (:func:`_write_features`).
     """
 
     def __init__(self, config: ValidationConfig, spill_dir: Path) -> None:

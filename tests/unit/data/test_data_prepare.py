@@ -135,8 +135,8 @@ def test_pii_mask_replaces_with_placeholders_and_dedups_after_masking(tmp_path):
     manifest = prepare(PII_ROWS, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
     # f equals c once both addresses are masked, so it goes as a duplicate.
     assert manifest["counts"] == {
-        "input": 6, "normalized": 2, "pii_masked": 2, "pii_dropped": 0, "deduped": 2, "too_long": 0,
-        "output": 4, "train": 4, "validation": 0, "test": 0, "trailing_turns_ignored": 0,
+        "input": 6, "normalized": 2, "markup_stripped": 0, "pii_masked": 2, "pii_dropped": 0, "deduped": 2,
+        "too_long": 0, "near_deduped": 0, "output": 4, "train": 4, "validation": 0, "test": 0, "trailing_turns_ignored": 0,
     }
     assert manifest["pii"] == {"rows": 2, "email": 1, "phone": 1, "ip": 2, "card": 0}
     assert manifest["pii_policy"] == "mask"
@@ -509,3 +509,80 @@ def test_fast_paths_match_validate_and_json():
     expected = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
     assert prepare_module._json_lines(batch) == expected
     assert content_sha256(rows) == hashlib.sha256("".join(expected).encode()).hexdigest()
+
+
+SCRAPED = {
+    "instruction": "Summarize the product description.",
+    "input": "",
+    "response": "<div class=\"desc\"><p>A sturdy oak desk &amp; chair.</p><br>Ships in <b>two</b> days."
+                "<script>track('x')</script></div>",
+}
+ABOUT_HTML = {
+    "instruction": "Write an HTML snippet with a bold word.",
+    "input": "",
+    "response": "<p>Hello <b>world</b></p>",
+}
+
+
+def test_markup_is_stripped_from_rows_that_do_not_ask_for_it(tmp_path):
+    manifest = prepare([SCRAPED, ABOUT_HTML], tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    rows = {r["instruction"]: r["response"] for r in _read(tmp_path / "out", "train")}
+    assert rows[SCRAPED["instruction"]] == "A sturdy oak desk & chair.\n\nShips in two days."
+    assert rows[ABOUT_HTML["instruction"]] == ABOUT_HTML["response"]  # HTML is what it asks for
+    assert manifest["counts"]["markup_stripped"] == 1 and manifest["markup"] == "strip"
+
+    kept = prepare([SCRAPED], tmp_path / "keep", markup="keep", val_fraction=0.0, test_fraction=0.0)
+    assert _read(tmp_path / "keep", "train")[0]["response"] == SCRAPED["response"]
+    assert kept["counts"]["markup_stripped"] == 0
+    with pytest.raises(UsageError, match="markup policy"):
+        prepare([SCRAPED], tmp_path / "bad", markup="drop")
+
+
+def _near_rows() -> list[dict]:
+    """Ten distinct long rows, then a copy of row 3 with one word changed (Jaccard ~0.9) and one with half
+    of it rewritten (well under 0.8)."""
+    rows = [
+        {"instruction": f"Explain topic {i}: " + " ".join(f"w{i}_{k}" for k in range(40)), "input": "",
+         "response": " ".join(f"r{i}_{k}" for k in range(60)), "id": f"row{i}"}
+        for i in range(10)
+    ]
+    near = dict(rows[3], id="near3", response=rows[3]["response"].replace("r3_59", "changed"))
+    far = dict(rows[4], id="far4", response=" ".join(f"other{k}" for k in range(60)))
+    return [*rows, near, far]
+
+
+def test_near_duplicates_are_dropped_and_listed(tmp_path):
+    from airloom.data.neardup import find_near_duplicates
+
+    rows = _near_rows()
+    texts = [f"{r['instruction']}\n{r['input']}\n{r['response']}" for r in rows]
+    assert set(find_near_duplicates(texts).of) == {10}  # the search itself, for reference
+
+    manifest = prepare(rows, tmp_path / "out", val_fraction=0.2, test_fraction=0.2)
+    counts = manifest["counts"]
+    assert counts["near_deduped"] == 1 and manifest["dropped_ids"]["near_duplicate"] == ["near3"]
+    assert counts["output"] == 11 == counts["train"] + counts["validation"] + counts["test"]
+    assert counts["input"] == counts["pii_dropped"] + counts["deduped"] + counts["too_long"] + \
+        counts["near_deduped"] + counts["output"]
+    ids = {r["id"] for split in SPLITS for r in _read(tmp_path / "out", split)}
+    assert "near3" not in ids and {"row3", "far4"} <= ids
+    assert manifest["near_dedup"]["threshold"] == 0.8
+
+    off = prepare(rows, tmp_path / "off", near_dedup=None, val_fraction=0.2, test_fraction=0.2)
+    assert off["counts"]["near_deduped"] == 0 and off["counts"]["output"] == 12 and off["near_dedup"] is None
+    with pytest.raises(UsageError, match="near_dedup"):
+        prepare(rows, tmp_path / "bad", near_dedup=1.5)
+
+
+def test_cli_near_dedup_off_and_a_bad_threshold(tmp_path, capsys):
+    from airloom.cli import main
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in _near_rows()))
+    assert main(["prepare", str(source), "--out", str(tmp_path / "on")]) == 0
+    assert "near_deduped 1" in capsys.readouterr().out
+    assert main(["prepare", str(source), "--out", str(tmp_path / "off"), "--near-dedup", "off"]) == 0
+    assert json.loads((tmp_path / "off" / "manifest.json").read_text())["counts"]["near_deduped"] == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", str(source), "--out", str(tmp_path / "bad"), "--near-dedup", "most"])
+    assert exit_info.value.code == 2

@@ -165,12 +165,15 @@ class PrepareDatasetOperator(BaseOperator):
     :param max_seq_len: drop rows longer than this many tokens; None, "" or "None" = no filter.
     :param tokenizer: model folder or ``registry:NAME[/N|@ALIAS]``; loaded only when the template or
         the length filter needs it; empty = none.
+    :param markup: ``strip`` (HTML tags out of rows that do not ask for HTML) or ``keep``.
+    :param near_dedup: Jaccard threshold for dropping near-duplicates; None, "" or "None" = off (as
+        after validation, which quarantined them already).
     :param aws_conn_id: the Airflow connection with S3 credentials, for an ``s3://`` input.
     """
 
     template_fields: Sequence[str] = (
         "input_path", "output_dir", "seed", "val_fraction", "test_fraction", "template", "pii_policy",
-        "max_seq_len", "tokenizer",
+        "max_seq_len", "tokenizer", "markup", "near_dedup",
     )
 
     def __init__(
@@ -185,11 +188,15 @@ class PrepareDatasetOperator(BaseOperator):
         pii_policy: str = "mask",
         max_seq_len: int | str | None = None,
         tokenizer: str | None = None,
+        markup: str = "strip",
+        near_dedup: float | str | None = 0.8,
         aws_conn_id: str | None = "aws_default",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.input_path = input_path
+        self.markup = markup
+        self.near_dedup = near_dedup
         self.output_dir = output_dir
         self.seed = seed
         self.val_fraction = val_fraction
@@ -218,6 +225,8 @@ class PrepareDatasetOperator(BaseOperator):
                 pii_policy=str(self.pii_policy or "mask"),
                 max_seq_len=_optional_int(self.max_seq_len, "max_seq_len"),
                 tokenizer=str(self.tokenizer or "").strip() or None,
+                markup=str(self.markup or "strip"),
+                near_dedup=_optional_float(self.near_dedup, "near_dedup"),
             )
         except UsageError as exc:
             # Bad template, tokenizer or policy: the same arguments fail the same way, so no retry.
@@ -260,12 +269,21 @@ def latest_prepared_dataset() -> str:
 
 def _optional_int(value: Any, name: str) -> int | None:
     """A templated param arrives as text: "", "None" and "null" mean unset."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+    return _optional_number(value, name, int, "an integer")
+
+
+def _optional_float(value: Any, name: str) -> float | None:
+    """As :func:`_optional_int`, for a number such as a threshold ("off" also means unset)."""
+    return _optional_number(value, name, float, "a number")
+
+
+def _optional_number(value: Any, name: str, kind: type, what: str) -> Any:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null", "off")):
         return None
     try:
-        return int(value)
+        return kind(value)
     except (TypeError, ValueError):
-        raise AirflowFailException(f"{name} must be an integer or empty, got {value!r}") from None
+        raise AirflowFailException(f"{name} must be {what} or empty, got {value!r}") from None
 
 
 def dataset_file(dataset_dir: str, split: str) -> str:
