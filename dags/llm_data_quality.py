@@ -60,8 +60,9 @@ with DAG(
                              description="Drop rows whose prompt + response exceed this many tokens "
                                          "(empty: no filter)"),
         "tokenizer": Param("registry:airloom-tiny-base", type=["null", "string"], title="Tokenizer",
-                           description="Model folder or registry:NAME[/N|@ALIAS]; used only by "
-                                       "chat_template and the length filter (empty: none)"),
+                           description="Model folder or registry:NAME[/N|@ALIAS]: token lengths in the "
+                                       "EDA report (and the suite's max_tokens), chat_template and the "
+                                       "length filter (empty: none)"),
     },
 ):
     validate = ValidateDataOperator(
@@ -69,6 +70,7 @@ with DAG(
         source="{{ params.source }}",
         suite="{{ params.suite or '' }}",
         on_bad_rows="{{ params.on_bad_rows }}",
+        tokenizer="{{ params.tokenizer or '' }}",  # token lengths in the profile (and bounds, if the suite sets any)
         retries=0,
     )
     # EDA of the data as read (duplicates, PII, markup are what it is for), rendered from the profile
@@ -77,6 +79,7 @@ with DAG(
         task_id="eda_report",
         input_path="{{ params.source }}",
         scan_dir=validate.output["scan"],
+        tokenizer="{{ params.tokenizer or '' }}",
         trigger_rule="all_done",
     )
     prepare = PrepareDatasetOperator(

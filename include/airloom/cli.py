@@ -56,6 +56,8 @@ def cmd_validate(args) -> int:
     config = ValidationConfig.from_yaml(args.suite) if args.suite else ValidationConfig()
     if args.on_bad_rows:
         config.on_bad_rows = args.on_bad_rows
+    if args.tokenizer:
+        config.tokenizer = args.tokenizer
     result = validate_stream(lambda: iter_chunks(args.source), Path(args.out), config, source=args.source,
                              scan_source=fingerprint(args.source))
     _emit(args, json.loads(result.report_path.read_text()) if args.json else None, result.summary())
@@ -67,7 +69,8 @@ def cmd_eda(args) -> int:
 
     _existing(args.input, "input")
     previous = json.loads(Path(args.previous).read_text()) if args.previous else None
-    profile = profile_source(args.input, Path(args.out), scan_dir=args.scan, previous_profile=previous)
+    profile = profile_source(args.input, Path(args.out), scan_dir=args.scan, previous_profile=previous,
+                             tokenizer=args.tokenizer or None)
     _emit(args, profile, f"EDA report: {Path(args.out) / 'report.html'} ({profile.get('rows')} rows)")
     return 0
 
@@ -373,11 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output folder (validation.json, Data Docs, accepted rows)")
     sp.add_argument("--suite", help="YAML validation thresholds")
     sp.add_argument("--on-bad-rows", choices=["quarantine", "fail"])
+    sp.add_argument("--tokenizer", help="the model's tokenizer (folder, registry:NAME or hub id): token lengths "
+                                        "in the profile; the suite's min_tokens/max_tokens check them per row")
 
     sp = add("eda", cmd_eda, "write the EDA report (report.html + profile.json)")
     sp.add_argument("input")
     sp.add_argument("--out", required=True)
     sp.add_argument("--previous", help="profile.json of an earlier run, to show changes")
+    sp.add_argument("--tokenizer", help="the model's tokenizer (folder, registry:NAME or hub id), for token "
+                                        "lengths of an even sample of rows (when the data is read here)")
     sp.add_argument("--scan", help="the scan/ folder `airloom validate` wrote for the same input: render its "
                                    "profile instead of reading the data again (ignored if the files changed)")
 

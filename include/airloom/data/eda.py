@@ -67,6 +67,9 @@ _EXAMPLES = 5
 _FREQUENCIES = 5000  # words with counts kept in profile.json, for the vocabulary drift of a later run
 _NEW_WORDS_TOP = 1000
 _LANGUAGE_SAMPLE = 200
+#: Rows whose token lengths are counted when a profile is given a tokenizer (an even sample of the
+#: stream): tokenizing costs seconds per 10k rows, and quantiles to a few percent need no more.
+TOKEN_SAMPLE = 4_000
 _PAIRS_CAP = 1_000_000  # distinct word pairs counted (see _PairCounts)
 _VOCAB_CAP = 250_000  # distinct words counted exactly; the size of a larger vocabulary is estimated
 _BATCH = 4096
@@ -99,6 +102,7 @@ def profile_stream(
     near_duplicate_threshold: float | None = DEFAULT_THRESHOLD,
     shingle_size: int = DEFAULT_SHINGLE_SIZE,
     languages: bool = True,
+    token_sample: int | None = TOKEN_SAMPLE,
 ) -> dict:
     """Profile a stream of records and write ``profile.json`` and ``report.html`` into ``out_dir``.
 
@@ -109,8 +113,10 @@ def profile_stream(
         chunks: Returns the records chunk by chunk, as :func:`airloom.data.load.iter_chunks` reads them
             (``_line`` is used to point at rows; records without it are numbered from 1).
         out_dir: Folder for the two files (and scratch files while it runs); created if missing.
-        tokenizer: Optional Hugging Face tokenizer (or ``tokenizers.Tokenizer``) for token lengths,
-            the figure that decides ``max_seq_len``.
+        tokenizer: Optional :class:`airloom.data.tokens.TokenCounter` (or a Hugging Face tokenizer, or a
+            ``tokenizers.Tokenizer``) for token lengths, the figure that decides ``max_seq_len``, and
+            the share of rows longer than the model's context.
+        token_sample: Count tokens on an even sample of at most this many rows; None: every row.
         previous_profile: An earlier ``profile.json`` (as a dict) to compare with; adds ``changes``
             and ``drift`` (population stability index of lengths, vocabulary shift).
         near_duplicate_threshold: Jaccard of word shingles from which a row counts as a near-duplicate
@@ -123,7 +129,8 @@ def profile_stream(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    profiler = Profiler(tokenizer, near_duplicate_threshold, shingle_size, languages=languages, spill_dir=out_dir)
+    profiler = Profiler(tokenizer, near_duplicate_threshold, shingle_size, languages=languages, spill_dir=out_dir,
+                        token_sample=token_sample)
     try:
         for chunk in chunks():
             profiler.add(chunk)
@@ -140,11 +147,14 @@ def profile_source(
     scan_dir: str | Path | None = None,
     previous_profile: dict | None = None,
     s3_client: Any = None,
+    tokenizer: Any = None,
 ) -> dict:
     """The EDA report of a file, folder, glob or ``s3://`` source, read as a stream.
 
     When ``scan_dir`` holds the profile validation computed while reading the same files (unchanged
-    since: see :func:`airloom.data.load.fingerprint`), it is rendered instead of read again.
+    since: see :func:`airloom.data.load.fingerprint`), it is rendered instead of read again (with the
+    token lengths of validation's tokenizer, if it had one; ``tokenizer``, an object or a reference
+    for :func:`airloom.data.tokens.load_token_counter`, is for a fresh read).
     """
     from airloom.data.load import fingerprint, iter_chunks
 
@@ -154,10 +164,15 @@ def profile_source(
         if saved is not None:
             profile, series = saved
             return write_profile(profile, series, out_dir, previous_profile)
+    if isinstance(tokenizer, str):  # a reference: loaded only now that the data is read here
+        from airloom.data.tokens import load_token_counter
+
+        tokenizer = load_token_counter(tokenizer)
     return profile_stream(
         lambda: (chunk.records for chunk in iter_chunks(path, s3_client=s3_client)),
         out_dir,
         previous_profile=previous_profile,
+        tokenizer=tokenizer,
     )
 
 
@@ -244,8 +259,12 @@ def _binned(values: np.ndarray) -> list[int]:
 
 
 def _token_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
+    """Tokens per text: a :class:`airloom.data.tokens.TokenCounter`, a Hugging Face tokenizer or a
+    ``tokenizers.Tokenizer``."""
     if not texts:
         return []
+    if hasattr(tokenizer, "lengths"):
+        return tokenizer.lengths(texts)
     if callable(tokenizer):
         return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     return [len(enc.ids) for enc in tokenizer.encode_batch(texts, add_special_tokens=False)]
@@ -644,8 +663,18 @@ class Profiler:
         num_perm: int = DEFAULT_NUM_PERM,
         languages: bool = True,
         spill_dir: str | Path | None = None,
+        token_sample: int | None = None,
+        context: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        # token lengths of every row, or (token_sample) of an even sample of that many rows at most,
+        # tokenized at the end: a tokenizer costs seconds per 100k rows, and quantiles need no more
+        self.token_sample = token_sample if tokenizer is not None else None
+        # the model's context in tokens, for the share of rows over it
+        self.context = context if context is not None else getattr(tokenizer, "context", None)
+        self._token_rows: list[tuple[int, str, str, str]] = []
+        self._token_stride = 1
+        self._token_lengths: dict[str, np.ndarray] | None = None
         self.want_languages = languages
         # instructions of every stride-th row; the stride doubles whenever twice the sample is held,
         # so an even sample of any stream is at hand at the end of the pass
@@ -712,6 +741,13 @@ class Profiler:
             if len(self._lang_texts) > 2 * _LANGUAGE_SAMPLE:
                 self._lang_stride = stride = stride * 2
                 self._lang_texts = [(i, t) for i, t in self._lang_texts if i % stride == 0]
+        if self.token_sample is not None:
+            stride = self._token_stride
+            for i in range(-(-base // stride) * stride, base + m, stride):
+                self._token_rows.append((i, *(cols[f][i - base] for f in TEXT_FIELDS)))
+            if len(self._token_rows) > 2 * self.token_sample:
+                self._token_stride = stride = stride * 2
+                self._token_rows = [row for row in self._token_rows if row[0] % stride == 0]
         for f in ("id", "task"):
             self.present[f] += sum(1 for rec in batch if rec.get(f) not in (None, ""))
         self.tasks.update(rec.get("task") or "(none)" for rec in batch)
@@ -725,7 +761,7 @@ class Profiler:
         for f in TEXT_FIELDS:
             self.columns.append(f"chars:{f}", np.fromiter(map(len, cols[f]), dtype=np.int32, count=m))
             self.empty[f] += sum(1 for t in cols[f] if not t.strip())
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and self.token_sample is None:
                 self.columns.append(f"tokens:{f}", np.asarray(_token_lengths(self.tokenizer, cols[f]), np.int32))
 
         pii = np.zeros(m, dtype=bool)
@@ -804,6 +840,19 @@ class Profiler:
             return True
         return False
 
+    def sample_token_lengths(self) -> dict[str, np.ndarray]:
+        """Token lengths per field of the even sample (``token_sample``), tokenized on the first call
+        (validation calls it while its worker finishes, so the time is not added to the run)."""
+        if self._token_lengths is None:
+            step = max(1, len(self._token_rows) // self.token_sample)
+            rows = self._token_rows[::step][: self.token_sample]
+            self._token_rows = []
+            self._token_lengths = {
+                f: np.asarray(_token_lengths(self.tokenizer, [row[k + 1] for row in rows]), dtype=np.int32)
+                for k, f in enumerate(TEXT_FIELDS)
+            }
+        return self._token_lengths
+
     def _language_sample(self) -> list[str]:
         step = max(1, len(self._lang_texts) // _LANGUAGE_SAMPLE)
         return [t for _, t in self._lang_texts[::step][:_LANGUAGE_SAMPLE]]
@@ -862,7 +911,12 @@ class Profiler:
         lines = self.column("line")
         chars = {f: self.column(f"chars:{f}") for f in TEXT_FIELDS}
         nwords = {f: self.column(f"words:{f}") for f in TEXT_FIELDS}
-        tokens = {f: self.column(f"tokens:{f}") for f in TEXT_FIELDS} if self.tokenizer is not None else {}
+        if self.tokenizer is None:
+            tokens = {}
+        elif self.token_sample is not None:
+            tokens = dict(self.sample_token_lengths())
+        else:
+            tokens = {f: self.column(f"tokens:{f}") for f in TEXT_FIELDS}
         series: dict[str, dict[str, np.ndarray]] = {"chars": chars, "words": nwords, "tokens": tokens}
         fields: dict[str, dict] = {}
         bins: dict[str, dict[str, list[int]]] = {"chars": {}}
@@ -892,6 +946,18 @@ class Profiler:
             fields["total_tokens"] = _stats(total_tokens)
             bins["tokens"] = {f: _binned(tokens[f]) for f in TEXT_FIELDS}
             bins["tokens"]["total"] = _binned(total_tokens)
+        token_info = None
+        if self.tokenizer is not None:
+            counted = len(total_tokens)
+            over = int(np.count_nonzero(total_tokens > self.context)) if self.context else None
+            token_info = {
+                "tokenizer": getattr(self.tokenizer, "ref", None),
+                "rows": counted,
+                "sampled": self.token_sample is not None and counted < n,
+                "context": self.context,
+                "over_context": over,
+                "over_context_rate": round(over / counted, 4) if over is not None and counted else None,
+            }
 
         words = self._words()
         languages = self._languages_job() if self.want_languages else None
@@ -932,6 +998,7 @@ class Profiler:
                 "examples": self.script_examples,
             },
             "languages": languages,
+            "tokens": token_info,
             "tasks": tasks,
             "pii": {
                 "rows": self.pii_rows,
@@ -1237,6 +1304,18 @@ def _img(figs: dict[str, str], key: str, alt: str) -> str:
     return f'<img src="data:image/png;base64,{figs[key]}" alt="{_e(alt)}">' if key in figs else ""
 
 
+def _tokens_note(info: dict) -> str:
+    """Which tokenizer counted, on how many rows, and the share of rows longer than the model's context."""
+    who = f"Tokens of {_e(info['tokenizer'])}" if info.get("tokenizer") else "Tokens"
+    rows = f"an even sample of {_num(info['rows'])} rows" if info.get("sampled") else "every row"
+    text = f"{who}, counted on {rows} (no special tokens)."
+    if info.get("context"):
+        text += (f" <b>{info['over_context_rate']:.2%}</b> of them ({_num(info['over_context'])}) are longer "
+                 f"in all (instruction + input + response) than the model's context of {_num(info['context'])} "
+                 "tokens, before any prompt template.")
+    return f"<p class='note'>{text}</p>"
+
+
 def _drift_html(profile: dict) -> list[str]:
     drift = profile.get("drift")
     if not drift:
@@ -1321,6 +1400,7 @@ def _render_html(profile: dict, series: dict) -> str:
         if rows:
             parts += [
                 f"<h3>{unit}</h3>",
+                *([_tokens_note(profile["tokens"])] if unit == "tokens" and profile.get("tokens") else []),
                 _table(["field", *stat_keys], rows),
                 _img(figs, unit, f"{unit} histograms"),
             ]

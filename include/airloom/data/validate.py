@@ -192,6 +192,13 @@ class ValidationConfig:
         max_markup_rate: Largest share of rows with HTML the instruction does not ask for.
         on_bad_rows: ``quarantine`` sets bad rows aside; ``fail`` fails the run on any bad row.
         max_quarantine_rate: Largest share of rows that may be quarantined before the run fails.
+        tokenizer: The model's tokenizer (a folder, ``registry:NAME[/N|@ALIAS]``, ``s3://`` or hub id):
+            the profile then shows token lengths (of an even sample of rows) and the share of rows
+            longer than the model's context.
+        min_tokens: Least tokens per field (``instruction``, ``input``, ``response``) or in ``total``;
+            needs ``tokenizer``, and every row is tokenized.
+        max_tokens: Most tokens per field or in ``total`` (e.g. ``{total: 2048}``, the context);
+            needs ``tokenizer``, and every row is tokenized.
     """
 
     min_chars: dict[str, int] = field(default_factory=_default_min_chars)
@@ -205,8 +212,24 @@ class ValidationConfig:
     max_markup_rate: float = 0.05
     on_bad_rows: str = "quarantine"
     max_quarantine_rate: float = 0.05
+    tokenizer: str | None = None
+    min_tokens: dict[str, int] = field(default_factory=dict)
+    max_tokens: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("min_tokens", "max_tokens"):
+            bounds = getattr(self, name)
+            if not isinstance(bounds, dict):
+                raise UsageError(f"{name} must map field names (or total) to numbers, e.g. {{total: 2048}}")
+            for fld, value in bounds.items():
+                if fld not in (*TEXT_FIELDS, "total"):
+                    raise UsageError(f"{name}.{fld}: unknown field; use one of {', '.join(TEXT_FIELDS)}, total")
+                if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                    raise UsageError(f"{name}.{fld} must be a whole number >= 0, got {value!r}")
+        if (self.min_tokens or self.max_tokens) and not self.tokenizer:
+            raise UsageError("min_tokens/max_tokens need a tokenizer (a model folder or registry:NAME)")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer.strip()):
+            raise UsageError(f"tokenizer must be a model folder, registry:NAME or hub id, got {self.tokenizer!r}")
         for name in ("min_chars", "max_chars"):
             bounds = getattr(self, name)
             if not isinstance(bounds, dict):
@@ -336,6 +359,8 @@ _QUARANTINING = {
     "null_field",
     "too_short",
     "too_long",
+    "too_few_tokens",
+    "too_many_tokens",
     "blank_text",
     "control_chars",
     "duplicate",
@@ -362,14 +387,22 @@ class _Features:
     """
 
     def __init__(self, config: ValidationConfig, spill_dir: Path) -> None:
-        from airloom.data.eda import Columns, Profiler
+        from airloom.data.eda import TOKEN_SAMPLE, Columns, Profiler
 
         self.config = config
+        self.counter = None
+        if config.tokenizer:
+            from airloom.data.tokens import load_token_counter
+
+            self.counter = load_token_counter(config.tokenizer)
+        self.token_bounds = bool(config.min_tokens or config.max_tokens)  # then every row is tokenized
         self.profiler = Profiler(
+            self.counter,
             near_duplicate_threshold=config.near_duplicate_threshold,
             shingle_size=config.near_duplicate_shingle_size,
             num_perm=config.near_duplicate_num_perm,
             spill_dir=spill_dir,
+            token_sample=None if self.token_bounds else TOKEN_SAMPLE,
         )
         self.files: list[str] = []
         self._file_ids: dict[str, int] = {}
@@ -449,6 +482,11 @@ class _Features:
             chunk["is_near_duplicate"] = np.zeros(stop - start, dtype=bool)
             chunk["has_pii"] = p.column("pii", start, stop).astype(bool, copy=False)
             chunk["has_markup"] = p.column("markup", start, stop).astype(bool, copy=False)
+            if self.token_bounds:
+                tokens = [p.column(f"tokens:{f}", start, stop) for f in TEXT_FIELDS]
+                for f, counts in zip(TEXT_FIELDS, tokens, strict=True):
+                    chunk[f"{f}_tokens"] = counts
+                chunk["total_tokens"] = tokens[0] + tokens[1] + tokens[2]
             yield chunk
 
 
@@ -466,6 +504,11 @@ def _suite_spec(config: ValidationConfig) -> list[tuple[str, str | None, str | N
         if lo is not None or hi is not None:
             kwargs = {"column": f"{fld}_chars", "min_value": lo, "max_value": hi, "mostly": row_mostly}
             spec.append(("ExpectColumnValuesToBeBetween", "length", fld, kwargs))
+    for fld in (*TEXT_FIELDS, "total"):
+        lo, hi = config.min_tokens.get(fld), config.max_tokens.get(fld)
+        if lo is not None or hi is not None:
+            kwargs = {"column": f"{fld}_tokens", "min_value": lo, "max_value": hi, "mostly": row_mostly}
+            spec.append(("ExpectColumnValuesToBeBetween", "token_length", fld, kwargs))
     for fld in ("instruction", "response"):
         kwargs = {"column": f"{fld}_blank", "value_set": [False], "mostly": row_mostly}
         spec.append(("ExpectColumnValuesToBeInSet", "blank_text", fld, kwargs))
@@ -504,27 +547,34 @@ def _build_suite(config: ValidationConfig) -> Any:
 #: The feature table GX checks: one row per record, no text (see _Features.feature_chunks), in a
 #: scratch SQLite file in the output folder.
 _FEATURE_DB = ".features.sqlite"
-_FEATURE_COLUMNS = (
-    *(f"{f}_chars" for f in TEXT_FIELDS),
-    *(f"{f}_control" for f in TEXT_FIELDS),
-    "instruction_blank",
-    "response_blank",
-    *_FLAG_COLUMNS,
-)
+
+
+def _feature_columns(config: ValidationConfig) -> list[str]:
+    columns = [
+        *(f"{f}_chars" for f in TEXT_FIELDS),
+        *(f"{f}_control" for f in TEXT_FIELDS),
+        "instruction_blank",
+        "response_blank",
+        *_FLAG_COLUMNS,
+    ]
+    if config.min_tokens or config.max_tokens:
+        columns += [*(f"{f}_tokens" for f in TEXT_FIELDS), "total_tokens"]
+    return columns
 
 
 def _failing(check: str | None, fld: str | None, chunk: dict, config: ValidationConfig) -> Any:
     """Rows of a feature chunk that break a rule (a bool array), or None for a rule without rows."""
     import numpy as np
 
-    if check == "length":
-        chars = chunk[f"{fld}_chars"]
-        lo, hi = config.min_chars.get(fld), config.max_chars.get(fld)
-        bad = np.zeros(len(chars), dtype=bool)
+    if check in ("length", "token_length"):
+        unit = "tokens" if check == "token_length" else "chars"
+        lengths = chunk[f"{fld}_{unit}"]
+        lo, hi = getattr(config, f"min_{unit}").get(fld), getattr(config, f"max_{unit}").get(fld)
+        bad = np.zeros(len(lengths), dtype=bool)
         if lo is not None:
-            bad |= chars < lo
+            bad |= lengths < lo
         if hi is not None:
-            bad |= chars > hi
+            bad |= lengths > hi
         return bad
     if check == "blank_text":
         return chunk[f"{fld}_blank"]
@@ -551,22 +601,23 @@ def _write_features(
         raise RuntimeError(f"{len(rules)} row rules: the per-row failure mask holds 32")
     failed = np.zeros(n, dtype=np.uint32)
     counts = [0] * len(rules)
+    columns = _feature_columns(config)
     con = sqlite3.connect(db)
     try:
         con.execute("PRAGMA journal_mode=OFF")  # a scratch file: nothing to roll back to
         con.execute("PRAGMA synchronous=OFF")
-        types = ", ".join(f"{c} {'INTEGER' if c.endswith('_chars') else 'BOOLEAN'} NOT NULL" for c in _FEATURE_COLUMNS)
-        con.execute(f"CREATE TABLE features ({types})")
-        insert = f"INSERT INTO features VALUES ({', '.join('?' * len(_FEATURE_COLUMNS))})"
+        kinds = {c: "INTEGER" if c.endswith(("_chars", "_tokens")) else "BOOLEAN" for c in columns}
+        con.execute(f"CREATE TABLE features ({', '.join(f'{c} {kinds[c]} NOT NULL' for c in columns)})")
+        insert = f"INSERT INTO features VALUES ({', '.join('?' * len(columns))})"
         start = 0
         for chunk in chunks:
-            m = len(chunk[_FEATURE_COLUMNS[0]])
+            m = len(chunk[columns[0]])
             part = failed[start : start + m]
             for bit, (check, fld) in enumerate(rules):
                 bad = _failing(check, fld, chunk, config)
                 part[bad] |= np.uint32(1 << bit)
                 counts[bit] += int(np.count_nonzero(bad))
-            con.executemany(insert, zip(*(chunk[c].tolist() for c in _FEATURE_COLUMNS), strict=True))
+            con.executemany(insert, zip(*(chunk[c].tolist() for c in columns), strict=True))
             start += m
         con.commit()
     finally:
@@ -694,12 +745,19 @@ def _row_message(
     config: ValidationConfig,
     first: tuple[str, int] | None = None,
     near: tuple[str, int, float] | None = None,
+    tokens: int | None = None,
 ) -> tuple[str, str]:
     """(check, message) for one failing row, with the numbers needed to fix it.
 
     ``first`` is the (file, line) of the row a duplicate repeats; ``near`` the (file, line, Jaccard) of
-    the row a near-duplicate repeats.
+    the row a near-duplicate repeats; ``tokens`` the token count of a row breaking a token bound.
     """
+    if check == "token_length":
+        what = "instruction + input + response have" if fld == "total" else f"{fld} has"
+        lo, hi = config.min_tokens.get(fld), config.max_tokens.get(fld)
+        if lo is not None and tokens is not None and tokens < lo:
+            return "too_few_tokens", f"{what} {tokens} tokens; at least {lo} required (min_tokens.{fld})"
+        return "too_many_tokens", f"{what} {tokens} tokens; at most {hi} allowed (max_tokens.{fld})"
     if check == "length":
         n = len(rec.get(fld, ""))
         lo, hi = config.min_chars.get(fld), config.max_chars.get(fld)
@@ -900,6 +958,8 @@ def _judge(
     db.unlink(missing_ok=True)
     # the feature table while the worker finishes the near-duplicate search; then its flags
     failed_mask, rule_counts = _write_features(db, features.feature_chunks(), rules, config, n)
+    if features.counter is not None and not features.token_bounds:
+        features.profiler.sample_token_lengths()  # the profile's token lengths, in the same wait
     near = features.profiler.near_duplicates()
     _mark_near_duplicates(db, near, rules, failed_mask, rule_counts)
     gx_results = gx.ask("run", str(db), config)  # GX runs while this process writes the rows
@@ -950,8 +1010,12 @@ def _judge(
                     similar = None
                     if check == "near_duplicate" and (hit := near.first_of(i)) is not None:
                         similar = (*at(hit[0]), hit[1])
-                    name, message = _row_message(check, fld, rec, config, first, similar)
-                    target = fld or _field_of(check, rec)
+                    tokens = None
+                    if check == "token_length":  # the few failing rows are counted again
+                        texts = [rec.get(f) or "" for f in TEXT_FIELDS] if fld == "total" else [rec.get(fld) or ""]
+                        tokens = sum(features.counter.lengths(texts))
+                    name, message = _row_message(check, fld, rec, config, first, similar, tokens)
+                    target = (None if fld == "total" else fld) or _field_of(check, rec)
                     severity = "error" if name in _QUARANTINING else "warning"
                     row_findings.append(Finding(rec["_file"], rec["_line"], target, name, message, severity=severity))
                     shown = examples.setdefault(k, [])

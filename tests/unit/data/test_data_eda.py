@@ -320,3 +320,19 @@ def test_rows_without_any_word_pair_profile_cleanly(tmp_path):
     records = [{"instruction": f"Task {i}", "input": "", "response": str(i)} for i in range(5)]
     profile = build_profile(records, tmp_path, languages=False, near_duplicate_threshold=None)
     assert profile["rows"] == 5
+
+
+def test_token_lengths_of_an_even_sample_say_so(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    raw = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "row": 1}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    records = [{"instruction": "row " * (i % 7 + 1), "input": "", "response": "x"} for i in range(400)]
+    profile = build_profile(records, tmp_path / "p", tokenizer=raw, token_sample=50, languages=False,
+                            near_duplicate_threshold=None)
+    info = profile["tokens"]
+    assert info["sampled"] is True and 25 <= info["rows"] <= 50 and info["context"] is None
+    stats = profile["fields"]["instruction"]["tokens"]
+    assert (stats["min"], stats["max"]) == (1, 7) and 3 <= stats["p50"] <= 5  # every 7th length, evenly
+    html = (tmp_path / "p" / "report.html").read_text()
+    assert f"counted on an even sample of {info['rows']} rows" in html

@@ -315,3 +315,78 @@ def test_a_stream_of_small_chunks_over_two_files_gives_what_one_read_gives(tmp_p
     _write(folder / "a.jsonl", [*rows[:16], _clean_rows(31)[30]])  # changed since: read again
     again = profile_source(folder, tmp_path / "eda2", scan_dir=tmp_path / "streamed" / "scan")
     assert again["rows"] == 34
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory) -> Path:
+    """A word-level tokenizer folder (tokenizer.json + a context of 12 tokens), made here: one token a word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(["write", "the", "word", "times", *COLOURS])}}
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder = tmp_path_factory.mktemp("tokenizer")
+    raw.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 12}))
+    return folder
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def test_token_bounds_quarantine_rows_over_them_with_their_counts(tmp_path, word_tokenizer):
+    rows = _clean_rows(30)
+    rows[4]["response"] = " ".join(["red"] * 40)  # 40 tokens, and the row's total far over 30
+    config = ValidationConfig.from_dict(
+        {"tokenizer": str(word_tokenizer), "max_tokens": {"total": 30, "response": 35}, "max_quarantine_rate": 0.5}
+    )
+    result = validate(load_records(_write(tmp_path / "rows.jsonl", rows)), tmp_path / "out", config)
+    totals = [sum(_words(r[f]) for f in ("instruction", "input", "response")) for r in rows]
+    over = {i + 1 for i, t in enumerate(totals) if t > 30}
+    assert 5 in over and result.quarantined == len(over)
+    findings = [f for f in result.findings if f.check == "too_many_tokens"]
+    assert {f.line for f in findings} == over
+    row5 = {f.field: f.message for f in findings if f.line == 5}
+    assert row5["response"] == "response has 40 tokens; at most 35 allowed (max_tokens.response)"
+    assert row5[None] == f"instruction + input + response have {totals[4]} tokens; at most 30 allowed (max_tokens.total)"
+    report = json.loads(result.report_path.read_text())
+    checked = {e["column"]: e for e in report["expectations"]}
+    assert checked["total_tokens"]["details"]["unexpected_count"] == len(over)  # GX counted them too
+    assert checked["response_tokens"]["details"]["unexpected_count"] == 1
+
+
+def test_a_tokenizer_alone_profiles_token_lengths_and_the_share_over_the_context(tmp_path, word_tokenizer):
+    from airloom.data.eda import load_scan
+
+    rows = _clean_rows(20)
+    config = ValidationConfig(tokenizer=str(word_tokenizer))
+    source = _write(tmp_path / "rows.jsonl", rows)
+    from airloom.data.load import fingerprint, iter_chunks
+    from airloom.data.validate import validate_stream
+
+    result = validate_stream(lambda: iter_chunks(source), tmp_path / "out", config, source=str(source),
+                             scan_source=fingerprint(source))
+    assert result.success and result.accepted == 20  # no bounds: nothing quarantined for tokens
+    profile, _ = load_scan(tmp_path / "out" / "scan", fingerprint(source))
+    totals = [sum(_words(r[f]) for f in ("instruction", "input", "response")) for r in rows]
+    assert profile["fields"]["total_tokens"]["max"] == max(totals)
+    assert profile["tokens"] == {
+        "tokenizer": str(word_tokenizer), "rows": 20, "sampled": False, "context": 12,
+        "over_context": sum(t > 12 for t in totals), "over_context_rate": round(sum(t > 12 for t in totals) / 20, 4),
+    }
+
+
+def test_token_settings_are_checked(tmp_path, word_tokenizer):
+    with pytest.raises(UsageError, match="need a tokenizer"):
+        ValidationConfig.from_dict({"max_tokens": {"total": 10}})
+    with pytest.raises(UsageError, match="max_tokens.prompt: unknown field"):
+        ValidationConfig.from_dict({"tokenizer": str(word_tokenizer), "max_tokens": {"prompt": 10}})
+    load = load_records(_write(tmp_path / "rows.jsonl", _clean_rows(3)))
+    with pytest.raises(UsageError, match="cannot load tokenizer '/no/such/tokenizer'"):
+        validate(load, tmp_path / "out", ValidationConfig(tokenizer="/no/such/tokenizer"))
+
+
+def test_the_example_suite_is_the_default_suite():
+    example = Path(__file__).resolve().parents[3] / "docs" / "validation_suite.example.yaml"
+    assert ValidationConfig.from_yaml(example) == ValidationConfig()

@@ -43,10 +43,12 @@ class ValidateDataOperator(BaseOperator):
     :param suite: a YAML file of validation thresholds, or a dict of them; None = defaults.
     :param on_bad_rows: ``quarantine`` (keep going, fail above the quarantine threshold) or ``fail``.
     :param output_dir: where validation.json, accepted/quarantined rows and Data Docs go.
+    :param tokenizer: the model's tokenizer (folder, ``registry:NAME`` or hub id), overriding the suite's:
+        token lengths in the profile, and per-row bounds when the suite sets ``max_tokens``; empty = the suite's.
     :param aws_conn_id: the Airflow connection with S3 credentials, for ``s3://`` sources.
     """
 
-    template_fields: Sequence[str] = ("source", "suite", "on_bad_rows", "output_dir")
+    template_fields: Sequence[str] = ("source", "suite", "on_bad_rows", "output_dir", "tokenizer")
     operator_extra_links = (DataDocsLink(),)
 
     def __init__(
@@ -56,12 +58,14 @@ class ValidateDataOperator(BaseOperator):
         suite: str | dict | None = None,
         on_bad_rows: str = "quarantine",
         output_dir: str | None = None,
+        tokenizer: str | None = None,
         aws_conn_id: str | None = "aws_default",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.source = source
         self.suite = suite
+        self.tokenizer = tokenizer
         self.on_bad_rows = on_bad_rows
         self.output_dir = output_dir
         self.aws_conn_id = aws_conn_id
@@ -76,6 +80,8 @@ class ValidateDataOperator(BaseOperator):
         else:
             config = ValidationConfig.from_dict(dict(self.suite or {}))
         config.on_bad_rows = self.on_bad_rows
+        if str(self.tokenizer or "").strip():
+            config.tokenizer = str(self.tokenizer).strip()
         result = validate_stream(
             _chunks(self.source, self.aws_conn_id),
             out,
@@ -113,9 +119,10 @@ class DataProfileOperator(BaseOperator):
 
     :param scan_dir: the ``scan`` folder validation wrote while reading the same source: its profile is
         rendered instead of reading the data again (read again when absent or the files changed).
+    :param tokenizer: for token lengths when the data is read here (validation's scan has its own).
     """
 
-    template_fields: Sequence[str] = ("input_path", "scan_dir", "output_dir")
+    template_fields: Sequence[str] = ("input_path", "scan_dir", "output_dir", "tokenizer")
     operator_extra_links = (EdaReportLink(),)
 
     def __init__(
@@ -124,12 +131,14 @@ class DataProfileOperator(BaseOperator):
         input_path: str,
         scan_dir: str | None = None,
         output_dir: str | None = None,
+        tokenizer: str | None = None,
         aws_conn_id: str | None = "aws_default",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.input_path = input_path
         self.scan_dir = scan_dir
+        self.tokenizer = tokenizer
         self.output_dir = output_dir
         self.aws_conn_id = aws_conn_id
 
@@ -142,6 +151,7 @@ class DataProfileOperator(BaseOperator):
             out,
             scan_dir=self.scan_dir or None,
             s3_client=_s3_client(self.input_path, self.aws_conn_id),
+            tokenizer=str(self.tokenizer or "").strip() or None,
         )
         self.log.info("EDA report: %s (%d rows)", out / "report.html", profile.get("rows", 0))
         return push_outputs(
