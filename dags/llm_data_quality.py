@@ -47,6 +47,10 @@ with DAG(
         "suite": Param(None, type=["null", "string"], title="Validation config",
                        description="YAML file of validation thresholds (empty: built-in defaults)"),
         "on_bad_rows": Param("quarantine", enum=["quarantine", "fail"], title="Bad rows"),
+        "field_map": Param(None, type=["null", "object"], title="Field mapping",
+                           description='Source key -> record field, e.g. {"question": "instruction", "answer": '
+                                       '"response"} (fields: instruction, input, response, id, task, messages); '
+                                       "empty: recognised (Alpaca, Dolly, prompt/completion, chat messages)"),
         "seed": Param(0, type="integer", minimum=0, title="Split seed"),
         "val_fraction": Param(0.1, type="number", minimum=0, maximum=0.5),
         "test_fraction": Param(0.1, type="number", minimum=0, maximum=0.5),
@@ -71,6 +75,7 @@ with DAG(
         suite="{{ params.suite or '' }}",
         on_bad_rows="{{ params.on_bad_rows }}",
         tokenizer="{{ params.tokenizer or '' }}",  # token lengths in the profile (and bounds, if the suite sets any)
+        field_map="{{ params.field_map | tojson }}",
         retries=0,
     )
     # EDA of the data as read (duplicates, PII, markup are what it is for), rendered from the profile
@@ -80,6 +85,7 @@ with DAG(
         input_path="{{ params.source }}",
         scan_dir=validate.output["scan"],
         tokenizer="{{ params.tokenizer or '' }}",
+        field_map="{{ params.field_map | tojson }}",
         trigger_rule="all_done",
     )
     prepare = PrepareDatasetOperator(

@@ -49,16 +49,17 @@ def _existing(path: str, what: str) -> Path:
 # -- data -----------------------------------------------------------------------------------------
 
 def cmd_validate(args) -> int:
-    from airloom.data.load import fingerprint, iter_chunks
+    from airloom.data.load import fingerprint, iter_chunks, parse_field_map
     from airloom.data.validate import ValidationConfig, validate_stream
 
     _existing(args.source, "input")
+    field_map = parse_field_map(args.field_map)
     config = ValidationConfig.from_yaml(args.suite) if args.suite else ValidationConfig()
     if args.on_bad_rows:
         config.on_bad_rows = args.on_bad_rows
     if args.tokenizer:
         config.tokenizer = args.tokenizer
-    result = validate_stream(lambda: iter_chunks(args.source), Path(args.out), config, source=args.source,
+    result = validate_stream(lambda: iter_chunks(args.source, field_map), Path(args.out), config, source=args.source,
                              scan_source=fingerprint(args.source))
     _emit(args, json.loads(result.report_path.read_text()) if args.json else None, result.summary())
     return 0 if result.success else 1
@@ -66,11 +67,12 @@ def cmd_validate(args) -> int:
 
 def cmd_eda(args) -> int:
     from airloom.data.eda import profile_source
+    from airloom.data.load import parse_field_map
 
     _existing(args.input, "input")
     previous = json.loads(Path(args.previous).read_text()) if args.previous else None
     profile = profile_source(args.input, Path(args.out), scan_dir=args.scan, previous_profile=previous,
-                             tokenizer=args.tokenizer or None)
+                             tokenizer=args.tokenizer or None, field_map=parse_field_map(args.field_map))
     _emit(args, profile, f"EDA report: {Path(args.out) / 'report.html'} ({profile.get('rows')} rows)")
     return 0
 
@@ -85,11 +87,12 @@ def _threshold_or_off(text: str) -> float | None:
 
 
 def cmd_prepare(args) -> int:
-    from airloom.data.load import iter_chunks
+    from airloom.data.load import iter_chunks, parse_field_map
     from airloom.data.prepare import prepare
 
     _existing(args.input, "input")
-    records = (rec for chunk in iter_chunks(args.input) for rec in chunk.records)
+    field_map = parse_field_map(args.field_map)
+    records = (rec for chunk in iter_chunks(args.input, field_map) for rec in chunk.records)
     manifest = prepare(records, Path(args.out), seed=args.seed,
                        val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                        template=args.template, pii_policy=args.pii_policy, max_seq_len=args.max_seq_len,
@@ -376,6 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output folder (validation.json, Data Docs, accepted rows)")
     sp.add_argument("--suite", help="YAML validation thresholds")
     sp.add_argument("--on-bad-rows", choices=["quarantine", "fail"])
+    sp.add_argument("--field-map", metavar="SRC=FIELD,...",
+                    help="source keys to record fields (instruction, input, response, id, task, messages), "
+                         "e.g. question=instruction,answer=response; default: the layout is recognised")
     sp.add_argument("--tokenizer", help="the model's tokenizer (folder, registry:NAME or hub id): token lengths "
                                         "in the profile; the suite's min_tokens/max_tokens check them per row")
 
@@ -383,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("input")
     sp.add_argument("--out", required=True)
     sp.add_argument("--previous", help="profile.json of an earlier run, to show changes")
+    sp.add_argument("--field-map", metavar="SRC=FIELD,...",
+                    help="source keys to record fields (instruction, input, response, id, task, messages), "
+                         "e.g. question=instruction,answer=response; default: the layout is recognised")
     sp.add_argument("--tokenizer", help="the model's tokenizer (folder, registry:NAME or hub id), for token "
                                         "lengths of an even sample of rows (when the data is read here)")
     sp.add_argument("--scan", help="the scan/ folder `airloom validate` wrote for the same input: render its "
@@ -391,6 +400,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("prepare", cmd_prepare, "clean, screen PII, dedup, render prompts and split into Parquet files")
     sp.add_argument("input")
     sp.add_argument("--out", required=True)
+    sp.add_argument("--field-map", metavar="SRC=FIELD,...",
+                    help="source keys to record fields (instruction, input, response, id, task, messages), "
+                         "e.g. question=instruction,answer=response; default: the layout is recognised")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--val-fraction", type=float, default=0.1)
     sp.add_argument("--test-fraction", type=float, default=0.1)

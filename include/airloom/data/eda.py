@@ -148,8 +148,10 @@ def profile_source(
     previous_profile: dict | None = None,
     s3_client: Any = None,
     tokenizer: Any = None,
+    field_map: dict[str, str] | None = None,
 ) -> dict:
-    """The EDA report of a file, folder, glob or ``s3://`` source, read as a stream.
+    """The EDA report of a file, folder, glob or ``s3://`` source, read as a stream (``field_map`` as
+    :func:`airloom.data.load.iter_chunks` takes it).
 
     When ``scan_dir`` holds the profile validation computed while reading the same files (unchanged
     since: see :func:`airloom.data.load.fingerprint`), it is rendered instead of read again (with the
@@ -169,7 +171,7 @@ def profile_source(
 
         tokenizer = load_token_counter(tokenizer)
     return profile_stream(
-        lambda: (chunk.records for chunk in iter_chunks(path, s3_client=s3_client)),
+        lambda: (chunk.records for chunk in iter_chunks(path, field_map, s3_client=s3_client)),
         out_dir,
         previous_profile=previous_profile,
         tokenizer=tokenizer,

@@ -177,6 +177,31 @@ def _local_sources(path: str | Path) -> list[_Source]:
     return [_Source(str(f), f.suffix.lower(), lambda f=f: _read_bytes(f), f) for f in _resolve(path)]
 
 
+def parse_field_map(value: Any) -> dict[str, str] | None:
+    """A field map as users give it: a dict, JSON object text, or ``src=dst,src=dst`` text (source key =
+    canonical key); None, ``""``, ``null`` and ``{}`` mean "recognise the layout". Checked."""
+    if value is None or (isinstance(value, str) and value.strip() in ("", "null", "None", "{}")):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                value = json.loads(text)
+            except ValueError as exc:
+                raise UsageError(f"field_map is not a JSON object: {exc}") from None
+        else:
+            pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+            if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
+                raise UsageError(f"field_map: expected source=field pairs separated by commas, got {text!r}")
+            value = {src.strip(): dst.strip() for src, dst in pairs}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise UsageError(f"field_map must map source keys to field names, got {value!r}")
+    if not value:
+        return None
+    _check_field_map(value)
+    return value
+
+
 def _check_field_map(field_map: dict[str, str]) -> None:
     for src, dst in field_map.items():
         if dst not in CANONICAL_FIELDS:

@@ -28,12 +28,13 @@ def _s3_client(path: str, aws_conn_id: str | None):
     return S3Hook(aws_conn_id=aws_conn_id).get_conn()
 
 
-def _chunks(path: str, aws_conn_id: str | None):
+def _chunks(path: str, aws_conn_id: str | None, field_map: Any = None):
     """A function streaming the records of ``path`` chunk by chunk (see ``iter_chunks``)."""
-    from airloom.data.load import iter_chunks
+    from airloom.data.load import iter_chunks, parse_field_map
 
     client = _s3_client(path, aws_conn_id)
-    return lambda: iter_chunks(path, s3_client=client)
+    mapping = parse_field_map(field_map)
+    return lambda: iter_chunks(path, mapping, s3_client=client)
 
 
 class ValidateDataOperator(BaseOperator):
@@ -45,10 +46,12 @@ class ValidateDataOperator(BaseOperator):
     :param output_dir: where validation.json, accepted/quarantined rows and Data Docs go.
     :param tokenizer: the model's tokenizer (folder, ``registry:NAME`` or hub id), overriding the suite's:
         token lengths in the profile, and per-row bounds when the suite sets ``max_tokens``; empty = the suite's.
+    :param field_map: source key -> record field (a dict, JSON text or ``src=field,...``); empty = the
+        layout is recognised (ours, Alpaca, Dolly, prompt/completion, chat messages).
     :param aws_conn_id: the Airflow connection with S3 credentials, for ``s3://`` sources.
     """
 
-    template_fields: Sequence[str] = ("source", "suite", "on_bad_rows", "output_dir", "tokenizer")
+    template_fields: Sequence[str] = ("source", "suite", "on_bad_rows", "output_dir", "tokenizer", "field_map")
     operator_extra_links = (DataDocsLink(),)
 
     def __init__(
@@ -59,6 +62,7 @@ class ValidateDataOperator(BaseOperator):
         on_bad_rows: str = "quarantine",
         output_dir: str | None = None,
         tokenizer: str | None = None,
+        field_map: dict | str | None = None,
         aws_conn_id: str | None = "aws_default",
         **kwargs,
     ) -> None:
@@ -66,6 +70,7 @@ class ValidateDataOperator(BaseOperator):
         self.source = source
         self.suite = suite
         self.tokenizer = tokenizer
+        self.field_map = field_map
         self.on_bad_rows = on_bad_rows
         self.output_dir = output_dir
         self.aws_conn_id = aws_conn_id
@@ -83,7 +88,7 @@ class ValidateDataOperator(BaseOperator):
         if str(self.tokenizer or "").strip():
             config.tokenizer = str(self.tokenizer).strip()
         result = validate_stream(
-            _chunks(self.source, self.aws_conn_id),
+            _chunks(self.source, self.aws_conn_id, self.field_map),
             out,
             config,
             source=self.source,
@@ -120,9 +125,10 @@ class DataProfileOperator(BaseOperator):
     :param scan_dir: the ``scan`` folder validation wrote while reading the same source: its profile is
         rendered instead of reading the data again (read again when absent or the files changed).
     :param tokenizer: for token lengths when the data is read here (validation's scan has its own).
+    :param field_map: as :class:`ValidateDataOperator`'s, when the data is read here.
     """
 
-    template_fields: Sequence[str] = ("input_path", "scan_dir", "output_dir", "tokenizer")
+    template_fields: Sequence[str] = ("input_path", "scan_dir", "output_dir", "tokenizer", "field_map")
     operator_extra_links = (EdaReportLink(),)
 
     def __init__(
@@ -132,6 +138,7 @@ class DataProfileOperator(BaseOperator):
         scan_dir: str | None = None,
         output_dir: str | None = None,
         tokenizer: str | None = None,
+        field_map: dict | str | None = None,
         aws_conn_id: str | None = "aws_default",
         **kwargs,
     ) -> None:
@@ -139,11 +146,13 @@ class DataProfileOperator(BaseOperator):
         self.input_path = input_path
         self.scan_dir = scan_dir
         self.tokenizer = tokenizer
+        self.field_map = field_map
         self.output_dir = output_dir
         self.aws_conn_id = aws_conn_id
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.data.eda import profile_source
+        from airloom.data.load import parse_field_map
 
         out = task_output_dir(context, self.output_dir)
         profile = profile_source(
@@ -152,6 +161,7 @@ class DataProfileOperator(BaseOperator):
             scan_dir=self.scan_dir or None,
             s3_client=_s3_client(self.input_path, self.aws_conn_id),
             tokenizer=str(self.tokenizer or "").strip() or None,
+            field_map=parse_field_map(self.field_map),
         )
         self.log.info("EDA report: %s (%d rows)", out / "report.html", profile.get("rows", 0))
         return push_outputs(
