@@ -103,6 +103,7 @@ def profile_stream(
     shingle_size: int = DEFAULT_SHINGLE_SIZE,
     languages: bool = True,
     token_sample: int | None = TOKEN_SAMPLE,
+    token_error: str | None = None,
 ) -> dict:
     """Profile a stream of records and write ``profile.json`` and ``report.html`` into ``out_dir``.
 
@@ -117,6 +118,7 @@ def profile_stream(
             ``tokenizers.Tokenizer``) for token lengths, the figure that decides ``max_seq_len``, and
             the share of rows longer than the model's context.
         token_sample: Count tokens on an even sample of at most this many rows; None: every row.
+        token_error: Why a tokenizer that was asked for could not be loaded (said in the report).
         previous_profile: An earlier ``profile.json`` (as a dict) to compare with; adds ``changes``
             and ``drift`` (population stability index of lengths, vocabulary shift).
         near_duplicate_threshold: Jaccard of word shingles from which a row counts as a near-duplicate
@@ -130,7 +132,7 @@ def profile_stream(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     profiler = Profiler(tokenizer, near_duplicate_threshold, shingle_size, languages=languages, spill_dir=out_dir,
-                        token_sample=token_sample)
+                        token_sample=token_sample, token_error=token_error)
     try:
         for chunk in chunks():
             profiler.add(chunk)
@@ -166,15 +168,21 @@ def profile_source(
         if saved is not None:
             profile, series = saved
             return write_profile(profile, series, out_dir, previous_profile)
+    token_error = None
     if isinstance(tokenizer, str):  # a reference: loaded only now that the data is read here
         from airloom.data.tokens import load_token_counter
+        from airloom.exceptions import UsageError
 
-        tokenizer = load_token_counter(tokenizer)
+        try:
+            tokenizer = load_token_counter(tokenizer)
+        except UsageError as exc:  # the rest of the report is still worth having
+            tokenizer, token_error = None, str(exc)
     return profile_stream(
         lambda: (chunk.records for chunk in iter_chunks(path, field_map, s3_client=s3_client)),
         out_dir,
         previous_profile=previous_profile,
         tokenizer=tokenizer,
+        token_error=token_error,
     )
 
 
@@ -667,8 +675,10 @@ class Profiler:
         spill_dir: str | Path | None = None,
         token_sample: int | None = None,
         context: int | None = None,
+        token_error: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
+        self.token_error = token_error  # why there are no token lengths although they were asked for
         # token lengths of every row, or (token_sample) of an even sample of that many rows at most,
         # tokenized at the end: a tokenizer costs seconds per 100k rows, and quantiles need no more
         self.token_sample = token_sample if tokenizer is not None else None
@@ -948,7 +958,7 @@ class Profiler:
             fields["total_tokens"] = _stats(total_tokens)
             bins["tokens"] = {f: _binned(tokens[f]) for f in TEXT_FIELDS}
             bins["tokens"]["total"] = _binned(total_tokens)
-        token_info = None
+        token_info = {"error": self.token_error} if self.token_error else None
         if self.tokenizer is not None:
             counted = len(total_tokens)
             over = int(np.count_nonzero(total_tokens > self.context)) if self.context else None
@@ -1406,6 +1416,8 @@ def _render_html(profile: dict, series: dict) -> str:
                 _table(["field", *stat_keys], rows),
                 _img(figs, unit, f"{unit} histograms"),
             ]
+    if (profile.get("tokens") or {}).get("error"):
+        parts.append(f"<p class='note'>Token lengths were not counted: {_e(profile['tokens']['error'])}</p>")
     v = profile["vocabulary"]
     parts += [
         "<h2>Vocabulary</h2>",

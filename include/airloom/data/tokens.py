@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from airloom.exceptions import UsageError
+from airloom.exceptions import AirloomError, UsageError
 
 _BATCH = 256  # texts per tokenizer call
 # A model_max_length above this is transformers' "no limit" placeholder (int(1e30)), not a context.
@@ -46,7 +46,7 @@ def load_token_counter(ref: str) -> TokenCounter:
 
     try:
         folder = Path(resolve_model(ref)["path"])
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, AirloomError) as exc:  # no such model or version, unreadable registry
         raise UsageError(f"cannot resolve tokenizer {ref!r}: {exc}") from exc
     if (folder / "tokenizer.json").is_file():
         from tokenizers import Tokenizer

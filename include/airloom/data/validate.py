@@ -391,11 +391,17 @@ class _Features:
 
         self.config = config
         self.counter = None
+        self.token_bounds = bool(config.min_tokens or config.max_tokens)  # then every row is tokenized
+        token_error = None
         if config.tokenizer:
             from airloom.data.tokens import load_token_counter
 
-            self.counter = load_token_counter(config.tokenizer)
-        self.token_bounds = bool(config.min_tokens or config.max_tokens)  # then every row is tokenized
+            try:
+                self.counter = load_token_counter(config.tokenizer)
+            except UsageError as exc:
+                if self.token_bounds:  # the suite checks tokens: it cannot run without them
+                    raise
+                token_error = str(exc)  # only the profile wanted them: it says why they are missing
         self.profiler = Profiler(
             self.counter,
             near_duplicate_threshold=config.near_duplicate_threshold,
@@ -403,6 +409,7 @@ class _Features:
             num_perm=config.near_duplicate_num_perm,
             spill_dir=spill_dir,
             token_sample=None if self.token_bounds else TOKEN_SAMPLE,
+            token_error=token_error,
         )
         self.files: list[str] = []
         self._file_ids: dict[str, int] = {}

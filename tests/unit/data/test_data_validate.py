@@ -383,10 +383,25 @@ def test_token_settings_are_checked(tmp_path, word_tokenizer):
     with pytest.raises(UsageError, match="max_tokens.prompt: unknown field"):
         ValidationConfig.from_dict({"tokenizer": str(word_tokenizer), "max_tokens": {"prompt": 10}})
     load = load_records(_write(tmp_path / "rows.jsonl", _clean_rows(3)))
+    bounded = ValidationConfig(tokenizer="/no/such/tokenizer", max_tokens={"total": 100})
     with pytest.raises(UsageError, match="cannot load tokenizer '/no/such/tokenizer'"):
-        validate(load, tmp_path / "out", ValidationConfig(tokenizer="/no/such/tokenizer"))
+        validate(load, tmp_path / "out", bounded)  # the suite checks tokens: no tokenizer, no run
 
 
 def test_the_example_suite_is_the_default_suite():
     example = Path(__file__).resolve().parents[3] / "docs" / "validation_suite.example.yaml"
     assert ValidationConfig.from_yaml(example) == ValidationConfig()
+
+
+def test_a_tokenizer_that_cannot_load_costs_the_token_lengths_not_the_run(tmp_path):
+    from airloom.data.eda import load_scan
+    from airloom.data.load import fingerprint, iter_chunks
+    from airloom.data.validate import validate_stream
+
+    source = _write(tmp_path / "rows.jsonl", _clean_rows(5))
+    config = ValidationConfig(tokenizer="registry:no-such-model")  # no bounds: the profile wanted tokens
+    result = validate_stream(lambda: iter_chunks(source), tmp_path / "out", config, source=str(source),
+                             scan_source=fingerprint(source))
+    assert result.success and result.accepted == 5
+    profile, _ = load_scan(tmp_path / "out" / "scan", fingerprint(source))
+    assert "no-such-model" in profile["tokens"]["error"] and "tokens" not in profile["fields"]["instruction"]
