@@ -148,3 +148,25 @@ def test_serialized_dags_keep_the_report_links(dagbag, dag_id, task_id, link, xc
     served = DagSerialization.from_dict(encoded).get_task(task_id)
     assert served.extra_links == [link]
     assert served.operator_extra_link_dict[link].xcom_key == xcom_key
+
+
+def test_rendering_leaves_the_canary_prompts_as_the_model_was_trained_on_them(dagbag):
+    from airloom.airflow.defaults import CANARY_PROMPTS
+
+    task = dagbag.dags["llm_finetune"].get_task("canary")
+    task.render_template_fields({"params": {"model_name": "airloom-demo"}})
+    # each ends "### Response:\n" as the training prompts do; Jinja would drop that newline
+    assert task.prompts == CANARY_PROMPTS and all(p.endswith("### Response:\n") for p in task.prompts)
+    assert task.model_name == "airloom-demo"
+
+
+def test_rendering_gives_the_data_operators_a_field_map_they_read(dagbag):
+    from airloom.data.load import parse_field_map
+
+    dag = dagbag.dags["llm_data_quality"]
+    for task_id in ("validate", "eda_report"):
+        task = dag.get_task(task_id)
+        assert "field_map" in task.template_fields
+        for value, expected in ((None, None), ({"question": "instruction"}, {"question": "instruction"})):
+            rendered = task.render_template(task.field_map, {"params": {"field_map": value}})
+            assert parse_field_map(rendered) == expected, (task_id, rendered)

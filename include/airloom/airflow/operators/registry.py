@@ -232,7 +232,9 @@ class CanaryOperator(_RegistryOperator):
     check that the deployed artifact really serves.
     """
 
-    template_fields: Sequence[str] = ("model_name", "alias", "prompts", "output_dir")
+    # Not the prompts: Jinja drops a template's trailing newline, and "### Response:\n" without it is
+    # a prompt the model never saw (it answered with nothing, and the canary failed a good model).
+    template_fields: Sequence[str] = ("model_name", "alias", "output_dir")
 
     def __init__(
         self,
