@@ -368,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", help="registry URI: a folder or s3://bucket/prefix (env AIRLOOM_REGISTRY)")
     sub = p.add_subparsers(dest="command", required=True)
 
+    def add_field_map(sp):
+        sp.add_argument("--field-map", metavar="SRC=FIELD,...",
+                        help="source keys to record fields (instruction, input, response, id, task, messages), "
+                             "e.g. question=instruction,answer=response; default: the layout is recognised")
+
     def add(name, func, help_):
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.set_defaults(func=func)
@@ -379,9 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, help="output folder (validation.json, Data Docs, accepted rows)")
     sp.add_argument("--suite", help="YAML validation thresholds")
     sp.add_argument("--on-bad-rows", choices=["quarantine", "fail"])
-    sp.add_argument("--field-map", metavar="SRC=FIELD,...",
-                    help="source keys to record fields (instruction, input, response, id, task, messages), "
-                         "e.g. question=instruction,answer=response; default: the layout is recognised")
+    add_field_map(sp)
     sp.add_argument("--tokenizer", help="the model's tokenizer (folder, registry:NAME or hub id): token lengths "
                                         "in the profile; the suite's min_tokens/max_tokens check them per row")
 
@@ -389,9 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("input")
     sp.add_argument("--out", required=True)
     sp.add_argument("--previous", help="profile.json of an earlier run, to show changes")
-    sp.add_argument("--field-map", metavar="SRC=FIELD,...",
-                    help="source keys to record fields (instruction, input, response, id, task, messages), "
-                         "e.g. question=instruction,answer=response; default: the layout is recognised")
+    add_field_map(sp)
     sp.add_argument("--tokenizer", help="the model's tokenizer (folder, registry:NAME or hub id), for token "
                                         "lengths of an even sample of rows (when the data is read here)")
     sp.add_argument("--scan", help="the scan/ folder `airloom validate` wrote for the same input: render its "
@@ -400,9 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add("prepare", cmd_prepare, "clean, screen PII, dedup, render prompts and split into Parquet files")
     sp.add_argument("input")
     sp.add_argument("--out", required=True)
-    sp.add_argument("--field-map", metavar="SRC=FIELD,...",
-                    help="source keys to record fields (instruction, input, response, id, task, messages), "
-                         "e.g. question=instruction,answer=response; default: the layout is recognised")
+    add_field_map(sp)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--val-fraction", type=float, default=0.1)
     sp.add_argument("--test-fraction", type=float, default=0.1)

@@ -48,6 +48,7 @@ from airloom.data.neardup import (
     NearDuplicates,
     scan_words,
 )
+from airloom.data.tokens import as_token_counter
 from airloom.data.validate import CONTROL_CHARS_RE, MARKUP_RE, dedup_key, find_pii, has_markup
 
 PROFILE_VERSION = 2
@@ -266,18 +267,6 @@ def _binned(values: np.ndarray) -> list[int]:
     """Counts per :data:`LENGTH_BIN_EDGES` bin."""
     idx = np.searchsorted(np.asarray(LENGTH_BIN_EDGES), values, side="right") - 1
     return [int(c) for c in np.bincount(idx, minlength=len(LENGTH_BIN_EDGES))]
-
-
-def _token_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
-    """Tokens per text: a :class:`airloom.data.tokens.TokenCounter`, a Hugging Face tokenizer or a
-    ``tokenizers.Tokenizer``."""
-    if not texts:
-        return []
-    if hasattr(tokenizer, "lengths"):
-        return tokenizer.lengths(texts)
-    if callable(tokenizer):
-        return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    return [len(enc.ids) for enc in tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
 def _preview(text: str, n: int = 80) -> str:
@@ -677,13 +666,13 @@ class Profiler:
         context: int | None = None,
         token_error: str | None = None,
     ) -> None:
-        self.tokenizer = tokenizer
+        self.tokenizer = as_token_counter(tokenizer)  # any tokenizer, counted one way
         self.token_error = token_error  # why there are no token lengths although they were asked for
         # token lengths of every row, or (token_sample) of an even sample of that many rows at most,
         # tokenized at the end: a tokenizer costs seconds per 100k rows, and quantiles need no more
         self.token_sample = token_sample if tokenizer is not None else None
         # the model's context in tokens, for the share of rows over it
-        self.context = context if context is not None else getattr(tokenizer, "context", None)
+        self.context = context if context is not None else getattr(self.tokenizer, "context", None)
         self._token_rows: list[tuple[int, str, str, str]] = []
         self._token_stride = 1
         self._token_lengths: dict[str, np.ndarray] | None = None
@@ -774,7 +763,7 @@ class Profiler:
             self.columns.append(f"chars:{f}", np.fromiter(map(len, cols[f]), dtype=np.int32, count=m))
             self.empty[f] += sum(1 for t in cols[f] if not t.strip())
             if self.tokenizer is not None and self.token_sample is None:
-                self.columns.append(f"tokens:{f}", np.asarray(_token_lengths(self.tokenizer, cols[f]), np.int32))
+                self.columns.append(f"tokens:{f}", np.asarray(self.tokenizer.lengths(cols[f]), np.int32))
 
         pii = np.zeros(m, dtype=bool)
         markup = np.zeros(m, dtype=bool)
@@ -860,7 +849,7 @@ class Profiler:
             rows = self._token_rows[::step][: self.token_sample]
             self._token_rows = []
             self._token_lengths = {
-                f: np.asarray(_token_lengths(self.tokenizer, [row[k + 1] for row in rows]), dtype=np.int32)
+                f: np.asarray(self.tokenizer.lengths([row[k + 1] for row in rows]), dtype=np.int32)
                 for k, f in enumerate(TEXT_FIELDS)
             }
         return self._token_lengths
@@ -963,7 +952,7 @@ class Profiler:
             counted = len(total_tokens)
             over = int(np.count_nonzero(total_tokens > self.context)) if self.context else None
             token_info = {
-                "tokenizer": getattr(self.tokenizer, "ref", None),
+                "tokenizer": self.tokenizer.ref,
                 "rows": counted,
                 "sampled": self.token_sample is not None and counted < n,
                 "context": self.context,

@@ -24,7 +24,7 @@ _NO_CONTEXT = 10**7
 class TokenCounter:
     """A tokenizer that counts tokens (no special tokens added), and the model's context in tokens."""
 
-    ref: str
+    ref: str | None
     context: int | None
     tokenizer: Any
 
@@ -38,6 +38,15 @@ class TokenCounter:
             else:
                 out += [len(ids) for ids in self.tokenizer(batch, add_special_tokens=False)["input_ids"]]
         return out
+
+
+def as_token_counter(tokenizer: Any) -> TokenCounter | None:
+    """``tokenizer`` as a :class:`TokenCounter`: one already, a Hugging Face tokenizer or a
+    ``tokenizers.Tokenizer`` (its context from ``model_max_length`` when it has one); None stays None."""
+    if tokenizer is None or isinstance(tokenizer, TokenCounter):
+        return tokenizer
+    limit = getattr(tokenizer, "model_max_length", None)
+    return TokenCounter(None, limit if isinstance(limit, int) and 0 < limit < _NO_CONTEXT else None, tokenizer)
 
 
 def load_token_counter(ref: str) -> TokenCounter:
@@ -62,9 +71,8 @@ def load_token_counter(ref: str) -> TokenCounter:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # noqa: BLE001 - not found, no network, bad files: all a usage problem here
         raise UsageError(f"cannot load tokenizer {ref!r} (a model folder, registry:NAME or hub id): {exc}") from exc
-    limit = getattr(tokenizer, "model_max_length", None)
-    context = limit if isinstance(limit, int) and 0 < limit < _NO_CONTEXT else None
-    return TokenCounter(ref, context if context is not None else _context(folder), tokenizer)
+    counter = as_token_counter(tokenizer)
+    return TokenCounter(ref, counter.context if counter.context is not None else _context(folder), tokenizer)
 
 
 def _context(folder: Path) -> int | None:

@@ -376,6 +376,7 @@ _FLAG_COLUMNS = {
     "has_pii": "pii",
     "has_markup": "markup",
 }
+_FLAG_OF_CHECK = {check: column for column, check in _FLAG_COLUMNS.items()}
 
 
 class _Features:
@@ -587,7 +588,7 @@ def _failing(check: str | None, fld: str | None, chunk: dict, config: Validation
         return chunk[f"{fld}_blank"]
     if check == "control_chars":
         return chunk[f"{fld}_control"]
-    flag = next((c for c, chk in _FLAG_COLUMNS.items() if chk == check), None)
+    flag = _FLAG_OF_CHECK.get(check)
     return chunk[flag] if flag else None
 
 
@@ -1061,7 +1062,7 @@ def _judge(
     for res in results:
         meta, r, kwargs = res["meta"], res["result"], res["kwargs"]
         check, fld = meta.get("check"), meta.get("field")
-        flag = next((c for c, chk in _FLAG_COLUMNS.items() if chk == check), None)
+        flag = _FLAG_OF_CHECK.get(check)
         bit = rules.index((check, fld)) if (check, fld) in rules else None
         count = rule_counts[bit] if bit is not None else None
         if not flag and count is not None and r.get("unexpected_count") is not None and count != r["unexpected_count"]:
