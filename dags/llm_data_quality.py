@@ -41,6 +41,7 @@ with DAG(
     tags=["airloom", "data"],
     doc_md=__doc__,
     max_active_runs=1,
+    render_template_as_native_obj=True,  # params reach the operators as their own types (None, int, dict)
     params={
         "source": Param(RAW_DATA, type="string", minLength=1, title="Raw data",
                         description="File, folder or glob of JSONL/JSON/CSV/Parquet instruction records"),
@@ -72,10 +73,10 @@ with DAG(
     validate = ValidateDataOperator(
         task_id="validate",
         source="{{ params.source }}",
-        suite="{{ params.suite or '' }}",
+        suite="{{ params.suite }}",
         on_bad_rows="{{ params.on_bad_rows }}",
-        tokenizer="{{ params.tokenizer or '' }}",  # token lengths in the profile (and bounds, if the suite sets any)
-        field_map="{{ params.field_map | tojson }}",
+        tokenizer="{{ params.tokenizer }}",  # token lengths in the profile (and bounds, if the suite sets any)
+        field_map="{{ params.field_map }}",
         retries=0,
     )
     # EDA of the data as read (duplicates, PII, markup are what it is for), rendered from the profile
@@ -84,8 +85,8 @@ with DAG(
         task_id="eda_report",
         input_path="{{ params.source }}",
         scan_dir=validate.output["scan"],
-        tokenizer="{{ params.tokenizer or '' }}",
-        field_map="{{ params.field_map | tojson }}",
+        tokenizer="{{ params.tokenizer }}",
+        field_map="{{ params.field_map }}",
         trigger_rule="all_done",
     )
     prepare = PrepareDatasetOperator(
@@ -97,7 +98,7 @@ with DAG(
         template="{{ params.template }}",
         pii_policy="{{ params.pii_policy }}",
         max_seq_len="{{ params.max_seq_len }}",
-        tokenizer="{{ params.tokenizer or '' }}",
+        tokenizer="{{ params.tokenizer }}",
         near_dedup=None,  # validation quarantined the near-duplicates (its suite's near_duplicate_threshold)
         outlets=[PREPARED_DATASET],
     )

@@ -27,6 +27,7 @@ with DAG(
     tags=["airloom", "evaluation", "backfill"],
     doc_md=__doc__,
     max_active_runs=4,
+    render_template_as_native_obj=True,  # params reach the operators as their own types (None, int)
     params={
         "model_name": Param(MODEL_NAME, type="string", pattern="^[a-z0-9][a-z0-9._-]*$"),
         "version": Param(None, type=["null", "integer"], minimum=1, title="Pin a version",

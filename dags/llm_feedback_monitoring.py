@@ -45,6 +45,7 @@ with DAG(
     default_args=DEFAULT_ARGS,
     tags=["airloom", "monitoring"],
     doc_md=__doc__,
+    render_template_as_native_obj=True,  # params reach the operators as their own types (None, float)
     params={
         "traffic_uri": Param(TRAFFIC, type="string", minLength=1, title="Served traffic (airloom serve's log)"),
         "feedback_uri": Param(FEEDBACK, type="string", minLength=1),
@@ -66,8 +67,8 @@ with DAG(
         ds="{{ ds }}",
         traffic_uri="{{ params.traffic_uri }}",
         feedback_uri="{{ params.feedback_uri }}",
-        reference_file="{{ params.reference_file or '' }}",
-        reference_profile="{{ params.reference_profile or '' }}",
+        reference_file="{{ params.reference_file }}",
+        reference_profile="{{ params.reference_profile }}",
         corrections_uri="{{ params.corrections_uri }}",
         max_psi="{{ params.max_psi }}",
         max_negative_rate="{{ params.max_negative_rate }}",

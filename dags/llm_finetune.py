@@ -23,8 +23,7 @@ from airloom.airflow.defaults import (
     CANARY_PROMPTS,
     DEFAULT_ARGS,
     MODEL_NAME,
-    SIGNOFF_APPROVERS_VARIABLE,
-    SIGNOFF_POLICY,
+    SIGNOFF_POLICY_TEMPLATED,
 )
 from airloom.airflow.operators.data import ResolveDatasetOperator
 from airloom.airflow.operators.deepspeed import DeepSpeedTrainOperator
@@ -38,11 +37,6 @@ def model_dir_of(train_result: dict) -> str:
     return train_result["model_dir"]
 
 
-SIGNOFF = {
-    **SIGNOFF_POLICY,
-    "allowed_users": "{{ var.value.get('" + SIGNOFF_APPROVERS_VARIABLE + "', '') }}",
-}
-
 with DAG(
     dag_id="llm_finetune",
     schedule=(PREPARED_DATASET | RETRAINING_REQUEST),
@@ -52,6 +46,7 @@ with DAG(
     tags=["airloom", "training", "deepspeed"],
     doc_md=__doc__,
     max_active_runs=1,
+    render_template_as_native_obj=True,  # params reach the operators as their own types (None, int, dict)
     params={
         "model_name": Param(MODEL_NAME, type="string", pattern="^[a-z0-9][a-z0-9._-]*$", title="Registered model"),
         "base_model": Param(BASE_MODEL, type="string", minLength=1, title="Base model",
@@ -78,7 +73,7 @@ with DAG(
                        description="Comma-separated: metric>=value or metric>=baseline-delta"),
     },
 ):
-    dataset = ResolveDatasetOperator(task_id="resolve_dataset", dataset="{{ params.dataset or '' }}")
+    dataset = ResolveDatasetOperator(task_id="resolve_dataset", dataset="{{ params.dataset }}")
     # One trial (the params above) unless a sweep space is given: each trial is a mapped training
     # task in the gpu pool, evaluated on the validation split; only the best goes on.
     plan = PlanTrialsOperator(
@@ -164,7 +159,7 @@ with DAG(
         task_id="wait_for_signoff",
         model_name="{{ params.model_name }}",
         version=register.output["version"],
-        policy=SIGNOFF,
+        policy=SIGNOFF_POLICY_TEMPLATED,
         poll_interval=5,
         timeout=timedelta(days=7),
         retries=0,
@@ -174,7 +169,7 @@ with DAG(
         model_name="{{ params.model_name }}",
         version=register.output["version"],
         alias="production",
-        policy=SIGNOFF,
+        policy=SIGNOFF_POLICY_TEMPLATED,
     )
     canary = CanaryOperator(task_id="canary", model_name="{{ params.model_name }}", prompts=CANARY_PROMPTS)
 

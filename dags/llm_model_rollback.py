@@ -2,7 +2,8 @@
 ### llm_model_rollback — move `production` back to an earlier approved version
 
 By default the alias returns to the approved version it pointed to before the current one;
-the `to_version` param picks another. Unapproved versions are refused, every file is verified
+the `to_version` param picks another. The version must be approved under the same sign-off
+policy as deploys (approvers: the Variable `airloom_signoff_approvers`), every file is verified
 first, and the move is a compare-and-swap recorded in the registry's audit trail with who did
 it and why.
 """
@@ -11,7 +12,7 @@ from datetime import datetime
 
 from airflow.sdk import DAG, Param
 
-from airloom.airflow.defaults import CANARY_PROMPTS, DEFAULT_ARGS, MODEL_NAME
+from airloom.airflow.defaults import CANARY_PROMPTS, DEFAULT_ARGS, MODEL_NAME, SIGNOFF_POLICY_TEMPLATED
 from airloom.airflow.operators.registry import CanaryOperator, RollbackModelOperator
 
 with DAG(
@@ -23,6 +24,7 @@ with DAG(
     tags=["airloom", "registry", "deploy"],
     doc_md=__doc__,
     max_active_runs=1,
+    render_template_as_native_obj=True,  # params reach the operators as their own types (None, int)
     params={
         "model_name": Param(MODEL_NAME, type="string", pattern="^[a-z0-9][a-z0-9._-]*$"),
         "to_version": Param(None, type=["null", "integer"], minimum=1,
@@ -36,7 +38,8 @@ with DAG(
         model_name="{{ params.model_name }}",
         to_version="{{ params.to_version }}",
         alias="{{ params.alias }}",
-        reason="{{ params.reason or '' }}",
+        reason="{{ params.reason }}",
+        policy=SIGNOFF_POLICY_TEMPLATED,
         retries=0,  # a compare-and-swap that lost must be looked at, not retried blindly
     )
     canary = CanaryOperator(task_id="canary", model_name="{{ params.model_name }}", alias="{{ params.alias }}",

@@ -160,13 +160,14 @@ def cmd_train(args) -> int:
 # -- evaluation -----------------------------------------------------------------------------------
 
 def cmd_evaluate_run(args) -> int:
+    from airloom.data.splits import read_split
     from airloom.evaluation.gates import check_gates, parse_gates
-    from airloom.evaluation.harness import evaluate_model, load_records_file
+    from airloom.evaluation.harness import evaluate_model
     from airloom.registry.resolve import resolve_model
 
     _existing(args.data, "dataset")
     model = resolve_model(args.model, registry=_registry(args))
-    metrics = evaluate_model(model["path"], load_records_file(args.data), Path(args.out), limit=args.limit,
+    metrics = evaluate_model(model["path"], read_split(args.data), Path(args.out), limit=args.limit,
                              max_new_tokens=args.max_new_tokens)
     results = check_gates(metrics, parse_gates(args.gates)) if args.gates else []
     text = "\n".join([f"{k}: {v:.4f}" for k, v in metrics["aggregate"].items()]
@@ -176,12 +177,12 @@ def cmd_evaluate_run(args) -> int:
 
 
 def cmd_evaluate_score(args) -> int:
-    from airloom.evaluation.harness import load_jsonl
+    from airloom.data.splits import read_jsonl
     from airloom.evaluation.metrics import score_predictions
 
-    preds = {r["id"]: r["prediction"] for r in load_jsonl(_existing(args.predictions, "predictions"))}
+    preds = {r["id"]: r["prediction"] for r in read_jsonl(_existing(args.predictions, "predictions"))}
     refs, tasks = {}, {}
-    for r in load_jsonl(_existing(args.references, "references")):
+    for r in read_jsonl(_existing(args.references, "references")):
         refs[r["id"]] = r["references"] if "references" in r else [r["reference"]]
         tasks[r["id"]] = r.get("task")  # "math" scores the final numeric answer too (gsm8k-style)
     missing = sorted(set(refs) - set(preds))
@@ -224,15 +225,12 @@ def cmd_registry(args) -> int:
         reg.verify(name, version)
         _emit(args, {"ref": args.ref, "ok": True}, f"{args.ref}: every file matches its sha256")
     elif args.registry_cmd == "promote":
-        from airloom.governance.signoff import require_approval
+        from airloom.governance.promotion import promote
 
         name, version = _split_ref(args.ref)
-        # Read before checking: if the alias moves while we verify, the compare-and-swap refuses.
-        expected = reg.get_alias(name, args.alias) if args.expect is None else _expected_version(args.expect)
-        reg.verify(name, version)
-        require_approval(reg, name, version, args.alias)
-        record = reg.set_alias(name, args.alias, version, actor=actor, reason=args.reason or "promoted by CLI",
-                               expected_version=expected)
+        cas = {} if args.expect is None else {"expected_version": _expected_version(args.expect)}
+        record = promote(reg, name, version, args.alias, actor=actor, reason=args.reason or "promoted by CLI",
+                         **cas)
         _emit(args, record, f"{name}@{args.alias} -> {version} (was {record['from']})")
     elif args.registry_cmd == "history" and args.at:
         return _alias_at(args, reg)
@@ -524,10 +522,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="how long a lone request waits for others to join its batch")
     sp.add_argument("--poll-seconds", type=float, default=5.0, help="how often the alias is read")
     sp.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's choice)")
-
-    from airloom.production import add_parser as add_prod_parser
-
-    add_prod_parser(sub)  # airloom prod start|stop|status
     return p
 
 

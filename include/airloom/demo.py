@@ -21,7 +21,7 @@ from pathlib import Path
 from airloom.data.synth import generate_records, write_history, write_jsonl
 from airloom.exceptions import CheckFailed
 from airloom.registry.registry import ModelRegistry
-from airloom.settings import PROJECT_ROOT, airflow_env, home, registry_uri, run_dir
+from airloom.settings import airflow_env, home, project_dir, registry_uri, run_dir
 
 MODEL_NAME = "airloom-demo"
 BASE_NAME = "airloom-tiny-base"
@@ -96,7 +96,7 @@ class Step:
     def start(self, name: str, cmd: list[str]) -> tuple[subprocess.Popen, Path]:
         path = self.log_dir / (name.split(" (")[0].replace(" ", "_") + ".log")
         f = path.open("w")
-        proc = subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+        proc = subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, cwd=project_dir(),
                                 start_new_session=True)
         f.close()
         return proc, path
@@ -155,7 +155,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"  {'base model':<34} {time.monotonic() - started:6.1f}s  {base['ref']}", flush=True)
 
     step.run("airflow db migrate", _airflow("db", "migrate"))
-    step.run("apply airflow_settings.yaml", _airloom("settings", str(PROJECT_ROOT / "airflow_settings.yaml")))
+    step.run("apply airflow_settings.yaml", _airloom("settings", str(project_dir() / "airflow_settings.yaml")))
     step.run("dag llm_data_quality", _airflow("dags", "test", "llm_data_quality", "-c",
                                               json.dumps({"source": str(Path(data["raw"]).parent)})))
     latest = json.loads((home() / "datasets" / "latest.json").read_text())

@@ -1,7 +1,9 @@
 """Where Airloom keeps its files. One place, so the CLI, tasks and tests agree.
 
 ``AIRLOOM_HOME`` (default ``<project>/.airloom``) holds generated data, run outputs and, unless
-``AIRLOOM_REGISTRY`` says otherwise, the model registry.
+``AIRLOOM_REGISTRY`` says otherwise, the model registry. The project (see :func:`project_dir`) is the
+folder with ``dags/``, ``plugins/`` and ``airflow_settings.yaml`` that the embedded Airflow runs; the
+package's own data files are found through the package, never through the project.
 """
 
 from __future__ import annotations
@@ -10,11 +12,26 @@ import os
 import sys
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+def source_checkout() -> Path | None:
+    """The project checkout this package is imported from (``<checkout>/include/airloom``, as an editable
+    install or ``PYTHONPATH=include`` has it), or None when it is installed (site-packages)."""
+    package = Path(__file__).resolve().parent
+    checkout = package.parents[1]
+    return checkout if package.parent.name == "include" and (checkout / "dags").is_dir() else None
+
+
+def project_dir() -> Path:
+    """The project the embedded defaults belong to: ``AIRLOOM_PROJECT_DIR`` when set, else the source
+    checkout airloom is imported from, else the working directory (a non-editable install run from the
+    project's folder).
+    """
+    explicit = os.environ.get("AIRLOOM_PROJECT_DIR")
+    return Path(explicit).expanduser().resolve() if explicit else source_checkout() or Path.cwd()
 
 
 def home() -> Path:
-    return Path(os.environ.get("AIRLOOM_HOME") or PROJECT_ROOT / ".airloom").resolve()
+    return Path(os.environ.get("AIRLOOM_HOME") or project_dir() / ".airloom").resolve()
 
 
 def registry_uri() -> str:
@@ -34,19 +51,20 @@ def airflow_env(base: dict[str, str] | None = None) -> dict[str, str]:
     exports ``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN`` and friends.
     """
     env = dict(os.environ if base is None else base)
+    project = project_dir()
     defaults = {
-        "AIRFLOW_HOME": str(PROJECT_ROOT / ".airflow"),
+        "AIRFLOW_HOME": str(project / ".airflow"),
         "AIRLOOM_HOME": str(home()),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(project / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(project / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,trainer:user,reviewer:op",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(PROJECT_ROOT / ".airflow" / "passwords.json"),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(project / ".airflow" / "passwords.json"),
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
         "AIRFLOW__API_AUTH__JWT_SECRET": "airloom-embedded-default-only-never-use-this-secret-in-production-0123456789",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-        "TORCH_EXTENSIONS_DIR": str(PROJECT_ROOT / ".cache" / "torch_extensions"),
+        "TORCH_EXTENSIONS_DIR": str(project / ".cache" / "torch_extensions"),
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
     }

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from airloom.production import tail
 from airloom.training.launcher import free_port
+from tests.production import tail
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -131,7 +131,7 @@ def test_parse_time_close_to_an_empty_dag(tmp_path):
 @pytest.mark.parametrize(
     ("dag_id", "task_id", "link", "xcom_key"),
     [
-        ("llm_data_quality", "validate", "Data Docs", "_link_DataDocsLink"),
+        ("llm_data_quality", "validate", "Validation report", "_link_ValidationReportLink"),
         ("llm_data_quality", "eda_report", "EDA report", "_link_EdaReportLink"),
         ("llm_finetune", "quality_gates", "Eval report", "_link_EvalReportLink"),
     ],
@@ -167,6 +167,98 @@ def test_rendering_gives_the_data_operators_a_field_map_they_read(dagbag):
     for task_id in ("validate", "eda_report"):
         task = dag.get_task(task_id)
         assert "field_map" in task.template_fields
-        for value, expected in ((None, None), ({"question": "instruction"}, {"question": "instruction"})):
+        for value in (None, {"question": "instruction"}):
             rendered = task.render_template(task.field_map, {"params": {"field_map": value}})
-            assert parse_field_map(rendered) == expected, (task_id, rendered)
+            assert rendered == value and parse_field_map(rendered) == value, (task_id, rendered)
+
+
+class _XComTI:
+    """Resolves a task's XComArg fields to a marker naming the XCom, as a run's TaskInstance would."""
+
+    def xcom_pull(self, task_ids=None, key="return_value", **_):
+        return f"xcom:{task_ids}.{key}"
+
+
+def _render(dag, params: dict | None = None) -> dict[tuple[str, str], object]:
+    """Every templated field of every task, rendered as a run of ``dag`` would render it."""
+    from types import SimpleNamespace
+
+    context = {
+        "params": {**dag.params.validate(), **(params or {})},
+        "ds": "2026-11-03",
+        "ti": _XComTI(),
+        "var": SimpleNamespace(value=SimpleNamespace(get=lambda key, default=None: default)),
+    }
+    rendered = {}
+    for task in dag.tasks:
+        given = getattr(task, "partial_kwargs", None)  # a mapped task keeps its arguments there
+        for name in task.template_fields:
+            value = given.get(name) if given is not None else getattr(task, name)
+            rendered[task.task_id, name] = task.render_template(value, context)
+    return rendered
+
+
+@pytest.mark.parametrize("dag_id", sorted(EXPECTED))
+def test_templates_render_params_as_their_own_types(dagbag, dag_id):
+    """The DAGs render natively: an empty param reaches the operator as None, never the text "None"."""
+    dag = dagbag.dags[dag_id]
+    assert dag.render_template_as_native_obj
+    rendered = _render(dag)
+
+    def text_leaves(value):
+        if isinstance(value, dict):
+            return [leaf for v in value.values() for leaf in text_leaves(v)]
+        return [value] if isinstance(value, str) else []
+
+    for field, value in rendered.items():
+        assert not {"None", "null"} & set(text_leaves(value)), field
+        assert not any("{{" in text for text in text_leaves(value)), field
+    for name, param in dag.params.items():
+        if param.value is None:  # every field templated from an empty param is None itself
+            for (task_id, field), value in rendered.items():
+                template = getattr(dag.get_task(task_id), field, None)
+                if template == f"{{{{ params.{name} }}}}":
+                    assert value is None, (task_id, field, value)
+
+
+def test_templates_render_typed_values_and_xcom_as_given(dagbag):
+    quality = _render(dagbag.dags["llm_data_quality"], {"field_map": {"q": "instruction"}, "max_seq_len": 256})
+    assert quality["validate", "field_map"] == {"q": "instruction"}
+    assert (quality["prepare", "max_seq_len"], quality["prepare", "seed"], quality["prepare", "val_fraction"]) == (
+        256, 0, 0.1)
+    assert quality["prepare", "input_path"] == "xcom:validate.accepted"
+
+    finetune = _render(dagbag.dags["llm_finetune"], {"sweep": {"lora_r": [8, 16]}, "packing": True})
+    assert finetune["plan_trials", "space"] == {"lora_r": [8, 16]}
+    assert finetune["plan_trials", "base_config"] == {
+        "method": "full", "zero_stage": 2, "learning_rate": 3e-3, "batch_size": 32, "max_steps": 1500,
+        "packing": True, "seed": 0,
+    }
+    assert (finetune["plan_trials", "trials"], finetune["evaluate_candidate", "limit"]) == (4, 300)
+    assert finetune["evaluate_production", "model"] == "registry:airloom-demo@production"
+    assert finetune["quality_gates", "gates"] == "exact_match>=0.3,exact_match>=baseline-0.02"
+    assert finetune["deploy", "version"] == "xcom:register_candidate.version"
+    assert finetune["deploy", "policy"]["allowed_users"] == ""  # the Variable's default, as text
+
+    backfill = _render(dagbag.dags["llm_eval_backfill"], {"version": 3})
+    assert (backfill["evaluate_partition", "version"], backfill["evaluate_partition", "ds"]) == (3, "2026-11-03")
+    rollback = _render(dagbag.dags["llm_model_rollback"], {"to_version": 2, "reason": "canary failed"})
+    assert (rollback["rollback", "to_version"], rollback["rollback", "reason"]) == (2, "canary failed")
+    monitoring = _render(dagbag.dags["llm_feedback_monitoring"])
+    assert (monitoring["drift_and_feedback", "max_psi"], monitoring["drift_and_feedback", "ds"]) == (0.25, "2026-11-03")
+
+
+def test_deploy_and_rollback_apply_the_approvers_variable(dagbag):
+    """Rollback moves production too, so it judges approvals under the same approver list as deploy."""
+    from types import SimpleNamespace
+
+    from airloom.governance.signoff import SignOffPolicy
+
+    tasks = [dagbag.dags["llm_finetune"].get_task(t) for t in ("wait_for_signoff", "deploy")]
+    tasks.append(dagbag.dags["llm_model_rollback"].get_task("rollback"))
+    assert len({repr(t.policy) for t in tasks}) == 1
+    variables = {"airloom_signoff_approvers": "a, b"}
+    var = SimpleNamespace(value=SimpleNamespace(get=lambda key, default="": variables.get(key, default)))
+    for task in tasks:
+        policy = SignOffPolicy.from_params(task.render_template(task.policy, {"var": var}))
+        assert policy.allowed_users == ["a", "b"], task.task_id

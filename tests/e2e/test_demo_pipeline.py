@@ -27,11 +27,17 @@ def _env(home: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
+    """The demo at 600 rows and 60 steps; its checks fail a trainer that does not learn.
+
+    Measured (seeds 0-2): test perplexity ~555 for the untrained base, 6.3-6.6 after 60 steps, so the
+    gate stops an unlearnt model before registering it; exact match 0/40 for the base, 5/40 fine-tuned,
+    so the demo's required gain of 2/40 fails it too (exit 1).
+    """
     home = tmp_path_factory.mktemp("demo")
     env = _env(home)
     proc = subprocess.run(
         [*AIRLOOM, "demo", "--rows", "600", "--steps", "60", "--eval-limit", "40", "--history-days", "2",
-         "--history-rows", "20", "--min-gain", "-1", "--gates", "exact_match>=0"],
+         "--history-rows", "20", "--min-gain", "0.05", "--gates", "perplexity<=20"],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -55,6 +61,8 @@ def test_demo_deploys_a_signed_off_version(demo):
     lineage = mv.metadata["lineage"]
     assert lineage["dag_id"] == "llm_finetune" and lineage["dataset_hash"]
     assert mv.metadata["training"]["steps"] == 60
+    cand, base = mv.metadata["metrics"], mv.metadata["baseline"]["metrics"]
+    assert cand["perplexity"] < base["perplexity"] / 10, (cand, base)  # same test examples
     # The evidence reviewers saw is part of the immutable version, hashed in its manifest.
     assert {"evaluation/report.html", "evaluation/metrics.json"} <= {f["path"] for f in mv.files}
     actions = [h["action"] for h in reg.history("airloom-demo")]

@@ -31,7 +31,8 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_deepspeed_bf16_on_gpu_learns(tiny, tmp_path, zero_stage):
-    from airloom.evaluation.harness import evaluate_model, load_jsonl
+    from airloom.data.splits import read_jsonl
+    from airloom.evaluation.harness import evaluate_model
     from airloom.training.config import TrainConfig
     from airloom.training.launcher import LaunchSpec, TrainingProcess, build_command, child_env
 
@@ -46,7 +47,7 @@ def test_deepspeed_bf16_on_gpu_learns(tiny, tmp_path, zero_stage):
     metrics = json.loads((out / "train_metrics.json").read_text())
     print(f"zero{zero_stage}: {metrics['train_seconds']}s, {metrics['tokens_per_s']} tok/s, loss {metrics['final_loss']}")
     assert metrics["history"][-1]["loss"] < metrics["history"][0]["loss"] * 0.5
-    result = evaluate_model(str(out / "model"), load_jsonl(tiny / "test.jsonl"), tmp_path / "eval", max_new_tokens=24)
+    result = evaluate_model(str(out / "model"), read_jsonl(tiny / "test.jsonl"), tmp_path / "eval", max_new_tokens=24)
     print(f"zero{zero_stage}: exact match {result['aggregate']['exact_match']:.3f}")
     assert result["aggregate"]["exact_match"] > 0.3
 

@@ -1,6 +1,6 @@
 """Production mode end to end: PostgreSQL + CeleryExecutor + Redis, driven only through the REST API.
 
-One stack for the module (:class:`airloom.production.ProductionStack`: a fresh database, api-server,
+One stack for the module (:class:`tests.production.ProductionStack`: a fresh database, api-server,
 scheduler, dag-processor, triggerer, one Celery worker on ``default,gpu``), the registry on S3
 through moto's server. The test prepares what the demo prepares before Airflow runs (synthetic data,
 the tiny base model registered), then, as ``trainer`` over REST: ``llm_data_quality`` →
@@ -145,8 +145,8 @@ class Api:
 @pytest.fixture(scope="module")
 def prod(tmp_path_factory, moto_endpoint):
     from airloom.demo import build_and_register_base, write_demo_data
-    from airloom.production import ProductionStack
     from airloom.registry.registry import ModelRegistry
+    from tests.production import ProductionStack
 
     t0 = time.monotonic()
     root = tmp_path_factory.mktemp("prod")
@@ -214,7 +214,9 @@ def test_data_quality_then_finetune_signed_off_over_rest_deploys(prod):
 
     t0 = time.monotonic()
     trainer.unpause("llm_finetune")
-    conf = {"max_steps": 40, "eval_limit": 20, "gates": "exact_match>=0"}
+    # Test perplexity after 40 steps: 7.0-7.3 (seeds 0-2); the untrained base: ~555. Exact match on
+    # 20 examples (1-3 right) is too coarse to gate on at this size.
+    conf = {"max_steps": 40, "eval_limit": 20, "gates": "perplexity<=20"}
     ft_run = trainer.trigger("llm_finetune", conf)
     # The sensor defers: the wait holds a triggerer slot, not a Celery worker slot.
     trainer.wait_task_state("llm_finetune", ft_run, "wait_for_signoff", "deferred", timeout=1500)
@@ -291,7 +293,7 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
     for ds in days:
         metrics = json.loads((evaluations / f"ds={ds}" / "metrics.json").read_text())
         assert metrics["model_ref"] == f"registry:{MODEL}/{prod['version']}"
-        assert metrics["aggregate"]["exact_match"] >= 0
+        assert metrics["n"] == 20 and metrics["aggregate"]["perplexity"] < 20, metrics["aggregate"]
     assert (evaluations / "trend.png").is_file()
 
     # Airflow's CLI backfill, reprocessing one completed day: only that day's partition is rewritten.

@@ -117,9 +117,9 @@ def test_prepare_writes_splits(tmp_path, clean_jsonl, capsys):
     assert rc == 0, err
     manifest = json.loads(out)
     assert manifest == json.loads((out_dir / "manifest.json").read_text())
-    from airloom.evaluation.harness import load_records_file
+    from airloom.data.splits import read_split
 
-    rows = {s: load_records_file(out_dir / f"{s}.parquet") for s in ("train", "validation", "test")}
+    rows = {s: read_split(out_dir / f"{s}.parquet") for s in ("train", "validation", "test")}
     assert {s: len(v) for s, v in rows.items()} == {s: manifest["splits"][s]["rows"] for s in rows}
     assert sum(len(v) for v in rows.values()) == 50
     assert len(rows["validation"]) > 0 and len(rows["test"]) > 0

@@ -24,7 +24,13 @@ CANARY_PROMPTS = [
     "### Instruction:\nWhat is the last word?\n### Input:\napple river stone\n### Response:\n",
 ]
 
-# The sign-off policy llm_finetune's sensor and deploy apply and the UI plugin enforces. Approvers
+# The sign-off policy the sign-off sensor, deploy and rollback apply and the UI plugin enforces. Approvers
 # come from the Variable (comma-separated; empty = anyone but the person who triggered the run).
 SIGNOFF_APPROVERS_VARIABLE = "airloom_signoff_approvers"
 SIGNOFF_POLICY = {"required_approvals": 1, "separation_of_duties": True}
+# The same policy as a templated operator argument (sensor, deploy, rollback): the approver list is
+# read from the Variable when the task runs, not when the DAG file is parsed.
+SIGNOFF_POLICY_TEMPLATED = {
+    **SIGNOFF_POLICY,
+    "allowed_users": "{{ var.value.get('" + SIGNOFF_APPROVERS_VARIABLE + "', '') }}",
+}

@@ -1,4 +1,4 @@
-"""Extra links from a task to the HTML it wrote: GX Data Docs, the EDA report, the evaluation report.
+"""Extra links from a task to the HTML it wrote: the validation report, the EDA report, the evaluation report.
 
 Airflow 3 calls ``get_link`` in the worker when the task ends (success or failure) and stores the
 URL in XCom under the link's ``xcom_key``; the serialized DAG keeps only ``{name: xcom_key}`` and the
@@ -64,11 +64,13 @@ class _FileLink(BaseOperatorLink):
         return files_url(XCom.get_value(ti_key=ti_key, key=self.path_key))
 
 
-class DataDocsLink(_FileLink):
-    """Great Expectations Data Docs of a validation (``ValidateDataOperator`` pushes ``data_docs``)."""
+class ValidationReportLink(_FileLink):
+    """``validation.html`` (``ValidateDataOperator`` pushes ``validation_report``): the expectations and
+    findings on a page that reads offline, which GX's Data Docs (CSS and JS from CDNs) do not; it links
+    to them."""
 
-    name = "Data Docs"
-    path_key = "data_docs"
+    name = "Validation report"
+    path_key = "validation_report"
 
 
 class EdaReportLink(_FileLink):

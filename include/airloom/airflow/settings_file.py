@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from airloom.configfile import load_yaml_mapping
 from airloom.exceptions import AirloomError, UsageError
 
 SECTIONS = ("connections", "pools", "variables")
@@ -85,21 +86,10 @@ def load_settings(path: str | os.PathLike[str]) -> dict[str, list[dict[str, Any]
         UsageError: The file is missing or malformed; the message names the file, line and entry.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read settings file ({e.strerror})") from e
-    try:
-        doc = yaml.load(text, Loader=_Loader)  # _Loader is a SafeLoader
-    except yaml.YAMLError as e:
-        raise UsageError(f"{path}: not valid YAML: {e}") from e
-
-    if doc is None:
-        doc = {"airflow": None}
-    if not isinstance(doc, dict) or set(doc) != {"airflow"}:
-        found = sorted(doc) if isinstance(doc, dict) else type(doc).__name__
+    doc = load_yaml_mapping(path, "settings file", loader=_Loader) or {"airflow": None}
+    if set(doc) != {"airflow"}:
         raise UsageError(
-            f"{path}:1: the top level must be a mapping with the single key 'airflow'; found {found}"
+            f"{path}:1: the top level must be a mapping with the single key 'airflow'; found {sorted(doc)}"
         )
     airflow = doc["airflow"] or {}
     if not isinstance(airflow, dict):

@@ -1,9 +1,9 @@
 """Model sign-off inside the Airflow UI: a FastAPI app the ``plugins/airloom_signoff.py`` plugin mounts.
 
-Reviewers see the versions awaiting sign-off with their model card, eval report, Data Docs and EDA
-report, and approve or reject with a comment. Identity and role come from Airflow's own auth
-manager (Bearer token or the UI's ``_token`` cookie); the registry stays the system of record:
-every decision goes through :func:`airloom.governance.signoff.record_decision`.
+Reviewers see the versions awaiting sign-off with their model card, eval report, validation report,
+GX Data Docs and EDA report, and approve or reject with a comment. Identity and role come from
+Airflow's own auth manager (Bearer token or the UI's ``_token`` cookie); the registry stays the
+system of record: every decision goes through :func:`airloom.governance.signoff.record_decision`.
 
 Who may do what:
 
@@ -19,8 +19,6 @@ The plugin builds the app on the first request, so importing this module costs o
 
 from __future__ import annotations
 
-import html
-import json
 import logging
 import os
 from pathlib import Path
@@ -31,9 +29,11 @@ from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessE
 from airflow.api_fastapi.core_api.security import GetUserDep
 from fastapi import FastAPI, HTTPException, Query, Request, status
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from markupsafe import Markup
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from airloom.airflow.defaults import SIGNOFF_APPROVERS_VARIABLE
+from airloom.reports import render
 
 log = logging.getLogger(__name__)
 
@@ -257,10 +257,10 @@ def _evidence_entry(label: str, item: dict[str, Any], base: str, roots: list[Pat
 
 
 def data_reports(metadata: dict[str, Any], base: str, roots: list[Path]) -> list[dict[str, Any]]:
-    """Data Docs and EDA report of the data-quality run that prepared the training dataset.
+    """Validation report, Data Docs and EDA report of the data-quality run that prepared the training dataset.
 
     ``lineage.dataset`` is ``…/runs/llm_data_quality/<run>/prepare``; its sibling task folders hold
-    ``validation.json`` (naming the Data Docs folder) and the EDA ``report.html``.
+    validation's ``validation.json``, ``validation.html`` and ``data_docs/``, and the EDA ``report.html``.
     """
     out: list[dict[str, Any]] = []
     explicit = metadata.get("reports") or {}
@@ -275,19 +275,12 @@ def data_reports(metadata: dict[str, Any], base: str, roots: list[Path]) -> list
     for task in sorted(p for p in run_folder.iterdir() if p.is_dir()):
         validation = task / "validation.json"
         if validation.is_file():
-            out.append(
-                {
-                    "label": "data validation",
-                    "uri": str(validation),
-                    "href": file_href(base, validation, roots),
-                }
-            )
-            try:
-                docs = json.loads(validation.read_text()).get("data_docs")
-            except ValueError:
-                docs = None
-            index = Path(docs) / "index.html" if docs else None
-            if index is not None and index.is_file():
+            # validation.html reads offline; the GX Data Docs load their CSS and JS from CDNs
+            page = task / "validation.html"
+            shown = page if page.is_file() else validation
+            out.append({"label": "data validation", "uri": str(shown), "href": file_href(base, shown, roots)})
+            index = task / "data_docs" / "index.html"  # where validate_stream builds them
+            if index.is_file():
                 out.append({"label": "Data Docs", "uri": str(index), "href": file_href(base, index, roots)})
         report = task / "report.html"
         if report.is_file() and (task / "profile.json").is_file():
@@ -368,11 +361,7 @@ def list_versions(
 # The HTML page: self-contained (inline CSS and JS, nothing from a CDN).
 
 
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def render_card(markdown_text: str) -> str:
+def render_card(markdown_text: str) -> Markup:
     """The model card as HTML: YAML front matter in a <pre>, the body through markdown-it (raw HTML off)."""
     header = ""
     body = markdown_text
@@ -383,149 +372,29 @@ def render_card(markdown_text: str) -> str:
     try:
         from markdown_it import MarkdownIt
 
-        rendered = MarkdownIt("commonmark", {"html": False}).enable("table").render(body)
+        rendered = Markup(MarkdownIt("commonmark", {"html": False}).enable("table").render(body))
     except ImportError:  # markdown-it-py arrives with Airflow (via rich); plain text if it ever does not
-        rendered = f"<pre>{_e(body)}</pre>"
-    return (f'<pre class="front">{_e(header)}</pre>' if header else "") + rendered
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.2rem;color:#1f2933;background:#fff}
-h1{font-size:1.35rem;margin:0 0 .3rem} h2{font-size:1.1rem;margin:.2rem 0}
-.muted{color:#616e7c;font-size:.9rem} .card{border:1px solid #cbd2d9;border-radius:8px;padding:1rem;margin:1rem 0}
-.state{display:inline-block;padding:.1rem .5rem;border-radius:1rem;font-size:.8rem;font-weight:600}
-.pending{background:#fff3c4;color:#8d2b0b}.approved{background:#c6f7e2;color:#014d40}.rejected{background:#ffe3e3;color:#610404}
-table{border-collapse:collapse;margin:.4rem 0} td,th{border:1px solid #e4e7eb;padding:.2rem .5rem;text-align:left;font-size:.9rem}
-details{margin:.5rem 0} .front{background:#f5f7fa;padding:.5rem;font-size:.8rem;overflow:auto}
-.modelcard{max-height:28rem;overflow:auto;border-left:3px solid #e4e7eb;padding-left:.8rem}
-textarea{width:100%;min-height:3rem;font:inherit} button{font:inherit;padding:.35rem .9rem;margin:.3rem .4rem 0 0;border-radius:4px;border:1px solid #9aa5b1;cursor:pointer}
-.approve{background:#0e7c5a;color:#fff;border-color:#0e7c5a}.reject{background:#ab091e;color:#fff;border-color:#ab091e}
-.msg{margin-top:.4rem;font-weight:600} .warn{color:#ab091e}
-"""
-
-_JS = """
-// Decisions go out as JSON with the session cookie. A cross-site HTML form cannot send
-// application/json without a CORS preflight, and the server also checks Origin: see _csrf_check.
-document.querySelectorAll('form.decision').forEach(function (form) {
-  form.addEventListener('submit', function (ev) {
-    ev.preventDefault();
-    var decision = ev.submitter ? ev.submitter.value : 'approve';
-    var msg = form.querySelector('.msg');
-    var body = {model: form.dataset.model, version: Number(form.dataset.version), decision: decision,
-                comment: form.querySelector('textarea').value, request_id: form.dataset.request};
-    msg.textContent = 'Recording ' + decision + '...';
-    fetch(form.dataset.action, {method: 'POST', credentials: 'same-origin',
-      headers: {'Content-Type': 'application/json', 'Accept': 'application/json'}, body: JSON.stringify(body)})
-      .then(function (r) { return r.json().then(function (j) { return [r, j]; }); })
-      .then(function (rj) {
-        if (rj[0].ok) { msg.textContent = 'Recorded: ' + rj[1].status.state + '.'; setTimeout(function () { location.reload(); }, 600); }
-        else { msg.textContent = (rj[1].detail && rj[1].detail.toString()) || ('HTTP ' + rj[0].status); msg.classList.add('warn'); }
-      })
-      .catch(function (e) { msg.textContent = 'Request failed: ' + e; msg.classList.add('warn'); });
-  });
-});
-"""
-
-
-def _links(items: list[dict[str, Any]]) -> str:
-    rows = []
-    for item in items:
-        name = _e(item["label"])
-        target = (
-            f'<a href="{_e(item["href"])}" target="_blank" rel="noopener">{name}</a>'
-            if item.get("href")
-            else name
-        )
-        where = (
-            ""
-            if item.get("href")
-            else f' <span class="muted">{_e(item.get("uri") or item.get("value"))}</span>'
-        )
-        check = item.get("check")
-        check_html = (
-            f' <span class="{"warn" if check != "unchanged" else "muted"}">({_e(check)})</span>'
-            if check
-            else ""
-        )
-        sha = f' <span class="muted">sha256 {_e(item["sha256"][:12])}…</span>' if item.get("sha256") else ""
-        rows.append(f"<li>{target}{where}{sha}{check_html}</li>")
-    return "<ul>" + "".join(rows) + "</ul>" if rows else '<p class="muted">none recorded</p>'
-
-
-def _gates(gates: Any) -> str:
-    """Quality-gate results as ``QualityGateOperator`` records them (gate, passed, message)."""
-    if not isinstance(gates, list) or not gates:
-        return ""
-    rows = "".join(
-        f"<li>{'✔' if g.get('passed') else '✘'} {_e(g.get('message') or g.get('gate'))}</li>"
-        for g in gates
-        if isinstance(g, dict)
-    )
-    return f"<h3>Quality gates</h3><ul>{rows}</ul>"
+        rendered = Markup("<pre>{}</pre>").format(body)
+    return (Markup('<pre class="front">{}</pre>').format(header) if header else Markup()) + rendered
 
 
 def render_page(
     user, entries: list[dict[str, Any]], cards: dict[tuple[str, int], str], base: str, title: str
 ) -> str:
     ui_root = base.removesuffix(URL_PREFIX)  # Airflow's own pages live beside the mount
-    blocks = []
+    shown = []
     for e in entries:
-        metrics = "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in e["metrics"].items())
-        decided = "".join(
-            f"<li>{_e(kind)} by <b>{_e(d['user'])}</b> at {_e(d['at'])}"
-            + (f": {_e(d['comment'])}" if d.get("comment") else "")
-            + "</li>"
-            for kind, ds in (("approved", e["approvals"]), ("rejected", e["rejections"]))
-            for d in ds
+        gates = e["gates"] if isinstance(e["gates"], list) else []  # as QualityGateOperator records them
+        run_url = f"{ui_root}/dags/{quote(e['dag_id'])}/runs/{quote(e['run_id'], safe='')}" if e["run_id"] else None
+        shown.append(
+            {
+                **e,
+                "gates": [g for g in gates if isinstance(g, dict)],
+                "run_url": run_url,
+                "card": cards.get((e["model"], e["version"]), ""),
+            }
         )
-        if e["can_approve"] or e["can_reject"]:
-            form = (
-                f'<form class="decision" data-action="{_e(base)}/api/decisions" data-model="{_e(e["model"])}" '
-                f'data-version="{e["version"]}" data-request="{_e(e["request_id"])}">'
-                f'<label>Comment (required to reject)<textarea name="comment" maxlength="2000"></textarea></label>'
-                + (
-                    '<button class="approve" type="submit" value="approve">Approve</button>'
-                    if e["can_approve"]
-                    else f'<span class="muted">{_e(e["why_not"])}</span><br>'
-                )
-                + '<button class="reject" type="submit" value="reject">Reject</button><div class="msg"></div></form>'
-            )
-        elif e["state"] == "pending":
-            form = f'<p class="muted">{_e(e["why_not"])}</p>'
-        else:
-            form = ""
-        run = (
-            f' · run <a href="{_e(ui_root)}/dags/{quote(e["dag_id"])}/runs/{quote(e["run_id"], safe="")}" '
-            'target="_top">'
-            f"{_e(e['run_id'])}</a>"
-            if e["run_id"]
-            else ""
-        )
-        blocks.append(
-            f'<section class="card"><h2>{_e(e["model"])} / {e["version"]} '
-            f'<span class="state {_e(e["state"])}">{_e(e["state"])}</span></h2>'
-            f'<div class="muted">registered {_e(e["created_at"])} by {_e(e["created_by"])} · '
-            f"sign-off requested by <b>{_e(e['requested_by'])}</b> at {_e(e['requested_at'])} · "
-            f"{len(e['approvals'])} of {e['required_approvals']} approvals · DAG {_e(e['dag_id'])}{run}</div>"
-            + (f"<table><tr><th>metric</th><th>value</th></tr>{metrics}</table>" if metrics else "")
-            + _gates(e["gates"])
-            + f"<h3>Evidence (hashed into the request)</h3>{_links(e['evidence'])}"
-            + f"<h3>Data reports</h3>{_links(e['reports'])}"
-            + f'<details><summary>Model card (<a href="{_e(e["card_url"])}" target="_blank">raw</a>)</summary>'
-            f'<div class="modelcard">{cards.get((e["model"], e["version"]), "")}</div></details>'
-            + (f"<ul>{decided}</ul>" if decided else "")
-            + form
-            + "</section>"
-        )
-    body = "".join(blocks) or '<p class="muted">Nothing is awaiting sign-off.</p>'
-    return (
-        "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{_e(title)}</h1><div class=muted>Signed in as <b>{_e(user.get_name())}</b>. "
-        "Decisions are recorded in the Airloom registry (also: <code>airloom signoff approve MODEL/VERSION</code>).</div>"
-        f"{body}<script>{_JS}</script></body></html>"
-    )
+    return render("signoff.html.j2", user=user.get_name(), entries=shown, base=base, title=title)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,7 +490,9 @@ def create_app() -> FastAPI:
 
             login = get_auth_manager().get_url_login(next_url=str(request.url))
             return HTMLResponse(
-                f'<!doctype html><p>Not signed in to Airflow. <a href="{_e(login)}" target="_top">Log in</a></p>',
+                Markup('<!doctype html><p>Not signed in to Airflow. <a href="{}" target="_top">Log in</a></p>').format(
+                    login
+                ),
                 status_code=401,
             )
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)

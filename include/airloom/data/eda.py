@@ -1,7 +1,8 @@
 """Profile a set of instruction records: ``profile.json`` for machines, ``report.html`` for people.
 
-The report is one self-contained file (inline CSS, plots as base64 PNG) so it can be attached to a
-task, mailed or served by the UI plugin without a static-file server. The PII, markup and duplicate
+This module computes the profile; :mod:`airloom.reports.eda` renders the report, one self-contained
+file (inline CSS, plots as base64 PNG) that can be attached to a task, mailed or served by the UI
+plugin without a static-file server. The PII, markup and duplicate
 checks are the ones validation uses, so both stages count the same rows.
 
 Numbers a reader may check against pandas are computed the way pandas computes them: quantiles with
@@ -19,10 +20,7 @@ Validation profiles the data in its own pass (:func:`save_scan`); EDA then rende
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import html
-import io
 import json
 import math
 import os
@@ -39,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from airloom.data.background import Background, Local
+from airloom.data.divergence import js_divergence, psi, psi_verdict
 from airloom.data.load import TEXT_FIELDS
 from airloom.data.neardup import (
     DEFAULT_NUM_PERM,
@@ -48,8 +47,8 @@ from airloom.data.neardup import (
     NearDuplicates,
     scan_words,
 )
+from airloom.data.text import CONTROL_CHARS_RE, MARKUP_RE, dedup_key, find_pii, has_markup
 from airloom.data.tokens import as_token_counter
-from airloom.data.validate import CONTROL_CHARS_RE, MARKUP_RE, dedup_key, find_pii, has_markup
 
 PROFILE_VERSION = 2
 QUANTILES = (0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
@@ -189,6 +188,8 @@ def profile_source(
 
 def write_profile(profile: dict, series: dict, out_dir: Path, previous_profile: dict | None = None) -> dict:
     """Write ``profile.json`` and ``report.html`` (with drift against ``previous_profile``, if given)."""
+    from airloom.reports.eda import render_profile
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     profile = dict(profile)
@@ -196,7 +197,7 @@ def write_profile(profile: dict, series: dict, out_dir: Path, previous_profile: 
         profile["changes"] = _changes(previous_profile, profile)
         profile["drift"] = _drift(previous_profile, profile)
     _write(out_dir / "profile.json", json.dumps(profile, indent=2, ensure_ascii=False) + "\n")
-    _write(out_dir / "report.html", _render_html(profile, series))
+    _write(out_dir / "report.html", render_profile(profile, series))
     return profile
 
 
@@ -1135,43 +1136,6 @@ def _changes(previous: dict, current: dict) -> list[dict]:
     return changes
 
 
-def psi(expected: Sequence[float], actual: Sequence[float], eps: float = 1e-4) -> float:
-    """Population stability index of two histograms over the same bins.
-
-    ``sum((a - e) * ln(a / e))`` over the bins' shares, with empty bins counted as ``eps`` so one
-    empty bin does not make it infinite. Rule of thumb: < 0.1 stable, 0.1-0.25 moderate, > 0.25 major.
-    """
-    e = np.asarray(expected, dtype=np.float64)
-    a = np.asarray(actual, dtype=np.float64)
-    if e.shape != a.shape or not e.sum() or not a.sum():
-        raise ValueError("psi needs two non-empty histograms over the same bins")
-    e = np.maximum(e / e.sum(), eps)
-    a = np.maximum(a / a.sum(), eps)
-    return float(np.sum((a - e) * np.log(a / e)))
-
-
-def _psi_verdict(value: float) -> str:
-    return "stable" if value < 0.1 else "moderate shift" if value < 0.25 else "major shift"
-
-
-def _js_divergence(p: dict[str, int], p_total: int, q: dict[str, int], q_total: int) -> float:
-    """Jensen-Shannon divergence (base 2, 0..1) of two word distributions known by their top words.
-
-    Words outside a profile's list are pooled into one "other" word of that profile.
-    """
-    names = list(dict.fromkeys([*p, *q]))
-    pv = np.array([p.get(w, 0) / p_total for w in names] + [0.0])
-    qv = np.array([q.get(w, 0) / q_total for w in names] + [0.0])
-    pv[-1], qv[-1] = max(0.0, 1 - pv.sum()), max(0.0, 1 - qv.sum())
-    m = (pv + qv) / 2
-
-    def kl(x: np.ndarray) -> float:
-        nz = x > 0
-        return float(np.sum(x[nz] * np.log2(x[nz] / m[nz])))
-
-    return round(max(0.0, (kl(pv) + kl(qv)) / 2), 6)
-
-
 def _drift(previous: dict, current: dict) -> dict:
     """Length drift (PSI over the fixed length bins) and vocabulary shift against ``previous``."""
     out: dict[str, Any] = {"length_psi": {}, "vocabulary": None, "notes": []}
@@ -1188,7 +1152,7 @@ def _drift(previous: dict, current: dict) -> dict:
                 if before is None or not sum(before) or not sum(counts):
                     continue
                 value = round(psi(before, counts), 4)
-                out["length_psi"].setdefault(unit, {})[f] = {"psi": value, "verdict": _psi_verdict(value)}
+                out["length_psi"].setdefault(unit, {})[f] = {"psi": value, "verdict": psi_verdict(value)}
         if "tokens" in cur_bins and "tokens" not in prev_bins:
             out["notes"].append("the previous profile has no token lengths (no tokenizer then): chars only")
     prev_vocab, cur_vocab = previous.get("vocabulary") or {}, current.get("vocabulary") or {}
@@ -1203,7 +1167,7 @@ def _drift(previous: dict, current: dict) -> dict:
         "new_top_words": new[:_TOP],
         "top_words_compared": len(top),
         "previous_words_known": len(before),
-        "js_divergence": _js_divergence(
+        "js_divergence": js_divergence(
             before,
             prev_vocab.get("total_words") or 1,
             dict(cur_vocab["frequencies"]),
@@ -1211,300 +1175,6 @@ def _drift(previous: dict, current: dict) -> dict:
         ),
     }
     return out
-
-
-# --- report --------------------------------------------------------------------------------------
-
-
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)  # tight_layout already fitted it; "tight" would draw twice
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _figures(profile: dict, series: dict) -> dict[str, str]:
-    """Base64 PNGs, drawn with the Agg canvas directly so no global pyplot state is touched."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figs: dict[str, str] = {}
-    for unit in ("chars", "words", "tokens"):
-        data = series[unit]
-        if not data:
-            continue
-        fig = Figure(figsize=(11, 2.8))
-        FigureCanvasAgg(fig)
-        for k, f in enumerate(TEXT_FIELDS):
-            ax = fig.add_subplot(1, 3, k + 1)
-            values = data[f] if len(data[f]) else np.zeros(1)
-            top = max(1.0, float(np.quantile(values, 0.99)))
-            counts, edges = np.histogram(np.clip(values, 0, top), bins=30, range=(0.0, top))
-            ax.stairs(counts, edges, fill=True, color="#4a6fa5")
-            clipped = int((values > top).sum())
-            ax.set_title(f"{f} ({unit})" + (f", {clipped} > p99 at edge" if clipped else ""), fontsize=9)
-            ax.tick_params(labelsize=8)
-        fig.tight_layout()
-        figs[unit] = _png(fig)
-    if profile["tasks"]:
-        items = list(profile["tasks"].items())[:30]
-        fig = Figure(figsize=(8, 0.3 * len(items) + 1))
-        FigureCanvasAgg(fig)
-        ax = fig.add_subplot(1, 1, 1)
-        ax.barh([t for t, _ in items][::-1], [c for _, c in items][::-1], color="#4a6fa5")
-        ax.set_title("task mix (rows)", fontsize=9)
-        ax.tick_params(labelsize=8)
-        fig.tight_layout()
-        figs["tasks"] = _png(fig)
-    return figs
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
-h1{font-size:1.5rem}h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
-table{border-collapse:collapse;margin:.5rem 0;font-size:.85rem}td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}
-th{background:#f3f5f8}td.n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%}
-.cards{display:flex;gap:1rem;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:6px;padding:.5rem 1rem;min-width:8rem}
-.card b{display:block;font-size:1.3rem}.warn{color:#b3261e}.cols{display:flex;gap:2rem;flex-wrap:wrap;align-items:flex-start}
-.note{color:#555;font-size:.85rem}
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value))
-
-
-def _num(value: Any) -> str:
-    if isinstance(value, bool):
-        return _e(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "–"
-        return f"{value:,.4g}" if abs(value) < 1 else f"{value:,.1f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return _e(value) if value is not None else "–"
-
-
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    if not rows:
-        return "<p>none</p>"
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f'<td class="n">{_num(c)}</td>' if isinstance(c, int | float) else f"<td>{_e(c)}</td>"
-            for c in row
-        )
-        + "</tr>"
-        for row in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _img(figs: dict[str, str], key: str, alt: str) -> str:
-    return f'<img src="data:image/png;base64,{figs[key]}" alt="{_e(alt)}">' if key in figs else ""
-
-
-def _tokens_note(info: dict) -> str:
-    """Which tokenizer counted, on how many rows, and the share of rows longer than the model's context."""
-    who = f"Tokens of {_e(info['tokenizer'])}" if info.get("tokenizer") else "Tokens"
-    rows = f"an even sample of {_num(info['rows'])} rows" if info.get("sampled") else "every row"
-    text = f"{who}, counted on {rows} (no special tokens)."
-    if info.get("context"):
-        text += (f" <b>{info['over_context_rate']:.2%}</b> of them ({_num(info['over_context'])}) are longer "
-                 f"in all (instruction + input + response) than the model's context of {_num(info['context'])} "
-                 "tokens, before any prompt template.")
-    return f"<p class='note'>{text}</p>"
-
-
-def _drift_html(profile: dict) -> list[str]:
-    drift = profile.get("drift")
-    if not drift:
-        return []
-    parts = ["<h3>Drift</h3>"]
-    rows = [
-        [f"{f} {unit}", v["psi"], v["verdict"]]
-        for unit, by_field in drift["length_psi"].items()
-        for f, v in by_field.items()
-    ]
-    if rows:
-        parts += [
-            "<p class='note'>Population stability index of the length distributions over fixed bins "
-            "(&lt; 0.1 stable, 0.1–0.25 moderate, &gt; 0.25 major).</p>",
-            _table(["length", "PSI", "verdict"], rows),
-        ]
-    v = drift.get("vocabulary")
-    if v:
-        parts.append(
-            f"<p>Vocabulary: {v['new_top_words_share']:.1%} of the {v['top_words_compared']} most frequent "
-            f"words are not among the previous profile's {v['previous_words_known']:,} most frequent; "
-            f"Jensen–Shannon divergence of word frequencies {v['js_divergence']:.4f} (0 same, 1 disjoint).</p>"
-        )
-        if v["new_top_words"]:
-            parts.append(_table(["new frequent word", "count"], v["new_top_words"]))
-    parts += [f"<p class='note'>{_e(note)}</p>" for note in drift.get("notes", [])]
-    return parts
-
-
-def _render_html(profile: dict, series: dict) -> str:
-    figs = _figures(profile, series)
-    f = profile["fields"]
-    pct = lambda r: f"{r:.2%}"  # noqa: E731
-    near = profile["near_duplicates"]
-    cards = [
-        ("rows", _num(profile["rows"])),
-        ("duplicates", f"{_num(profile['duplicates']['count'])} ({pct(profile['duplicates']['rate'])})"),
-        ("near duplicates", f"{_num(near['count'])} ({pct(near['rate'])})"),
-        ("PII rows", f"{_num(profile['pii']['rows'])} ({pct(profile['pii']['rate'])})"),
-        ("markup rows", f"{_num(profile['markup']['rows'])} ({pct(profile['markup']['rate'])})"),
-        ("vocabulary", _num(profile["vocabulary"]["size"])),
-    ]
-    parts = [
-        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>Data profile: {profile['rows']} rows</title><style>{_CSS}</style></head><body>",
-        "<h1>Instruction data profile</h1><div class='cards'>"
-        + "".join(f"<div class='card'>{_e(k)}<b>{v}</b></div>" for k, v in cards)
-        + "</div>",
-    ]
-    if "changes" in profile:
-        rows = [
-            [
-                c["metric"],
-                c["previous"],
-                c["current"],
-                c["change"],
-                f"{c['relative']:+.1%}" if c["relative"] is not None else "–",
-            ]
-            for c in profile["changes"]
-        ]
-        parts += [
-            "<h2>Changes since previous profile</h2>",
-            *_drift_html(profile),
-            "<h3>Metrics</h3>",
-            _table(["metric", "previous", "current", "change", "relative"], rows),
-        ]
-    parts += [
-        "<h2>Fields</h2>",
-        _table(
-            ["field", "present", "empty", "completeness"],
-            [[k, v["present"], v["empty"], pct(v["completeness"])] for k, v in f.items() if "present" in v],
-        ),
-        "<h2>Lengths</h2>",
-        "<p class='note'>Quantiles interpolate linearly between rows, as pandas does; p50 is the median.</p>",
-    ]
-    stat_keys = ("min", "mean", *_QUANTILE_KEYS, "max")
-    for unit in ("chars", "words", "tokens"):
-        rows = [[k, *(f[k][unit][s] for s in stat_keys)] for k in TEXT_FIELDS if unit in f[k]]
-        total = f.get(f"total_{unit}")
-        if rows and total:
-            rows.append(["total", *(total[s] for s in stat_keys)])
-        if rows:
-            parts += [
-                f"<h3>{unit}</h3>",
-                *([_tokens_note(profile["tokens"])] if unit == "tokens" and profile.get("tokens") else []),
-                _table(["field", *stat_keys], rows),
-                _img(figs, unit, f"{unit} histograms"),
-            ]
-    if (profile.get("tokens") or {}).get("error"):
-        parts.append(f"<p class='note'>Token lengths were not counted: {_e(profile['tokens']['error'])}</p>")
-    v = profile["vocabulary"]
-    parts += [
-        "<h2>Vocabulary</h2>",
-        f"<p>{_num(v['size'])} distinct words, {_num(v['total_words'])} in all (lower-cased, punctuation "
-        "removed; the top lists leave out stop words and numbers).</p><div class='cols'>",
-        _table(["word", "count"], v["top_words"]),
-        _table(["bigram", "count"], v["top_bigrams"]),
-        _table(["leading word of instruction", "rows"], profile["leading_verbs"]),
-        "</div>",
-    ]
-    s = profile["scripts"]
-    parts += [
-        "<h2>Scripts and languages</h2>",
-        "<p>Rows by the Unicode script most of their letters are in (from the characters' names); "
-        f"{_num(s['mixed_rows'])} rows mix scripts (a second one has at least 10% of the letters).</p>",
-        _table(["script", "rows", "share"], [[k, c, pct(s["shares"][k])] for k, c in s["rows"].items()]),
-        _table(
-            ["script", "line", "instruction"],
-            [[k, x["line"], x["instruction"]] for k, xs in s["examples"].items() for x in xs],
-        )
-        if s["examples"]
-        else "",
-    ]
-    lang = profile.get("languages")
-    if lang and lang.get("method"):
-        parts += [
-            f"<p>Language guess on {_num(lang['sample'])} sampled instructions ({_e(lang['method'])}):</p>",
-            _table(["language", "share"], [[k, pct(x)] for k, x in lang["shares"].items()]),
-        ]
-    elif lang:
-        parts.append(f"<p class='note'>No language guess: {_e(lang['note'])}.</p>")
-    if profile["tasks"]:
-        parts += [
-            "<h2>Task mix</h2>",
-            _img(figs, "tasks", "task mix"),
-            _table(["task", "rows"], [[k, c] for k, c in profile["tasks"].items()]),
-        ]
-    d = profile["duplicates"]
-    parts += [
-        "<h2>Exact duplicates</h2>",
-        f"<p>{_num(d['count'])} rows repeat an earlier row (whitespace ignored): extra copies, in "
-        f"{_num(d['groups'])} groups.</p>",
-        _table(
-            ["copies", "lines", "instruction"],
-            [[x["copies"], ", ".join(map(str, x["lines"])), x["instruction"]] for x in d["examples"]],
-        ),
-        "<h2>Near duplicates</h2>",
-    ]
-    if near["settings"]:
-        st = near["settings"]
-        parts += [
-            f"<p>{_num(near['count'])} more rows nearly repeat an earlier row, in {_num(near['clusters'])} "
-            f"groups: Jaccard similarity of their word {st['shingle_size']}-shingle sets at least "
-            f"{st['threshold']} (MinHash, {st['num_perm']} permutations, {st['bands']} LSH bands of "
-            f"{st['rows_per_band']}; every pair confirmed exactly). Exact duplicates are not counted again.</p>",
-            _table(
-                ["rows", "lines", "Jaccard", "first (from where they differ)", "its first repeat"],
-                [
-                    [
-                        x["rows"],
-                        ", ".join(map(str, x["lines"])),
-                        ", ".join(f"{j:.2f}" for j in x["jaccard"]),
-                        x["first"],
-                        x["repeat"],
-                    ]
-                    for x in near["examples"]
-                ],
-            ),
-        ]
-    else:
-        parts.append("<p>Not searched.</p>")
-    parts += [
-        "<h2>Personal data and markup</h2>",
-        f"<p>PII in {_num(profile['pii']['rows'])} rows ({pct(profile['pii']['rate'])}): "
-        + (", ".join(f"{_e(k)} {_num(c)}" for k, c in profile["pii"]["by_kind"].items()) or "none")
-        + ". Matches are masked.</p>",
-        _table(
-            ["line", "field", "kind", "match"],
-            [[x["line"], x["field"], x["kind"], x["match"]] for x in profile["pii"]["examples"]],
-        ),
-        f"<p>HTML the instruction does not ask for in {_num(profile['markup']['rows'])} rows "
-        f"({pct(profile['markup']['rate'])}); control characters in {_num(profile['control_chars']['rows'])} rows.</p>",
-        _table(
-            ["line", "tag", "instruction"],
-            [[x["line"], x["tag"], x["instruction"]] for x in profile["markup"]["examples"]],
-        ),
-        "<h2>Outliers (instruction + input + response characters)</h2><div class='cols'>",
-        _table(
-            ["longest: line", "chars", "instruction"],
-            [[x["line"], x["chars"], x["instruction"]] for x in profile["outliers"]["longest"]],
-        ),
-        _table(
-            ["shortest: line", "chars", "instruction"],
-            [[x["line"], x["chars"], x["instruction"]] for x in profile["outliers"]["shortest"]],
-        ),
-        "</div></body></html>\n",
-    ]
-    return "\n".join(parts)
 
 
 def _write(path: Path, text: str) -> None:

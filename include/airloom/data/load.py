@@ -179,8 +179,8 @@ def _local_sources(path: str | Path) -> list[_Source]:
 
 def parse_field_map(value: Any) -> dict[str, str] | None:
     """A field map as users give it: a dict, JSON object text, or ``src=dst,src=dst`` text (source key =
-    canonical key); None, ``""``, ``null`` and ``{}`` mean "recognise the layout". Checked."""
-    if value is None or (isinstance(value, str) and value.strip() in ("", "null", "None", "{}")):
+    canonical key); None or empty means "recognise the layout". Checked."""
+    if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if isinstance(value, str):
         text = value.strip()

@@ -6,7 +6,7 @@ byte-identical files and the same ``dataset_hash``, which lineage and the regist
 
 Splits are Parquet (``train.parquet``, ``validation.parquet``, ``test.parquet``; columns ``id``,
 ``prompt``, ``response``, ``task``, ``instruction``, ``input``). Older datasets hold the same
-columns as ``<split>.jsonl``; :func:`read_split` reads either.
+columns as ``<split>.jsonl``; :func:`airloom.data.splits.read_split` reads either.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import numpy as np
 
 from airloom.data.neardup import DEFAULT_THRESHOLD as DEFAULT_NEAR_THRESHOLD
 from airloom.data.prompts import BUILTIN_TEMPLATES, CHAT_TEMPLATE, load_template, prompt_context
-from airloom.data.validate import dedup_key, has_markup, normalize_text
-from airloom.data.validate import scrub_pii as _scrub
+from airloom.data.text import _NUMBERISH_RE, dedup_key, has_markup, normalize_text
+from airloom.data.text import scrub_pii as _scrub
 from airloom.exceptions import UsageError
 
 SPLITS = ("train", "validation", "test")
@@ -78,7 +78,7 @@ def prepare(
     Steps, in order (each counted in the manifest's ``counts``):
 
     1. Unicode NFC and whitespace clean-up (line ends, trailing spaces; indentation is kept). With
-       ``markup="strip"``, a row with HTML it does not ask for (:func:`airloom.data.validate.has_markup`:
+       ``markup="strip"``, a row with HTML it does not ask for (:func:`airloom.data.text.has_markup`:
        scraped-page junk) loses its tags, ``<script>``/``<style>`` elements and entities
        (``markup_stripped``); rows about HTML keep theirs.
     2. PII (e-mail, phone, IP, card-like numbers) by ``pii_policy``: ``mask`` replaces it with
@@ -334,13 +334,6 @@ class SplitWriter:
         table = pa.concat_tables(parts).combine_chunks()
         del parts[:]  # let the pieces go before the write
         self._writer.write_table(table, row_group_size=ROW_GROUP_SIZE)
-
-
-def read_split(path: str | Path) -> list[dict]:
-    """Read a split file: ``.parquet`` (current) or ``.jsonl`` (datasets prepared before Parquet)."""
-    from airloom.evaluation.harness import load_records_file
-
-    return load_records_file(path)
 
 
 def content_sha256(rows: Iterable[dict]) -> str:
@@ -713,8 +706,6 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 # Whitespace (other than the line break itself) just before a line break: normalize_text strips it.
 # Written to start with the literal "\n", which re finds far faster than a leading character class.
 _SPACE_BEFORE_BREAK_RE = re.compile(r"\n(?<=[^\S\n]\n)")
-# scrub_pii's own early exit (validate.py): without "@" and without this, it finds nothing.
-_NUMBERISH_RE = re.compile(r"\d[\d .()+-]{5,}\d")
 
 
 def _normalize(text: str) -> str:

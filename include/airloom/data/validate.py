@@ -11,157 +11,26 @@ Two kinds of rule, both written as GX expectations so they show up in the Data D
   ``prepare`` scrubs them. Of a set of (near) copies the first one that breaks no other rule is kept.
 
 Rows that ``load`` could not read count as quarantined too, so ``rows_read = accepted + quarantined``.
-The text checks (:func:`find_pii`, :func:`scrub_pii`, :func:`has_markup`, :func:`dedup_key`) live here
-so EDA and preparation flag exactly what validation flags.
+The text checks themselves live in :mod:`airloom.data.text`, so EDA and preparation flag exactly what
+validation flags.
 """
 
 from __future__ import annotations
 
 import heapq
-import ipaddress
 import json
 import os
 import pickle
-import re
 import shutil
 import tempfile
-import unicodedata
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
 from airloom.data.load import TEXT_FIELDS, Finding, LoadResult
+from airloom.data.text import CONTROL_CHARS_RE, MARKUP_RE, find_pii, has_markup
 from airloom.exceptions import UsageError
-
-# --- text checks shared with eda.py and prepare.py -------------------------------------------------
-
-EMAIL_RE = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-PHONE_RE = re.compile(
-    r"(?<![\w.+-])(?:"
-    r"(?:\+?1[ .-]?)?(?:\(\d{3}\)\s?|\d{3}[ .-])\d{3}[ .-]\d{4}"  # North American
-    r"|\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5}\d"  # international, must start with +
-    r")(?![\w-])"
-)
-IPV4_RE = re.compile(  # [0-9], not \d: an address is ASCII digits (ipaddress rejects others)
-    r"(?<![\w.])(?:(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])\.){3}"
-    r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])(?![\w.])"
-)
-CARD_RE = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
-CONTROL_CHARS_PATTERN = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
-CONTROL_CHARS_RE = re.compile(CONTROL_CHARS_PATTERN)
-MARKUP_RE = re.compile(
-    r"</(?:html|head|body|div|span|p|a|iframe|script|style|table|tr|td|th|ul|ol|li|form|button|h[1-6]"
-    r"|b|i|em|strong|pre|font|center|section|article|nav|footer|header)\s*>"
-    r"|<(?:!doctype|html|body|head|iframe|script|style|meta|br|img|link)\b[^<>]*>",
-    re.IGNORECASE,
-)
-_ASKS_FOR_MARKUP_RE = re.compile(
-    r"\b(?:x?html5?|xml|svg|jsx|tsx|markup|web ?pages?|webpage|websites?|browsers?|dom|css|tags?|elements?"
-    r"|buttons?|paragraphs?|forms?|div|php|jquery|react|vue|angular)\b",
-    re.IGNORECASE,
-)
-PII_PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP>", "card": "<CARD>"}
-# Cheap pre-check: phones, cards and IPs all need 7+ characters of digits and separators.
-_NUMBERISH_RE = re.compile(r"\d[\d .()+-]{5,}\d")
-
-
-def _luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = int(ch)
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def _ip_is_personal(text: str) -> bool:
-    """Loopback, unspecified and netmask-like addresses are code, not someone's address."""
-    ip = ipaddress.IPv4Address(text)
-    return not (ip.is_loopback or ip.is_unspecified or text.startswith("255.") or ip.is_multicast)
-
-
-def _card_ok(text: str) -> bool:
-    digits = re.sub(r"\D", "", text)
-    return 13 <= len(digits) <= 19 and len(set(digits)) > 1 and _luhn_ok(digits)
-
-
-def find_pii(text: str) -> dict[str, list[str]]:
-    """Personal data found in ``text``, by kind (``email``, ``phone``, ``ip``, ``card``); empty if none."""
-    found: dict[str, list[str]] = {}
-    if "@" in text and (emails := EMAIL_RE.findall(text)):
-        found["email"] = emails
-    if not _NUMBERISH_RE.search(text):
-        return found
-    if cards := [m for m in CARD_RE.findall(text) if _card_ok(m)]:
-        found["card"] = cards
-    if phones := [m for m in PHONE_RE.findall(text) if not _card_ok(m)]:
-        found["phone"] = phones
-    if "." in text and (ips := [m for m in IPV4_RE.findall(text) if _ip_is_personal(m)]):
-        found["ip"] = ips
-    return found
-
-
-def scrub_pii(text: str) -> tuple[str, dict[str, int]]:
-    """Replace personal data with placeholders (``<EMAIL>``, ``<PHONE>``, ``<IP>``, ``<CARD>``).
-
-    Returns:
-        The scrubbed text and the number of replacements per kind.
-    """
-    counts: dict[str, int] = {}
-    if "@" in text:
-        text, n = EMAIL_RE.subn(PII_PLACEHOLDERS["email"], text)
-        if n:
-            counts["email"] = n
-    if not _NUMBERISH_RE.search(text):
-        return text, counts
-
-    def sub(kind: str, pattern: re.Pattern, keep: Any) -> None:
-        nonlocal text
-
-        def repl(m: re.Match) -> str:
-            if not keep(m.group(0)):
-                return m.group(0)
-            counts[kind] = counts.get(kind, 0) + 1
-            return PII_PLACEHOLDERS[kind]
-
-        text = pattern.sub(repl, text)
-
-    sub("card", CARD_RE, _card_ok)
-    sub("phone", PHONE_RE, lambda m: True)
-    sub("ip", IPV4_RE, _ip_is_personal)
-    return text, counts
-
-
-def has_markup(instruction: str, input: str, response: str) -> bool:
-    """HTML in a row that is not about HTML: scraped-page junk rather than an answer.
-
-    A row is about HTML when its input holds markup, or its instruction (tags aside) names HTML,
-    the DOM, page elements or a web framework.
-    """
-    if not (MARKUP_RE.search(response) or MARKUP_RE.search(instruction)):
-        return False
-    if MARKUP_RE.search(input):
-        return False
-    return not _ASKS_FOR_MARKUP_RE.search(MARKUP_RE.sub(" ", f"{instruction}\n{input}"))
-
-
-def normalize_text(text: str) -> str:
-    """Unicode NFC, ``\\n`` line ends, no trailing spaces on lines, no blank ends; indentation is kept."""
-    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
-    return "\n".join(line.rstrip() for line in text.split("\n")).strip()
-
-
-def dedup_key(instruction: str, input: str, response: str) -> str:
-    """Identity of a row for duplicate detection: NFC text with whitespace runs collapsed."""
-    return "\x1f".join(
-        " ".join(
-            (t if t.isascii() or unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t)).split()
-        )
-        for t in (instruction, input, response)
-    )
-
 
 # --- configuration --------------------------------------------------------------------------------
 
@@ -287,18 +156,9 @@ class ValidationConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ValidationConfig:
-        import yaml
+        from airloom.configfile import load_yaml_mapping
 
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot read the validation config ({exc.strerror or exc})") from exc
-        except yaml.YAMLError as exc:
-            raise UsageError(f"{path}: not valid YAML ({exc})") from exc
-        if data is not None and not isinstance(data, dict):
-            raise UsageError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_yaml_mapping(path, "validation config"), source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -883,7 +743,7 @@ def validate_stream(
     reads the scratch file back and writes the rows and the findings. Memory holds one chunk and a few
     dozen bytes per row, never the corpus.
 
-    Writes ``validation.json``, ``accepted.jsonl`` (canonical fields only, so it loads cleanly),
+    Writes ``validation.json`` and ``validation.html``, ``accepted.jsonl`` (canonical fields only, so it loads cleanly),
     ``quarantine.jsonl`` (one row per quarantined line with its reasons), GX Data Docs under
     ``data_docs/`` and, when ``scan_source`` is given (see :func:`airloom.data.load.fingerprint`), the
     profile of the rows read under ``scan/`` for the EDA task to render (:func:`airloom.data.eda.load_scan`).
@@ -1172,6 +1032,9 @@ def _judge(
     with scratch_findings:
         scratch_findings.seek(0)
         _write_atomic(report_path, _report_lines(report, findings()))
+    from airloom.reports.validation import write_validation_report
+
+    write_validation_report(report_path)  # validation.html: the verdict readable offline, unlike the Data Docs
     os.replace(tmp_accepted, accepted_path)
     if scan_source is not None:
         from airloom.data.eda import save_scan

@@ -19,13 +19,13 @@ def partition_dir(root: str | Path, ds: str) -> Path:
 
 def read_partition(history_root: str | Path, ds: str) -> list[dict] | None:
     """The records of one day, or None when the partition does not exist."""
-    from airloom.evaluation.harness import load_jsonl
+    from airloom.data.splits import read_jsonl
 
     part = partition_dir(history_root, ds)
     files = sorted(part.glob("*.jsonl")) if part.is_dir() else []
     if not files:
         return None
-    return [r for f in files for r in load_jsonl(f)]
+    return [r for f in files for r in read_jsonl(f)]
 
 
 def evaluate_partition(model_path: str, model_ref: str, records: list[dict], out_root: str | Path, model_name: str,

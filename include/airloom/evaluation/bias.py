@@ -34,16 +34,10 @@ def load_bias_templates(path: str | Path | None = None) -> dict:
         ``{"dimensions": {name: {"groups": [...], "sets": [{group: {slot: value}}]}},
         "templates": [{"id", "dimension", "instruction", "continuation"}], "source": str}``.
     """
-    import yaml
+    from airloom.configfile import load_yaml_mapping
 
-    path = Path(path) if path is not None else DEFAULT_TEMPLATES
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise UsageError(f"cannot read bias templates {path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML ({exc})") from exc
-    return validate_bias_templates(data, source=str(path))
+    path = path if path is not None else DEFAULT_TEMPLATES
+    return validate_bias_templates(load_yaml_mapping(path, "bias templates"), source=str(path))
 
 
 def validate_bias_templates(data, source: str = "bias templates") -> dict:
@@ -165,9 +159,9 @@ def continuation_loglik(
     """Mean log-probability per token of each continuation given its prompt."""
     import torch
 
-    from airloom.evaluation.generation import _ensure_pad_token
+    from airloom.evaluation.generation import ensure_pad_token
 
-    _ensure_pad_token(tokenizer)
+    ensure_pad_token(tokenizer)
     examples = []
     for prompt, cont in zip(prompts, continuations, strict=True):
         p_ids = tokenizer(prompt)["input_ids"]

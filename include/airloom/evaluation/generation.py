@@ -41,7 +41,8 @@ def load_model(path: str | Path):
     return model, tokenizer
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Token ids that end an answer: the tokenizer's eos and any the model's generation config adds."""
     ids: set[int] = set()
     for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
         if isinstance(value, int):
@@ -51,14 +52,16 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _ensure_pad_token(tokenizer) -> None:
+def ensure_pad_token(tokenizer) -> None:
+    """Pad with the eos token when the tokenizer has no pad token (batched generation needs one)."""
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
             raise UsageError("the tokenizer has neither a pad nor an eos token; add one before evaluating")
         tokenizer.pad_token = tokenizer.eos_token
 
 
-def _cut_at_stop_strings(text: str, stop_strings: Sequence[str] | None) -> str:
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str] | None) -> str:
+    """``text`` up to the first occurrence of any of ``stop_strings`` (all of it when none occurs)."""
     cut = len(text)
     for stop in stop_strings or ():
         if stop:
@@ -89,8 +92,8 @@ def generate(
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
     if not prompts:
         return []
-    _ensure_pad_token(tokenizer)
-    eos_ids = _eos_ids(model, tokenizer)
+    ensure_pad_token(tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     device = next(model.parameters()).device
     lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
@@ -121,7 +124,7 @@ def generate(
                             new_ids = new_ids[:pos]
                             break
                     text = tokenizer.decode(new_ids, skip_special_tokens=True)
-                    outputs[i] = _cut_at_stop_strings(text, stop_strings).strip()
+                    outputs[i] = cut_at_stop_strings(text, stop_strings).strip()
     finally:
         tokenizer.padding_side = old_side
     return outputs  # type: ignore[return-value]
@@ -149,7 +152,7 @@ def perplexity(
         raise UsageError(f"got {len(prompts)} prompts but {len(responses)} responses")
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
-    _ensure_pad_token(tokenizer)
+    ensure_pad_token(tokenizer)
     max_len = getattr(model.config, "max_position_embeddings", None)
     examples = []
     for prompt, response in zip(prompts, responses, strict=True):

@@ -22,46 +22,6 @@ DEFAULT_TASK = "default"
 DEFAULT_STOP_STRINGS = ("\n### ",)
 
 
-def load_jsonl(path: str | Path) -> list[dict]:
-    """Read a JSON-lines file; blank lines are skipped, bad lines are reported by number."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove the line") from exc
-        if not isinstance(row, dict):
-            raise UsageError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
-    return rows
-
-
-def load_records_file(path: str | Path) -> list[dict]:
-    """Read a file of records: ``.parquet`` (prepared splits) or JSON lines (any other name).
-
-    Prepared datasets are Parquet since the ``airloom.prepared/2`` format; older ones and the
-    history partitions are JSON lines, so both stay readable.
-    """
-    path = Path(path)
-    if path.suffix.lower() != ".parquet":
-        return load_jsonl(path)
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise UsageError(f"cannot read {path}: no such file")
-    try:
-        return pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises ArrowInvalid/OSError with the reason
-        raise UsageError(f"cannot read {path}: not a readable Parquet file ({exc})") from exc
-
-
 def _check_records(records: Sequence[dict]) -> None:
     for i, rec in enumerate(records):
         for field in ("id", "prompt", "response"):

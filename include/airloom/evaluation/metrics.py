@@ -98,7 +98,8 @@ def _check_inputs(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> N
             raise UsageError(f"references of example {i} must be a non-empty list of strings, got {refs!r}")
 
 
-def _rouge_per_example(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> list[dict[str, float]]:
+def rouge_per_example(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> list[dict[str, float]]:
+    """ROUGE F-measures of each prediction against its best reference (by rougeL), one dict per example."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
@@ -117,7 +118,7 @@ def _rouge_per_example(preds: Sequence[str], refs_list: Sequence[Sequence[str]])
 def rouge_scores(preds: Sequence[str], refs_list: Sequence[Sequence[str]]) -> dict[str, float]:
     """Mean ROUGE F-measures (0-1); with several references the best one (by rougeL F) counts."""
     _check_inputs(preds, refs_list)
-    rows = _rouge_per_example(preds, refs_list)
+    rows = rouge_per_example(preds, refs_list)
     if not rows:
         return {k: 0.0 for k in ROUGE_TYPES}
     return {k: sum(r[k] for r in rows) / len(rows) for k in ROUGE_TYPES}
@@ -260,7 +261,7 @@ def score_predictions(
     if not preds:
         raise UsageError("no predictions to score: the evaluation set is empty")
     is_math = _math_flags(refs_list, task)
-    rouge_rows = _rouge_per_example(preds, refs_list)
+    rouge_rows = rouge_per_example(preds, refs_list)
     per_example = []
     for p, refs, rouge, math in zip(preds, refs_list, rouge_rows, is_math, strict=True):
         row = {"exact_match": exact_match(p, refs), "f1": token_f1(p, refs), **rouge}

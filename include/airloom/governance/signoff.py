@@ -68,8 +68,12 @@ class SignOffPolicy:
         ``allowed_users`` may be ``"alice, bob"`` (empty = anyone), numbers may be strings."""
         params = dict(params or {})
         users = params.get("allowed_users")
+        if isinstance(users, int | float) and not isinstance(users, bool):
+            users = str(users)  # Airflow's native rendering turns a Variable of "1001" into a number
         if isinstance(users, str):
-            names = [u.strip() for u in users.split(",") if u.strip()]
+            users = users.split(",")
+        if isinstance(users, list | tuple):
+            names = [str(u).strip() for u in users if str(u).strip()]
             params["allowed_users"] = names or None
         if isinstance(params.get("required_approvals"), str):
             try:
@@ -250,6 +254,7 @@ def signoff_status(
     approvals: list[dict[str, Any]] = []
     rejections: list[dict[str, Any]] = []
     approvers: set[str] = set()
+    requester = None if request is None else request["requested_by"]  # decisions imply a request
     for d in decisions:
         entry = {"user": d["user"], "at": d["at"], "comment": d.get("comment", "")}
         if d["decision"] == "reject":
@@ -257,7 +262,7 @@ def signoff_status(
         elif (
             d["user"] not in approvers
             and policy.allows(d["user"])
-            and not (policy.separation_of_duties and d["user"] == request["requested_by"])
+            and not (policy.separation_of_duties and d["user"] == requester)
         ):
             approvers.add(d["user"])
             approvals.append(entry)
@@ -286,43 +291,3 @@ def is_approved(
 ) -> bool:
     return signoff_status(registry, name, version, policy)["state"] == "approved"
 
-
-APPROVAL_REQUIRED_ALIASES = frozenset({"production"})
-"""Aliases that serve users: a version may only be pointed at by them once it is signed off."""
-
-
-def require_approval(
-    registry: ModelRegistry, name: str, version: int, alias: str, policy: SignOffPolicy | None = None
-) -> dict[str, Any] | None:
-    """Refuse (CheckFailed) to point a gated ``alias`` at a version whose sign-off is not approved.
-
-    Deploying and rolling back are both alias moves, so this one check keeps a rejected or never
-    approved version out of production on every path. Returns the sign-off status (None: alias not gated).
-    """
-    if alias not in APPROVAL_REQUIRED_ALIASES:
-        return None
-    status = signoff_status(registry, name, version, policy)
-    ref = f"{name}/{int(version)}"
-    if status["state"] == "approved":
-        return status
-    if status["state"] == "rejected":
-        who = ", ".join(
-            f"{r['user']}" + (f" ({r['comment']!r})" if r.get("comment") else "")
-            for r in status["rejections"]
-        )
-        raise CheckFailed(
-            f"refusing to point {name}@{alias} at version {version}: its sign-off was rejected by {who}; "
-            f"a rejected version is never deployed: register a fixed model, or open a new round "
-            f"(airloom signoff request {ref}) with new evidence"
-        )
-    if status["requested_by"] is None:
-        raise CheckFailed(
-            f"refusing to point {name}@{alias} at version {version}: no sign-off was requested; "
-            f"run 'airloom signoff request {ref}' and have a reviewer approve it"
-        )
-    raise CheckFailed(
-        f"refusing to point {name}@{alias} at version {version}: its sign-off is pending "
-        f"({len(status['approvals'])} of {status['required_approvals']} approvals, requested by "
-        f"{status['requested_by']}); a reviewer other than {status['requested_by']} must run "
-        f"'airloom signoff approve {ref}'"
-    )

@@ -24,10 +24,10 @@ MIN_ROWS_FOR_PSI = 30  # below this, PSI over length bins is noise (see decide_i
 def psi(expected: dict[str, float], actual: dict[str, float], eps: float = 1e-4) -> float | None:
     """Population stability index between two distributions given as {bucket: count}.
 
-    :func:`airloom.data.eda.psi` over the union of buckets; None when either side is empty, since
+    :func:`airloom.data.divergence.psi` over the union of buckets; None when either side is empty, since
     there is no distribution to compare (an empty day is not a shift).
     """
-    from airloom.data.eda import psi as histogram_psi
+    from airloom.data.divergence import psi as histogram_psi
 
     if not sum(expected.values()) or not sum(actual.values()):
         return None

@@ -10,12 +10,13 @@ field); feedback lines with ``rating`` (+1/-1/0), ``rating_raw`` ("up"/"down" or
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from collections import Counter
 from datetime import date, timedelta
 from pathlib import Path
+
+from airloom.reports import render
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -84,7 +85,7 @@ def corrected_dataset(feedback: list[dict]) -> tuple[list[dict], dict]:
     whole prompt as the instruction. Rows with PII left after scrubbing, or blank parts, are dropped.
     """
     from airloom.data.prompts import split_alpaca
-    from airloom.data.validate import dedup_key, find_pii
+    from airloom.data.text import dedup_key, find_pii
 
     rows, seen, dropped = [], set(), Counter()
     for fb in feedback:
@@ -128,13 +129,12 @@ def _plot(days: list[str], series: dict[str, list], ylabel: str) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _input_drift_html(drift: dict, out_dir: Path) -> str:
+def _input_drift_view(drift: dict, out_dir: Path) -> dict:
     """The input-drift section: PSI per field and language mix, vocabulary shift, link to the traffic's EDA."""
-    def row(label: str, value: float | None, note: str = "") -> str:
-        # the EDA report's rule of thumb
-        verdict = "" if value is None else "stable" if value < 0.1 else "moderate shift" if value < 0.25 else "major shift"
-        return (f"<tr><td>{html.escape(label)}</td><td>{'' if value is None else value}</td>"
-                f"<td>{verdict}</td><td>{html.escape(note)}</td></tr>")
+    from airloom.data.divergence import psi_verdict
+
+    def row(label: str, value: float | None, note: str = "") -> tuple:
+        return label, value, None if value is None else psi_verdict(value), note
 
     means = drift.get("mean_chars") or {}
     rows = [row(f"{f} length (chars)", v, "mean {reference} → {current}".format(
@@ -144,21 +144,21 @@ def _input_drift_html(drift: dict, out_dir: Path) -> str:
     rows.append(row("script mix", lang.get("psi_scripts"), json.dumps((lang.get("scripts") or {}).get("current"))))
     rows.append(row("language mix", lang.get("psi_languages"), json.dumps((lang.get("languages") or {}).get("current"))))
     vocab = drift.get("vocabulary") or {}
-    new = ", ".join(w for w, _ in (vocab.get("new_top_words") or [])[:10])
     report = Path(drift["report"]) if drift.get("report") else None
-    link = ""
+    href = None
     if report is not None and report.is_file():
         try:
             href = report.relative_to(Path(out_dir)).as_posix()
         except ValueError:
             href = report.as_uri()
-        link = f"<p><a href='{html.escape(href)}'>EDA report of the day's traffic</a></p>"
-    return (
-        f"<h2>Input drift vs. training data ({drift.get('reference_rows')} rows → {drift.get('current_rows')} today)</h2>"
-        "<table><tr><th>measure</th><th>PSI</th><th>verdict</th><th>detail</th></tr>" + "".join(rows) + "</table>"
-        f"<p>Vocabulary: Jensen-Shannon divergence {vocab.get('js_divergence')}, new top words share "
-        f"{vocab.get('new_top_words_share')}{': ' + html.escape(new) if new else ''}</p>{link}"
-    )
+    return {
+        "reference_rows": drift.get("reference_rows"),
+        "current_rows": drift.get("current_rows"),
+        "rows": rows,
+        "vocabulary": vocab,
+        "new_words": [w for w, _ in (vocab.get("new_top_words") or [])[:10]],
+        "report_href": href,
+    }
 
 
 def write_dashboard(out_dir: Path, traffic_root: str | Path, feedback_root: str | Path, ds: str,
@@ -190,22 +190,13 @@ def write_dashboard(out_dir: Path, traffic_root: str | Path, feedback_root: str 
         plots["Latency (ms)"] = _plot(xs, {q: [t["latency_ms"][q] for t in trend] for q in ("p50", "p95")}, "ms")
         plots["Tokens"] = _plot(xs, {"prompt p50": [t["prompt_tokens"]["p50"] for t in trend],
                                      "completion p50": [t["completion_tokens"]["p50"] for t in trend]}, "tokens")
-    rows = "".join(
-        f"<tr><td>{t['ds']}</td><td>{t['requests']}</td><td>{t['feedback']}</td><td>{t['satisfaction_rate']}</td>"
-        f"<td>{t['latency_ms']['p50']}</td><td>{t['latency_ms']['p95']}</td><td>{t['failing_output_rate']}</td></tr>"
-        for t in trend)
-    imgs = "".join(f"<h3>{html.escape(title)}</h3><img alt='{html.escape(title)}' src='data:image/png;base64,{b64}'>"
-                   for title, b64 in plots.items())
-    detail = html.escape(json.dumps({"today": today, **(extra or {})}, indent=2, default=str))
-    drift_html = _input_drift_html(input_drift, out_dir) if input_drift else ""
-    page = (
-        "<!doctype html><html><head><meta charset='utf-8'><title>Airloom serving monitor "
-        f"{html.escape(ds)}</title><style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}"
-        "td,th{border:1px solid #ccc;padding:4px 8px}</style></head><body>"
-        f"<h1>Serving monitor, ds={html.escape(ds)}</h1>"
-        "<table><tr><th>ds</th><th>requests</th><th>feedback</th><th>satisfaction</th><th>p50 ms</th>"
-        f"<th>p95 ms</th><th>failing outputs</th></tr>{rows}</table>{imgs}{drift_html}<h2>Details</h2><pre>{detail}</pre>"
-        "</body></html>"
+    page = render(
+        "dashboard.html.j2",
+        ds=ds,
+        trend=trend,
+        plots=plots,
+        drift=_input_drift_view(input_drift, out_dir) if input_drift else None,
+        detail=json.dumps({"today": today, **(extra or {})}, indent=2, default=str),
     )
     (out_dir / "dashboard.html").write_text(page, encoding="utf-8")
     result = {"ds": ds, "today": today, "trend": trend, "dashboard": str(out_dir / "dashboard.html")}

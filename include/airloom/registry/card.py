@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from airloom.registry.store import json_default
+
 
 def _plain(value: Any) -> Any:
     """JSON-able builtins only, so numpy scalars or Paths never reach YAML as python tags."""
-    from airloom.registry.registry import json_default
 
     def default(obj: Any) -> Any:
         try:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from airloom.exceptions import CheckFailed, ConflictError, RegistryError, UsageError
-from airloom.registry.store import LocalStore, ObjectStore, open_store, sha256_file
+from airloom.registry.store import LocalStore, ObjectStore, json_default, open_store, sha256_file
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 MANIFEST = "MANIFEST.json"
@@ -55,17 +55,6 @@ def now() -> datetime:
 def _record_stem(at: datetime) -> str:
     # Basic ISO 8601 (no colons) sorts lexically by time; the uuid keeps concurrent writers apart.
     return f"{at.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex}"
-
-
-def json_default(obj: Any) -> Any:
-    """Let numpy scalars, datetimes and paths through; anything else is a caller bug."""
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "shape", None) == ():
-        return obj.item()
-    if isinstance(obj, datetime):
-        return obj.isoformat()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
 def _dumps(obj: Any, what: str) -> bytes:

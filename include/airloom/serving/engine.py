@@ -103,13 +103,13 @@ class LoadedModel:
 
 def load_version(registry: ModelRegistry, name: str, version: int, cache_dir: Path) -> LoadedModel:
     """Download (verified), re-check the files against the manifest, load in eval mode."""
-    from airloom.evaluation.generation import _ensure_pad_token, load_model
+    from airloom.evaluation.generation import ensure_pad_token, load_model
 
     started = time.monotonic()
     dest = registry.download(name, version, Path(cache_dir) / name / str(version))
     verify_local_copy(dest)
     model, tokenizer = load_model(dest)
-    _ensure_pad_token(tokenizer)
+    ensure_pad_token(tokenizer)
     counting = copy.deepcopy(tokenizer)
     log.info("loaded %s/%s from %s in %.1fs", name, version, dest, time.monotonic() - started)
     return LoadedModel(name, version, str(dest), model, tokenizer, datetime.now(UTC).isoformat(), counting)
@@ -143,10 +143,10 @@ def generate_rows(loaded: LoadedModel, rows: Sequence[GenRequest]) -> list[GenRe
     """Complete ``rows`` with one left-padded ``generate`` call per sampling setting."""
     import torch
 
-    from airloom.evaluation.generation import _cut_at_stop_strings, _eos_ids
+    from airloom.evaluation.generation import cut_at_stop_strings, eos_token_ids
 
     model, tok = loaded.model, loaded.tokenizer
-    eos_ids = _eos_ids(model, tok)
+    eos_ids = eos_token_ids(model, tok)
     device = next(model.parameters()).device
     results: list[GenResult | None] = [None] * len(rows)
     groups: dict[tuple, list[int]] = {}
@@ -180,7 +180,7 @@ def generate_rows(loaded: LoadedModel, rows: Sequence[GenRequest]) -> list[GenRe
                     new_ids, finish = new_ids[: req.max_tokens], "length"
                 text = tok.decode(new_ids, skip_special_tokens=True) if new_ids else ""
                 n_completion = len(new_ids)
-                cut = _cut_at_stop_strings(text, req.stop)
+                cut = cut_at_stop_strings(text, req.stop)
                 if len(cut) != len(text):
                     text, finish = cut, "stop"
                     n_completion = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0

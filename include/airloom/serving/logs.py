@@ -29,7 +29,7 @@ from typing import Any
 
 def scrub(record: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
     """Mask PII in ``fields`` (strings, or lists of chat messages) with the data stage's scrubber."""
-    from airloom.data.validate import scrub_pii
+    from airloom.data.text import scrub_pii
 
     out = dict(record)
     masked: dict[str, dict[str, int]] = {}

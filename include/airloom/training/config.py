@@ -18,14 +18,9 @@ _NUMERIC = {"float": float, "int": int, "float | None": float, "int | None": int
 
 
 def _coerce(name: str, value: Any) -> Any:
-    """YAML 1.1 reads ``2e-3`` as a string and UI forms send text: convert numbers by field type."""
-    if TrainConfig.__dataclass_fields__[name].type == "bool" and isinstance(value, str):
-        # A templated DAG param renders a boolean as "True"/"False".
-        flag = value.strip().lower()
-        if flag in ("true", "1", "yes", "on"):
-            return True
-        if flag in ("false", "0", "no", "off", ""):
-            return False
+    """YAML 1.1 reads ``2e-3`` as a string: convert numbers by field type. Flags must be booleans (text
+    such as "False" would be true)."""
+    if TrainConfig.__dataclass_fields__[name].type == "bool" and not isinstance(value, bool):
         raise UsageError(f"training option {name} must be true or false, got {value!r}")
     kind = _NUMERIC.get(TrainConfig.__dataclass_fields__[name].type)
     if kind is None or value is None or isinstance(value, bool) or not isinstance(value, str | int | float):
@@ -109,15 +104,9 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        import yaml
+        from airloom.configfile import load_yaml_mapping
 
-        p = Path(path)
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise UsageError(f"{p}: cannot read training config: {e}") from e
-        if not isinstance(data, dict):
-            raise UsageError(f"{p}: a training config must be a mapping of options")
+        data = load_yaml_mapping(path, "training config")
         data.update({k: v for k, v in overrides.items() if v is not None})
         return cls.from_dict(data)
 

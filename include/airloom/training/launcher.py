@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from airloom.exceptions import AirloomError
-from airloom.settings import PROJECT_ROOT
+from airloom.settings import project_dir, source_checkout
 
 PROGRESS_PREFIX = "airloom-progress "
 RECIPE_MODULE = "airloom.training.recipe"
@@ -77,11 +77,14 @@ def build_command(spec: LaunchSpec) -> list[str]:
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     # Built DeepSpeed ops are cached per project, not rebuilt per run (first build ~25 s).
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(PROJECT_ROOT / ".cache" / "torch_extensions"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(project_dir() / ".cache" / "torch_extensions"))
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1))))
-    # The recipe must import airloom even where the project is not pip-installed (e.g. a PYTHONPATH checkout).
-    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(PROJECT_ROOT / "include"), env.get("PYTHONPATH", "")] if p)
+    # Imported from a checkout, airloom may not be installed at all (the parent put include/ on sys.path);
+    # installed, the child's interpreter finds it by itself.
+    checkout = source_checkout()
+    if checkout is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [str(checkout / "include"), env.get("PYTHONPATH", "")] if p)
     env.update(extra or {})
     return env
 

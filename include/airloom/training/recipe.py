@@ -2,7 +2,8 @@
 
 ``python -m airloom.training.recipe --config run/train_config.json``
 
-setup → (resume) → train → checkpoint → save, as torchtune's recipes. Every rank runs this file; DeepSpeed's engine
+``FinetuneRecipe`` has torchtune's recipe lifecycle: setup (with resume) → train (checkpointing on the
+way) → save → cleanup, run in that order by ``recipe_main``. Every rank runs this file; DeepSpeed's engine
 does the distributed part (ZeRO stage from the config, gloo on CPU, NCCL on GPUs). Only the
 response tokens carry loss: the prompt is context, not something to learn to produce.
 """
@@ -38,29 +39,12 @@ def _ensure_dist_env() -> None:
 
 def read_examples(path: str | Path) -> list[dict]:
     """Training examples from a prepared split: ``.parquet``, or JSON lines (prepared before Parquet)."""
-    if Path(path).suffix.lower() == ".parquet":
-        import pyarrow.parquet as pq
+    from airloom.data.splits import read_split
 
-        table = pq.read_table(path)
-        missing = [c for c in ("prompt", "response") if c not in table.column_names]
-        if missing:
-            raise ValueError(
-                f"{path}: a training example needs 'prompt' and 'response'; no column {missing[0]!r}"
-            )
-        rows = table.to_pylist()
-        for n, row in enumerate(rows, 1):
-            if row["prompt"] is None or row["response"] is None:
-                raise ValueError(f"{path}: row {n}: a training example needs 'prompt' and 'response'")
-        return rows
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if "prompt" not in row or "response" not in row:
-                raise ValueError(f"{path}:{n}: a training example needs 'prompt' and 'response'")
-            rows.append(row)
+    rows = read_split(path)
+    for n, row in enumerate(rows, 1):
+        if row.get("prompt") is None or row.get("response") is None:
+            raise UsageError(f"{path}: row {n}: a training example needs 'prompt' and 'response'")
     return rows
 
 
@@ -258,27 +242,6 @@ def fetch_checkpoint(store, root: Path) -> str | None:
     return tag
 
 
-def save_checkpoint(engine, cfg: TrainConfig, rank: int, step: int, state: dict) -> None:
-    import torch.distributed as dist
-
-    root = checkpoint_root(cfg)
-    tag = f"step-{step:08d}"
-    engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
-    if dist.is_initialized():
-        dist.barrier()
-    if rank == 0:
-        (root / tag / CHECKPOINT_MARKER).write_text(json.dumps({"step": step}))
-        complete = sorted(d for d in root.glob("step-*") if (d / CHECKPOINT_MARKER).is_file())
-        for d in root.glob("step-*"):
-            if d.name != tag and (d not in complete or d in complete[: -cfg.keep_checkpoints]):
-                shutil.rmtree(d, ignore_errors=True)
-        mirror = checkpoint_mirror(cfg)
-        if mirror is not None:
-            upload_checkpoint(mirror, root, tag, cfg.keep_checkpoints)
-    if dist.is_initialized():
-        dist.barrier()  # nobody starts the next save while rank 0 still prunes
-
-
 # -- training -------------------------------------------------------------------------------------
 
 def _units(cfg: TrainConfig, examples: list) -> list:
@@ -305,161 +268,232 @@ def _batch(cfg: TrainConfig, units: list, pad_id: int, device) -> tuple[dict, in
     return {k: v.to(device) for k, v in inputs.items()}, real, input_ids.numel()
 
 
-def train(cfg: TrainConfig) -> dict:
-    _ensure_dist_env()
-    preflight(cfg)
-    import deepspeed
-    import torch
-    import torch.distributed as dist
+class FinetuneRecipe:
+    """One rank's share of a fine-tuning run, in torchtune's recipe lifecycle.
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    ``setup`` starts the process group and builds model, data and DeepSpeed engine, resuming from the
+    newest complete checkpoint; ``train`` runs the steps (``save_checkpoint`` every ``checkpoint_every``);
+    ``save`` writes the model folder, ``train_metrics.json`` and ``loss_curve.png``; ``cleanup`` leaves
+    the process group.
 
-    model, tokenizer = load_model(cfg)
-    examples = tokenize_examples(read_examples(cfg.train_file), tokenizer, cfg.max_length)
-    if not examples:
-        raise ValueError(f"{cfg.train_file}: no usable training examples")
-    units = _units(cfg, examples)
-    micro = max(1, cfg.batch_size // world)
-    steps_per_epoch = max(1, len(units) // (micro * world * cfg.gradient_accumulation_steps))
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    Args:
+        cfg: The run's config; what this machine cannot run is refused here, before any work.
+    """
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, total))
-    ds_config = cfg.deepspeed_config(world)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
-    out = Path(cfg.output_dir)
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    def __init__(self, cfg: TrainConfig) -> None:
+        _ensure_dist_env()
+        preflight(cfg)
+        self.cfg = cfg
+        self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        self.out = Path(cfg.output_dir)
+        # Progress so far: a resume restores it from the checkpoint.
+        self.step, self.tokens, self.padded = 0, 0, 0
+        self.history: list[dict] = []
+        self.resumed: tuple[str, int] | None = None
+        self.metrics: dict = {}
 
-    history: list[dict] = []
-    step, tokens, padded = 0, 0, 0
-    resumed = None
-    if cfg.checkpoint_every:
+    def setup(self) -> None:
+        import deepspeed
+        import torch
+
+        cfg = self.cfg
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+        model, tokenizer = load_model(cfg)
+        examples = tokenize_examples(read_examples(cfg.train_file), tokenizer, cfg.max_length)
+        if not examples:
+            raise ValueError(f"{cfg.train_file}: no usable training examples")
+        self.tokenizer, self.examples, self.units = tokenizer, examples, _units(cfg, examples)
+        self.micro = max(1, cfg.batch_size // self.world)
+        per_step = self.micro * self.world * cfg.gradient_accumulation_steps
+        steps_per_epoch = max(1, len(self.units) // per_step)
+        self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, self.total))
+        ds_config = cfg.deepspeed_config(self.world)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                    lr_scheduler=self.scheduler, config=ds_config)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+        if cfg.checkpoint_every:
+            self._resume()
+
+    def _resume(self) -> None:
+        """Continue from the newest complete checkpoint, fetched from the mirror if this machine has none."""
+        import torch.distributed as dist
+
+        cfg, root = self.cfg, checkpoint_root(self.cfg)
         mirror = checkpoint_mirror(cfg)
-        if rank == 0 and mirror is not None and newest_checkpoint(checkpoint_root(cfg)) is None:
+        if self.rank == 0 and mirror is not None and newest_checkpoint(root) is None:
             # A retry on another machine: nothing here, but the mirror may hold the last checkpoint.
-            fetched = fetch_checkpoint(mirror, checkpoint_root(cfg))
+            fetched = fetch_checkpoint(mirror, root)
             if fetched:
                 print(f"fetched checkpoint {fetched} from {cfg.checkpoint_uri}", flush=True)
         if dist.is_initialized():
             dist.barrier()
-        resumed = newest_checkpoint(checkpoint_root(cfg))
-    if resumed:
-        _, state = engine.load_checkpoint(str(checkpoint_root(cfg)), tag=resumed[0])
-        step, tokens, padded, history = state["step"], state["tokens"], state["padded"], state["history"]
-        if rank == 0:
-            print(f"resuming from checkpoint {resumed[0]} (step {step}/{total})", flush=True)
-    batches = global_batches(len(units), micro * world, cfg.seed)
-    for _ in range(step * cfg.gradient_accumulation_steps):
-        next(batches)  # the same data order as an uninterrupted run
-    start_step, run_tokens, t0 = step, 0, time.monotonic()
-    engine.train()
-    while step < total:
-        loss_sum = 0.0
-        for _ in range(cfg.gradient_accumulation_steps):
-            chunk = next(batches)
-            mine = [units[i] for i in chunk[rank * micro : (rank + 1) * micro]]
-            inputs, real, size = _batch(cfg, mine, tokenizer.pad_token_id, engine.device)
-            loss = engine(**inputs, use_cache=False).loss
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.item()
-            tokens += real * world
-            run_tokens += real * world
-            padded += size * world
-        step += 1
-        loss_val = loss_sum / cfg.gradient_accumulation_steps
-        elapsed = time.monotonic() - t0
-        stop = cfg.max_seconds is not None and elapsed > cfg.max_seconds
-        if world > 1:
-            flag = torch.tensor([1.0 if stop else 0.0])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-            stop = bool(flag.item())
-        if rank == 0 and (step % cfg.log_every == 0 or step == total or stop):
-            lr = scheduler.get_last_lr()[0]
-            rate = run_tokens / max(elapsed, 1e-9)
-            eta = (total - step) * elapsed / max(1, step - start_step)
-            rec = {"step": step, "total": total, "loss": round(loss_val, 5), "lr": lr,
-                   "tokens_per_s": round(rate, 1), "eta_s": round(eta, 1), "elapsed_s": round(elapsed, 3),
-                   "run_tokens": run_tokens}
-            history.append(rec)
-            print(PROGRESS_PREFIX + json.dumps(rec), flush=True)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total and not stop:
-            save_checkpoint(engine, cfg, rank, step,
-                            {"step": step, "tokens": tokens, "padded": padded, "history": history})
-            if rank == 0:
-                print(f"checkpoint step-{step:08d} saved", flush=True)
-        if stop:
-            break
+        self.resumed = newest_checkpoint(root)
+        if self.resumed:
+            tag = self.resumed[0]
+            _, state = self.engine.load_checkpoint(str(root), tag=tag)
+            self.step, self.tokens, self.padded = state["step"], state["tokens"], state["padded"]
+            self.history = state["history"]
+            if self.rank == 0:
+                print(f"resuming from checkpoint {tag} (step {self.step}/{self.total})", flush=True)
 
-    seconds = time.monotonic() - t0
-    metrics = {"steps": step, "planned_steps": total, "examples": len(examples), "rows": len(units),
-               "mean_example_tokens": round(sum(len(ids) for ids, _ in examples) / len(examples), 2),
-               "world_size": world, "packing": cfg.packing, "resumed_from_step": start_step if resumed else None,
-               "train_seconds": round(seconds, 2), "tokens": tokens,
-               "tokens_per_s": round(run_tokens / max(seconds, 1e-9), 1),
-               "non_pad_share": round(tokens / max(1, padded), 4),
-               "final_loss": history[-1]["loss"] if history else None, "history": history,
-               "zero_stage": cfg.zero_stage, "method": cfg.method}
-    if cfg.validation_file and rank == 0:
-        val = tokenize_examples(read_examples(cfg.validation_file), tokenizer, cfg.max_length)
-        metrics["validation_loss"] = round(_evaluate_loss(engine, val, tokenizer.pad_token_id, micro), 5)
-    save(engine, tokenizer, cfg, out, rank, metrics)
-    if dist.is_initialized():
-        dist.barrier()
-        # Without an orderly shutdown a rank can abort at exit ("terminate called without an
-        # active exception") while gloo's threads are still alive, failing a finished run.
-        dist.destroy_process_group()
-    return metrics
+    def train(self) -> None:
+        """Run the steps left (all, or those after the resumed checkpoint), logging progress lines for
+        the launcher; the run's figures end up in ``self.metrics``."""
+        import torch
+        import torch.distributed as dist
 
+        cfg, rank, world, micro, total = self.cfg, self.rank, self.world, self.micro, self.total
+        engine, tokenizer, units, examples = self.engine, self.tokenizer, self.units, self.examples
+        batches = global_batches(len(units), micro * world, cfg.seed)
+        for _ in range(self.step * cfg.gradient_accumulation_steps):
+            next(batches)  # the same data order as an uninterrupted run
+        start_step, run_tokens, t0 = self.step, 0, time.monotonic()
+        engine.train()
+        while self.step < total:
+            loss_sum = 0.0
+            for _ in range(cfg.gradient_accumulation_steps):
+                chunk = next(batches)
+                mine = [units[i] for i in chunk[rank * micro : (rank + 1) * micro]]
+                inputs, real, size = _batch(cfg, mine, tokenizer.pad_token_id, engine.device)
+                loss = engine(**inputs, use_cache=False).loss
+                engine.backward(loss)
+                engine.step()
+                loss_sum += loss.item()
+                self.tokens += real * world
+                run_tokens += real * world
+                self.padded += size * world
+            self.step += 1
+            step = self.step
+            loss_val = loss_sum / cfg.gradient_accumulation_steps
+            elapsed = time.monotonic() - t0
+            stop = cfg.max_seconds is not None and elapsed > cfg.max_seconds
+            if world > 1:
+                flag = torch.tensor([1.0 if stop else 0.0])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+                stop = bool(flag.item())
+            if rank == 0 and (step % cfg.log_every == 0 or step == total or stop):
+                lr = self.scheduler.get_last_lr()[0]
+                rate = run_tokens / max(elapsed, 1e-9)
+                eta = (total - step) * elapsed / max(1, step - start_step)
+                rec = {"step": step, "total": total, "loss": round(loss_val, 5), "lr": lr,
+                       "tokens_per_s": round(rate, 1), "eta_s": round(eta, 1), "elapsed_s": round(elapsed, 3),
+                       "run_tokens": run_tokens}
+                self.history.append(rec)
+                print(PROGRESS_PREFIX + json.dumps(rec), flush=True)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total and not stop:
+                self.save_checkpoint()
+            if stop:
+                break
 
-def save(engine, tokenizer, cfg: TrainConfig, out: Path, rank: int, metrics: dict) -> None:
-    """Write ``out/model`` (HF folder, merged if LoRA) atomically: a failed run leaves no half model."""
-    state_dict = None
-    if cfg.zero_stage == 3:
-        state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
-    if rank != 0:
-        return
-    model = engine.module
-    tmp = out / "model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.method in ("lora", "qlora"):
-        if state_dict is not None:
-            model.load_state_dict(state_dict, strict=False)
-        model.save_pretrained(out / "adapter")
+        seconds = time.monotonic() - t0
+        tokens, history = self.tokens, self.history
+        metrics = {"steps": self.step, "planned_steps": total, "examples": len(examples), "rows": len(units),
+                   "mean_example_tokens": round(sum(len(ids) for ids, _ in examples) / len(examples), 2),
+                   "world_size": world, "packing": cfg.packing,
+                   "resumed_from_step": start_step if self.resumed else None,
+                   "train_seconds": round(seconds, 2), "tokens": tokens,
+                   "tokens_per_s": round(run_tokens / max(seconds, 1e-9), 1),
+                   "non_pad_share": round(tokens / max(1, self.padded), 4),
+                   "final_loss": history[-1]["loss"] if history else None, "history": history,
+                   "zero_stage": cfg.zero_stage, "method": cfg.method}
+        if cfg.validation_file and rank == 0:
+            val = tokenize_examples(read_examples(cfg.validation_file), tokenizer, cfg.max_length)
+            metrics["validation_loss"] = round(_evaluate_loss(engine, val, tokenizer.pad_token_id, micro), 5)
+        self.metrics = metrics
+
+    def save_checkpoint(self) -> None:
+        """Checkpoint the engine (every rank its shard) at the current step, mark it complete, prune
+        older ones and mirror it."""
+        import torch.distributed as dist
+
+        cfg, root, step = self.cfg, checkpoint_root(self.cfg), self.step
+        tag = f"step-{step:08d}"
+        state = {"step": step, "tokens": self.tokens, "padded": self.padded, "history": self.history}
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:
+            (root / tag / CHECKPOINT_MARKER).write_text(json.dumps({"step": step}))
+            complete = sorted(d for d in root.glob("step-*") if (d / CHECKPOINT_MARKER).is_file())
+            for d in root.glob("step-*"):
+                if d.name != tag and (d not in complete or d in complete[: -cfg.keep_checkpoints]):
+                    shutil.rmtree(d, ignore_errors=True)
+            mirror = checkpoint_mirror(cfg)
+            if mirror is not None:
+                upload_checkpoint(mirror, root, tag, cfg.keep_checkpoints)
+        if dist.is_initialized():
+            dist.barrier()  # nobody starts the next save while rank 0 still prunes
+        if self.rank == 0:
+            print(f"checkpoint {tag} saved", flush=True)
+
+    def save(self) -> None:
+        """Write the model folder, ``train_metrics.json`` and ``loss_curve.png``; drop the checkpoints."""
+        import torch.distributed as dist
+
+        cfg, out = self.cfg, self.out
         state_dict = None
-        if cfg.method == "qlora":
-            # 4-bit weights cannot be merged in place: merge the adapter into the base in half precision.
-            from peft import PeftModel
-            from transformers import AutoModelForCausalLM
+        if cfg.zero_stage == 3:
+            state_dict = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+        if self.rank == 0:
+            self._save_model(state_dict)
+            (out / "train_metrics.json").write_text(json.dumps(self.metrics, indent=2))
+            plot_loss(self.metrics["history"], out / "loss_curve.png")
+            # The finished model supersedes the checkpoints (each holds optimizer state: ~3x the model).
+            shutil.rmtree(checkpoint_root(cfg), ignore_errors=True)
+            mirror = checkpoint_mirror(cfg)
+            if mirror is not None:
+                mirror.delete_prefix("step-")
+        if dist.is_initialized():
+            dist.barrier()  # every rank reaches cleanup together, after rank 0 has written
 
-            base = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=_dtype(cfg.precision))
-            model = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
-        else:
-            model = model.merge_and_unload()
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.config.use_cache = True  # off for training only
-    if cfg.attn_implementation == "airloom_varlen":
-        model.set_attn_implementation("sdpa")  # a saved model must load where airloom is not imported
-    model.save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    final = out / "model"
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    (out / "train_metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_loss(metrics["history"], out / "loss_curve.png")
-    # The finished model supersedes the checkpoints (each holds optimizer state: ~3x the model).
-    shutil.rmtree(checkpoint_root(cfg), ignore_errors=True)
-    mirror = checkpoint_mirror(cfg)
-    if mirror is not None:
-        mirror.delete_prefix("step-")
+    def _save_model(self, state_dict: dict | None) -> None:
+        """Write ``out/model`` (HF folder, merged if LoRA) atomically: a failed run leaves no half model."""
+        cfg, out, tokenizer = self.cfg, self.out, self.tokenizer
+        model = self.engine.module
+        tmp = out / "model.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if cfg.method in ("lora", "qlora"):
+            if state_dict is not None:
+                model.load_state_dict(state_dict, strict=False)
+            model.save_pretrained(out / "adapter")
+            state_dict = None
+            if cfg.method == "qlora":
+                # 4-bit weights cannot be merged in place: merge the adapter into the base in half precision.
+                from peft import PeftModel
+                from transformers import AutoModelForCausalLM
+
+                base = AutoModelForCausalLM.from_pretrained(cfg.base_model, dtype=_dtype(cfg.precision))
+                model = PeftModel.from_pretrained(base, out / "adapter").merge_and_unload()
+            else:
+                model = model.merge_and_unload()
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.config.use_cache = True  # off for training only
+        if cfg.attn_implementation == "airloom_varlen":
+            model.set_attn_implementation("sdpa")  # a saved model must load where airloom is not imported
+        model.save_pretrained(tmp, state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        final = out / "model"
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+
+    def cleanup(self) -> None:
+        """Leave the process group, however the run ended. Without an orderly shutdown a rank can abort
+        at exit ("terminate called without an active exception") while gloo's threads are still alive,
+        failing a finished run."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def plot_loss(history: list[dict], path: Path) -> None:
@@ -480,15 +514,21 @@ def plot_loss(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def recipe_main(argv: list[str] | None = None) -> int:
+    """The command line: setup → train → save, then cleanup however that ended."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="JSON/YAML training config (TrainConfig fields)")
     parser.add_argument("--local_rank", type=int, default=None, help="set by the deepspeed launcher")
     args = parser.parse_args(argv)
-    cfg = TrainConfig.from_file(args.config)
-    train(cfg)
+    recipe = FinetuneRecipe(TrainConfig.from_file(args.config))
+    try:
+        recipe.setup()
+        recipe.train()
+        recipe.save()
+    finally:
+        recipe.cleanup()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(recipe_main())

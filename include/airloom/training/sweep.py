@@ -9,7 +9,6 @@ training task per trial and the trials queue for the ``gpu`` pool like any train
 
 from __future__ import annotations
 
-import ast
 import itertools
 import json
 import math
@@ -25,17 +24,14 @@ MAX_TRIALS = 64
 
 
 def parse_space(space: Any) -> dict[str, Any]:
-    """A space from a dict, JSON text or a rendered Python dict (a templated Param renders one)."""
-    if space in (None, "", "{}", "None"):
+    """A space from a dict or JSON object text; None or empty = no sweep."""
+    if not space:
         return {}
     if isinstance(space, str):
         try:
             space = json.loads(space)
-        except json.JSONDecodeError:
-            try:
-                space = ast.literal_eval(space)
-            except (ValueError, SyntaxError):
-                raise UsageError(f"sweep space is neither JSON nor a mapping: {space!r}") from None
+        except json.JSONDecodeError as e:
+            raise UsageError(f"sweep space is not a JSON object: {e} in {space!r}") from None
     if not isinstance(space, dict):
         raise UsageError(f"sweep space must map option names to values, got {type(space).__name__}")
     known = set(TrainConfig.__dataclass_fields__)

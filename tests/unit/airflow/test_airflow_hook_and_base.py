@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from airloom.airflow.hooks.registry import RegistryHook
-from airloom.airflow.operators._base import push_outputs, task_output_dir, triggering_user
+from airloom.airflow.operators._base import (
+    AirloomBaseOperator,
+    number,
+    push_outputs,
+    task_output_dir,
+    triggering_user,
+)
 from airloom.airflow.triggers.registry import SignOffTrigger
 from airloom.governance.signoff import record_decision, request_signoff
 from airloom.registry.store import LocalStore, S3Store
@@ -106,3 +112,28 @@ def test_push_outputs_pushes_each_key_and_returns_result(context):
     result = {"name": "bot", "version": 2}
     assert push_outputs(context, result) is result
     assert context["ti"].pushed == [("name", "bot"), ("version", 2)]
+
+
+def test_base_operator_gives_the_registry_hook_client_and_output_folder(airloom_env, tmp_path, make_context):
+    op = AirloomBaseOperator(task_id="t", registry_uri=str(tmp_path / "elsewhere"), aws_conn_id="minio")
+    assert (op.hook.uri, op.hook.aws_conn_id) == (str(tmp_path / "elsewhere"), "minio")
+    assert op.hook is op.hook  # built once, on first use in execute
+    assert AirloomBaseOperator(task_id="t").hook.uri == str(airloom_env / "registry")
+    assert op.s3_client(str(tmp_path / "data.jsonl")) is None  # a local path needs no connection
+    assert op.output_folder(make_context(task_id="t")) == task_output_dir(make_context(task_id="t"))
+    assert AirloomBaseOperator(task_id="t", output_dir="/explicit").output_folder({}) == Path("/explicit")
+
+
+def test_number_converts_once_and_names_the_field():
+    from airflow.sdk.exceptions import AirflowFailException
+
+    assert (number(3, "n"), number("3", "n"), number(0.5, "x", float), number("1e-3", "x", float)) == (3, 3, 0.5, 1e-3)
+    assert number(None, "limit", optional=True) is None
+    for value, kind, optional, says in (
+        ("None", int, True, "limit must be an integer or None, got 'None'"),
+        (None, int, False, "limit must be an integer, got None"),
+        (2.5, int, False, "limit must be an integer, got 2.5"),
+        (True, float, False, "limit must be a number, got True"),
+    ):
+        with pytest.raises(AirflowFailException, match=f"^{says}$"):
+            number(value, "limit", kind, optional=optional)

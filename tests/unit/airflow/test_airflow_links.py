@@ -1,4 +1,4 @@
-"""Extra links (Data Docs, EDA report, Eval report) through the real Airflow path: a DAG run by
+"""Extra links (Validation report, EDA report, Eval report) through the real Airflow path: a DAG run by
 ``dag.test()`` on a throwaway SQLite database, where the task runner evaluates each link when the
 task ends and stores the URL in XCom, and the serialized operator (what the API server holds) reads
 it back. Failed tasks keep their link: a failed suite or gate is when the report matters most."""
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from airloom.airflow.links import DataDocsLink, EdaReportLink, EvalReportLink, files_url
+from airloom.airflow.links import EdaReportLink, EvalReportLink, ValidationReportLink, files_url
 
 ROW = {"instruction": "Name a colour", "input": "", "response": "Red"}
 GOOD_ROWS = [
@@ -38,9 +38,9 @@ def test_files_url_is_relative_to_airloom_home_and_quoted(tmp_path, monkeypatch)
 
 
 def test_link_names_and_xcom_keys():
-    assert [(link.name, link.xcom_key, link.path_key) for link in (DataDocsLink(), EdaReportLink(),
+    assert [(link.name, link.xcom_key, link.path_key) for link in (ValidationReportLink(), EdaReportLink(),
                                                                    EvalReportLink())] == [
-        ("Data Docs", "_link_DataDocsLink", "data_docs"),
+        ("Validation report", "_link_ValidationReportLink", "validation_report"),
         ("EDA report", "_link_EdaReportLink", "report"),
         ("Eval report", "_link_EvalReportLink", "report"),
     ]
@@ -117,9 +117,9 @@ def dag_run(tmp_path_factory):
 @pytest.mark.parametrize(
     ("task_id", "link", "state", "relative"),
     [
-        ("validate", "Data Docs", "success", "validate/data_docs/index.html"),
+        ("validate", "Validation report", "success", "validate/validation.html"),
         ("eda", "EDA report", "success", "eda/report.html"),
-        ("validate_fails", "Data Docs", "failed", "validate_fails/data_docs/index.html"),
+        ("validate_fails", "Validation report", "failed", "validate_fails/validation.html"),
         ("gate_fails", "Eval report", "failed", "gate_fails/report.html"),
     ],
 )

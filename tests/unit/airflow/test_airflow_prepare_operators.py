@@ -34,11 +34,11 @@ def _old_dataset(folder: Path) -> Path:
     return folder
 
 
-def test_prepare_operator_renders_params_as_text_and_publishes_parquet(tmp_path, make_context, airloom_env):
-    # Templated fields reach execute as strings: "None" is an unset max_seq_len.
-    op = PrepareDatasetOperator(task_id="prepare", input_path=str(_accepted(tmp_path)), seed="2",
-                                val_fraction="0.1", test_fraction="0.1", template="chatml", pii_policy="drop",
-                                max_seq_len="None", tokenizer="registry:airloom-tiny-base")
+def test_prepare_operator_takes_native_params_and_publishes_parquet(tmp_path, make_context, airloom_env):
+    # The DAG renders params as native objects: an unset max_seq_len arrives as None.
+    op = PrepareDatasetOperator(task_id="prepare", input_path=str(_accepted(tmp_path)), seed=2,
+                                val_fraction=0.1, test_fraction=0.1, template="chatml", pii_policy="drop",
+                                max_seq_len=None, tokenizer="registry:airloom-tiny-base")
     context = make_context(task_id="prepare")
     info = op.execute(context)
     out = Path(info["path"])
@@ -67,8 +67,9 @@ def test_prepare_operator_fails_without_retry_on_bad_arguments(tmp_path, make_co
     src = str(_accepted(tmp_path))
     with pytest.raises(AirflowFailException, match=r"unknown prompt template 'chatlm'"):
         PrepareDatasetOperator(task_id="p", input_path=src, template="chatlm").execute(make_context())
-    with pytest.raises(AirflowFailException, match=r"max_seq_len must be an integer or empty, got 'long'"):
-        PrepareDatasetOperator(task_id="p", input_path=src, max_seq_len="long").execute(make_context())
+    for bad in ("long", "None"):  # "None" is what a DAG rendering params as text would pass
+        with pytest.raises(AirflowFailException, match=f"max_seq_len must be an integer or None, got '{bad}'"):
+            PrepareDatasetOperator(task_id="p", input_path=src, max_seq_len=bad).execute(make_context())
     with pytest.raises(AirflowFailException, match=r"max_seq_len=64 needs a tokenizer"):
         PrepareDatasetOperator(task_id="p", input_path=src, max_seq_len="64", tokenizer="").execute(
             make_context()

@@ -82,10 +82,17 @@ def test_register_falls_back_to_airloom_user(registry, model_dir, monkeypatch, m
 
 def test_deploy_refuses_unapproved(registry, model_dir, context):
     register(context, model_dir)
-    with pytest.raises(AirflowFailException, match=r"^refusing to deploy bot/1: sign-off is pending$"):
+    with pytest.raises(
+        AirflowFailException,
+        match=r"^refusing to point bot@production at version 1: its sign-off is pending \(0 of 1 approvals",
+    ):
         deploy(context, 1)
     record_decision(registry, "bot", 1, user="reviewer", decision="reject", comment="no")
-    with pytest.raises(AirflowFailException, match=r"^refusing to deploy bot/1: sign-off is rejected$"):
+    with pytest.raises(
+        AirflowFailException,
+        match=r"^refusing to point bot@production at version 1: its sign-off was rejected by reviewer "
+        r"\('no'\); a rejected version is never deployed",
+    ):
         deploy(context, "1")
     assert registry.get_alias("bot", "production") is None
 
@@ -105,7 +112,8 @@ def test_deploy_refuses_a_corrupted_file_naming_it(registry, model_dir, context)
     stored = registry.store.path("models/bot/versions/1/model.safetensors")
     stored.write_bytes(stored.read_bytes()[:-1] + b"\xff")
     with pytest.raises(
-        AirflowFailException, match=r"^refusing to deploy bot/1: bot/1: file model.safetensors is corrupt"
+        AirflowFailException,
+        match=r"^refusing to point bot@production at version 1: bot/1: file model.safetensors is corrupt",
     ):
         deploy(context, 1)
     assert registry.get_alias("bot", "production") is None
@@ -144,6 +152,23 @@ def test_deploy_without_required_approval(registry, model_dir, context):
     out = deploy(context, 1, alias="staging", require_approval=False)
     assert (out["alias"], out["version"]) == ("staging", 1)
     assert registry.get_alias("bot", "staging") == 1
+    # production is gated whatever the operator is told.
+    with pytest.raises(
+        AirflowFailException, match=r"^refusing to point bot@production at version 1: its sign-off is pending"
+    ):
+        deploy(context, 1, require_approval=False)
+    assert registry.get_alias("bot", "production") is None
+
+
+def test_deploy_honours_the_approver_list(registry, model_dir, context):
+    register(context, model_dir)
+    approve(registry, 1, user="mallory")
+    with pytest.raises(
+        AirflowFailException,
+        match=r"approved by mallory, not an approver under the policy; one of the approvers \['reviewer'\]",
+    ):
+        deploy(context, 1, policy={"allowed_users": "reviewer"})
+    assert deploy(context, 1)["version"] == 1  # the default policy lets anyone but the requester approve
 
 
 def test_deploy_uses_explicit_registry_uri(tmp_path, model_dir, context):
@@ -187,15 +212,21 @@ def test_rollback_to_explicit_version_and_default_reason(two_deployed, context):
     assert two_deployed.history("bot")[-1]["reason"] == "rollback by manual__2026-01-02T03:04:05+00:00"
 
 
-@pytest.mark.parametrize("empty", [None, "", 0, "0", "None"])
-def test_rollback_treats_empty_template_values_as_default(two_deployed, context, empty):
+@pytest.mark.parametrize("empty", [None, 0])
+def test_rollback_treats_an_unset_version_as_default(two_deployed, context, empty):
     assert rollback(context, to_version=empty)["version"] == 1
+
+
+def test_rollback_refuses_a_version_that_is_not_a_number(two_deployed, context):
+    with pytest.raises(AirflowFailException, match=r"^to_version must be an integer or None, got 'None'$"):
+        rollback(context, to_version="None")
 
 
 def test_rollback_refuses_an_unapproved_target(two_deployed, tmp_path, context, make_model):
     register(context, make_model(tmp_path / "m3", 3))
     with pytest.raises(
-        AirflowFailException, match=r"^refusing to roll back to bot/3: it was never approved$"
+        AirflowFailException,
+        match=r"^refusing to point bot@production at version 3: its sign-off is pending \(0 of 1 approvals",
     ):
         rollback(context, to_version=3)
     assert two_deployed.get_alias("bot", "production") == 2
@@ -207,14 +238,62 @@ def test_rollback_refuses_current_version(two_deployed, context):
 
 
 def test_rollback_skips_earlier_versions_that_are_not_approved(registry, tmp_path, context, make_model):
-    # production: 1 (approved) -> 2 (deployed without approval) -> 3 (approved); rolling back skips 2.
+    # production: 1 (approved) -> 2 (moved outside the rule, unapproved) -> 3 (approved); rollback skips 2.
     for n in (1, 2, 3):
         register(context, make_model(tmp_path / f"m{n}", n))
-        if n != 2:
+        if n == 2:
+            registry.set_alias("bot", "production", 2, actor="legacy", reason="before the sign-off gate")
+        else:
             approve(registry, n)
-        deploy(context, n, require_approval=n != 2)
+            deploy(context, n)
     assert not is_approved(registry, "bot", 2)
     assert rollback(context)["version"] == 1
+
+
+APPROVERS = {"required_approvals": "1", "allowed_users": "reviewer", "separation_of_duties": "true"}
+"""The policy as llm_finetune and llm_model_rollback render it from the airloom_signoff_approvers Variable."""
+
+
+def test_rollback_refuses_a_version_not_approved_by_an_approver(registry, tmp_path, context, make_model):
+    # bot/1 approved by reviewer, bot/2 by mallory (not an approver), bot/3 current.
+    for n, approver in ((1, "reviewer"), (2, "mallory"), (3, "reviewer")):
+        register(context, make_model(tmp_path / f"m{n}", n))
+        approve(registry, n, user=approver)
+        deploy(context, n)
+    with pytest.raises(
+        AirflowFailException,
+        match=r"^refusing to point bot@production at version 2: its sign-off is pending \(0 of 1 approvals, "
+        r"requested by trainer\); approved by mallory, not an approver under the policy; "
+        r"one of the approvers \['reviewer'\] must run 'airloom signoff approve bot/2'$",
+    ):
+        rollback(context, to_version=2, policy=APPROVERS)
+    assert registry.get_alias("bot", "production") == 3
+    # The default target skips it too, under the same policy; without the policy mallory's approval counts.
+    assert rollback(context, policy=APPROVERS)["version"] == 1
+    assert rollback(context, to_version=2)["version"] == 2
+
+
+def test_cli_deploy_and_rollback_refuse_with_one_message(registry, tmp_path, context, make_model, capsys):
+    """The three ways to move production go through governance.promotion and refuse alike."""
+    from airloom.cli import main
+
+    for n in (1, 2):
+        register(context, make_model(tmp_path / f"m{n}", n))
+        approve(registry, n)
+        deploy(context, n)
+    register(context, make_model(tmp_path / "m3", 3))  # sign-off requested, nobody approved
+    message = (
+        "refusing to point bot@production at version 3: its sign-off is pending (0 of 1 approvals, "
+        "requested by trainer); a reviewer other than trainer must run 'airloom signoff approve bot/3'"
+    )
+    with pytest.raises(AirflowFailException) as deployed:
+        deploy(context, 3)
+    with pytest.raises(AirflowFailException) as rolled_back:
+        rollback(context, to_version=3)
+    assert main(["--registry", str(registry.store.uri()), "registry", "promote", "bot/3", "production"]) == 1
+    assert str(deployed.value) == str(rolled_back.value) == message
+    assert message in capsys.readouterr().err
+    assert registry.get_alias("bot", "production") == 2
 
 
 def test_rollback_with_nothing_to_go_back_to(registry, model_dir, context):

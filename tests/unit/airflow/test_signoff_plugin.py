@@ -94,6 +94,7 @@ def pending(tmp_path, make_model) -> ModelRegistry:
     (data_run / "validate" / "validation.json").write_text(
         json.dumps({"success": True, "data_docs": str(docs)})
     )
+    (data_run / "validate" / "validation.html").write_text("<html>validation report</html>")
     (data_run / "eda_report").mkdir()
     (data_run / "eda_report" / "report.html").write_text("<html>eda</html>")
     (data_run / "eda_report" / "profile.json").write_text("{}")
@@ -305,6 +306,8 @@ def test_file_route_serves_reports_and_nothing_outside(client, tokens, pending, 
     assert r.headers["content-security-policy"].startswith("sandbox")
     docs = next(e["href"] for e in entry["reports"] if e["label"] == "Data Docs")
     assert client.get(docs, headers=headers).text == "<html>data docs</html>"
+    validation = next(e["href"] for e in entry["reports"] if e["label"] == "data validation")
+    assert client.get(validation, headers=headers).text == "<html>validation report</html>"  # offline-readable
 
     secret = home() / "secret.txt"
     secret.write_text("do not serve")

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from airloom.data.eda import LENGTH_BIN_EDGES, QUANTILES, build_profile, psi
+from airloom.data.divergence import psi
+from airloom.data.eda import LENGTH_BIN_EDGES, QUANTILES, build_profile
 
 RECORDS = [
     {"instruction": "Reverse the word cat", "input": "", "response": "tac", "task": "reverse", "_line": 1},

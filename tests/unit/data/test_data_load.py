@@ -238,8 +238,9 @@ def test_field_maps_as_users_give_them(tmp_path, capsys):
     assert parse_field_map("question=instruction, answer=response") == wanted
     assert parse_field_map('{"question": "instruction", "answer": "response"}') == wanted
     assert parse_field_map(wanted) == wanted
-    assert all(parse_field_map(v) is None for v in (None, "", "null", "{}", {}))
-    for bad, says in (("question", "source=field pairs"), ("q=prompt", "not a record field"), ("{oops", "JSON")):
+    assert all(parse_field_map(v) is None for v in (None, "", "{}", {}))
+    for bad, says in (("question", "source=field pairs"), ("q=prompt", "not a record field"), ("{oops", "JSON"),
+                      ("None", "source=field pairs")):
         with pytest.raises(UsageError, match=says):
             parse_field_map(bad)
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from airloom.data.prepare import content_sha256, prepare, read_split
+from airloom.data.prepare import content_sha256, prepare
 from airloom.data.prompts import render_prompt
+from airloom.data.splits import read_split
 from airloom.exceptions import UsageError
 
 TASKS = ["reverse", "upper", "sort", "add"]
@@ -344,7 +345,6 @@ def test_a_crash_while_writing_leaves_no_half_written_output(tmp_path, monkeypat
 
 
 def test_readers_accept_parquet_and_older_jsonl_datasets(tmp_path):
-    from airloom.evaluation.harness import load_records_file
     from airloom.training.recipe import read_examples
 
     prepare(_records(20), tmp_path / "new")
@@ -353,15 +353,15 @@ def test_readers_accept_parquet_and_older_jsonl_datasets(tmp_path):
     old.mkdir()
     (old / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     for path in (tmp_path / "new" / "train.parquet", old / "train.jsonl"):
-        assert load_records_file(path) == rows
+        assert read_split(path) == rows
         assert read_examples(path) == rows
     assert rows[0]["task"] == "reverse" and rows[0]["input"] == "value 0"
 
     (tmp_path / "broken.parquet").write_bytes(b"not parquet")
     with pytest.raises(UsageError, match=r"broken\.parquet: not a readable Parquet file"):
-        load_records_file(tmp_path / "broken.parquet")
+        read_split(tmp_path / "broken.parquet")
     with pytest.raises(UsageError, match=r"cannot read .*missing\.parquet"):
-        load_records_file(tmp_path / "missing.parquet")
+        read_split(tmp_path / "missing.parquet")
 
 
 def test_cli_prepare_takes_template_policy_and_length_options(tmp_path, tokenizer_dir, capsys):
@@ -492,7 +492,7 @@ def _tricky_texts() -> list[str]:
 
 def test_fast_paths_match_validate_and_json():
     import airloom.data.prepare as prepare_module
-    from airloom.data.validate import normalize_text, scrub_pii
+    from airloom.data.text import normalize_text, scrub_pii
 
     texts = _tricky_texts()
     for text in texts:

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from airloom.data.load import load_records
-from airloom.data.validate import ValidationConfig, find_pii, has_markup, scrub_pii, validate
+from airloom.data.text import find_pii, has_markup, scrub_pii
+from airloom.data.validate import ValidationConfig, validate
 from airloom.exceptions import UsageError
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "grey", "pink"]

@@ -14,8 +14,9 @@ import shutil
 import pytest
 import torch
 
+from airloom.data.splits import read_jsonl
 from airloom.evaluation.gates import check_gates, parse_gates, raise_on_failure
-from airloom.evaluation.harness import evaluate_model, load_jsonl
+from airloom.evaluation.harness import evaluate_model
 from airloom.evaluation.report import write_report
 from airloom.exceptions import CheckFailed
 
@@ -77,7 +78,7 @@ def evaluated(tiny_model_dir, tmp_path_factory):
     for name, n_known in (("production", 8), ("worse", 4), ("better", 16)):
         model_dir = _train(tiny_model_dir, root / name / "model", n_known)
         metrics = evaluate_model(model_dir, RECORDS, root / name / "eval", max_new_tokens=6)
-        out[name] = (metrics, load_jsonl(root / name / "eval" / "predictions.jsonl"), root / name / "eval")
+        out[name] = (metrics, read_jsonl(root / name / "eval" / "predictions.jsonl"), root / name / "eval")
     return out
 
 

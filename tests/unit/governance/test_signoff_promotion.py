@@ -1,4 +1,4 @@
-"""Only approved versions reach ``production``: the CLI's promote (deploy and rollback) honours sign-off."""
+"""Only approved versions reach ``production``: governance.promotion's rule, through the library and the CLI."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 import pytest
 
 from airloom.cli import main
-from airloom.exceptions import CheckFailed
-from airloom.governance.signoff import record_decision, request_signoff, require_approval
+from airloom.exceptions import CheckFailed, ConflictError
+from airloom.governance.promotion import promote, rollback
+from airloom.governance.signoff import SignOffPolicy, record_decision, request_signoff
 from airloom.registry.registry import ModelRegistry
 
 
@@ -117,11 +118,82 @@ def test_rollback_only_to_an_approved_version(reg_uri, capsys):
     assert production(reg_uri) == 1
 
 
-def test_require_approval_library_check(reg_uri):
+def test_promote_gates_production_and_records_the_move(reg_uri):
     registry = ModelRegistry.from_uri(reg_uri)
-    assert require_approval(registry, "bot", 1, "staging") is None  # not a gated alias
-    with pytest.raises(CheckFailed, match=r"bot@production at version 1: no sign-off was requested"):
-        require_approval(registry, "bot", 1, "production")
+    record = promote(registry, "bot", 1, "staging", actor="ci", reason="smoke")  # not a gated alias
+    assert (record["action"], record["from"], record["to"], record["actor"]) == ("alias", None, 1, "ci")
+    with pytest.raises(
+        CheckFailed, match=r"^refusing to point bot@staging at version 2: no sign-off was requested"
+    ):
+        promote(registry, "bot", 2, "staging", actor="ci", reason="", require_approval=True)
+    with pytest.raises(
+        CheckFailed, match=r"^refusing to point bot@production at version 1: no sign-off was requested"
+    ):
+        promote(registry, "bot", 1, "production", actor="ops", reason="")
     request_signoff(registry, "bot", 1, requested_by="trainer", evidence={})
     record_decision(registry, "bot", 1, user="reviewer", decision="approve")
-    assert require_approval(registry, "bot", 1, "production")["state"] == "approved"
+    assert promote(registry, "bot", 1, "production", actor="ops", reason="release")["to"] == 1
+    assert registry.history("bot")[-1]["reason"] == "release"
+
+
+def test_promote_applies_the_approver_list_and_separation_of_duties(reg_uri):
+    registry = ModelRegistry.from_uri(reg_uri)
+    request_signoff(registry, "bot", 1, requested_by="trainer", evidence={})
+    record_decision(
+        registry,
+        "bot",
+        1,
+        user="trainer",
+        decision="approve",
+        policy=SignOffPolicy(separation_of_duties=False),
+    )
+    record_decision(registry, "bot", 1, user="mallory", decision="approve")
+    approvers = SignOffPolicy(allowed_users=["reviewer", "trainer"])
+    with pytest.raises(
+        CheckFailed,
+        match=r"\(0 of 1 approvals, requested by trainer\); approved by mallory, not an approver under the "
+        r"policy; one of the approvers \['reviewer'\] must run",
+    ):
+        promote(registry, "bot", 1, "production", actor="ops", reason="", policy=approvers)
+    assert registry.get_alias("bot", "production") is None
+
+
+def test_promote_reads_the_alias_before_checking(reg_uri, monkeypatch):
+    """An alias moved while the version is verified makes the compare-and-swap refuse, not overwrite."""
+    registry = ModelRegistry.from_uri(reg_uri)
+    verify = registry.verify
+
+    def verify_while_someone_moves_it(name, version):
+        verify(name, version)
+        registry.set_alias("bot", "staging", 3, actor="someone-else")
+
+    monkeypatch.setattr(registry, "verify", verify_while_someone_moves_it)
+    with pytest.raises(ConflictError, match=r"bot@staging points to 3 \(expected None\)"):
+        promote(registry, "bot", 1, "staging", actor="ci", reason="")
+    assert registry.get_alias("bot", "staging") == 3
+
+
+def test_rollback_library(reg_uri):
+    registry = ModelRegistry.from_uri(reg_uri)
+    with pytest.raises(CheckFailed, match=r"^bot@production: no earlier approved version to roll back to$"):
+        rollback(registry, "bot", "production", actor="ops", reason="")
+    for version in (1, 2):
+        request_signoff(registry, "bot", version, requested_by="trainer", evidence={})
+        record_decision(registry, "bot", version, user="reviewer", decision="approve")
+        promote(registry, "bot", version, "production", actor="ops", reason="")
+    with pytest.raises(CheckFailed, match=r"^bot@production already points to 2$"):
+        rollback(registry, "bot", "production", actor="ops", reason="", to_version=2)
+    with pytest.raises(
+        CheckFailed, match=r"^refusing to point bot@production at version 1: its sign-off is pending"
+    ):
+        rollback(
+            registry,
+            "bot",
+            "production",
+            actor="ops",
+            reason="",
+            to_version=1,
+            policy=SignOffPolicy(allowed_users=["lead"]),
+        )
+    record = rollback(registry, "bot", "production", actor="ops", reason="canary failed")
+    assert (record["from"], record["to"], record["reason"]) == (2, 1, "canary failed")

@@ -47,10 +47,10 @@ def test_psi_of_an_empty_side_is_none_not_a_shift():
     assert empty_day["psi_prompt_length"] is None and decide_retraining(empty_day) == []
 
 
-def test_psi_is_the_eda_psi():
-    from airloom.data.eda import psi as eda_psi
+def test_psi_is_the_histogram_psi_the_eda_uses():
+    from airloom.data.divergence import psi as histogram_psi
 
-    assert psi({"a": 50, "b": 50}, {"b": 20, "a": 80}) == eda_psi([50, 50], [80, 20])
+    assert psi({"a": 50, "b": 50}, {"b": 20, "a": 80}) == histogram_psi([50, 50], [80, 20])
 
 
 def test_unlabelled_traffic_has_no_task_mix_psi():

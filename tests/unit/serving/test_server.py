@@ -292,7 +292,7 @@ def test_traffic_partition_is_masked_and_backfill_readable(server):
     (rec,) = [r for r in records if r["response_id"] == done["id"]]
     assert "<EMAIL>" in rec["prompt"] and "<PHONE>" in rec["prompt"]
     assert rec["pii_masked"] == {"prompt": {"email": 1, "phone": 1}}
-    from airloom.data.validate import scrub_pii
+    from airloom.data.text import scrub_pii
 
     assert rec["response"] == scrub_pii(done["choices"][0]["text"])[0]
     assert rec["model"] == f"{NAME}/1" and rec["model_version"] == 1 and rec["latency_ms"] > 0

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+from airloom.exceptions import UsageError
 from airloom.training.recipe import collate, global_batches, lr_lambda, read_examples, tokenize_examples
 
 
@@ -99,7 +100,7 @@ def test_lr_lambda_without_warmup():
 def test_read_examples_names_the_bad_line(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"prompt": "p", "response": "r"}\n\n{"prompt": "only"}\n')
-    with pytest.raises(ValueError, match=r"train\.jsonl:3: a training example needs 'prompt' and 'response'"):
+    with pytest.raises(UsageError, match=r"train\.jsonl: row 2: a training example needs 'prompt' and 'response'"):
         read_examples(path)
     path.write_text('{"prompt": "p", "response": "r"}\n\n')
     assert read_examples(path) == [{"prompt": "p", "response": "r"}]

@@ -66,7 +66,7 @@ def test_from_file_rejects_unreadable_and_non_mapping(tmp_path):
         TrainConfig.from_file(tmp_path / "missing.yaml")
     path = tmp_path / "list.yaml"
     path.write_text("- 1\n- 2\n")
-    with pytest.raises(UsageError, match=r"list\.yaml: a training config must be a mapping"):
+    with pytest.raises(UsageError, match=r"list\.yaml: training config must be a mapping, got list"):
         TrainConfig.from_file(path)
 
 
@@ -213,11 +213,12 @@ def test_qlora_is_refused_before_any_work_without_cuda(tmp_path):
         TrainConfig(method="qlora", precision="fp32")
 
 
-def test_boolean_options_accept_rendered_params():
-    assert TrainConfig.from_dict({"packing": "True"}).packing is True
-    assert TrainConfig.from_dict({"packing": "False"}).packing is False
-    with pytest.raises(UsageError, match="packing must be true or false"):
-        TrainConfig.from_dict({"packing": "maybe"})
+def test_boolean_options_take_booleans_only():
+    # DAGs render params as native objects; text would make "False" true.
+    assert TrainConfig.from_dict({"packing": True}).packing is True
+    for text in ("False", "maybe"):
+        with pytest.raises(UsageError, match=f"packing must be true or false, got '{text}'"):
+            TrainConfig.from_dict({"packing": text})
 
 
 def test_parameter_offload_is_a_zero3_option():

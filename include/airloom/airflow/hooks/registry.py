@@ -20,7 +20,7 @@ class RegistryHook(BaseHook):
     conn_name_attr = "aws_conn_id"
     hook_name = "Airloom model registry"
 
-    def __init__(self, registry_uri: str | None = None, aws_conn_id: str = "aws_default") -> None:
+    def __init__(self, registry_uri: str | None = None, aws_conn_id: str | None = "aws_default") -> None:
         super().__init__()
         self.registry_uri = registry_uri
         self.aws_conn_id = aws_conn_id
@@ -48,7 +48,7 @@ class RegistryHook(BaseHook):
         return self.get_conn()
 
 
-def aws_env_for_child(aws_conn_id: str = "aws_default") -> dict[str, str]:
+def aws_env_for_child(aws_conn_id: str | None = "aws_default") -> dict[str, str]:
     """The connection's S3 credentials as environment variables, for a child process (training)
     that reads or writes ``s3://`` itself and knows nothing of Airflow connections."""
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook

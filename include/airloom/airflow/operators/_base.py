@@ -1,10 +1,63 @@
-"""Shared bits of Airloom's operators: where a task writes, who triggered the run."""
+"""Shared bits of Airloom's operators: the base class (connection, registry, output folder), who
+triggered the run, and the one check of numeric template fields."""
 
 from __future__ import annotations
 
 import getpass
 import os
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowFailException
+
+if TYPE_CHECKING:
+    from airloom.airflow.hooks.registry import RegistryHook
+
+
+class AirloomBaseOperator(BaseOperator):
+    """Base of the operators that reach S3, the model registry or a run folder, in the way of the Amazon
+    provider's ``AwsBaseOperator``: subclasses' ``__init__`` store only their own arguments, and nothing
+    connects before ``execute``.
+
+    :param aws_conn_id: the Airflow connection with S3 credentials (``s3://`` data, registry, checkpoints).
+    :param registry_uri: the model registry, a folder or ``s3://bucket/prefix``; empty = Airloom's default.
+    :param output_dir: where a task that writes files writes them; empty = its run folder
+        (:func:`task_output_dir`).
+    """
+
+    def __init__(
+        self,
+        *,
+        aws_conn_id: str | None = "aws_default",
+        registry_uri: str | None = None,
+        output_dir: str | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.aws_conn_id = aws_conn_id
+        self.registry_uri = registry_uri
+        self.output_dir = output_dir
+
+    @cached_property
+    def hook(self) -> RegistryHook:
+        from airloom.airflow.hooks.registry import RegistryHook
+
+        return RegistryHook(registry_uri=self.registry_uri, aws_conn_id=self.aws_conn_id)
+
+    def s3_client(self, uri: str) -> Any:
+        """For an ``s3://`` URI, the boto3 client of the connection (its extra ``endpoint_url`` points at
+        MinIO or moto); None otherwise."""
+        if not str(uri).startswith("s3://"):
+            return None
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        return S3Hook(aws_conn_id=self.aws_conn_id).get_conn()
+
+    def output_folder(self, context) -> Path:
+        """``output_dir``, else the task's run folder."""
+        return task_output_dir(context, self.output_dir)
 
 
 def task_output_dir(context, explicit: str | None = None) -> Path:
@@ -31,3 +84,20 @@ def push_outputs(context, result: dict) -> dict:
     for key, value in result.items():
         ti.xcom_push(key=key, value=value)
     return result
+
+
+def number(value: Any, name: str, kind: type[int] | type[float] = int, *, optional: bool = False) -> Any:
+    """A numeric template field as ``kind``, checked once in the operator.
+
+    The DAGs render templates as native objects, so a param arrives as its own type (None when unset);
+    numeric text (an operator built by hand) is converted too. Anything else fails the task, naming the field.
+    """
+    if value is None and optional:
+        return None
+    try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise TypeError
+        return kind(value)
+    except (TypeError, ValueError):
+        what = ("an integer" if kind is int else "a number") + (" or None" if optional else "")
+        raise AirflowFailException(f"{name} must be {what}, got {value!r}") from None

@@ -14,45 +14,33 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from airloom.airflow.links import DataDocsLink, EdaReportLink
-from airloom.airflow.operators._base import push_outputs, task_output_dir
+from airloom.airflow.links import EdaReportLink, ValidationReportLink
+from airloom.airflow.operators._base import AirloomBaseOperator, number, push_outputs
 
 
-def _s3_client(path: str, aws_conn_id: str | None):
-    """For ``s3://`` paths, the boto3 client of the Airflow connection (None otherwise)."""
-    if not str(path).startswith("s3://"):
-        return None
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-    # The connection's extra ``endpoint_url`` points at MinIO or moto; credentials come from it too.
-    return S3Hook(aws_conn_id=aws_conn_id).get_conn()
-
-
-def _chunks(path: str, aws_conn_id: str | None, field_map: Any = None):
+def _chunks(path: str, s3_client: Any, field_map: Any = None):
     """A function streaming the records of ``path`` chunk by chunk (see ``iter_chunks``)."""
     from airloom.data.load import iter_chunks, parse_field_map
 
-    client = _s3_client(path, aws_conn_id)
     mapping = parse_field_map(field_map)
-    return lambda: iter_chunks(path, mapping, s3_client=client)
+    return lambda: iter_chunks(path, mapping, s3_client=s3_client)
 
 
-class ValidateDataOperator(BaseOperator):
+class ValidateDataOperator(AirloomBaseOperator):
     """Read raw instruction data and validate it; fail the task when the suite fails.
 
     :param source: a file, folder or glob (JSONL, JSON, CSV, Parquet), local or ``s3://``.
     :param suite: a YAML file of validation thresholds, or a dict of them; None = defaults.
     :param on_bad_rows: ``quarantine`` (keep going, fail above the quarantine threshold) or ``fail``.
-    :param output_dir: where validation.json, accepted/quarantined rows and Data Docs go.
+    :param output_dir: where validation.json and .html, accepted/quarantined rows and Data Docs go.
     :param tokenizer: the model's tokenizer (folder, ``registry:NAME`` or hub id), overriding the suite's:
         token lengths in the profile, and per-row bounds when the suite sets ``max_tokens``; empty = the suite's.
     :param field_map: source key -> record field (a dict, JSON text or ``src=field,...``); empty = the
         layout is recognised (ours, Alpaca, Dolly, prompt/completion, chat messages).
-    :param aws_conn_id: the Airflow connection with S3 credentials, for ``s3://`` sources.
     """
 
     template_fields: Sequence[str] = ("source", "suite", "on_bad_rows", "output_dir", "tokenizer", "field_map")
-    operator_extra_links = (DataDocsLink(),)
+    operator_extra_links = (ValidationReportLink(),)
 
     def __init__(
         self,
@@ -60,10 +48,8 @@ class ValidateDataOperator(BaseOperator):
         source: str,
         suite: str | dict | None = None,
         on_bad_rows: str = "quarantine",
-        output_dir: str | None = None,
         tokenizer: str | None = None,
         field_map: dict | str | None = None,
-        aws_conn_id: str | None = "aws_default",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -72,23 +58,20 @@ class ValidateDataOperator(BaseOperator):
         self.tokenizer = tokenizer
         self.field_map = field_map
         self.on_bad_rows = on_bad_rows
-        self.output_dir = output_dir
-        self.aws_conn_id = aws_conn_id
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.data.load import fingerprint
         from airloom.data.validate import ValidationConfig, validate_stream
 
-        out = task_output_dir(context, self.output_dir)
-        if isinstance(self.suite, str) and self.suite:
-            config = ValidationConfig.from_yaml(self.suite)
-        else:
-            config = ValidationConfig.from_dict(dict(self.suite or {}))
-        config.on_bad_rows = self.on_bad_rows
-        if str(self.tokenizer or "").strip():
-            config.tokenizer = str(self.tokenizer).strip()
+        out = self.output_folder(context)
+        suite = self.suite or {}
+        if isinstance(suite, str):
+            suite = ValidationConfig.from_yaml(suite).to_dict()
+        overrides = {"on_bad_rows": self.on_bad_rows, **({"tokenizer": self.tokenizer} if self.tokenizer else {})}
+        # Through from_dict, so the task's own arguments are checked as the suite's settings are.
+        config = ValidationConfig.from_dict({**suite, **overrides}, source=f"task {self.task_id}")
         result = validate_stream(
-            _chunks(self.source, self.aws_conn_id, self.field_map),
+            _chunks(self.source, self.s3_client(self.source), self.field_map),
             out,
             config,
             source=self.source,
@@ -97,11 +80,12 @@ class ValidateDataOperator(BaseOperator):
         self.log.info("validation summary:\n%s", result.summary())
         reports = {
             "validation": str(result.report_path),
+            "validation_report": str(out / "validation.html"),
             "data_docs": str(result.data_docs_path) if result.data_docs_path else None,
             "scan": str(out / "scan"),  # the profile of the rows read, for the EDA task
         }
         if not result.success:
-            push_outputs(context, reports)  # a failed suite is when the Data Docs link matters most
+            push_outputs(context, reports)  # a failed suite is when the report link matters most
             # No retry: the same data fails the same way.
             raise AirflowFailException(
                 f"data validation failed for {self.source}; see {out / 'validation.json'}"
@@ -118,7 +102,7 @@ class ValidateDataOperator(BaseOperator):
         )
 
 
-class DataProfileOperator(BaseOperator):
+class DataProfileOperator(AirloomBaseOperator):
     """Write the EDA report (``report.html`` + ``profile.json``) of a file, folder or glob of records
     (local or ``s3://``).
 
@@ -136,10 +120,8 @@ class DataProfileOperator(BaseOperator):
         *,
         input_path: str,
         scan_dir: str | None = None,
-        output_dir: str | None = None,
         tokenizer: str | None = None,
         field_map: dict | str | None = None,
-        aws_conn_id: str | None = "aws_default",
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -147,20 +129,18 @@ class DataProfileOperator(BaseOperator):
         self.scan_dir = scan_dir
         self.tokenizer = tokenizer
         self.field_map = field_map
-        self.output_dir = output_dir
-        self.aws_conn_id = aws_conn_id
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.data.eda import profile_source
         from airloom.data.load import parse_field_map
 
-        out = task_output_dir(context, self.output_dir)
+        out = self.output_folder(context)
         profile = profile_source(
             self.input_path,
             out,
             scan_dir=self.scan_dir or None,
-            s3_client=_s3_client(self.input_path, self.aws_conn_id),
-            tokenizer=str(self.tokenizer or "").strip() or None,
+            s3_client=self.s3_client(self.input_path),
+            tokenizer=self.tokenizer or None,
             field_map=parse_field_map(self.field_map),
         )
         self.log.info("EDA report: %s (%d rows)", out / "report.html", profile.get("rows", 0))
@@ -174,7 +154,7 @@ class DataProfileOperator(BaseOperator):
         )
 
 
-class PrepareDatasetOperator(BaseOperator):
+class PrepareDatasetOperator(AirloomBaseOperator):
     """Clean, screen PII, dedup, render, length-filter and split accepted records; emit the asset event.
 
     The prepared folder is also published as ``$AIRLOOM_HOME/datasets/latest.json`` so a manual
@@ -182,13 +162,12 @@ class PrepareDatasetOperator(BaseOperator):
 
     :param template: ``alpaca``, ``chatml``, ``chat_template`` (the tokenizer's) or a Jinja2 file path.
     :param pii_policy: ``mask``, ``drop`` or ``keep``.
-    :param max_seq_len: drop rows longer than this many tokens; None, "" or "None" = no filter.
+    :param max_seq_len: drop rows longer than this many tokens; None = no filter.
     :param tokenizer: model folder or ``registry:NAME[/N|@ALIAS]``; loaded only when the template or
         the length filter needs it; empty = none.
     :param markup: ``strip`` (HTML tags out of rows that do not ask for HTML) or ``keep``.
-    :param near_dedup: Jaccard threshold for dropping near-duplicates; None, "" or "None" = off (as
-        after validation, which quarantined them already).
-    :param aws_conn_id: the Airflow connection with S3 credentials, for an ``s3://`` input.
+    :param near_dedup: Jaccard threshold for dropping near-duplicates; None = off (as after validation,
+        which quarantined them already).
     """
 
     template_fields: Sequence[str] = (
@@ -200,24 +179,21 @@ class PrepareDatasetOperator(BaseOperator):
         self,
         *,
         input_path: str,
-        output_dir: str | None = None,
         seed: int = 0,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
         template: str = "alpaca",
         pii_policy: str = "mask",
-        max_seq_len: int | str | None = None,
+        max_seq_len: int | None = None,
         tokenizer: str | None = None,
         markup: str = "strip",
-        near_dedup: float | str | None = 0.8,
-        aws_conn_id: str | None = "aws_default",
+        near_dedup: float | None = 0.8,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.input_path = input_path
         self.markup = markup
         self.near_dedup = near_dedup
-        self.output_dir = output_dir
         self.seed = seed
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -225,28 +201,28 @@ class PrepareDatasetOperator(BaseOperator):
         self.pii_policy = pii_policy
         self.max_seq_len = max_seq_len
         self.tokenizer = tokenizer
-        self.aws_conn_id = aws_conn_id
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.data.prepare import prepare
         from airloom.exceptions import UsageError
         from airloom.settings import home
 
-        out = task_output_dir(context, self.output_dir)
-        records = (rec for chunk in _chunks(self.input_path, self.aws_conn_id)() for rec in chunk.records)
+        out = self.output_folder(context)
+        chunks = _chunks(self.input_path, self.s3_client(self.input_path))
+        records = (rec for chunk in chunks() for rec in chunk.records)
         try:
             manifest = prepare(
                 records,
                 out,
-                seed=int(self.seed),
-                val_fraction=float(self.val_fraction),
-                test_fraction=float(self.test_fraction),
-                template=str(self.template or "alpaca"),
-                pii_policy=str(self.pii_policy or "mask"),
-                max_seq_len=_optional_int(self.max_seq_len, "max_seq_len"),
-                tokenizer=str(self.tokenizer or "").strip() or None,
-                markup=str(self.markup or "strip"),
-                near_dedup=_optional_float(self.near_dedup, "near_dedup"),
+                seed=number(self.seed, "seed"),
+                val_fraction=number(self.val_fraction, "val_fraction", float),
+                test_fraction=number(self.test_fraction, "test_fraction", float),
+                template=self.template,
+                pii_policy=self.pii_policy,
+                max_seq_len=number(self.max_seq_len, "max_seq_len", optional=True),
+                tokenizer=self.tokenizer or None,
+                markup=self.markup,
+                near_dedup=number(self.near_dedup, "near_dedup", float, optional=True),
             )
         except UsageError as exc:
             # Bad template, tokenizer or policy: the same arguments fail the same way, so no retry.
@@ -285,25 +261,6 @@ def latest_prepared_dataset() -> str:
             f"no prepared dataset: run llm_data_quality first or pass the 'dataset' param ({latest} missing)"
         )
     return json.loads(latest.read_text())["path"]
-
-
-def _optional_int(value: Any, name: str) -> int | None:
-    """A templated param arrives as text: "", "None" and "null" mean unset."""
-    return _optional_number(value, name, int, "an integer")
-
-
-def _optional_float(value: Any, name: str) -> float | None:
-    """As :func:`_optional_int`, for a number such as a threshold ("off" also means unset)."""
-    return _optional_number(value, name, float, "a number")
-
-
-def _optional_number(value: Any, name: str, kind: type, what: str) -> Any:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null", "off")):
-        return None
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        raise AirflowFailException(f"{name} must be {what} or empty, got {value!r}") from None
 
 
 def dataset_file(dataset_dir: str, split: str) -> str:

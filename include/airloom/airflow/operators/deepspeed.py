@@ -12,14 +12,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from airloom.airflow.operators._base import push_outputs, task_output_dir
+from airloom.airflow.operators._base import AirloomBaseOperator, push_outputs
 from airloom.exceptions import AirloomError
 
 
-class DeepSpeedTrainOperator(BaseOperator):
+class DeepSpeedTrainOperator(AirloomBaseOperator):
     """Fine-tune ``base_model`` on ``train_file`` with the Airloom recipe.
 
     :param base_model: a model folder, ``registry:NAME[/N|@ALIAS]``, ``s3://bucket/prefix`` or a hub id.
@@ -60,7 +59,6 @@ class DeepSpeedTrainOperator(BaseOperator):
         master_port: int = 0,
         hostfile: str | None = None,
         env: dict[str, str] | None = None,
-        output_dir: str | None = None,
         **kwargs,
     ) -> None:
         kwargs.setdefault("pool", "gpu")
@@ -80,7 +78,6 @@ class DeepSpeedTrainOperator(BaseOperator):
         self.master_port = master_port
         self.hostfile = hostfile
         self.env = env or {}
-        self.output_dir = output_dir
         self._process = None
 
     def execute(self, context) -> dict[str, Any]:
@@ -89,14 +86,9 @@ class DeepSpeedTrainOperator(BaseOperator):
         from airloom.training.launcher import LaunchSpec, TrainingProcess, build_command, child_env
         from airloom.training.recipe import preflight
 
-        out = task_output_dir(context, self.output_dir)
+        out = self.output_folder(context)
         out.mkdir(parents=True, exist_ok=True)
-        s3_client = None
-        if str(self.base_model).startswith("s3://"):
-            from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-            s3_client = S3Hook(aws_conn_id="aws_default").get_conn()
-        base = resolve_model(self.base_model, registry=self._registry(), s3_client=s3_client)
+        base = resolve_model(self.base_model, registry=self.hook.registry, s3_client=self.s3_client(self.base_model))
         try:
             cfg = TrainConfig.from_dict(
                 {
@@ -106,7 +98,7 @@ class DeepSpeedTrainOperator(BaseOperator):
                     "validation_file": self.validation_file,
                     "output_dir": str(out),
                     "launcher": self.launcher,
-                    "nproc_per_node": int(self.nproc_per_node),
+                    "nproc_per_node": self.nproc_per_node,
                 }
             )
             preflight(cfg)  # e.g. qlora without CUDA: say so before launching anything
@@ -116,19 +108,20 @@ class DeepSpeedTrainOperator(BaseOperator):
         spec = LaunchSpec(
             config_path=config_path,
             launcher=self.launcher,
-            nproc_per_node=int(self.nproc_per_node),
+            nproc_per_node=cfg.nproc_per_node,
             nnodes=int(self.nnodes),
             node_rank=int(self.node_rank),
             master_addr=self.master_addr,
             master_port=int(self.master_port),
             hostfile=self.hostfile,
         )
-        threads = max(1, (os.cpu_count() or 1) // int(self.nproc_per_node))
+        threads = max(1, (os.cpu_count() or 1) // cfg.nproc_per_node)
         extra = {"OMP_NUM_THREADS": str(threads)}
         if str(cfg.checkpoint_uri or "").startswith("s3://"):
             from airloom.airflow.hooks.registry import aws_env_for_child
 
-            extra.update(aws_env_for_child())  # the recipe mirrors checkpoints with the connection's credentials
+            # the recipe mirrors checkpoints with the connection's credentials
+            extra.update(aws_env_for_child(self.aws_conn_id))
         env = child_env({**extra, **{k: str(v) for k, v in self.env.items()}})
         self._process = TrainingProcess(build_command(spec), env, cwd=out)
         try:
@@ -148,11 +141,6 @@ class DeepSpeedTrainOperator(BaseOperator):
                 "metrics": metrics,
             },
         )
-
-    def _registry(self):
-        from airloom.airflow.hooks.registry import RegistryHook
-
-        return RegistryHook().registry
 
     def on_kill(self) -> None:
         if self._process is not None:

@@ -11,10 +11,10 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airloom.airflow.links import EvalReportLink
-from airloom.airflow.operators._base import push_outputs, task_output_dir
+from airloom.airflow.operators._base import AirloomBaseOperator, number, push_outputs
 
 
-class EvaluateModelOperator(BaseOperator):
+class EvaluateModelOperator(AirloomBaseOperator):
     """Generate with ``model`` on ``dataset_file`` and score the outputs (metrics.json, predictions.jsonl).
 
     :param model: a folder, ``registry:NAME[/N|@ALIAS]`` or a hub id.
@@ -33,7 +33,6 @@ class EvaluateModelOperator(BaseOperator):
         model: str,
         dataset_file: str,
         fallback_model: str | None = None,
-        output_dir: str | None = None,
         limit: int | None = None,
         max_new_tokens: int = 32,
         batch_size: int = 64,
@@ -46,18 +45,17 @@ class EvaluateModelOperator(BaseOperator):
         self.model = model
         self.fallback_model = fallback_model
         self.dataset_file = dataset_file
-        self.output_dir = output_dir
         self.limit = limit
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
 
     def execute(self, context) -> dict[str, Any]:
-        from airloom.airflow.hooks.registry import RegistryHook
-        from airloom.evaluation.harness import evaluate_model, load_records_file
+        from airloom.data.splits import read_split
+        from airloom.evaluation.harness import evaluate_model
         from airloom.exceptions import RegistryError
         from airloom.registry.resolve import resolve_model
 
-        registry = RegistryHook().registry
+        registry = self.hook.registry
         try:
             resolved = resolve_model(self.model, registry=registry)
         except RegistryError as e:
@@ -65,11 +63,11 @@ class EvaluateModelOperator(BaseOperator):
                 raise
             self.log.info("%s (%s); evaluating the fallback %s instead", self.model, e, self.fallback_model)
             resolved = resolve_model(self.fallback_model, registry=registry)
-        out = task_output_dir(context, self.output_dir)
-        limit = int(self.limit) if self.limit not in (None, "", 0) else None
+        out = self.output_folder(context)
+        limit = number(self.limit, "limit", optional=True) or None  # 0: every record
         metrics = evaluate_model(
             resolved["path"],
-            load_records_file(self.dataset_file),
+            read_split(self.dataset_file),
             out,
             limit=limit,
             max_new_tokens=self.max_new_tokens,
@@ -109,7 +107,7 @@ class EvaluateModelOperator(BaseOperator):
         return str(path)
 
 
-class QualityGateOperator(BaseOperator):
+class QualityGateOperator(AirloomBaseOperator):
     """Compare candidate with baseline, write the HTML report, and fail the run on a failed gate.
 
     :param candidate: the candidate's EvaluateModelOperator result (XCom).
@@ -126,28 +124,26 @@ class QualityGateOperator(BaseOperator):
         candidate: Any,
         baseline: Any = None,
         gates: str | list | None = None,
-        output_dir: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.candidate = candidate
         self.baseline = baseline
         self.gates = gates
-        self.output_dir = output_dir
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.evaluation.gates import check_gates, parse_gates
         from airloom.evaluation.report import write_report
 
-        out = task_output_dir(context, self.output_dir)
+        out = self.output_folder(context)
         candidate = json.loads(Path(self.candidate["metrics_path"]).read_text())
         baseline = json.loads(Path(self.baseline["metrics_path"]).read_text()) if self.baseline else None
-        from airloom.evaluation.harness import load_jsonl
+        from airloom.data.splits import read_jsonl
 
         # Per-example scores of both models on the same examples feed the paired bootstrap
         # (confidence intervals in the report, `metric:ci_low` gates).
-        candidate_examples = load_jsonl(self.candidate["predictions"])
-        baseline_examples = load_jsonl(self.baseline["predictions"]) if self.baseline else None
+        candidate_examples = read_jsonl(self.candidate["predictions"])
+        baseline_examples = read_jsonl(self.baseline["predictions"]) if self.baseline else None
         bias_path = self.candidate.get("bias")
         bias = json.loads(Path(bias_path).read_text()) if bias_path else None
         results = check_gates(candidate, parse_gates(self.gates), baseline=baseline,
@@ -173,7 +169,7 @@ class QualityGateOperator(BaseOperator):
         )
 
 
-class PartitionEvaluationOperator(BaseOperator):
+class PartitionEvaluationOperator(AirloomBaseOperator):
     """Evaluate the model at ``alias`` (or a pinned ``version``) on the partition ``ds=<ds>``.
 
     The version is resolved when the run executes and recorded in the output, so a backfill
@@ -182,8 +178,8 @@ class PartitionEvaluationOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("model_name", "version", "alias", "history_uri", "output_uri", "ds", "limit")
 
-    def __init__(self, *, model_name: str, ds: str, history_uri: str, output_uri: str, version: Any = None,
-                 alias: str = "production", limit: Any = None, **kwargs) -> None:
+    def __init__(self, *, model_name: str, ds: str, history_uri: str, output_uri: str, version: int | None = None,
+                 alias: str = "production", limit: int | None = None, **kwargs) -> None:
         kwargs.setdefault("pool", "eval")  # each task holds a model in memory: bound how many at once
         super().__init__(**kwargs)
         self.model_name = model_name
@@ -197,17 +193,16 @@ class PartitionEvaluationOperator(BaseOperator):
     def execute(self, context) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from airloom.airflow.hooks.registry import RegistryHook
         from airloom.evaluation.backfill import evaluate_partition, read_partition
         from airloom.registry.resolve import resolve_model
 
         records = read_partition(self.history_uri, self.ds)
         if records is None:
             raise AirflowSkipException(f"no partition {self.history_uri}/ds={self.ds}: nothing to evaluate")
-        pinned = self.version not in (None, "", "None")
-        ref = f"registry:{self.model_name}/{int(self.version)}" if pinned else f"registry:{self.model_name}@{self.alias}"
-        resolved = resolve_model(ref, registry=RegistryHook().registry)
-        limit = int(self.limit) if self.limit not in (None, "", "None", 0) else None
+        version = number(self.version, "version", optional=True)
+        ref = f"registry:{self.model_name}/{version}" if version else f"registry:{self.model_name}@{self.alias}"
+        resolved = resolve_model(ref, registry=self.hook.registry)
+        limit = number(self.limit, "limit", optional=True) or None  # 0: every record
         metrics = evaluate_partition(resolved["path"], resolved["ref"], records, self.output_uri, self.model_name,
                                      self.ds, limit=limit)
         self.log.info("%s on ds=%s (%d records): %s", resolved["ref"], self.ds, metrics["n"],

@@ -11,10 +11,10 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowSkipException
 
-from airloom.airflow.operators._base import task_output_dir
+from airloom.airflow.operators._base import AirloomBaseOperator
 
 
-class DriftMonitorOperator(BaseOperator):
+class DriftMonitorOperator(AirloomBaseOperator):
     """Drift of ``ds``'s traffic vs. the training data, plus the day's feedback; may request retraining.
 
     Returns the decision; :class:`RequestRetrainingOperator` turns it into an asset event and
@@ -39,8 +39,8 @@ class DriftMonitorOperator(BaseOperator):
                                       "corrections_uri", "ds", "max_psi", "max_negative_rate",
                                       "max_failing_rate")
 
-    def __init__(self, *, traffic_uri: str, feedback_uri: str, reference_file: str, ds: str,
-                 reference_profile: str = "", corrections_uri: str = "", max_psi: float = 0.25,
+    def __init__(self, *, traffic_uri: str, feedback_uri: str, reference_file: str | None, ds: str,
+                 reference_profile: str | None = None, corrections_uri: str | None = None, max_psi: float = 0.25,
                  max_negative_rate: float = 0.3, max_failing_rate: float = 0.2,
                  **kwargs) -> None:
         super().__init__(**kwargs)
@@ -55,8 +55,8 @@ class DriftMonitorOperator(BaseOperator):
         self.max_failing_rate = max_failing_rate
 
     def execute(self, context) -> dict[str, Any]:
+        from airloom.data.splits import read_split
         from airloom.evaluation.backfill import read_partition
-        from airloom.evaluation.harness import load_records_file
         from airloom.monitoring.drift import (
             decide_input_drift,
             decide_retraining,
@@ -75,13 +75,13 @@ class DriftMonitorOperator(BaseOperator):
         traffic = read_partition(self.traffic_uri, self.ds)
         if traffic is None:
             raise AirflowSkipException(f"no traffic partition {self.traffic_uri}/ds={self.ds}")
-        out_dir = task_output_dir(context)
+        out_dir = self.output_folder(context)
         split, profile_path = self._reference()
         if profile_path is None and split is None:
             missing = self.reference_profile or self.reference_file or "no prepared dataset"
             raise AirflowSkipException(f"no training reference ({missing}): nothing to compare with")
         feedback = read_partition(self.feedback_uri, self.ds) or []
-        training = load_records_file(split) if split else None
+        training = read_split(split) if split else None
         report: dict[str, Any] = drift_report(training, traffic) if training is not None else {}
         report.update(feedback_summary(feedback))
         reasons = decide_retraining(report, max_psi=float(self.max_psi),

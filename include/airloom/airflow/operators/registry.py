@@ -3,32 +3,27 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from functools import cached_property
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from airloom.airflow.operators._base import push_outputs, task_output_dir, triggering_user
+from airloom.airflow.operators._base import AirloomBaseOperator, number, push_outputs, triggering_user
 
 
-class _RegistryOperator(BaseOperator):
-    def __init__(
-        self, *, registry_uri: str | None = None, aws_conn_id: str = "aws_default", **kwargs
-    ) -> None:
-        super().__init__(**kwargs)
-        self.registry_uri = registry_uri
-        self.aws_conn_id = aws_conn_id
+@contextmanager
+def _refusal_fails_the_task() -> Iterator[None]:
+    """A refused alias move (CheckFailed) fails the task without retries: a retry gets the same verdict."""
+    from airloom.exceptions import CheckFailed
 
-    @cached_property
-    def hook(self):
-        from airloom.airflow.hooks.registry import RegistryHook
-
-        return RegistryHook(registry_uri=self.registry_uri, aws_conn_id=self.aws_conn_id)
+    try:
+        yield
+    except CheckFailed as e:
+        raise AirflowFailException(str(e)) from e
 
 
-class RegisterModelOperator(_RegistryOperator):
+class RegisterModelOperator(AirloomBaseOperator):
     """Register ``model_dir`` as a new immutable version, point ``alias`` at it and open a sign-off.
 
     :param metadata: metrics, gate results, lineage; the run's dag_id/run_id and the triggering
@@ -101,7 +96,7 @@ class RegisterModelOperator(_RegistryOperator):
         )
 
 
-class DeployModelOperator(_RegistryOperator):
+class DeployModelOperator(AirloomBaseOperator):
     """Deploy = verify every file's sha256, check the sign-off, then compare-and-swap ``alias`` to the version.
 
     The alias only moves if it still points where it pointed when this task read it, so two
@@ -109,6 +104,8 @@ class DeployModelOperator(_RegistryOperator):
 
     :param policy: the sign-off policy the sign-off sensor applied (same keys), so a version
         approved only by someone the policy does not allow is not deployed.
+    :param require_approval: demand an approved sign-off for any alias; ``production`` always demands
+        one (:func:`airloom.governance.promotion.promote` is the rule).
     """
 
     template_fields: Sequence[str] = ("model_name", "version", "alias", "policy")
@@ -131,48 +128,45 @@ class DeployModelOperator(_RegistryOperator):
         self.policy = policy or {}
 
     def execute(self, context) -> dict[str, Any]:
-        from airloom.exceptions import CheckFailed
-        from airloom.governance.signoff import SignOffPolicy, signoff_status
+        from airloom.governance.promotion import promote
+        from airloom.governance.signoff import SignOffPolicy
 
-        registry = self.hook.registry
         version = int(self.version)
-        try:
-            registry.verify(self.model_name, version)
-        except CheckFailed as e:
-            raise AirflowFailException(f"refusing to deploy {self.model_name}/{version}: {e}") from e
-        if self.require_approval:
-            status = signoff_status(registry, self.model_name, version, SignOffPolicy.from_params(self.policy))
-            if status["state"] != "approved":
-                raise AirflowFailException(
-                    f"refusing to deploy {self.model_name}/{version}: sign-off is {status['state']}"
-                )
-        previous = registry.get_alias(self.model_name, self.alias)
-        registry.set_alias(
-            self.model_name,
-            self.alias,
-            version,
-            actor=triggering_user(context),
-            reason=f"deploy by {context['ti'].dag_id}/{context['run_id']}",
-            expected_version=previous,
-        )
-        self.log.info("%s@%s: %s -> %d", self.model_name, self.alias, previous, version)
+        with _refusal_fails_the_task():
+            record = promote(
+                self.hook.registry,
+                self.model_name,
+                version,
+                self.alias,
+                actor=triggering_user(context),
+                reason=f"deploy by {context['ti'].dag_id}/{context['run_id']}",
+                policy=SignOffPolicy.from_params(self.policy),
+                require_approval=self.require_approval,
+            )
+        self.log.info("%s@%s: %s -> %d", self.model_name, self.alias, record["from"], version)
         return push_outputs(
-            context, {"name": self.model_name, "alias": self.alias, "version": version, "previous": previous}
+            context,
+            {"name": self.model_name, "alias": self.alias, "version": version, "previous": record["from"]},
         )
 
 
-class RollbackModelOperator(_RegistryOperator):
-    """Move ``alias`` back to ``to_version`` (default: the approved version it pointed to before)."""
+class RollbackModelOperator(AirloomBaseOperator):
+    """Move ``alias`` back to ``to_version`` (default: the approved version it pointed to before).
 
-    template_fields: Sequence[str] = ("model_name", "to_version", "alias", "reason")
+    :param policy: the sign-off policy deploys apply (same keys): the version rolled back to must be
+        approved under it, so an approval by someone who is not an approver does not count.
+    """
+
+    template_fields: Sequence[str] = ("model_name", "to_version", "alias", "reason", "policy")
 
     def __init__(
         self,
         *,
         model_name: str,
-        to_version: Any = None,
+        to_version: int | None = None,
         alias: str = "production",
-        reason: str = "",
+        reason: str | None = None,
+        policy: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -180,52 +174,31 @@ class RollbackModelOperator(_RegistryOperator):
         self.to_version = to_version
         self.alias = alias
         self.reason = reason
+        self.policy = policy or {}
 
     def execute(self, context) -> dict[str, Any]:
-        from airloom.exceptions import CheckFailed
-        from airloom.governance.signoff import is_approved
+        from airloom.governance.promotion import rollback
+        from airloom.governance.signoff import SignOffPolicy
 
-        registry = self.hook.registry
-        current = registry.get_alias(self.model_name, self.alias)
-        if self.to_version not in (None, "", 0, "0", "None"):
-            target = int(self.to_version)
-        else:
-            moves = [
-                h
-                for h in registry.history(self.model_name)
-                if h.get("action") == "alias" and h.get("alias") == self.alias
-            ]
-            earlier = [m["from"] for m in reversed(moves) if m.get("from") not in (None, current)]
-            target = next((v for v in earlier if is_approved(registry, self.model_name, v)), None)
-            if target is None:
-                raise AirflowFailException(
-                    f"{self.model_name}@{self.alias}: no earlier approved version to roll back to"
-                )
-        if target == current:
-            raise AirflowFailException(f"{self.model_name}@{self.alias} already points to {target}")
-        if not is_approved(registry, self.model_name, target):
-            raise AirflowFailException(
-                f"refusing to roll back to {self.model_name}/{target}: it was never approved"
+        to_version = number(self.to_version, "to_version", optional=True) or None  # 0: the previous one
+        with _refusal_fails_the_task():
+            record = rollback(
+                self.hook.registry,
+                self.model_name,
+                self.alias,
+                actor=triggering_user(context),
+                reason=str(self.reason) if self.reason not in (None, "") else f"rollback by {context['run_id']}",
+                policy=SignOffPolicy.from_params(self.policy),
+                to_version=to_version,
             )
-        try:
-            registry.verify(self.model_name, target)
-        except CheckFailed as e:
-            raise AirflowFailException(f"refusing to roll back to {self.model_name}/{target}: {e}") from e
-        registry.set_alias(
-            self.model_name,
-            self.alias,
-            target,
-            actor=triggering_user(context),
-            reason=self.reason or f"rollback by {context['run_id']}",
-            expected_version=current,
-        )
-        self.log.info("rolled back %s@%s: %s -> %d", self.model_name, self.alias, current, target)
+        previous, version = record["from"], record["to"]
+        self.log.info("rolled back %s@%s: %s -> %d", self.model_name, self.alias, previous, version)
         return push_outputs(
-            context, {"name": self.model_name, "alias": self.alias, "version": target, "previous": current}
+            context, {"name": self.model_name, "alias": self.alias, "version": version, "previous": previous}
         )
 
 
-class CanaryOperator(_RegistryOperator):
+class CanaryOperator(AirloomBaseOperator):
     """Load the version behind ``alias`` with transformers and generate on a few prompts.
 
     Fails if the model cannot be loaded or produces empty output for every prompt: the cheapest
@@ -242,14 +215,12 @@ class CanaryOperator(_RegistryOperator):
         model_name: str,
         prompts: list[str],
         alias: str = "production",
-        output_dir: str | None = None,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.model_name = model_name
         self.prompts = prompts
         self.alias = alias
-        self.output_dir = output_dir
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.evaluation.generation import generate, load_model
@@ -262,7 +233,7 @@ class CanaryOperator(_RegistryOperator):
             self.log.info("canary %s\n  prompt: %r\n  output: %r", resolved["ref"], p, o)
         if not any(o.strip() for o in outputs):
             raise AirflowFailException(f"canary: {resolved['ref']} produced empty output for every prompt")
-        out = task_output_dir(context, self.output_dir)
+        out = self.output_folder(context)
         out.mkdir(parents=True, exist_ok=True)
         rows = [{"prompt": p, "output": o} for p, o in zip(self.prompts, outputs, strict=True)]
         (out / "canary.json").write_text(json.dumps({"model": resolved["ref"], "outputs": rows}, indent=2))

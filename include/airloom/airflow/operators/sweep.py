@@ -8,7 +8,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from airloom.airflow.operators._base import push_outputs
+from airloom.airflow.operators._base import number, push_outputs
 from airloom.exceptions import UsageError
 
 
@@ -23,8 +23,8 @@ class PlanTrialsOperator(BaseOperator):
     template_fields: Sequence[str] = ("base_config", "space", "trials", "seed")
     template_fields_renderers = {"base_config": "json", "space": "json"}
 
-    def __init__(self, *, base_config: dict[str, Any], space: Any = None, trials: int | str = 4,
-                 seed: int | str = 0, **kwargs) -> None:
+    def __init__(self, *, base_config: dict[str, Any], space: dict[str, Any] | None = None, trials: int = 4,
+                 seed: int = 0, **kwargs) -> None:
         super().__init__(**kwargs)
         self.base_config = base_config
         self.space = space
@@ -35,7 +35,8 @@ class PlanTrialsOperator(BaseOperator):
         from airloom.training.sweep import plan_trials
 
         try:
-            planned = plan_trials(self.space, dict(self.base_config), trials=int(self.trials), seed=int(self.seed))
+            planned = plan_trials(self.space, dict(self.base_config), trials=number(self.trials, "trials"),
+                                  seed=number(self.seed, "seed"))
         except UsageError as e:  # a bad space fails the same way on every retry
             raise AirflowFailException(str(e)) from e
         for trial in planned:

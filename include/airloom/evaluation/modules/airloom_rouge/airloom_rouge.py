@@ -1,6 +1,6 @@
 """ROUGE-1/2/L/Lsum F-measures (rouge-score, Porter stemmer), best reference per example."""
 
-from airloom.evaluation.metrics import ROUGE_TYPES, _rouge_per_example, reference_lists, rouge_scores
+from airloom.evaluation.metrics import ROUGE_TYPES, reference_lists, rouge_per_example, rouge_scores
 from airloom.evaluation.modules import base
 
 _DESCRIPTION = (
@@ -42,5 +42,5 @@ class AirloomRouge(base.TextMetric):
         refs = reference_lists(references)
         if use_aggregator:
             return rouge_scores(predictions, refs)
-        rows = _rouge_per_example(predictions, refs)
+        rows = rouge_per_example(predictions, refs)
         return {k: [row[k] for row in rows] for k in ROUGE_TYPES}

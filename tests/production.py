@@ -17,18 +17,19 @@ process group by PID, then any process left in the components' sessions or carry
 marker in its environment (task children started in sessions of their own), drops the database and
 empties the Redis database.
 
-From the shell (state in ``<dir>/stack.json``; exit codes 0 ok, 1 unhealthy/failed, 2 bad usage)::
+A test rig, so it lives with the tests, not in the installed package. From the repository root (state in
+``<dir>/stack.json``; exit codes 0 ok, 1 unhealthy/failed, 2 bad usage)::
 
-    airloom prod start --dir /tmp/airloom-prod [--s3-endpoint http://127.0.0.1:9000 \\
-                       --registry s3://airloom/registry]      # prints the UI URL and the env file
-    airloom prod status --dir /tmp/airloom-prod
-    airloom prod stop --dir /tmp/airloom-prod
+    python -m tests.production start --dir /tmp/airloom-prod [--s3-endpoint http://127.0.0.1:9000 \\
+                                     --registry s3://airloom/registry]  # prints the UI URL and the env file
+    python -m tests.production status --dir /tmp/airloom-prod
+    python -m tests.production stop --dir /tmp/airloom-prod
 
 ``<dir>/env.sh`` holds the environment, so ``set -a; . <dir>/env.sh; set +a; airflow dags list`` talks
 to the running stack. Logins are the embedded ones (``admin``, ``trainer``, ``reviewer``, password =
 name): this is a test rig, not a deployment.
 
-Library use (tests/integration/test_production_mode.py)::
+Use from a test (tests/integration/test_production_mode.py)::
 
     stack = ProductionStack(root).start()
     try:
@@ -39,6 +40,7 @@ Library use (tests/integration/test_production_mode.py)::
 
 from __future__ import annotations
 
+import argparse
 import base64
 import json
 import os
@@ -55,8 +57,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from airloom.exceptions import AirloomError, CheckFailed, UsageError
-from airloom.settings import PROJECT_ROOT, airflow_env, ensure_embedded_airflow_home
+from airloom.settings import airflow_env, ensure_embedded_airflow_home
 from airloom.training.launcher import free_port
+
+REPO = Path(__file__).resolve().parents[1]
 
 PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379"
@@ -206,7 +210,7 @@ class ProductionStack:
                 self._ensure_bucket()
             self._run_step("db-migrate", [self._airflow, "db", "migrate"], deadline)
             self._run_step("settings", [sys.executable, "-m", "airloom.airflow.settings_file",
-                                        str(PROJECT_ROOT / "airflow_settings.yaml"), "--airflow-bin", self._airflow],
+                                        str(REPO / "airflow_settings.yaml"), "--airflow-bin", self._airflow],
                            deadline)
             for name in COMPONENTS:
                 self._spawn(name, self._command(name))
@@ -388,7 +392,7 @@ class ProductionStack:
 
     def _spawn(self, name: str, cmd: list[str]) -> int:
         with self._log(name).open("a") as f:
-            proc = subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+            proc = subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
         self.pids[name] = proc.pid
         st = _stat(proc.pid)
@@ -471,7 +475,7 @@ class ProductionStack:
         started = time.monotonic()
         with self._log(name).open("w") as f:
             try:
-                subprocess.run(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, cwd=PROJECT_ROOT,
+                subprocess.run(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
                                check=True, timeout=max(1.0, deadline - started))
             except subprocess.CalledProcessError as e:
                 raise CheckFailed(f"{name} failed (exit {e.returncode}); last lines of {self._log(name)}:\n"
@@ -533,15 +537,16 @@ class ProductionStack:
             s3.create_bucket(Bucket=bucket)
 
 
-# -- CLI (airloom prod ...) ----------------------------------------------------------------------
+# -- CLI (python -m tests.production ...) -------------------------------------------------------
 
 
 def cmd_prod(args) -> int:
-    """``airloom prod start|stop|status --dir DIR``: see the module docstring."""
+    """``python -m tests.production start|stop|status --dir DIR``: see the module docstring."""
     root = Path(args.dir)
     if args.prod_cmd == "start":
         if (root / STATE_FILE).exists():
-            raise UsageError(f"{root / STATE_FILE}: a stack is already recorded here; `airloom prod stop --dir {root}`")
+            raise UsageError(f"{root / STATE_FILE}: a stack is already recorded here; "
+                             f"`python -m tests.production stop --dir {root}`")
         if args.s3_endpoint and not (os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")):
             raise UsageError("--s3-endpoint needs credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
         stack = ProductionStack(root, s3_endpoint=args.s3_endpoint, registry=args.registry,
@@ -561,15 +566,15 @@ def cmd_prod(args) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
-    """Register ``prod`` on the ``airloom`` command's subparsers."""
-    prod = sub.add_parser("prod", help="production mode here: PostgreSQL + CeleryExecutor + Redis (start|stop|status)")
-    psub = prod.add_subparsers(dest="prod_cmd", required=True)
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 ok, 1 unhealthy or a start-up step failed, 2 bad usage."""
+    p = argparse.ArgumentParser(prog="python -m tests.production",
+                                description="production mode here: PostgreSQL + CeleryExecutor + Redis")
+    psub = p.add_subparsers(dest="prod_cmd", required=True)
     for name, help_ in (("start", "create a database, migrate, start every component, wait until healthy"),
                         ("status", "health of each component of the stack under --dir"),
                         ("stop", "stop every component by PID, drop the database")):
         sp = psub.add_parser(name, help=help_, description=help_)
-        sp.set_defaults(func=cmd_prod)
         sp.add_argument("--dir", required=True, help="folder for AIRFLOW_HOME, AIRLOOM_HOME, logs and the state file")
         if name == "start":
             sp.add_argument("--s3-endpoint", help="S3 endpoint (MinIO, moto): the registry goes to --registry there")
@@ -577,3 +582,12 @@ def add_parser(sub) -> None:
                             help="s3://bucket/prefix for the registry with --s3-endpoint (default: %(default)s)")
             sp.add_argument("--concurrency", type=int, default=2, help="Celery worker slots (default: %(default)s)")
             sp.add_argument("--timeout", type=float, default=420, help="seconds to wait for health (default: %(default)s)")
+    try:
+        return cmd_prod(p.parse_args(argv))
+    except AirloomError as e:  # CheckFailed exits 1, UsageError 2
+        print(f"tests.production: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
