@@ -26,8 +26,8 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 demo: venv
 	$(BIN)/airloom demo
 
-## The test suite (default run: everything but the minutes-long training checks marked `slow`).
-test: venv-dev browser
+## The test suite: lint, format and type checks first (seconds), then every test but those needing a GPU.
+test: venv-dev browser lint
 	$(BIN)/python -m pytest -m "not gpu" --durations=15 $(PYTEST_ARGS)
 
 ## Debian's chromium for the browser tests (tests/browser), when none is on PATH (needs root or sudo).
@@ -53,8 +53,12 @@ settings: venv
 bench: venv
 	$(BIN)/python bench/dag_parse.py
 
+## ruff (lint + format) over the tree, Airflow's AIR rules on the DAGs, mypy on the typed packages.
 lint: venv-dev
-	$(BIN)/ruff check . && $(BIN)/ruff check --select AIR dags
+	$(BIN)/ruff check .
+	$(BIN)/ruff check --select AIR dags
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 ## Regenerate constraints.txt from a fresh resolve of requirements*.txt.
 lock:

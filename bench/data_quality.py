@@ -131,8 +131,14 @@ def run_child(argv: list[str], *, env: dict[str, str] | None = None, log: Path |
         out.close()
     # ru_maxrss is in KiB on Linux; the tree's PSS can read a little under it (shared library pages)
     peak = max(usage.ru_maxrss / 1024, peak_tree)
-    return {"wall_s": wall, "peak_mib": peak, "rss_mib": usage.ru_maxrss / 1024, "tree_pss_mib": peak_tree,
-            "rc": proc.returncode, "cpu_s": usage.ru_utime + usage.ru_stime}
+    return {
+        "wall_s": wall,
+        "peak_mib": peak,
+        "rss_mib": usage.ru_maxrss / 1024,
+        "tree_pss_mib": peak_tree,
+        "rc": proc.returncode,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+    }
 
 
 def build_tokenizer(work: Path) -> Path:
@@ -141,8 +147,13 @@ def build_tokenizer(work: Path) -> Path:
     base = work / "tiny-base"
     if not (base / "tokenizer.json").is_file():
         env = {**os.environ, "AIRLOOM_HOME": str(work / "airloom-home")}
-        subprocess.run([sys.executable, "-m", "airloom.cli", "base", "--out", str(base)], check=True, env=env,
-                       cwd=REPO, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, "-m", "airloom.cli", "base", "--out", str(base)],
+            check=True,
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+        )
     return base
 
 
@@ -152,11 +163,35 @@ def run_ours(corpus: Path, work: Path, label: str, tokenizer: Path) -> dict:
     suite.write_text(json.dumps(BENCH_SUITE))
     cli = [sys.executable, "-m", "airloom.cli"]
     stages = {
-        "validate": [*cli, "validate", str(corpus), "--out", str(work / "validate"), "--suite", str(suite),
-                     "--tokenizer", str(tokenizer)],
-        "eda": [*cli, "eda", str(corpus), "--out", str(work / "eda"), "--scan", str(work / "validate" / "scan")],
-        "prepare": [*cli, "prepare", str(work / "validate" / "accepted.jsonl"), "--out", str(work / "prepare"),
-                    "--near-dedup", "off"],
+        "validate": [
+            *cli,
+            "validate",
+            str(corpus),
+            "--out",
+            str(work / "validate"),
+            "--suite",
+            str(suite),
+            "--tokenizer",
+            str(tokenizer),
+        ],
+        "eda": [
+            *cli,
+            "eda",
+            str(corpus),
+            "--out",
+            str(work / "eda"),
+            "--scan",
+            str(work / "validate" / "scan"),
+        ],
+        "prepare": [
+            *cli,
+            "prepare",
+            str(work / "validate" / "accepted.jsonl"),
+            "--out",
+            str(work / "prepare"),
+            "--near-dedup",
+            "off",
+        ],
     }
     result: dict = {"stages": {}}
 
@@ -168,8 +203,11 @@ def run_ours(corpus: Path, work: Path, label: str, tokenizer: Path) -> dict:
 
     def show(name: str) -> None:
         res = result["stages"][name]
-        print(f"  {label} {name:<8} {res['wall_s']:7.1f} s  peak {res['peak_mib']:7.0f} MiB  "
-              f"cpu {res['cpu_s']:6.1f} s  rc {res['rc']}", flush=True)
+        print(
+            f"  {label} {name:<8} {res['wall_s']:7.1f} s  peak {res['peak_mib']:7.0f} MiB  "
+            f"cpu {res['cpu_s']:6.1f} s  rc {res['rc']}",
+            flush=True,
+        )
 
     run("validate")
     show("validate")
@@ -189,23 +227,31 @@ def run_ours(corpus: Path, work: Path, label: str, tokenizer: Path) -> dict:
     result["wall_s"] = stages_s["validate"]["wall_s"] + after
     result["serial_s"] = sum(s["wall_s"] for s in stages_s.values())  # the three one after the other
     # peaks: validation alone, then EDA and prepare together (the sum of their peaks, an upper bound)
-    result["peak_mib"] = max(stages_s["validate"]["peak_mib"], stages_s["eda"]["peak_mib"] + stages_s["prepare"]["peak_mib"])
+    result["peak_mib"] = max(
+        stages_s["validate"]["peak_mib"], stages_s["eda"]["peak_mib"] + stages_s["prepare"]["peak_mib"]
+    )
     validation = json.loads((work / "validate" / "validation.json").read_text())
     manifest = json.loads((work / "prepare" / "manifest.json").read_text())
-    result["validation"] = {k: validation[k] for k in ("rows_read", "accepted", "quarantined", "duplicates",
-                                                         "near_duplicates", "success")}
+    result["validation"] = {
+        k: validation[k]
+        for k in ("rows_read", "accepted", "quarantined", "duplicates", "near_duplicates", "success")
+    }
     result["prepare_counts"] = manifest["counts"]
     return result
 
 
 def ensure_ydata() -> Path:
     python = YDATA_VENV / "bin" / "python"
-    if not python.exists() or subprocess.run([str(python), "-c", "import ydata_profiling"],
-                                             capture_output=True).returncode != 0:
+    if (
+        not python.exists()
+        or subprocess.run([str(python), "-c", "import ydata_profiling"], capture_output=True).returncode != 0
+    ):
         print(f"creating {YDATA_VENV} ({' '.join(YDATA_PINS)}) ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(YDATA_VENV)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *YDATA_PINS],
-                       check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *YDATA_PINS],
+            check=True,
+        )
     return python
 
 
@@ -219,8 +265,11 @@ def run_ydata(corpus: Path, work: Path) -> dict:
     if res["rc"] != 0 or not lines:
         raise SystemExit(f"ydata-profiling failed (rc {res['rc']}); see {log}")
     res.update(json.loads(lines[-1].removeprefix("YDATA ")))
-    print(f"  ydata    report {res['report_s']:7.1f} s (read {res['read_s']:.1f} s, child {res['wall_s']:.1f} s)  "
-          f"peak {res['peak_mib']:7.0f} MiB  cpu {res['cpu_s']:6.1f} s", flush=True)
+    print(
+        f"  ydata    report {res['report_s']:7.1f} s (read {res['read_s']:.1f} s, child {res['wall_s']:.1f} s)  "
+        f"peak {res['peak_mib']:7.0f} MiB  cpu {res['cpu_s']:6.1f} s",
+        flush=True,
+    )
     return res
 
 
@@ -229,14 +278,28 @@ def profile_ours(corpus: Path, work: Path) -> None:
     suite = work / "bench_suite.json"
     accepted = work / "prof_validate" / "accepted.jsonl"
     tokenizer = build_tokenizer(work.parent)
-    for name, source, extra in (("validate", corpus, ["--suite", str(suite), "--tokenizer", str(tokenizer)]),
-                                ("eda", corpus, ["--scan", str(work / "prof_validate" / "scan")]),
-                                ("prepare", accepted, ["--near-dedup", "off"])):
+    for name, source, extra in (
+        ("validate", corpus, ["--suite", str(suite), "--tokenizer", str(tokenizer)]),
+        ("eda", corpus, ["--scan", str(work / "prof_validate" / "scan")]),
+        ("prepare", accepted, ["--near-dedup", "off"]),
+    ):
         stats = work / f"{name}.prof"
-        argv = [sys.executable, "-m", "cProfile", "-o", str(stats), "-m", "airloom.cli", name, str(source),
-                "--out", str(work / f"prof_{name}"), *extra]
+        argv = [
+            sys.executable,
+            "-m",
+            "cProfile",
+            "-o",
+            str(stats),
+            "-m",
+            "airloom.cli",
+            name,
+            str(source),
+            "--out",
+            str(work / f"prof_{name}"),
+            *extra,
+        ]
         subprocess.run(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        code = (f"import pstats; pstats.Stats({str(stats)!r}).sort_stats('tottime').print_stats(12)")
+        code = f"import pstats; pstats.Stats({str(stats)!r}).sort_stats('tottime').print_stats(12)"
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
         print(f"--- cProfile {name}: top functions by own time ---")
         body = out.split("ncalls", 1)[-1]
@@ -250,10 +313,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-ydata", action="store_true")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also cProfile our stages on the 1× corpus")
-    parser.add_argument("--workdir", type=Path, help="keep the corpora and outputs here (default: a temp folder)")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="run ours and ydata's report this many times, alternating, and keep each one's "
-                             "fastest run (the least disturbed on a shared machine)")
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the corpora and outputs here (default: a temp folder)"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run ours and ydata's report this many times, alternating, and keep each one's "
+        "fastest run (the least disturbed on a shared machine)",
+    )
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="airloom-bench-data-") as tmp:
@@ -262,16 +331,21 @@ def main(argv: list[str] | None = None) -> int:
         corpus = work / "corpus_1x.jsonl"
         rows = make_corpus(corpus, args.copies)
         mib = corpus.stat().st_size / 2**20
-        print(f"corpus 1x: {rows:,} rows ({args.copies} x {SOURCE.name}, each row suffixed ' [row N]'), "
-              f"{mib:.0f} MiB JSONL", flush=True)
+        print(
+            f"corpus 1x: {rows:,} rows ({args.copies} x {SOURCE.name}, each row suffixed ' [row N]'), "
+            f"{mib:.0f} MiB JSONL",
+            flush=True,
+        )
 
         tokenizer = build_tokenizer(work)
         ours = ydata = None
         for _ in range(max(1, args.repeat)):
             run = run_ours(corpus, work / "ours_1x", "ours 1x ", tokenizer)
-            print(f"  ours 1x  total    {run['wall_s']:7.1f} s  peak {run['peak_mib']:7.0f} MiB  "
-                  f"{rows / run['wall_s']:,.0f} rows/s  (one stage after the other: {run['serial_s']:.1f} s)",
-                  flush=True)
+            print(
+                f"  ours 1x  total    {run['wall_s']:7.1f} s  peak {run['peak_mib']:7.0f} MiB  "
+                f"{rows / run['wall_s']:,.0f} rows/s  (one stage after the other: {run['serial_s']:.1f} s)",
+                flush=True,
+            )
             ours = run if ours is None or run["wall_s"] < ours["wall_s"] else ours
             if not args.skip_ydata:
                 got = run_ydata(corpus, work)
@@ -283,11 +357,17 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_scale:
             big_corpus = work / f"corpus_{args.scale}x.jsonl"
             big_rows = make_corpus(big_corpus, args.copies * args.scale)
-            print(f"corpus {args.scale}x: {big_rows:,} rows, {big_corpus.stat().st_size / 2**20:.0f} MiB", flush=True)
+            print(
+                f"corpus {args.scale}x: {big_rows:,} rows, {big_corpus.stat().st_size / 2**20:.0f} MiB",
+                flush=True,
+            )
             big = run_ours(big_corpus, work / f"ours_{args.scale}x", f"ours {args.scale}x", tokenizer)
             big["rows"] = big_rows
-            print(f"  ours {args.scale}x total    {big['wall_s']:7.1f} s  peak {big['peak_mib']:7.0f} MiB  "
-                  f"{big_rows / big['wall_s']:,.0f} rows/s", flush=True)
+            print(
+                f"  ours {args.scale}x total    {big['wall_s']:7.1f} s  peak {big['peak_mib']:7.0f} MiB  "
+                f"{big_rows / big['wall_s']:,.0f} rows/s",
+                flush=True,
+            )
             big_corpus.unlink()
 
         if args.profile:
@@ -303,20 +383,26 @@ def main(argv: list[str] | None = None) -> int:
             **{f"ours_{k}_peak_mib": round(v["peak_mib"]) for k, v in ours["stages"].items()},
         }
         if ydata:
-            figures.update({
-                "ydata_s": round(ydata["report_s"], 1),
-                "ydata_child_s": round(ydata["wall_s"], 1),
-                "ydata_peak_mib": round(ydata["peak_mib"]),
-                "speed_ratio": round(ydata["report_s"] / ours["wall_s"], 2),  # > 1: ours is faster
-                "serial_speed_ratio": round(ydata["report_s"] / ours["serial_s"], 2),
-                "mem_ratio": round(ours["peak_mib"] / ydata["peak_mib"], 2),  # goal <= 0.33
-            })
+            figures.update(
+                {
+                    "ydata_s": round(ydata["report_s"], 1),
+                    "ydata_child_s": round(ydata["wall_s"], 1),
+                    "ydata_peak_mib": round(ydata["peak_mib"]),
+                    "speed_ratio": round(ydata["report_s"] / ours["wall_s"], 2),  # > 1: ours is faster
+                    "serial_speed_ratio": round(ydata["report_s"] / ours["serial_s"], 2),
+                    "mem_ratio": round(ours["peak_mib"] / ydata["peak_mib"], 2),  # goal <= 0.33
+                }
+            )
         if big:
-            figures.update({
-                f"ours_{args.scale}x_s": round(big["wall_s"], 1),
-                f"ours_{args.scale}x_peak_mib": round(big["peak_mib"]),
-                f"peak_{args.scale}x_over_1x": round(big["peak_mib"] / ours["peak_mib"], 2),  # goal <= 1.2
-            })
+            figures.update(
+                {
+                    f"ours_{args.scale}x_s": round(big["wall_s"], 1),
+                    f"ours_{args.scale}x_peak_mib": round(big["peak_mib"]),
+                    f"peak_{args.scale}x_over_1x": round(
+                        big["peak_mib"] / ours["peak_mib"], 2
+                    ),  # goal <= 1.2
+                }
+            )
         print(" ".join(f"{k}={v}" for k, v in figures.items()))
     return 0
 

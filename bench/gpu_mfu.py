@@ -38,14 +38,25 @@ def build_model(out: Path, a, log) -> dict:
     from airloom.training.base import train_tokenizer
 
     t0 = time.monotonic()
-    texts = [r["instruction"] + " " + (r.get("input") or "") + " " + r["response"] for r in generate_records(5000, seed=1)]
+    texts = [
+        r["instruction"] + " " + (r.get("input") or "") + " " + r["response"]
+        for r in generate_records(5000, seed=1)
+    ]
     tokenizer = train_tokenizer(texts, vocab_size=1024)
     tokenizer.model_max_length = a.seq
-    config = LlamaConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-                         num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-                         max_position_embeddings=a.seq, tie_word_embeddings=False,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=a.vocab,
+        hidden_size=a.hidden,
+        intermediate_size=a.intermediate,
+        num_hidden_layers=a.layers,
+        num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads,
+        max_position_embeddings=a.seq,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16 if a.precision == "bf16" else torch.float32)
@@ -62,8 +73,13 @@ def write_data(path: Path, n: int) -> None:
     from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records, write_jsonl
 
-    write_jsonl([{"prompt": render_prompt(r["instruction"], r.get("input") or None), "response": r["response"]}
-                 for r in generate_records(n, seed=2)], path)
+    write_jsonl(
+        [
+            {"prompt": render_prompt(r["instruction"], r.get("input") or None), "response": r["response"]}
+            for r in generate_records(n, seed=2)
+        ],
+        path,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", type=int, default=2, help="logged points left out of the steady state")
     p.add_argument("--precision", default="bf16")
     p.add_argument("--zero-stage", type=int, default=2)
-    p.add_argument("--attn", default="airloom_varlen", help="airloom_varlen (flash, per example), sdpa (dense mask)")
+    p.add_argument(
+        "--attn", default="airloom_varlen", help="airloom_varlen (flash, per example), sdpa (dense mask)"
+    )
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--tiny", action="store_true", help="CPU smoke run: a few-layer model, fp32, seq 256")
     a = p.parse_args(argv)
@@ -101,10 +119,22 @@ def main(argv: list[str] | None = None) -> int:
     # The synthetic families run out of distinct items near 7k; the recipe runs more epochs if needed.
     write_data(work / "train.jsonl", 6000)
     log_every = max(1, a.steps // 10)
-    cfg = TrainConfig(base_model=str(work / "base"), train_file=str(work / "train.jsonl"),
-                      output_dir=str(work / "run"), max_steps=a.steps, batch_size=a.micro_batch, packing=True,
-                      max_length=a.seq, precision=a.precision, zero_stage=a.zero_stage, learning_rate=1e-4,
-                      warmup_steps=2, log_every=log_every, attn_implementation=a.attn, launcher="deepspeed")
+    cfg = TrainConfig(
+        base_model=str(work / "base"),
+        train_file=str(work / "train.jsonl"),
+        output_dir=str(work / "run"),
+        max_steps=a.steps,
+        batch_size=a.micro_batch,
+        packing=True,
+        max_length=a.seq,
+        precision=a.precision,
+        zero_stage=a.zero_stage,
+        learning_rate=1e-4,
+        warmup_steps=2,
+        log_every=log_every,
+        attn_implementation=a.attn,
+        launcher="deepspeed",
+    )
     (work / "run").mkdir(exist_ok=True)
     spec = LaunchSpec(config_path=cfg.save(work / "run" / "train_config.json"), launcher="deepspeed")
     t0 = time.monotonic()
@@ -118,11 +148,20 @@ def main(argv: list[str] | None = None) -> int:
     flops_per_token = 6 * info["matmul_params"] + 6 * a.layers * a.hidden * mean_len
     achieved = rate * flops_per_token
     result = {
-        "params_b": round(info["params"] / 1e9, 3), "seq": a.seq, "micro_batch": a.micro_batch,
-        "zero_stage": a.zero_stage, "precision": a.precision, "attn": a.attn, "steps": m["steps"],
-        "non_pad_share": m["non_pad_share"], "tokens_per_s": round(rate), "tflops": round(achieved / 1e12, 1),
-        "mfu": round(achieved / DATASHEET_PEAK, 4), "mfu_vs_measured_peak": round(achieved / MEASURED_PEAK, 4),
-        "mean_example_tokens": round(mean_len, 1), "train_wall_s": round(wall, 1),
+        "params_b": round(info["params"] / 1e9, 3),
+        "seq": a.seq,
+        "micro_batch": a.micro_batch,
+        "zero_stage": a.zero_stage,
+        "precision": a.precision,
+        "attn": a.attn,
+        "steps": m["steps"],
+        "non_pad_share": m["non_pad_share"],
+        "tokens_per_s": round(rate),
+        "tflops": round(achieved / 1e12, 1),
+        "mfu": round(achieved / DATASHEET_PEAK, 4),
+        "mfu_vs_measured_peak": round(achieved / MEASURED_PEAK, 4),
+        "mean_example_tokens": round(mean_len, 1),
+        "train_wall_s": round(wall, 1),
     }
     log(json.dumps(result, indent=1))
     print(" ".join(f"{k}={v}" for k, v in result.items()))

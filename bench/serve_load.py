@@ -37,7 +37,9 @@ def tiny_registry(root: Path) -> tuple[str, str]:
     from airloom.registry.registry import ModelRegistry
     from airloom.training.base import BaseModelSpec, build_base_model
 
-    build_base_model(root / "model", BaseModelSpec(pretrain_lines=2000, pretrain_seconds=0), log=lambda *_: None)
+    build_base_model(
+        root / "model", BaseModelSpec(pretrain_lines=2000, pretrain_seconds=0), log=lambda *_: None
+    )
     reg = ModelRegistry.from_uri(root / "registry")
     reg.register("bench-tiny", root / "model", metadata={"summary": "serve_load bench"}, actor="bench")
     reg.set_alias("bench-tiny", "production", 1, actor="bench")
@@ -57,8 +59,15 @@ def start_server(registry: str, model: str, root: Path, max_batch: int, wait_ms:
     from airloom.serving.app import create_app
     from airloom.serving.engine import Engine
 
-    engine = Engine(ModelRegistry.from_uri(registry), model, cache_dir=root / "cache", max_batch_size=max_batch,
-                    batch_wait_ms=wait_ms, poll_seconds=60, torch_threads=threads)
+    engine = Engine(
+        ModelRegistry.from_uri(registry),
+        model,
+        cache_dir=root / "cache",
+        max_batch_size=max_batch,
+        batch_wait_ms=wait_ms,
+        poll_seconds=60,
+        torch_threads=threads,
+    )
     app = create_app(engine, traffic_dir=root / f"traffic-b{max_batch}", feedback_dir=root / "feedback")
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -73,7 +82,12 @@ def start_server(registry: str, model: str, root: Path, max_batch: int, wait_ms:
 
 def body(i: int, model: str, max_tokens: int) -> dict:
     prompt = PROMPTS[i % len(PROMPTS)].format(w=WORDS[i % len(WORDS)], n=i % 97, m=(i * 7) % 89)
-    return {"model": model.split("@")[0].split("/")[0], "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    return {
+        "model": model.split("@")[0].split("/")[0],
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
 
 
 async def load(url: str, model: str, clients: int, total: int, max_tokens: int) -> dict:
@@ -83,8 +97,9 @@ async def load(url: str, model: str, clients: int, total: int, max_tokens: int) 
     latencies: list[float] = []
     counter = iter(range(total))
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits,
-                                 headers={"Authorization": "Bearer sk-bench"}) as client:
+    async with httpx.AsyncClient(
+        base_url=url, timeout=300, limits=limits, headers={"Authorization": "Bearer sk-bench"}
+    ) as client:
         await client.post("/v1/completions", json=body(0, model, max_tokens))  # warm-up
 
         async def worker():
@@ -98,8 +113,12 @@ async def load(url: str, model: str, clients: int, total: int, max_tokens: int) 
         await asyncio.gather(*(worker() for _ in range(clients)))
         elapsed = time.perf_counter() - started
     q = statistics.quantiles(latencies, n=20, method="inclusive")
-    return {"rps": round(total / elapsed, 2), "p50_ms": round(statistics.median(latencies), 1),
-            "p95_ms": round(q[18], 1), "n": total}
+    return {
+        "rps": round(total / elapsed, 2),
+        "p50_ms": round(statistics.median(latencies), 1),
+        "p95_ms": round(q[18], 1),
+        "n": total,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-ms", type=float, default=2.0)
-    ap.add_argument("--torch-threads", type=int, default=1,
-                    help="1 on small shared CPUs: two threads are much slower for a tiny model")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="1 on small shared CPUs: two threads are much slower for a tiny model",
+    )
     args = ap.parse_args(argv)
     if bool(args.registry) != bool(args.model):
         ap.error("--registry and --model go together")
@@ -122,14 +145,18 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         registry, model = (args.registry, args.model) if args.registry else tiny_registry(root)
         for mode, max_batch in (("batched", args.max_batch_size), ("unbatched", 1)):
-            server, thread, url = start_server(registry, model, root, max_batch, args.batch_wait_ms,
-                                               args.torch_threads)
+            server, thread, url = start_server(
+                registry, model, root, max_batch, args.batch_wait_ms, args.torch_threads
+            )
             try:
                 for c in clients:
                     res = asyncio.run(load(url, model, c, max(args.requests, c), args.max_tokens))
                     stats = server.config.app.state.engine.stats()
-                    print(f"{mode:9} clients={c:<3} rps={res['rps']:<8} p50={res['p50_ms']}ms "
-                          f"p95={res['p95_ms']}ms  (batch sizes so far {stats['batch_sizes']})", flush=True)
+                    print(
+                        f"{mode:9} clients={c:<3} rps={res['rps']:<8} p50={res['p50_ms']}ms "
+                        f"p95={res['p95_ms']}ms  (batch sizes so far {stats['batch_sizes']})",
+                        flush=True,
+                    )
                     for k in ("rps", "p50_ms", "p95_ms"):
                         figures[f"{mode}_c{c}_{k}"] = res[k]
             finally:
@@ -137,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                 thread.join(timeout=60)
     for c in clients:
         figures[f"speedup_c{c}"] = round(figures[f"batched_c{c}_rps"] / figures[f"unbatched_c{c}_rps"], 2)
-    figures.update(requests=args.requests, max_tokens=args.max_tokens, max_batch_size=args.max_batch_size,
-                   torch_threads=args.torch_threads)
+    figures.update(
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+        max_batch_size=args.max_batch_size,
+        torch_threads=args.torch_threads,
+    )
     print(" ".join(f"{k}={v}" for k, v in figures.items()))
     return 0
 

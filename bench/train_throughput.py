@@ -32,10 +32,21 @@ def run(mode: str, work: Path, a) -> dict:
 
     out = work / mode
     out.mkdir()
-    cfg = TrainConfig(base_model=str(work / "base"), train_file=str(work / "train.jsonl"), output_dir=str(out),
-                      max_steps=a.steps, batch_size=a.batch_size, max_length=a.max_length, learning_rate=1e-3,
-                      warmup_steps=5, zero_stage=2, launcher="python", log_every=max(1, a.steps // 8),
-                      packing=mode == "packed", seed=0)
+    cfg = TrainConfig(
+        base_model=str(work / "base"),
+        train_file=str(work / "train.jsonl"),
+        output_dir=str(out),
+        max_steps=a.steps,
+        batch_size=a.batch_size,
+        max_length=a.max_length,
+        learning_rate=1e-3,
+        warmup_steps=5,
+        zero_stage=2,
+        launcher="python",
+        log_every=max(1, a.steps // 8),
+        packing=mode == "packed",
+        seed=0,
+    )
     spec = LaunchSpec(config_path=cfg.save(out / "train_config.json"), launcher="python")
     threads = str(a.threads or os.cpu_count() or 1)
     TrainingProcess(build_command(spec), child_env({"OMP_NUM_THREADS": threads})).run(log=lambda line: None)
@@ -43,8 +54,11 @@ def run(mode: str, work: Path, a) -> dict:
     h = m["history"]
     first, last = h[0], h[-1]  # steady state: leave out the first logged interval (warm-up)
     rate = (last["run_tokens"] - first["run_tokens"]) / (last["elapsed_s"] - first["elapsed_s"])
-    print(f"{mode:>6}: {rate:,.0f} real tokens/s, non-pad {m['non_pad_share']:.1%}, {m['rows']} rows for "
-          f"{m['examples']} examples, final loss {m['final_loss']}", flush=True)
+    print(
+        f"{mode:>6}: {rate:,.0f} real tokens/s, non-pad {m['non_pad_share']:.1%}, {m['rows']} rows for "
+        f"{m['examples']} examples, final loss {m['final_loss']}",
+        flush=True,
+    )
     return {"tokens_per_s": rate, "non_pad": m["non_pad_share"], "rows": m["rows"], "examples": m["examples"]}
 
 
@@ -63,18 +77,32 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = json.loads(a.data.read_text(encoding="utf-8"))
     work = Path(tempfile.mkdtemp(prefix="airloom-train-bench-"))
-    write_jsonl([{"prompt": render_prompt(r["instruction"], r.get("input") or None), "response": r["response"]}
-                 for r in rows], work / "train.jsonl")
+    write_jsonl(
+        [
+            {"prompt": render_prompt(r["instruction"], r.get("input") or None), "response": r["response"]}
+            for r in rows
+        ],
+        work / "train.jsonl",
+    )
     build_base_model(work / "base", BaseModelSpec(max_position_embeddings=a.max_length), log=lambda m: None)
-    print(f"{len(rows)} examples from {a.data.name}; tiny Llama (0.5M params); max_length {a.max_length}; "
-          f"batch {a.batch_size}; {a.steps} steps per mode", flush=True)
+    print(
+        f"{len(rows)} examples from {a.data.name}; tiny Llama (0.5M params); max_length {a.max_length}; "
+        f"batch {a.batch_size}; {a.steps} steps per mode",
+        flush=True,
+    )
     padded = run("padded", work, a)
     packed = run("packed", work, a)
-    result = {"speedup": round(packed["tokens_per_s"] / padded["tokens_per_s"], 2),
-              "packed_non_pad": round(packed["non_pad"], 4), "padded_non_pad": round(padded["non_pad"], 4),
-              "packed_tokens_per_s": round(packed["tokens_per_s"]), "padded_tokens_per_s": round(padded["tokens_per_s"]),
-              "rows": packed["rows"], "examples": packed["examples"], "max_length": a.max_length,
-              "batch_size": a.batch_size}
+    result = {
+        "speedup": round(packed["tokens_per_s"] / padded["tokens_per_s"], 2),
+        "packed_non_pad": round(packed["non_pad"], 4),
+        "padded_non_pad": round(padded["non_pad"], 4),
+        "packed_tokens_per_s": round(packed["tokens_per_s"]),
+        "padded_tokens_per_s": round(padded["tokens_per_s"]),
+        "rows": packed["rows"],
+        "examples": packed["examples"],
+        "max_length": a.max_length,
+        "batch_size": a.batch_size,
+    }
     print(" ".join(f"{k}={v}" for k, v in result.items()))
     return 0
 

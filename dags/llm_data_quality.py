@@ -43,31 +43,60 @@ with DAG(
     max_active_runs=1,
     render_template_as_native_obj=True,  # params reach the operators as their own types (None, int, dict)
     params={
-        "source": Param(RAW_DATA, type="string", minLength=1, title="Raw data",
-                        description="File, folder or glob of JSONL/JSON/CSV/Parquet instruction records"),
-        "suite": Param(None, type=["null", "string"], title="Validation config",
-                       description="YAML file of validation thresholds (empty: built-in defaults)"),
+        "source": Param(
+            RAW_DATA,
+            type="string",
+            minLength=1,
+            title="Raw data",
+            description="File, folder or glob of JSONL/JSON/CSV/Parquet instruction records",
+        ),
+        "suite": Param(
+            None,
+            type=["null", "string"],
+            title="Validation config",
+            description="YAML file of validation thresholds (empty: built-in defaults)",
+        ),
         "on_bad_rows": Param("quarantine", enum=["quarantine", "fail"], title="Bad rows"),
-        "field_map": Param(None, type=["null", "object"], title="Field mapping",
-                           description='Source key -> record field, e.g. {"question": "instruction", "answer": '
-                                       '"response"} (fields: instruction, input, response, id, task, messages); '
-                                       "empty: recognised (Alpaca, Dolly, prompt/completion, chat messages)"),
+        "field_map": Param(
+            None,
+            type=["null", "object"],
+            title="Field mapping",
+            description='Source key -> record field, e.g. {"question": "instruction", "answer": '
+            '"response"} (fields: instruction, input, response, id, task, messages); '
+            "empty: recognised (Alpaca, Dolly, prompt/completion, chat messages)",
+        ),
         "seed": Param(0, type="integer", minimum=0, title="Split seed"),
         "val_fraction": Param(0.1, type="number", minimum=0, maximum=0.5),
         "test_fraction": Param(0.1, type="number", minimum=0, maximum=0.5),
-        "template": Param("alpaca", type="string", minLength=1, title="Prompt template",
-                          description="alpaca, chatml, chat_template (the tokenizer's own) or the path of "
-                                      "a Jinja2 template file (rendered in a sandbox)"),
-        "pii_policy": Param("mask", enum=["mask", "drop", "keep"], title="PII",
-                            description="mask: placeholders such as <EMAIL>; drop: remove the row; "
-                                        "keep: leave it"),
-        "max_seq_len": Param(None, type=["null", "integer"], minimum=1, title="Max tokens per row",
-                             description="Drop rows whose prompt + response exceed this many tokens "
-                                         "(empty: no filter)"),
-        "tokenizer": Param("registry:airloom-tiny-base", type=["null", "string"], title="Tokenizer",
-                           description="Model folder or registry:NAME[/N|@ALIAS]: token lengths in the "
-                                       "EDA report (and the suite's max_tokens), chat_template and the "
-                                       "length filter (empty: none)"),
+        "template": Param(
+            "alpaca",
+            type="string",
+            minLength=1,
+            title="Prompt template",
+            description="alpaca, chatml, chat_template (the tokenizer's own) or the path of "
+            "a Jinja2 template file (rendered in a sandbox)",
+        ),
+        "pii_policy": Param(
+            "mask",
+            enum=["mask", "drop", "keep"],
+            title="PII",
+            description="mask: placeholders such as <EMAIL>; drop: remove the row; keep: leave it",
+        ),
+        "max_seq_len": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Max tokens per row",
+            description="Drop rows whose prompt + response exceed this many tokens (empty: no filter)",
+        ),
+        "tokenizer": Param(
+            "registry:airloom-tiny-base",
+            type=["null", "string"],
+            title="Tokenizer",
+            description="Model folder or registry:NAME[/N|@ALIAS]: token lengths in the "
+            "EDA report (and the suite's max_tokens), chat_template and the "
+            "length filter (empty: none)",
+        ),
     },
 ):
     validate = ValidateDataOperator(

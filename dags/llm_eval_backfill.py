@@ -30,8 +30,13 @@ with DAG(
     render_template_as_native_obj=True,  # params reach the operators as their own types (None, int)
     params={
         "model_name": Param(MODEL_NAME, type="string", pattern="^[a-z0-9][a-z0-9._-]*$"),
-        "version": Param(None, type=["null", "integer"], minimum=1, title="Pin a version",
-                         description="Empty: the version at alias production when the run executes"),
+        "version": Param(
+            None,
+            type=["null", "integer"],
+            minimum=1,
+            title="Pin a version",
+            description="Empty: the version at alias production when the run executes",
+        ),
         "history_uri": Param(HISTORY, type="string", minLength=1, title="Historical partitions root"),
         "output_uri": Param(EVALUATIONS, type="string", minLength=1, title="Evaluations root"),
         "limit": Param(None, type=["null", "integer"], minimum=1, title="Records per day (empty: all)"),

@@ -47,19 +47,39 @@ with DAG(
     doc_md=__doc__,
     render_template_as_native_obj=True,  # params reach the operators as their own types (None, float)
     params={
-        "traffic_uri": Param(TRAFFIC, type="string", minLength=1, title="Served traffic (airloom serve's log)"),
+        "traffic_uri": Param(
+            TRAFFIC, type="string", minLength=1, title="Served traffic (airloom serve's log)"
+        ),
         "feedback_uri": Param(FEEDBACK, type="string", minLength=1),
-        "reference_file": Param(None, type=["null", "string"], title="Training split (empty: newest prepared dataset)"),
-        "reference_profile": Param(None, type=["null", "string"], title="Training data's EDA profile.json",
-                                   description="Empty: the one llm_data_quality wrote for the newest "
-                                               "prepared dataset"),
-        "corrections_uri": Param(FEEDBACK_DATASETS, type="string", minLength=1,
-                                 title="Where corrected answers become dataset versions (ds=<date>/)"),
-        "max_psi": Param(0.25, type="number", minimum=0,
-                         title="Most PSI of any drift measure (length, task, script, language mix)"),
+        "reference_file": Param(
+            None, type=["null", "string"], title="Training split (empty: newest prepared dataset)"
+        ),
+        "reference_profile": Param(
+            None,
+            type=["null", "string"],
+            title="Training data's EDA profile.json",
+            description="Empty: the one llm_data_quality wrote for the newest prepared dataset",
+        ),
+        "corrections_uri": Param(
+            FEEDBACK_DATASETS,
+            type="string",
+            minLength=1,
+            title="Where corrected answers become dataset versions (ds=<date>/)",
+        ),
+        "max_psi": Param(
+            0.25,
+            type="number",
+            minimum=0,
+            title="Most PSI of any drift measure (length, task, script, language mix)",
+        ),
         "max_negative_rate": Param(0.3, type="number", minimum=0, maximum=1),
-        "max_failing_rate": Param(0.2, type="number", minimum=0, maximum=1,
-                                  title="Most outputs failing checks (empty, PII) before retraining"),
+        "max_failing_rate": Param(
+            0.2,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Most outputs failing checks (empty, PII) before retraining",
+        ),
     },
 ):
     monitor = DriftMonitorOperator(
@@ -74,8 +94,10 @@ with DAG(
         max_negative_rate="{{ params.max_negative_rate }}",
         max_failing_rate="{{ params.max_failing_rate }}",
     )
-    request = RequestRetrainingOperator(task_id="request_retraining", decision=monitor.output,
-                                        outlets=[RETRAINING_REQUEST])
-    publish = PublishFeedbackDatasetOperator(task_id="publish_feedback_dataset", decision=monitor.output,
-                                             outlets=[FEEDBACK_DATASET])
+    request = RequestRetrainingOperator(
+        task_id="request_retraining", decision=monitor.output, outlets=[RETRAINING_REQUEST]
+    )
+    publish = PublishFeedbackDatasetOperator(
+        task_id="publish_feedback_dataset", decision=monitor.output, outlets=[FEEDBACK_DATASET]
+    )
     monitor >> [request, publish]

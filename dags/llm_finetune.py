@@ -48,11 +48,22 @@ with DAG(
     max_active_runs=1,
     render_template_as_native_obj=True,  # params reach the operators as their own types (None, int, dict)
     params={
-        "model_name": Param(MODEL_NAME, type="string", pattern="^[a-z0-9][a-z0-9._-]*$", title="Registered model"),
-        "base_model": Param(BASE_MODEL, type="string", minLength=1, title="Base model",
-                            description="registry:NAME[/N|@ALIAS], a local folder or a hub id"),
-        "dataset": Param(None, type=["null", "string"], title="Prepared dataset folder",
-                         description="Empty: the triggering asset event, else the newest prepared dataset"),
+        "model_name": Param(
+            MODEL_NAME, type="string", pattern="^[a-z0-9][a-z0-9._-]*$", title="Registered model"
+        ),
+        "base_model": Param(
+            BASE_MODEL,
+            type="string",
+            minLength=1,
+            title="Base model",
+            description="registry:NAME[/N|@ALIAS], a local folder or a hub id",
+        ),
+        "dataset": Param(
+            None,
+            type=["null", "string"],
+            title="Prepared dataset folder",
+            description="Empty: the triggering asset event, else the newest prepared dataset",
+        ),
         "method": Param("full", enum=["full", "lora"], title="Fine-tuning method"),
         "launcher": Param("deepspeed", enum=["deepspeed", "torchrun", "python"]),
         "zero_stage": Param(2, type="integer", enum=[0, 1, 2, 3], title="DeepSpeed ZeRO stage"),
@@ -62,15 +73,27 @@ with DAG(
         "seed": Param(0, type="integer", minimum=0),
         "eval_limit": Param(300, type="integer", minimum=1, title="Test examples to evaluate"),
         "packing": Param(False, type="boolean", title="Pack examples into full rows"),
-        "sweep": Param(None, type=["null", "object"], title="Hyperparameter sweep",
-                       description='Empty: one trial. Grid: {"learning_rate": [0.001, 0.003], "lora_r": [8, 16]}. '
-                                   'Random: {"learning_rate": {"log_uniform": [0.0001, 0.01]}} with sweep_trials draws'),
+        "sweep": Param(
+            None,
+            type=["null", "object"],
+            title="Hyperparameter sweep",
+            description='Empty: one trial. Grid: {"learning_rate": [0.001, 0.003], "lora_r": [8, 16]}. '
+            'Random: {"learning_rate": {"log_uniform": [0.0001, 0.01]}} with sweep_trials draws',
+        ),
         "sweep_trials": Param(4, type="integer", minimum=1, maximum=64, title="Random-search trials"),
-        "sweep_metric": Param("exact_match", type="string", title="Metric that picks the best trial",
-                              description="An evaluation metric on the validation split, or validation_loss"),
+        "sweep_metric": Param(
+            "exact_match",
+            type="string",
+            title="Metric that picks the best trial",
+            description="An evaluation metric on the validation split, or validation_loss",
+        ),
         "sweep_eval_limit": Param(100, type="integer", minimum=1, title="Validation examples per trial"),
-        "gates": Param("exact_match>=0.3,exact_match>=baseline-0.02", type="string", title="Quality gates",
-                       description="Comma-separated: metric>=value or metric>=baseline-delta"),
+        "gates": Param(
+            "exact_match>=0.3,exact_match>=baseline-0.02",
+            type="string",
+            title="Quality gates",
+            description="Comma-separated: metric>=value or metric>=baseline-delta",
+        ),
     },
 ):
     dataset = ResolveDatasetOperator(task_id="resolve_dataset", dataset="{{ params.dataset }}")
@@ -143,17 +166,27 @@ with DAG(
             "base_model": best.output["base_model"],
             "metrics": evaluate_candidate.output["aggregate"],
             "metrics_by_task": evaluate_candidate.output["by_task"],
-            "baseline": {"model": evaluate_production.output["model"],
-                         "metrics": evaluate_production.output["aggregate"]},
+            "baseline": {
+                "model": evaluate_production.output["model"],
+                "metrics": evaluate_production.output["aggregate"],
+            },
             "gates": gates.output["gates"],
             "training": best.output["metrics"],
-            "lineage": {"dataset": dataset.output["path"], "dataset_hash": dataset.output["dataset_hash"],
-                        "train_config": best.output["config"]},
+            "lineage": {
+                "dataset": dataset.output["path"],
+                "dataset_hash": dataset.output["dataset_hash"],
+                "train_config": best.output["config"],
+            },
         },
-        evidence={"eval_report": gates.output["report"], "eval_metrics": evaluate_candidate.output["metrics_path"]},
-        attachments={"evaluation/report.html": gates.output["report"],
-                     "evaluation/metrics.json": evaluate_candidate.output["metrics_path"],
-                     "evaluation/comparison.json": gates.output["comparison"]},
+        evidence={
+            "eval_report": gates.output["report"],
+            "eval_metrics": evaluate_candidate.output["metrics_path"],
+        },
+        attachments={
+            "evaluation/report.html": gates.output["report"],
+            "evaluation/metrics.json": evaluate_candidate.output["metrics_path"],
+            "evaluation/comparison.json": gates.output["comparison"],
+        },
     )
     signoff = ModelSignOffSensor(
         task_id="wait_for_signoff",

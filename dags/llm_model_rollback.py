@@ -27,8 +27,9 @@ with DAG(
     render_template_as_native_obj=True,  # params reach the operators as their own types (None, int)
     params={
         "model_name": Param(MODEL_NAME, type="string", pattern="^[a-z0-9][a-z0-9._-]*$"),
-        "to_version": Param(None, type=["null", "integer"], minimum=1,
-                            title="Version (empty: the previous approved one)"),
+        "to_version": Param(
+            None, type=["null", "integer"], minimum=1, title="Version (empty: the previous approved one)"
+        ),
         "alias": Param("production", type="string", minLength=1),
         "reason": Param(None, type=["null", "string"], title="Why (kept in the audit trail)"),
     },
@@ -42,6 +43,10 @@ with DAG(
         policy=SIGNOFF_POLICY_TEMPLATED,
         retries=0,  # a compare-and-swap that lost must be looked at, not retried blindly
     )
-    canary = CanaryOperator(task_id="canary", model_name="{{ params.model_name }}", alias="{{ params.alias }}",
-                            prompts=CANARY_PROMPTS)
+    canary = CanaryOperator(
+        task_id="canary",
+        model_name="{{ params.model_name }}",
+        alias="{{ params.alias }}",
+        prompts=CANARY_PROMPTS,
+    )
     rollback >> canary

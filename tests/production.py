@@ -87,7 +87,7 @@ def _stat(pid: int) -> tuple[str, int, int] | None:
         raw = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = raw[raw.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+    fields = raw[raw.rindex(")") + 2 :].split()  # after "pid (comm) "; comm may hold spaces
     return fields[0], int(fields[3]), int(fields[19])
 
 
@@ -163,7 +163,9 @@ class ProductionStack:
         self.root = Path(self.root).resolve()
         self.db_name = self.db_name or f"airloom_prod_{self.stack_id}"
         if self.s3_endpoint and not self.registry.startswith("s3://"):
-            raise UsageError(f"registry must be s3://bucket/prefix with an S3 endpoint, got {self.registry!r}")
+            raise UsageError(
+                f"registry must be s3://bucket/prefix with an S3 endpoint, got {self.registry!r}"
+            )
 
     # -- paths and URLs ------------------------------------------------------------------------
 
@@ -209,9 +211,18 @@ class ProductionStack:
             if self.s3_endpoint:
                 self._ensure_bucket()
             self._run_step("db-migrate", [self._airflow, "db", "migrate"], deadline)
-            self._run_step("settings", [sys.executable, "-m", "airloom.airflow.settings_file",
-                                        str(REPO / "airflow_settings.yaml"), "--airflow-bin", self._airflow],
-                           deadline)
+            self._run_step(
+                "settings",
+                [
+                    sys.executable,
+                    "-m",
+                    "airloom.airflow.settings_file",
+                    str(REPO / "airflow_settings.yaml"),
+                    "--airflow-bin",
+                    self._airflow,
+                ],
+                deadline,
+            )
             for name in COMPONENTS:
                 self._spawn(name, self._command(name))
             self._write_state()
@@ -272,8 +283,12 @@ class ProductionStack:
             with urllib.request.urlopen(f"{self.api_url}/api/v2/monitor/health", timeout=5) as r:
                 body = json.loads(r.read())
             out.setdefault("api-server", "healthy")
-            for key, name in (("metadatabase", "metadatabase"), ("scheduler", "scheduler"),
-                              ("triggerer", "triggerer"), ("dag_processor", "dag-processor")):
+            for key, name in (
+                ("metadatabase", "metadatabase"),
+                ("scheduler", "scheduler"),
+                ("triggerer", "triggerer"),
+                ("dag_processor", "dag-processor"),
+            ):
                 status = (body.get(key) or {}).get("status")
                 out.setdefault(name, "healthy" if status == "healthy" else f"status {status}")
         except (OSError, ValueError) as e:
@@ -299,8 +314,10 @@ class ProductionStack:
         while time.monotonic() < deadline:
             for name, pid in self.pids.items():
                 if not _alive(pid, self.started.get(name)):
-                    raise CheckFailed(f"{name} exited during start-up; last lines of {self._log(name)}:\n"
-                                      f"{tail(self._log(name))}")
+                    raise CheckFailed(
+                        f"{name} exited during start-up; last lines of {self._log(name)}:\n"
+                        f"{tail(self._log(name))}"
+                    )
             last = self.health()
             if all(v == "healthy" for v in last.values()):
                 return last
@@ -312,13 +329,25 @@ class ProductionStack:
     # -- state, for the CLI ----------------------------------------------------------------------
 
     def _write_state(self) -> None:
-        state = {"stack_id": self.stack_id, "db_name": self.db_name, "redis_db": self.redis_db,
-                 "port": self.port, "pids": self.pids, "started": self.started,
-                 "sessions": self.sessions, "pg_admin_dsn": self.pg_admin_dsn,
-                 "redis_url": self.redis_url, "api_url": self.api_url, "logs": str(self.log_dir)}
+        state = {
+            "stack_id": self.stack_id,
+            "db_name": self.db_name,
+            "redis_db": self.redis_db,
+            "port": self.port,
+            "pids": self.pids,
+            "started": self.started,
+            "sessions": self.sessions,
+            "pg_admin_dsn": self.pg_admin_dsn,
+            "redis_url": self.redis_url,
+            "api_url": self.api_url,
+            "logs": str(self.log_dir),
+        }
         (self.root / STATE_FILE).write_text(json.dumps(state, indent=2))
-        env_sh = "".join(f"{k}={shlex.quote(v)}\n" for k, v in sorted(self.env.items())
-                         if k.startswith(("AIRFLOW", "AIRLOOM", "AWS_", MARKER)) or k == "PATH")
+        env_sh = "".join(
+            f"{k}={shlex.quote(v)}\n"
+            for k, v in sorted(self.env.items())
+            if k.startswith(("AIRFLOW", "AIRLOOM", "AWS_", MARKER)) or k == "PATH"
+        )
         target = self.root / "env.sh"
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the Fernet key
         with os.fdopen(fd, "w") as f:
@@ -334,10 +363,18 @@ class ProductionStack:
             raise UsageError(f"{path}: no running stack here (no state file)") from e
         except ValueError as e:
             raise UsageError(f"{path}: not a stack state file ({e})") from e
-        return cls(root=Path(root), stack_id=state["stack_id"], db_name=state["db_name"],
-                   redis_db=state["redis_db"], port=state["port"], pids=dict(state["pids"]),
-                   started=dict(state["started"]), sessions=list(state["sessions"]),
-                   pg_admin_dsn=state["pg_admin_dsn"], redis_url=state["redis_url"])
+        return cls(
+            root=Path(root),
+            stack_id=state["stack_id"],
+            db_name=state["db_name"],
+            redis_db=state["redis_db"],
+            port=state["port"],
+            pids=dict(state["pids"]),
+            started=dict(state["started"]),
+            sessions=list(state["sessions"]),
+            pg_admin_dsn=state["pg_admin_dsn"],
+            redis_url=state["redis_url"],
+        )
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -383,17 +420,43 @@ class ProductionStack:
 
     def _command(self, name: str) -> list[str]:
         if name == "api-server":
-            return [self._airflow, "api-server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+            return [
+                self._airflow,
+                "api-server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ]
         if name == "celery-worker":
-            return [self._airflow, "celery", "worker", "--queues", ",".join(QUEUES),
-                    "--concurrency", str(self.worker_concurrency), "--celery-hostname", self.worker_name,
-                    "--without-gossip", "--without-mingle"]
+            return [
+                self._airflow,
+                "celery",
+                "worker",
+                "--queues",
+                ",".join(QUEUES),
+                "--concurrency",
+                str(self.worker_concurrency),
+                "--celery-hostname",
+                self.worker_name,
+                "--without-gossip",
+                "--without-mingle",
+            ]
         return [self._airflow, name]
 
     def _spawn(self, name: str, cmd: list[str]) -> int:
         with self._log(name).open("a") as f:
-            proc = subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                env=self.env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.pids[name] = proc.pid
         st = _stat(proc.pid)
         self.started[name] = st[2] if st else 0
@@ -475,13 +538,24 @@ class ProductionStack:
         started = time.monotonic()
         with self._log(name).open("w") as f:
             try:
-                subprocess.run(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                               check=True, timeout=max(1.0, deadline - started))
+                subprocess.run(
+                    cmd,
+                    env=self.env,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                    check=True,
+                    timeout=max(1.0, deadline - started),
+                )
             except subprocess.CalledProcessError as e:
-                raise CheckFailed(f"{name} failed (exit {e.returncode}); last lines of {self._log(name)}:\n"
-                                  f"{tail(self._log(name))}") from e
+                raise CheckFailed(
+                    f"{name} failed (exit {e.returncode}); last lines of {self._log(name)}:\n"
+                    f"{tail(self._log(name))}"
+                ) from e
             except subprocess.TimeoutExpired as e:
-                raise CheckFailed(f"{name} did not finish before the start-up deadline; see {self._log(name)}") from e
+                raise CheckFailed(
+                    f"{name} did not finish before the start-up deadline; see {self._log(name)}"
+                ) from e
 
     def _create_database(self) -> None:
         import psycopg
@@ -529,7 +603,7 @@ class ProductionStack:
         import boto3
         from botocore.exceptions import ClientError
 
-        bucket = self.registry[len("s3://"):].split("/", 1)[0]
+        bucket = self.registry[len("s3://") :].split("/", 1)[0]
         s3 = boto3.client("s3", endpoint_url=self.s3_endpoint)
         try:
             s3.head_bucket(Bucket=bucket)
@@ -545,15 +619,20 @@ def cmd_prod(args) -> int:
     root = Path(args.dir)
     if args.prod_cmd == "start":
         if (root / STATE_FILE).exists():
-            raise UsageError(f"{root / STATE_FILE}: a stack is already recorded here; "
-                             f"`python -m tests.production stop --dir {root}`")
+            raise UsageError(
+                f"{root / STATE_FILE}: a stack is already recorded here; "
+                f"`python -m tests.production stop --dir {root}`"
+            )
         if args.s3_endpoint and not (os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")):
             raise UsageError("--s3-endpoint needs credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
-        stack = ProductionStack(root, s3_endpoint=args.s3_endpoint, registry=args.registry,
-                                worker_concurrency=args.concurrency).start(timeout=args.timeout)
-        print(f"production stack {stack.stack_id} up: UI {stack.api_url} (admin/admin, trainer/trainer, "
-              f"reviewer/reviewer)\n  database {stack.db_name}, broker {stack.broker_url}, logs {stack.log_dir}\n"
-              f"  environment: set -a; . {root.resolve() / 'env.sh'}; set +a")
+        stack = ProductionStack(
+            root, s3_endpoint=args.s3_endpoint, registry=args.registry, worker_concurrency=args.concurrency
+        ).start(timeout=args.timeout)
+        print(
+            f"production stack {stack.stack_id} up: UI {stack.api_url} (admin/admin, trainer/trainer, "
+            f"reviewer/reviewer)\n  database {stack.db_name}, broker {stack.broker_url}, logs {stack.log_dir}\n"
+            f"  environment: set -a; . {root.resolve() / 'env.sh'}; set +a"
+        )
         return 0
     stack = ProductionStack.load(root)
     if args.prod_cmd == "status":
@@ -562,26 +641,43 @@ def cmd_prod(args) -> int:
             print(f"{name:<14} {state}")
         return 0 if all(v == "healthy" for v in health.values()) else 1
     ended = stack.stop()
-    print("stopped: " + ", ".join(f"{k} {v}" for k, v in ended.items()) + f"; dropped database {stack.db_name}")
+    print(
+        "stopped: " + ", ".join(f"{k} {v}" for k, v in ended.items()) + f"; dropped database {stack.db_name}"
+    )
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 ok, 1 unhealthy or a start-up step failed, 2 bad usage."""
-    p = argparse.ArgumentParser(prog="python -m tests.production",
-                                description="production mode here: PostgreSQL + CeleryExecutor + Redis")
+    p = argparse.ArgumentParser(
+        prog="python -m tests.production",
+        description="production mode here: PostgreSQL + CeleryExecutor + Redis",
+    )
     psub = p.add_subparsers(dest="prod_cmd", required=True)
-    for name, help_ in (("start", "create a database, migrate, start every component, wait until healthy"),
-                        ("status", "health of each component of the stack under --dir"),
-                        ("stop", "stop every component by PID, drop the database")):
+    for name, help_ in (
+        ("start", "create a database, migrate, start every component, wait until healthy"),
+        ("status", "health of each component of the stack under --dir"),
+        ("stop", "stop every component by PID, drop the database"),
+    ):
         sp = psub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--dir", required=True, help="folder for AIRFLOW_HOME, AIRLOOM_HOME, logs and the state file")
+        sp.add_argument(
+            "--dir", required=True, help="folder for AIRFLOW_HOME, AIRLOOM_HOME, logs and the state file"
+        )
         if name == "start":
-            sp.add_argument("--s3-endpoint", help="S3 endpoint (MinIO, moto): the registry goes to --registry there")
-            sp.add_argument("--registry", default="s3://airloom-registry/registry",
-                            help="s3://bucket/prefix for the registry with --s3-endpoint (default: %(default)s)")
-            sp.add_argument("--concurrency", type=int, default=2, help="Celery worker slots (default: %(default)s)")
-            sp.add_argument("--timeout", type=float, default=420, help="seconds to wait for health (default: %(default)s)")
+            sp.add_argument(
+                "--s3-endpoint", help="S3 endpoint (MinIO, moto): the registry goes to --registry there"
+            )
+            sp.add_argument(
+                "--registry",
+                default="s3://airloom-registry/registry",
+                help="s3://bucket/prefix for the registry with --s3-endpoint (default: %(default)s)",
+            )
+            sp.add_argument(
+                "--concurrency", type=int, default=2, help="Celery worker slots (default: %(default)s)"
+            )
+            sp.add_argument(
+                "--timeout", type=float, default=420, help="seconds to wait for health (default: %(default)s)"
+            )
     try:
         return cmd_prod(p.parse_args(argv))
     except AirloomError as e:  # CheckFailed exits 1, UsageError 2

@@ -48,6 +48,7 @@ def _existing(path: str, what: str) -> Path:
 
 # -- data -----------------------------------------------------------------------------------------
 
+
 def cmd_validate(args) -> int:
     from airloom.data.load import fingerprint, iter_chunks, parse_field_map
     from airloom.data.validate import ValidationConfig, validate_stream
@@ -59,8 +60,13 @@ def cmd_validate(args) -> int:
         config.on_bad_rows = args.on_bad_rows
     if args.tokenizer:
         config.tokenizer = args.tokenizer
-    result = validate_stream(lambda: iter_chunks(args.source, field_map), Path(args.out), config, source=args.source,
-                             scan_source=fingerprint(args.source))
+    result = validate_stream(
+        lambda: iter_chunks(args.source, field_map),
+        Path(args.out),
+        config,
+        source=args.source,
+        scan_source=fingerprint(args.source),
+    )
     _emit(args, json.loads(result.report_path.read_text()) if args.json else None, result.summary())
     return 0 if result.success else 1
 
@@ -71,8 +77,14 @@ def cmd_eda(args) -> int:
 
     _existing(args.input, "input")
     previous = json.loads(Path(args.previous).read_text()) if args.previous else None
-    profile = profile_source(args.input, Path(args.out), scan_dir=args.scan, previous_profile=previous,
-                             tokenizer=args.tokenizer or None, field_map=parse_field_map(args.field_map))
+    profile = profile_source(
+        args.input,
+        Path(args.out),
+        scan_dir=args.scan,
+        previous_profile=previous,
+        tokenizer=args.tokenizer or None,
+        field_map=parse_field_map(args.field_map),
+    )
     _emit(args, profile, f"EDA report: {Path(args.out) / 'report.html'} ({profile.get('rows')} rows)")
     return 0
 
@@ -83,7 +95,9 @@ def _threshold_or_off(text: str) -> float | None:
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a Jaccard threshold such as 0.8, or off; got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a Jaccard threshold such as 0.8, or off; got {text!r}"
+        ) from None
 
 
 def cmd_prepare(args) -> int:
@@ -93,37 +107,53 @@ def cmd_prepare(args) -> int:
     _existing(args.input, "input")
     field_map = parse_field_map(args.field_map)
     records = (rec for chunk in iter_chunks(args.input, field_map) for rec in chunk.records)
-    manifest = prepare(records, Path(args.out), seed=args.seed,
-                       val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                       template=args.template, pii_policy=args.pii_policy, max_seq_len=args.max_seq_len,
-                       tokenizer=args.tokenizer.strip() or None, markup=args.markup,
-                       near_dedup=args.near_dedup)
+    manifest = prepare(
+        records,
+        Path(args.out),
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
+        template=args.template,
+        pii_policy=args.pii_policy,
+        max_seq_len=args.max_seq_len,
+        tokenizer=args.tokenizer.strip() or None,
+        markup=args.markup,
+        near_dedup=args.near_dedup,
+    )
     counts = manifest["counts"]
-    dropped = ", ".join(f"{k} {counts[k]}" for k in ("pii_dropped", "deduped", "too_long", "near_deduped")
-                        if counts[k])
+    dropped = ", ".join(
+        f"{k} {counts[k]}" for k in ("pii_dropped", "deduped", "too_long", "near_deduped") if counts[k]
+    )
     splits = {k: v["rows"] for k, v in manifest["splits"].items()}
     dropped = f" (dropped: {dropped})" if dropped else ""
-    _emit(args, manifest, f"prepared {args.out}: {splits} of {counts['input']} rows{dropped} "
-                          f"(hash {manifest['dataset_hash'][:12]})")
+    _emit(
+        args,
+        manifest,
+        f"prepared {args.out}: {splits} of {counts['input']} rows{dropped} "
+        f"(hash {manifest['dataset_hash'][:12]})",
+    )
     return 0
 
 
 def cmd_synth(args) -> int:
     from airloom.demo import write_demo_data
 
-    info = write_demo_data(Path(args.out), rows=args.rows, history_days=args.history_days,
-                           history_rows=args.history_rows)
+    info = write_demo_data(
+        Path(args.out), rows=args.rows, history_days=args.history_days, history_rows=args.history_rows
+    )
     _emit(args, info, f"wrote {info['raw']} and {len(info['history'])} history partitions")
     return 0
 
 
 # -- training -------------------------------------------------------------------------------------
 
+
 def cmd_base(args) -> int:
     from airloom.demo import build_and_register_base
 
-    info = build_and_register_base(_registry(args), args.name, Path(args.out) if args.out else None,
-                                   force=args.force)
+    info = build_and_register_base(
+        _registry(args), args.name, Path(args.out) if args.out else None, force=args.force
+    )
     _emit(args, info, f"base model {info['ref']} ({info['path']})")
     return 0
 
@@ -134,13 +164,21 @@ def cmd_train(args) -> int:
     from airloom.training.launcher import LaunchSpec, TrainingProcess, build_command, child_env
 
     _existing(args.config, "training config")
-    overrides = {"base_model": args.base_model, "train_file": args.train_file, "output_dir": args.output_dir,
-                 "validation_file": args.validation_file, "launcher": args.launcher,
-                 "nproc_per_node": args.nproc_per_node, "max_steps": args.max_steps}
+    overrides = {
+        "base_model": args.base_model,
+        "train_file": args.train_file,
+        "output_dir": args.output_dir,
+        "validation_file": args.validation_file,
+        "launcher": args.launcher,
+        "nproc_per_node": args.nproc_per_node,
+        "max_steps": args.max_steps,
+    }
     cfg = TrainConfig.from_file(args.config, **overrides)
     for field in ("base_model", "train_file", "output_dir"):
         if not getattr(cfg, field):
-            raise UsageError(f"{field} is not set: give it in {args.config} or as --{field.replace('_', '-')}")
+            raise UsageError(
+                f"{field} is not set: give it in {args.config} or as --{field.replace('_', '-')}"
+            )
     _existing(cfg.train_file, "train file")
     from airloom.training.recipe import preflight
 
@@ -148,16 +186,24 @@ def cmd_train(args) -> int:
     cfg.base_model = resolve_model(cfg.base_model, registry=_registry(args))["path"]
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spec = LaunchSpec(config_path=cfg.save(out / "train_config.json"), launcher=cfg.launcher,
-                      nproc_per_node=cfg.nproc_per_node)
+    spec = LaunchSpec(
+        config_path=cfg.save(out / "train_config.json"),
+        launcher=cfg.launcher,
+        nproc_per_node=cfg.nproc_per_node,
+    )
     TrainingProcess(build_command(spec), child_env()).run(log=lambda line: print(line, flush=True))
     metrics = json.loads((out / "train_metrics.json").read_text())
     metrics.pop("history", None)
-    _emit(args, metrics, f"trained {out / 'model'}: {metrics['steps']} steps, final loss {metrics['final_loss']}")
+    _emit(
+        args,
+        metrics,
+        f"trained {out / 'model'}: {metrics['steps']} steps, final loss {metrics['final_loss']}",
+    )
     return 0
 
 
 # -- evaluation -----------------------------------------------------------------------------------
+
 
 def cmd_evaluate_run(args) -> int:
     from airloom.data.splits import read_split
@@ -167,11 +213,18 @@ def cmd_evaluate_run(args) -> int:
 
     _existing(args.data, "dataset")
     model = resolve_model(args.model, registry=_registry(args))
-    metrics = evaluate_model(model["path"], read_split(args.data), Path(args.out), limit=args.limit,
-                             max_new_tokens=args.max_new_tokens)
+    metrics = evaluate_model(
+        model["path"],
+        read_split(args.data),
+        Path(args.out),
+        limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+    )
     results = check_gates(metrics, parse_gates(args.gates)) if args.gates else []
-    text = "\n".join([f"{k}: {v:.4f}" for k, v in metrics["aggregate"].items()]
-                     + [("PASS " if r["passed"] else "FAIL ") + r["message"] for r in results])
+    text = "\n".join(
+        [f"{k}: {v:.4f}" for k, v in metrics["aggregate"].items()]
+        + [("PASS " if r["passed"] else "FAIL ") + r["message"] for r in results]
+    )
     _emit(args, {**metrics, "gates": results}, text)
     return 1 if any(not r["passed"] for r in results) else 0
 
@@ -194,13 +247,15 @@ def cmd_evaluate_score(args) -> int:
         row["id"] = i
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({**scores["aggregate"], "per_example": scores["per_example"]},
-                                                 indent=2))
+    (out / "metrics.json").write_text(
+        json.dumps({**scores["aggregate"], "per_example": scores["per_example"]}, indent=2)
+    )
     _emit(args, scores["aggregate"], "\n".join(f"{k}: {v:.4f}" for k, v in scores["aggregate"].items()))
     return 0
 
 
 # -- registry and sign-off ------------------------------------------------------------------------
+
 
 def cmd_registry(args) -> int:
     import getpass
@@ -213,10 +268,24 @@ def cmd_registry(args) -> int:
     elif args.registry_cmd == "list":
         versions = reg.list_versions(args.name)
         aliases = reg.list_aliases(args.name)
-        rows = [{"version": v.version, "created_at": v.created_at, "created_by": v.created_by,
-                 "aliases": [a for a, n in aliases.items() if n == v.version]} for v in versions]
-        _emit(args, rows, "\n".join(f"{r['version']:>4}  {r['created_at']}  {r['created_by']:<12} "
-                                    f"{','.join(r['aliases'])}" for r in rows) or f"{args.name}: no versions")
+        rows = [
+            {
+                "version": v.version,
+                "created_at": v.created_at,
+                "created_by": v.created_by,
+                "aliases": [a for a, n in aliases.items() if n == v.version],
+            }
+            for v in versions
+        ]
+        _emit(
+            args,
+            rows,
+            "\n".join(
+                f"{r['version']:>4}  {r['created_at']}  {r['created_by']:<12} {','.join(r['aliases'])}"
+                for r in rows
+            )
+            or f"{args.name}: no versions",
+        )
     elif args.registry_cmd == "show":
         mv = reg.resolve(args.ref)
         _emit(args, mv.to_dict())
@@ -229,8 +298,9 @@ def cmd_registry(args) -> int:
 
         name, version = _split_ref(args.ref)
         cas = {} if args.expect is None else {"expected_version": _expected_version(args.expect)}
-        record = promote(reg, name, version, args.alias, actor=actor, reason=args.reason or "promoted by CLI",
-                         **cas)
+        record = promote(
+            reg, name, version, args.alias, actor=actor, reason=args.reason or "promoted by CLI", **cas
+        )
         _emit(args, record, f"{name}@{args.alias} -> {version} (was {record['from']})")
     elif args.registry_cmd == "history" and args.at:
         return _alias_at(args, reg)
@@ -238,10 +308,19 @@ def cmd_registry(args) -> int:
         records = reg.history(args.name)
         if args.alias:
             records = [r for r in records if r.get("action") == "alias" and r.get("alias") == args.alias]
-        _emit(args, records, "\n".join(
-            f"{r.get('at')}  {r.get('action'):<16} {r.get('actor', ''):<12} "
-            + " ".join(f"{k}={r[k]}" for k in ("version", "alias", "from", "to", "reason") if r.get(k) not in (None, ""))
-            for r in records))
+        _emit(
+            args,
+            records,
+            "\n".join(
+                f"{r.get('at')}  {r.get('action'):<16} {r.get('actor', ''):<12} "
+                + " ".join(
+                    f"{k}={r[k]}"
+                    for k in ("version", "alias", "from", "to", "reason")
+                    if r.get(k) not in (None, "")
+                )
+                for r in records
+            ),
+        )
     return 0
 
 
@@ -249,7 +328,9 @@ def _expected_version(text: str) -> int | None:
     if text.lower() == "none":
         return None
     if not text.isdigit():
-        raise UsageError(f"--expect {text!r}: give the version the alias must point to now, or 'none' if unset")
+        raise UsageError(
+            f"--expect {text!r}: give the version the alias must point to now, or 'none' if unset"
+        )
     return int(text)
 
 
@@ -260,21 +341,33 @@ def _alias_at(args, reg) -> int:
     try:
         when = datetime.fromisoformat(args.at)
     except ValueError:
-        raise UsageError(f"--at {args.at!r} is not an ISO 8601 time; write e.g. 2026-11-20T12:00:00 (UTC) "
-                         "or 2026-11-20T12:00:00+01:00") from None
+        raise UsageError(
+            f"--at {args.at!r} is not an ISO 8601 time; write e.g. 2026-11-20T12:00:00 (UTC) "
+            "or 2026-11-20T12:00:00+01:00"
+        ) from None
     when = when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
     alias = args.alias or "production"
     if not reg.store.list(reg.model_prefix(args.name)):  # a typo must not read as "not set yet"
-        raise UsageError(f"model {args.name!r} has no history in {reg.store.uri()}; "
-                         f"models there: {reg.list_models() or 'none'}")
+        raise UsageError(
+            f"model {args.name!r} has no history in {reg.store.uri()}; "
+            f"models there: {reg.list_models() or 'none'}"
+        )
     rec = reg.alias_record_at(args.name, alias, when)
-    data = {"name": args.name, "alias": alias, "at": when.isoformat(),
-            "version": None if rec is None else rec["to"],
-            "set_at": None if rec is None else rec["at"], "set_by": None if rec is None else rec.get("actor"),
-            "reason": None if rec is None else rec.get("reason")}
-    text = (f"{args.name}@{alias} at {data['at']}: not set yet" if rec is None else
-            f"{args.name}@{alias} at {data['at']}: version {data['version']} "
-            f"(set {data['set_at']} by {data['set_by']}" + (f": {data['reason']})" if data["reason"] else ")"))
+    data = {
+        "name": args.name,
+        "alias": alias,
+        "at": when.isoformat(),
+        "version": None if rec is None else rec["to"],
+        "set_at": None if rec is None else rec["at"],
+        "set_by": None if rec is None else rec.get("actor"),
+        "reason": None if rec is None else rec.get("reason"),
+    }
+    text = (
+        f"{args.name}@{alias} at {data['at']}: not set yet"
+        if rec is None
+        else f"{args.name}@{alias} at {data['at']}: version {data['version']} "
+        f"(set {data['set_at']} by {data['set_by']}" + (f": {data['reason']})" if data["reason"] else ")")
+    )
     _emit(args, data, text)
     return 0
 
@@ -289,16 +382,21 @@ def cmd_signoff(args) -> int:
     user = args.user or getpass.getuser()
     if args.signoff_cmd == "status":
         status = signoff_status(reg, name, version)
-        _emit(args, status, f"{args.ref}: {status['state']} (requested by {status['requested_by']}; "
-                            f"approvals {[a['user'] for a in status['approvals']]})")
+        _emit(
+            args,
+            status,
+            f"{args.ref}: {status['state']} (requested by {status['requested_by']}; "
+            f"approvals {[a['user'] for a in status['approvals']]})",
+        )
         return 1 if status["state"] == "rejected" else 0
     if args.signoff_cmd == "request":
         record = request_signoff(reg, name, version, requested_by=user, evidence={})
         _emit(args, record, f"sign-off requested for {args.ref} by {user}")
         return 0
     decision = "approve" if args.signoff_cmd == "approve" else "reject"
-    record_decision(reg, name, version, user=user, decision=decision, comment=args.comment or "",
-                    policy=SignOffPolicy())
+    record_decision(
+        reg, name, version, user=user, decision=decision, comment=args.comment or "", policy=SignOffPolicy()
+    )
     status = signoff_status(reg, name, version)
     _emit(args, status, f"{args.ref}: {decision}d by {user}; state {status['state']}")
     return 0
@@ -307,9 +405,18 @@ def cmd_signoff(args) -> int:
 def cmd_demo(args) -> int:
     from airloom.demo import DemoConfig, run_demo
 
-    summary = run_demo(DemoConfig(rows=args.rows, max_steps=args.steps, eval_limit=args.eval_limit,
-                                  history_days=args.history_days, history_rows=args.history_rows,
-                                  min_gain=args.min_gain, gates=args.gates, fresh=args.fresh))
+    summary = run_demo(
+        DemoConfig(
+            rows=args.rows,
+            max_steps=args.steps,
+            eval_limit=args.eval_limit,
+            history_days=args.history_days,
+            history_rows=args.history_rows,
+            min_gain=args.min_gain,
+            gates=args.gates,
+            fresh=args.fresh,
+        )
+    )
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     return 0 if summary["ok"] else 1
@@ -351,25 +458,40 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be 1-65535, got {args.port}")
-    engine = Engine(_registry(args), args.model, cache_dir=args.cache_dir or home() / "cache" / "models",
-                    max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                    poll_seconds=args.poll_seconds, torch_threads=args.torch_threads)
+    engine = Engine(
+        _registry(args),
+        args.model,
+        cache_dir=args.cache_dir or home() / "cache" / "models",
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        poll_seconds=args.poll_seconds,
+        torch_threads=args.torch_threads,
+    )
     print(f"serving {engine.current.ref} ({args.model}) on http://{args.host}:{args.port}", flush=True)
-    serve(engine, host=args.host, port=args.port,
-          traffic_dir=args.traffic_dir or home() / "data" / "traffic",
-          feedback_dir=args.feedback_dir or home() / "data" / "feedback")
+    serve(
+        engine,
+        host=args.host,
+        port=args.port,
+        traffic_dir=args.traffic_dir or home() / "data" / "traffic",
+        feedback_dir=args.feedback_dir or home() / "data" / "feedback",
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="airloom", description="LLMOps on Apache Airflow: every stage from the shell.")
+    p = argparse.ArgumentParser(
+        prog="airloom", description="LLMOps on Apache Airflow: every stage from the shell."
+    )
     p.add_argument("--registry", help="registry URI: a folder or s3://bucket/prefix (env AIRLOOM_REGISTRY)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_field_map(sp):
-        sp.add_argument("--field-map", metavar="SRC=FIELD,...",
-                        help="source keys to record fields (instruction, input, response, id, task, messages), "
-                             "e.g. question=instruction,answer=response; default: the layout is recognised")
+        sp.add_argument(
+            "--field-map",
+            metavar="SRC=FIELD,...",
+            help="source keys to record fields (instruction, input, response, id, task, messages), "
+            "e.g. question=instruction,answer=response; default: the layout is recognised",
+        )
 
     def add(name, func, help_):
         sp = sub.add_parser(name, help=help_, description=help_)
@@ -383,18 +505,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--suite", help="YAML validation thresholds")
     sp.add_argument("--on-bad-rows", choices=["quarantine", "fail"])
     add_field_map(sp)
-    sp.add_argument("--tokenizer", help="the model's tokenizer (folder, registry:NAME or hub id): token lengths "
-                                        "in the profile; the suite's min_tokens/max_tokens check them per row")
+    sp.add_argument(
+        "--tokenizer",
+        help="the model's tokenizer (folder, registry:NAME or hub id): token lengths "
+        "in the profile; the suite's min_tokens/max_tokens check them per row",
+    )
 
     sp = add("eda", cmd_eda, "write the EDA report (report.html + profile.json)")
     sp.add_argument("input")
     sp.add_argument("--out", required=True)
     sp.add_argument("--previous", help="profile.json of an earlier run, to show changes")
     add_field_map(sp)
-    sp.add_argument("--tokenizer", help="the model's tokenizer (folder, registry:NAME or hub id), for token "
-                                        "lengths of an even sample of rows (when the data is read here)")
-    sp.add_argument("--scan", help="the scan/ folder `airloom validate` wrote for the same input: render its "
-                                   "profile instead of reading the data again (ignored if the files changed)")
+    sp.add_argument(
+        "--tokenizer",
+        help="the model's tokenizer (folder, registry:NAME or hub id), for token "
+        "lengths of an even sample of rows (when the data is read here)",
+    )
+    sp.add_argument(
+        "--scan",
+        help="the scan/ folder `airloom validate` wrote for the same input: render its "
+        "profile instead of reading the data again (ignored if the files changed)",
+    )
 
     sp = add("prepare", cmd_prepare, "clean, screen PII, dedup, render prompts and split into Parquet files")
     sp.add_argument("input")
@@ -403,20 +534,40 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--val-fraction", type=float, default=0.1)
     sp.add_argument("--test-fraction", type=float, default=0.1)
-    sp.add_argument("--template", default="alpaca",
-                    help="alpaca, chatml, chat_template (the tokenizer's own) or a Jinja2 template file")
-    sp.add_argument("--pii-policy", choices=["mask", "drop", "keep"], default="mask",
-                    help="mask: placeholders such as <EMAIL>; drop: remove the row; keep: leave it")
-    sp.add_argument("--max-seq-len", type=int,
-                    help="drop rows whose prompt + response exceed this many tokens")
-    sp.add_argument("--markup", choices=["strip", "keep"], default="strip",
-                    help="strip: remove HTML tags from rows that do not ask for HTML (scraped junk); keep: leave them")
-    sp.add_argument("--near-dedup", type=_threshold_or_off, default=0.8, metavar="JACCARD|off",
-                    help="drop rows at least this similar (Jaccard of word 5-shingles) to an earlier kept row; "
-                         "off for rows validation already screened (default 0.8)")
-    sp.add_argument("--tokenizer", default="registry:airloom-tiny-base",
-                    help="model folder or registry:NAME[/N|@ALIAS]; loaded only for chat_template or "
-                         "--max-seq-len ('' = none)")
+    sp.add_argument(
+        "--template",
+        default="alpaca",
+        help="alpaca, chatml, chat_template (the tokenizer's own) or a Jinja2 template file",
+    )
+    sp.add_argument(
+        "--pii-policy",
+        choices=["mask", "drop", "keep"],
+        default="mask",
+        help="mask: placeholders such as <EMAIL>; drop: remove the row; keep: leave it",
+    )
+    sp.add_argument(
+        "--max-seq-len", type=int, help="drop rows whose prompt + response exceed this many tokens"
+    )
+    sp.add_argument(
+        "--markup",
+        choices=["strip", "keep"],
+        default="strip",
+        help="strip: remove HTML tags from rows that do not ask for HTML (scraped junk); keep: leave them",
+    )
+    sp.add_argument(
+        "--near-dedup",
+        type=_threshold_or_off,
+        default=0.8,
+        metavar="JACCARD|off",
+        help="drop rows at least this similar (Jaccard of word 5-shingles) to an earlier kept row; "
+        "off for rows validation already screened (default 0.8)",
+    )
+    sp.add_argument(
+        "--tokenizer",
+        default="registry:airloom-tiny-base",
+        help="model folder or registry:NAME[/N|@ALIAS]; loaded only for chat_template or "
+        "--max-seq-len ('' = none)",
+    )
 
     sp = add("synth", cmd_synth, "write the synthetic demo dataset and dated history partitions")
     sp.add_argument("--out", required=True)
@@ -430,7 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="build a new version even if one exists")
 
     sp = add("train", cmd_train, "fine-tune with the recipe through the deepspeed/torchrun launcher")
-    sp.add_argument("--config", required=True, help="YAML training config (see include/airloom/training/configs)")
+    sp.add_argument(
+        "--config", required=True, help="YAML training config (see include/airloom/training/configs)"
+    )
     sp.add_argument("--base-model")
     sp.add_argument("--train-file")
     sp.add_argument("--validation-file")
@@ -459,8 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     rg = sub.add_parser("registry", help="the model registry")
     rgsub = rg.add_subparsers(dest="registry_cmd", required=True)
-    for name, args_ in [("register", ["name", "folder"]), ("list", ["name"]), ("show", ["ref"]),
-                        ("verify", ["ref"]), ("promote", ["ref", "alias"]), ("history", ["name"])]:
+    for name, args_ in [
+        ("register", ["name", "folder"]),
+        ("list", ["name"]),
+        ("show", ["ref"]),
+        ("verify", ["ref"]),
+        ("promote", ["ref", "alias"]),
+        ("history", ["name"]),
+    ]:
         sp = rgsub.add_parser(name)
         sp.set_defaults(func=cmd_registry)
         for a in args_:
@@ -469,14 +628,22 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--reason")
         sp.add_argument("--json", action="store_true")
         if name == "promote":
-            sp.add_argument("--expect", metavar="VERSION|none",
-                            help="move only if the alias points to this version now (default: what it "
-                                 "points to when the command starts); 'production' needs an approved sign-off")
+            sp.add_argument(
+                "--expect",
+                metavar="VERSION|none",
+                help="move only if the alias points to this version now (default: what it "
+                "points to when the command starts); 'production' needs an approved sign-off",
+            )
         if name == "history":
-            sp.add_argument("--alias", help="only moves of this alias; with --at, the alias to look up "
-                                            "(default production)")
-            sp.add_argument("--at", metavar="TIME",
-                            help="ISO 8601 time (naive = UTC): which version the alias pointed to then")
+            sp.add_argument(
+                "--alias",
+                help="only moves of this alias; with --at, the alias to look up (default production)",
+            )
+            sp.add_argument(
+                "--at",
+                metavar="TIME",
+                help="ISO 8601 time (naive = UTC): which version the alias pointed to then",
+            )
 
     so = sub.add_parser("signoff", help="sign-off of a registered version")
     sosub = so.add_subparsers(dest="signoff_cmd", required=True)
@@ -494,32 +661,47 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--eval-limit", type=int, default=300)
     sp.add_argument("--history-days", type=int, default=3)
     sp.add_argument("--history-rows", type=int, default=100)
-    sp.add_argument("--min-gain", type=float, default=0.3, help="required exact-match gain over the base model")
+    sp.add_argument(
+        "--min-gain", type=float, default=0.3, help="required exact-match gain over the base model"
+    )
     sp.add_argument("--gates", help="quality gates for this run (default: the DAG's)")
     sp.add_argument("--fresh", action="store_true", help="rebuild the base model too")
 
-    sp = sub.add_parser("airflow", help="run `airflow ...` with Airloom's embedded settings (AIRFLOW_HOME etc.)")
+    sp = sub.add_parser(
+        "airflow", help="run `airflow ...` with Airloom's embedded settings (AIRFLOW_HOME etc.)"
+    )
     sp.set_defaults(func=cmd_airflow)
     sp.add_argument("airflow_args", nargs=argparse.REMAINDER, help="e.g. standalone, dags list")
 
     sp = add("settings", cmd_settings, "apply airflow_settings.yaml (connections, pools, variables)")
     sp.add_argument("file", nargs="?", default="airflow_settings.yaml")
 
-    sp = sub.add_parser("serve", help="serve a registry version over OpenAI-compatible HTTP",
-                        description="OpenAI-compatible /v1/completions and /v1/chat/completions, /v1/feedback, "
-                                    "/healthz; follows the alias when given NAME@ALIAS")
+    sp = sub.add_parser(
+        "serve",
+        help="serve a registry version over OpenAI-compatible HTTP",
+        description="OpenAI-compatible /v1/completions and /v1/chat/completions, /v1/feedback, "
+        "/healthz; follows the alias when given NAME@ALIAS",
+    )
     sp.set_defaults(func=cmd_serve)
-    sp.add_argument("--model", required=True, help="NAME@ALIAS (reloads when the alias moves) or NAME/VERSION")
+    sp.add_argument(
+        "--model", required=True, help="NAME@ALIAS (reloads when the alias moves) or NAME/VERSION"
+    )
     # SUPPRESS: without it the subcommand's default would overwrite `airloom --registry X serve`.
-    sp.add_argument("--registry", default=argparse.SUPPRESS, help="registry URI (default: the global --registry)")
+    sp.add_argument(
+        "--registry", default=argparse.SUPPRESS, help="registry URI (default: the global --registry)"
+    )
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--traffic-dir", help="traffic log root (default AIRLOOM_HOME/data/traffic)")
     sp.add_argument("--feedback-dir", help="feedback root (default AIRLOOM_HOME/data/feedback)")
     sp.add_argument("--cache-dir", help="downloaded versions (default AIRLOOM_HOME/cache/models)")
     sp.add_argument("--max-batch-size", type=int, default=16, help="rows per generate call; 1 = no batching")
-    sp.add_argument("--batch-wait-ms", type=float, default=2.0,
-                    help="how long a lone request waits for others to join its batch")
+    sp.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=2.0,
+        help="how long a lone request waits for others to join its batch",
+    )
     sp.add_argument("--poll-seconds", type=float, default=5.0, help="how often the alias is read")
     sp.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     return p

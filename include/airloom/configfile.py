@@ -8,7 +8,9 @@ from typing import Any
 from airloom.exceptions import UsageError
 
 
-def load_yaml_mapping(path: str | Path, what: str = "config", *, loader: type | None = None) -> dict[str, Any]:
+def load_yaml_mapping(
+    path: str | Path, what: str = "config", *, loader: type | None = None
+) -> dict[str, Any]:
     """Read a YAML file whose top level is a mapping; an empty file gives ``{}``.
 
     Args:

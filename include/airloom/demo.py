@@ -50,8 +50,9 @@ class DemoConfig:
     fresh: bool = False
 
 
-def write_demo_data(root: Path, rows: int = 5000, history_days: int = 3, history_rows: int = 100,
-                    today: date | None = None) -> dict:
+def write_demo_data(
+    root: Path, rows: int = 5000, history_days: int = 3, history_rows: int = 100, today: date | None = None
+) -> dict:
     raw = root / "raw" / "instructions.jsonl"
     write_jsonl(generate_records(rows, seed=0), raw)
     with raw.open("a", encoding="utf-8") as f:
@@ -60,12 +61,18 @@ def write_demo_data(root: Path, rows: int = 5000, history_days: int = 3, history
     today = today or date.today()
     days = [today - timedelta(days=k) for k in range(history_days, 0, -1)]
     history = write_history(root / "history", days, history_rows)
-    return {"raw": str(raw), "rows": rows, "faulty_lines": len(FAULTY_LINES),
-            "history": [str(p) for p in history], "days": [d.isoformat() for d in days]}
+    return {
+        "raw": str(raw),
+        "rows": rows,
+        "faulty_lines": len(FAULTY_LINES),
+        "history": [str(p) for p in history],
+        "days": [d.isoformat() for d in days],
+    }
 
 
-def build_and_register_base(registry: ModelRegistry, name: str = BASE_NAME, out: Path | None = None,
-                            force: bool = False, log=print) -> dict:
+def build_and_register_base(
+    registry: ModelRegistry, name: str = BASE_NAME, out: Path | None = None, force: bool = False, log=print
+) -> dict:
     """Reuse the newest registered base unless ``force``; else build one and register it."""
     import getpass
     import tempfile
@@ -79,9 +86,16 @@ def build_and_register_base(registry: ModelRegistry, name: str = BASE_NAME, out:
     with tempfile.TemporaryDirectory() as tmp:
         folder = out or Path(tmp) / "base"
         info = build_base_model(folder, log=log)
-        mv = registry.register(name, folder, actor=getpass.getuser(), metadata={
-            "summary": "Tiny Llama-architecture base model built by Airloom (no download).",
-            "training": info, "intended_use": "Airloom's demo and tests only."})
+        mv = registry.register(
+            name,
+            folder,
+            actor=getpass.getuser(),
+            metadata={
+                "summary": "Tiny Llama-architecture base model built by Airloom (no download).",
+                "training": info,
+                "intended_use": "Airloom's demo and tests only.",
+            },
+        )
     log(f"registered base model {mv.ref}")
     return {"ref": f"registry:{mv.ref}", "path": str(out) if out else None, "reused": False, **info}
 
@@ -96,8 +110,9 @@ class Step:
     def start(self, name: str, cmd: list[str]) -> tuple[subprocess.Popen, Path]:
         path = self.log_dir / (name.split(" (")[0].replace(" ", "_") + ".log")
         f = path.open("w")
-        proc = subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, cwd=project_dir(),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, cwd=project_dir(), start_new_session=True
+        )
         f.close()
         return proc, path
 
@@ -122,8 +137,9 @@ def _airloom(*args: str) -> list[str]:
     return [sys.executable, "-m", "airloom.cli", *args]
 
 
-def _await_signoff_request(registry: ModelRegistry, after_version: int, proc: subprocess.Popen,
-                           timeout: float = 1800) -> int:
+def _await_signoff_request(
+    registry: ModelRegistry, after_version: int, proc: subprocess.Popen, timeout: float = 1800
+) -> int:
     from airloom.governance.signoff import signoff_status
 
     deadline = time.monotonic() + timeout
@@ -155,32 +171,61 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"  {'base model':<34} {time.monotonic() - started:6.1f}s  {base['ref']}", flush=True)
 
     step.run("airflow db migrate", _airflow("db", "migrate"))
-    step.run("apply airflow_settings.yaml", _airloom("settings", str(project_dir() / "airflow_settings.yaml")))
-    step.run("dag llm_data_quality", _airflow("dags", "test", "llm_data_quality", "-c",
-                                              json.dumps({"source": str(Path(data["raw"]).parent)})))
+    step.run(
+        "apply airflow_settings.yaml", _airloom("settings", str(project_dir() / "airflow_settings.yaml"))
+    )
+    step.run(
+        "dag llm_data_quality",
+        _airflow(
+            "dags", "test", "llm_data_quality", "-c", json.dumps({"source": str(Path(data["raw"]).parent)})
+        ),
+    )
     latest = json.loads((home() / "datasets" / "latest.json").read_text())
 
-    before = max((v.version for v in registry.list_versions(MODEL_NAME)), default=0) \
-        if MODEL_NAME in registry.list_models() else 0
-    conf = {"max_steps": cfg.max_steps, "eval_limit": cfg.eval_limit, "base_model": base["ref"],
-            "dataset": latest["path"], **({"gates": cfg.gates} if cfg.gates else {})}
+    before = (
+        max((v.version for v in registry.list_versions(MODEL_NAME)), default=0)
+        if MODEL_NAME in registry.list_models()
+        else 0
+    )
+    conf = {
+        "max_steps": cfg.max_steps,
+        "eval_limit": cfg.eval_limit,
+        "base_model": base["ref"],
+        "dataset": latest["path"],
+        **({"gates": cfg.gates} if cfg.gates else {}),
+    }
     started = time.monotonic()
-    proc, log_path = step.start("dag llm_finetune", _airflow("dags", "test", "llm_finetune", "-c", json.dumps(conf)))
+    proc, log_path = step.start(
+        "dag llm_finetune", _airflow("dags", "test", "llm_finetune", "-c", json.dumps(conf))
+    )
     try:
         version = _await_signoff_request(registry, before, proc)
-        print(f"  {'  ...waiting for sign-off':<34} {time.monotonic() - started:6.1f}s  {MODEL_NAME}/{version}",
-              flush=True)
-        step.run(f"signoff approve (as {REVIEWER})", _airloom(
-            "signoff", "approve", f"{MODEL_NAME}/{version}", "--user", REVIEWER,
-            "--comment", "demo: metrics and report reviewed"))
+        print(
+            f"  {'  ...waiting for sign-off':<34} {time.monotonic() - started:6.1f}s  {MODEL_NAME}/{version}",
+            flush=True,
+        )
+        step.run(
+            f"signoff approve (as {REVIEWER})",
+            _airloom(
+                "signoff",
+                "approve",
+                f"{MODEL_NAME}/{version}",
+                "--user",
+                REVIEWER,
+                "--comment",
+                "demo: metrics and report reviewed",
+            ),
+        )
         step.finish("dag llm_finetune", proc, log_path, started)
     finally:
         if proc.poll() is None:
             proc.kill()
     production = registry.get_alias(MODEL_NAME, "production")
     if production != version:
-        raise CheckFailed(f"{MODEL_NAME}@production is {production}, expected {version}: deploy did not happen; "
-                          f"see {log_path}")
+        raise CheckFailed(
+            f"{MODEL_NAME}@production is {production}, expected {version}: deploy did not happen; "
+            f"see {log_path}"
+        )
 
     for ds in data["days"]:
         step.run(f"dag llm_eval_backfill {ds}", _airflow("dags", "test", "llm_eval_backfill", ds))
@@ -190,8 +235,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     return summary
 
 
-def summarize(registry: ModelRegistry, version: int, latest: dict, days: list[str], seconds: float,
-              min_gain: float) -> dict:
+def summarize(
+    registry: ModelRegistry, version: int, latest: dict, days: list[str], seconds: float, min_gain: float
+) -> dict:
     mv = registry.get(MODEL_NAME, version)
     dq_run = run_dir("llm_data_quality", latest["run_id"])
     validation = json.loads((dq_run / "validate" / "validation.json").read_text())
@@ -207,17 +253,34 @@ def summarize(registry: ModelRegistry, version: int, latest: dict, days: list[st
     return {
         "ok": gain >= min_gain and all(v is not None for v in backfill.values()),
         "seconds": round(seconds, 1),
-        "data": {"rows_read": validation["rows_read"], "accepted": validation["accepted"],
-                 "quarantined": validation["quarantined"], "validation": str(dq_run / "validate" / "validation.json"),
-                 "eda_report": str(dq_run / "eda_report" / "report.html"), "prepared": latest["path"]},
-        "eval": {"baseline_model": mv.metadata["baseline"]["model"], "baseline": base, "fine_tuned": cand,
-                 "exact_match_gain": round(gain, 4), "required_gain": min_gain,
-                 "by_task": mv.metadata.get("metrics_by_task"),
-                 "report": str(ft_run / "quality_gates" / "report.html")},
-        "registry": {"version": mv.ref, "uri": mv.uri, "production": registry.get_alias(MODEL_NAME, "production"),
-                     "training": {k: mv.metadata["training"].get(k) for k in ("steps", "train_seconds", "tokens_per_s",
-                                                                               "final_loss", "zero_stage")}},
-        "backfill_exact_match": backfill, "trend": str(evals / "trend.png"),
+        "data": {
+            "rows_read": validation["rows_read"],
+            "accepted": validation["accepted"],
+            "quarantined": validation["quarantined"],
+            "validation": str(dq_run / "validate" / "validation.json"),
+            "eda_report": str(dq_run / "eda_report" / "report.html"),
+            "prepared": latest["path"],
+        },
+        "eval": {
+            "baseline_model": mv.metadata["baseline"]["model"],
+            "baseline": base,
+            "fine_tuned": cand,
+            "exact_match_gain": round(gain, 4),
+            "required_gain": min_gain,
+            "by_task": mv.metadata.get("metrics_by_task"),
+            "report": str(ft_run / "quality_gates" / "report.html"),
+        },
+        "registry": {
+            "version": mv.ref,
+            "uri": mv.uri,
+            "production": registry.get_alias(MODEL_NAME, "production"),
+            "training": {
+                k: mv.metadata["training"].get(k)
+                for k in ("steps", "train_seconds", "tokens_per_s", "final_loss", "zero_stage")
+            },
+        },
+        "backfill_exact_match": backfill,
+        "trend": str(evals / "trend.png"),
     }
 
 
@@ -231,8 +294,10 @@ def print_summary(s: dict) -> None:
     for k in keys:
         if k in e["fine_tuned"]:
             print(f"{k:<12}{e['baseline'].get(k, float('nan')):>10.3f}{e['fine_tuned'][k]:>12.3f}")
-    print(f"gain       exact match {e['exact_match_gain']:+.3f} (required {e['required_gain']:+.2f}) "
-          f"vs {e['baseline_model']}")
+    print(
+        f"gain       exact match {e['exact_match_gain']:+.3f} (required {e['required_gain']:+.2f}) "
+        f"vs {e['baseline_model']}"
+    )
     print(f"registry   {r['version']} at {r['uri']}; production -> {r['production']}")
     print(f"backfill   exact match per day: {s['backfill_exact_match']}")
     print("reports    " + "\n           ".join([d["eda_report"], d["validation"], e["report"], s["trend"]]))

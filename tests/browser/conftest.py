@@ -35,7 +35,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 
 
-
 @dataclass
 class EmbeddedAirflow:
     """The running components and how to reach them."""
@@ -57,8 +56,9 @@ class EmbeddedAirflow:
         """A setup command to completion; its output in ``logs/<name>.log``; fails the test with its tail."""
         log = self.logs / f"{name}.log"
         with log.open("w") as f:
-            rc = subprocess.run(cmd, env=self.env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                                timeout=timeout).returncode
+            rc = subprocess.run(
+                cmd, env=self.env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
         if rc != 0:
             pytest.fail(f"{' '.join(cmd[:4])} exited {rc}; {log}:\n{tail(log)}")
         return log.read_text()
@@ -67,15 +67,30 @@ class EmbeddedAirflow:
         airflow = str(Path(sys.executable).with_name("airflow"))
         port = int(self.url.rsplit(":", 1)[1])
         commands = {
-            "api-server": [airflow, "api-server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+            "api-server": [
+                airflow,
+                "api-server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
             "scheduler": [airflow, "scheduler"],
             "dag-processor": [airflow, "dag-processor"],
             "triggerer": [airflow, "triggerer"],
         }
         for name in COMPONENTS:
             with (self.logs / f"{name}.log").open("w") as f:
-                self.procs[name] = subprocess.Popen(commands[name], env=self.env, cwd=REPO, stdout=f,
-                                                    stderr=subprocess.STDOUT, start_new_session=True)
+                self.procs[name] = subprocess.Popen(
+                    commands[name],
+                    env=self.env,
+                    cwd=REPO,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
 
     def stop(self) -> None:
         """SIGTERM each component's process group (task processes included), SIGKILL what is left after 20 s."""
@@ -100,16 +115,19 @@ class EmbeddedAirflow:
     def check_running(self) -> None:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
-                pytest.fail(f"airflow {name} exited {proc.returncode}; {self.logs / (name + '.log')}:\n"
-                            f"{tail(self.logs / (name + '.log'))}")
+                pytest.fail(
+                    f"airflow {name} exited {proc.returncode}; {self.logs / (name + '.log')}:\n"
+                    f"{tail(self.logs / (name + '.log'))}"
+                )
 
     # -- REST API ------------------------------------------------------------------------------
 
     def token(self, user: str) -> str:
         from airloom.settings import EMBEDDED_PASSWORDS
 
-        body = self.request("POST", "/auth/token", {"username": user, "password": EMBEDDED_PASSWORDS[user]},
-                            token=None)
+        body = self.request(
+            "POST", "/auth/token", {"username": user, "password": EMBEDDED_PASSWORDS[user]}, token=None
+        )
         return body["access_token"]
 
     def request(self, method: str, path: str, body: dict | None = None, *, token: str | None = "") -> dict:
@@ -152,8 +170,10 @@ class EmbeddedAirflow:
                 return self.request("GET", f"/api/v2/dags/{dag_id}", token=token)
             except AssertionError:
                 time.sleep(2)
-        pytest.fail(f"DAG {dag_id} not parsed within {timeout:.0f}s; dag-processor log:\n"
-                    f"{tail(self.logs / 'dag-processor.log')}")
+        pytest.fail(
+            f"DAG {dag_id} not parsed within {timeout:.0f}s; dag-processor log:\n"
+            f"{tail(self.logs / 'dag-processor.log')}"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -165,16 +185,18 @@ def airflow_ui(tmp_path_factory):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     base = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW__") and k != "AIRLOOM_REGISTRY"}
-    env = airflow_env({
-        **base,
-        "AIRLOOM_HOME": str(root / "airloom"),
-        "AIRFLOW_HOME": str(root / "airflow"),
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(root / "airflow" / "passwords.json"),
-        # Tasks report to the Execution API of this api-server, not the default :8080.
-        "AIRFLOW__API__BASE_URL": url,
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
-        "AIRFLOW__CORE__PARALLELISM": "2",  # two cores, shared
-    })
+    env = airflow_env(
+        {
+            **base,
+            "AIRLOOM_HOME": str(root / "airloom"),
+            "AIRFLOW_HOME": str(root / "airflow"),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(root / "airflow" / "passwords.json"),
+            # Tasks report to the Execution API of this api-server, not the default :8080.
+            "AIRFLOW__API__BASE_URL": url,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{url}/execution/",
+            "AIRFLOW__CORE__PARALLELISM": "2",  # two cores, shared
+        }
+    )
     ensure_embedded_airflow_home(env)
     af = EmbeddedAirflow(root=root, env=env, url=url)
     af.logs.mkdir()

@@ -22,8 +22,10 @@ from airloom.settings import EMBEDDED_PASSWORDS
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
-                       reason="no chromium on PATH: run `make browser` (Debian package)"),
+    pytest.mark.skipif(
+        shutil.which("chromium") is None and shutil.which("chromium-browser") is None,
+        reason="no chromium on PATH: run `make browser` (Debian package)",
+    ),
     pytest.mark.timeout(900),
 ]
 
@@ -43,12 +45,26 @@ def stack(airflow_ui, tmp_path_factory):
     # Where the DAG's `source` param points by default ($AIRLOOM_HOME/data/raw), as `airloom demo` writes it.
     write_demo_data(af.home / "data", rows=300, history_days=0)
     folder = tmp_path_factory.mktemp("model") / "tiny"
-    build_base_model(folder, BaseModelSpec(hidden_size=48, num_layers=1, num_heads=2, intermediate_size=96,
-                                           pretrain_lines=2000), log=lambda m: None)
+    build_base_model(
+        folder,
+        BaseModelSpec(hidden_size=48, num_layers=1, num_heads=2, intermediate_size=96, pretrain_lines=2000),
+        log=lambda m: None,
+    )
     cli = [sys.executable, "-m", "airloom.cli", "--registry", str(af.home / "registry")]
     af.run("register", [*cli, "registry", "register", MODEL, str(folder), "--user", "trainer"])
-    af.run("signoff-request", [*cli, "signoff", "request", f"{MODEL}/1", "--user", "trainer",
-                               "--comment", "tiny model for the browser test"])
+    af.run(
+        "signoff-request",
+        [
+            *cli,
+            "signoff",
+            "request",
+            f"{MODEL}/1",
+            "--user",
+            "trainer",
+            "--comment",
+            "tiny model for the browser test",
+        ],
+    )
     af.wait_healthy(timeout=300)
     af.wait_dag(DAG, timeout=300)
     return af
@@ -106,16 +122,27 @@ def test_trainer_triggers_from_the_params_form_and_opens_the_eda_report(stack, b
         shots(page, "02_params_form_seed_7")
         trigger = form.get_by_role("button", name="Trigger", exact=True)
         if not trigger.is_enabled():
-            empty = [el.get_attribute("name") for el in form.locator("input[required]").all() if not el.input_value()]
+            empty = [
+                el.get_attribute("name")
+                for el in form.locator("input[required]").all()
+                if not el.input_value()
+            ]
             shots(page, "02_params_form_blocked")
-            pytest.fail(f"the params form of {DAG} keeps Trigger disabled with its defaults; required but "
-                        f"empty: {empty} (a Param whose type excludes null must not default to empty)")
+            pytest.fail(
+                f"the params form of {DAG} keeps Trigger disabled with its defaults; required but "
+                f"empty: {empty} (a Param whose type excludes null must not default to empty)"
+            )
         before = {r["dag_run_id"] for r in af.request("GET", f"/api/v2/dags/{DAG}/dagRuns")["dag_runs"]}
         trigger.click()
 
         deadline = time.monotonic() + 60
-        while not (new := [r for r in af.request("GET", f"/api/v2/dags/{DAG}/dagRuns")["dag_runs"]
-                           if r["dag_run_id"] not in before]):
+        while not (
+            new := [
+                r
+                for r in af.request("GET", f"/api/v2/dags/{DAG}/dagRuns")["dag_runs"]
+                if r["dag_run_id"] not in before
+            ]
+        ):
             assert time.monotonic() < deadline, "the form's Trigger created no DAG run within 60 s"
             time.sleep(1)
         run_id = new[0]["dag_run_id"]
@@ -123,8 +150,12 @@ def test_trainer_triggers_from_the_params_form_and_opens_the_eda_report(stack, b
         assert new[0]["triggering_user_name"] == "trainer"
 
         run = _wait_run(af, run_id, timeout=420)
-        states = {ti["task_id"]: ti["state"] for ti in af.request(
-            "GET", f"/api/v2/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances")["task_instances"]}
+        states = {
+            ti["task_id"]: ti["state"]
+            for ti in af.request(
+                "GET", f"/api/v2/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances"
+            )["task_instances"]
+        }
         assert run["state"] == "success", f"run {run_id}: {states}; scheduler log {af.logs / 'scheduler.log'}"
         run_url = f"{af.url}/dags/{DAG}/runs/{urllib.parse.quote(run_id, safe='')}"
         page.goto(run_url)
@@ -176,7 +207,9 @@ def test_reviewer_approves_on_the_signoff_page(stack, browser, shots):
     try:
         page.get_by_role("button", name="Browse").click()
         page.get_by_role("menuitem", name="Model sign-off").click()
-        expect(page).to_have_url(re.compile(r"/plugin/airloom-signoff"))  # the plugin's page, in Airflow's frame
+        expect(page).to_have_url(
+            re.compile(r"/plugin/airloom-signoff")
+        )  # the plugin's page, in Airflow's frame
         frame = page.frame_locator("iframe").first
         card = frame.locator("section.card", has_text=f"{MODEL} / 1")
         expect(card.get_by_text("pending", exact=True)).to_be_visible()
@@ -197,6 +230,6 @@ def test_reviewer_approves_on_the_signoff_page(stack, browser, shots):
     status = signoff_status(ModelRegistry.from_uri(af.home / "registry"), MODEL, 1)
     assert status["state"] == "approved"
     assert [(a["user"], a["comment"]) for a in status["approvals"]] == [
-        ("reviewer", "browser test: card and metrics reviewed")]
+        ("reviewer", "browser test: card and metrics reviewed")
+    ]
     assert status["requested_by"] == "trainer"
-

@@ -12,7 +12,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DAGS = REPO / "dags"
-EXPECTED = {"llm_data_quality", "llm_finetune", "llm_eval_backfill", "llm_feedback_monitoring", "llm_model_rollback"}
+EXPECTED = {
+    "llm_data_quality",
+    "llm_finetune",
+    "llm_eval_backfill",
+    "llm_feedback_monitoring",
+    "llm_model_rollback",
+}
 HEAVY = ("torch", "transformers", "deepspeed", "peft", "datasets", "great_expectations", "evaluate", "pandas")
 
 
@@ -54,7 +60,7 @@ def test_empty_params_are_optional_in_the_trigger_form(dagbag):
             types = param.schema.get("type")
             types = types if isinstance(types, list) else [types]
             if param.value in ("", {}, []) or param.value is None:
-                assert "null" in types, f"{dag_id}.{name}: an empty default needs type [\"null\", …]"
+                assert "null" in types, f'{dag_id}.{name}: an empty default needs type ["null", …]'
 
 
 def test_params_reject_bad_input(dagbag):
@@ -70,8 +76,17 @@ def test_params_reject_bad_input(dagbag):
 
 def test_wiring(dagbag):
     ft = dagbag.dags["llm_finetune"]
-    order = ["plan_trials", "train", "evaluate_trial", "select_best_trial", "quality_gates", "register_candidate",
-             "wait_for_signoff", "deploy", "canary"]
+    order = [
+        "plan_trials",
+        "train",
+        "evaluate_trial",
+        "select_best_trial",
+        "quality_gates",
+        "register_candidate",
+        "wait_for_signoff",
+        "deploy",
+        "canary",
+    ]
     assert "resolve_dataset" in {t.task_id for t in ft.get_task("train").upstream_list}
     for up, down in zip(order, order[1:], strict=False):
         assert up in {t.task_id for t in ft.get_task(down).upstream_list} or any(
@@ -107,7 +122,8 @@ def _parse_seconds(path: Path) -> float:
 
 def test_parse_time_close_to_an_empty_dag(tmp_path):
     empty = tmp_path / "empty_dag.py"
-    empty.write_text(textwrap.dedent("""
+    empty.write_text(
+        textwrap.dedent("""
         from datetime import datetime
         from airflow.sdk import dag, task
 
@@ -119,7 +135,8 @@ def test_parse_time_close_to_an_empty_dag(tmp_path):
             noop()
 
         empty()
-    """))
+    """)
+    )
     baseline = statistics.median(_parse_seconds(empty) for _ in range(3))
     for path in sorted(DAGS.glob("*.py")):
         t = min(_parse_seconds(path) for _ in range(2))
@@ -222,17 +239,27 @@ def test_templates_render_params_as_their_own_types(dagbag, dag_id):
 
 
 def test_templates_render_typed_values_and_xcom_as_given(dagbag):
-    quality = _render(dagbag.dags["llm_data_quality"], {"field_map": {"q": "instruction"}, "max_seq_len": 256})
+    quality = _render(
+        dagbag.dags["llm_data_quality"], {"field_map": {"q": "instruction"}, "max_seq_len": 256}
+    )
     assert quality["validate", "field_map"] == {"q": "instruction"}
-    assert (quality["prepare", "max_seq_len"], quality["prepare", "seed"], quality["prepare", "val_fraction"]) == (
-        256, 0, 0.1)
+    assert (
+        quality["prepare", "max_seq_len"],
+        quality["prepare", "seed"],
+        quality["prepare", "val_fraction"],
+    ) == (256, 0, 0.1)
     assert quality["prepare", "input_path"] == "xcom:validate.accepted"
 
     finetune = _render(dagbag.dags["llm_finetune"], {"sweep": {"lora_r": [8, 16]}, "packing": True})
     assert finetune["plan_trials", "space"] == {"lora_r": [8, 16]}
     assert finetune["plan_trials", "base_config"] == {
-        "method": "full", "zero_stage": 2, "learning_rate": 3e-3, "batch_size": 32, "max_steps": 1500,
-        "packing": True, "seed": 0,
+        "method": "full",
+        "zero_stage": 2,
+        "learning_rate": 3e-3,
+        "batch_size": 32,
+        "max_steps": 1500,
+        "packing": True,
+        "seed": 0,
     }
     assert (finetune["plan_trials", "trials"], finetune["evaluate_candidate", "limit"]) == (4, 300)
     assert finetune["evaluate_production", "model"] == "registry:airloom-demo@production"
@@ -241,11 +268,17 @@ def test_templates_render_typed_values_and_xcom_as_given(dagbag):
     assert finetune["deploy", "policy"]["allowed_users"] == ""  # the Variable's default, as text
 
     backfill = _render(dagbag.dags["llm_eval_backfill"], {"version": 3})
-    assert (backfill["evaluate_partition", "version"], backfill["evaluate_partition", "ds"]) == (3, "2026-11-03")
+    assert (backfill["evaluate_partition", "version"], backfill["evaluate_partition", "ds"]) == (
+        3,
+        "2026-11-03",
+    )
     rollback = _render(dagbag.dags["llm_model_rollback"], {"to_version": 2, "reason": "canary failed"})
     assert (rollback["rollback", "to_version"], rollback["rollback", "reason"]) == (2, "canary failed")
     monitoring = _render(dagbag.dags["llm_feedback_monitoring"])
-    assert (monitoring["drift_and_feedback", "max_psi"], monitoring["drift_and_feedback", "ds"]) == (0.25, "2026-11-03")
+    assert (monitoring["drift_and_feedback", "max_psi"], monitoring["drift_and_feedback", "ds"]) == (
+        0.25,
+        "2026-11-03",
+    )
 
 
 def test_deploy_and_rollback_apply_the_approvers_variable(dagbag):

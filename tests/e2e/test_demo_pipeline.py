@@ -21,8 +21,14 @@ AIRLOOM = [sys.executable, "-m", "airloom.cli"]
 def _env(home: Path) -> dict[str, str]:
     from airloom.settings import airflow_env
 
-    return airflow_env({**__import__("os").environ, "AIRLOOM_HOME": str(home), "AIRFLOW_HOME": str(home / "airflow"),
-                        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "airflow" / "pw.json")})
+    return airflow_env(
+        {
+            **__import__("os").environ,
+            "AIRLOOM_HOME": str(home),
+            "AIRFLOW_HOME": str(home / "airflow"),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "airflow" / "pw.json"),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +42,29 @@ def demo(tmp_path_factory):
     home = tmp_path_factory.mktemp("demo")
     env = _env(home)
     proc = subprocess.run(
-        [*AIRLOOM, "demo", "--rows", "600", "--steps", "60", "--eval-limit", "40", "--history-days", "2",
-         "--history-rows", "20", "--min-gain", "0.05", "--gates", "perplexity<=20"],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=1500,
+        [
+            *AIRLOOM,
+            "demo",
+            "--rows",
+            "600",
+            "--steps",
+            "60",
+            "--eval-limit",
+            "40",
+            "--history-days",
+            "2",
+            "--history-rows",
+            "20",
+            "--min-gain",
+            "0.05",
+            "--gates",
+            "perplexity<=20",
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1500,
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return home, env, proc.stdout
@@ -89,8 +115,14 @@ def test_backfill_writes_one_partition_per_day_and_reruns_in_place(demo):
     before = second.stat().st_mtime_ns
     ds = first.parent.name[3:]
     old = first.stat().st_mtime_ns
-    subprocess.run([str(Path(sys.executable).with_name("airflow")), "dags", "test", "llm_eval_backfill", ds],
-                   env=env, cwd=REPO, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "dags", "test", "llm_eval_backfill", ds],
+        env=env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     assert first.stat().st_mtime_ns > old
     assert second.stat().st_mtime_ns == before
     assert (home / "evaluations" / "airloom-demo" / "trend.png").is_file()
@@ -101,8 +133,22 @@ def test_monitoring_compares_traffic_with_training_data(demo):
     ds = sorted((home / "data" / "history").iterdir())[-1].name[3:]
     # The demo's history partitions stand in for served traffic (same layout as airloom serve's log).
     conf = json.dumps({"traffic_uri": str(home / "data" / "history")})
-    subprocess.run([str(Path(sys.executable).with_name("airflow")), "dags", "test", "llm_feedback_monitoring", ds,
-                    "-c", conf], env=env, cwd=REPO, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            str(Path(sys.executable).with_name("airflow")),
+            "dags",
+            "test",
+            "llm_feedback_monitoring",
+            ds,
+            "-c",
+            conf,
+        ],
+        env=env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     reports = list((home / "runs" / "llm_feedback_monitoring").glob("*/drift_and_feedback/monitoring.json"))
     assert len(reports) == 1
     report = json.loads(reports[0].read_text())
@@ -121,7 +167,9 @@ def test_rollback_dag_returns_production_to_the_previous_approved_version(demo):
         (folder / name).unlink(missing_ok=True)
 
     def cli(*args: str) -> None:
-        subprocess.run([*AIRLOOM, "--registry", reg_uri, *args], env=env, cwd=REPO, check=True, capture_output=True)
+        subprocess.run(
+            [*AIRLOOM, "--registry", reg_uri, *args], env=env, cwd=REPO, check=True, capture_output=True
+        )
 
     cli("registry", "register", "airloom-demo", str(folder), "--user", "trainer")
     cli("signoff", "request", "airloom-demo/2", "--user", "trainer")
@@ -129,8 +177,14 @@ def test_rollback_dag_returns_production_to_the_previous_approved_version(demo):
     cli("registry", "promote", "airloom-demo/2", "production", "--user", "reviewer")
     assert reg.get_alias("airloom-demo", "production") == 2
 
-    subprocess.run([str(Path(sys.executable).with_name("airflow")), "dags", "test", "llm_model_rollback"],
-                   env=env, cwd=REPO, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "dags", "test", "llm_model_rollback"],
+        env=env,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     assert reg.get_alias("airloom-demo", "production") == 1
     last = [h for h in reg.history("airloom-demo") if h["action"] == "alias"][-1]
     assert (last["from"], last["to"]) == (2, 1)
@@ -144,10 +198,30 @@ def test_sweep_maps_one_training_task_per_trial_and_passes_on_the_best(demo):
 
     home, env, _ = demo
     versions = [v.version for v in ModelRegistry.from_uri(home / "registry").list_versions("airloom-demo")]
-    conf = {"max_steps": 30, "sweep": {"learning_rate": [0.00001, 0.003]}, "sweep_metric": "validation_loss",
-            "sweep_eval_limit": 10, "eval_limit": 10, "gates": "exact_match>=2", "packing": True}
-    proc = subprocess.run([str(Path(sys.executable).with_name("airflow")), "dags", "test", "llm_finetune",
-                           "-c", json.dumps(conf)], env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    conf = {
+        "max_steps": 30,
+        "sweep": {"learning_rate": [0.00001, 0.003]},
+        "sweep_metric": "validation_loss",
+        "sweep_eval_limit": 10,
+        "eval_limit": 10,
+        "gates": "exact_match>=2",
+        "packing": True,
+    }
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("airflow")),
+            "dags",
+            "test",
+            "llm_finetune",
+            "-c",
+            json.dumps(conf),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, "the impossible gate must fail the run"
     run = max((home / "runs" / "llm_finetune").iterdir(), key=lambda p: p.stat().st_mtime)
@@ -157,4 +231,6 @@ def test_sweep_maps_one_training_task_per_trial_and_passes_on_the_best(demo):
         assert (run / "evaluate_trial" / index / "metrics.json").is_file()
     assert "BEST trial 1 {'learning_rate': 0.003}" in out, out[-3000:]
     assert "exact_match>=2" in out
-    assert [v.version for v in ModelRegistry.from_uri(home / "registry").list_versions("airloom-demo")] == versions
+    assert [
+        v.version for v in ModelRegistry.from_uri(home / "registry").list_versions("airloom-demo")
+    ] == versions

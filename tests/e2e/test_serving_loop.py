@@ -39,8 +39,14 @@ pytestmark = pytest.mark.slow
 def _env(home: Path) -> dict[str, str]:
     from airloom.settings import airflow_env
 
-    return airflow_env({**os.environ, "AIRLOOM_HOME": str(home), "AIRFLOW_HOME": str(home / "airflow"),
-                        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "airflow" / "pw.json")})
+    return airflow_env(
+        {
+            **os.environ,
+            "AIRLOOM_HOME": str(home),
+            "AIRFLOW_HOME": str(home / "airflow"),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "airflow" / "pw.json"),
+        }
+    )
 
 
 def _free_port() -> int:
@@ -57,8 +63,15 @@ def _register_two_versions(home: Path):
     from airloom.registry.registry import ModelRegistry
     from airloom.training.base import BaseModelSpec, build_base_model
 
-    spec = BaseModelSpec(vocab_size=320, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                         pretrain_lines=400, pretrain_seconds=0)
+    spec = BaseModelSpec(
+        vocab_size=320,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        pretrain_lines=400,
+        pretrain_seconds=0,
+    )
     folder = home / "model"
     build_base_model(folder, spec, log=lambda *_: None)
     reg = ModelRegistry.from_uri(home / "registry")
@@ -86,11 +99,15 @@ def _training_profile(home: Path) -> Path:
     records = list(generate_records(400, seed=0))
     dataset = run_dir("llm_data_quality", run_id, "prepare")
     dataset.mkdir(parents=True)
-    (dataset / "train.jsonl").write_text("".join(
-        json.dumps({**r, "prompt": render_prompt(r["instruction"], r["input"])}) + "\n" for r in records))
+    (dataset / "train.jsonl").write_text(
+        "".join(
+            json.dumps({**r, "prompt": render_prompt(r["instruction"], r["input"])}) + "\n" for r in records
+        )
+    )
     (home / "datasets").mkdir()
-    (home / "datasets" / "latest.json").write_text(json.dumps(
-        {"path": str(dataset), "dag_id": "llm_data_quality", "run_id": run_id}))
+    (home / "datasets" / "latest.json").write_text(
+        json.dumps({"path": str(dataset), "dag_id": "llm_data_quality", "run_id": run_id})
+    )
     eda = run_dir("llm_data_quality", run_id, "eda_report")
     build_profile(records, eda, near_duplicate_threshold=None)
     return eda / "profile.json"
@@ -123,22 +140,61 @@ def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
     env = _env(home)
     reg = _register_two_versions(home)
     reference_profile = _training_profile(home)
-    migrate = subprocess.Popen([AIRFLOW, "db", "migrate"], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)  # runs while the server works
+    migrate = subprocess.Popen(
+        [AIRFLOW, "db", "migrate"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # runs while the server works
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "airloom.cli", "serve", "--model", f"{NAME}@production", "--port", str(port),
-         "--torch-threads", "1", "--poll-seconds", "0.5", "--batch-wait-ms", "20"],
-        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "airloom.cli",
+            "serve",
+            "--model",
+            f"{NAME}@production",
+            "--port",
+            str(port),
+            "--torch-threads",
+            "1",
+            "--poll-seconds",
+            "0.5",
+            "--batch-wait-ms",
+            "20",
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         assert _wait_healthy(server, url)["model"] == f"{NAME}/1"
         records = list(generate_records(16, seed=7))
-        bodies = [{"model": NAME, "prompt": render_prompt(r["instruction"], r["input"]), "max_tokens": 8,
-                   "temperature": 0} for r in records[:12]]
-        chats = [{"model": NAME, "messages": [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}],
-                  "max_completion_tokens": 8, "temperature": 0} for r in records[12:]]
+        bodies = [
+            {
+                "model": NAME,
+                "prompt": render_prompt(r["instruction"], r["input"]),
+                "max_tokens": 8,
+                "temperature": 0,
+            }
+            for r in records[:12]
+        ]
+        chats = [
+            {
+                "model": NAME,
+                "messages": [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"}],
+                "max_completion_tokens": 8,
+                "temperature": 0,
+            }
+            for r in records[12:]
+        ]
         done = asyncio.run(_post_many(url, "/v1/completions", bodies))
         done += asyncio.run(_post_many(url, "/v1/chat/completions", chats))
         assert [r.status_code for r in done] == [200] * 16, [r.text for r in done if r.status_code != 200]
@@ -156,8 +212,14 @@ def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
         feedback.append({"response_id": ids[0], "rating": "down", "corrected_answer": records[0]["response"]})
         posted = asyncio.run(_post_many(url, "/v1/feedback", feedback))
         assert [r.status_code for r in posted] == [201] * len(feedback), [r.text for r in posted]
-        assert httpx.post(url + "/v1/feedback", headers=OPENAI_HEADERS,
-                          json={"response_id": "cmpl-unknown", "rating": "up"}).status_code == 404
+        assert (
+            httpx.post(
+                url + "/v1/feedback",
+                headers=OPENAI_HEADERS,
+                json={"response_id": "cmpl-unknown", "rating": "up"},
+            ).status_code
+            == 404
+        )
 
         reg.set_alias(NAME, "production", 2, actor="test", reason="serving loop")
         deadline = time.monotonic() + 60
@@ -176,8 +238,14 @@ def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
     (part,) = sorted(fb_root.glob("ds=*"))  # one day's partition (the requests took seconds)
     ds = part.name.removeprefix("ds=")
     conf = {"traffic_uri": str(traffic), "feedback_uri": str(fb_root)}
-    proc = subprocess.run([AIRFLOW, "dags", "test", DAG_ID, ds, "-c", json.dumps(conf)], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [AIRFLOW, "dags", "test", DAG_ID, ds, "-c", json.dumps(conf)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     (report_path,) = (home / "runs" / DAG_ID).glob("*/drift_and_feedback/monitoring.json")
@@ -203,8 +271,9 @@ def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
     assert dataset["path"] == str(home / "data" / "feedback_datasets" / f"ds={ds}" / "instructions.jsonl")
     rows = [json.loads(line) for line in Path(dataset["path"]).read_text().splitlines()]
     # the server masked the email before anything was written; the duplicate correction was dropped
-    assert sorted(r["response"] for r in rows) == sorted([records[0]["response"], records[1]["response"],
-                                                          "mail <EMAIL>"])
+    assert sorted(r["response"] for r in rows) == sorted(
+        [records[0]["response"], records[1]["response"], "mail <EMAIL>"]
+    )
     first = next(r for r in rows if r["response"] == records[0]["response"])
     assert (first["instruction"], first["input"]) == (records[0]["instruction"], records[0]["input"])
     assert first["source"] == "feedback" and dataset["rows"] == 3 and dataset["dropped"] == {"duplicate": 1}
@@ -222,12 +291,16 @@ def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
         f"    ti = s.execute(select(TaskInstance.task_id, TaskInstance.state).where(TaskInstance.dag_id == {DAG_ID!r})).all()\n"
         "print(json.dumps({'events': [list(e) for e in ev], 'states': {t: str(st) for t, st in ti}}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", query], env=env, cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", query], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     db = json.loads(out.stdout.strip().splitlines()[-1])
-    assert db["states"] == {"drift_and_feedback": "success", "request_retraining": "success",
-                            "publish_feedback_dataset": "success"}
+    assert db["states"] == {
+        "drift_and_feedback": "success",
+        "request_retraining": "success",
+        "publish_feedback_dataset": "success",
+    }
     events = {name: (extra, task) for name, extra, task in db["events"]}
     assert set(events) == {"retraining_request", "feedback_dataset"}
     extra, task = events["retraining_request"]

@@ -11,7 +11,10 @@ import json
 import pytest
 
 torch = pytest.importorskip("torch")
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +25,15 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     build_base_model(root / "base", BaseModelSpec(), log=lambda m: None)
-    rows = [{"id": r["id"], "task": r["task"], "prompt": render_prompt(r["instruction"], r["input"]),
-             "response": r["response"]} for r in generate_records(3000, seed=3)]
+    rows = [
+        {
+            "id": r["id"],
+            "task": r["task"],
+            "prompt": render_prompt(r["instruction"], r["input"]),
+            "response": r["response"],
+        }
+        for r in generate_records(3000, seed=3)
+    ]
     write_jsonl(rows[:2700], root / "train.jsonl")
     write_jsonl(rows[2700:], root / "test.jsonl")
     return root
@@ -38,16 +48,29 @@ def test_deepspeed_bf16_on_gpu_learns(tiny, tmp_path, zero_stage):
 
     out = tmp_path / "run"
     out.mkdir()
-    cfg = TrainConfig(base_model=str(tiny / "base"), train_file=str(tiny / "train.jsonl"), output_dir=str(out),
-                      max_steps=600, batch_size=32, learning_rate=3e-3, zero_stage=zero_stage, precision="bf16",
-                      launcher="deepspeed", log_every=50)
+    cfg = TrainConfig(
+        base_model=str(tiny / "base"),
+        train_file=str(tiny / "train.jsonl"),
+        output_dir=str(out),
+        max_steps=600,
+        batch_size=32,
+        learning_rate=3e-3,
+        zero_stage=zero_stage,
+        precision="bf16",
+        launcher="deepspeed",
+        log_every=50,
+    )
     spec = LaunchSpec(config_path=cfg.save(out / "train_config.json"), launcher="deepspeed", nproc_per_node=1)
     lines: list[str] = []
     TrainingProcess(build_command(spec), child_env()).run(log=lines.append)
     metrics = json.loads((out / "train_metrics.json").read_text())
-    print(f"zero{zero_stage}: {metrics['train_seconds']}s, {metrics['tokens_per_s']} tok/s, loss {metrics['final_loss']}")
+    print(
+        f"zero{zero_stage}: {metrics['train_seconds']}s, {metrics['tokens_per_s']} tok/s, loss {metrics['final_loss']}"
+    )
     assert metrics["history"][-1]["loss"] < metrics["history"][0]["loss"] * 0.5
-    result = evaluate_model(str(out / "model"), read_jsonl(tiny / "test.jsonl"), tmp_path / "eval", max_new_tokens=24)
+    result = evaluate_model(
+        str(out / "model"), read_jsonl(tiny / "test.jsonl"), tmp_path / "eval", max_new_tokens=24
+    )
     print(f"zero{zero_stage}: exact match {result['aggregate']['exact_match']:.3f}")
     assert result["aggregate"]["exact_match"] > 0.3
 
@@ -72,15 +95,27 @@ def test_varlen_flash_attention_matches_sdpa_on_packed_rows_on_gpu():
     from airloom.training.packing import collate_packed, pack_examples
 
     varlen.register()
-    cfg = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=512)
+    cfg = dict(
+        vocab_size=256,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     torch.manual_seed(0)
     sdpa = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa")).cuda().bfloat16()
     fast = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation=varlen.NAME)).cuda().bfloat16()
     fast.load_state_dict(sdpa.state_dict())
     g = torch.Generator().manual_seed(1)
-    examples = [(ids, ids) for ids in (torch.randint(1, 255, (int(n),), generator=g).tolist()
-                                       for n in torch.randint(8, 120, (40,), generator=g))]
+    examples = [
+        (ids, ids)
+        for ids in (
+            torch.randint(1, 255, (int(n),), generator=g).tolist()
+            for n in torch.randint(8, 120, (40,), generator=g)
+        )
+    ]
     input_ids, position_ids, labels = (t.cuda() for t in collate_packed(pack_examples(examples, 512), 0, 512))
     with torch.no_grad():
         a = sdpa(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False)

@@ -105,7 +105,8 @@ class Api:
                 r = self.http.get(
                     f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/logs/{ti['try_number']}",
                     params={"map_index": ti["map_index"], "full_content": True},
-                    headers={"Accept": "application/x-ndjson"})  # Airflow 3.3: json or ndjson only
+                    headers={"Accept": "application/x-ndjson"},
+                )  # Airflow 3.3: json or ndjson only
                 lines.append(r.text[-3000:])
         return "\n".join(lines)
 
@@ -118,8 +119,9 @@ class Api:
             time.sleep(3)
         pytest.fail(f"{dag_id} {run_id} not finished in {timeout:.0f}s:\n{self.diagnose(dag_id, run_id)}")
 
-    def wait_task_state(self, dag_id: str, run_id: str, task_id: str, state: str, timeout: float,
-                        poll: float = 3) -> dict:
+    def wait_task_state(
+        self, dag_id: str, run_id: str, task_id: str, state: str, timeout: float, poll: float = 3
+    ) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             ti = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
@@ -127,8 +129,10 @@ class Api:
                 return ti
             run = self.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
             if run["state"] in TERMINAL:
-                pytest.fail(f"{dag_id} {run_id} ended {run['state']} before {task_id} was {state}:\n"
-                            f"{self.diagnose(dag_id, run_id)}")
+                pytest.fail(
+                    f"{dag_id} {run_id} ended {run['state']} before {task_id} was {state}:\n"
+                    f"{self.diagnose(dag_id, run_id)}"
+                )
             time.sleep(poll)
         pytest.fail(f"{task_id} not {state} in {timeout:.0f}s:\n{self.diagnose(dag_id, run_id)}")
 
@@ -154,16 +158,25 @@ def prod(tmp_path_factory, moto_endpoint):
     # What the demo prepares before Airflow runs: raw data with faulty rows, four past days of
     # history partitions (ending yesterday: one for the worker-kill check, three to backfill), and
     # the base model registered on S3.
-    data = write_demo_data(root / "airloom" / "data", rows=600, history_days=4, history_rows=20, today=date.today())
+    data = write_demo_data(
+        root / "airloom" / "data", rows=600, history_days=4, history_rows=20, today=date.today()
+    )
     registry = ModelRegistry.from_uri(registry_uri)
     base = build_and_register_base(registry, log=lambda m: None)
     test_dags = root / "test_dags"
     test_dags.mkdir()
     (test_dags / f"{HOLD_DAG}.py").write_text(HOLD_DAG_SOURCE)
     bundles = [
-        {"name": "dags-folder", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle", "kwargs": {}},
-        {"name": "airloom-test-dags", "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
-         "kwargs": {"path": str(test_dags)}},
+        {
+            "name": "dags-folder",
+            "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+            "kwargs": {},
+        },
+        {
+            "name": "airloom-test-dags",
+            "classpath": "airflow.dag_processing.bundles.local.LocalDagBundle",
+            "kwargs": {"path": str(test_dags)},
+        },
     ]
     extra_env = {
         "AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST": json.dumps(bundles),
@@ -175,8 +188,15 @@ def prod(tmp_path_factory, moto_endpoint):
     stack.start(timeout=600)
     timings = {"start": round(time.monotonic() - t0, 1)}
     try:
-        yield {"stack": stack, "data": data, "base": base, "registry": registry, "timings": timings,
-               "trainer": Api(stack.api_url, "trainer"), "reviewer": Api(stack.api_url, "reviewer")}
+        yield {
+            "stack": stack,
+            "data": data,
+            "base": base,
+            "registry": registry,
+            "timings": timings,
+            "trainer": Api(stack.api_url, "trainer"),
+            "reviewer": Api(stack.api_url, "reviewer"),
+        }
     finally:
         stack.stop()
         timings["module"] = round(time.monotonic() - t0, 1)
@@ -227,7 +247,12 @@ def test_data_quality_then_finetune_signed_off_over_rest_deploys(prod):
     pending = reviewer.get("/airloom/api/pending", dag_id="llm_finetune", run_id=ft_run)
     assert [e["model"] for e in pending] == [MODEL], pending
     version = pending[0]["version"]
-    decision = {"model": MODEL, "version": version, "decision": "approve", "comment": "REST: metrics reviewed"}
+    decision = {
+        "model": MODEL,
+        "version": version,
+        "decision": "approve",
+        "comment": "REST: metrics reviewed",
+    }
     # Separation of duties: the user who triggered the training may not approve it.
     refused = trainer.http.post("/airloom/api/decisions", json=decision)
     assert refused.status_code == 403, refused.text
@@ -239,7 +264,9 @@ def test_data_quality_then_finetune_signed_off_over_rest_deploys(prod):
     run = trainer.wait_run("llm_finetune", ft_run, timeout=600)
     assert run["state"] == "success", trainer.diagnose("llm_finetune", ft_run)
     timings["llm_finetune_after_signoff"] = round(time.monotonic() - t0, 1)
-    states = {(ti["task_id"], ti["map_index"]): ti["state"] for ti in trainer.task_instances("llm_finetune", ft_run)}
+    states = {
+        (ti["task_id"], ti["map_index"]): ti["state"] for ti in trainer.task_instances("llm_finetune", ft_run)
+    }
     assert set(states.values()) == {"success"}, states
     assert {"deploy", "canary"} <= {task for task, _ in states}
 
@@ -264,9 +291,16 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
     assert len(days) == 3
     t0 = time.monotonic()
     trainer.unpause("llm_eval_backfill")
-    r = trainer.http.post("/api/v2/backfills", json={
-        "dag_id": "llm_eval_backfill", "from_date": f"{days[0]}T00:00:00Z", "to_date": f"{days[-1]}T00:00:00Z",
-        "max_active_runs": 3, "reprocess_behavior": "none"})
+    r = trainer.http.post(
+        "/api/v2/backfills",
+        json={
+            "dag_id": "llm_eval_backfill",
+            "from_date": f"{days[0]}T00:00:00Z",
+            "to_date": f"{days[-1]}T00:00:00Z",
+            "max_active_runs": 3,
+            "reprocess_behavior": "none",
+        },
+    )
     assert r.status_code == 200, r.text
     backfill = r.json()
     assert backfill["max_active_runs"] == 3
@@ -274,14 +308,18 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
     deadline = time.monotonic() + 900
     runs: list[dict] = []
     while time.monotonic() < deadline:
-        runs = [run for run in trainer.get("/api/v2/dags/llm_eval_backfill/dagRuns", limit=50)["dag_runs"]
-                if run["run_type"] == "backfill"]
+        runs = [
+            run
+            for run in trainer.get("/api/v2/dags/llm_eval_backfill/dagRuns", limit=50)["dag_runs"]
+            if run["run_type"] == "backfill"
+        ]
         if len(runs) == 3 and all(run["state"] in TERMINAL for run in runs):
             break
         time.sleep(3)
     timings["backfill"] = round(time.monotonic() - t0, 1)
-    detail = "\n".join(trainer.diagnose("llm_eval_backfill", run["dag_run_id"]) for run in runs
-                       if run["state"] != "success")
+    detail = "\n".join(
+        trainer.diagnose("llm_eval_backfill", run["dag_run_id"]) for run in runs if run["state"] != "success"
+    )
     assert sorted(run["logical_date"][:10] for run in runs) == days, runs
     assert {run["state"] for run in runs} == {"success"}, detail
     # The scheduler marks the backfill complete on a later loop than the last run's end.
@@ -299,17 +337,36 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
     # Airflow's CLI backfill, reprocessing one completed day: only that day's partition is rewritten.
     before = {ds: (evaluations / f"ds={ds}" / "metrics.json").stat().st_mtime_ns for ds in days}
     stack = prod["stack"]
-    cli = subprocess.run([str(Path(sys.executable).with_name("airflow")), "backfill", "create", "--dag-id", "llm_eval_backfill",
-                          "--from-date", days[1], "--to-date", days[1], "--reprocess-behavior", "completed"],
-                         env=stack.env, capture_output=True, text=True, timeout=300)
+    cli = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("airflow")),
+            "backfill",
+            "create",
+            "--dag-id",
+            "llm_eval_backfill",
+            "--from-date",
+            days[1],
+            "--to-date",
+            days[1],
+            "--reprocess-behavior",
+            "completed",
+        ],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
     # The rerun clears the day's existing run (or adds one): wait for its partition to be rewritten
     # and every run of that day to end.
     metrics_file = evaluations / f"ds={days[1]}" / "metrics.json"
     wait_until = time.monotonic() + 600
     while time.monotonic() < wait_until:
-        reruns = [run for run in trainer.get("/api/v2/dags/llm_eval_backfill/dagRuns", limit=50)["dag_runs"]
-                  if run["logical_date"][:10] == days[1]]
+        reruns = [
+            run
+            for run in trainer.get("/api/v2/dags/llm_eval_backfill/dagRuns", limit=50)["dag_runs"]
+            if run["logical_date"][:10] == days[1]
+        ]
         rewritten = metrics_file.is_file() and metrics_file.stat().st_mtime_ns != before[days[1]]
         if rewritten and all(r["state"] in TERMINAL for r in reruns):
             break
@@ -328,12 +385,14 @@ def test_worker_killed_during_a_task_the_task_is_retried_and_the_run_succeeds(pr
     trainer, stack, timings = prod["trainer"], prod["stack"], prod["timings"]
     day = prod["data"]["days"][0]
     t0 = time.monotonic()
-    r = trainer.http.post("/api/v2/dags/llm_eval_backfill/dagRuns",
-                          json={"logical_date": f"{day}T00:00:00Z", "conf": {}})
+    r = trainer.http.post(
+        "/api/v2/dags/llm_eval_backfill/dagRuns", json={"logical_date": f"{day}T00:00:00Z", "conf": {}}
+    )
     assert r.status_code == 200, r.text
     run_id = r.json()["dag_run_id"]
-    ti = trainer.wait_task_state("llm_eval_backfill", run_id, "evaluate_partition", "running", timeout=600,
-                                 poll=0.5)
+    ti = trainer.wait_task_state(
+        "llm_eval_backfill", run_id, "evaluate_partition", "running", timeout=600, poll=0.5
+    )
     assert ti["try_number"] == 1
     killed = stack.kill("celery-worker")
     assert killed >= 2, "the worker and at least the task's process"
@@ -341,16 +400,22 @@ def test_worker_killed_during_a_task_the_task_is_retried_and_the_run_succeeds(pr
     stack.restart("celery-worker")
     deadline = time.monotonic() + 180
     while not stack.ping_worker():
-        assert time.monotonic() < deadline, f"restarted worker silent; see {stack.log_dir / 'celery-worker.log'}"
+        assert time.monotonic() < deadline, (
+            f"restarted worker silent; see {stack.log_dir / 'celery-worker.log'}"
+        )
         time.sleep(2)
 
     run = trainer.wait_run("llm_eval_backfill", run_id, timeout=900)
     timings["worker_kill_retry"] = round(time.monotonic() - t0, 1)
     assert run["state"] == "success", trainer.diagnose("llm_eval_backfill", run_id)
-    tries = trainer.get(f"/api/v2/dags/llm_eval_backfill/dagRuns/{run_id}/taskInstances/evaluate_partition/tries")
+    tries = trainer.get(
+        f"/api/v2/dags/llm_eval_backfill/dagRuns/{run_id}/taskInstances/evaluate_partition/tries"
+    )
     states = [(t["try_number"], t["state"]) for t in tries["task_instances"]]
     # Try 1 died with its worker (failed by heartbeat timeout), try 2 ran on the restarted worker.
-    assert [n for n, _ in states] == [1, 2] and states[0][1] != "success" and states[1][1] == "success", states
+    assert [n for n, _ in states] == [1, 2] and states[0][1] != "success" and states[1][1] == "success", (
+        states
+    )
     metrics = prod["stack"].root / "airloom" / "evaluations" / MODEL / f"ds={day}" / "metrics.json"
     assert json.loads(metrics.read_text())["model_ref"] == f"registry:{MODEL}/{prod['version']}"
 
@@ -370,7 +435,9 @@ def test_twenty_deferred_signoff_sensors_hold_no_worker_slot(prod, tmp_path):
     t0 = time.monotonic()
     deadline = time.monotonic() + 300
     while HOLD_DAG not in {d["dag_id"] for d in trainer.get("/api/v2/dags", limit=100)["dags"]}:
-        assert time.monotonic() < deadline, f"{HOLD_DAG} never parsed; see {stack.log_dir / 'dag-processor.log'}"
+        assert time.monotonic() < deadline, (
+            f"{HOLD_DAG} never parsed; see {stack.log_dir / 'dag-processor.log'}"
+        )
         time.sleep(3)
     trainer.unpause(HOLD_DAG)
     run_id = trainer.trigger(HOLD_DAG, {})
@@ -391,16 +458,22 @@ def test_twenty_deferred_signoff_sensors_hold_no_worker_slot(prod, tmp_path):
     while (active := stack.active_tasks()) != 0 and time.monotonic() < deadline:
         time.sleep(1)
     pool = trainer.get("/api/v2/pools/default_pool")
-    slots = {k: pool[k] for k in ("slots", "occupied_slots", "running_slots", "queued_slots", "deferred_slots",
-                                  "open_slots")}
-    print(f"\n{WAITERS} sensors deferred: celery worker active tasks {active} of "
-          f"{stack.worker_concurrency}; default_pool {slots}")
+    slots = {
+        k: pool[k]
+        for k in ("slots", "occupied_slots", "running_slots", "queued_slots", "deferred_slots", "open_slots")
+    }
+    print(
+        f"\n{WAITERS} sensors deferred: celery worker active tasks {active} of "
+        f"{stack.worker_concurrency}; default_pool {slots}"
+    )
     assert active == 0  # both worker slots free while all of them wait
     assert slots["deferred_slots"] == WAITERS and slots["running_slots"] == 0
     assert slots["occupied_slots"] == 0  # default_pool does not count deferred tasks (include_deferred False)
 
-    r = reviewer.http.post("/airloom/api/decisions", json={"model": HOLD_MODEL, "version": 1,
-                                                           "decision": "approve", "comment": "release them"})
+    r = reviewer.http.post(
+        "/airloom/api/decisions",
+        json={"model": HOLD_MODEL, "version": 1, "decision": "approve", "comment": "release them"},
+    )
     assert r.status_code == 200, r.text
     run = trainer.wait_run(HOLD_DAG, run_id, timeout=600)
     timings["twenty_sensors_total"] = round(time.monotonic() - t0, 1)

@@ -22,21 +22,44 @@ from airloom.training.launcher import LaunchSpec, TrainingProcess, build_command
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    build_base_model(root / "base", BaseModelSpec(hidden_size=48, num_layers=1, num_heads=2, intermediate_size=96,
-                                                  pretrain_lines=2000), log=lambda m: None)
-    rows = [{"id": r["id"], "task": r["task"], "prompt": render_prompt(r["instruction"], r["input"]),
-             "response": r["response"]} for r in generate_records(256, seed=3)]
+    build_base_model(
+        root / "base",
+        BaseModelSpec(hidden_size=48, num_layers=1, num_heads=2, intermediate_size=96, pretrain_lines=2000),
+        log=lambda m: None,
+    )
+    rows = [
+        {
+            "id": r["id"],
+            "task": r["task"],
+            "prompt": render_prompt(r["instruction"], r["input"]),
+            "response": r["response"],
+        }
+        for r in generate_records(256, seed=3)
+    ]
     write_jsonl(rows, root / "train.jsonl")
     return root
 
 
 def _train(tiny: Path, out: Path, launcher: str, nproc: int, zero_stage: int, method: str = "full") -> dict:
-    cfg = TrainConfig(base_model=str(tiny / "base"), train_file=str(tiny / "train.jsonl"), output_dir=str(out),
-                      validation_file=str(tiny / "train.jsonl"), max_steps=30, batch_size=16, learning_rate=3e-3,
-                      warmup_steps=3, zero_stage=zero_stage, launcher=launcher, nproc_per_node=nproc, log_every=5,
-                      method=method)
+    cfg = TrainConfig(
+        base_model=str(tiny / "base"),
+        train_file=str(tiny / "train.jsonl"),
+        output_dir=str(out),
+        validation_file=str(tiny / "train.jsonl"),
+        max_steps=30,
+        batch_size=16,
+        learning_rate=3e-3,
+        warmup_steps=3,
+        zero_stage=zero_stage,
+        launcher=launcher,
+        nproc_per_node=nproc,
+        log_every=5,
+        method=method,
+    )
     out.mkdir(parents=True)
-    spec = LaunchSpec(config_path=cfg.save(out / "train_config.json"), launcher=launcher, nproc_per_node=nproc)
+    spec = LaunchSpec(
+        config_path=cfg.save(out / "train_config.json"), launcher=launcher, nproc_per_node=nproc
+    )
     lines: list[str] = []
     proc = TrainingProcess(build_command(spec), child_env({"OMP_NUM_THREADS": "1"}))
     proc.run(log=lines.append)
@@ -59,7 +82,10 @@ def test_deepspeed_launcher_two_processes(tiny, tmp_path, zero_stage):
     history = metrics["history"]
     assert metrics["world_size"] == 2 and metrics["zero_stage"] == zero_stage
     assert history[-1]["loss"] < history[0]["loss"] * 0.8, history
-    assert json.loads((tmp_path / "run" / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == zero_stage
+    assert (
+        json.loads((tmp_path / "run" / "deepspeed_config.json").read_text())["zero_optimization"]["stage"]
+        == zero_stage
+    )
     _check_model(tmp_path / "run")
 
 
@@ -74,8 +100,12 @@ def test_torchrun_lora(tiny, tmp_path):
 def test_failing_child_fails_with_its_last_lines(tmp_path):
     from airloom.training.launcher import TrainingFailed
 
-    cfg = TrainConfig(base_model=str(tmp_path / "missing"), train_file=str(tmp_path / "none.jsonl"),
-                      output_dir=str(tmp_path / "out"), launcher="python")
+    cfg = TrainConfig(
+        base_model=str(tmp_path / "missing"),
+        train_file=str(tmp_path / "none.jsonl"),
+        output_dir=str(tmp_path / "out"),
+        launcher="python",
+    )
     spec = LaunchSpec(config_path=cfg.save(tmp_path / "cfg.json"), launcher="python")
     with pytest.raises(TrainingFailed, match="exited with code 1"):
         TrainingProcess(build_command(spec), child_env()).run(log=lambda m: None)
@@ -84,9 +114,20 @@ def test_failing_child_fails_with_its_last_lines(tmp_path):
 
 def test_packed_training_learns_with_full_rows(tiny, tmp_path):
     out = tmp_path / "packed"
-    cfg = TrainConfig(base_model=str(tiny / "base"), train_file=str(tiny / "train.jsonl"), output_dir=str(out),
-                      max_steps=30, batch_size=4, learning_rate=3e-3, warmup_steps=3, zero_stage=2,
-                      launcher="python", log_every=5, packing=True, max_length=256)
+    cfg = TrainConfig(
+        base_model=str(tiny / "base"),
+        train_file=str(tiny / "train.jsonl"),
+        output_dir=str(out),
+        max_steps=30,
+        batch_size=4,
+        learning_rate=3e-3,
+        warmup_steps=3,
+        zero_stage=2,
+        launcher="python",
+        log_every=5,
+        packing=True,
+        max_length=256,
+    )
     out.mkdir()
     spec = LaunchSpec(config_path=cfg.save(out / "train_config.json"), launcher="python")
     TrainingProcess(build_command(spec), child_env({"OMP_NUM_THREADS": "1"})).run(log=lambda line: None)
@@ -98,8 +139,9 @@ def test_packed_training_learns_with_full_rows(tiny, tmp_path):
 
 def _start_until(cmd, env, marker: str, timeout: float = 240) -> subprocess.Popen:
     """Start the run and return once ``marker`` appears in its output (the run keeps going)."""
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + timeout
     seen = []
     for line in proc.stdout:
@@ -115,11 +157,22 @@ def _start_until(cmd, env, marker: str, timeout: float = 240) -> subprocess.Pope
 def test_run_killed_after_a_checkpoint_resumes_from_it(tiny, tmp_path):
     """SIGKILL the whole launcher group after the step-20 checkpoint; the rerun continues at step 20
     and ends where an uninterrupted run ends."""
+
     def config(out: Path) -> Path:
         out.mkdir()
-        return TrainConfig(base_model=str(tiny / "base"), train_file=str(tiny / "train.jsonl"), output_dir=str(out),
-                           max_steps=40, batch_size=16, learning_rate=3e-3, warmup_steps=3, zero_stage=2,
-                           launcher="deepspeed", log_every=10, checkpoint_every=10).save(out / "train_config.json")
+        return TrainConfig(
+            base_model=str(tiny / "base"),
+            train_file=str(tiny / "train.jsonl"),
+            output_dir=str(out),
+            max_steps=40,
+            batch_size=16,
+            learning_rate=3e-3,
+            warmup_steps=3,
+            zero_stage=2,
+            launcher="deepspeed",
+            log_every=10,
+            checkpoint_every=10,
+        ).save(out / "train_config.json")
 
     env = child_env({"OMP_NUM_THREADS": "1"})
     killed = tmp_path / "killed"
@@ -141,7 +194,8 @@ def test_run_killed_after_a_checkpoint_resumes_from_it(tiny, tmp_path):
 
     straight = tmp_path / "straight"
     TrainingProcess(build_command(LaunchSpec(config_path=config(straight), launcher="deepspeed")), env).run(
-        log=lambda line: None)
+        log=lambda line: None
+    )
     reference = json.loads((straight / "train_metrics.json").read_text())
     assert resumed["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-4)
 
@@ -155,10 +209,20 @@ def test_retry_on_another_machine_resumes_from_the_s3_mirror(tiny, tmp_path, mot
     uri = f"s3://{moto_bucket}/{prefix}"
     out = tmp_path / "run"
     out.mkdir()
-    config = TrainConfig(base_model=str(tiny / "base"), train_file=str(tiny / "train.jsonl"), output_dir=str(out),
-                         max_steps=30, batch_size=16, learning_rate=3e-3, warmup_steps=3, zero_stage=2,
-                         launcher="deepspeed", log_every=10, checkpoint_every=10, checkpoint_uri=uri
-                         ).save(out / "train_config.json")
+    config = TrainConfig(
+        base_model=str(tiny / "base"),
+        train_file=str(tiny / "train.jsonl"),
+        output_dir=str(out),
+        max_steps=30,
+        batch_size=16,
+        learning_rate=3e-3,
+        warmup_steps=3,
+        zero_stage=2,
+        launcher="deepspeed",
+        log_every=10,
+        checkpoint_every=10,
+        checkpoint_uri=uri,
+    ).save(out / "train_config.json")
     env = child_env({"OMP_NUM_THREADS": "1"})  # AWS_ENDPOINT_URL and credentials: set by moto_endpoint
     cmd = build_command(LaunchSpec(config_path=config, launcher="deepspeed"))
     proc = _start_until(cmd, env, "checkpoint step-00000020 saved")

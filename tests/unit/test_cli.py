@@ -58,6 +58,7 @@ def test_console_script_is_installed():
 
 # -- usage errors (exit 2) ----------------------------------------------------------------------------
 
+
 def test_missing_input_file_exits_2_naming_the_path(tmp_path, capsys):
     missing = tmp_path / "nope" / "raw.jsonl"
     rc, out, err = run(capsys, "validate", str(missing), "--out", str(tmp_path / "v"))
@@ -89,6 +90,7 @@ def test_bad_version_ref_exits_2(tmp_path, capsys):
 
 # -- data ---------------------------------------------------------------------------------------------
 
+
 def test_validate_clean_data_passes(tmp_path, clean_jsonl, capsys):
     out_dir = tmp_path / "val"
     rc, out, err = run(capsys, "validate", str(clean_jsonl), "--out", str(out_dir), "--json")
@@ -112,8 +114,20 @@ def test_validate_duplicated_data_fails_with_exit_1(tmp_path, capsys):
 
 def test_prepare_writes_splits(tmp_path, clean_jsonl, capsys):
     out_dir = tmp_path / "prepared"
-    rc, out, err = run(capsys, "prepare", str(clean_jsonl), "--out", str(out_dir), "--seed", "1",
-                       "--val-fraction", "0.2", "--test-fraction", "0.2", "--json")
+    rc, out, err = run(
+        capsys,
+        "prepare",
+        str(clean_jsonl),
+        "--out",
+        str(out_dir),
+        "--seed",
+        "1",
+        "--val-fraction",
+        "0.2",
+        "--test-fraction",
+        "0.2",
+        "--json",
+    )
     assert rc == 0, err
     manifest = json.loads(out)
     assert manifest == json.loads((out_dir / "manifest.json").read_text())
@@ -131,11 +145,13 @@ def test_prepare_writes_splits(tmp_path, clean_jsonl, capsys):
 
 # -- registry -----------------------------------------------------------------------------------------
 
+
 def test_registry_round_trip(tmp_path, model_folder, capsys):
     reg = ["--registry", str(tmp_path / "reg")]
 
-    rc, out, err = run(capsys, *reg, "registry", "register", "demo", str(model_folder), "--user", "alice",
-                       "--json")
+    rc, out, err = run(
+        capsys, *reg, "registry", "register", "demo", str(model_folder), "--user", "alice", "--json"
+    )
     assert rc == 0, err
     v1 = json.loads(out)
     assert (v1["name"], v1["version"], v1["created_by"]) == ("demo", 1, "alice")
@@ -147,7 +163,9 @@ def test_registry_round_trip(tmp_path, model_folder, capsys):
     rc, out, _ = run(capsys, *reg, "registry", "list", "demo", "--json")
     assert rc == 0
     assert [(r["version"], r["created_by"], r["aliases"]) for r in json.loads(out)] == [
-        (1, "alice", []), (2, "bob", [])]
+        (1, "alice", []),
+        (2, "bob", []),
+    ]
 
     rc, out, _ = run(capsys, *reg, "registry", "show", "demo/1", "--json")
     assert rc == 0 and json.loads(out)["version"] == 1
@@ -160,8 +178,18 @@ def test_registry_round_trip(tmp_path, model_folder, capsys):
     assert rc == 1 and "sign-off" in err
     assert run(capsys, *reg, "signoff", "request", "demo/1", "--user", "alice")[0] == 0
     assert run(capsys, *reg, "signoff", "approve", "demo/1", "--user", "bob")[0] == 0
-    rc, out, err = run(capsys, *reg, "registry", "promote", "demo/1", "production", "--user", "carol",
-                       "--reason", "best eval")
+    rc, out, err = run(
+        capsys,
+        *reg,
+        "registry",
+        "promote",
+        "demo/1",
+        "production",
+        "--user",
+        "carol",
+        "--reason",
+        "best eval",
+    )
     assert rc == 0, err
     assert "demo@production -> 1" in out
 
@@ -208,6 +236,7 @@ def test_registry_show_unknown_version_exits_2(tmp_path, model_folder, capsys):
 
 # -- sign-off -----------------------------------------------------------------------------------------
 
+
 def test_signoff_separation_of_duties(tmp_path, model_folder, capsys):
     reg = ["--registry", str(tmp_path / "reg")]
     assert run(capsys, *reg, "registry", "register", "demo", str(model_folder))[0] == 0
@@ -222,8 +251,9 @@ def test_signoff_separation_of_duties(tmp_path, model_folder, capsys):
     line = error_line(err)
     assert "alice" in line and "separation of duties" in line
 
-    rc, out, err = run(capsys, *reg, "signoff", "approve", "demo/1", "--user", "bob", "--comment", "lgtm",
-                       "--json")
+    rc, out, err = run(
+        capsys, *reg, "signoff", "approve", "demo/1", "--user", "bob", "--comment", "lgtm", "--json"
+    )
     assert rc == 0, err
     assert json.loads(out)["state"] == "approved"
 
@@ -243,8 +273,9 @@ def test_signoff_reject_makes_status_exit_1(tmp_path, model_folder, capsys):
 
 
 def test_signoff_of_missing_version_exits_nonzero(tmp_path, capsys):
-    rc, _, err = run(capsys, "--registry", str(tmp_path / "reg"), "signoff", "request", "ghost/1",
-                     "--user", "alice")
+    rc, _, err = run(
+        capsys, "--registry", str(tmp_path / "reg"), "signoff", "request", "ghost/1", "--user", "alice"
+    )
     assert rc == 2
     assert "ghost" in error_line(err)
 
@@ -270,8 +301,18 @@ def test_evaluate_score_matches_sacrebleu_and_rouge(tmp_path, capsys):
     preds = write_jsonl(PREDICTIONS, tmp_path / "preds.jsonl")
     refs = write_jsonl(REFERENCES, tmp_path / "refs.jsonl")
     out_dir = tmp_path / "scores"
-    rc, out, err = run(capsys, "evaluate", "score", "--predictions", str(preds), "--references", str(refs),
-                       "--out", str(out_dir), "--json")
+    rc, out, err = run(
+        capsys,
+        "evaluate",
+        "score",
+        "--predictions",
+        str(preds),
+        "--references",
+        str(refs),
+        "--out",
+        str(out_dir),
+        "--json",
+    )
     assert rc == 0, err
     metrics = json.loads((out_dir / "metrics.json").read_text())
     keys = {"bleu", "chrf", "rouge1", "rouge2", "rougeL", "rougeLsum", "exact_match", "f1"}
@@ -285,8 +326,10 @@ def test_evaluate_score_matches_sacrebleu_and_rouge(tmp_path, capsys):
     assert metrics["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, streams).score)
 
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
-    best = [max((scorer.score(r, h) for r in refs_), key=lambda s: s["rougeL"].fmeasure)
-            for h, refs_ in zip(hyps, ref_lists, strict=True)]
+    best = [
+        max((scorer.score(r, h) for r in refs_), key=lambda s: s["rougeL"].fmeasure)
+        for h, refs_ in zip(hyps, ref_lists, strict=True)
+    ]
     for k in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
         assert metrics[k] == pytest.approx(sum(s[k].fmeasure for s in best) / 3), k
 
@@ -299,8 +342,17 @@ def test_evaluate_score_matches_sacrebleu_and_rouge(tmp_path, capsys):
 def test_evaluate_score_missing_prediction_exits_2(tmp_path, capsys):
     preds = write_jsonl(PREDICTIONS[:2], tmp_path / "preds.jsonl")
     refs = write_jsonl(REFERENCES, tmp_path / "refs.jsonl")
-    rc, _, err = run(capsys, "evaluate", "score", "--predictions", str(preds), "--references", str(refs),
-                     "--out", str(tmp_path / "scores"))
+    rc, _, err = run(
+        capsys,
+        "evaluate",
+        "score",
+        "--predictions",
+        str(preds),
+        "--references",
+        str(refs),
+        "--out",
+        str(tmp_path / "scores"),
+    )
     assert rc == 2
     line = error_line(err)
     assert str(preds) in line and "'c'" in line
@@ -311,7 +363,16 @@ def test_evaluate_score_bad_json_line_exits_2(tmp_path, capsys):
     preds = tmp_path / "preds.jsonl"
     preds.write_text('{"id": "a", "prediction": "x"}\n{oops\n')
     refs = write_jsonl(REFERENCES[:1], tmp_path / "refs.jsonl")
-    rc, _, err = run(capsys, "evaluate", "score", "--predictions", str(preds), "--references", str(refs),
-                     "--out", str(tmp_path / "scores"))
+    rc, _, err = run(
+        capsys,
+        "evaluate",
+        "score",
+        "--predictions",
+        str(preds),
+        "--references",
+        str(refs),
+        "--out",
+        str(tmp_path / "scores"),
+    )
     assert rc == 2
     assert f"{preds}:2" in error_line(err)

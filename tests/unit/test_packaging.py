@@ -30,28 +30,51 @@ def installed(tmp_path_factory) -> dict[str, Path]:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, src / name)
     proc = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-         "--no-build-isolation", "--no-compile", "--target", str(site), str(src)],
-        capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-compile",
+            "--target",
+            str(site),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     work.mkdir()
     return {"site": site, "work": work}
 
 
-def run(installed: dict[str, Path], *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run(
+    installed: dict[str, Path], *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """``python *args`` in the work folder, importing airloom only from the installed copy."""
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("AIRLOOM_", "AIRFLOW", "PYTHON", "TORCH_EXTENSIONS"))}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AIRLOOM_", "AIRFLOW", "PYTHON", "TORCH_EXTENSIONS"))
+    }
     clean.update(PYTHONPATH=str(installed["site"]), **(env or {}))
-    return subprocess.run([sys.executable, *args], cwd=installed["work"], env=clean, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, *args], cwd=installed["work"], env=clean, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_every_file_of_the_package_is_installed(installed):
     def files(top: Path) -> set[str]:
-        return {str(p.relative_to(top)) for p in top.rglob("*")
-                if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
+        return {
+            str(p.relative_to(top))
+            for p in top.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
+        }
 
     missing = files(PACKAGE) - files(installed["site"] / "airloom")
     assert not missing, f"not installed (add their kind to [tool.setuptools.package-data]): {sorted(missing)}"
@@ -88,8 +111,12 @@ print(json.dumps({
     assert got["config"] == "TrainConfig" and got["bias_templates"] > 0 and got["rouge_module"]
 
     other = work / "elsewhere"
-    proc = run(installed, "-c", "from airloom import settings; print(settings.home())",
-               env={"AIRLOOM_PROJECT_DIR": str(other)})
+    proc = run(
+        installed,
+        "-c",
+        "from airloom import settings; print(settings.home())",
+        env={"AIRLOOM_PROJECT_DIR": str(other)},
+    )
     assert proc.returncode == 0 and proc.stdout.strip() == str(other / ".airloom"), proc.stderr[-3000:]
 
 
@@ -98,9 +125,11 @@ def test_installed_cli_runs_commands(installed):
     assert proc.returncode == 0 and "validate" in proc.stdout, proc.stderr[-3000:]
 
     work = installed["work"]
-    rows = [{"instruction": "Say hi.", "input": "", "response": "hi"},
-            {"instruction": "Add 2 and 3.", "input": "", "response": "5"},
-            {"instruction": "Name a colour.", "input": "", "response": "blue"}]
+    rows = [
+        {"instruction": "Say hi.", "input": "", "response": "hi"},
+        {"instruction": "Add 2 and 3.", "input": "", "response": "5"},
+        {"instruction": "Name a colour.", "input": "", "response": "blue"},
+    ]
     (work / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = run(installed, "-m", "airloom.cli", "eda", "tiny.jsonl", "--out", "eda")
     assert proc.returncode == 0, proc.stderr[-3000:]

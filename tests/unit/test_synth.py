@@ -44,9 +44,18 @@ def oracle(task: str, inp: str) -> str:
 
 @pytest.mark.parametrize(
     ("n", "words"),
-    [(0, "zero"), (7, "seven"), (13, "thirteen"), (20, "twenty"), (42, "forty-two"), (90, "ninety"),
-     (100, "one hundred"), (105, "one hundred five"), (342, "three hundred forty-two"),
-     (999, "nine hundred ninety-nine")],
+    [
+        (0, "zero"),
+        (7, "seven"),
+        (13, "thirteen"),
+        (20, "twenty"),
+        (42, "forty-two"),
+        (90, "ninety"),
+        (100, "one hundred"),
+        (105, "one hundred five"),
+        (342, "three hundred forty-two"),
+        (999, "nine hundred ninety-nine"),
+    ],
 )
 def test_number_in_words(n, words):
     assert number_in_words(n) == words
@@ -122,7 +131,9 @@ def test_write_history_partitions(tmp_path):
         for row in rows:
             assert set(row) == {"id", "task", "prompt", "response"}
             assert row["id"].startswith(day.isoformat() + "-")
-            m = re.fullmatch(r"### Instruction:\n(.*)\n### Input:\n(.*)\n### Response:\n", row["prompt"], re.S)
+            m = re.fullmatch(
+                r"### Instruction:\n(.*)\n### Input:\n(.*)\n### Response:\n", row["prompt"], re.S
+            )
             assert m, row["prompt"]
             assert row["prompt"] == render_prompt(m.group(1), m.group(2))
             assert row["response"] == oracle(row["task"], m.group(2))

@@ -385,7 +385,9 @@ def render_page(
     shown = []
     for e in entries:
         gates = e["gates"] if isinstance(e["gates"], list) else []  # as QualityGateOperator records them
-        run_url = f"{ui_root}/dags/{quote(e['dag_id'])}/runs/{quote(e['run_id'], safe='')}" if e["run_id"] else None
+        run_url = (
+            f"{ui_root}/dags/{quote(e['dag_id'])}/runs/{quote(e['run_id'], safe='')}" if e["run_id"] else None
+        )
         shown.append(
             {
                 **e,
@@ -490,9 +492,9 @@ def create_app() -> FastAPI:
 
             login = get_auth_manager().get_url_login(next_url=str(request.url))
             return HTMLResponse(
-                Markup('<!doctype html><p>Not signed in to Airflow. <a href="{}" target="_top">Log in</a></p>').format(
-                    login
-                ),
+                Markup(
+                    '<!doctype html><p>Not signed in to Airflow. <a href="{}" target="_top">Log in</a></p>'
+                ).format(login),
                 status_code=401,
             )
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)

@@ -131,8 +131,15 @@ def profile_stream(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    profiler = Profiler(tokenizer, near_duplicate_threshold, shingle_size, languages=languages, spill_dir=out_dir,
-                        token_sample=token_sample, token_error=token_error)
+    profiler = Profiler(
+        tokenizer,
+        near_duplicate_threshold,
+        shingle_size,
+        languages=languages,
+        spill_dir=out_dir,
+        token_sample=token_sample,
+        token_error=token_error,
+    )
     try:
         for chunk in chunks():
             profiler.add(chunk)
@@ -220,7 +227,9 @@ def load_scan(scan_dir: Path, source: dict) -> tuple[dict, dict] | None:
     """(profile, series) saved by :func:`save_scan` for the same ``source``; None when absent or stale."""
     scan_dir = Path(scan_dir)
     try:
-        if json.loads((scan_dir / "source.json").read_text()) != json.loads(json.dumps(source, sort_keys=True)):
+        if json.loads((scan_dir / "source.json").read_text()) != json.loads(
+            json.dumps(source, sort_keys=True)
+        ):
             return None
         profile = json.loads((scan_dir / "profile.json").read_text(encoding="utf-8"))
         with np.load(scan_dir / "series.npz") as arrays:
@@ -448,7 +457,9 @@ class Columns:
         if existing is not None:
             self.dir: Path | None = Path(existing)
         else:
-            self.dir = Path(tempfile.mkdtemp(prefix=".columns.", dir=spill_dir)) if spill_dir is not None else None
+            self.dir = (
+                Path(tempfile.mkdtemp(prefix=".columns.", dir=spill_dir)) if spill_dir is not None else None
+            )
         self._parts: dict[str, list[np.ndarray]] = {}
         self._dtypes: dict[str, np.dtype] = {}
 
@@ -586,7 +597,9 @@ class WordWork:
             by_key = np.sort(new)  # insert in key order, so the table stays sorted
             self.vocab_keys = np.insert(self.vocab_keys, at[by_key], unique_keys[by_key])
             self.vocab_ids = np.insert(self.vocab_ids, at[by_key], unique_ids[by_key].astype(np.int32))
-            self.content = np.concatenate((self.content, [w not in _STOPWORDS and not w.isdigit() for w in added]))
+            self.content = np.concatenate(
+                (self.content, [w not in _STOPWORDS and not w.isdigit() for w in added])
+            )
             grow = np.zeros(len(added), dtype=np.int64)
             self.word_counts = np.concatenate((self.word_counts, grow))
             self.leading_counts = np.concatenate((self.leading_counts, grow))
@@ -937,7 +950,11 @@ class Profiler:
                 fields[f]["tokens"] = _stats(tokens[f])
         for f in ("id", "task"):
             present = self.present[f]
-            fields[f] = {"present": present, "empty": n - present, "completeness": round(present / n, 4) if n else 0.0}
+            fields[f] = {
+                "present": present,
+                "empty": n - present,
+                "completeness": round(present / n, 4) if n else 0.0,
+            }
         totals = chars["instruction"] + chars["input"] + chars["response"]
         fields["total_chars"] = _stats(totals)
         fields["total_words"] = _stats(nwords["instruction"] + nwords["input"] + nwords["response"])
@@ -988,7 +1005,11 @@ class Profiler:
                 "rate": rate(duplicates),
                 "groups": self._dup_groups,
                 "examples": [
-                    {"copies": size, "lines": [int(lines[i]) for i in group], "instruction": instruction(first)}
+                    {
+                        "copies": size,
+                        "lines": [int(lines[i]) for i in group],
+                        "instruction": instruction(first),
+                    }
                     for first, group, size in self._dup_examples
                 ],
             },
@@ -1008,7 +1029,11 @@ class Profiler:
                 "by_kind": dict(self.pii_kinds),
                 "examples": self.pii_examples,
             },
-            "markup": {"rows": self.markup_rows, "rate": rate(self.markup_rows), "examples": self.markup_examples},
+            "markup": {
+                "rows": self.markup_rows,
+                "rate": rate(self.markup_rows),
+                "examples": self.markup_examples,
+            },
             "control_chars": {"rows": self.control_rows, "rate": rate(self.control_rows)},
             "outliers": {
                 "longest": [outlier(i) for i in self._longest],
@@ -1032,7 +1057,9 @@ class Profiler:
                 {
                     "rows": len(group),
                     "lines": [int(lines[i]) for i in group[:10]],
-                    "jaccard": [found.jaccards[np.searchsorted(found.members, i)].item() for i in group[1:10]],
+                    "jaccard": [
+                        found.jaccards[np.searchsorted(found.members, i)].item() for i in group[1:10]
+                    ],
                     "instruction": _preview(rows[group[0]].get("instruction") or ""),
                     "first": ("…" if cut else "") + _preview(first[cut:], 100),
                     "repeat": ("…" if cut else "") + _preview(other[cut:], 100),

@@ -194,7 +194,9 @@ def parse_field_map(value: Any) -> dict[str, str] | None:
             if any(len(pair) != 2 or not pair[0].strip() or not pair[1].strip() for pair in pairs):
                 raise UsageError(f"field_map: expected source=field pairs separated by commas, got {text!r}")
             value = {src.strip(): dst.strip() for src, dst in pairs}
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
         raise UsageError(f"field_map must map source keys to field names, got {value!r}")
     if not value:
         return None
@@ -269,8 +271,11 @@ def _resolve_s3(uri: str, client: Any) -> list[_Source]:
     if any(ch in key for ch in "*?["):
         literal = key[: min(key.find(ch) for ch in "*?[" if ch in key)]
         pattern = key.split("/")
-        keys = [k for k in listed(literal.rsplit("/", 1)[0] + "/" if "/" in literal else "")
-                if Path(k).suffix.lower() in SUFFIXES and _glob_match(pattern, k.split("/"))]
+        keys = [
+            k
+            for k in listed(literal.rsplit("/", 1)[0] + "/" if "/" in literal else "")
+            if Path(k).suffix.lower() in SUFFIXES and _glob_match(pattern, k.split("/"))
+        ]
         if not keys:
             raise UsageError(f"{uri}: the pattern matches no {'/'.join(SUFFIXES)} object")
         return [source(k) for k in keys]
@@ -286,7 +291,9 @@ def _resolve_s3(uri: str, client: Any) -> list[_Source]:
     if keys:
         return [source(k) for k in keys]
     if key and not key.endswith("/") and key in listed(key):
-        raise UsageError(f"{uri}: unsupported file type {Path(key).suffix!r}; use one of {', '.join(SUFFIXES)}")
+        raise UsageError(
+            f"{uri}: unsupported file type {Path(key).suffix!r}; use one of {', '.join(SUFFIXES)}"
+        )
     if listed(prefix):
         raise UsageError(f"{uri}: the prefix holds no {'/'.join(SUFFIXES)} object")
     raise UsageError(f"{uri}: no such S3 object or prefix")
@@ -331,7 +338,9 @@ def _read_bytes(file: Path) -> bytes:
         raise UsageError(f"{file}: cannot read the file ({exc.strerror or exc})") from exc
 
 
-def _source_chunks(source: _Source, field_map: dict[str, str] | None, chunk_rows: int) -> Iterator[LoadResult]:
+def _source_chunks(
+    source: _Source, field_map: dict[str, str] | None, chunk_rows: int
+) -> Iterator[LoadResult]:
     mapper = _Mapper(source.name, field_map)
     batch: list[_Row] = []
     for row in _source_rows(source):
@@ -637,7 +646,9 @@ class _Mapper:
     def chunk(self, rows: list[_Row]) -> LoadResult:
         file = self.file
         if self.mapping is None and (rows or self.field_map is not None):
-            self.mapping = _pick_schema([row.obj for row in rows if isinstance(row.obj, dict)], self.field_map)
+            self.mapping = _pick_schema(
+                [row.obj for row in rows if isinstance(row.obj, dict)], self.field_map
+            )
             self.source_of = {dst: src for src, dst in self.mapping.items()}
         result = LoadResult(records=[], findings=[], rows_read=len(rows), source=file)
         for line, obj, raw, parse_problems, where in rows:

@@ -257,8 +257,13 @@ class NearDuplicates:
     @property
     def of(self) -> dict[int, tuple[int, float]]:
         """Row -> (the earlier kept row it repeats, Jaccard), as a dict (for small results and tests)."""
-        return dict(zip(self.members.tolist(), zip(self.firsts.tolist(), self.jaccards.tolist(), strict=True),
-                        strict=True))
+        return dict(
+            zip(
+                self.members.tolist(),
+                zip(self.firsts.tolist(), self.jaccards.tolist(), strict=True),
+                strict=True,
+            )
+        )
 
     def first_of(self, row: int) -> tuple[int, float] | None:
         """(the earlier kept row ``row`` repeats, Jaccard), or None when it repeats none."""
@@ -288,7 +293,8 @@ class NearDuplicates:
         by_first = np.argsort(self.firsts, kind="stable")  # members ascending within a group
         starts = np.concatenate(([0], np.cumsum(sizes)))
         return [
-            [int(firsts[g]), *self.members[by_first[starts[g] : starts[g + 1]]].tolist()] for g in order.tolist()
+            [int(firsts[g]), *self.members[by_first[starts[g] : starts[g + 1]]].tolist()]
+            for g in order.tolist()
         ]
 
     def to_dict(self) -> dict[str, Any]:
@@ -357,7 +363,9 @@ class NearDuplicateFinder:
         self._eligible: list[np.ndarray] = []
         # per row: its distinct shingle hashes (sorted), its signature (to rank candidates) and its band
         # keys; in memory, or appended to files under spill_dir and read back in slices
-        self._store = _Store(self.bands, num_perm) if spill_dir is None else _Spill(spill_dir, self.bands, num_perm)
+        self._store = (
+            _Store(self.bands, num_perm) if spill_dir is None else _Spill(spill_dir, self.bands, num_perm)
+        )
         self._buf = np.empty((num_perm, _CHUNK), dtype=np.uint32)
 
     # --- input ------------------------------------------------------------------------------------
@@ -714,7 +722,9 @@ class _Spill(_Store):
 
     def partners(self, band: int, start: int, end: int) -> np.ndarray:
         w = self._width
-        got = np.fromfile(self.dir / f"partners{band}.i32", dtype=np.int32, count=(end - start) * w, offset=4 * start * w)
+        got = np.fromfile(
+            self.dir / f"partners{band}.i32", dtype=np.int32, count=(end - start) * w, offset=4 * start * w
+        )
         return got.reshape(-1, w)
 
     def signatures(self, rows: np.ndarray) -> np.ndarray:

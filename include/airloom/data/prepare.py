@@ -45,8 +45,16 @@ MARKUP_POLICIES = ("strip", "keep")
 DEFAULT_TOKENIZER = "registry:airloom-tiny-base"
 # Files that define a Hugging Face tokenizer; their digest pins the tokenizer in the manifest.
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
 )
 ROW_GROUP_SIZE = 50_000
 # Records cleaned, rendered and spooled at a time: bounds memory, and amortises numpy/arrow calls.
@@ -137,9 +145,12 @@ def prepare(
         raise UsageError(f"unknown pii_policy {pii_policy!r}; use one of {', '.join(PII_POLICIES)}")
     if markup not in MARKUP_POLICIES:
         raise UsageError(f"unknown markup policy {markup!r}; use one of {', '.join(MARKUP_POLICIES)}")
-    if near_dedup is not None and (isinstance(near_dedup, bool) or not isinstance(near_dedup, int | float)
-                                   or not 0 < near_dedup <= 1):
-        raise UsageError(f"near_dedup must be a Jaccard threshold in (0, 1], or None to turn it off, got {near_dedup!r}")
+    if near_dedup is not None and (
+        isinstance(near_dedup, bool) or not isinstance(near_dedup, int | float) or not 0 < near_dedup <= 1
+    ):
+        raise UsageError(
+            f"near_dedup must be a Jaccard threshold in (0, 1], or None to turn it off, got {near_dedup!r}"
+        )
     for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
         if not 0 <= value < 1:
             raise UsageError(f"{name} must be in [0, 1), got {value!r}")
@@ -177,9 +188,18 @@ def prepare(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         spool = tmp / SPOOL_FILE
-        screen = _Screen(spool, seed=seed, dedup=dedup, pii_policy=pii_policy, renderer=renderer, tok=tok,
-                         max_seq_len=max_seq_len, id_list_cap=id_list_cap, strip_markup=markup == "strip",
-                         near_dedup=near_dedup if dedup else None)
+        screen = _Screen(
+            spool,
+            seed=seed,
+            dedup=dedup,
+            pii_policy=pii_policy,
+            renderer=renderer,
+            tok=tok,
+            max_seq_len=max_seq_len,
+            id_list_cap=id_list_cap,
+            strip_markup=markup == "strip",
+            near_dedup=near_dedup if dedup else None,
+        )
         near = screen.run(records)
         counts = screen.counts
         if not screen.kept:
@@ -346,7 +366,9 @@ def content_sha256(rows: Iterable[dict]) -> str:
 
 # One row of ``COLUMNS`` as json.dumps(row, ensure_ascii=False) + "\n" writes it, for values already
 # JSON-encoded; test_json_lines_match_json_dumps holds it to json.dumps.
-_JSON_LINE = ('{{"id": {}, "prompt": {}, "response": {}, "task": {}, "instruction": {}, "input": {}}}\n').format
+_JSON_LINE = (
+    '{{"id": {}, "prompt": {}, "response": {}, "task": {}, "instruction": {}, "input": {}}}\n'
+).format
 
 
 def _json_lines(batch: Any) -> list[str]:
@@ -419,10 +441,14 @@ def _hashes64(digests: list[bytes]) -> np.ndarray:
 
 
 def _id_hashes(ids: list[str]) -> np.ndarray:
-    return _hashes64([hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=8).digest() for i in ids])
+    return _hashes64(
+        [hashlib.blake2b(i.encode("utf-8", "surrogatepass"), digest_size=8).digest() for i in ids]
+    )
 
 
-def _cleaned(chunk: list[tuple[int, dict]], pii_policy: str, rank_prefix: bytes, strip_markup: bool) -> list[tuple]:
+def _cleaned(
+    chunk: list[tuple[int, dict]], pii_policy: str, rank_prefix: bytes, strip_markup: bool
+) -> list[tuple]:
     """Clean a chunk of (position, record): per record ``(row, changed, trailing turns, PII found, id)``;
     ``row`` is None for a row dropped for PII (``id`` then names it), else carries its dedup ``key``,
     rank ``digest`` and ``where`` (and ``markup_stripped``)."""
@@ -455,9 +481,20 @@ class _Screen:
     keys (~n²/2**129) are as good as impossible, and equal keys tie as before (input order).
     """
 
-    def __init__(self, spool: Path, *, seed: int, dedup: bool, pii_policy: str, renderer: Any, tok: Any,
-                 max_seq_len: int | None, id_list_cap: int, strip_markup: bool = False,
-                 near_dedup: float | None = None) -> None:
+    def __init__(
+        self,
+        spool: Path,
+        *,
+        seed: int,
+        dedup: bool,
+        pii_policy: str,
+        renderer: Any,
+        tok: Any,
+        max_seq_len: int | None,
+        id_list_cap: int,
+        strip_markup: bool = False,
+        near_dedup: float | None = None,
+    ) -> None:
         self.spool = spool
         self.strip_markup, self.near_dedup = strip_markup, near_dedup
         self._near: Any = None  # the near-duplicate search, in a worker process
@@ -612,17 +649,24 @@ class _Screen:
         table = pa.Table.from_pydict({c: [r[c] for r in rows] for c in COLUMNS}, schema=_schema())
         if self._writer is None:
             # A scratch file read back once: fast compression, no dictionaries or statistics.
-            self._writer = pq.ParquetWriter(self.spool, _schema(), compression="lz4", use_dictionary=False,
-                                            write_statistics=False)
+            self._writer = pq.ParquetWriter(
+                self.spool, _schema(), compression="lz4", use_dictionary=False, write_statistics=False
+            )
         self._background.submit(self._writer.write_table, table)
         if self._near is not None:  # what validation's search reads: the three fields' words, in order
             self._near.post("add_texts", [f"{r['instruction']}\n{r['input']}\n{r['response']}" for r in rows])
         self.kept += len(rows)
-        self._ranks.append(np.frombuffer(b"".join(r["digest"][:16] for r in rows), dtype=">u8")
-                           .astype(np.uint64).reshape(-1, 2))
+        self._ranks.append(
+            np.frombuffer(b"".join(r["digest"][:16] for r in rows), dtype=">u8")
+            .astype(np.uint64)
+            .reshape(-1, 2)
+        )
         names = self.task_names
-        self._tasks.append(np.fromiter((names.setdefault(r["task"], len(names)) for r in rows),
-                                       dtype=np.int32, count=len(rows)))
+        self._tasks.append(
+            np.fromiter(
+                (names.setdefault(r["task"], len(names)) for r in rows), dtype=np.int32, count=len(rows)
+            )
+        )
 
 
 def _split(tasks: np.ndarray, ranks: np.ndarray, val_fraction: float, test_fraction: float) -> np.ndarray:
@@ -641,8 +685,15 @@ def _split(tasks: np.ndarray, ranks: np.ndarray, val_fraction: float, test_fract
     return out
 
 
-def _write_splits(spool: Path, assignment: np.ndarray, tasks: np.ndarray, task_names: dict[str | None, int],
-                  folder: Path, dropped_ids: list[str] | None = None, cap: int = 0) -> dict[str, dict[str, Any]]:
+def _write_splits(
+    spool: Path,
+    assignment: np.ndarray,
+    tasks: np.ndarray,
+    task_names: dict[str | None, int],
+    folder: Path,
+    dropped_ids: list[str] | None = None,
+    cap: int = 0,
+) -> dict[str, dict[str, Any]]:
     """Second pass: copy each split's rows, in input order, from the spool to its file and content hash.
 
     One read of the spool per split, so that only one split's row group is buffered at a time (a
@@ -669,7 +720,9 @@ def _write_splits(spool: Path, assignment: np.ndarray, tasks: np.ndarray, task_n
                 done += batch.num_rows
                 if n == 0 and dropped_ids is not None and len(dropped_ids) < cap:
                     ids = batch.column("id")
-                    dropped_ids += [ids[k].as_py() for k in np.flatnonzero(here < 0)[: cap - len(dropped_ids)]]
+                    dropped_ids += [
+                        ids[k].as_py() for k in np.flatnonzero(here < 0)[: cap - len(dropped_ids)]
+                    ]
                 if len(picked):
                     rows = pa.Table.from_batches([batch])
                     rows = rows if len(picked) == batch.num_rows else rows.take(picked)
@@ -744,8 +797,9 @@ def _clean_text(value: Any, what: str, where: str, mask: bool, pii: list[dict[st
     return text, changed
 
 
-def _clean(rec: dict, where: str, pii_policy: str,
-           strip_markup: bool = False) -> tuple[dict, bool, Counter[str] | None]:
+def _clean(
+    rec: dict, where: str, pii_policy: str, strip_markup: bool = False
+) -> tuple[dict, bool, Counter[str] | None]:
     """Normalised (and, under ``mask``, scrubbed) row; whether normalising changed it; PII found, if any.
     With ``strip_markup``, a row with HTML it does not ask for loses it (``row["markup_stripped"]``)."""
     mask = pii_policy == "mask"
@@ -778,8 +832,12 @@ def _clean(rec: dict, where: str, pii_policy: str,
             row["instruction"] = _strip_markup(instruction)
             row["response"] = _strip_markup(response)
     task = rec.get("task") or None
-    row.update(given_id=rec.get("id"), task=str(task) if task is not None else None, trailing_turns=trailing,
-               markup_stripped=stripped)
+    row.update(
+        given_id=rec.get("id"),
+        task=str(task) if task is not None else None,
+        trailing_turns=trailing,
+        markup_stripped=stripped,
+    )
     pii = None
     if found:
         pii = Counter()
@@ -799,20 +857,28 @@ def _chat_row(turns: list[dict], where: str) -> tuple[dict, int]:
     if user is None or not prompt[user]["content"]:
         raise UsageError(f"{where}: messages need a non-empty user turn before the last assistant turn")
     others = [f"{t['role']}: {t['content']}" for n, t in enumerate(prompt) if n != user]
-    row = {"instruction": prompt[user]["content"], "input": "\n".join(others),
-           "response": turns[last]["content"], "messages": prompt}
+    row = {
+        "instruction": prompt[user]["content"],
+        "input": "\n".join(others),
+        "response": turns[last]["content"],
+        "messages": prompt,
+    }
     return row, len(turns) - last - 1
 
 
 # HTML elements whose tags _strip_markup removes (names that are not also common in code, such as the
 # <T> or <int> of generics); block elements leave a line break.
-_INLINE_TAGS = "a|abbr|b|big|cite|em|font|i|img|link|meta|small|span|strong|sub|sup|u|iframe|input|label|button"
+_INLINE_TAGS = (
+    "a|abbr|b|big|cite|em|font|i|img|link|meta|small|span|strong|sub|sup|u|iframe|input|label|button"
+)
 _BLOCK_TAGS = (
     "br|hr|p|div|li|ul|ol|dl|dt|dd|tr|td|th|thead|tbody|table|h[1-6]|section|article|nav|footer|header|main"
     "|aside|center|pre|blockquote|form|html|head|body|title"
 )
-_TAG_RE = re.compile(rf"</?(?:({_BLOCK_TAGS})|(?:{_INLINE_TAGS}))\b[^<>]*?/?>|<!--.*?-->|<!doctype[^<>]*>",
-                     re.IGNORECASE | re.DOTALL)
+_TAG_RE = re.compile(
+    rf"</?(?:({_BLOCK_TAGS})|(?:{_INLINE_TAGS}))\b[^<>]*?/?>|<!--.*?-->|<!doctype[^<>]*>",
+    re.IGNORECASE | re.DOTALL,
+)
 _SCRIPT_STYLE_RE = re.compile(r"<(script|style)\b[^>]*>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _BLANK_LINES_RE = re.compile(r"\n{3,}")
 
@@ -851,9 +917,7 @@ def _token_lengths(tokenizer: Any, rows: list[dict], batch: int = 1024) -> list[
         # verbose=False: rows longer than the model's context are expected here; they are what is counted.
         prompts = tokenizer([r["prompt"] for r in chunk], add_special_tokens=False, verbose=False)
         responses = tokenizer([r["response"] + eos for r in chunk], add_special_tokens=False, verbose=False)
-        out.extend(
-            len(p) + len(r) for p, r in zip(prompts["input_ids"], responses["input_ids"], strict=True)
-        )
+        out.extend(len(p) + len(r) for p, r in zip(prompts["input_ids"], responses["input_ids"], strict=True))
     return out
 
 

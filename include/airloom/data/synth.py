@@ -53,8 +53,28 @@ WORDS = [
 ]
 
 
-ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-        "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+ONES = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
 TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 
 
@@ -133,8 +153,13 @@ def generate_records(n: int, seed: int = 0, tasks: list[str] | None = None) -> I
         else:
             raise ValueError(f"task {task} has too few distinct items for {n} records")
         seen.add((instruction, inp))
-        yield {"id": f"{task}-{seed}-{i}", "task": task, "instruction": instruction, "input": inp,
-               "response": response}
+        yield {
+            "id": f"{task}-{seed}-{i}",
+            "task": task,
+            "instruction": instruction,
+            "input": inp,
+            "response": response,
+        }
 
 
 def write_jsonl(records, path: Path) -> Path:
@@ -188,5 +213,10 @@ def pretraining_text(n_lines: int, seed: int = 7) -> Iterator[str]:
 def vocabulary_text() -> list[str]:
     """Lines holding every word the tasks can answer with, for training the tokenizer only."""
     numbers = [number_in_words(n) for n in range(100)] + ["hundred"]
-    return [" ".join(WORDS), " ".join(MONTHS), " ".join(numbers), " ".join(string.ascii_lowercase),
-            " ".join(str(n) for n in range(200))] * 20
+    return [
+        " ".join(WORDS),
+        " ".join(MONTHS),
+        " ".join(numbers),
+        " ".join(string.ascii_lowercase),
+        " ".join(str(n) for n in range(200)),
+    ] * 20

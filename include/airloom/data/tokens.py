@@ -46,7 +46,9 @@ def as_token_counter(tokenizer: Any) -> TokenCounter | None:
     if tokenizer is None or isinstance(tokenizer, TokenCounter):
         return tokenizer
     limit = getattr(tokenizer, "model_max_length", None)
-    return TokenCounter(None, limit if isinstance(limit, int) and 0 < limit < _NO_CONTEXT else None, tokenizer)
+    return TokenCounter(
+        None, limit if isinstance(limit, int) and 0 < limit < _NO_CONTEXT else None, tokenizer
+    )
 
 
 def load_token_counter(ref: str) -> TokenCounter:
@@ -70,7 +72,9 @@ def load_token_counter(ref: str) -> TokenCounter:
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except Exception as exc:  # noqa: BLE001 - not found, no network, bad files: all a usage problem here
-        raise UsageError(f"cannot load tokenizer {ref!r} (a model folder, registry:NAME or hub id): {exc}") from exc
+        raise UsageError(
+            f"cannot load tokenizer {ref!r} (a model folder, registry:NAME or hub id): {exc}"
+        ) from exc
     counter = as_token_counter(tokenizer)
     return TokenCounter(ref, counter.context if counter.context is not None else _context(folder), tokenizer)
 
@@ -78,7 +82,10 @@ def load_token_counter(ref: str) -> TokenCounter:
 def _context(folder: Path) -> int | None:
     """The model's context from the folder's files: the tokenizer's ``model_max_length``, else the
     model config's ``max_position_embeddings``."""
-    for name, key in (("tokenizer_config.json", "model_max_length"), ("config.json", "max_position_embeddings")):
+    for name, key in (
+        ("tokenizer_config.json", "model_max_length"),
+        ("config.json", "max_position_embeddings"),
+    ):
         try:
             value = json.loads((folder / name).read_text(encoding="utf-8")).get(key)
         except (OSError, ValueError, AttributeError):

@@ -92,13 +92,17 @@ class ValidationConfig:
                 raise UsageError(f"{name} must map field names (or total) to numbers, e.g. {{total: 2048}}")
             for fld, value in bounds.items():
                 if fld not in (*TEXT_FIELDS, "total"):
-                    raise UsageError(f"{name}.{fld}: unknown field; use one of {', '.join(TEXT_FIELDS)}, total")
+                    raise UsageError(
+                        f"{name}.{fld}: unknown field; use one of {', '.join(TEXT_FIELDS)}, total"
+                    )
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise UsageError(f"{name}.{fld} must be a whole number >= 0, got {value!r}")
         if (self.min_tokens or self.max_tokens) and not self.tokenizer:
             raise UsageError("min_tokens/max_tokens need a tokenizer (a model folder or registry:NAME)")
         if self.tokenizer is not None and (not isinstance(self.tokenizer, str) or not self.tokenizer.strip()):
-            raise UsageError(f"tokenizer must be a model folder, registry:NAME or hub id, got {self.tokenizer!r}")
+            raise UsageError(
+                f"tokenizer must be a model folder, registry:NAME or hub id, got {self.tokenizer!r}"
+            )
         for name in ("min_chars", "max_chars"):
             bounds = getattr(self, name)
             if not isinstance(bounds, dict):
@@ -392,7 +396,14 @@ def _suite_spec(config: ValidationConfig) -> list[tuple[str, str | None, str | N
     for column, rate, check in rates:
         # the mean of a flag column is the share of flagged rows; an aggregate, so GX does not list (and
         # store, and render) the indices of what can be most of the rows: validate() has them already
-        spec.append(("ExpectColumnMeanToBeBetween", check, None, {"column": column, "min_value": 0.0, "max_value": rate}))
+        spec.append(
+            (
+                "ExpectColumnMeanToBeBetween",
+                check,
+                None,
+                {"column": column, "min_value": 0.0, "max_value": rate},
+            )
+        )
     return spec
 
 
@@ -495,8 +506,9 @@ def _write_features(
     return failed, counts
 
 
-def _mark_near_duplicates(db: Path, near: Any, rules: list[tuple[str, str | None]], failed: Any,
-                          counts: list[int]) -> None:
+def _mark_near_duplicates(
+    db: Path, near: Any, rules: list[tuple[str, str | None]], failed: Any, counts: list[int]
+) -> None:
     """Set the near-duplicate flags in the feature table (rowid k+1 is row k) and in the failure mask."""
     import sqlite3
 
@@ -509,8 +521,10 @@ def _mark_near_duplicates(db: Path, near: Any, rules: list[tuple[str, str | None
     counts[bit] = near.count
     con = sqlite3.connect(db)
     try:
-        con.executemany("UPDATE features SET is_near_duplicate = 1 WHERE rowid = ?",
-                        ((k + 1,) for k in near.members.tolist()))
+        con.executemany(
+            "UPDATE features SET is_near_duplicate = 1 WHERE rowid = ?",
+            ((k + 1,) for k in near.members.tolist()),
+        )
         con.commit()
     finally:
         con.close()
@@ -784,8 +798,19 @@ def validate_stream(
         # GX in a process of its own: it imports (seconds) while the pass's worker finishes the
         # near-duplicate search, and runs while this process writes the rows
         gx = Background(_GxRunner, str(docs_dir))
-        return _judge(features, spill, gx, out_dir, docs_dir, config, source, scan_source, rows_read,
-                      load_findings, rejected)
+        return _judge(
+            features,
+            spill,
+            gx,
+            out_dir,
+            docs_dir,
+            config,
+            source,
+            scan_source,
+            rows_read,
+            load_findings,
+            rejected,
+        )
     finally:
         spill.close()
         if features is not None:
@@ -880,16 +905,24 @@ def _judge(
                         similar = (*at(hit[0]), hit[1])
                     tokens = None
                     if check == "token_length":  # the few failing rows are counted again
-                        texts = [rec.get(f) or "" for f in TEXT_FIELDS] if fld == "total" else [rec.get(fld) or ""]
+                        texts = (
+                            [rec.get(f) or "" for f in TEXT_FIELDS]
+                            if fld == "total"
+                            else [rec.get(fld) or ""]
+                        )
                         tokens = sum(features.counter.lengths(texts))
                     name, message = _row_message(check, fld, rec, config, first, similar, tokens)
                     target = (None if fld == "total" else fld) or _field_of(check, rec)
                     severity = "error" if name in _QUARANTINING else "warning"
-                    row_findings.append(Finding(rec["_file"], rec["_line"], target, name, message, severity=severity))
+                    row_findings.append(
+                        Finding(rec["_file"], rec["_line"], target, name, message, severity=severity)
+                    )
                     shown = examples.setdefault(k, [])
                     if len(shown) < 5:
                         shown.append(f"line {rec['_line']}: {message}")
-                for f in sorted(row_findings, key=lambda f: f.check):  # the report's order; reasons keep the suite's
+                for f in sorted(
+                    row_findings, key=lambda f: f.check
+                ):  # the report's order; reasons keep the suite's
                     scratch_findings.write(_keyed((f.file, f.line, f.check), f.to_dict()))
                 errors = [f for f in row_findings if f.severity == "error"]
                 if errors:
@@ -925,10 +958,17 @@ def _judge(
         flag = _FLAG_OF_CHECK.get(check)
         bit = rules.index((check, fld)) if (check, fld) in rules else None
         count = rule_counts[bit] if bit is not None else None
-        if not flag and count is not None and r.get("unexpected_count") is not None and count != r["unexpected_count"]:
+        if (
+            not flag
+            and count is not None
+            and r.get("unexpected_count") is not None
+            and count != r["unexpected_count"]
+        ):
             tmp_accepted.unlink(missing_ok=True)
-            raise RuntimeError(f"{res['type']}({kwargs.get('column')}): GX counted {r['unexpected_count']} "
-                               f"failing rows, the feature columns {count}")  # the two must agree
+            raise RuntimeError(
+                f"{res['type']}({kwargs.get('column')}): GX counted {r['unexpected_count']} "
+                f"failing rows, the feature columns {count}"
+            )  # the two must agree
         if flag:
             observed = f"{count / n:.2%} of rows ({count} rows)" if n else None
         elif "observed_value" in r:
@@ -956,7 +996,6 @@ def _judge(
         if not res["success"]:
             failed.append(entry)
     duplicates = rule_counts[rules.index(("duplicate", None))]
-
 
     # the rows the loader could not read, and its findings, merged in (file, line) order
     rejected_entries = sorted(
@@ -1034,7 +1073,9 @@ def _judge(
         _write_atomic(report_path, _report_lines(report, findings()))
     from airloom.reports.validation import write_validation_report
 
-    write_validation_report(report_path)  # validation.html: the verdict readable offline, unlike the Data Docs
+    write_validation_report(
+        report_path
+    )  # validation.html: the verdict readable offline, unlike the Data Docs
     os.replace(tmp_accepted, accepted_path)
     if scan_source is not None:
         from airloom.data.eda import save_scan

@@ -28,8 +28,17 @@ def read_partition(history_root: str | Path, ds: str) -> list[dict] | None:
     return [r for f in files for r in read_jsonl(f)]
 
 
-def evaluate_partition(model_path: str, model_ref: str, records: list[dict], out_root: str | Path, model_name: str,
-                       ds: str, *, limit: int | None = None, max_new_tokens: int = 32) -> dict:
+def evaluate_partition(
+    model_path: str,
+    model_ref: str,
+    records: list[dict],
+    out_root: str | Path,
+    model_name: str,
+    ds: str,
+    *,
+    limit: int | None = None,
+    max_new_tokens: int = 32,
+) -> dict:
     """Evaluate and atomically replace ``<out_root>/<model_name>/ds=<ds>/``."""
     from airloom.evaluation.harness import evaluate_model
 
@@ -60,8 +69,14 @@ def build_trend(model_root: str | Path, metrics: tuple[str, ...] = ("exact_match
     rows = []
     for f in sorted(root.glob("ds=*/metrics.json")):
         m = json.loads(f.read_text())
-        rows.append({"ds": m.get("ds") or f.parent.name[3:], "model_ref": m.get("model_ref"), "n": m.get("n"),
-                     **{k: m["aggregate"].get(k) for k in metrics}})
+        rows.append(
+            {
+                "ds": m.get("ds") or f.parent.name[3:],
+                "model_ref": m.get("model_ref"),
+                "n": m.get("n"),
+                **{k: m["aggregate"].get(k) for k in metrics},
+            }
+        )
     trend = {"model_root": str(root), "dates": len(rows), "rows": rows}
     (root / "trend.json").write_text(json.dumps(trend, indent=2))
     if rows:

@@ -24,6 +24,7 @@ _PANELS = (
 )
 _WORST_N = 10
 
+
 def _aggregate(metrics: dict | None) -> dict[str, float]:
     if not metrics:
         return {}

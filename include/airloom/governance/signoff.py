@@ -79,9 +79,15 @@ class SignOffPolicy:
             try:
                 params["required_approvals"] = int(params["required_approvals"])
             except ValueError:
-                raise UsageError(f"required_approvals must be an integer, got {params['required_approvals']!r}") from None
+                raise UsageError(
+                    f"required_approvals must be an integer, got {params['required_approvals']!r}"
+                ) from None
         if isinstance(params.get("separation_of_duties"), str):
-            params["separation_of_duties"] = params["separation_of_duties"].strip().lower() in ("true", "1", "yes")
+            params["separation_of_duties"] = params["separation_of_duties"].strip().lower() in (
+                "true",
+                "1",
+                "yes",
+            )
         unknown = sorted(set(params) - {"required_approvals", "allowed_users", "separation_of_duties"})
         if unknown:
             raise UsageError(f"unknown sign-off policy option(s) {unknown}")
@@ -290,4 +296,3 @@ def is_approved(
     registry: ModelRegistry, name: str, version: int, policy: SignOffPolicy | None = None
 ) -> bool:
     return signoff_status(registry, name, version, policy)["state"] == "approved"
-

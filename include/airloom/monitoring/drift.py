@@ -59,7 +59,8 @@ def drift_report(reference: list[dict], current: list[dict]) -> dict:
     # Served traffic (airloom serve) carries no task label: "all unknown" would read as a total shift.
     labelled = any(r.get("task") for r in current) or not any(r.get("task") for r in reference)
     return {
-        "reference_rows": len(reference), "current_rows": len(current),
+        "reference_rows": len(reference),
+        "current_rows": len(current),
         "psi_prompt_length": _rounded(psi(ref_len, cur_len)),
         "psi_task_mix": _rounded(psi(dict(ref_task), dict(cur_task))) if labelled else None,
         "prompt_length": {"reference": ref_len, "current": cur_len},
@@ -81,8 +82,16 @@ def profile_records(records: list[dict]) -> list[dict]:
             instruction, inp = str(rec["instruction"]), str(rec.get("input") or "")
         else:
             instruction, inp = split_alpaca(str(rec.get("prompt") or ""))
-        out.append({"_line": rec.get("_line", i + 1), "id": rec.get("id"), "task": rec.get("task"),
-                    "instruction": instruction, "input": inp, "response": str(rec.get("response") or "")})
+        out.append(
+            {
+                "_line": rec.get("_line", i + 1),
+                "id": rec.get("id"),
+                "task": rec.get("task"),
+                "instruction": instruction,
+                "input": inp,
+                "response": str(rec.get("response") or ""),
+            }
+        )
     return out
 
 
@@ -97,8 +106,12 @@ def input_drift(reference_profile: dict, current: list[dict], out_dir: Path) -> 
     from airloom.data.eda import build_profile
 
     # Near-duplicate search is the costly part of a profile and says nothing about drift.
-    profile = build_profile(profile_records(current), Path(out_dir), previous_profile=reference_profile,
-                            near_duplicate_threshold=None)
+    profile = build_profile(
+        profile_records(current),
+        Path(out_dir),
+        previous_profile=reference_profile,
+        near_duplicate_threshold=None,
+    )
     drift = profile["drift"]
     lengths = {f: v["psi"] for f, v in (drift["length_psi"].get("chars") or {}).items()}
     ref_scripts = (reference_profile.get("scripts") or {}).get("rows") or {}
@@ -108,8 +121,10 @@ def input_drift(reference_profile: dict, current: list[dict], out_dir: Path) -> 
     language = {
         "psi_scripts": _rounded(psi(ref_scripts, cur_scripts)),
         "psi_languages": _rounded(psi(ref_lang, cur_lang)),
-        "scripts": {"reference": (reference_profile.get("scripts") or {}).get("shares") or {},
-                    "current": (profile.get("scripts") or {}).get("shares") or {}},
+        "scripts": {
+            "reference": (reference_profile.get("scripts") or {}).get("shares") or {},
+            "current": (profile.get("scripts") or {}).get("shares") or {},
+        },
         "languages": {"reference": ref_lang, "current": cur_lang},
     }
     vocab = drift.get("vocabulary") or {}
@@ -119,22 +134,37 @@ def input_drift(reference_profile: dict, current: list[dict], out_dir: Path) -> 
         "reference_rows": reference_profile.get("rows"),
         "current_rows": profile["rows"],
         "length_psi": lengths,
-        "mean_chars": {f: {"reference": ((reference_profile.get("fields") or {}).get(f) or {}).get("chars", {}).get("mean"),
-                           "current": profile["fields"][f]["chars"]["mean"]} for f in (*INPUT_FIELDS, "response")},
+        "mean_chars": {
+            f: {
+                "reference": ((reference_profile.get("fields") or {}).get(f) or {})
+                .get("chars", {})
+                .get("mean"),
+                "current": profile["fields"][f]["chars"]["mean"],
+            }
+            for f in (*INPUT_FIELDS, "response")
+        },
         "vocabulary": {k: vocab.get(k) for k in ("js_divergence", "new_top_words_share", "new_top_words")}
-        if vocab else None,
+        if vocab
+        else None,
         "language": language,
         "input_psi": max(known) if known else None,
-        "notes": (drift.get("notes") or []) + (
-            [f"{len(current)} prompts today: fewer than {MIN_ROWS_FOR_PSI}, so this drift is shown but "
-             "does not request retraining"] if len(current) < MIN_ROWS_FOR_PSI else []),
+        "notes": (drift.get("notes") or [])
+        + (
+            [
+                f"{len(current)} prompts today: fewer than {MIN_ROWS_FOR_PSI}, so this drift is shown but "
+                "does not request retraining"
+            ]
+            if len(current) < MIN_ROWS_FOR_PSI
+            else []
+        ),
         "profile": str(Path(out_dir) / "profile.json"),
         "report": str(Path(out_dir) / "report.html"),
     }
 
 
-def decide_input_drift(drift: dict | None, *, max_input_psi: float = 0.25,
-                       min_rows: int = MIN_ROWS_FOR_PSI) -> list[str]:
+def decide_input_drift(
+    drift: dict | None, *, max_input_psi: float = 0.25, min_rows: int = MIN_ROWS_FOR_PSI
+) -> list[str]:
     """Reasons to retrain from :func:`input_drift` (empty = inputs still look like the training data).
 
     A day with fewer than ``min_rows`` prompts is reported but decides nothing: over a dozen length
@@ -145,11 +175,19 @@ def decide_input_drift(drift: dict | None, *, max_input_psi: float = 0.25,
         return []
     if (drift.get("current_rows") or 0) < min_rows:
         return []
-    parts = [f"{f} length {drift['length_psi'][f]:.3f}" for f in INPUT_FIELDS
-             if (drift["length_psi"].get(f) or 0) > max_input_psi]
-    parts += [f"{k.removeprefix('psi_')} {v:.3f}" for k, v in drift["language"].items()
-              if k.startswith("psi_") and v is not None and v > max_input_psi]
-    return [f"input drift vs training profile {drift['input_psi']:.3f} > {max_input_psi} ({', '.join(parts)})"]
+    parts = [
+        f"{f} length {drift['length_psi'][f]:.3f}"
+        for f in INPUT_FIELDS
+        if (drift["length_psi"].get(f) or 0) > max_input_psi
+    ]
+    parts += [
+        f"{k.removeprefix('psi_')} {v:.3f}"
+        for k, v in drift["language"].items()
+        if k.startswith("psi_") and v is not None and v > max_input_psi
+    ]
+    return [
+        f"input drift vs training profile {drift['input_psi']:.3f} > {max_input_psi} ({', '.join(parts)})"
+    ]
 
 
 def feedback_summary(records: list[dict]) -> dict:
@@ -157,8 +195,13 @@ def feedback_summary(records: list[dict]) -> dict:
     up = sum(1 for r in records if r.get("rating") == 1)
     down = sum(1 for r in records if r.get("rating") == -1)
     rated = up + down
-    return {"feedback_rows": len(records), "thumbs_up": up, "thumbs_down": down,
-            "invalid": len(records) - rated, "negative_rate": round(down / rated, 4) if rated else None}
+    return {
+        "feedback_rows": len(records),
+        "thumbs_up": up,
+        "thumbs_down": down,
+        "invalid": len(records) - rated,
+        "negative_rate": round(down / rated, 4) if rated else None,
+    }
 
 
 def decide_retraining(report: dict, *, max_psi: float = 0.25, max_negative_rate: float = 0.3) -> list[str]:

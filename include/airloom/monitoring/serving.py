@@ -104,8 +104,17 @@ def corrected_dataset(feedback: list[dict]) -> tuple[list[dict], dict]:
             dropped["duplicate"] += 1
             continue
         seen.add(key)
-        rows.append({"id": fb.get("id"), "instruction": instruction, "input": inp, "response": answer,
-                     "source": "feedback", "response_id": fb.get("response_id"), "model": fb.get("model")})
+        rows.append(
+            {
+                "id": fb.get("id"),
+                "instruction": instruction,
+                "input": inp,
+                "response": answer,
+                "source": "feedback",
+                "response_id": fb.get("response_id"),
+                "model": fb.get("model"),
+            }
+        )
     return rows, dict(dropped)
 
 
@@ -137,12 +146,31 @@ def _input_drift_view(drift: dict, out_dir: Path) -> dict:
         return label, value, None if value is None else psi_verdict(value), note
 
     means = drift.get("mean_chars") or {}
-    rows = [row(f"{f} length (chars)", v, "mean {reference} → {current}".format(
-        **{k: "?" if x is None else round(x, 1) for k, x in (means.get(f) or {"reference": None, "current": None}).items()}))
-        for f, v in (drift.get("length_psi") or {}).items() if f != "total"]
+    rows = [
+        row(
+            f"{f} length (chars)",
+            v,
+            "mean {reference} → {current}".format(
+                **{
+                    k: "?" if x is None else round(x, 1)
+                    for k, x in (means.get(f) or {"reference": None, "current": None}).items()
+                }
+            ),
+        )
+        for f, v in (drift.get("length_psi") or {}).items()
+        if f != "total"
+    ]
     lang = drift.get("language") or {}
-    rows.append(row("script mix", lang.get("psi_scripts"), json.dumps((lang.get("scripts") or {}).get("current"))))
-    rows.append(row("language mix", lang.get("psi_languages"), json.dumps((lang.get("languages") or {}).get("current"))))
+    rows.append(
+        row("script mix", lang.get("psi_scripts"), json.dumps((lang.get("scripts") or {}).get("current")))
+    )
+    rows.append(
+        row(
+            "language mix",
+            lang.get("psi_languages"),
+            json.dumps((lang.get("languages") or {}).get("current")),
+        )
+    )
     vocab = drift.get("vocabulary") or {}
     report = Path(drift["report"]) if drift.get("report") else None
     href = None
@@ -161,8 +189,15 @@ def _input_drift_view(drift: dict, out_dir: Path) -> dict:
     }
 
 
-def write_dashboard(out_dir: Path, traffic_root: str | Path, feedback_root: str | Path, ds: str,
-                    days: int = 14, extra: dict | None = None, input_drift: dict | None = None) -> dict:
+def write_dashboard(
+    out_dir: Path,
+    traffic_root: str | Path,
+    feedback_root: str | Path,
+    ds: str,
+    days: int = 14,
+    extra: dict | None = None,
+    input_drift: dict | None = None,
+) -> dict:
     """``dashboard.html`` (self-contained: plots inlined) and ``serving.json`` for the ``days`` up to ``ds``.
 
     ``input_drift`` (:func:`airloom.monitoring.drift.input_drift`) adds the day's length, vocabulary and
@@ -184,12 +219,25 @@ def write_dashboard(out_dir: Path, traffic_root: str | Path, feedback_root: str 
     xs = [t["ds"] for t in trend]
     plots = {}
     if trend:
-        plots["Satisfaction and failing outputs"] = _plot(xs, {
-            "satisfaction": [t["satisfaction_rate"] for t in trend],
-            "failing outputs": [t["failing_output_rate"] for t in trend]}, "share")
-        plots["Latency (ms)"] = _plot(xs, {q: [t["latency_ms"][q] for t in trend] for q in ("p50", "p95")}, "ms")
-        plots["Tokens"] = _plot(xs, {"prompt p50": [t["prompt_tokens"]["p50"] for t in trend],
-                                     "completion p50": [t["completion_tokens"]["p50"] for t in trend]}, "tokens")
+        plots["Satisfaction and failing outputs"] = _plot(
+            xs,
+            {
+                "satisfaction": [t["satisfaction_rate"] for t in trend],
+                "failing outputs": [t["failing_output_rate"] for t in trend],
+            },
+            "share",
+        )
+        plots["Latency (ms)"] = _plot(
+            xs, {q: [t["latency_ms"][q] for t in trend] for q in ("p50", "p95")}, "ms"
+        )
+        plots["Tokens"] = _plot(
+            xs,
+            {
+                "prompt p50": [t["prompt_tokens"]["p50"] for t in trend],
+                "completion p50": [t["completion_tokens"]["p50"] for t in trend],
+            },
+            "tokens",
+        )
     page = render(
         "dashboard.html.j2",
         ds=ds,

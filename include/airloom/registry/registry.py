@@ -287,7 +287,7 @@ class ModelRegistry:
             from airloom.registry.card import render_model_card
 
             card = render_model_card(name, version, json.loads(metadata_bytes))
-        entries = []
+        entries: list[dict[str, Any]] = []
         for rel, path in files:
             if rel == CARD:
                 continue
@@ -301,13 +301,14 @@ class ModelRegistry:
         if not self._owns_claim(name, version, token):
             return None
         created_at = now().isoformat()
+        manifest_files = sorted(entries, key=lambda e: e["path"])
         manifest = {
             "format": 1,
             "name": name,
             "version": version,
             "created_at": created_at,
             "created_by": actor,
-            "files": sorted(entries, key=lambda e: e["path"]),
+            "files": manifest_files,
         }
         self.store.put_bytes(prefix + MANIFEST, _dumps(manifest, "manifest"), if_none_match=True)
         return ModelVersion(
@@ -316,7 +317,7 @@ class ModelRegistry:
             created_at,
             actor,
             json.loads(metadata_bytes),
-            manifest["files"],
+            manifest_files,
             self.store.uri(prefix.rstrip("/")),
         )
 

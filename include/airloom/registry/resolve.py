@@ -18,8 +18,9 @@ from airloom.settings import home
 REGISTRY_PREFIX = "registry:"
 
 
-def resolve_model(ref: str, registry: ModelRegistry | None = None, cache_dir: Path | None = None,
-                  s3_client: Any = None) -> dict:
+def resolve_model(
+    ref: str, registry: ModelRegistry | None = None, cache_dir: Path | None = None, s3_client: Any = None
+) -> dict:
     """Return ``{"path", "ref", "name", "version"}``; name/version are set for registry refs."""
     if not ref:
         raise ValueError("empty model reference")
@@ -34,8 +35,12 @@ def resolve_model(ref: str, registry: ModelRegistry | None = None, cache_dir: Pa
         mv = registry.resolve(ref[len(REGISTRY_PREFIX) :])
         dest = (cache_dir or home() / "cache" / "models") / mv.name / str(mv.version)
         path = registry.download(mv.name, mv.version, dest)
-        return {"path": str(path), "ref": f"{REGISTRY_PREFIX}{mv.name}/{mv.version}", "name": mv.name,
-                "version": mv.version}
+        return {
+            "path": str(path),
+            "ref": f"{REGISTRY_PREFIX}{mv.name}/{mv.version}",
+            "name": mv.name,
+            "version": mv.version,
+        }
     if Path(ref).exists():
         return {"path": str(Path(ref).resolve()), "ref": ref, "name": None, "version": None}
     return {"path": ref, "ref": ref, "name": None, "version": None}

@@ -370,7 +370,7 @@ class S3Store:
         from botocore.exceptions import ClientError
 
         base = f"{self.prefix}/" if self.prefix else ""
-        keys = []
+        keys: list[str] = []
         try:
             for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=base + prefix
@@ -379,7 +379,6 @@ class S3Store:
         except ClientError as exc:
             raise RegistryError(f"S3 list of {self.uri()}/{prefix} failed: {exc}") from exc
         return sorted(keys)
-
 
     def delete_prefix(self, prefix: str) -> int:
         keys = self.list(prefix)

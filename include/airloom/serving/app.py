@@ -31,8 +31,15 @@ DEFAULT_CHAT_MAX_TOKENS = 128  # OpenAI's chat default is "up to the context"; a
 
 
 class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
@@ -200,14 +207,20 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
     def _check_model(requested: str | None) -> None:
         served = {engine.name, engine.spec, engine.current.ref}
         if requested and requested not in served:
-            raise OpenAIError(404, f"model {requested!r} is not served here; this server serves "
-                                   f"{engine.spec} (now {engine.current.ref})",
-                              type_="not_found_error", param="model", code="model_not_found")
+            raise OpenAIError(
+                404,
+                f"model {requested!r} is not served here; this server serves "
+                f"{engine.spec} (now {engine.current.ref})",
+                type_="not_found_error",
+                param="model",
+                code="model_not_found",
+            )
 
     def _refuse_unsupported(req: _Sampling) -> None:
         if req.stream:
-            raise OpenAIError(400, "stream=true is not supported by this server; send stream=false",
-                              param="stream")
+            raise OpenAIError(
+                400, "stream=true is not supported by this server; send stream=false", param="stream"
+            )
         if req.logprobs not in (None, False, 0):
             raise OpenAIError(400, "logprobs are not supported by this server", param="logprobs")
 
@@ -221,10 +234,13 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
             n_prompt = loaded.count_tokens(p)
             if ctx and n_prompt + max_tokens > ctx:
                 where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-                raise OpenAIError(400, f"{where}: {n_prompt} prompt tokens + max_tokens {max_tokens} exceed the "
-                                       f"model's context of {ctx} tokens; shorten the prompt or lower max_tokens",
-                                  param="prompt" if isinstance(req, CompletionRequest) else "messages",
-                                  code="context_length_exceeded")
+                raise OpenAIError(
+                    400,
+                    f"{where}: {n_prompt} prompt tokens + max_tokens {max_tokens} exceed the "
+                    f"model's context of {ctx} tokens; shorten the prompt or lower max_tokens",
+                    param="prompt" if isinstance(req, CompletionRequest) else "messages",
+                    code="context_length_exceeded",
+                )
             rows.extend(GenRequest(p, max_tokens, temperature, top_p, req.stops()) for _ in range(req.n or 1))
         return rows
 
@@ -238,16 +254,31 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
         response_id = f"{prefix}-{uuid.uuid4().hex}"
         records = []
         for index, (row, res) in enumerate(zip(rows, results, strict=True)):
-            records.append({
-                "id": response_id if len(rows) == 1 else f"{response_id}-{index}",
-                "response_id": response_id, "choice": index, "endpoint": kind, "created": created.isoformat(),
-                "model": loaded.ref, "model_name": loaded.name, "model_version": loaded.version,
-                "prompt": row.prompt, "response": res.text, **({"messages": messages} if messages else {}),
-                "finish_reason": res.finish_reason, "latency_ms": latency_ms,
-                "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
-                "params": {"max_tokens": row.max_tokens, "temperature": row.temperature, "top_p": row.top_p,
-                           "stop": list(row.stop)},
-            })
+            records.append(
+                {
+                    "id": response_id if len(rows) == 1 else f"{response_id}-{index}",
+                    "response_id": response_id,
+                    "choice": index,
+                    "endpoint": kind,
+                    "created": created.isoformat(),
+                    "model": loaded.ref,
+                    "model_name": loaded.name,
+                    "model_version": loaded.version,
+                    "prompt": row.prompt,
+                    "response": res.text,
+                    **({"messages": messages} if messages else {}),
+                    "finish_reason": res.finish_reason,
+                    "latency_ms": latency_ms,
+                    "prompt_tokens": res.prompt_tokens,
+                    "completion_tokens": res.completion_tokens,
+                    "params": {
+                        "max_tokens": row.max_tokens,
+                        "temperature": row.temperature,
+                        "top_p": row.top_p,
+                        "stop": list(row.stop),
+                    },
+                }
+            )
         traffic.write(records, created)
         return response_id, int(created.timestamp()), loaded, rows, results
 
@@ -258,8 +289,11 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
             seen[row.prompt] = res.prompt_tokens
         prompt_tokens = sum(seen.values())
         completion_tokens = sum(r.completion_tokens for r in results)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
 
     def _respond(body: dict, loaded: LoadedModel) -> JSONResponse:
         return JSONResponse(body, headers={VERSION_HEADER: loaded.ref})
@@ -275,10 +309,22 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         max_tokens = req.max_tokens or 16  # OpenAI's default for completions
         rid, created, loaded, rows, results = await _run(prompts, req, max_tokens, "completions", None)
-        choices = [{"text": res.text, "index": i, "logprobs": None, "finish_reason": res.finish_reason}
-                   for i, res in enumerate(results)]
-        return _respond({"id": rid, "object": "text_completion", "created": created, "model": loaded.ref,
-                         "system_fingerprint": None, "choices": choices, "usage": _usage(rows, results)}, loaded)
+        choices = [
+            {"text": res.text, "index": i, "logprobs": None, "finish_reason": res.finish_reason}
+            for i, res in enumerate(results)
+        ]
+        return _respond(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": loaded.ref,
+                "system_fingerprint": None,
+                "choices": choices,
+                "usage": _usage(rows, results),
+            },
+            loaded,
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
@@ -287,50 +333,109 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
         prompt = render_chat(req.messages, engine.current.counting_tokenizer or engine.current.tokenizer)
         max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_CHAT_MAX_TOKENS
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        rid, created, loaded, rows, results = await _run([prompt], req, max_tokens, "chat.completions", messages)
-        choices = [{"index": i, "message": {"role": "assistant", "content": res.text, "refusal": None},
-                    "logprobs": None, "finish_reason": res.finish_reason} for i, res in enumerate(results)]
-        return _respond({"id": rid, "object": "chat.completion", "created": created, "model": loaded.ref,
-                         "system_fingerprint": None, "choices": choices, "usage": _usage(rows, results)}, loaded)
+        rid, created, loaded, rows, results = await _run(
+            [prompt], req, max_tokens, "chat.completions", messages
+        )
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": res.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": res.finish_reason,
+            }
+            for i, res in enumerate(results)
+        ]
+        return _respond(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": loaded.ref,
+                "system_fingerprint": None,
+                "choices": choices,
+                "usage": _usage(rows, results),
+            },
+            loaded,
+        )
 
     @app.get("/v1/models")
     async def models():
         loaded = engine.current
-        return {"object": "list", "data": [{"id": loaded.ref, "object": "model", "owned_by": "airloom",
-                                            "created": int(datetime.fromisoformat(loaded.loaded_at).timestamp())}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": loaded.ref,
+                    "object": "model",
+                    "owned_by": "airloom",
+                    "created": int(datetime.fromisoformat(loaded.loaded_at).timestamp()),
+                }
+            ],
+        }
 
     @app.post("/v1/feedback", status_code=201)
     async def post_feedback(req: FeedbackRequest):
         found = traffic.find(req.response_id)
         if found is None:
-            raise OpenAIError(404, f"response_id {req.response_id!r}: no such response in the last "
-                                   f"{traffic.lookup_days} days of traffic", type_="not_found_error",
-                              param="response_id", code="response_not_found")
+            raise OpenAIError(
+                404,
+                f"response_id {req.response_id!r}: no such response in the last "
+                f"{traffic.lookup_days} days of traffic",
+                type_="not_found_error",
+                param="response_id",
+                code="response_not_found",
+            )
         created = datetime.now(UTC)
         record = {
-            "id": f"fb-{uuid.uuid4().hex}", "response_id": req.response_id, "created": created.isoformat(),
-            "rating": rating_sign(req.rating), "rating_raw": req.rating,
+            "id": f"fb-{uuid.uuid4().hex}",
+            "response_id": req.response_id,
+            "created": created.isoformat(),
+            "rating": rating_sign(req.rating),
+            "rating_raw": req.rating,
             "scale": "thumbs" if isinstance(req.rating, str) else "1-5",
-            "corrected_answer": req.corrected_answer, "comment": req.comment,
-            "model": found["model"], "response_ds": found["ds"], "prompt": found["prompt"],
+            "corrected_answer": req.corrected_answer,
+            "comment": req.comment,
+            "model": found["model"],
+            "response_ds": found["ds"],
+            "prompt": found["prompt"],
             "response": found["response"],
         }
         clean = feedback.write(record, created)
-        return {"id": clean["id"], "object": "feedback", "response_id": req.response_id,
-                "created": int(created.timestamp()), "rating": clean["rating"]}
+        return {
+            "id": clean["id"],
+            "object": "feedback",
+            "response_id": req.response_id,
+            "created": int(created.timestamp()),
+            "rating": clean["rating"],
+        }
 
     @app.get("/healthz")
     async def healthz():
         loaded = engine.current
-        return {"status": "ok", "model": loaded.ref, "name": loaded.name, "version": loaded.version,
-                "serving": engine.spec, "loaded_at": loaded.loaded_at, "reloads": engine.reloads,
-                "last_reload_error": engine.last_reload_error, **engine.stats()}
+        return {
+            "status": "ok",
+            "model": loaded.ref,
+            "name": loaded.name,
+            "version": loaded.version,
+            "serving": engine.spec,
+            "loaded_at": loaded.loaded_at,
+            "reloads": engine.reloads,
+            "last_reload_error": engine.last_reload_error,
+            **engine.stats(),
+        }
 
     return app
 
 
-def serve(engine: Engine, *, host: str = "127.0.0.1", port: int = 8000, traffic_dir: str | Path,
-          feedback_dir: str | Path, log_level: str = "info") -> None:
+def serve(
+    engine: Engine,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    traffic_dir: str | Path,
+    feedback_dir: str | Path,
+    log_level: str = "info",
+) -> None:
     """Run the app with uvicorn until interrupted (one process: batching needs one queue)."""
     import uvicorn
 

@@ -63,7 +63,9 @@ def verify_local_copy(folder: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise CheckFailed(f"{path}: cannot read the version's manifest ({exc}); delete {folder} and retry") from exc
+        raise CheckFailed(
+            f"{path}: cannot read the version's manifest ({exc}); delete {folder} and retry"
+        ) from exc
     for entry in manifest["files"]:
         target = Path(folder) / entry["path"]
         if not target.is_file():
@@ -166,7 +168,9 @@ def generate_rows(loaded: LoadedModel, rows: Sequence[GenRequest]) -> list[GenRe
             }
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
-            out = model.generate(input_ids=input_ids, attention_mask=enc["attention_mask"].to(device), **kwargs)
+            out = model.generate(
+                input_ids=input_ids, attention_mask=enc["attention_mask"].to(device), **kwargs
+            )
             prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
             for row, i in enumerate(idx):
                 req = rows[i]
@@ -206,9 +210,17 @@ class Engine:
     :param torch_threads: ``torch.set_num_threads`` for the server process (None: torch's default).
     """
 
-    def __init__(self, registry: ModelRegistry, ref: str, *, cache_dir: str | Path,
-                 max_batch_size: int = 16, batch_wait_ms: float = 2.0, poll_seconds: float = 5.0,
-                 torch_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        ref: str,
+        *,
+        cache_dir: str | Path,
+        max_batch_size: int = 16,
+        batch_wait_ms: float = 2.0,
+        poll_seconds: float = 5.0,
+        torch_threads: int | None = None,
+    ) -> None:
         if max_batch_size < 1:
             raise UsageError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if batch_wait_ms < 0 or poll_seconds <= 0:

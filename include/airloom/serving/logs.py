@@ -48,8 +48,11 @@ def scrub(record: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
             out[name] = one(value)
         elif isinstance(value, list):
             out[name] = [
-                {**m, "content": one(m["content"])} if isinstance(m, dict) and isinstance(m.get("content"), str)
-                else one(m) if isinstance(m, str) else m
+                {**m, "content": one(m["content"])}
+                if isinstance(m, dict) and isinstance(m.get("content"), str)
+                else one(m)
+                if isinstance(m, str)
+                else m
                 for m in value
             ]
         if counts:
@@ -100,8 +103,12 @@ class TrafficLog(PartitionedJsonl):
         self.append(clean, ds)
         with self._lock:
             for r in clean:
-                self._recent[r["response_id"]] = {"ds": ds, "model": r["model"], "prompt": r["prompt"],
-                                                  "response": r["response"]}
+                self._recent[r["response_id"]] = {
+                    "ds": ds,
+                    "model": r["model"],
+                    "prompt": r["prompt"],
+                    "response": r["response"],
+                }
                 self._recent.move_to_end(r["response_id"])
             while len(self._recent) > self._remember:
                 self._recent.popitem(last=False)
@@ -128,8 +135,12 @@ class TrafficLog(PartitionedJsonl):
                         except ValueError:
                             continue
                         if r.get("response_id") == response_id:
-                            return {"ds": ds, "model": r.get("model"), "prompt": r.get("prompt"),
-                                    "response": r.get("response")}
+                            return {
+                                "ds": ds,
+                                "model": r.get("model"),
+                                "prompt": r.get("prompt"),
+                                "response": r.get("response"),
+                            }
         return None
 
 

@@ -18,8 +18,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>",
-                  "unk_token": "<|unk|>"}
+SPECIAL_TOKENS = {
+    "pad_token": "<|pad|>",
+    "bos_token": "<|bos|>",
+    "eos_token": "<|eos|>",
+    "unk_token": "<|unk|>",
+}
 
 
 @dataclass
@@ -49,8 +53,10 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=256, **SPECIAL_TOKENS)
@@ -70,17 +76,27 @@ def build_base_model(out_dir: Path, spec: BaseModelSpec | None = None, log=print
     texts = list(pretraining_text(spec.pretrain_lines, seed=spec.seed + 7))  # also the tokenizer's corpus
     tokenizer = train_tokenizer(texts + vocabulary_text(), spec.vocab_size)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_heads, max_position_embeddings=spec.max_position_embeddings,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"tokenizer: {len(tokenizer)} tokens in {time.monotonic() - t0:.1f}s; model: {n_params / 1e6:.2f}M params")
+    log(
+        f"tokenizer: {len(tokenizer)} tokens in {time.monotonic() - t0:.1f}s; model: {n_params / 1e6:.2f}M params"
+    )
 
-    ids = [tokenizer(t + tokenizer.eos_token)["input_ids"] for t in texts] if spec.pretrain_seconds > 0 else []
+    ids = (
+        [tokenizer(t + tokenizer.eos_token)["input_ids"] for t in texts] if spec.pretrain_seconds > 0 else []
+    )
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.0)
     model.train()
     step, loss_val, t_train = 0, math.nan, time.monotonic()
@@ -108,14 +124,21 @@ def build_base_model(out_dir: Path, spec: BaseModelSpec | None = None, log=print
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.generation_config = GenerationConfig(
-        max_new_tokens=32, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
+        max_new_tokens=32,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    info = {"spec": asdict(spec), "params": n_params, "pretrain_steps": step,
-            "final_loss": None if math.isnan(loss_val) else loss_val,
-            "seconds": round(time.monotonic() - t0, 1)}
+    info = {
+        "spec": asdict(spec),
+        "params": n_params,
+        "pretrain_steps": step,
+        "final_loss": None if math.isnan(loss_val) else loss_val,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
     (tmp / "airloom_base.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

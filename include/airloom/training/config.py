@@ -20,9 +20,10 @@ _NUMERIC = {"float": float, "int": int, "float | None": float, "int | None": int
 def _coerce(name: str, value: Any) -> Any:
     """YAML 1.1 reads ``2e-3`` as a string: convert numbers by field type. Flags must be booleans (text
     such as "False" would be true)."""
-    if TrainConfig.__dataclass_fields__[name].type == "bool" and not isinstance(value, bool):
+    declared = str(TrainConfig.__dataclass_fields__[name].type)  # annotations are text (__future__)
+    if declared == "bool" and not isinstance(value, bool):
         raise UsageError(f"training option {name} must be true or false, got {value!r}")
-    kind = _NUMERIC.get(TrainConfig.__dataclass_fields__[name].type)
+    kind = _NUMERIC.get(declared)
     if kind is None or value is None or isinstance(value, bool) or not isinstance(value, str | int | float):
         return value
     try:
@@ -83,9 +84,13 @@ class TrainConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise UsageError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.launcher == "python" and self.nproc_per_node != 1:
-            raise UsageError("launcher 'python' runs one process; use deepspeed or torchrun for nproc_per_node > 1")
+            raise UsageError(
+                "launcher 'python' runs one process; use deepspeed or torchrun for nproc_per_node > 1"
+            )
         if self.method == "qlora" and (self.zero_stage == 3 or self.precision == "fp32"):
-            raise UsageError("qlora needs zero_stage 0-2 and precision bf16 or fp16 (4-bit weights, half compute)")
+            raise UsageError(
+                "qlora needs zero_stage 0-2 and precision bf16 or fp16 (4-bit weights, half compute)"
+            )
         if self.offload_params and self.zero_stage != 3:
             raise UsageError("offload_params needs zero_stage 3 (only ZeRO-3 partitions the parameters)")
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:

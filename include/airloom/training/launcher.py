@@ -52,8 +52,15 @@ def build_command(spec: LaunchSpec) -> list[str]:
     port = spec.master_port or free_port()
     recipe_args = ["--config", str(spec.config_path)]
     if spec.launcher == "deepspeed":
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_addr", spec.master_addr,
-               "--master_port", str(port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--master_addr",
+            spec.master_addr,
+            "--master_port",
+            str(port),
+        ]
         if spec.hostfile:
             cmd += ["--hostfile", spec.hostfile, "--num_nodes", str(spec.nnodes)]
         elif spec.nnodes > 1:
@@ -62,15 +69,36 @@ def build_command(spec: LaunchSpec) -> list[str]:
             # contacts those names here, so placeholder names do.
             hostfile = Path(spec.config_path).with_name("hostfile")
             hostfile.write_text("".join(f"node{i} slots={spec.nproc_per_node}\n" for i in range(spec.nnodes)))
-            cmd += ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(spec.node_rank),
-                    "--num_nodes", str(spec.nnodes)]
+            cmd += [
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                "--node_rank",
+                str(spec.node_rank),
+                "--num_nodes",
+                str(spec.nnodes),
+            ]
         cmd += ["--num_gpus", str(spec.nproc_per_node), "--module", RECIPE_MODULE, *recipe_args]
         return cmd
     if spec.launcher == "torchrun":
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(spec.nproc_per_node),
-                "--nnodes", str(spec.nnodes), "--node_rank", str(spec.node_rank),
-                "--master_addr", spec.master_addr, "--master_port", str(port),
-                "-m", RECIPE_MODULE, *recipe_args]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(spec.nproc_per_node),
+            "--nnodes",
+            str(spec.nnodes),
+            "--node_rank",
+            str(spec.node_rank),
+            "--master_addr",
+            spec.master_addr,
+            "--master_port",
+            str(port),
+            "-m",
+            RECIPE_MODULE,
+            *recipe_args,
+        ]
     return [sys.executable, "-m", RECIPE_MODULE, *recipe_args]
 
 
@@ -84,15 +112,19 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # installed, the child's interpreter finds it by itself.
     checkout = source_checkout()
     if checkout is not None:
-        env["PYTHONPATH"] = os.pathsep.join(p for p in [str(checkout / "include"), env.get("PYTHONPATH", "")] if p)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in [str(checkout / "include"), env.get("PYTHONPATH", "")] if p
+        )
     env.update(extra or {})
     return env
 
 
 def format_progress(p: dict) -> str:
     eta = p.get("eta_s")
-    return (f"step {p['step']}/{p['total']} loss {p['loss']:.4f} lr {p['lr']:.2e} "
-            f"{p.get('tokens_per_s', 0):,.0f} tok/s" + (f" eta {eta:.0f}s" if eta is not None else ""))
+    return (
+        f"step {p['step']}/{p['total']} loss {p['loss']:.4f} lr {p['lr']:.2e} "
+        f"{p.get('tokens_per_s', 0):,.0f} tok/s" + (f" eta {eta:.0f}s" if eta is not None else "")
+    )
 
 
 class TrainingProcess:
@@ -107,8 +139,14 @@ class TrainingProcess:
     def run(self, log: Callable[[str], None] = print) -> int:
         log("launching: " + " ".join(self.cmd))
         self.proc = subprocess.Popen(
-            self.cmd, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1, start_new_session=True,
+            self.cmd,
+            env=self.env,
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+            start_new_session=True,
         )
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
@@ -117,7 +155,7 @@ class TrainingProcess:
             idx = line.find(PROGRESS_PREFIX)
             if idx >= 0:
                 try:
-                    self.last_progress = json.loads(line[idx + len(PROGRESS_PREFIX):])
+                    self.last_progress = json.loads(line[idx + len(PROGRESS_PREFIX) :])
                     log(format_progress(self.last_progress))
                     continue
                 except (json.JSONDecodeError, KeyError):

@@ -66,4 +66,3 @@ def collate_packed(rows: Sequence[Sequence[Example]], pad_id: int, width: int | 
             at += n
         position_ids[r, at:] = torch.arange(width - at)
     return input_ids, position_ids, labels
-

@@ -108,12 +108,16 @@ def preflight(cfg: TrainConfig) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise UsageError("method qlora loads 4-bit weights with bitsandbytes and needs a CUDA GPU; this "
-                             "machine has none. Use method lora (same adapter, full-precision base) or run on "
-                             "the gpu queue.")
+            raise UsageError(
+                "method qlora loads 4-bit weights with bitsandbytes and needs a CUDA GPU; this "
+                "machine has none. Use method lora (same adapter, full-precision base) or run on "
+                "the gpu queue."
+            )
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise UsageError("method qlora needs the bitsandbytes package on the training machine "
-                             "(pip install bitsandbytes)")
+            raise UsageError(
+                "method qlora needs the bitsandbytes package on the training machine "
+                "(pip install bitsandbytes)"
+            )
 
 
 def _dtype(precision: str):
@@ -137,8 +141,11 @@ def load_model(cfg: TrainConfig):
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=_dtype(cfg.precision))
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=_dtype(cfg.precision),
+        )
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs)
     model.config.use_cache = False
@@ -149,8 +156,13 @@ def load_model(cfg: TrainConfig):
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules="all-linear", task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
         model = get_peft_model(model, lora)
     return model, tokenizer
 
@@ -164,8 +176,11 @@ def _evaluate_loss(engine, examples, pad_id: int, batch_size: int) -> float:
         for i in range(0, len(examples), batch_size):
             input_ids, attn, labels = collate(examples[i : i + batch_size], pad_id)
             n = int((labels[:, 1:] != -100).sum())
-            loss = engine(input_ids=input_ids.to(engine.device), attention_mask=attn.to(engine.device),
-                          labels=labels.to(engine.device)).loss
+            loss = engine(
+                input_ids=input_ids.to(engine.device),
+                attention_mask=attn.to(engine.device),
+                labels=labels.to(engine.device),
+            ).loss
             total += loss.item() * n
             count += n
     engine.train()
@@ -244,6 +259,7 @@ def fetch_checkpoint(store, root: Path) -> str | None:
 
 # -- training -------------------------------------------------------------------------------------
 
+
 def _units(cfg: TrainConfig, examples: list) -> list:
     """What one batch slot holds: an example, or (packing) a row of several examples."""
     if not cfg.packing:
@@ -315,8 +331,9 @@ class FinetuneRecipe:
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, self.total))
         ds_config = cfg.deepspeed_config(self.world)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                    lr_scheduler=self.scheduler, config=ds_config)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=ds_config
+        )
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -384,9 +401,16 @@ class FinetuneRecipe:
                 lr = self.scheduler.get_last_lr()[0]
                 rate = run_tokens / max(elapsed, 1e-9)
                 eta = (total - step) * elapsed / max(1, step - start_step)
-                rec = {"step": step, "total": total, "loss": round(loss_val, 5), "lr": lr,
-                       "tokens_per_s": round(rate, 1), "eta_s": round(eta, 1), "elapsed_s": round(elapsed, 3),
-                       "run_tokens": run_tokens}
+                rec = {
+                    "step": step,
+                    "total": total,
+                    "loss": round(loss_val, 5),
+                    "lr": lr,
+                    "tokens_per_s": round(rate, 1),
+                    "eta_s": round(eta, 1),
+                    "elapsed_s": round(elapsed, 3),
+                    "run_tokens": run_tokens,
+                }
                 self.history.append(rec)
                 print(PROGRESS_PREFIX + json.dumps(rec), flush=True)
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total and not stop:
@@ -396,15 +420,24 @@ class FinetuneRecipe:
 
         seconds = time.monotonic() - t0
         tokens, history = self.tokens, self.history
-        metrics = {"steps": self.step, "planned_steps": total, "examples": len(examples), "rows": len(units),
-                   "mean_example_tokens": round(sum(len(ids) for ids, _ in examples) / len(examples), 2),
-                   "world_size": world, "packing": cfg.packing,
-                   "resumed_from_step": start_step if self.resumed else None,
-                   "train_seconds": round(seconds, 2), "tokens": tokens,
-                   "tokens_per_s": round(run_tokens / max(seconds, 1e-9), 1),
-                   "non_pad_share": round(tokens / max(1, self.padded), 4),
-                   "final_loss": history[-1]["loss"] if history else None, "history": history,
-                   "zero_stage": cfg.zero_stage, "method": cfg.method}
+        metrics = {
+            "steps": self.step,
+            "planned_steps": total,
+            "examples": len(examples),
+            "rows": len(units),
+            "mean_example_tokens": round(sum(len(ids) for ids, _ in examples) / len(examples), 2),
+            "world_size": world,
+            "packing": cfg.packing,
+            "resumed_from_step": start_step if self.resumed else None,
+            "train_seconds": round(seconds, 2),
+            "tokens": tokens,
+            "tokens_per_s": round(run_tokens / max(seconds, 1e-9), 1),
+            "non_pad_share": round(tokens / max(1, self.padded), 4),
+            "final_loss": history[-1]["loss"] if history else None,
+            "history": history,
+            "zero_stage": cfg.zero_stage,
+            "method": cfg.method,
+        }
         if cfg.validation_file and rank == 0:
             val = tokenize_examples(read_examples(cfg.validation_file), tokenizer, cfg.max_length)
             metrics["validation_loss"] = round(_evaluate_loss(engine, val, tokenizer.pad_token_id, micro), 5)

@@ -40,10 +40,14 @@ def parse_space(space: Any) -> dict[str, Any]:
             raise UsageError(f"sweep space: unknown training option {name!r}")
         if isinstance(spec, dict):
             if len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-                raise UsageError(f"sweep space: {name} must be a list or one of {DISTRIBUTIONS}, got {spec!r}")
+                raise UsageError(
+                    f"sweep space: {name} must be a list or one of {DISTRIBUTIONS}, got {spec!r}"
+                )
             kind, args = next(iter(spec.items()))
             if not isinstance(args, list) or not args or (kind != "choice" and len(args) != 2):
-                raise UsageError(f"sweep space: {name}: {kind} needs " + ("a list" if kind == "choice" else "[low, high]"))
+                raise UsageError(
+                    f"sweep space: {name}: {kind} needs " + ("a list" if kind == "choice" else "[low, high]")
+                )
             if kind == "log_uniform" and min(args) <= 0:
                 raise UsageError(f"sweep space: {name}: log_uniform bounds must be > 0")
         elif not isinstance(spec, list) or not spec:
@@ -73,15 +77,21 @@ def plan_trials(space: Any, base: dict[str, Any], *, trials: int = 4, seed: int 
         combos = [dict(zip(names, values, strict=True)) for values in itertools.product(*space.values())]
     else:
         rng = random.Random(seed)
-        combos = [{k: (rng.choice(v) if isinstance(v, list) else _draw(v, rng)) for k, v in space.items()}
-                  for _ in range(int(trials))]
+        combos = [
+            {k: (rng.choice(v) if isinstance(v, list) else _draw(v, rng)) for k, v in space.items()}
+            for _ in range(int(trials))
+        ]
     if len(combos) > MAX_TRIALS:
         raise UsageError(f"sweep has {len(combos)} trials; at most {MAX_TRIALS}")
     planned = []
     for i, values in enumerate(combos):
         config = {**base, **values}
-        TrainConfig.from_dict({k: v for k, v in config.items() if v is not None})  # refuse bad trials before any training
-        planned.append({**config, "extra": {**dict(base.get("extra") or {}), "trial": i, "trial_values": values}})
+        TrainConfig.from_dict(
+            {k: v for k, v in config.items() if v is not None}
+        )  # refuse bad trials before any training
+        planned.append(
+            {**config, "extra": {**dict(base.get("extra") or {}), "trial": i, "trial_values": values}}
+        )
     return planned
 
 
@@ -92,7 +102,9 @@ def trial_score(metric: str, train_result: dict[str, Any], evaluation: dict[str,
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
-def select_best(metric: str, train_results: list[dict], evaluations: list[dict | None]) -> tuple[int, list[dict]]:
+def select_best(
+    metric: str, train_results: list[dict], evaluations: list[dict | None]
+) -> tuple[int, list[dict]]:
     """Index of the best trial and a table of every trial (values, score), best first."""
     if len(train_results) != len(evaluations):
         raise ValueError(f"{len(train_results)} trials but {len(evaluations)} evaluations")
@@ -100,8 +112,15 @@ def select_best(metric: str, train_results: list[dict], evaluations: list[dict |
     rows = []
     for i, (result, evaluation) in enumerate(zip(train_results, evaluations, strict=True)):
         extra = (result.get("config") or {}).get("extra") or {}
-        rows.append({"trial": extra.get("trial", i), "index": i, "values": extra.get("trial_values", {}),
-                     "score": trial_score(metric, result, evaluation), "model_dir": result.get("model_dir")})
+        rows.append(
+            {
+                "trial": extra.get("trial", i),
+                "index": i,
+                "values": extra.get("trial_values", {}),
+                "score": trial_score(metric, result, evaluation),
+                "model_dir": result.get("model_dir"),
+            }
+        )
     scored = [r for r in rows if r["score"] is not None]
     if not scored:
         raise UsageError(f"no trial reports the metric {metric!r}")

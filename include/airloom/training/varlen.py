@@ -62,8 +62,9 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
             mask = causal[None, None] & attention_mask[:, None, None, :].bool()
         elif attention_mask is not None:
             mask = attention_mask
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=mask is None,
-                                             scale=scaling, dropout_p=dropout)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=mask is None, scale=scaling, dropout_p=dropout
+        )
         return out.transpose(1, 2).contiguous(), None
 
     cu, max_len = cu_seqlens(position_ids.expand(batch, -1))
@@ -75,8 +76,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         out = torch.empty_like(q)
         bounds = cu.tolist()
         for a, b in zip(bounds[:-1], bounds[1:], strict=False):
-            part = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
-                                                  v[a:b].transpose(0, 1), is_causal=True, scale=scaling)
+            part = F.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1),
+                k[a:b].transpose(0, 1),
+                v[a:b].transpose(0, 1),
+                is_causal=True,
+                scale=scaling,
+            )
             out[a:b] = part.transpose(0, 1)
     return out.reshape(batch, seq, heads, dim), None
 

@@ -27,17 +27,29 @@ def s3_source(moto_endpoint, monkeypatch):
     client.put_object(Bucket=BUCKET, Key="raw/part-1.jsonl", Body=body.encode())
     # Only the connection knows where S3 is: a client built from the environment would miss it.
     monkeypatch.delenv("AWS_ENDPOINT_URL")
-    monkeypatch.setenv("AIRFLOW_CONN_AIRLOOM_S3", json.dumps({
-        "conn_type": "aws", "login": "testing", "password": "testing",
-        "extra": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"},
-    }))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AIRLOOM_S3",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "testing",
+                "password": "testing",
+                "extra": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"},
+            }
+        ),
+    )
     return f"s3://{BUCKET}/raw/"
 
 
 def test_validate_reads_s3_through_the_connection(s3_source, tmp_path, make_context):
     # one bad row in four is above the default 5% quarantine limit
-    op = ValidateDataOperator(task_id="validate", source=s3_source, aws_conn_id="airloom_s3",
-                              suite={"max_quarantine_rate": 0.5}, output_dir=str(tmp_path / "validate"))
+    op = ValidateDataOperator(
+        task_id="validate",
+        source=s3_source,
+        aws_conn_id="airloom_s3",
+        suite={"max_quarantine_rate": 0.5},
+        output_dir=str(tmp_path / "validate"),
+    )
     context = make_context(task_id="validate")
     out = op.execute(context)
     assert (out["rows_read"], out["accepted_rows"], out["quarantined_rows"]) == (4, 3, 1)
@@ -48,7 +60,10 @@ def test_validate_reads_s3_through_the_connection(s3_source, tmp_path, make_cont
     ]
     assert dict(context["ti"].pushed)["data_docs"] == out["data_docs"]
 
-    profile = DataProfileOperator(task_id="eda", input_path=f"s3://{BUCKET}/raw/*.jsonl", aws_conn_id="airloom_s3",
-                                  output_dir=str(tmp_path / "eda")).execute(make_context(task_id="eda"))
+    profile = DataProfileOperator(
+        task_id="eda",
+        input_path=f"s3://{BUCKET}/raw/*.jsonl",
+        aws_conn_id="airloom_s3",
+        output_dir=str(tmp_path / "eda"),
+    ).execute(make_context(task_id="eda"))
     assert profile["rows"] == 3
-

@@ -127,7 +127,12 @@ def test_base_operator_gives_the_registry_hook_client_and_output_folder(airloom_
 def test_number_converts_once_and_names_the_field():
     from airflow.sdk.exceptions import AirflowFailException
 
-    assert (number(3, "n"), number("3", "n"), number(0.5, "x", float), number("1e-3", "x", float)) == (3, 3, 0.5, 1e-3)
+    assert (number(3, "n"), number("3", "n"), number(0.5, "x", float), number("1e-3", "x", float)) == (
+        3,
+        3,
+        0.5,
+        1e-3,
+    )
     assert number(None, "limit", optional=True) is None
     for value, kind, optional, says in (
         ("None", int, True, "limit must be an integer or None, got 'None'"),

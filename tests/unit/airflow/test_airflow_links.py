@@ -21,8 +21,11 @@ GOOD_ROWS = [
     {"instruction": "Name a colour of the sky on a clear day.", "input": "", "response": "Blue."},
     {"instruction": "Translate 'thank you' into German.", "input": "", "response": "Danke."},
     {"instruction": "Add the two numbers.", "input": "17 and 25", "response": "42"},
-    {"instruction": "Write a haiku about autumn leaves.", "input": "",
-     "response": "Red leaves drift and fall / the cold wind carries them home / branches stand alone"},
+    {
+        "instruction": "Write a haiku about autumn leaves.",
+        "input": "",
+        "response": "Red leaves drift and fall / the cold wind carries them home / branches stand alone",
+    },
     {"instruction": "Which planet is known as the red planet?", "input": "", "response": "Mars."},
 ]
 
@@ -30,7 +33,10 @@ GOOD_ROWS = [
 def test_files_url_is_relative_to_airloom_home_and_quoted(tmp_path, monkeypatch):
     home = tmp_path / "home"
     monkeypatch.setenv("AIRLOOM_HOME", str(home))
-    assert files_url(home / "runs" / "d" / "run 1" / "report.html") == "/airloom/files/runs/d/run%201/report.html"
+    assert (
+        files_url(home / "runs" / "d" / "run 1" / "report.html")
+        == "/airloom/files/runs/d/run%201/report.html"
+    )
     assert files_url(tmp_path / "elsewhere" / "report.html") == ""  # the route serves AIRLOOM_HOME only
     assert files_url(None) == ""
     monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://example.com/airflow/")
@@ -38,8 +44,10 @@ def test_files_url_is_relative_to_airloom_home_and_quoted(tmp_path, monkeypatch)
 
 
 def test_link_names_and_xcom_keys():
-    assert [(link.name, link.xcom_key, link.path_key) for link in (ValidationReportLink(), EdaReportLink(),
-                                                                   EvalReportLink())] == [
+    assert [
+        (link.name, link.xcom_key, link.path_key)
+        for link in (ValidationReportLink(), EdaReportLink(), EvalReportLink())
+    ] == [
         ("Validation report", "_link_ValidationReportLink", "validation_report"),
         ("EDA report", "_link_EdaReportLink", "report"),
         ("Eval report", "_link_EvalReportLink", "report"),
@@ -49,12 +57,34 @@ def test_link_names_and_xcom_keys():
 def _gate_inputs(folder: Path) -> dict:
     folder.mkdir(parents=True)
     predictions = folder / "predictions.jsonl"
-    predictions.write_text("".join(
-        json.dumps({"id": f"e{i}", "task": "qa", "prompt": f"q{i}", "prediction": "a", "reference": "a" if i % 2 else "b",
-                    "exact_match": float(i % 2), "f1": float(i % 2)}) + "\n" for i in range(4)))
+    predictions.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"e{i}",
+                    "task": "qa",
+                    "prompt": f"q{i}",
+                    "prediction": "a",
+                    "reference": "a" if i % 2 else "b",
+                    "exact_match": float(i % 2),
+                    "f1": float(i % 2),
+                }
+            )
+            + "\n"
+            for i in range(4)
+        )
+    )
     metrics = folder / "metrics.json"
-    metrics.write_text(json.dumps({"model": "m", "n": 4, "aggregate": {"exact_match": 0.5, "f1": 0.5},
-                                   "by_task": {"qa": {"exact_match": 0.5, "f1": 0.5, "n": 4}}}))
+    metrics.write_text(
+        json.dumps(
+            {
+                "model": "m",
+                "n": 4,
+                "aggregate": {"exact_match": 0.5, "f1": 0.5},
+                "by_task": {"qa": {"exact_match": 0.5, "f1": 0.5, "n": 4}},
+            }
+        )
+    )
     return {"metrics_path": str(metrics), "predictions": str(predictions)}
 
 
@@ -84,9 +114,16 @@ def dag_run(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("links")
     home = root / "airloom"
-    env = {**os.environ, "AIRLOOM_HOME": str(home), "AIRFLOW_HOME": str(root / "airflow"),
-           "AIRFLOW__CORE__DAGS_FOLDER": str(root / "dags"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
-    subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=env)
+    env = {
+        **os.environ,
+        "AIRLOOM_HOME": str(home),
+        "AIRFLOW_HOME": str(root / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(root / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+    }
+    subprocess.run(
+        [sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=env
+    )
     good = root / "good.jsonl"
     good.write_text("".join(json.dumps(row) + "\n" for row in GOOD_ROWS))
     bad = root / "bad.jsonl"
@@ -94,7 +131,8 @@ def dag_run(tmp_path_factory):
     candidate = _gate_inputs(root / "candidate")
     (root / "dags").mkdir()
     dag_file = root / "dags" / "airloom_links_test.py"
-    dag_file.write_text(textwrap.dedent(f"""
+    dag_file.write_text(
+        textwrap.dedent(f"""
         from datetime import datetime
         from airflow.sdk import DAG
         from airloom.airflow.operators.data import DataProfileOperator, ValidateDataOperator
@@ -106,9 +144,15 @@ def dag_run(tmp_path_factory):
             ValidateDataOperator(task_id="validate_fails", source={str(bad)!r}, on_bad_rows="fail")
             QualityGateOperator(task_id="gate_fails", candidate={candidate!r}, gates="exact_match>=0.9",
                                 pool="default_pool")
-    """))
-    proc = subprocess.run([sys.executable, "-c", _RUN_AND_READ_BACK, str(dag_file)], capture_output=True,
-                          text=True, env=env, timeout=600)
+    """)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN_AND_READ_BACK, str(dag_file)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(lines[-1].removeprefix("RESULT ")), home

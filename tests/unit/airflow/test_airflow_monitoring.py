@@ -171,8 +171,10 @@ def served_rows(n: int, seed: int) -> list[dict]:
     from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records
 
-    return [{"id": str(i), "prompt": render_prompt(r["instruction"], r["input"]), "response": r["response"]}
-            for i, r in enumerate(generate_records(n, seed=seed))]
+    return [
+        {"id": str(i), "prompt": render_prompt(r["instruction"], r["input"]), "response": r["response"]}
+        for i, r in enumerate(generate_records(n, seed=seed))
+    ]
 
 
 def test_reference_is_the_newest_datasets_eda_profile(data, context, airloom_env):
@@ -185,8 +187,9 @@ def test_reference_is_the_newest_datasets_eda_profile(data, context, airloom_env
     dataset = run_dir("llm_data_quality", run_id, "prepare")
     write_jsonl(dataset / "train.jsonl", reference_rows())
     (dataset.parents[3] / "datasets").mkdir(parents=True, exist_ok=True)
-    (dataset.parents[3] / "datasets" / "latest.json").write_text(json.dumps(
-        {"path": str(dataset), "dag_id": "llm_data_quality", "run_id": run_id}))
+    (dataset.parents[3] / "datasets" / "latest.json").write_text(
+        json.dumps({"path": str(dataset), "dag_id": "llm_data_quality", "run_id": run_id})
+    )
     profile = run_dir("llm_data_quality", run_id, "eda_report") / "profile.json"
     build_profile(list(generate_records(300, seed=0)), profile.parent, near_duplicate_threshold=None)
     write_day(data, served_rows(40, seed=3))
@@ -203,7 +206,10 @@ def test_reference_is_the_newest_datasets_eda_profile(data, context, airloom_env
     profile.unlink()  # no EDA profile: the train split is profiled instead
     out = monitor(data, reference_file="").execute(context)
     drift = json.loads(Path(out["report"]).read_text())["input_drift"]
-    assert drift["reference_profile"].endswith("reference_profile/profile.json") and drift["reference_rows"] == 300
+    assert (
+        drift["reference_profile"].endswith("reference_profile/profile.json")
+        and drift["reference_rows"] == 300
+    )
 
 
 def test_missing_explicit_profile_skips(data, context, airloom_env):
@@ -216,11 +222,27 @@ def test_corrections_become_a_dataset_partition_and_an_asset_event(data, context
     from airloom.airflow.operators.monitoring import PublishFeedbackDatasetOperator
 
     rows = served_rows(4, seed=1)
-    write_day(data, rows, feedback=[
-        {"id": "f1", "response_id": "0", "rating": -1, "prompt": rows[0]["prompt"], "corrected_answer": "fixed"},
-        {"id": "f2", "response_id": "0", "rating": -1, "prompt": rows[0]["prompt"], "corrected_answer": "fixed"},
-        {"id": "f3", "response_id": "1", "rating": 1, "prompt": rows[1]["prompt"]},
-    ])
+    write_day(
+        data,
+        rows,
+        feedback=[
+            {
+                "id": "f1",
+                "response_id": "0",
+                "rating": -1,
+                "prompt": rows[0]["prompt"],
+                "corrected_answer": "fixed",
+            },
+            {
+                "id": "f2",
+                "response_id": "0",
+                "rating": -1,
+                "prompt": rows[0]["prompt"],
+                "corrected_answer": "fixed",
+            },
+            {"id": "f3", "response_id": "1", "rating": 1, "prompt": rows[1]["prompt"]},
+        ],
+    )
     corrections = airloom_env / "feedback_datasets"
     decision = monitor(data, corrections_uri=str(corrections)).execute(context)
     target = corrections / f"ds={DS}" / "instructions.jsonl"
@@ -235,12 +257,16 @@ def test_corrections_become_a_dataset_partition_and_an_asset_event(data, context
 
     asset = Asset("feedback_dataset")
     context["outlet_events"] = OutletEventAccessors()
-    op = PublishFeedbackDatasetOperator(task_id="publish_feedback_dataset", decision=decision, outlets=[asset])
+    op = PublishFeedbackDatasetOperator(
+        task_id="publish_feedback_dataset", decision=decision, outlets=[asset]
+    )
     assert op.execute(context) == {"path": str(target), "rows": 1, "sha256": entry["sha256"], "ds": DS}
     assert context["outlet_events"][asset].extra["path"] == str(target)
 
     # A rerun of the day without corrections leaves no stale version behind, and publishes nothing.
-    write_day(data, rows, feedback=[{"id": "f3", "response_id": "1", "rating": 1, "prompt": rows[1]["prompt"]}])
+    write_day(
+        data, rows, feedback=[{"id": "f3", "response_id": "1", "rating": 1, "prompt": rows[1]["prompt"]}]
+    )
     decision = monitor(data, corrections_uri=str(corrections)).execute(context)
     assert decision["corrected_dataset"] is None and not target.exists()
     with pytest.raises(AirflowSkipException, match="no corrected answers"):

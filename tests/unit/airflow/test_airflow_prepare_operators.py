@@ -17,8 +17,16 @@ REPO = Path(__file__).resolve().parents[3]
 def _accepted(tmp_path: Path, n: int = 30) -> Path:
     path = tmp_path / "accepted.jsonl"
     # every third row holds an e-mail address
-    rows = [{"id": f"r{i}", "instruction": f"Echo {i}", "input": "", "task": "echo",
-             "response": f"{i} at a{i}@corp.example.com" if i % 3 == 0 else f"{i}"} for i in range(n)]
+    rows = [
+        {
+            "id": f"r{i}",
+            "instruction": f"Echo {i}",
+            "input": "",
+            "task": "echo",
+            "response": f"{i} at a{i}@corp.example.com" if i % 3 == 0 else f"{i}",
+        }
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
 
@@ -26,8 +34,14 @@ def _accepted(tmp_path: Path, n: int = 30) -> Path:
 def _old_dataset(folder: Path) -> Path:
     """A dataset as prepared before Parquet: JSONL splits and a format-1 manifest."""
     folder.mkdir(parents=True)
-    row = {"id": "1", "prompt": "### Instruction:\nHi\n### Response:\n", "response": "Hello", "task": None,
-           "instruction": "Hi", "input": ""}
+    row = {
+        "id": "1",
+        "prompt": "### Instruction:\nHi\n### Response:\n",
+        "response": "Hello",
+        "task": None,
+        "instruction": "Hi",
+        "input": "",
+    }
     for split in ("train", "validation", "test"):
         (folder / f"{split}.jsonl").write_text(json.dumps(row) + "\n", encoding="utf-8")
     (folder / "manifest.json").write_text(json.dumps({"format": "airloom.prepared/1", "dataset_hash": "abc"}))
@@ -36,9 +50,17 @@ def _old_dataset(folder: Path) -> Path:
 
 def test_prepare_operator_takes_native_params_and_publishes_parquet(tmp_path, make_context, airloom_env):
     # The DAG renders params as native objects: an unset max_seq_len arrives as None.
-    op = PrepareDatasetOperator(task_id="prepare", input_path=str(_accepted(tmp_path)), seed=2,
-                                val_fraction=0.1, test_fraction=0.1, template="chatml", pii_policy="drop",
-                                max_seq_len=None, tokenizer="registry:airloom-tiny-base")
+    op = PrepareDatasetOperator(
+        task_id="prepare",
+        input_path=str(_accepted(tmp_path)),
+        seed=2,
+        val_fraction=0.1,
+        test_fraction=0.1,
+        template="chatml",
+        pii_policy="drop",
+        max_seq_len=None,
+        tokenizer="registry:airloom-tiny-base",
+    )
     context = make_context(task_id="prepare")
     info = op.execute(context)
     out = Path(info["path"])
@@ -52,8 +74,9 @@ def test_prepare_operator_takes_native_params_and_publishes_parquet(tmp_path, ma
 
     from airloom.airflow.operators.monitoring import DriftMonitorOperator
 
-    monitor = DriftMonitorOperator(task_id="monitor", traffic_uri="t", feedback_uri="f", reference_file="",
-                                   ds="2026-01-01")
+    monitor = DriftMonitorOperator(
+        task_id="monitor", traffic_uri="t", feedback_uri="f", reference_file="", ds="2026-01-01"
+    )
     assert monitor._reference()[0] == str(out / "train.parquet")  # monitoring finds the newest split
 
     resolved = ResolveDatasetOperator(task_id="resolve_dataset", dataset="").execute(make_context())
@@ -68,7 +91,9 @@ def test_prepare_operator_fails_without_retry_on_bad_arguments(tmp_path, make_co
     with pytest.raises(AirflowFailException, match=r"unknown prompt template 'chatlm'"):
         PrepareDatasetOperator(task_id="p", input_path=src, template="chatlm").execute(make_context())
     for bad in ("long", "None"):  # "None" is what a DAG rendering params as text would pass
-        with pytest.raises(AirflowFailException, match=f"max_seq_len must be an integer or None, got '{bad}'"):
+        with pytest.raises(
+            AirflowFailException, match=f"max_seq_len must be an integer or None, got '{bad}'"
+        ):
             PrepareDatasetOperator(task_id="p", input_path=src, max_seq_len=bad).execute(make_context())
     with pytest.raises(AirflowFailException, match=r"max_seq_len=64 needs a tokenizer"):
         PrepareDatasetOperator(task_id="p", input_path=src, max_seq_len="64", tokenizer="").execute(
@@ -97,7 +122,9 @@ def test_data_quality_dag_params_validate_the_preparation_options():
     assert bag.import_errors == {}
     params = bag.dags["llm_data_quality"].params
     assert {k: params[k] for k in ("template", "pii_policy", "max_seq_len", "tokenizer")} == {
-        "template": "alpaca", "pii_policy": "mask", "max_seq_len": None,
+        "template": "alpaca",
+        "pii_policy": "mask",
+        "max_seq_len": None,
         "tokenizer": "registry:airloom-tiny-base",
     }
     params["template"] = "/srv/templates/mine.j2"  # a path is allowed

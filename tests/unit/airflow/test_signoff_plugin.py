@@ -307,7 +307,9 @@ def test_file_route_serves_reports_and_nothing_outside(client, tokens, pending, 
     docs = next(e["href"] for e in entry["reports"] if e["label"] == "Data Docs")
     assert client.get(docs, headers=headers).text == "<html>data docs</html>"
     validation = next(e["href"] for e in entry["reports"] if e["label"] == "data validation")
-    assert client.get(validation, headers=headers).text == "<html>validation report</html>"  # offline-readable
+    assert (
+        client.get(validation, headers=headers).text == "<html>validation report</html>"
+    )  # offline-readable
 
     secret = home() / "secret.txt"
     secret.write_text("do not serve")

@@ -329,8 +329,14 @@ def test_token_lengths_of_an_even_sample_say_so(tmp_path):
     raw = Tokenizer(models.WordLevel(vocab={"[UNK]": 0, "row": 1}, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     records = [{"instruction": "row " * (i % 7 + 1), "input": "", "response": "x"} for i in range(400)]
-    profile = build_profile(records, tmp_path / "p", tokenizer=raw, token_sample=50, languages=False,
-                            near_duplicate_threshold=None)
+    profile = build_profile(
+        records,
+        tmp_path / "p",
+        tokenizer=raw,
+        token_sample=50,
+        languages=False,
+        near_duplicate_threshold=None,
+    )
     info = profile["tokens"]
     assert info["sampled"] is True and 25 <= info["rows"] <= 50 and info["context"] is None
     stats = profile["fields"]["instruction"]["tokens"]

@@ -239,15 +239,35 @@ def test_field_maps_as_users_give_them(tmp_path, capsys):
     assert parse_field_map('{"question": "instruction", "answer": "response"}') == wanted
     assert parse_field_map(wanted) == wanted
     assert all(parse_field_map(v) is None for v in (None, "", "{}", {}))
-    for bad, says in (("question", "source=field pairs"), ("q=prompt", "not a record field"), ("{oops", "JSON"),
-                      ("None", "source=field pairs")):
+    for bad, says in (
+        ("question", "source=field pairs"),
+        ("q=prompt", "not a record field"),
+        ("{oops", "JSON"),
+        ("None", "source=field pairs"),
+    ):
         with pytest.raises(UsageError, match=says):
             parse_field_map(bad)
 
     source = tmp_path / "qa.jsonl"
-    source.write_text("".join(json.dumps({"question": f"Say {w}.", "answer": w}) + "\n" for w in ("hi", "yo")))
-    assert main(["validate", str(source), "--out", str(tmp_path / "v"), "--field-map", "question=instruction,answer=response"]) == 0
+    source.write_text(
+        "".join(json.dumps({"question": f"Say {w}.", "answer": w}) + "\n" for w in ("hi", "yo"))
+    )
+    assert (
+        main(
+            [
+                "validate",
+                str(source),
+                "--out",
+                str(tmp_path / "v"),
+                "--field-map",
+                "question=instruction,answer=response",
+            ]
+        )
+        == 0
+    )
     accepted = [json.loads(line) for line in (tmp_path / "v" / "accepted.jsonl").read_text().splitlines()]
-    assert accepted == [{"instruction": "Say hi.", "input": "", "response": "hi"},
-                        {"instruction": "Say yo.", "input": "", "response": "yo"}]
+    assert accepted == [
+        {"instruction": "Say hi.", "input": "", "response": "hi"},
+        {"instruction": "Say yo.", "input": "", "response": "yo"},
+    ]
     assert main(["validate", str(source), "--out", str(tmp_path / "bad"), "--field-map", "question"]) == 2

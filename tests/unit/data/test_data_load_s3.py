@@ -16,12 +16,15 @@ from airloom.exceptions import UsageError
 BUCKET = "airloom-data-tests"
 GOOD = {"instruction": "Name a colour", "input": "", "response": "Red"}
 CORRUPT = (
-    json.dumps(GOOD).encode() + b"\n"
+    json.dumps(GOOD).encode()
+    + b"\n"
     + b'{"instruction": "Say hi in French", "input": "", "response": "caf\xe9"}\n'  # Latin-1 byte
     + b'{"instruction": "Count to three", "input": "", "response": "1, 2\n'  # truncated
     + b"\n"
-    + json.dumps({"instruction": 42, "input": "", "response": "ok"}).encode() + b"\n"
-    + json.dumps({**GOOD, "source": "web"}).encode() + b"\n"
+    + json.dumps({"instruction": 42, "input": "", "response": "ok"}).encode()
+    + b"\n"
+    + json.dumps({**GOOD, "source": "web"}).encode()
+    + b"\n"
 )
 
 
@@ -87,12 +90,16 @@ def test_s3_prefix_reads_every_data_file_and_globs_match_keys(s3, prefix):
         assert result.rows_read == 4, uri
         assert sorted({r["_file"] for r in result.records}) == [a, b]
         # the Parquet object is parsed like a local Parquet file: row 2 has a null response
-        assert [(f.file, f.line, f.field, f.check) for f in result.findings] == [(b, 2, "response", "null_field")]
+        assert [(f.file, f.line, f.field, f.check) for f in result.findings] == [
+            (b, 2, "response", "null_field")
+        ]
 
     assert {r["_file"] for r in load_records(f"s3://{BUCKET}/{prefix}/data/*.jsonl").records} == {a}
     assert load_records(f"s3://{BUCKET}/{prefix}/data/**/*.parquet").rows_read == 2
     assert {r["_file"] for r in load_records(f"s3://{BUCKET}/{prefix}/**/*").records} == {
-        a, b, f"s3://{BUCKET}/{prefix}/database.jsonl"
+        a,
+        b,
+        f"s3://{BUCKET}/{prefix}/database.jsonl",
     }
 
 
@@ -107,7 +114,9 @@ def test_missing_s3_sources_are_usage_errors_naming_the_uri(s3, prefix):
     _put(s3, f"{prefix}/notes.txt", b"x")
     with pytest.raises(UsageError, match=r"notes\.txt: unsupported file type '\.txt'"):
         load_records(f"s3://{BUCKET}/{prefix}/notes.txt")
-    with pytest.raises(UsageError, match=r"no-such-bucket-here/a\.jsonl: cannot read the object .*NoSuchBucket"):
+    with pytest.raises(
+        UsageError, match=r"no-such-bucket-here/a\.jsonl: cannot read the object .*NoSuchBucket"
+    ):
         load_records("s3://no-such-bucket-here/a.jsonl")
     with pytest.raises(UsageError, match=r"no bucket"):
         load_records("s3:///a.jsonl")

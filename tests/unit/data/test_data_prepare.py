@@ -60,8 +60,9 @@ def token_len(tokenizer_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return lambda prompt, response: len(tok(prompt, add_special_tokens=False)["input_ids"]) + len(
-        tok(response + tok.eos_token, add_special_tokens=False)["input_ids"]
+    return lambda prompt, response: (
+        len(tok(prompt, add_special_tokens=False)["input_ids"])
+        + len(tok(response + tok.eos_token, add_special_tokens=False)["input_ids"])
     )
 
 
@@ -72,7 +73,10 @@ def test_same_seed_gives_identical_files_and_hash(tmp_path):
     for name in ("train.parquet", "validation.parquet", "test.parquet", "manifest.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
-        "manifest.json", "test.parquet", "train.parquet", "validation.parquet"
+        "manifest.json",
+        "test.parquet",
+        "train.parquet",
+        "validation.parquet",
     ]
     for split, info in a["splits"].items():
         assert info["file"] == f"{split}.parquet"
@@ -125,8 +129,12 @@ PII_ROWS = [
     {"id": "a", "instruction": "Name a colour", "input": "", "response": "Red"},
     {"id": "b", "instruction": "Name  a colour ", "input": "", "response": "Red\r\n"},  # same, whitespace
     {"id": "c", "instruction": "Email me", "input": "", "response": "Write to ann@corp.example.com"},
-    {"id": "d", "instruction": "Call", "input": "+1 (555) 123-4567",
-     "response": "Ask 10.1.2.3 twice: 10.1.2.3"},
+    {
+        "id": "d",
+        "instruction": "Call",
+        "input": "+1 (555) 123-4567",
+        "response": "Ask 10.1.2.3 twice: 10.1.2.3",
+    },
     {"id": "e", "instruction": "Cafe\u0301 menu", "input": "", "response": "Coffee  \n  indented\n"},
     {"id": "f", "instruction": "Email me", "input": "", "response": "Write to bob@corp.example.com"},
 ]
@@ -136,8 +144,19 @@ def test_pii_mask_replaces_with_placeholders_and_dedups_after_masking(tmp_path):
     manifest = prepare(PII_ROWS, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
     # f equals c once both addresses are masked, so it goes as a duplicate.
     assert manifest["counts"] == {
-        "input": 6, "normalized": 2, "markup_stripped": 0, "pii_masked": 2, "pii_dropped": 0, "deduped": 2,
-        "too_long": 0, "near_deduped": 0, "output": 4, "train": 4, "validation": 0, "test": 0, "trailing_turns_ignored": 0,
+        "input": 6,
+        "normalized": 2,
+        "markup_stripped": 0,
+        "pii_masked": 2,
+        "pii_dropped": 0,
+        "deduped": 2,
+        "too_long": 0,
+        "near_deduped": 0,
+        "output": 4,
+        "train": 4,
+        "validation": 0,
+        "test": 0,
+        "trailing_turns_ignored": 0,
     }
     assert manifest["pii"] == {"rows": 2, "email": 1, "phone": 1, "ip": 2, "card": 0}
     assert manifest["pii_policy"] == "mask"
@@ -160,8 +179,9 @@ def test_pii_drop_removes_the_rows_and_lists_them(tmp_path):
 
 
 def test_pii_keep_leaves_the_text_but_still_counts_it(tmp_path):
-    manifest = prepare(PII_ROWS, tmp_path / "out", pii_policy="keep", dedup=False, val_fraction=0.0,
-                       test_fraction=0.0)
+    manifest = prepare(
+        PII_ROWS, tmp_path / "out", pii_policy="keep", dedup=False, val_fraction=0.0, test_fraction=0.0
+    )
     counts = manifest["counts"]
     assert (counts["pii_dropped"], counts["pii_masked"], counts["deduped"], counts["output"]) == (0, 0, 0, 6)
     assert manifest["pii"] == {"rows": 3, "email": 2, "phone": 1, "ip": 2, "card": 0}
@@ -175,18 +195,28 @@ def test_pii_keep_leaves_the_text_but_still_counts_it(tmp_path):
 
 def test_chat_records_take_the_last_assistant_turn_as_the_response(tmp_path):
     chat = [
-        {"id": "c1", "task": "chat", "messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello."},
-            {"role": "user", "content": "Capital of France?"},
-            {"role": "assistant", "content": "Paris"},
-        ]},
-        {"id": "c2", "messages": [
-            {"role": "user", "content": "Mail me at ann@corp.example.com  "},
-            {"role": "assistant", "content": "Sure"},
-            {"role": "user", "content": "thanks"},  # after the last assistant turn: not part of the example
-        ]},
+        {
+            "id": "c1",
+            "task": "chat",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris"},
+            ],
+        },
+        {
+            "id": "c2",
+            "messages": [
+                {"role": "user", "content": "Mail me at ann@corp.example.com  "},
+                {"role": "assistant", "content": "Sure"},
+                {
+                    "role": "user",
+                    "content": "thanks",
+                },  # after the last assistant turn: not part of the example
+            ],
+        },
         {"id": "plain", "instruction": "Say hi", "input": "", "response": "hi"},
     ]
     manifest = prepare(chat, tmp_path / "out", template="chatml", val_fraction=0.0, test_fraction=0.0)
@@ -217,21 +247,27 @@ def test_chat_records_take_the_last_assistant_turn_as_the_response(tmp_path):
     with pytest.raises(UsageError, match=r"record 1: messages need a non-empty user turn"):
         prepare(no_question, tmp_path / "bad")
     with pytest.raises(UsageError, match=r"record 1: messages\[2\]\.content must be text, got int"):
-        prepare([{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]}],
-                tmp_path / "bad")
+        prepare(
+            [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": 3}]}],
+            tmp_path / "bad",
+        )
 
 
 def test_a_user_template_error_names_the_template_and_the_line(tmp_path):
     good = tmp_path / "mine.j2"
     good.write_text("Q: {{ instruction }}{% if input %} ({{ input }}){% endif %}\nA:", encoding="utf-8")
     manifest = prepare(_records(8), tmp_path / "out", template=str(good), val_fraction=0.0, test_fraction=0.0)
-    assert manifest["template"] == {"name": str(good), "kind": "file",
-                                    "sha256": hashlib.sha256(good.read_bytes()).hexdigest()}
+    assert manifest["template"] == {
+        "name": str(good),
+        "kind": "file",
+        "sha256": hashlib.sha256(good.read_bytes()).hexdigest(),
+    }
     assert _read(tmp_path / "out", "train")[0]["prompt"] == "Q: Apply reverse to item 0 (value 0)\nA:"
 
     bad = tmp_path / "bad.j2"
-    bad.write_text("{{ instruction }}{% if task == 'upper' %}{{ response_hint }}{% endif %}",
-                   encoding="utf-8")
+    bad.write_text(
+        "{{ instruction }}{% if task == 'upper' %}{{ response_hint }}{% endif %}", encoding="utf-8"
+    )
     with pytest.raises(UsageError, match=r"bad\.j2' on record 2 \(line 2\): 'response_hint' is undefined"):
         prepare(_records(8), tmp_path / "out2", template=str(bad))
     evil = tmp_path / "evil.j2"
@@ -249,8 +285,9 @@ def test_length_filter_drops_and_lists_rows_over_max_seq_len(tmp_path, tokenizer
     limit = max(n for i, n in enumerate(lengths) if i % 5)  # the longest short row stays: bound inclusive
     assert [i for i, n in enumerate(lengths) if n > limit] == list(range(0, 40, 5))
 
-    manifest = prepare(records, tmp_path / "out", max_seq_len=limit, tokenizer=str(tokenizer_dir),
-                       id_list_cap=5)
+    manifest = prepare(
+        records, tmp_path / "out", max_seq_len=limit, tokenizer=str(tokenizer_dir), id_list_cap=5
+    )
     counts = manifest["counts"]
     assert counts["too_long"] == 8 and counts["output"] == 32
     assert counts["input"] == sum(counts[k] for k in ("pii_dropped", "deduped", "too_long", "output"))
@@ -277,8 +314,14 @@ def test_chat_template_from_a_registry_tokenizer(tmp_path, tokenizer_dir, monkey
 
     monkeypatch.setenv("AIRLOOM_REGISTRY", str(tmp_path / "registry"))
     ModelRegistry.from_uri(tmp_path / "registry").register("tok", tokenizer_dir, metadata={}, actor="test")
-    manifest = prepare(_records(8), tmp_path / "out", template="chat_template", tokenizer="registry:tok",
-                       val_fraction=0.0, test_fraction=0.0)
+    manifest = prepare(
+        _records(8),
+        tmp_path / "out",
+        template="chat_template",
+        tokenizer="registry:tok",
+        val_fraction=0.0,
+        test_fraction=0.0,
+    )
     row = _read(tmp_path / "out", "train")[0]
     assert row["prompt"] == "<user>Apply reverse to item 0\n\nvalue 0<|eos|><assistant>"
     tokenizer = manifest["tokenizer"]
@@ -369,9 +412,27 @@ def test_cli_prepare_takes_template_policy_and_length_options(tmp_path, tokenize
 
     src = tmp_path / "raw.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in PII_ROWS), encoding="utf-8")
-    rc = main(["prepare", str(src), "--out", str(tmp_path / "out"), "--template", "chatml", "--pii-policy",
-               "drop", "--max-seq-len", "500", "--tokenizer", str(tokenizer_dir), "--val-fraction", "0",
-               "--test-fraction", "0", "--json"])
+    rc = main(
+        [
+            "prepare",
+            str(src),
+            "--out",
+            str(tmp_path / "out"),
+            "--template",
+            "chatml",
+            "--pii-policy",
+            "drop",
+            "--max-seq-len",
+            "500",
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--val-fraction",
+            "0",
+            "--test-fraction",
+            "0",
+            "--json",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     manifest = json.loads(out)
@@ -380,8 +441,9 @@ def test_cli_prepare_takes_template_policy_and_length_options(tmp_path, tokenize
     assert manifest["counts"]["pii_dropped"] == 3
     assert manifest["tokenizer"]["ref"] == str(tokenizer_dir)
 
-    rc = main(["prepare", str(src), "--out", str(tmp_path / "out2"), "--max-seq-len", "64",
-               "--tokenizer", ""])
+    rc = main(
+        ["prepare", str(src), "--out", str(tmp_path / "out2"), "--max-seq-len", "64", "--tokenizer", ""]
+    )
     assert rc == 2
     assert "max_seq_len=64 needs a tokenizer" in capsys.readouterr().err
 
@@ -421,8 +483,16 @@ def _repeats(n: int) -> list[dict]:
     for i in range(n):
         k = i % 23 if i % 5 else i  # most rows repeat one of 23 contents
         text = f"Name  thing {k}" if i % 2 else f"Name thing {k} "
-        rows.append({"id": f"id{i // 2 % 31}" if i % 3 else None, "instruction": text, "input": "",
-                     "response": f"Thing {k}", "task": TASKS[k % 2], "_line": i + 1})
+        rows.append(
+            {
+                "id": f"id{i // 2 % 31}" if i % 3 else None,
+                "instruction": text,
+                "input": "",
+                "response": f"Thing {k}",
+                "task": TASKS[k % 2],
+                "_line": i + 1,
+            }
+        )
     return rows
 
 
@@ -454,8 +524,17 @@ def test_split_files_keep_their_bytes_across_row_groups(tmp_path, monkeypatch):
     import airloom.data.prepare as prepare_module
 
     monkeypatch.setattr(prepare_module, "ROW_GROUP_SIZE", 40)
-    rows = [{"id": str(i), "prompt": f"p{i}" * (i % 9), "response": "r", "task": None if i % 4 else "t",
-             "instruction": f"i{i}", "input": ""} for i in range(157)]
+    rows = [
+        {
+            "id": str(i),
+            "prompt": f"p{i}" * (i % 9),
+            "response": "r",
+            "task": None if i % 4 else "t",
+            "instruction": f"i{i}",
+            "input": "",
+        }
+        for i in range(157)
+    ]
     schema = pa.schema([(c, pa.string()) for c in prepare_module.COLUMNS])
     table = pa.Table.from_pylist(rows, schema=schema)
     pq.write_table(table, tmp_path / "expected.parquet", row_group_size=40, compression="zstd")
@@ -471,8 +550,9 @@ def test_split_files_keep_their_bytes_across_row_groups(tmp_path, monkeypatch):
     prepare_module.write_split(rows, tmp_path / "split.parquet")
     assert (tmp_path / "split.parquet").read_bytes() == (tmp_path / "expected.parquet").read_bytes()
     empty = tmp_path / "empty.parquet"
-    pq.write_table(schema.empty_table(), tmp_path / "expected_empty.parquet", row_group_size=40,
-                   compression="zstd")
+    pq.write_table(
+        schema.empty_table(), tmp_path / "expected_empty.parquet", row_group_size=40, compression="zstd"
+    )
     prepare_module.SplitWriter(empty).close()
     assert empty.read_bytes() == (tmp_path / "expected_empty.parquet").read_bytes()
 
@@ -481,10 +561,47 @@ def _tricky_texts() -> list[str]:
     import random
 
     rnd = random.Random(7)
-    alphabet = ["a", "Z", "0", "7", " ", "  ", "\t", "\n", "\r", "\r\n", "\x0b", "\x0c", "\x1c", "\x1f",
-                "\x85", "\u00a0", "\u2028", "\u3000", "e\u0301", "\u00e9", "\ufb01", "\u212b", "@", ".",
-                "-", "(", ")", "+", '"', "\\", "\x00", "\x7f", "\U0001f600", "x@y.example.org",
-                "555-123-4567", "+44 20 7946 0958", "4111 1111 1111 1111", "10.1.2.3", "127.0.0.1"]
+    alphabet = [
+        "a",
+        "Z",
+        "0",
+        "7",
+        " ",
+        "  ",
+        "\t",
+        "\n",
+        "\r",
+        "\r\n",
+        "\x0b",
+        "\x0c",
+        "\x1c",
+        "\x1f",
+        "\x85",
+        "\u00a0",
+        "\u2028",
+        "\u3000",
+        "e\u0301",
+        "\u00e9",
+        "\ufb01",
+        "\u212b",
+        "@",
+        ".",
+        "-",
+        "(",
+        ")",
+        "+",
+        '"',
+        "\\",
+        "\x00",
+        "\x7f",
+        "\U0001f600",
+        "x@y.example.org",
+        "555-123-4567",
+        "+44 20 7946 0958",
+        "4111 1111 1111 1111",
+        "10.1.2.3",
+        "127.0.0.1",
+    ]
     texts = ["", " ", "\n", "plain", "ends with space ", " starts", "line \nbreak", "a\n\nb", "\u00e9t\u00e9"]
     texts += ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 12))) for _ in range(4000)]
     return texts
@@ -503,8 +620,10 @@ def test_fast_paths_match_validate_and_json():
 
     import pyarrow as pa
 
-    rows = [{"id": a, "prompt": b, "response": c, "task": None if len(a) % 3 else a, "instruction": b,
-             "input": c} for a, b, c in zip(texts, texts[1:], texts[2:], strict=False)]
+    rows = [
+        {"id": a, "prompt": b, "response": c, "task": None if len(a) % 3 else a, "instruction": b, "input": c}
+        for a, b, c in zip(texts, texts[1:], texts[2:], strict=False)
+    ]
     batch = pa.Table.from_pylist(rows)
     expected = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
     assert prepare_module._json_lines(batch) == expected
@@ -514,8 +633,8 @@ def test_fast_paths_match_validate_and_json():
 SCRAPED = {
     "instruction": "Summarize the product description.",
     "input": "",
-    "response": "<div class=\"desc\"><p>A sturdy oak desk &amp; chair.</p><br>Ships in <b>two</b> days."
-                "<script>track('x')</script></div>",
+    "response": '<div class="desc"><p>A sturdy oak desk &amp; chair.</p><br>Ships in <b>two</b> days.'
+    "<script>track('x')</script></div>",
 }
 ABOUT_HTML = {
     "instruction": "Write an HTML snippet with a bold word.",
@@ -542,8 +661,12 @@ def _near_rows() -> list[dict]:
     """Ten distinct long rows, then a copy of row 3 with one word changed (Jaccard ~0.9) and one with half
     of it rewritten (well under 0.8)."""
     rows = [
-        {"instruction": f"Explain topic {i}: " + " ".join(f"w{i}_{k}" for k in range(40)), "input": "",
-         "response": " ".join(f"r{i}_{k}" for k in range(60)), "id": f"row{i}"}
+        {
+            "instruction": f"Explain topic {i}: " + " ".join(f"w{i}_{k}" for k in range(40)),
+            "input": "",
+            "response": " ".join(f"r{i}_{k}" for k in range(60)),
+            "id": f"row{i}",
+        }
         for i in range(10)
     ]
     near = dict(rows[3], id="near3", response=rows[3]["response"].replace("r3_59", "changed"))
@@ -562,8 +685,14 @@ def test_near_duplicates_are_dropped_and_listed(tmp_path):
     counts = manifest["counts"]
     assert counts["near_deduped"] == 1 and manifest["dropped_ids"]["near_duplicate"] == ["near3"]
     assert counts["output"] == 11 == counts["train"] + counts["validation"] + counts["test"]
-    assert counts["input"] == counts["pii_dropped"] + counts["deduped"] + counts["too_long"] + \
-        counts["near_deduped"] + counts["output"]
+    assert (
+        counts["input"]
+        == counts["pii_dropped"]
+        + counts["deduped"]
+        + counts["too_long"]
+        + counts["near_deduped"]
+        + counts["output"]
+    )
     ids = {r["id"] for split in SPLITS for r in _read(tmp_path / "out", split)}
     assert "near3" not in ids and {"row3", "far4"} <= ids
     assert manifest["near_dedup"]["threshold"] == 0.8

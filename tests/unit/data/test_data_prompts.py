@@ -29,8 +29,10 @@ def tiny_tokenizer(tmp_path_factory):
     tok.save_pretrained(folder / "bare")
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(folder / "chat")
-    return {"tokenizer": AutoTokenizer.from_pretrained(folder / "chat"),
-            "bare": AutoTokenizer.from_pretrained(folder / "bare")}
+    return {
+        "tokenizer": AutoTokenizer.from_pretrained(folder / "chat"),
+        "bare": AutoTokenizer.from_pretrained(folder / "bare"),
+    }
 
 
 # Text that would trip a naive implementation: format braces, Jinja syntax (data is never re-parsed),
@@ -94,7 +96,8 @@ def test_chat_template_uses_the_tokenizers_own_template(tiny_tokenizer):
     assert text == "<|bos|>[system] Be brief.<|eos|>[user] Hi there<|eos|>[assistant] "
     assert text == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert renderer.as_manifest() == {
-        "name": "chat_template", "kind": "tokenizer",
+        "name": "chat_template",
+        "kind": "tokenizer",
         "sha256": hashlib.sha256(tok.chat_template.encode()).hexdigest(),
     }
 

@@ -295,8 +295,13 @@ def test_a_stream_of_small_chunks_over_two_files_gives_what_one_read_gives(tmp_p
     config = ValidationConfig(max_duplicate_rate=0.5, max_pii_rate=0.5, max_quarantine_rate=0.5)
 
     whole = validate(load_records(folder), tmp_path / "whole", config)
-    streamed = validate_stream(lambda: iter_chunks(folder, chunk_rows=7), tmp_path / "streamed", config,
-                               source=str(folder), scan_source=fingerprint(folder))
+    streamed = validate_stream(
+        lambda: iter_chunks(folder, chunk_rows=7),
+        tmp_path / "streamed",
+        config,
+        source=str(folder),
+        scan_source=fingerprint(folder),
+    )
 
     assert (streamed.rows_read, streamed.accepted, streamed.quarantined) == (34, 30, 4)
     assert (whole.rows_read, whole.accepted, whole.quarantined) == (34, 30, 4)
@@ -307,7 +312,9 @@ def test_a_stream_of_small_chunks_over_two_files_gives_what_one_read_gives(tmp_p
     assert [(f["file"].rsplit("/", 1)[1], f["line"]) for f in got["findings"]] == sorted(
         (f["file"].rsplit("/", 1)[1], f["line"]) for f in got["findings"]
     )
-    assert "repeats the row at line 3 of" in next(f.message for f in streamed.findings if f.check == "duplicate")
+    assert "repeats the row at line 3 of" in next(
+        f.message for f in streamed.findings if f.check == "duplicate"
+    )
     assert not [p for p in (tmp_path / "streamed").iterdir() if p.name.startswith(".")]  # no scratch left
 
     rendered = profile_source(folder, tmp_path / "eda", scan_dir=tmp_path / "streamed" / "scan")
@@ -340,7 +347,11 @@ def test_token_bounds_quarantine_rows_over_them_with_their_counts(tmp_path, word
     rows = _clean_rows(30)
     rows[4]["response"] = " ".join(["red"] * 40)  # 40 tokens, and the row's total far over 30
     config = ValidationConfig.from_dict(
-        {"tokenizer": str(word_tokenizer), "max_tokens": {"total": 30, "response": 35}, "max_quarantine_rate": 0.5}
+        {
+            "tokenizer": str(word_tokenizer),
+            "max_tokens": {"total": 30, "response": 35},
+            "max_quarantine_rate": 0.5,
+        }
     )
     result = validate(load_records(_write(tmp_path / "rows.jsonl", rows)), tmp_path / "out", config)
     totals = [sum(_words(r[f]) for f in ("instruction", "input", "response")) for r in rows]
@@ -350,7 +361,10 @@ def test_token_bounds_quarantine_rows_over_them_with_their_counts(tmp_path, word
     assert {f.line for f in findings} == over
     row5 = {f.field: f.message for f in findings if f.line == 5}
     assert row5["response"] == "response has 40 tokens; at most 35 allowed (max_tokens.response)"
-    assert row5[None] == f"instruction + input + response have {totals[4]} tokens; at most 30 allowed (max_tokens.total)"
+    assert (
+        row5[None]
+        == f"instruction + input + response have {totals[4]} tokens; at most 30 allowed (max_tokens.total)"
+    )
     report = json.loads(result.report_path.read_text())
     checked = {e["column"]: e for e in report["expectations"]}
     assert checked["total_tokens"]["details"]["unexpected_count"] == len(over)  # GX counted them too
@@ -366,15 +380,24 @@ def test_a_tokenizer_alone_profiles_token_lengths_and_the_share_over_the_context
     from airloom.data.load import fingerprint, iter_chunks
     from airloom.data.validate import validate_stream
 
-    result = validate_stream(lambda: iter_chunks(source), tmp_path / "out", config, source=str(source),
-                             scan_source=fingerprint(source))
+    result = validate_stream(
+        lambda: iter_chunks(source),
+        tmp_path / "out",
+        config,
+        source=str(source),
+        scan_source=fingerprint(source),
+    )
     assert result.success and result.accepted == 20  # no bounds: nothing quarantined for tokens
     profile, _ = load_scan(tmp_path / "out" / "scan", fingerprint(source))
     totals = [sum(_words(r[f]) for f in ("instruction", "input", "response")) for r in rows]
     assert profile["fields"]["total_tokens"]["max"] == max(totals)
     assert profile["tokens"] == {
-        "tokenizer": str(word_tokenizer), "rows": 20, "sampled": False, "context": 12,
-        "over_context": sum(t > 12 for t in totals), "over_context_rate": round(sum(t > 12 for t in totals) / 20, 4),
+        "tokenizer": str(word_tokenizer),
+        "rows": 20,
+        "sampled": False,
+        "context": 12,
+        "over_context": sum(t > 12 for t in totals),
+        "over_context_rate": round(sum(t > 12 for t in totals) / 20, 4),
     }
 
 
@@ -401,8 +424,13 @@ def test_a_tokenizer_that_cannot_load_costs_the_token_lengths_not_the_run(tmp_pa
 
     source = _write(tmp_path / "rows.jsonl", _clean_rows(5))
     config = ValidationConfig(tokenizer="registry:no-such-model")  # no bounds: the profile wanted tokens
-    result = validate_stream(lambda: iter_chunks(source), tmp_path / "out", config, source=str(source),
-                             scan_source=fingerprint(source))
+    result = validate_stream(
+        lambda: iter_chunks(source),
+        tmp_path / "out",
+        config,
+        source=str(source),
+        scan_source=fingerprint(source),
+    )
     assert result.success and result.accepted == 5
     profile, _ = load_scan(tmp_path / "out" / "scan", fingerprint(source))
     assert "no-such-model" in profile["tokens"]["error"] and "tokens" not in profile["fields"]["instruction"]

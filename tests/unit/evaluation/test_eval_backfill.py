@@ -16,8 +16,15 @@ def _write(path, rows):
 
 
 def _records(n: int, tag: str) -> list[dict]:
-    return [{"id": f"{tag}-{i}", "prompt": "### Instruction:\nName a primary colour.\n### Response:\n",
-             "response": "Red", "task": "colour" if i % 2 else "other"} for i in range(n)]
+    return [
+        {
+            "id": f"{tag}-{i}",
+            "prompt": "### Instruction:\nName a primary colour.\n### Response:\n",
+            "response": "Red",
+            "task": "colour" if i % 2 else "other",
+        }
+        for i in range(n)
+    ]
 
 
 def test_partition_dir(tmp_path):
@@ -48,8 +55,11 @@ def test_read_partition_bad_line_names_the_file(tmp_path):
 
 
 def _metrics(ds: str, em: float, *, with_ds: bool = True) -> dict:
-    m = {"model_ref": "demo/3", "n": 10, "aggregate": {"exact_match": em, "f1": em + 0.1, "rougeL": em + 0.2,
-                                                        "bleu": 12.0}}
+    m = {
+        "model_ref": "demo/3",
+        "n": 10,
+        "aggregate": {"exact_match": em, "f1": em + 0.1, "rougeL": em + 0.2, "bleu": 12.0},
+    }
     return {**m, "ds": ds} if with_ds else m
 
 
@@ -57,14 +67,22 @@ def test_build_trend_sorted_rows_and_plot(tmp_path):
     root = tmp_path / "demo"
     for ds, em in [("2026-01-03", 0.3), ("2026-01-01", 0.1), ("2026-01-02", 0.2)]:
         _write(root / f"ds={ds}" / "metrics.json", [])
-        (root / f"ds={ds}" / "metrics.json").write_text(json.dumps(_metrics(ds, em, with_ds=ds != "2026-01-02")))
+        (root / f"ds={ds}" / "metrics.json").write_text(
+            json.dumps(_metrics(ds, em, with_ds=ds != "2026-01-02"))
+        )
     (root / ".ds=2026-01-04.abc.tmp").mkdir()  # an in-flight evaluation is not a date yet
 
     trend = build_trend(root)
     assert trend["dates"] == 3
     assert [r["ds"] for r in trend["rows"]] == ["2026-01-01", "2026-01-02", "2026-01-03"]
-    assert trend["rows"][1] == {"ds": "2026-01-02", "model_ref": "demo/3", "n": 10, "exact_match": 0.2,
-                                "f1": pytest.approx(0.3), "rougeL": pytest.approx(0.4)}
+    assert trend["rows"][1] == {
+        "ds": "2026-01-02",
+        "model_ref": "demo/3",
+        "n": 10,
+        "exact_match": 0.2,
+        "f1": pytest.approx(0.3),
+        "rougeL": pytest.approx(0.4),
+    }
     assert json.loads((root / "trend.json").read_text())["rows"] == trend["rows"]
     png = root / "trend.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -92,8 +110,9 @@ def test_evaluate_partition_replaces_only_its_date(tmp_path, tiny_model_dir):
     target.mkdir(parents=True)
     (target / "stale.txt").write_text("from an earlier run")
 
-    metrics = evaluate_partition(str(tiny_model_dir), "demo/3", _records(4, "x"), out_root, "demo", "2026-01-02",
-                                 max_new_tokens=4)
+    metrics = evaluate_partition(
+        str(tiny_model_dir), "demo/3", _records(4, "x"), out_root, "demo", "2026-01-02", max_new_tokens=4
+    )
     assert metrics["ds"] == "2026-01-02" and metrics["model_ref"] == "demo/3" and metrics["n"] == 4
     assert json.loads((target / "metrics.json").read_text()) == metrics
     assert len((target / "predictions.jsonl").read_text().splitlines()) == 4
@@ -102,16 +121,22 @@ def test_evaluate_partition_replaces_only_its_date(tmp_path, tiny_model_dir):
     assert sorted(p.name for p in (out_root / "demo").iterdir()) == ["ds=2026-01-01", "ds=2026-01-02"]
 
     # A rerun of the same date with other records replaces it again; still no temp folders left.
-    metrics = evaluate_partition(str(tiny_model_dir), "demo/4", _records(2, "y"), out_root, "demo", "2026-01-02",
-                                 max_new_tokens=4)
+    metrics = evaluate_partition(
+        str(tiny_model_dir), "demo/4", _records(2, "y"), out_root, "demo", "2026-01-02", max_new_tokens=4
+    )
     assert json.loads((target / "metrics.json").read_text())["model_ref"] == "demo/4"
     assert [json.loads(line)["id"] for line in (target / "predictions.jsonl").read_text().splitlines()] == [
-        "y-0", "y-1"]
+        "y-0",
+        "y-1",
+    ]
     assert (other / "metrics.json").read_bytes() == other_before
     assert sorted(p.name for p in (out_root / "demo").iterdir()) == ["ds=2026-01-01", "ds=2026-01-02"]
 
     trend = build_trend(out_root / "demo")
-    assert [(r["ds"], r["model_ref"]) for r in trend["rows"]] == [("2026-01-01", "demo/3"), ("2026-01-02", "demo/4")]
+    assert [(r["ds"], r["model_ref"]) for r in trend["rows"]] == [
+        ("2026-01-01", "demo/3"),
+        ("2026-01-02", "demo/4"),
+    ]
 
 
 @pytest.mark.parametrize("failure", ["bad_records", "no_model"])
@@ -124,7 +149,11 @@ def test_failed_evaluation_keeps_the_previous_partition(tmp_path, failure):
     if failure == "bad_records":
         model, records, match = tmp_path, [{"id": "1", "prompt": "p"}], r"missing field 'response'"
     else:  # fails after the temporary output folder exists
-        model, records, match = tmp_path / "nowhere", _records(2, "z"), r"nowhere is not a saved model directory"
+        model, records, match = (
+            tmp_path / "nowhere",
+            _records(2, "z"),
+            r"nowhere is not a saved model directory",
+        )
     with pytest.raises(UsageError, match=match):
         evaluate_partition(str(model), "demo/5", records, out_root, "demo", "2026-01-02")
     assert (target / "metrics.json").read_bytes() == before

@@ -166,4 +166,3 @@ def test_harness_limit_and_record_checks(tiny_model_dir, tmp_path):
         evaluate_model(tiny_model_dir, bad, tmp_path / "b")
     with pytest.raises(UsageError, match="evaluation set is empty"):
         evaluate_model(tiny_model_dir, [], tmp_path / "c")
-

@@ -124,8 +124,9 @@ def test_policy_from_params_reads_text_values():
     from airloom.exceptions import UsageError
     from airloom.governance.signoff import SignOffPolicy
 
-    p = SignOffPolicy.from_params({"allowed_users": " reviewer, lead ,", "required_approvals": "2",
-                                   "separation_of_duties": "True"})
+    p = SignOffPolicy.from_params(
+        {"allowed_users": " reviewer, lead ,", "required_approvals": "2", "separation_of_duties": "True"}
+    )
     assert (p.allowed_users, p.required_approvals, p.separation_of_duties) == (["reviewer", "lead"], 2, True)
     assert SignOffPolicy.from_params({"allowed_users": ""}).allowed_users is None
     assert SignOffPolicy.from_params({"allowed_users": ["a"]}).allowed_users == ["a"]

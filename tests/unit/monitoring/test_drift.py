@@ -62,8 +62,13 @@ def test_unlabelled_traffic_has_no_task_mix_psi():
 
 def test_length_histogram_bins():
     prompts = ["x" * 10, "x" * 39, "x" * 40, "x" * 129, "x" * 130, "x" * 5000]
-    assert length_histogram(prompts) == {"0-40": 2, "40-60": 1, "100-130": 1, "130-170": 1,
-                                         f"250-{LENGTH_BINS[-1]}": 1}
+    assert length_histogram(prompts) == {
+        "0-40": 2,
+        "40-60": 1,
+        "100-130": 1,
+        "130-170": 1,
+        f"250-{LENGTH_BINS[-1]}": 1,
+    }
     assert sum(length_histogram(prompts).values()) == len(prompts)
 
 
@@ -94,11 +99,21 @@ def test_records_without_task_count_as_unknown():
 
 def test_feedback_summary_counts():
     records = [{"rating": 1}] * 6 + [{"rating": -1}] * 3 + [{"rating": 0}, {"rating": "bad"}, {}]
-    assert feedback_summary(records) == {"feedback_rows": 12, "thumbs_up": 6, "thumbs_down": 3,
-                                         "invalid": 3, "negative_rate": round(3 / 9, 4)}
+    assert feedback_summary(records) == {
+        "feedback_rows": 12,
+        "thumbs_up": 6,
+        "thumbs_down": 3,
+        "invalid": 3,
+        "negative_rate": round(3 / 9, 4),
+    }
     assert feedback_summary([{"rating": 5}])["negative_rate"] is None
-    assert feedback_summary([]) == {"feedback_rows": 0, "thumbs_up": 0, "thumbs_down": 0, "invalid": 0,
-                                    "negative_rate": None}
+    assert feedback_summary([]) == {
+        "feedback_rows": 0,
+        "thumbs_up": 0,
+        "thumbs_down": 0,
+        "invalid": 0,
+        "negative_rate": None,
+    }
 
 
 def test_decide_retraining_reasons_and_thresholds():
@@ -109,12 +124,15 @@ def test_decide_retraining_reasons_and_thresholds():
     assert reasons == ["psi_task_mix 0.400 > 0.25", "negative feedback rate 0.50 > 0.3"]
     assert decide_retraining({"psi_task_mix": 0.4}, max_psi=0.5) == []
     assert decide_retraining({"negative_rate": 0.2}, max_negative_rate=0.1) == [
-        "negative feedback rate 0.20 > 0.1"]
+        "negative feedback rate 0.20 > 0.1"
+    ]
 
 
 def test_write_report(tmp_path):
-    report = {**drift_report(_records({"a": 3}, 10), _records({"b": 3}, 10)),
-              **feedback_summary([{"rating": -1}])}
+    report = {
+        **drift_report(_records({"a": 3}, 10), _records({"b": 3}, 10)),
+        **feedback_summary([{"rating": -1}]),
+    }
     path = write_report(tmp_path / "mon" / "2026-01-01", report)
     assert path.name == "monitoring.json"
     assert json.loads(path.read_text()) == report

@@ -14,22 +14,32 @@ from airloom.monitoring.drift import decide_input_drift, input_drift, profile_re
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
-    return build_profile(list(generate_records(400, seed=0)), tmp_path_factory.mktemp("ref"),
-                         near_duplicate_threshold=None)
+    return build_profile(
+        list(generate_records(400, seed=0)), tmp_path_factory.mktemp("ref"), near_duplicate_threshold=None
+    )
 
 
 def served(records: list[dict]) -> list[dict]:
     """Rows as airloom serve logs them: the rendered prompt and the answer."""
-    return [{"id": str(i), "prompt": render_prompt(r["instruction"], r["input"]), "response": r["response"]}
-            for i, r in enumerate(records)]
+    return [
+        {"id": str(i), "prompt": render_prompt(r["instruction"], r["input"]), "response": r["response"]}
+        for i, r in enumerate(records)
+    ]
 
 
 def test_profile_records_parse_prompts_back_and_keep_split_rows():
-    rows = profile_records([{"prompt": render_prompt("Sort the letters.", "dcba"), "response": "abcd"},
-                            {"prompt": "<|user|>hi", "response": None},
-                            {"instruction": "Add.", "input": "1 2", "response": "3", "prompt": "ignored"}])
+    rows = profile_records(
+        [
+            {"prompt": render_prompt("Sort the letters.", "dcba"), "response": "abcd"},
+            {"prompt": "<|user|>hi", "response": None},
+            {"instruction": "Add.", "input": "1 2", "response": "3", "prompt": "ignored"},
+        ]
+    )
     assert [(r["instruction"], r["input"], r["response"]) for r in rows] == [
-        ("Sort the letters.", "dcba", "abcd"), ("<|user|>hi", "", ""), ("Add.", "1 2", "3")]
+        ("Sort the letters.", "dcba", "abcd"),
+        ("<|user|>hi", "", ""),
+        ("Add.", "1 2", "3"),
+    ]
     assert [r["_line"] for r in rows] == [1, 2, 3]
 
 
@@ -37,7 +47,9 @@ def test_same_distribution_is_stable(reference, tmp_path):
     drift = input_drift(reference, served(list(generate_records(60, seed=5))), tmp_path / "day")
     assert drift["reference_rows"] == 400 and drift["current_rows"] == 60
     assert drift["input_psi"] < 0.25, drift
-    assert drift["language"]["psi_scripts"] == 0.0 and drift["language"]["scripts"]["current"] == {"Latin": 1.0}
+    assert drift["language"]["psi_scripts"] == 0.0 and drift["language"]["scripts"]["current"] == {
+        "Latin": 1.0
+    }
     assert drift["vocabulary"]["js_divergence"] < 0.3
     assert decide_input_drift(drift) == []
     # the traffic's own EDA profile and report, next to the dashboard
@@ -47,15 +59,26 @@ def test_same_distribution_is_stable(reference, tmp_path):
 
 
 def test_longer_prompts_in_another_language_cross_the_threshold(reference, tmp_path):
-    french = [{"instruction": "Écris ce nombre en toutes lettres, s'il te plaît, pour mon exercice de français "
-                              "de demain matin.", "input": str(1000 + i), "response": "mille"} for i in range(40)]
+    french = [
+        {
+            "instruction": "Écris ce nombre en toutes lettres, s'il te plaît, pour mon exercice de français "
+            "de demain matin.",
+            "input": str(1000 + i),
+            "response": "mille",
+        }
+        for i in range(40)
+    ]
     drift = input_drift(reference, served(french), tmp_path / "fr")
     assert drift["length_psi"]["instruction"] > 0.25
     assert drift["language"]["languages"]["current"] == {"fr": 1.0}
     assert drift["language"]["psi_languages"] > 0.25
     assert drift["vocabulary"]["new_top_words_share"] > 0.5
-    assert drift["input_psi"] == max(drift["length_psi"]["instruction"], drift["length_psi"]["input"],
-                                     drift["language"]["psi_scripts"], drift["language"]["psi_languages"])
+    assert drift["input_psi"] == max(
+        drift["length_psi"]["instruction"],
+        drift["length_psi"]["input"],
+        drift["language"]["psi_scripts"],
+        drift["language"]["psi_languages"],
+    )
     (reason,) = decide_input_drift(drift, max_input_psi=0.25)
     assert reason.startswith(f"input drift vs training profile {drift['input_psi']:.3f} > 0.25 (")
     assert "instruction length" in reason and "languages" in reason
@@ -63,7 +86,9 @@ def test_longer_prompts_in_another_language_cross_the_threshold(reference, tmp_p
 
 
 def test_another_script_is_a_language_shift(reference, tmp_path):
-    greek = [{"instruction": "Γράψε τον αριθμό με λέξεις.", "input": str(i), "response": "x"} for i in range(30)]
+    greek = [
+        {"instruction": "Γράψε τον αριθμό με λέξεις.", "input": str(i), "response": "x"} for i in range(30)
+    ]
     drift = input_drift(reference, served(greek), tmp_path / "el")
     assert drift["language"]["scripts"]["current"] == {"Greek": 1.0}
     assert drift["language"]["psi_scripts"] > 0.25

@@ -159,10 +159,18 @@ def test_attachments_are_stored_and_verified_with_the_version(registry, tmp_path
     report = tmp_path / "gates" / "report.html"
     report.parent.mkdir()
     report.write_text("<html>gates passed</html>")
-    v = registry.register("support-bot", make_model(tmp_path / "m"), metadata={}, actor="alice",
-                          attachments={"evaluation/report.html": report})
+    v = registry.register(
+        "support-bot",
+        make_model(tmp_path / "m"),
+        metadata={},
+        actor="alice",
+        attachments={"evaluation/report.html": report},
+    )
     assert "evaluation/report.html" in [f["path"] for f in v.files]
-    assert registry.store.get_bytes("models/support-bot/versions/1/evaluation/report.html") == report.read_bytes()
+    assert (
+        registry.store.get_bytes("models/support-bot/versions/1/evaluation/report.html")
+        == report.read_bytes()
+    )
     registry.verify("support-bot", 1)
     registry.store.put_bytes("models/support-bot/versions/1/evaluation/report.html", b"<html>edited</html>")
     with pytest.raises(CheckFailed, match="evaluation/report.html"):
@@ -174,6 +182,7 @@ def test_attachments_cannot_replace_model_files_or_escape(registry, tmp_path, re
     extra = tmp_path / "x.html"
     extra.write_text("x")
     with pytest.raises(UsageError):
-        registry.register("support-bot", make_model(tmp_path / "m"), metadata={}, actor="alice",
-                          attachments={rel: extra})
+        registry.register(
+            "support-bot", make_model(tmp_path / "m"), metadata={}, actor="alice", attachments={rel: extra}
+        )
     assert registry.list_versions("support-bot") == []

@@ -11,8 +11,11 @@ from airloom.registry.resolve import resolve_model
 
 
 def test_s3_model_folder_is_downloaded_once(s3_store, tmp_path):
-    for key, data in {"config.json": b'{"model_type": "llama"}', "model.safetensors": b"w" * 100,
-                      "tokenizer/tokenizer.json": b"{}"}.items():
+    for key, data in {
+        "config.json": b'{"model_type": "llama"}',
+        "model.safetensors": b"w" * 100,
+        "tokenizer/tokenizer.json": b"{}",
+    }.items():
         s3_store.put_bytes(key, data)
     uri = s3_store.uri()
     first = resolve_model(uri, cache_dir=tmp_path / "cache", s3_client=s3_store.client)
@@ -22,7 +25,9 @@ def test_s3_model_folder_is_downloaded_once(s3_store, tmp_path):
     assert (folder / "model.safetensors").read_bytes() == b"w" * 100
     assert (folder / "tokenizer" / "tokenizer.json").is_file()
     s3_store.put_bytes("model.safetensors", b"changed")  # the cache is not re-read from S3
-    assert resolve_model(uri, cache_dir=tmp_path / "cache", s3_client=s3_store.client)["path"] == first["path"]
+    assert (
+        resolve_model(uri, cache_dir=tmp_path / "cache", s3_client=s3_store.client)["path"] == first["path"]
+    )
 
 
 def test_s3_prefix_without_config_is_not_a_model(s3_store, tmp_path):

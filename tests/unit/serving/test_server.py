@@ -60,8 +60,15 @@ def registry_with_two_versions(tmp_path_factory):
     from airloom.training.base import BaseModelSpec, build_base_model
 
     root = tmp_path_factory.mktemp("serving")
-    spec = BaseModelSpec(vocab_size=320, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                         pretrain_lines=400, pretrain_seconds=0)
+    spec = BaseModelSpec(
+        vocab_size=320,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        pretrain_lines=400,
+        pretrain_seconds=0,
+    )
     build_base_model(root / "model", spec, log=lambda *_: None)
     reg = ModelRegistry.from_uri(root / "registry")
     for seed in (1, 2):
@@ -81,8 +88,15 @@ def server(registry_with_two_versions):
 
     root, reg = registry_with_two_versions
     threads = torch.get_num_threads()
-    engine = Engine(reg, f"{NAME}@production", cache_dir=root / "cache", max_batch_size=16,
-                    batch_wait_ms=30, poll_seconds=0.2, torch_threads=1)
+    engine = Engine(
+        reg,
+        f"{NAME}@production",
+        cache_dir=root / "cache",
+        max_batch_size=16,
+        batch_wait_ms=30,
+        poll_seconds=0.2,
+        torch_threads=1,
+    )
     app = create_app(engine, traffic_dir=root / "traffic", feedback_dir=root / "feedback")
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -150,9 +164,13 @@ def test_healthz_names_the_served_version(server):
 
 
 def test_concurrent_completions_are_batched_and_match_unbatched(server):
-    prompts = [f"### Instruction:\nReverse the word.\n### Input:\nword{i}\n### Response:\n" for i in range(12)]
+    prompts = [
+        f"### Instruction:\nReverse the word.\n### Input:\nword{i}\n### Response:\n" for i in range(12)
+    ]
     before = httpx.get(server["url"] + "/healthz").json()
-    responses = asyncio.run(_post_many(server["url"], "/v1/completions", [_completion_body(p) for p in prompts]))
+    responses = asyncio.run(
+        _post_many(server["url"], "/v1/completions", [_completion_body(p) for p in prompts])
+    )
     for r in responses:
         assert r.status_code == 200, r.text
         body = r.json()
@@ -195,9 +213,15 @@ def test_max_tokens_stop_and_n(server):
 
 
 def test_chat_completion_shape_and_alpaca_prompt(server):
-    body = {"model": NAME, "messages": [{"role": "system", "content": "Be brief."},
-                                        {"role": "user", "content": "Reverse the word.\n\nriver"}],
-            "max_completion_tokens": 6, "temperature": 0}
+    body = {
+        "model": NAME,
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Reverse the word.\n\nriver"},
+        ],
+        "max_completion_tokens": 6,
+        "temperature": 0,
+    }
     r = _post(server, "/v1/chat/completions", body)
     assert r.status_code == 200, r.text
     out = r.json()
@@ -224,7 +248,12 @@ def test_chat_completion_shape_and_alpaca_prompt(server):
         ("/v1/completions", _completion_body("word " * 400), 400, "prompt"),
         ("/v1/completions", {**_completion_body("hi"), "model": "gpt-4o"}, 404, "model"),
         ("/v1/chat/completions", {"model": NAME, "messages": []}, 422, "messages"),
-        ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "robot", "content": "x"}]}, 422, "messages"),
+        (
+            "/v1/chat/completions",
+            {"model": NAME, "messages": [{"role": "robot", "content": "x"}]},
+            422,
+            "messages",
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors_naming_the_field(server, path, body, status, param):
@@ -240,9 +269,16 @@ def test_bad_requests_get_openai_errors_naming_the_field(server, path, body, sta
 def test_feedback_ok_404_and_422(server):
     root = server["root"]
     done = _post(server, "/v1/completions", _completion_body("Say hi.")).json()
-    ok = _post(server, "/v1/feedback", {"response_id": done["id"], "rating": "down",
-                                        "corrected_answer": "hi, write to ann@example.org",
-                                        "comment": "wrong"})
+    ok = _post(
+        server,
+        "/v1/feedback",
+        {
+            "response_id": done["id"],
+            "rating": "down",
+            "corrected_answer": "hi, write to ann@example.org",
+            "comment": "wrong",
+        },
+    )
     assert ok.status_code == 201, ok.text
     assert ok.json()["response_id"] == done["id"] and ok.json()["rating"] == -1
     stars = _post(server, "/v1/feedback", {"response_id": done["id"], "rating": 5})
@@ -263,15 +299,18 @@ def test_feedback_ok_404_and_422(server):
         assert bad.status_code == 422, (body, bad.text)
         err = bad.json()["error"]
         assert err["param"] == field and err["message"].startswith(field), err
-    assert _post(server, "/v1/feedback", {"response_id": done["id"], "rating": "meh"}).json()["detail"][0]["loc"] == [
-        "body", "rating"]
+    assert _post(server, "/v1/feedback", {"response_id": done["id"], "rating": "meh"}).json()["detail"][0][
+        "loc"
+    ] == ["body", "rating"]
 
     files = list((root / "feedback").glob("ds=*/part-*.jsonl"))
     assert len(files) == 1
     rows = [json.loads(line) for line in files[0].read_text().splitlines()]
     first = next(r for r in rows if r["rating_raw"] == "down")
     assert first["rating"] == -1 and first["model"] == f"{NAME}/1" and first["response_id"] == done["id"]
-    assert first["corrected_answer"] == "hi, write to <EMAIL>" and first["pii_masked"] == {"corrected_answer": {"email": 1}}
+    assert first["corrected_answer"] == "hi, write to <EMAIL>" and first["pii_masked"] == {
+        "corrected_answer": {"email": 1}
+    }
     assert "ann@example.org" not in files[0].read_text()
     assert sorted(r["rating"] for r in rows) == [-1, 1]
 
@@ -314,14 +353,26 @@ def test_monitoring_over_the_logged_partitions_requests_retraining(server):
     root = server["root"]
     ds = next((root / "traffic").glob("ds=*")).name.removeprefix("ds=")
     reference = root / "reference.jsonl"
-    reference.write_text("".join(json.dumps({"prompt": f"### Instruction:\nTask {i}\n### Response:\n"}) + "\n"
-                                 for i in range(50)))
-    context = {"ti": SimpleNamespace(dag_id="llm_feedback_monitoring", task_id="drift_and_feedback", map_index=-1),
-               "run_id": f"scheduled__{ds}T00:00:00+00:00", "dag_run": SimpleNamespace(triggering_user_name=None),
-               "outlet_events": OutletEventAccessors()}
-    decision = DriftMonitorOperator(task_id="drift_and_feedback", ds=ds, traffic_uri=str(root / "traffic"),
-                                    feedback_uri=str(root / "feedback"), reference_file=str(reference),
-                                    max_psi="100", max_negative_rate="0.4").execute(context)
+    reference.write_text(
+        "".join(
+            json.dumps({"prompt": f"### Instruction:\nTask {i}\n### Response:\n"}) + "\n" for i in range(50)
+        )
+    )
+    context = {
+        "ti": SimpleNamespace(dag_id="llm_feedback_monitoring", task_id="drift_and_feedback", map_index=-1),
+        "run_id": f"scheduled__{ds}T00:00:00+00:00",
+        "dag_run": SimpleNamespace(triggering_user_name=None),
+        "outlet_events": OutletEventAccessors(),
+    }
+    decision = DriftMonitorOperator(
+        task_id="drift_and_feedback",
+        ds=ds,
+        traffic_uri=str(root / "traffic"),
+        feedback_uri=str(root / "feedback"),
+        reference_file=str(reference),
+        max_psi="100",
+        max_negative_rate="0.4",
+    ).execute(context)
     assert decision["retrain"] is True and decision["reasons"] == ["negative feedback rate 0.50 > 0.4"]
     report = json.loads(Path(decision["report"]).read_text())
     serving = report["serving"]
@@ -336,7 +387,9 @@ def test_monitoring_over_the_logged_partitions_requests_retraining(server):
     assert row["instruction"] == "Say hi." and row["input"] == "" and row["source"] == "feedback"
     assert row["response"] == "hi, write to <EMAIL>"
     asset = Asset("retraining_request")
-    RequestRetrainingOperator(task_id="request_retraining", decision=decision, outlets=[asset]).execute(context)
+    RequestRetrainingOperator(task_id="request_retraining", decision=decision, outlets=[asset]).execute(
+        context
+    )
     assert context["outlet_events"][asset].extra["reasons"] == decision["reasons"]
 
 
@@ -349,8 +402,10 @@ def test_alias_move_reloads_without_dropping_in_flight_requests(server):
 
     async def scenario():
         async with httpx.AsyncClient(base_url=server["url"], headers=OPENAI_HEADERS, timeout=60) as client:
-            tasks = [asyncio.create_task(client.post("/v1/completions", json=_completion_body(p, max_tokens=24)))
-                     for p in prompts]
+            tasks = [
+                asyncio.create_task(client.post("/v1/completions", json=_completion_body(p, max_tokens=24)))
+                for p in prompts
+            ]
             await asyncio.sleep(0.01)
             await asyncio.to_thread(reg.set_alias, NAME, "production", 2, actor="test", reason="serving test")
             return await asyncio.gather(*tasks)
@@ -368,8 +423,11 @@ def test_alias_move_reloads_without_dropping_in_flight_requests(server):
     after = asyncio.run(_post_many(server["url"], "/v1/completions", [_completion_body(p) for p in prompts]))
     assert {a.json()["model"] for a in after} == {f"{NAME}/2"}
     assert [a.json()["choices"][0]["text"] for a in after] != before_texts
-    chat = _post(server, "/v1/chat/completions", {"model": NAME, "messages": [{"role": "user", "content": "x"}],
-                                                  "max_tokens": 2})
+    chat = _post(
+        server,
+        "/v1/chat/completions",
+        {"model": NAME, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2},
+    )
     assert chat.json()["model"] == f"{NAME}/2"
     health = httpx.get(server["url"] + "/healthz").json()
     assert health["reloads"][-1]["from"] == f"{NAME}/1" and health["reloads"][-1]["to"] == f"{NAME}/2"
@@ -381,14 +439,31 @@ def test_cli_serve_runs_and_refuses_bad_refs(registry_with_two_versions, tmp_pat
     cli = [sys.executable, "-m", "airloom.cli", "--registry", str(root / "registry"), "serve"]
     bad = subprocess.run([*cli, "--model", NAME], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "NAME@ALIAS" in bad.stderr
-    missing = subprocess.run([*cli, "--model", f"{NAME}/9"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    missing = subprocess.run(
+        [*cli, "--model", f"{NAME}/9"], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
     assert missing.returncode == 2 and "no committed version 9" in missing.stderr
 
     port = _free_port()
     env = {**os.environ, "AIRLOOM_HOME": str(tmp_path / "home")}
-    proc = subprocess.Popen([*cli, "--model", f"{NAME}/1", "--port", str(port), "--torch-threads", "1",
-                             "--traffic-dir", str(tmp_path / "traffic")],
-                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            *cli,
+            "--model",
+            f"{NAME}/1",
+            "--port",
+            str(port),
+            "--torch-threads",
+            "1",
+            "--traffic-dir",
+            str(tmp_path / "traffic"),
+        ],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 90
         while True:
@@ -399,8 +474,12 @@ def test_cli_serve_runs_and_refuses_bad_refs(registry_with_two_versions, tmp_pat
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers=OPENAI_HEADERS, timeout=60,
-                       json={"model": f"{NAME}/1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            headers=OPENAI_HEADERS,
+            timeout=60,
+            json={"model": f"{NAME}/1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
+        )
         assert r.status_code == 200 and r.json()["model"] == f"{NAME}/1"
         assert list((tmp_path / "traffic").glob("ds=*/part-*.jsonl"))
         assert (tmp_path / "home" / "cache" / "models" / NAME / "1" / "MANIFEST.json").is_file()

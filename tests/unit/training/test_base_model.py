@@ -9,8 +9,16 @@ import pytest
 from airloom.data.synth import pretraining_text, vocabulary_text
 from airloom.training.base import SPECIAL_TOKENS, BaseModelSpec, build_base_model, train_tokenizer
 
-TINY = dict(vocab_size=320, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
-            max_position_embeddings=128, pretrain_lines=200, batch_size=4)
+TINY = dict(
+    vocab_size=320,
+    hidden_size=32,
+    intermediate_size=64,
+    num_layers=1,
+    num_heads=2,
+    max_position_embeddings=128,
+    pretrain_lines=200,
+    batch_size=4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +34,13 @@ def test_digits_are_split_one_by_one(tokenizer):
 
 
 def test_round_trip_decode(tokenizer):
-    texts = ["### Instruction:\nAdd the two numbers.\n### Input:\n12 + 30\n### Response:\n42",
-             "three hundred forty-two", "17 March 2004", "a b c d", "unseen wörds ünïcode ✓"]
+    texts = [
+        "### Instruction:\nAdd the two numbers.\n### Input:\n12 + 30\n### Response:\n42",
+        "three hundred forty-two",
+        "17 March 2004",
+        "a b c d",
+        "unseen wörds ünïcode ✓",
+    ]
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer.decode(ids) == text
@@ -37,8 +50,10 @@ def test_special_tokens(tokenizer):
     for attr, token in SPECIAL_TOKENS.items():
         assert getattr(tokenizer, attr) == token
         assert getattr(tokenizer, attr + "_id") is not None
-    assert len({tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
-                tokenizer.unk_token_id}) == 4
+    assert (
+        len({tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id})
+        == 4
+    )
     assert len(tokenizer) <= 320
 
 
@@ -72,10 +87,14 @@ def test_build_base_model_writes_a_loadable_folder(tmp_path):
     assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 1
     assert model.config.vocab_size == len(tok)
     assert sum(p.numel() for p in model.parameters()) == info["params"]
-    prompt = tok("### Instruction:\nAdd the two numbers.\n### Input:\n1 + 2\n### Response:\n", return_tensors="pt")
+    prompt = tok(
+        "### Instruction:\nAdd the two numbers.\n### Input:\n1 + 2\n### Response:\n", return_tensors="pt"
+    )
     with torch.no_grad():
         gen = model.generate(**prompt, max_new_tokens=5, do_sample=False)
-    assert gen.shape[0] == 1 and prompt["input_ids"].shape[1] < gen.shape[1] <= prompt["input_ids"].shape[1] + 5
+    assert (
+        gen.shape[0] == 1 and prompt["input_ids"].shape[1] < gen.shape[1] <= prompt["input_ids"].shape[1] + 5
+    )
     assert gen[0, : prompt["input_ids"].shape[1]].tolist() == prompt["input_ids"][0].tolist()
     assert model.generation_config.eos_token_id == tok.eos_token_id
 
@@ -90,7 +109,8 @@ def test_rebuild_replaces_the_folder(tmp_path):
 
 
 def test_pretraining_runs_steps(tmp_path):
-    info = build_base_model(tmp_path / "base", BaseModelSpec(**TINY, pretrain_seconds=2, pretrain_max_steps=5),
-                            log=lambda _: None)
+    info = build_base_model(
+        tmp_path / "base", BaseModelSpec(**TINY, pretrain_seconds=2, pretrain_max_steps=5), log=lambda _: None
+    )
     assert 0 < info["pretrain_steps"] <= 5
     assert info["final_loss"] is not None and info["final_loss"] > 0

@@ -42,7 +42,9 @@ def test_fetch_restores_the_newest_complete_checkpoint_on_a_fresh_machine(store,
     fresh = tmp_path / "machine-b" / "checkpoints"
     assert fetch_checkpoint(store, fresh) == "step-00000020"
     assert newest_checkpoint(fresh) == ("step-00000020", 20)
-    assert (fresh / "step-00000020" / "global_step" / "mp_rank_00_model_states.pt").read_bytes() == b"weights 20"
+    assert (
+        fresh / "step-00000020" / "global_step" / "mp_rank_00_model_states.pt"
+    ).read_bytes() == b"weights 20"
     assert not (fresh / "step-00000030").exists()
 
 

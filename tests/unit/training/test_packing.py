@@ -42,18 +42,29 @@ def test_packed_examples_do_not_attend_to_each_other(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                                         attn_implementation="sdpa")).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=64,
+            attn_implementation="sdpa",
+        )
+    ).eval()
     a, b = [5, 9, 11, 3, 7], [8, 2, 30, 31]
     input_ids, position_ids, _ = collate_packed([[(a, a), (b, b)]], pad_id=0)
     with torch.no_grad():
-        packed = model(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False).logits
+        packed = model(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False
+        ).logits
         alone_b = model(input_ids=torch.tensor([b]), use_cache=False).logits
         # Without position resets the second example does see the first: the check can fail.
         leaky = model(input_ids=input_ids, use_cache=False).logits
-    assert torch.allclose(packed[0, len(a):], alone_b[0], atol=1e-5)
-    assert not torch.allclose(leaky[0, len(a):], alone_b[0], atol=1e-3)
+    assert torch.allclose(packed[0, len(a) :], alone_b[0], atol=1e-5)
+    assert not torch.allclose(leaky[0, len(a) :], alone_b[0], atol=1e-3)
 
 
 def test_varlen_attention_matches_sdpa_on_packed_rows():
@@ -64,14 +75,28 @@ def test_varlen_attention_matches_sdpa_on_packed_rows():
     from airloom.training import varlen
 
     varlen.register()
-    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=64)
+    cfg = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     torch.manual_seed(0)
     sdpa = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation="sdpa"))
     fast = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation=varlen.NAME))
     fast.load_state_dict(sdpa.state_dict())
-    rows = pack_examples([([5, 9, 11, 3, 7], [5, 9, 11, 3, 7]), ([8, 2, 30], [8, 2, 30]), ([4] * 6, [4] * 6),
-                          ([1, 2], [1, 2])], 12)
+    rows = pack_examples(
+        [
+            ([5, 9, 11, 3, 7], [5, 9, 11, 3, 7]),
+            ([8, 2, 30], [8, 2, 30]),
+            ([4] * 6, [4] * 6),
+            ([1, 2], [1, 2]),
+        ],
+        12,
+    )
     input_ids, position_ids, labels = collate_packed(rows, pad_id=0, width=12)
     out_a = sdpa(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False)
     out_b = fast(input_ids=input_ids, position_ids=position_ids, labels=labels, use_cache=False)

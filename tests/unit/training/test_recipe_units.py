@@ -14,13 +14,19 @@ from airloom.training.recipe import collate, global_batches, lr_lambda, read_exa
 def tokenizer():
     from airloom.training.base import train_tokenizer
 
-    lines = ["### Instruction:\nAdd the two numbers.\n### Input:\n12 + 30\n### Response:\n42",
-             "Write the number in words. three hundred forty-two", "Sort the letters. a b c"] * 20
+    lines = [
+        "### Instruction:\nAdd the two numbers.\n### Input:\n12 + 30\n### Response:\n42",
+        "Write the number in words. three hundred forty-two",
+        "Sort the letters. a b c",
+    ] * 20
     return train_tokenizer(lines, vocab_size=300)
 
 
 ROWS = [
-    {"prompt": "### Instruction:\nAdd the two numbers.\n### Input:\n12 + 30\n### Response:\n", "response": "42"},
+    {
+        "prompt": "### Instruction:\nAdd the two numbers.\n### Input:\n12 + 30\n### Response:\n",
+        "response": "42",
+    },
     {"prompt": "### Instruction:\nSort the letters.\n### Response:\n", "response": "a b c"},
 ]
 
@@ -34,13 +40,13 @@ def test_prompt_tokens_are_masked_and_response_plus_eos_kept(tokenizer):
         assert len(ids) == len(labels) == len(p) + len(r) + 1
         assert ids == p + r + [tokenizer.eos_token_id]
         assert labels[: len(p)] == [-100] * len(p)
-        assert labels[len(p):] == r + [tokenizer.eos_token_id]
-        assert tokenizer.decode(ids[len(p):-1]) == row["response"]
+        assert labels[len(p) :] == r + [tokenizer.eos_token_id]
+        assert tokenizer.decode(ids[len(p) : -1]) == row["response"]
 
 
 def test_truncation_keeps_labels_aligned_and_drops_examples_without_response(tokenizer):
     p_len = len(tokenizer(ROWS[0]["prompt"], add_special_tokens=False)["input_ids"])
-    (ids, labels), = tokenize_examples(ROWS[:1], tokenizer, max_length=p_len + 1)
+    ((ids, labels),) = tokenize_examples(ROWS[:1], tokenizer, max_length=p_len + 1)
     assert len(ids) == len(labels) == p_len + 1
     assert labels[-1] != -100 and labels[:-1] == [-100] * p_len
     # Cut inside the prompt: nothing left to learn, so the example is dropped.
@@ -100,7 +106,9 @@ def test_lr_lambda_without_warmup():
 def test_read_examples_names_the_bad_line(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"prompt": "p", "response": "r"}\n\n{"prompt": "only"}\n')
-    with pytest.raises(UsageError, match=r"train\.jsonl: row 2: a training example needs 'prompt' and 'response'"):
+    with pytest.raises(
+        UsageError, match=r"train\.jsonl: row 2: a training example needs 'prompt' and 'response'"
+    ):
         read_examples(path)
     path.write_text('{"prompt": "p", "response": "r"}\n\n')
     assert read_examples(path) == [{"prompt": "p", "response": "r"}]

@@ -13,6 +13,7 @@ from airloom.training.launcher import RECIPE_MODULE, LaunchSpec, build_command
 
 # -- validation ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("options", "match"),
     [
@@ -31,7 +32,9 @@ def test_invalid_values_are_rejected(options, match):
 
 
 def test_unknown_key_is_rejected_and_known_keys_listed():
-    with pytest.raises(UsageError, match=r"unknown training option\(s\) \['learning_rat'\]; known: .*'learning_rate'"):
+    with pytest.raises(
+        UsageError, match=r"unknown training option\(s\) \['learning_rat'\]; known: .*'learning_rate'"
+    ):
         TrainConfig.from_dict({"learning_rat": 1e-3})
 
 
@@ -58,7 +61,11 @@ def test_from_file_overrides_win_and_none_overrides_are_ignored(tmp_path):
     path.write_text("launcher: torchrun\nmax_steps: 10\nbase_model: base\n")
     cfg = TrainConfig.from_file(path, launcher="python", max_steps=None, output_dir=str(tmp_path / "o"))
     assert (cfg.launcher, cfg.max_steps, cfg.base_model, cfg.output_dir) == (
-        "python", 10, "base", str(tmp_path / "o"))
+        "python",
+        10,
+        "base",
+        str(tmp_path / "o"),
+    )
 
 
 def test_from_file_rejects_unreadable_and_non_mapping(tmp_path):
@@ -71,8 +78,15 @@ def test_from_file_rejects_unreadable_and_non_mapping(tmp_path):
 
 
 def test_save_round_trips(tmp_path):
-    cfg = TrainConfig(base_model="b", train_file="t.jsonl", output_dir="out", method="lora", zero_stage=1,
-                      max_steps=7, extra={"note": "x"})
+    cfg = TrainConfig(
+        base_model="b",
+        train_file="t.jsonl",
+        output_dir="out",
+        method="lora",
+        zero_stage=1,
+        max_steps=7,
+        extra={"note": "x"},
+    )
     path = cfg.save(tmp_path / "train_config.json")
     assert TrainConfig.from_dict(json.loads(path.read_text())) == cfg
     assert TrainConfig.from_file(path) == cfg  # JSON is YAML: the recipe reads the saved file this way
@@ -80,10 +94,12 @@ def test_save_round_trips(tmp_path):
 
 # -- deepspeed config ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_deepspeed_config_per_stage(stage):
-    cfg = TrainConfig(zero_stage=stage, batch_size=32, gradient_accumulation_steps=2, max_grad_norm=0.5,
-                      precision="bf16")
+    cfg = TrainConfig(
+        zero_stage=stage, batch_size=32, gradient_accumulation_steps=2, max_grad_norm=0.5, precision="bf16"
+    )
     ds = cfg.deepspeed_config(world_size=4)
     assert ds["zero_optimization"] == {"stage": stage}
     assert ds["train_micro_batch_size_per_gpu"] == 8
@@ -111,13 +127,16 @@ def test_micro_batch_never_below_one():
 
 # -- launcher commands --------------------------------------------------------------------------------
 
+
 def _after(cmd: list[str], flag: str) -> str:
     return cmd[cmd.index(flag) + 1]
 
 
 def test_deepspeed_single_node(tmp_path):
     cfg = tmp_path / "train_config.json"
-    cmd = build_command(LaunchSpec(config_path=cfg, launcher="deepspeed", nproc_per_node=2, master_port=29511))
+    cmd = build_command(
+        LaunchSpec(config_path=cfg, launcher="deepspeed", nproc_per_node=2, master_port=29511)
+    )
     assert cmd[:3] == [sys.executable, "-m", "deepspeed.launcher.runner"]
     assert _after(cmd, "--master_addr") == "127.0.0.1"
     assert _after(cmd, "--master_port") == "29511"
@@ -135,8 +154,17 @@ def test_deepspeed_picks_a_free_port_when_none_given(tmp_path):
 
 def test_deepspeed_multi_node_without_ssh(tmp_path):
     cfg = tmp_path / "c.json"
-    cmd = build_command(LaunchSpec(config_path=cfg, launcher="deepspeed", nproc_per_node=8, nnodes=3,
-                                   node_rank=2, master_addr="10.0.0.5", master_port=29500))
+    cmd = build_command(
+        LaunchSpec(
+            config_path=cfg,
+            launcher="deepspeed",
+            nproc_per_node=8,
+            nnodes=3,
+            node_rank=2,
+            master_addr="10.0.0.5",
+            master_port=29500,
+        )
+    )
     assert "--no_ssh" in cmd
     assert _after(cmd, "--node_rank") == "2"
     assert _after(cmd, "--num_nodes") == "3"
@@ -152,8 +180,15 @@ def test_deepspeed_multi_node_without_ssh(tmp_path):
 
 
 def test_deepspeed_hostfile(tmp_path):
-    cmd = build_command(LaunchSpec(config_path=tmp_path / "c.json", launcher="deepspeed", nnodes=2,
-                                   hostfile="/etc/hostfile", master_port=29500))
+    cmd = build_command(
+        LaunchSpec(
+            config_path=tmp_path / "c.json",
+            launcher="deepspeed",
+            nnodes=2,
+            hostfile="/etc/hostfile",
+            master_port=29500,
+        )
+    )
     assert _after(cmd, "--hostfile") == "/etc/hostfile"
     assert _after(cmd, "--num_nodes") == "2"
     assert "--no_ssh" not in cmd and "--node_rank" not in cmd
@@ -161,17 +196,47 @@ def test_deepspeed_hostfile(tmp_path):
 
 def test_torchrun(tmp_path):
     cfg = tmp_path / "c.json"
-    cmd = build_command(LaunchSpec(config_path=cfg, launcher="torchrun", nproc_per_node=4, nnodes=2,
-                                   node_rank=1, master_addr="head", master_port=29400))
-    assert cmd == [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--nnodes", "2",
-                   "--node_rank", "1", "--master_addr", "head", "--master_port", "29400",
-                   "-m", RECIPE_MODULE, "--config", str(cfg)]
+    cmd = build_command(
+        LaunchSpec(
+            config_path=cfg,
+            launcher="torchrun",
+            nproc_per_node=4,
+            nnodes=2,
+            node_rank=1,
+            master_addr="head",
+            master_port=29400,
+        )
+    )
+    assert cmd == [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "4",
+        "--nnodes",
+        "2",
+        "--node_rank",
+        "1",
+        "--master_addr",
+        "head",
+        "--master_port",
+        "29400",
+        "-m",
+        RECIPE_MODULE,
+        "--config",
+        str(cfg),
+    ]
 
 
 def test_python(tmp_path):
     cfg = tmp_path / "c.json"
     assert build_command(LaunchSpec(config_path=cfg, launcher="python")) == [
-        sys.executable, "-m", RECIPE_MODULE, "--config", str(cfg)]
+        sys.executable,
+        "-m",
+        RECIPE_MODULE,
+        "--config",
+        str(cfg),
+    ]
 
 
 def test_deepspeed_runner_accepts_the_commands(tmp_path):
@@ -181,10 +246,21 @@ def test_deepspeed_runner_accepts_the_commands(tmp_path):
     user_hostfile.write_text("gpu-a slots=2\ngpu-b slots=2\n")
     specs = {
         "single": LaunchSpec(config_path=tmp_path / "single" / "c.json", nproc_per_node=2, master_port=1234),
-        "no_ssh": LaunchSpec(config_path=tmp_path / "c.json", nproc_per_node=2, nnodes=2, node_rank=1,
-                             master_addr="10.0.0.5", master_port=1234),
-        "hostfile": LaunchSpec(config_path=tmp_path / "c.json", nproc_per_node=2, nnodes=2,
-                               hostfile=str(user_hostfile), master_port=1234),
+        "no_ssh": LaunchSpec(
+            config_path=tmp_path / "c.json",
+            nproc_per_node=2,
+            nnodes=2,
+            node_rank=1,
+            master_addr="10.0.0.5",
+            master_port=1234,
+        ),
+        "hostfile": LaunchSpec(
+            config_path=tmp_path / "c.json",
+            nproc_per_node=2,
+            nnodes=2,
+            hostfile=str(user_hostfile),
+            master_port=1234,
+        ),
     }
     for name, spec in specs.items():
         args = runner.parse_args(build_command(spec)[3:])
@@ -194,7 +270,8 @@ def test_deepspeed_runner_accepts_the_commands(tmp_path):
         if spec.nnodes > 1:
             assert args.num_nodes == 2
             assert list(runner.fetch_hostfile(args.hostfile)) == (
-                ["gpu-a", "gpu-b"] if spec.hostfile else ["node0", "node1"])
+                ["gpu-a", "gpu-b"] if spec.hostfile else ["node0", "node1"]
+            )
         assert args.no_ssh == (name == "no_ssh"), name
         if name == "no_ssh":
             assert (args.node_rank, args.master_addr) == (1, "10.0.0.5")
@@ -204,7 +281,9 @@ def test_qlora_is_refused_before_any_work_without_cuda(tmp_path):
     torch = pytest.importorskip("torch")
     from airloom.training.recipe import preflight
 
-    cfg = TrainConfig(base_model="b", train_file="t.jsonl", output_dir=str(tmp_path), method="qlora", precision="bf16")
+    cfg = TrainConfig(
+        base_model="b", train_file="t.jsonl", output_dir=str(tmp_path), method="qlora", precision="bf16"
+    )
     if torch.cuda.is_available():
         pytest.skip("this check is about machines without CUDA")
     with pytest.raises(UsageError, match="qlora .* needs a CUDA GPU"):

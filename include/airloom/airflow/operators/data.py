@@ -39,7 +39,14 @@ class ValidateDataOperator(AirloomBaseOperator):
         layout is recognised (ours, Alpaca, Dolly, prompt/completion, chat messages).
     """
 
-    template_fields: Sequence[str] = ("source", "suite", "on_bad_rows", "output_dir", "tokenizer", "field_map")
+    template_fields: Sequence[str] = (
+        "source",
+        "suite",
+        "on_bad_rows",
+        "output_dir",
+        "tokenizer",
+        "field_map",
+    )
     operator_extra_links = (ValidationReportLink(),)
 
     def __init__(
@@ -67,7 +74,10 @@ class ValidateDataOperator(AirloomBaseOperator):
         suite = self.suite or {}
         if isinstance(suite, str):
             suite = ValidationConfig.from_yaml(suite).to_dict()
-        overrides = {"on_bad_rows": self.on_bad_rows, **({"tokenizer": self.tokenizer} if self.tokenizer else {})}
+        overrides = {
+            "on_bad_rows": self.on_bad_rows,
+            **({"tokenizer": self.tokenizer} if self.tokenizer else {}),
+        }
         # Through from_dict, so the task's own arguments are checked as the suite's settings are.
         config = ValidationConfig.from_dict({**suite, **overrides}, source=f"task {self.task_id}")
         result = validate_stream(
@@ -171,8 +181,17 @@ class PrepareDatasetOperator(AirloomBaseOperator):
     """
 
     template_fields: Sequence[str] = (
-        "input_path", "output_dir", "seed", "val_fraction", "test_fraction", "template", "pii_policy",
-        "max_seq_len", "tokenizer", "markup", "near_dedup",
+        "input_path",
+        "output_dir",
+        "seed",
+        "val_fraction",
+        "test_fraction",
+        "template",
+        "pii_policy",
+        "max_seq_len",
+        "tokenizer",
+        "markup",
+        "near_dedup",
     )
 
     def __init__(
@@ -303,7 +322,11 @@ class ResolveDatasetOperator(BaseOperator):
             raise AirflowFailException(f"{path}: not a prepared dataset (no manifest.json)")
         manifest = json.loads(manifest_path.read_text())
         self.log.info("dataset %s (from %s), hash %s", path, source, manifest["dataset_hash"])
-        return push_outputs(context, {
-            "path": path, "dataset_hash": manifest["dataset_hash"],
-            **{split: dataset_file(path, split) for split in ("train", "validation", "test")},
-        })
+        return push_outputs(
+            context,
+            {
+                "path": path,
+                "dataset_hash": manifest["dataset_hash"],
+                **{split: dataset_file(path, split) for split in ("train", "validation", "test")},
+            },
+        )

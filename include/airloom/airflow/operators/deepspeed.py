@@ -88,7 +88,9 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
 
         out = self.output_folder(context)
         out.mkdir(parents=True, exist_ok=True)
-        base = resolve_model(self.base_model, registry=self.hook.registry, s3_client=self.s3_client(self.base_model))
+        base = resolve_model(
+            self.base_model, registry=self.hook.registry, s3_client=self.s3_client(self.base_model)
+        )
         try:
             cfg = TrainConfig.from_dict(
                 {

@@ -94,7 +94,6 @@ class EvaluateModelOperator(AirloomBaseOperator):
             },
         )
 
-
     def _run_bias_probes(self, model_path: str, out: Path) -> str:
         from airloom.evaluation.bias import run_bias_probes
         from airloom.evaluation.generation import load_model
@@ -146,8 +145,13 @@ class QualityGateOperator(AirloomBaseOperator):
         baseline_examples = read_jsonl(self.baseline["predictions"]) if self.baseline else None
         bias_path = self.candidate.get("bias")
         bias = json.loads(Path(bias_path).read_text()) if bias_path else None
-        results = check_gates(candidate, parse_gates(self.gates), baseline=baseline,
-                              candidate_examples=candidate_examples, baseline_examples=baseline_examples)
+        results = check_gates(
+            candidate,
+            parse_gates(self.gates),
+            baseline=baseline,
+            candidate_examples=candidate_examples,
+            baseline_examples=baseline_examples,
+        )
         report = write_report(
             out,
             candidate,
@@ -162,7 +166,9 @@ class QualityGateOperator(AirloomBaseOperator):
         self.log.info("evaluation report: %s", report)
         failed = [r for r in results if not r["passed"]]
         if failed:
-            push_outputs(context, {"report": str(report)})  # the report says why: link it from the failed task
+            push_outputs(
+                context, {"report": str(report)}
+            )  # the report says why: link it from the failed task
             raise AirflowFailException("quality gate failed: " + "; ".join(r["message"] for r in failed))
         return push_outputs(
             context, {"report": str(report), "gates": results, "comparison": str(out / "comparison.json")}
@@ -176,10 +182,28 @@ class PartitionEvaluationOperator(AirloomBaseOperator):
     of last month says which model each day was scored with. A missing partition skips the run.
     """
 
-    template_fields: Sequence[str] = ("model_name", "version", "alias", "history_uri", "output_uri", "ds", "limit")
+    template_fields: Sequence[str] = (
+        "model_name",
+        "version",
+        "alias",
+        "history_uri",
+        "output_uri",
+        "ds",
+        "limit",
+    )
 
-    def __init__(self, *, model_name: str, ds: str, history_uri: str, output_uri: str, version: int | None = None,
-                 alias: str = "production", limit: int | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        ds: str,
+        history_uri: str,
+        output_uri: str,
+        version: int | None = None,
+        alias: str = "production",
+        limit: int | None = None,
+        **kwargs,
+    ) -> None:
         kwargs.setdefault("pool", "eval")  # each task holds a model in memory: bound how many at once
         super().__init__(**kwargs)
         self.model_name = model_name
@@ -200,16 +224,31 @@ class PartitionEvaluationOperator(AirloomBaseOperator):
         if records is None:
             raise AirflowSkipException(f"no partition {self.history_uri}/ds={self.ds}: nothing to evaluate")
         version = number(self.version, "version", optional=True)
-        ref = f"registry:{self.model_name}/{version}" if version else f"registry:{self.model_name}@{self.alias}"
+        ref = (
+            f"registry:{self.model_name}/{version}" if version else f"registry:{self.model_name}@{self.alias}"
+        )
         resolved = resolve_model(ref, registry=self.hook.registry)
         limit = number(self.limit, "limit", optional=True) or None  # 0: every record
-        metrics = evaluate_partition(resolved["path"], resolved["ref"], records, self.output_uri, self.model_name,
-                                     self.ds, limit=limit)
-        self.log.info("%s on ds=%s (%d records): %s", resolved["ref"], self.ds, metrics["n"],
-                      json.dumps({k: round(v, 4) for k, v in metrics["aggregate"].items()}))
-        return push_outputs(context, {"model": resolved["ref"], "ds": self.ds, "n": metrics["n"],
-                                      "aggregate": metrics["aggregate"],
-                                      "metrics_path": f"{self.output_uri}/{self.model_name}/ds={self.ds}/metrics.json"})
+        metrics = evaluate_partition(
+            resolved["path"], resolved["ref"], records, self.output_uri, self.model_name, self.ds, limit=limit
+        )
+        self.log.info(
+            "%s on ds=%s (%d records): %s",
+            resolved["ref"],
+            self.ds,
+            metrics["n"],
+            json.dumps({k: round(v, 4) for k, v in metrics["aggregate"].items()}),
+        )
+        return push_outputs(
+            context,
+            {
+                "model": resolved["ref"],
+                "ds": self.ds,
+                "n": metrics["n"],
+                "aggregate": metrics["aggregate"],
+                "metrics_path": f"{self.output_uri}/{self.model_name}/ds={self.ds}/metrics.json",
+            },
+        )
 
 
 class EvaluationTrendOperator(BaseOperator):

@@ -35,14 +35,32 @@ class DriftMonitorOperator(AirloomBaseOperator):
         instruction/input length, script and language mix vs. the training profile) before retraining.
     """
 
-    template_fields: Sequence[str] = ("traffic_uri", "feedback_uri", "reference_file", "reference_profile",
-                                      "corrections_uri", "ds", "max_psi", "max_negative_rate",
-                                      "max_failing_rate")
+    template_fields: Sequence[str] = (
+        "traffic_uri",
+        "feedback_uri",
+        "reference_file",
+        "reference_profile",
+        "corrections_uri",
+        "ds",
+        "max_psi",
+        "max_negative_rate",
+        "max_failing_rate",
+    )
 
-    def __init__(self, *, traffic_uri: str, feedback_uri: str, reference_file: str | None, ds: str,
-                 reference_profile: str | None = None, corrections_uri: str | None = None, max_psi: float = 0.25,
-                 max_negative_rate: float = 0.3, max_failing_rate: float = 0.2,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        traffic_uri: str,
+        feedback_uri: str,
+        reference_file: str | None,
+        ds: str,
+        reference_profile: str | None = None,
+        corrections_uri: str | None = None,
+        max_psi: float = 0.25,
+        max_negative_rate: float = 0.3,
+        max_failing_rate: float = 0.2,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.traffic_uri = traffic_uri
         self.feedback_uri = feedback_uri
@@ -84,8 +102,9 @@ class DriftMonitorOperator(AirloomBaseOperator):
         training = read_split(split) if split else None
         report: dict[str, Any] = drift_report(training, traffic) if training is not None else {}
         report.update(feedback_summary(feedback))
-        reasons = decide_retraining(report, max_psi=float(self.max_psi),
-                                    max_negative_rate=float(self.max_negative_rate))
+        reasons = decide_retraining(
+            report, max_psi=float(self.max_psi), max_negative_rate=float(self.max_negative_rate)
+        )
         if profile_path is not None:
             reference = json.loads(Path(profile_path).read_text())
         else:  # no EDA profile of the training data: profile its split the same way
@@ -93,10 +112,13 @@ class DriftMonitorOperator(AirloomBaseOperator):
             from airloom.monitoring.drift import profile_records
 
             profile_path = str(out_dir / "reference_profile" / "profile.json")
-            reference = build_profile(profile_records(training), out_dir / "reference_profile",
-                                      near_duplicate_threshold=None)
-        report["input_drift"] = {"reference_profile": profile_path,
-                                 **input_drift(reference, traffic, out_dir / "traffic_profile")}
+            reference = build_profile(
+                profile_records(training), out_dir / "reference_profile", near_duplicate_threshold=None
+            )
+        report["input_drift"] = {
+            "reference_profile": profile_path,
+            **input_drift(reference, traffic, out_dir / "traffic_profile"),
+        }
         reasons += decide_input_drift(report["input_drift"], max_input_psi=float(self.max_psi))
         # Served traffic (airloom serve): satisfaction, latency/token percentiles, failing outputs.
         report["serving"] = serving_summary(traffic, feedback)
@@ -104,18 +126,37 @@ class DriftMonitorOperator(AirloomBaseOperator):
         corrected, dropped = corrected_dataset(feedback)
         report["corrected_dataset"] = self._write_corrections(out_dir, corrected, dropped)
         report.update({"ds": self.ds, "retrain": bool(reasons), "reasons": reasons})
-        dashboard = write_dashboard(out_dir, self.traffic_uri, self.feedback_uri, self.ds,
-                                    input_drift=report["input_drift"],
-                                    extra={"drift": {k: report.get(k) for k in ("psi_prompt_length", "psi_task_mix")},
-                                           "reasons": reasons})
+        dashboard = write_dashboard(
+            out_dir,
+            self.traffic_uri,
+            self.feedback_uri,
+            self.ds,
+            input_drift=report["input_drift"],
+            extra={
+                "drift": {k: report.get(k) for k in ("psi_prompt_length", "psi_task_mix")},
+                "reasons": reasons,
+            },
+        )
         path = write_report(out_dir, report)
-        self.log.info("monitoring ds=%s: %s", self.ds, json.dumps({k: report.get(k) for k in (
-            "psi_prompt_length", "psi_task_mix", "negative_rate", "retrain", "reasons")}))
-        return {"report": str(path), "retrain": bool(reasons), "reasons": reasons,
-                "dashboard": dashboard["dashboard"],
-                # the path, as before; the whole entry (rows, sha256, ds) for PublishFeedbackDatasetOperator
-                "corrected_dataset": report["corrected_dataset"]["path"],
-                "feedback_dataset": report["corrected_dataset"]}
+        self.log.info(
+            "monitoring ds=%s: %s",
+            self.ds,
+            json.dumps(
+                {
+                    k: report.get(k)
+                    for k in ("psi_prompt_length", "psi_task_mix", "negative_rate", "retrain", "reasons")
+                }
+            ),
+        )
+        return {
+            "report": str(path),
+            "retrain": bool(reasons),
+            "reasons": reasons,
+            "dashboard": dashboard["dashboard"],
+            # the path, as before; the whole entry (rows, sha256, ds) for PublishFeedbackDatasetOperator
+            "corrected_dataset": report["corrected_dataset"]["path"],
+            "feedback_dataset": report["corrected_dataset"],
+        }
 
     def _reference(self) -> tuple[str | None, str | None]:
         """(training split file, EDA profile file); either may be None."""
@@ -129,7 +170,9 @@ class DriftMonitorOperator(AirloomBaseOperator):
             return None, None
         folder = Path(latest["path"])
         # Parquet since the airloom.prepared/2 format; JSON lines before.
-        split = next((str(p) for p in (folder / "train.parquet", folder / "train.jsonl") if p.is_file()), None)
+        split = next(
+            (str(p) for p in (folder / "train.parquet", folder / "train.jsonl") if p.is_file()), None
+        )
         profile = None
         if latest.get("dag_id") and latest.get("run_id"):
             from airloom.settings import run_dir
@@ -163,8 +206,13 @@ class DriftMonitorOperator(AirloomBaseOperator):
         tmp = target.with_name(f".{target.name}.tmp")
         tmp.write_bytes(data)
         tmp.replace(target)
-        return {"path": str(target), "rows": len(corrected), "dropped": dropped,
-                "sha256": hashlib.sha256(data).hexdigest(), "ds": self.ds}
+        return {
+            "path": str(target),
+            "rows": len(corrected),
+            "dropped": dropped,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "ds": self.ds,
+        }
 
 
 class RequestRetrainingOperator(BaseOperator):
@@ -183,8 +231,10 @@ class RequestRetrainingOperator(BaseOperator):
         if not self.decision or not self.decision.get("retrain"):
             raise AirflowSkipException("no drift or feedback threshold crossed: no retraining requested")
         for outlet in self.outlets:
-            context["outlet_events"][outlet].extra = {"reasons": self.decision["reasons"],
-                                                      "report": self.decision["report"]}
+            context["outlet_events"][outlet].extra = {
+                "reasons": self.decision["reasons"],
+                "report": self.decision["report"],
+            }
         self.log.info("retraining requested: %s", "; ".join(self.decision["reasons"]))
         return dict(self.decision)
 
@@ -205,10 +255,16 @@ class PublishFeedbackDatasetOperator(BaseOperator):
     def execute(self, context) -> dict[str, Any]:
         corrected = (self.decision or {}).get("feedback_dataset") or {}
         if not corrected.get("path"):
-            raise AirflowSkipException("no corrected answers passed validation and dedup: no feedback dataset")
+            raise AirflowSkipException(
+                "no corrected answers passed validation and dedup: no feedback dataset"
+            )
         extra = {k: corrected.get(k) for k in ("path", "rows", "sha256", "ds")}
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = extra
-        self.log.info("feedback dataset %s (%d rows): trigger llm_data_quality with source=%s",
-                      extra["path"], extra["rows"], extra["path"])
+        self.log.info(
+            "feedback dataset %s (%d rows): trigger llm_data_quality with source=%s",
+            extra["path"],
+            extra["rows"],
+            extra["path"],
+        )
         return extra

@@ -32,7 +32,14 @@ class RegisterModelOperator(AirloomBaseOperator):
     :param attachments: path in the version → file stored with it (the eval report and metrics).
     """
 
-    template_fields: Sequence[str] = ("model_name", "model_dir", "metadata", "evidence", "attachments", "alias")
+    template_fields: Sequence[str] = (
+        "model_name",
+        "model_dir",
+        "metadata",
+        "evidence",
+        "attachments",
+        "alias",
+    )
 
     def __init__(
         self,
@@ -69,7 +76,10 @@ class RegisterModelOperator(AirloomBaseOperator):
             "code_version": airloom.__version__,
         }
         version = registry.register(
-            self.model_name, self.model_dir, metadata={**self.metadata, "lineage": lineage}, actor=user,
+            self.model_name,
+            self.model_dir,
+            metadata={**self.metadata, "lineage": lineage},
+            actor=user,
             attachments={k: v for k, v in self.attachments.items() if v},
         )
         self.log.info("registered %s (%d files) at %s", version.ref, len(version.files), version.uri)
@@ -187,7 +197,9 @@ class RollbackModelOperator(AirloomBaseOperator):
                 self.model_name,
                 self.alias,
                 actor=triggering_user(context),
-                reason=str(self.reason) if self.reason not in (None, "") else f"rollback by {context['run_id']}",
+                reason=str(self.reason)
+                if self.reason not in (None, "")
+                else f"rollback by {context['run_id']}",
                 policy=SignOffPolicy.from_params(self.policy),
                 to_version=to_version,
             )

@@ -23,8 +23,15 @@ class PlanTrialsOperator(BaseOperator):
     template_fields: Sequence[str] = ("base_config", "space", "trials", "seed")
     template_fields_renderers = {"base_config": "json", "space": "json"}
 
-    def __init__(self, *, base_config: dict[str, Any], space: dict[str, Any] | None = None, trials: int = 4,
-                 seed: int = 0, **kwargs) -> None:
+    def __init__(
+        self,
+        *,
+        base_config: dict[str, Any],
+        space: dict[str, Any] | None = None,
+        trials: int = 4,
+        seed: int = 0,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self.base_config = base_config
         self.space = space
@@ -35,12 +42,18 @@ class PlanTrialsOperator(BaseOperator):
         from airloom.training.sweep import plan_trials
 
         try:
-            planned = plan_trials(self.space, dict(self.base_config), trials=number(self.trials, "trials"),
-                                  seed=number(self.seed, "seed"))
+            planned = plan_trials(
+                self.space,
+                dict(self.base_config),
+                trials=number(self.trials, "trials"),
+                seed=number(self.seed, "seed"),
+            )
         except UsageError as e:  # a bad space fails the same way on every retry
             raise AirflowFailException(str(e)) from e
         for trial in planned:
-            self.log.info("trial %s: %s", trial["extra"]["trial"], trial["extra"]["trial_values"] or "base options")
+            self.log.info(
+                "trial %s: %s", trial["extra"]["trial"], trial["extra"]["trial_values"] or "base options"
+            )
         return planned
 
 
@@ -70,6 +83,12 @@ class SelectBestTrialOperator(BaseOperator):
         except UsageError as e:
             raise AirflowFailException(str(e)) from e
         for row in table:
-            self.log.info("%s trial %s %s: %s=%s", "BEST" if row["index"] == best else "    ", row["trial"],
-                          row["values"] or "(base options)", self.metric, row["score"])
+            self.log.info(
+                "%s trial %s %s: %s=%s",
+                "BEST" if row["index"] == best else "    ",
+                row["trial"],
+                row["values"] or "(base options)",
+                self.metric,
+                row["score"],
+            )
         return push_outputs(context, {**trials[best], "sweep": {"metric": self.metric, "trials": table}})

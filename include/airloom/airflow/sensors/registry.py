@@ -60,7 +60,9 @@ class ModelSignOffSensor(BaseSensorOperator):
         from airloom.governance.signoff import SignOffPolicy, signoff_status
 
         self.registry.get(self.model_name, int(self.version))  # a missing version could never be approved
-        return signoff_status(self.registry, self.model_name, int(self.version), SignOffPolicy.from_params(self.policy))
+        return signoff_status(
+            self.registry, self.model_name, int(self.version), SignOffPolicy.from_params(self.policy)
+        )
 
     def execute(self, context) -> Any:
         if not self.deferrable:
