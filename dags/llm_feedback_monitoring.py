@@ -23,14 +23,21 @@ Corrected answers (validated, PII-free, deduplicated) become a dataset version,
 `<corrections_uri>/ds=<date>/instructions.jsonl`; `publish_feedback_dataset` then emits the asset
 `feedback_dataset` (extra: path, rows, sha256, ds), or is skipped when there are none. Prepare it with
 `airflow dags trigger llm_data_quality -c '{"source": "<path>"}'` (see `llm_data_quality`).
+
+**Which day** (UTC). The schedule is a data-interval timetable: the run the scheduler starts at 00:00
+processes the day that has just ended, which is the run's *logical date* (its data interval start). To
+check day D, give D as the logical date (a backfill from D to D, the Trigger form's logical date set to
+`D 00:00`, or `airflow dags test llm_feedback_monitoring D`); a manual run with no logical date, or with a
+time of day (the Trigger form's default, now), checks the last day that has ended. A day that has not
+ended yet is skipped: its traffic is incomplete.
 """
 
 from datetime import datetime
 
-from airflow.sdk import DAG, Param
+from airflow.sdk import DAG, CronDataIntervalTimetable, Param
 
 from airloom.airflow.assets import FEEDBACK_DATASET, RETRAINING_REQUEST
-from airloom.airflow.defaults import DEFAULT_ARGS, FEEDBACK, FEEDBACK_DATASETS, TRAFFIC
+from airloom.airflow.defaults import DEFAULT_ARGS, FEEDBACK, FEEDBACK_DATASETS, PARTITION_DATE, TRAFFIC
 from airloom.airflow.operators.monitoring import (
     DriftMonitorOperator,
     PublishFeedbackDatasetOperator,
@@ -39,7 +46,8 @@ from airloom.airflow.operators.monitoring import (
 
 with DAG(
     dag_id="llm_feedback_monitoring",
-    schedule="@daily",
+    # A data-interval timetable: the 00:00 run processes the day that has just ended (see above).
+    schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
     start_date=datetime(2026, 11, 1),
     catchup=False,
     default_args=DEFAULT_ARGS,
@@ -84,7 +92,7 @@ with DAG(
 ):
     monitor = DriftMonitorOperator(
         task_id="drift_and_feedback",
-        ds="{{ ds }}",
+        ds=PARTITION_DATE,
         traffic_uri="{{ params.traffic_uri }}",
         feedback_uri="{{ params.feedback_uri }}",
         reference_file="{{ params.reference_file }}",

@@ -227,8 +227,13 @@ def run_demo(cfg: DemoConfig) -> dict:
             f"see {log_path}"
         )
 
+    # The history days predate this deployment, so score them with today's production version (the
+    # default, the version live on each day, would find none and skip them).
+    current = json.dumps({"model_version": "current"})
     for ds in data["days"]:
-        step.run(f"dag llm_eval_backfill {ds}", _airflow("dags", "test", "llm_eval_backfill", ds))
+        step.run(
+            f"dag llm_eval_backfill {ds}", _airflow("dags", "test", "llm_eval_backfill", ds, "-c", current)
+        )
 
     summary = summarize(registry, version, latest, data["days"], time.monotonic() - t0, cfg.min_gain)
     print_summary(summary)
@@ -248,7 +253,7 @@ def summarize(
     evals = home() / "evaluations" / MODEL_NAME
     backfill = {}
     for ds in days:
-        f = evals / f"ds={ds}" / "metrics.json"
+        f = evals / f"ds={ds}" / f"v{version}" / "metrics.json"
         backfill[ds] = json.loads(f.read_text())["aggregate"]["exact_match"] if f.is_file() else None
     return {
         "ok": gain >= min_gain and all(v is not None for v in backfill.values()),

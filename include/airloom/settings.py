@@ -45,7 +45,9 @@ def run_dir(dag_id: str, run_id: str, *parts: str) -> Path:
 
 
 def airflow_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment of the embedded Airflow: project-local AIRFLOW_HOME, SQLite, LocalExecutor.
+    """Environment of the embedded Airflow: project-local AIRFLOW_HOME, SQLite, LocalExecutor, the
+    api-server on 127.0.0.1 only (its demo users have well-known passwords), and with the LocalExecutor
+    as many task processes at once as the machine has cores (Airflow's default is 32).
 
     Values already set win, so the same commands run against PostgreSQL/Celery when a user
     exports ``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN`` and friends.
@@ -59,6 +61,7 @@ def airflow_env(base: dict[str, str] | None = None) -> dict[str, str]:
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(project / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__API__HOST": "127.0.0.1",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,trainer:user,reviewer:op",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(project / ".airflow" / "passwords.json"),
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
@@ -70,6 +73,9 @@ def airflow_env(base: dict[str, str] | None = None) -> dict[str, str]:
     }
     for key, value in defaults.items():
         env.setdefault(key, value)
+    # one task process per core; a Celery or Kubernetes cluster's parallelism is not this machine's
+    if env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor":
+        env.setdefault("AIRFLOW__CORE__PARALLELISM", str(max(2, os.cpu_count() or 1)))
     # The virtualenv's `airflow` and `deepspeed` must be found by child processes even when it is not activated.
     bin_dir = str(Path(sys.executable).parent)
     if bin_dir not in env.get("PATH", "").split(os.pathsep):

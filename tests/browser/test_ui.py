@@ -4,7 +4,12 @@ A trainer logs in, triggers ``llm_data_quality`` through its params form with a 
 seed, waits for the run to succeed and opens the EDA report through the ``eda_report`` task's extra
 link (served by Airloom's plugin). A reviewer opens Browse → Model sign-off and approves a version
 the trainer registered and sent for sign-off from the CLI; the registry records the approval under
-the reviewer's Airflow identity. A screenshot of every step lands in the ``screens`` tmp folder.
+the reviewer's Airflow identity. A day of ``llm_eval_backfill`` (that version pinned, a few records)
+runs through the scheduler, and its tasks' extra links open the day's metrics page (with the trend
+chart) and the trend chart. A screenshot of every step lands in the ``screens`` tmp folder.
+
+The other new extra links (training loss curve, canary answers, monitoring dashboard) need a training
+run or a day of traffic: the unit tests and the demo pipeline check them, not this browser.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ pytestmark = [
 ]
 
 DAG = "llm_data_quality"
+BACKFILL = "llm_eval_backfill"
+DAY = "2026-11-10"  # long before any scheduled run of the test's "today": that one finds no partition
 MODEL = "airloom-demo"
 SEED = 7  # the form's default is 0
 UI_TIMEOUT_MS = 60_000  # React pages on two busy cores
@@ -89,9 +96,9 @@ def _login(browser, af, user: str):
     return context, page
 
 
-def _wait_run(af, run_id: str, timeout: float) -> dict:
+def _wait_run(af, run_id: str, timeout: float, dag_id: str = DAG) -> dict:
     token = af.token("admin")
-    path = f"/api/v2/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
+    path = f"/api/v2/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
     deadline = time.monotonic() + timeout
     run = {"state": "unknown"}
     while time.monotonic() < deadline:
@@ -100,7 +107,7 @@ def _wait_run(af, run_id: str, timeout: float) -> dict:
         if run["state"] in ("success", "failed"):
             return run
         time.sleep(3)
-    pytest.fail(f"{DAG} run {run_id} still {run['state']} after {timeout:.0f}s; logs in {af.logs}")
+    pytest.fail(f"{dag_id} run {run_id} still {run['state']} after {timeout:.0f}s; logs in {af.logs}")
 
 
 def test_trainer_triggers_from_the_params_form_and_opens_the_eda_report(stack, browser, shots):
@@ -233,3 +240,53 @@ def test_reviewer_approves_on_the_signoff_page(stack, browser, shots):
         ("reviewer", "browser test: card and metrics reviewed")
     ]
     assert status["requested_by"] == "trainer"
+
+
+def test_backfill_day_links_open_its_metrics_page_and_trend_chart(stack, browser, shots):
+    from datetime import date
+
+    from playwright.sync_api import expect
+
+    from airloom.data.synth import write_history
+
+    af = stack
+    write_history(af.home / "data" / "history", [date.fromisoformat(DAY)], per_day=6)
+    af.request("PATCH", f"/api/v2/dags/{BACKFILL}", {"is_paused": False})
+    run = af.request(
+        "POST",
+        f"/api/v2/dags/{BACKFILL}/dagRuns",
+        {
+            "dag_run_id": f"browser_{DAY}",
+            "logical_date": f"{DAY}T00:00:00Z",  # the day the run evaluates
+            "conf": {"model_name": MODEL, "version": 1, "limit": 4},  # pinned: no production alias needed
+        },
+    )
+    run_id = run["dag_run_id"]
+    run = _wait_run(af, run_id, timeout=420, dag_id=BACKFILL)
+    assert run["state"] == "success", f"run {run_id}; scheduler log {af.logs / 'scheduler.log'}"
+
+    context, page = _login(browser, af, "trainer")
+    try:
+        run_url = f"{af.url}/dags/{BACKFILL}/runs/{urllib.parse.quote(run_id, safe='')}"
+        page.goto(f"{run_url}/tasks/evaluate_partition/details")
+        link = page.get_by_role("link", name="Day metrics", exact=True)
+        expect(link).to_be_visible()
+        shots(page, "09_backfill_task_extra_link")
+        link.click()
+        page.wait_for_url(f"**/airloom/evaluation-day/evaluations/{MODEL}/ds={DAY}/**metrics.json")
+        expect(page.get_by_role("heading", name=f"Evaluation of {DAY}")).to_be_visible()
+        expect(page.get_by_text(f"registry:{MODEL}/1").first).to_be_visible()
+        chart = page.get_by_role("img", name="trend of the daily evaluation")
+        expect(chart).to_be_visible()
+        assert chart.evaluate("img => img.naturalWidth") > 100  # the inline PNG decoded
+        shots(page, "10_backfill_day_page")
+
+        page.goto(f"{run_url}/tasks/trend/details")
+        link = page.get_by_role("link", name="Trend chart", exact=True)
+        expect(link).to_be_visible()
+        link.click()
+        page.wait_for_url(f"**/airloom/files/evaluations/{MODEL}/**trend.png")
+        assert page.locator("img").evaluate("img => img.naturalWidth") > 100
+        shots(page, "11_backfill_trend_chart")
+    finally:
+        context.close()

@@ -198,11 +198,16 @@ class _XComTI:
 
 def _render(dag, params: dict | None = None) -> dict[tuple[str, str], object]:
     """Every templated field of every task, rendered as a run of ``dag`` would render it."""
+    from datetime import UTC, datetime
     from types import SimpleNamespace
 
     context = {
         "params": {**dag.params.validate(), **(params or {})},
         "ds": "2026-11-03",
+        # A scheduled run of that day (tests/dags/test_daily_partitions.py renders every kind of run).
+        "dag_run": SimpleNamespace(
+            logical_date=datetime(2026, 11, 3, tzinfo=UTC), run_after=datetime(2026, 11, 4, tzinfo=UTC)
+        ),
         "ti": _XComTI(),
         "var": SimpleNamespace(value=SimpleNamespace(get=lambda key, default=None: default)),
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -108,15 +109,17 @@ def test_demo_quarantines_the_broken_rows(demo):
 
 def test_backfill_writes_one_partition_per_day_and_reruns_in_place(demo):
     home, env, _ = demo
-    parts = sorted((home / "evaluations" / "airloom-demo").glob("ds=*/metrics.json"))
+    parts = sorted((home / "evaluations" / "airloom-demo").glob("ds=*/v*/metrics.json"))
     assert len(parts) == 2
     first, second = parts
+    assert first.parent.name == "v1"
     assert json.loads(first.read_text())["model_ref"] == "registry:airloom-demo/1"
     before = second.stat().st_mtime_ns
-    ds = first.parent.name[3:]
+    ds = first.parent.parent.name[3:]
     old = first.stat().st_mtime_ns
+    conf = json.dumps({"model_version": "current"})  # the demo's days predate its deployment
     subprocess.run(
-        [str(Path(sys.executable).with_name("airflow")), "dags", "test", "llm_eval_backfill", ds],
+        [str(Path(sys.executable).with_name("airflow")), "dags", "test", "llm_eval_backfill", ds, "-c", conf],
         env=env,
         cwd=REPO,
         check=True,
@@ -154,6 +157,68 @@ def test_monitoring_compares_traffic_with_training_data(demo):
     report = json.loads(reports[0].read_text())
     # Same generator, same task mix: no drift, so no retraining request.
     assert report["psi_task_mix"] < 0.25 and report["retrain"] is False
+
+
+_STORED_LINKS = """
+import json, sys
+from airflow.models.serialized_dag import SerializedDagModel
+from airflow.models.taskinstance import TaskInstance
+from airflow.utils.session import create_session
+
+out = {}
+with create_session() as session:
+    for dag_id, task_id in json.loads(sys.argv[1]):
+        task = SerializedDagModel.get_dag(dag_id).get_task(task_id)
+        tis = session.query(TaskInstance).filter_by(dag_id=dag_id, task_id=task_id).all()
+        out[f"{dag_id}.{task_id}"] = [{n: task.get_extra_links(ti, n) for n in task.extra_links} for ti in tis]
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_each_result_has_an_extra_link_to_a_served_file(demo):
+    """What the UI shows on each task's Details tab, read back as the API server does: the links the
+    demo's tasks stored when they ended, each to a file (or a day's metrics) under AIRLOOM_HOME."""
+    home, env, _ = demo
+    tasks = [
+        ("llm_finetune", "train", "Loss curve", "/airloom/files/runs/llm_finetune/", "/loss_curve.png"),
+        (
+            "llm_finetune",
+            "canary",
+            "Canary answers",
+            "/airloom/files/runs/llm_finetune/",
+            "/canary/canary.html",
+        ),
+        (
+            "llm_eval_backfill",
+            "evaluate_partition",
+            "Day metrics",
+            "/airloom/evaluation-day/evaluations/",
+            "metrics.json",
+        ),
+        (
+            "llm_eval_backfill",
+            "trend",
+            "Trend chart",
+            "/airloom/files/evaluations/airloom-demo/",
+            "trend.png",
+        ),
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _STORED_LINKS, json.dumps([t[:2] for t in tasks])],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stored = json.loads(lines[-1].removeprefix("RESULT "))
+    for dag_id, task_id, name, prefix, suffix in tasks:
+        urls = [links[name] for links in stored[f"{dag_id}.{task_id}"] if links.get(name)]  # skipped: none
+        assert urls and all(u.startswith(prefix) and u.endswith(suffix) for u in urls), (task_id, stored)
+        for url in urls:  # the file behind the link exists where the plugin's routes look
+            assert (home / urllib.parse.unquote(url.split("/", 3)[3])).is_file(), url
 
 
 def test_rollback_dag_returns_production_to_the_previous_approved_version(demo):

@@ -155,11 +155,11 @@ def prod(tmp_path_factory, moto_endpoint):
     t0 = time.monotonic()
     root = tmp_path_factory.mktemp("prod")
     registry_uri = f"s3://{BUCKET}/prod-{secrets.token_hex(3)}"
-    # What the demo prepares before Airflow runs: raw data with faulty rows, four past days of
-    # history partitions (ending yesterday: one for the worker-kill check, three to backfill), and
-    # the base model registered on S3.
+    # What the demo prepares before Airflow runs: raw data with faulty rows, five past days of
+    # history partitions (ending yesterday: one for the worker-kill check, three to backfill, and
+    # yesterday, the scheduler's), and the base model registered on S3.
     data = write_demo_data(
-        root / "airloom" / "data", rows=600, history_days=4, history_rows=20, today=date.today()
+        root / "airloom" / "data", rows=600, history_days=5, history_rows=20, today=date.today()
     )
     registry = ModelRegistry.from_uri(registry_uri)
     base = build_and_register_base(registry, log=lambda m: None)
@@ -287,7 +287,8 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
     if "version" not in prod:
         pytest.skip("needs the deployed version from the fine-tuning test")
     trainer, timings = prod["trainer"], prod["timings"]
-    days = prod["data"]["days"][1:]  # the first day is the worker-kill check's
+    # The first day is the worker-kill check's; the last (yesterday) gets a scheduled run on unpause.
+    days = prod["data"]["days"][1:4]
     assert len(days) == 3
     t0 = time.monotonic()
     trainer.unpause("llm_eval_backfill")
@@ -299,6 +300,8 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
             "to_date": f"{days[-1]}T00:00:00Z",
             "max_active_runs": 3,
             "reprocess_behavior": "none",
+            # The days predate the deployment: score them with today's production version.
+            "dag_run_conf": {"model_version": "current"},
         },
     )
     assert r.status_code == 200, r.text
@@ -322,20 +325,28 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
     )
     assert sorted(run["logical_date"][:10] for run in runs) == days, runs
     assert {run["state"] for run in runs} == {"success"}, detail
+    # Unpausing made the scheduler start the run of the last day that has ended (yesterday).
+    scheduled = [
+        run
+        for run in trainer.get("/api/v2/dags/llm_eval_backfill/dagRuns", limit=50)["dag_runs"]
+        if run["run_type"] == "scheduled"
+    ]
+    assert [run["logical_date"][:10] for run in scheduled] == prod["data"]["days"][-1:], scheduled
     # The scheduler marks the backfill complete on a later loop than the last run's end.
     while trainer.get(f"/api/v2/backfills/{backfill['id']}")["completed_at"] is None:
         assert time.monotonic() < deadline + 60, f"backfill {backfill['id']} never marked complete"
         time.sleep(2)
 
     evaluations = prod["stack"].root / "airloom" / "evaluations" / MODEL
+    version = f"v{prod['version']}"
     for ds in days:
-        metrics = json.loads((evaluations / f"ds={ds}" / "metrics.json").read_text())
+        metrics = json.loads((evaluations / f"ds={ds}" / version / "metrics.json").read_text())
         assert metrics["model_ref"] == f"registry:{MODEL}/{prod['version']}"
         assert metrics["n"] == 20 and metrics["aggregate"]["perplexity"] < 20, metrics["aggregate"]
     assert (evaluations / "trend.png").is_file()
 
     # Airflow's CLI backfill, reprocessing one completed day: only that day's partition is rewritten.
-    before = {ds: (evaluations / f"ds={ds}" / "metrics.json").stat().st_mtime_ns for ds in days}
+    before = {ds: (evaluations / f"ds={ds}" / version / "metrics.json").stat().st_mtime_ns for ds in days}
     stack = prod["stack"]
     cli = subprocess.run(
         [
@@ -350,6 +361,8 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
             days[1],
             "--reprocess-behavior",
             "completed",
+            "--dag-run-conf",
+            json.dumps({"model_version": "current"}),
         ],
         env=stack.env,
         capture_output=True,
@@ -359,7 +372,7 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
     assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
     # The rerun clears the day's existing run (or adds one): wait for its partition to be rewritten
     # and every run of that day to end.
-    metrics_file = evaluations / f"ds={days[1]}" / "metrics.json"
+    metrics_file = evaluations / f"ds={days[1]}" / version / "metrics.json"
     wait_until = time.monotonic() + 600
     while time.monotonic() < wait_until:
         reruns = [
@@ -372,7 +385,7 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
             break
         time.sleep(3)
     assert {r["state"] for r in reruns} == {"success"}, reruns
-    after = {ds: (evaluations / f"ds={ds}" / "metrics.json").stat().st_mtime_ns for ds in days}
+    after = {ds: (evaluations / f"ds={ds}" / version / "metrics.json").stat().st_mtime_ns for ds in days}
     assert [ds for ds in days if after[ds] != before[ds]] == [days[1]], (before, after)
 
 
@@ -386,7 +399,8 @@ def test_worker_killed_during_a_task_the_task_is_retried_and_the_run_succeeds(pr
     day = prod["data"]["days"][0]
     t0 = time.monotonic()
     r = trainer.http.post(
-        "/api/v2/dags/llm_eval_backfill/dagRuns", json={"logical_date": f"{day}T00:00:00Z", "conf": {}}
+        "/api/v2/dags/llm_eval_backfill/dagRuns",
+        json={"logical_date": f"{day}T00:00:00Z", "conf": {"model_version": "current"}},
     )
     assert r.status_code == 200, r.text
     run_id = r.json()["dag_run_id"]
@@ -416,7 +430,15 @@ def test_worker_killed_during_a_task_the_task_is_retried_and_the_run_succeeds(pr
     assert [n for n, _ in states] == [1, 2] and states[0][1] != "success" and states[1][1] == "success", (
         states
     )
-    metrics = prod["stack"].root / "airloom" / "evaluations" / MODEL / f"ds={day}" / "metrics.json"
+    metrics = (
+        prod["stack"].root
+        / "airloom"
+        / "evaluations"
+        / MODEL
+        / f"ds={day}"
+        / f"v{prod['version']}"
+        / "metrics.json"
+    )
     assert json.loads(metrics.read_text())["model_ref"] == f"registry:{MODEL}/{prod['version']}"
 
 

@@ -18,6 +18,17 @@ FEEDBACK = f"{HOME}/data/feedback"
 TRAFFIC = f"{HOME}/data/traffic"  # where `airloom serve` logs requests and responses
 FEEDBACK_DATASETS = f"{HOME}/data/feedback_datasets"  # corrected answers, one version per day
 EVALUATIONS = f"{HOME}/evaluations"
+
+# The day (YYYY-MM-DD, UTC) a daily run reads and writes: every task with a daily partition uses this.
+# The daily DAGs use CronDataIntervalTimetable, so a scheduled or backfill run's logical date is 00:00 of
+# the day that has ended, and a manual run whose logical date is 00:00 of day D processes D (Airflow keeps
+# logical dates unique, so that is the day's one run). A manual run without a logical date (the REST/CLI
+# default) or with a time of day (the Trigger form's default: now) processes the last day that has ended.
+PARTITION_DATE = (
+    "{% set t = dag_run.logical_date or dag_run.run_after %}"
+    "{{ t | ds if dag_run.logical_date and (t | ts).endswith('T00:00:00+00:00')"
+    " else macros.ds_add(t | ds, -1) }}"
+)
 CANARY_PROMPTS = [
     "### Instruction:\nWrite the number in words.\n### Input:\n42\n### Response:\n",
     "### Instruction:\nWrite the date in words.\n### Input:\n2026-03-14\n### Response:\n",

@@ -7,8 +7,10 @@ system of record: every decision goes through :func:`airloom.governance.signoff.
 
 Who may do what:
 
-- view (page, pending list, report files): Airflow read access to the DAG that registered the
-  version (``llm_finetune`` when unknown) — any role from Viewer up under SimpleAuthManager;
+- view (page, pending list): Airflow read access to the DAG that registered the version
+  (``llm_finetune`` when unknown); the reports behind the tasks' extra links (``/files``, and
+  ``/evaluation-day`` for a backfill day): read access to ``llm_finetune`` — any role from Viewer up
+  under SimpleAuthManager;
 - decide: the access Airflow asks to answer that DAG's human-in-the-loop tasks (edit on its
   ``HITL_DETAIL``: User and up), then the sign-off policy (the ``airloom_signoff_approvers``
   Variable, separation of duties: the person who triggered training cannot approve it).
@@ -448,6 +450,21 @@ def _csrf_check(request: Request) -> None:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"cross-origin decision from {origin!r} refused")
 
 
+REPORT_HEADERS = {
+    # Reports embed dataset text: a sandboxed, opaque origin keeps any script in them away from the
+    # Airflow session (no same-origin API calls with the cookie). So pages inline their images: an opaque
+    # origin's own requests need not carry the session cookie.
+    "Content-Security-Policy": "sandbox allow-scripts allow-popups",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+def _check_report_access(user) -> None:
+    """Reports and run outputs are readable by whoever may read the training DAG (every role from Viewer)."""
+    if not can_view(user, DEFAULT_DAG_ID):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"no read access to DAG {DEFAULT_DAG_ID!r}")
+
+
 def _base(request: Request) -> str:
     """The sub-app's URL prefix as the browser sees it (the Airflow root path plus the mount)."""
     return str(request.scope.get("root_path", "")).rstrip("/")
@@ -573,19 +590,29 @@ def create_app() -> FastAPI:
 
     @app.get("/files/{rel_path:path}")
     def serve_file(rel_path: str, user: GetUserDep) -> FileResponse:
-        """A report under ``$AIRLOOM_HOME`` (runs, evaluations, local registry); nothing outside them."""
-        if not can_view(user, DEFAULT_DAG_ID):
-            raise HTTPException(status.HTTP_403_FORBIDDEN, f"no read access to DAG {DEFAULT_DAG_ID!r}")
+        """A report under ``$AIRLOOM_HOME`` (runs, evaluations, local registry); nothing outside them.
+
+        The content type follows the name (HTML, PNG, JSON…)."""
+        _check_report_access(user)
         target = resolve_served_file(rel_path, served_roots(open_registry()))
-        # Reports embed dataset text: a sandboxed, opaque origin keeps any script in them away from
-        # the Airflow session (no same-origin API calls with the cookie).
-        return FileResponse(
-            target,
-            headers={
-                "Content-Security-Policy": "sandbox allow-scripts allow-popups",
-                "X-Content-Type-Options": "nosniff",
-            },
-        )
+        return FileResponse(target, headers=REPORT_HEADERS)
+
+    @app.get("/evaluation-day/{rel_path:path}", response_class=HTMLResponse)
+    def evaluation_day(rel_path: str, user: GetUserDep) -> HTMLResponse:
+        """A backfill day's ``metrics.json`` (served folders only, as ``/files``) with the model's trend chart."""
+        from airloom.reports.evaluation_day import render_evaluation_day
+
+        _check_report_access(user)
+        roots = served_roots(open_registry())
+        target = resolve_served_file(rel_path, roots)
+        if target.name != "metrics.json":
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"{rel_path} is not a backfill day's metrics.json")
+        root = next(r for r in roots if target.is_relative_to(r))
+        try:
+            page = render_evaluation_day(target, stop=root)
+        except ValueError as e:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from e
+        return HTMLResponse(page, headers=REPORT_HEADERS)
 
     @app.get("/signoff", response_class=HTMLResponse)
     def page(

@@ -532,6 +532,13 @@ def _mark_near_duplicates(
 
 def _gx_context(docs_dir: Path) -> Any:
     """An ephemeral GX context whose only Data Docs site is ``docs_dir``."""
+    import logging
+
+    # GX logs ~220 INFO lines per run (each API function it registers at import, each SQLite connection):
+    # nine tenths of a validate task's log. Its warnings still come through; a level set by the user stays.
+    gx_logger = logging.getLogger("great_expectations")
+    if gx_logger.level == logging.NOTSET:
+        gx_logger.setLevel(logging.WARNING)
     import great_expectations as gx
     from great_expectations.data_context.types.base import (
         DataContextConfig,

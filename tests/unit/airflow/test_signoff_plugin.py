@@ -145,6 +145,8 @@ def test_plugin_is_registered_with_nav_and_dag_run_views(client, tokens):
         ("get", "/airloom/signoff"),
         ("get", f"/airloom/api/models/{MODEL}/1/card"),
         ("get", "/airloom/files/runs/llm_finetune/manual__x/quality_gates/report.html"),
+        ("get", "/airloom/files/evaluations/demo-model/trend.png"),
+        ("get", "/airloom/evaluation-day/evaluations/demo-model/ds=2026-01-02/metrics.json"),
         ("post", "/airloom/api/decisions"),
     ],
 )
@@ -328,6 +330,84 @@ def test_file_route_serves_reports_and_nothing_outside(client, tokens, pending, 
     r = client.get("/airloom/files/%2Fetc%2Fpasswd", headers=headers)
     assert r.status_code == 403 and "root:" not in r.text
     assert client.get("/airloom/files/runs/nope.html", headers=headers).status_code == 404
+
+
+@pytest.fixture
+def backfill_day() -> Path:
+    """A backfill day's metrics under ``evaluations/`` (with a version level) and the model's trend."""
+    model_root = home() / "evaluations" / MODEL
+    day = model_root / "ds=2026-01-02" / "v1"
+    day.mkdir(parents=True)
+    metrics = {
+        "ds": "2026-01-02",
+        "model_ref": f"registry:{MODEL}/1",
+        "n": 20,
+        "aggregate": {"exact_match": 0.35, "f1": 0.5},
+        "by_task": {"qa<script>": {"n": 20, "exact_match": 0.35, "f1": 0.5}},
+    }
+    (day / "metrics.json").write_text(json.dumps(metrics))
+    rows = [
+        {"ds": "2026-01-01", "model_ref": f"registry:{MODEL}/1", "n": 20, "exact_match": 0.3},
+        {"ds": "2026-01-02", "model_ref": f"registry:{MODEL}/1", "n": 20, "exact_match": 0.35},
+    ]
+    (model_root / "trend.json").write_text(json.dumps({"dates": 2, "rows": rows}))
+    (model_root / "trend.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 32)
+    return day / "metrics.json"
+
+
+def test_evaluation_day_page_shows_the_days_metrics_and_the_trend(client, tokens, backfill_day):
+    import base64
+
+    rel = backfill_day.relative_to(home()).as_posix()
+    r = client.get(f"/airloom/evaluation-day/{rel}", headers=as_user(tokens, "viewer"))
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/html")
+    assert r.headers["content-security-policy"].startswith("sandbox")
+    page = r.text
+    assert "<h1>Evaluation of 2026-01-02</h1>" in page
+    assert '<td>exact_match</td><td class="num">0.3500</td>' in page
+    assert "qa&lt;script&gt;" in page and "qa<script>" not in page  # data text is escaped
+    # the chart inline (a sandboxed page cannot fetch images with the session cookie) and the day marked
+    png = (home() / "evaluations" / MODEL / "trend.png").read_bytes()
+    assert f"data:image/png;base64,{base64.b64encode(png).decode()}" in page
+    assert '<tr class="day"><td>2026-01-02</td>' in page
+
+
+def test_result_files_are_served_with_their_content_type(client, tokens, backfill_day):
+    headers = as_user(tokens, "viewer")
+    r = client.get(f"/airloom/files/evaluations/{MODEL}/trend.png", headers=headers)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert r.content.startswith(b"\x89PNG")
+    rel = backfill_day.relative_to(home()).as_posix()
+    r = client.get(f"/airloom/files/{rel}", headers=headers)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.json()["aggregate"]["f1"] == 0.5
+
+
+def test_evaluation_day_route_refuses_paths_outside_the_served_folders(client, tokens, backfill_day):
+    headers = as_user(tokens, "viewer")
+    secret = home() / "metrics.json"  # in AIRLOOM_HOME, but not in a served folder
+    secret.write_text(backfill_day.read_text().replace("0.35", "0.99"))
+    outside = home().parent / "outside"
+    (outside / "evaluations").mkdir(parents=True)
+    (outside / "evaluations" / "metrics.json").write_text(secret.read_text())
+    (home() / "evaluations" / "escape").symlink_to(outside)
+    for path in (
+        "/airloom/evaluation-day/metrics.json",
+        "/airloom/evaluation-day/evaluations/..%2Fmetrics.json",
+        "/airloom/evaluation-day/evaluations/%2e%2e/metrics.json",
+        "/airloom/evaluation-day/evaluations/escape/evaluations/metrics.json",
+        f"/airloom/evaluation-day/evaluations/{'%2F'.join(['..'] * 12)}%2Fetc%2Fpasswd",
+        "/airloom/evaluation-day/%2Fetc%2Fpasswd",
+    ):
+        r = client.get(path, headers=headers)
+        assert r.status_code == 403, (path, r.status_code, r.text)
+        assert "0.9900" not in r.text and "root:" not in r.text
+    # inside a served folder, but not a day's metrics: no page
+    trend = f"/airloom/evaluation-day/evaluations/{MODEL}/trend.json"
+    assert client.get(trend, headers=headers).status_code == 404
+    missing = f"/airloom/evaluation-day/evaluations/{MODEL}/ds=2026-01-03/metrics.json"
+    assert client.get(missing, headers=headers).status_code == 404
 
 
 def test_s3_registry_from_the_variable_with_the_connection_in_the_metastore(

@@ -183,3 +183,34 @@ def test_validation_report_counts_every_finding_and_lists_the_first(tmp_path):
     assert '<tr><td>pii</td><td>warning</td><td class="num">125</td></tr>' in page
     assert page.count("<td>raw.jsonl</td>") == SHOWN_FINDINGS
     assert "Great Expectations Data Docs" not in page  # none were written
+
+
+def test_canary_page_escapes_the_answers():
+    page = render("canary.html.j2", model=SCRIPT, rows=[{"prompt": "p", "output": SCRIPT}], passed=True)
+    _self_contained_and_escaped(page)
+
+
+def test_evaluation_day_page_escapes_the_data_and_finds_the_trend_above_the_partition(tmp_path):
+    from airloom.reports.evaluation_day import render_evaluation_day
+
+    root = tmp_path / "evaluations"
+    day = root / "m" / "ds=2026-01-02" / "v3"  # a version level below the day
+    day.mkdir(parents=True)
+    metrics = {
+        "model_ref": SCRIPT,
+        "n": 2,
+        "aggregate": {"f1": 0.5},
+        "by_task": {SCRIPT: {"n": 2, "f1": 0.5}},
+    }
+    (day / "metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "trend.png").write_bytes(b"\x89PNG")  # above the evaluations root: not this model's
+    page = render_evaluation_day(day / "metrics.json", stop=root)
+    _self_contained_and_escaped(page)
+    assert "<h1>Evaluation of 2026-01-02</h1>" in page  # from the folder when metrics.json has no ds
+    assert "No trend chart yet" in page
+    (root / "m" / "trend.png").write_bytes(b"\x89PNG")
+    (root / "m" / "trend.json").write_text(json.dumps({"rows": [{"ds": "2026-01-02", "model_ref": SCRIPT}]}))
+    page = render_evaluation_day(day / "metrics.json", stop=root)
+    assert 'src="data:image/png;base64,iVBORw=="' in page and '<tr class="day">' in page
+    with pytest.raises(ValueError, match="trend.json: no 'aggregate' mapping"):
+        render_evaluation_day(root / "m" / "trend.json", stop=root)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import getpass
 import os
+import sys
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 if TYPE_CHECKING:
     from airloom.airflow.hooks.registry import RegistryHook
@@ -39,6 +40,9 @@ class AirloomBaseOperator(BaseOperator):
         self.aws_conn_id = aws_conn_id
         self.registry_uri = registry_uri
         self.output_dir = output_dir
+
+    def pre_execute(self, context) -> None:
+        disable_progress_bars()
 
     @cached_property
     def hook(self) -> RegistryHook:
@@ -69,6 +73,41 @@ def task_output_dir(context, explicit: str | None = None) -> Path:
     ti = context["ti"]
     parts = [ti.task_id] + ([str(ti.map_index)] if getattr(ti, "map_index", -1) >= 0 else [])
     return run_dir(ti.dag_id, context["run_id"], *parts)
+
+
+#: Progress bars write to stderr, which Airflow logs at ERROR, one line per refresh. The variables reach
+#: libraries imported later in the task and the processes it starts (the training launcher's ranks).
+PROGRESS_BAR_SWITCHES = {
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}
+
+
+def disable_progress_bars() -> None:
+    """Turn progress bars off for this task process and its children; a value the user set stays."""
+    for key, value in PROGRESS_BAR_SWITCHES.items():
+        os.environ.setdefault(key, value)
+    # libraries already imported (``airflow dags test`` runs every task in one process) read them at import
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars as hub_off
+
+        hub_off()
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "transformers" in sys.modules:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    if os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1" and "datasets" in sys.modules:
+        from datasets.utils import disable_progress_bars as datasets_off
+
+        datasets_off()
+
+
+def skip_task(log, reason: str) -> AirflowSkipException:
+    """Log why the task skips, at INFO, and return the exception to raise: Airflow logs the exception's
+    message only inside the collapsed "Post Execute" group of the task log, where nobody looks."""
+    log.info("skipping: %s", reason)
+    return AirflowSkipException(reason)
 
 
 def triggering_user(context) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airloom.airflow.links import LossCurveLink
 from airloom.airflow.operators._base import AirloomBaseOperator, push_outputs
 from airloom.exceptions import AirloomError
 
@@ -42,6 +43,7 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
         "nproc_per_node",
     )
     template_fields_renderers = {"config": "json", "env": "json"}
+    operator_extra_links = (LossCurveLink(),)
     ui_color = "#f2d5a0"
 
     def __init__(
@@ -132,6 +134,7 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
             raise AirflowException(str(e)) from e
         metrics = json.loads((out / "train_metrics.json").read_text())
         metrics.pop("history", None)
+        loss_curve = out / "loss_curve.png"  # the recipe draws none when it logged no step
         return push_outputs(
             context,
             {
@@ -141,6 +144,7 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
                 "base_model_path": base["path"],
                 "config": cfg.to_dict(),
                 "metrics": metrics,
+                "loss_curve": str(loss_curve) if loss_curve.is_file() else None,
             },
         )
 

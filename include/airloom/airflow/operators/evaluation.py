@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
-from airloom.airflow.links import EvalReportLink
-from airloom.airflow.operators._base import AirloomBaseOperator, number, push_outputs
+from airloom.airflow.links import EvalReportLink, EvaluationDayLink, TrendChartLink
+from airloom.airflow.operators._base import AirloomBaseOperator, number, push_outputs, skip_task
 
 
 class EvaluateModelOperator(AirloomBaseOperator):
@@ -176,10 +177,14 @@ class QualityGateOperator(AirloomBaseOperator):
 
 
 class PartitionEvaluationOperator(AirloomBaseOperator):
-    """Evaluate the model at ``alias`` (or a pinned ``version``) on the partition ``ds=<ds>``.
+    """Evaluate a version of ``model_name`` on the partition ``ds=<ds>``, into ``ds=<ds>/v<N>/``.
 
-    The version is resolved when the run executes and recorded in the output, so a backfill
-    of last month says which model each day was scored with. A missing partition skips the run.
+    :param model_version: ``of_the_day``: the version at ``alias`` when the day ended, from the
+        registry's alias history (a rerun scores the day with the same model whenever it runs; a day
+        before the alias was first set is skipped); ``current``: the version at ``alias`` now.
+    :param version: pin a version instead.
+
+    A day that has not ended (UTC) or has no partition is skipped, with the reason in the log.
     """
 
     template_fields: Sequence[str] = (
@@ -190,7 +195,9 @@ class PartitionEvaluationOperator(AirloomBaseOperator):
         "output_uri",
         "ds",
         "limit",
+        "model_version",
     )
+    operator_extra_links = (EvaluationDayLink(),)
 
     def __init__(
         self,
@@ -202,11 +209,13 @@ class PartitionEvaluationOperator(AirloomBaseOperator):
         version: int | None = None,
         alias: str = "production",
         limit: int | None = None,
+        model_version: str = "of_the_day",
         **kwargs,
     ) -> None:
         kwargs.setdefault("pool", "eval")  # each task holds a model in memory: bound how many at once
         super().__init__(**kwargs)
         self.model_name = model_name
+        self.model_version = model_version
         self.ds = ds
         self.history_uri = history_uri
         self.output_uri = output_uri
@@ -215,23 +224,53 @@ class PartitionEvaluationOperator(AirloomBaseOperator):
         self.limit = limit
 
     def execute(self, context) -> dict[str, Any]:
-        from airflow.sdk.exceptions import AirflowSkipException
-
-        from airloom.evaluation.backfill import evaluate_partition, read_partition
+        from airloom.evaluation.backfill import (
+            day_end,
+            evaluate_partition,
+            read_partition,
+            version_dir,
+            version_of_the_day,
+        )
         from airloom.registry.resolve import resolve_model
 
+        if self.model_version not in ("of_the_day", "current"):
+            raise AirflowFailException(
+                f"model_version must be 'of_the_day' or 'current', got {self.model_version!r}"
+            )
+        version = number(self.version, "version", optional=True)
+        if day_end(self.ds) > datetime.now(UTC):
+            raise skip_task(self.log, f"ds={self.ds} has not ended yet (UTC): its partition is incomplete")
         records = read_partition(self.history_uri, self.ds)
         if records is None:
-            raise AirflowSkipException(f"no partition {self.history_uri}/ds={self.ds}: nothing to evaluate")
-        version = number(self.version, "version", optional=True)
-        ref = (
-            f"registry:{self.model_name}/{version}" if version else f"registry:{self.model_name}@{self.alias}"
-        )
-        resolved = resolve_model(ref, registry=self.hook.registry)
+            raise skip_task(self.log, f"no partition {self.history_uri}/ds={self.ds}: nothing to evaluate")
+        registry = self.hook.registry
+        live = version_of_the_day(registry, self.model_name, self.ds, self.alias)
+        if version:
+            ref = f"registry:{self.model_name}/{version}"
+        elif self.model_version == "current":
+            ref = f"registry:{self.model_name}@{self.alias}"
+        elif live is None:
+            raise skip_task(
+                self.log,
+                f"no version of {self.model_name} was at {self.alias} when ds={self.ds} ended: nothing to "
+                "evaluate (model_version=current scores the day with today's version)",
+            )
+        else:
+            ref = f"registry:{self.model_name}/{live}"
+        resolved = resolve_model(ref, registry=registry)
         limit = number(self.limit, "limit", optional=True) or None  # 0: every record
         metrics = evaluate_partition(
-            resolved["path"], resolved["ref"], records, self.output_uri, self.model_name, self.ds, limit=limit
+            resolved["path"],
+            resolved["ref"],
+            records,
+            self.output_uri,
+            self.model_name,
+            self.ds,
+            version=resolved["version"],
+            live_version=live,
+            limit=limit,
         )
+        folder = version_dir(self.output_uri, self.model_name, self.ds, resolved["version"])
         self.log.info(
             "%s on ds=%s (%d records): %s",
             resolved["ref"],
@@ -246,7 +285,9 @@ class PartitionEvaluationOperator(AirloomBaseOperator):
                 "ds": self.ds,
                 "n": metrics["n"],
                 "aggregate": metrics["aggregate"],
-                "metrics_path": f"{self.output_uri}/{self.model_name}/ds={self.ds}/metrics.json",
+                "version": resolved["version"],
+                "live_version": live,
+                "metrics_path": str(folder / "metrics.json"),
             },
         )
 
@@ -255,6 +296,7 @@ class EvaluationTrendOperator(BaseOperator):
     """Chart every evaluated date of ``model_name`` (trend.json + trend.png)."""
 
     template_fields: Sequence[str] = ("model_name", "output_uri")
+    operator_extra_links = (TrendChartLink(),)
 
     def __init__(self, *, model_name: str, output_uri: str, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -265,5 +307,11 @@ class EvaluationTrendOperator(BaseOperator):
         from airloom.evaluation.backfill import build_trend
 
         trend = build_trend(Path(self.output_uri) / self.model_name)
-        self.log.info("trend over %d dates: %s", trend["dates"], trend.get("plot"))
-        return {"dates": trend["dates"], "plot": trend.get("plot")}
+        self.log.info(
+            "trend over %d dates, versions %s, production changes %s: %s",
+            trend["dates"],
+            trend["versions"],
+            [f"{c['ds']}: v{c['from']} -> v{c['to']}" for c in trend["changes"]],
+            trend.get("plot"),
+        )
+        return {"dates": trend["dates"], "plot": trend.get("plot"), "changes": trend["changes"]}

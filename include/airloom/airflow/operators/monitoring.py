@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowSkipException
 
-from airloom.airflow.operators._base import AirloomBaseOperator
+from airloom.airflow.links import MonitoringDashboardLink
+from airloom.airflow.operators._base import AirloomBaseOperator, skip_task
 
 
 class DriftMonitorOperator(AirloomBaseOperator):
@@ -46,6 +47,7 @@ class DriftMonitorOperator(AirloomBaseOperator):
         "max_negative_rate",
         "max_failing_rate",
     )
+    operator_extra_links = (MonitoringDashboardLink(),)
 
     def __init__(
         self,
@@ -74,7 +76,7 @@ class DriftMonitorOperator(AirloomBaseOperator):
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.data.splits import read_split
-        from airloom.evaluation.backfill import read_partition
+        from airloom.evaluation.backfill import day_end, read_partition
         from airloom.monitoring.drift import (
             decide_input_drift,
             decide_retraining,
@@ -90,14 +92,16 @@ class DriftMonitorOperator(AirloomBaseOperator):
             write_dashboard,
         )
 
+        if day_end(self.ds) > datetime.now(UTC):  # a partial day's drift and feedback would mislead
+            raise skip_task(self.log, f"ds={self.ds} has not ended yet (UTC): its traffic is incomplete")
         traffic = read_partition(self.traffic_uri, self.ds)
         if traffic is None:
-            raise AirflowSkipException(f"no traffic partition {self.traffic_uri}/ds={self.ds}")
+            raise skip_task(self.log, f"no traffic partition {self.traffic_uri}/ds={self.ds}")
         out_dir = self.output_folder(context)
         split, profile_path = self._reference()
         if profile_path is None and split is None:
             missing = self.reference_profile or self.reference_file or "no prepared dataset"
-            raise AirflowSkipException(f"no training reference ({missing}): nothing to compare with")
+            raise skip_task(self.log, f"no training reference ({missing}): nothing to compare with")
         feedback = read_partition(self.feedback_uri, self.ds) or []
         training = read_split(split) if split else None
         report: dict[str, Any] = drift_report(training, traffic) if training is not None else {}
@@ -229,7 +233,7 @@ class RequestRetrainingOperator(BaseOperator):
 
     def execute(self, context) -> dict[str, Any]:
         if not self.decision or not self.decision.get("retrain"):
-            raise AirflowSkipException("no drift or feedback threshold crossed: no retraining requested")
+            raise skip_task(self.log, "no drift or feedback threshold crossed: no retraining requested")
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = {
                 "reasons": self.decision["reasons"],
@@ -255,9 +259,7 @@ class PublishFeedbackDatasetOperator(BaseOperator):
     def execute(self, context) -> dict[str, Any]:
         corrected = (self.decision or {}).get("feedback_dataset") or {}
         if not corrected.get("path"):
-            raise AirflowSkipException(
-                "no corrected answers passed validation and dedup: no feedback dataset"
-            )
+            raise skip_task(self.log, "no corrected answers passed validation and dedup: no feedback dataset")
         extra = {k: corrected.get(k) for k in ("path", "rows", "sha256", "ds")}
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = extra

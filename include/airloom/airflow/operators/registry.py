@@ -9,6 +9,7 @@ from typing import Any
 
 from airflow.sdk.exceptions import AirflowFailException
 
+from airloom.airflow.links import CanaryAnswersLink
 from airloom.airflow.operators._base import AirloomBaseOperator, number, push_outputs, triggering_user
 
 
@@ -214,12 +215,15 @@ class CanaryOperator(AirloomBaseOperator):
     """Load the version behind ``alias`` with transformers and generate on a few prompts.
 
     Fails if the model cannot be loaded or produces empty output for every prompt: the cheapest
-    check that the deployed artifact really serves.
+    check that the deployed artifact really serves. The answers land in the task's folder as
+    ``canary.json`` and ``canary.html`` (the "Canary answers" link), written before the verdict so a
+    failed canary shows what the model said.
     """
 
     # Not the prompts: Jinja drops a template's trailing newline, and "### Response:\n" without it is
     # a prompt the model never saw (it answered with nothing, and the canary failed a good model).
     template_fields: Sequence[str] = ("model_name", "alias", "output_dir")
+    operator_extra_links = (CanaryAnswersLink(),)
 
     def __init__(
         self,
@@ -237,16 +241,21 @@ class CanaryOperator(AirloomBaseOperator):
     def execute(self, context) -> dict[str, Any]:
         from airloom.evaluation.generation import generate, load_model
         from airloom.registry.resolve import resolve_model
+        from airloom.reports import render
 
         resolved = resolve_model(f"registry:{self.model_name}@{self.alias}", registry=self.hook.registry)
         model, tokenizer = load_model(resolved["path"])
         outputs = generate(model, tokenizer, list(self.prompts), max_new_tokens=32)
         for p, o in zip(self.prompts, outputs, strict=True):
             self.log.info("canary %s\n  prompt: %r\n  output: %r", resolved["ref"], p, o)
-        if not any(o.strip() for o in outputs):
-            raise AirflowFailException(f"canary: {resolved['ref']} produced empty output for every prompt")
         out = self.output_folder(context)
         out.mkdir(parents=True, exist_ok=True)
         rows = [{"prompt": p, "output": o} for p, o in zip(self.prompts, outputs, strict=True)]
+        passed = any(o.strip() for o in outputs)
         (out / "canary.json").write_text(json.dumps({"model": resolved["ref"], "outputs": rows}, indent=2))
+        page = out / "canary.html"
+        page.write_text(render("canary.html.j2", model=resolved["ref"], rows=rows, passed=passed), "utf-8")
+        push_outputs(context, {"canary_report": str(page)})
+        if not passed:
+            raise AirflowFailException(f"canary: {resolved['ref']} produced empty output for every prompt")
         return push_outputs(context, {"model": resolved["ref"], "outputs": rows})
