@@ -452,12 +452,17 @@ def cmd_serve(args) -> int:
     import logging
 
     from airloom.serving.app import serve
+    from airloom.serving.auth import check_exposure, load_api_keys
     from airloom.serving.engine import Engine
     from airloom.settings import home
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be 1-65535, got {args.port}")
+    if args.max_body_bytes < 1 or args.max_request_tokens < 1:
+        raise UsageError("--max-body-bytes and --max-request-tokens must be at least 1")
+    api_keys = load_api_keys(args.api_keys_file)  # before loading the model: a bad setup fails fast
+    check_exposure(args.host, api_keys, insecure_no_auth=args.insecure_no_auth)
     engine = Engine(
         _registry(args),
         args.model,
@@ -466,6 +471,7 @@ def cmd_serve(args) -> int:
         batch_wait_ms=args.batch_wait_ms,
         poll_seconds=args.poll_seconds,
         torch_threads=args.torch_threads,
+        max_queue=args.max_queue,
     )
     print(f"serving {engine.current.ref} ({args.model}) on http://{args.host}:{args.port}", flush=True)
     serve(
@@ -474,6 +480,10 @@ def cmd_serve(args) -> int:
         port=args.port,
         traffic_dir=args.traffic_dir or home() / "data" / "traffic",
         feedback_dir=args.feedback_dir or home() / "data" / "feedback",
+        api_keys=api_keys,
+        max_body_bytes=args.max_body_bytes,
+        max_request_tokens=args.max_request_tokens,
+        metrics_require_key=args.metrics_require_key,
     )
     return 0
 
@@ -704,6 +714,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--poll-seconds", type=float, default=5.0, help="how often the alias is read")
     sp.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    sp.add_argument(
+        "--api-keys-file",
+        help="bearer keys, one per line (default AIRLOOM_API_KEYS_FILE; also AIRLOOM_API_KEYS and "
+        "the connection airloom_serving as AIRFLOW_CONN_AIRLOOM_SERVING). None: open, loopback only",
+    )
+    sp.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a non-loopback --host without API keys (only behind a proxy that authenticates)",
+    )
+    sp.add_argument(
+        "--metrics-require-key", action="store_true", help="/metrics needs an API key too (default: open)"
+    )
+    sp.add_argument(
+        "--max-queue", type=int, default=128, help="requests waiting for a batch; more get 429 (default 128)"
+    )
+    sp.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)"
+    )
+    sp.add_argument(
+        "--max-request-tokens",
+        type=int,
+        default=8192,
+        help="most tokens one request may ask to generate, prompts × n × max_tokens (default 8192)",
+    )
     return p
 
 

@@ -138,6 +138,9 @@ def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
 
     home = Path(os.environ["AIRLOOM_HOME"])  # conftest gives each test its own
     env = _env(home)
+    keys_file = tmp_path / "api-keys"
+    keys_file.write_text("# airloom serve keys\nsk-test\n")
+    env["AIRLOOM_API_KEYS_FILE"] = str(keys_file)  # the key OPENAI_HEADERS sends
     reg = _register_two_versions(home)
     reference_profile = _training_profile(home)
     migrate = subprocess.Popen(
@@ -201,6 +204,10 @@ def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
         assert {r.json()["model"] for r in done} == {f"{NAME}/1"}
         assert {r.headers["x-airloom-model-version"] for r in done} == {f"{NAME}/1"}
         assert httpx.get(url + "/healthz").json()["max_batch_size_seen"] > 1
+        unauthorized = httpx.post(
+            url + "/v1/completions", json=bodies[0], headers={"Authorization": "Bearer x"}
+        )
+        assert unauthorized.status_code == 401 and unauthorized.json()["error"]["code"] == "invalid_api_key"
 
         # 7 thumbs-down of 9 ratings; corrected answers: two, one with an email (masked), a duplicate
         ids = [r.json()["id"] for r in done]
@@ -229,9 +236,14 @@ def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
         after = asyncio.run(_post_many(url, "/v1/completions", bodies[:8]))
         assert {r.json()["model"] for r in after} == {f"{NAME}/2"}
         assert {r.headers["x-airloom-model-version"] for r in after} == {f"{NAME}/2"}
+        scraped = httpx.get(url + "/metrics").text  # open without a key, like /healthz
+        assert "airloom_model_reloads_total 1.0" in scraped
+        assert 'airloom_model_version{name="tiny",version="2"} 1.0' in scraped
+        assert 'airloom_requests_total{endpoint="/v1/completions",status="401"} 1.0' in scraped
     finally:
         server.terminate()
         server.wait(timeout=30)
+    assert "sk-test" not in server.stdout.read()  # keys never logged (the access log has no headers)
     assert migrate.wait(timeout=300) == 0, migrate.stdout.read()[-3000:]
 
     traffic, fb_root = home / "data" / "traffic", home / "data" / "feedback"

@@ -5,6 +5,8 @@ reloads, a PII-scrubbed traffic log and a human-feedback endpoint.
   one worker thread and swaps in a new version when the alias moves.
 - :mod:`airloom.serving.logs` appends traffic and feedback records to daily JSONL partitions.
 - :mod:`airloom.serving.app` is the FastAPI app; :func:`airloom.serving.app.serve` runs it with uvicorn.
+- :mod:`airloom.serving.auth` reads the API keys (file, env, the ``airloom_serving`` connection's
+  env var) and keeps their sha256 digests; :mod:`airloom.serving.metrics` is ``/metrics``.
 
 No Airflow imports here; torch/transformers are imported when a model is loaded.
 """

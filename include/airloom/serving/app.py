@@ -4,12 +4,21 @@
 Requests and responses follow the shapes the ``openai`` Python client sends and parses (``id``,
 ``object``, ``created``, ``model``, ``choices``, ``usage``; errors as ``{"error": {message, type,
 param, code}}``). ``model`` in every answer and the ``x-airloom-model-version`` header name the
-version that produced it (``NAME/VERSION``). Streaming, ``echo``, ``logprobs`` and ``best_of`` are
-refused with 400 rather than ignored.
+version that produced it (``NAME/VERSION``; a stream's header names the version served when the
+request arrived, its chunks the one that generated them). ``stream=true`` answers with server-sent
+events as OpenAI's API does; ``echo``, ``logprobs`` and ``best_of`` are refused with 400 rather than
+ignored.
+
+Every path but ``/healthz`` (and ``/metrics`` unless ``metrics_require_key``) needs a bearer API key
+when keys are configured (:mod:`airloom.serving.auth`); request bodies over ``max_body_bytes`` get
+413, a full engine queue 429 with ``Retry-After``, more than ``max_request_tokens`` generated tokens
+asked for in one request (prompts × ``n`` × ``max_tokens``) 400. ``/metrics`` is Prometheus' text format
+(:mod:`airloom.serving.metrics`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -20,14 +29,19 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from airloom.serving.engine import Engine, GenRequest, LoadedModel
+from airloom.serving.auth import ApiKeys
+from airloom.serving.engine import Engine, EngineBusy, GenRequest, GenResult, LoadedModel
 from airloom.serving.logs import FeedbackLog, TrafficLog
+from airloom.serving.metrics import ServingMetrics
 
 VERSION_HEADER = "x-airloom-model-version"
 DEFAULT_CHAT_MAX_TOKENS = 128  # OpenAI's chat default is "up to the context"; a bound keeps batches short
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt a context window holds
+DEFAULT_MAX_REQUEST_TOKENS = 8192  # prompts × n × max_tokens: one request must not hold the batch for minutes
+ENDPOINTS = {"completions": "/v1/completions", "chat.completions": "/v1/chat/completions"}
 
 
 class OpenAIError(Exception):
@@ -48,8 +62,110 @@ def _error_body(message: str, type_: str, param: str | None, code: str | None) -
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+async def _send_error(send, status: int, message: str, code: str, headers: tuple = ()) -> None:
+    data = json.dumps(_error_body(message, "invalid_request_error", None, code)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+class _Gate:
+    """API key, body size and request metrics, as plain ASGI: it has to answer before FastAPI reads
+    and parses the body, and it sees every response (401, 413 and streams included) for the metrics."""
+
+    def __init__(
+        self, app, *, keys: ApiKeys | None, open_paths: set[str], max_body_bytes: int, metrics, routes
+    ):
+        self.app, self.keys, self.open_paths, self.max_body = app, keys, open_paths, max_body_bytes
+        self.metrics, self._routes, self._known = metrics, routes, None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started, path, status = time.monotonic(), scope["path"], 500
+        if self._known is None:
+            self._known = self._routes()
+        endpoint = path if path in self._known else "other"  # bounded label values
+
+        async def send_and_see(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            headers = dict(scope["headers"])
+            if self.keys is not None and path not in self.open_paths:
+                auth = headers.get(b"authorization", b"").decode("latin-1")
+                if not self.keys.check(auth):
+                    message = (
+                        "incorrect API key provided"
+                        if auth
+                        else "no API key provided: send the header Authorization: Bearer <key>"
+                    )
+                    await _send_error(
+                        send_and_see, 401, message, "invalid_api_key", ((b"www-authenticate", b"Bearer"),)
+                    )
+                    return
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                receive = await self._bounded_body(headers, receive, send_and_see)
+                if receive is None:
+                    if status == 500:
+                        status = 499  # the client went away while sending its body
+                    return
+            await self.app(scope, receive, send_and_see)
+        finally:
+            self.metrics.observe_request(endpoint, status, time.monotonic() - started)
+
+    async def _bounded_body(self, headers: dict, receive, send):
+        """Read the body (at most ``max_body`` bytes) and return a ``receive`` that replays it; None
+        when answered 413 or the client disconnected. Content-Length is checked first but not trusted."""
+        too_large = f"request body larger than this server's limit of {self.max_body} bytes"
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body:
+            await _send_error(send, 413, too_large, "request_too_large")
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                await _send_error(send, 413, too_large, "request_too_large")
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the client's disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return replay
+
+
 # -- request bodies -----------------------------------------------------------------------------
 # OpenAI clients send fields this server has no use for (user, seed, metadata, ...): extra="allow".
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool | None = None
 
 
 class _Sampling(BaseModel):
@@ -61,6 +177,7 @@ class _Sampling(BaseModel):
     n: int | None = Field(None, ge=1, le=16)
     stop: str | list[str] | None = None
     stream: bool | None = None
+    stream_options: StreamOptions | None = None
     logprobs: Any = None
 
     @field_validator("stop")
@@ -165,9 +282,20 @@ def render_chat(messages: list[ChatMessage], tokenizer: Any) -> str:
 # -- the app ------------------------------------------------------------------------------------
 
 
-def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | Path) -> FastAPI:
+def create_app(
+    engine: Engine,
+    *,
+    traffic_dir: str | Path,
+    feedback_dir: str | Path,
+    api_keys: ApiKeys | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS,
+    metrics_require_key: bool = False,
+) -> FastAPI:
+    """The app over ``engine``; ``api_keys`` None serves without authentication (see docs/serving.md)."""
     traffic = TrafficLog(traffic_dir)
     feedback = FeedbackLog(feedback_dir)
+    metrics = ServingMetrics(engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -179,10 +307,19 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
 
     app = FastAPI(title="Airloom model server", lifespan=lifespan)
     app.state.engine, app.state.traffic, app.state.feedback = engine, traffic, feedback
+    app.state.metrics = metrics
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):
         return JSONResponse(_error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status)
+
+    @app.exception_handler(EngineBusy)
+    async def _busy(request: Request, exc: EngineBusy):
+        return JSONResponse(
+            _error_body(str(exc), "rate_limit_error", None, "queue_full"),
+            status_code=429,
+            headers={"Retry-After": str(exc.retry_after)},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -204,6 +341,16 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
             response.headers[VERSION_HEADER] = engine.current.ref
         return response
 
+    # Added last, so outermost: unauthenticated and oversized requests go no further.
+    app.add_middleware(
+        _Gate,
+        keys=api_keys,
+        open_paths={"/healthz"} | (set() if metrics_require_key else {"/metrics"}),
+        max_body_bytes=max_body_bytes,
+        metrics=metrics,
+        routes=lambda: {getattr(r, "path", None) for r in app.routes},
+    )
+
     def _check_model(requested: str | None) -> None:
         served = {engine.name, engine.spec, engine.current.ref}
         if requested and requested not in served:
@@ -217,10 +364,8 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
             )
 
     def _refuse_unsupported(req: _Sampling) -> None:
-        if req.stream:
-            raise OpenAIError(
-                400, "stream=true is not supported by this server; send stream=false", param="stream"
-            )
+        if req.stream_options is not None and not req.stream:
+            raise OpenAIError(400, "stream_options is only allowed with stream=true", param="stream_options")
         if req.logprobs not in (None, False, 0):
             raise OpenAIError(400, "logprobs are not supported by this server", param="logprobs")
 
@@ -229,6 +374,16 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
         ctx = loaded.context_length
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
+        n = req.n or 1
+        if len(prompts) * n * max_tokens > max_request_tokens:
+            times = f"{len(prompts)} prompts × " if len(prompts) > 1 else ""
+            raise OpenAIError(
+                400,
+                f"{times}n {n} × max_tokens {max_tokens} = {len(prompts) * n * max_tokens} tokens to "
+                f"generate exceed this server's limit of {max_request_tokens} per request; lower n or max_tokens",
+                param="max_tokens",
+                code="request_tokens_exceeded",
+            )
         rows = []
         for i, p in enumerate(prompts):
             n_prompt = loaded.count_tokens(p)
@@ -249,9 +404,19 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
         created = datetime.now(UTC)
         rows = _rows(prompts, req, max_tokens)
         loaded, results = await engine.submit(rows)
+        metrics.observe_ttft(ENDPOINTS[kind], started)  # not streamed: the first token comes with the last
+        response_id = _new_id(kind)
+        _log(response_id, kind, created, started, loaded, rows, results, messages)
+        return response_id, int(created.timestamp()), loaded, rows, results
+
+    def _new_id(kind: str) -> str:
+        return f"{'cmpl' if kind == 'completions' else 'chatcmpl'}-{uuid.uuid4().hex}"
+
+    def _log(response_id, kind, created, started, loaded, rows, results, messages) -> None:
+        """One traffic record per choice, and the request's token counts."""
         latency_ms = round((time.monotonic() - started) * 1000, 2)
-        prefix = "cmpl" if kind == "completions" else "chatcmpl"
-        response_id = f"{prefix}-{uuid.uuid4().hex}"
+        usage = _usage(rows, results)
+        metrics.count_tokens(ENDPOINTS[kind], usage["prompt_tokens"], usage["completion_tokens"])
         records = []
         for index, (row, res) in enumerate(zip(rows, results, strict=True)):
             records.append(
@@ -280,7 +445,85 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
                 }
             )
         traffic.write(records, created)
-        return response_id, int(created.timestamp()), loaded, rows, results
+
+    def _stream(prompts: list[str], req: _Sampling, max_tokens: int, kind: str, messages: list | None):
+        """Server-sent events as OpenAI sends them: a chunk per new piece of text (chat: a first one
+        with the role), one with each choice's ``finish_reason``, the usage chunk when asked, ``[DONE]``."""
+        started, created = time.monotonic(), datetime.now(UTC)
+        rows = _rows(prompts, req, max_tokens)
+        stream = engine.stream(rows)  # a full queue answers 429 here, before any byte is sent
+        response_id, chat = _new_id(kind), kind == "chat.completions"
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def event(loaded: LoadedModel, choices: list[dict], **extra) -> str:
+            body = {
+                "id": response_id,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(created.timestamp()),
+                "model": loaded.ref,
+                "system_fingerprint": None,
+                "choices": choices,
+                **extra,
+            }
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def choice(i: int, text: str | None, finish: str | None, role: bool = False) -> dict:
+            if not chat:
+                return {"index": i, "text": text or "", "logprobs": None, "finish_reason": finish}
+            delta = (
+                {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            )
+            return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+        async def events():
+            sent, results = [""] * len(rows), [None] * len(rows)
+            first, failed = True, False
+            try:
+                while None in results:
+                    item = await stream.queue.get()
+                    if isinstance(item, Exception):
+                        failed = True  # not logged, as a failed non-streamed request
+                        body = _error_body(f"generation failed: {item}", "server_error", None, None)
+                        yield f"data: {json.dumps(body)}\n\n"
+                        return
+                    i, piece = item
+                    if first:
+                        first = False
+                        metrics.observe_ttft(ENDPOINTS[kind], started)
+                        if chat:
+                            for k in range(len(rows)):
+                                yield event(stream.loaded, [choice(k, None, None, role=True)])
+                    if isinstance(piece, str):
+                        sent[i] += piece
+                        yield event(stream.loaded, [choice(i, piece, None)])
+                    else:
+                        results[i] = piece
+                        yield event(stream.loaded, [choice(i, None, piece.finish_reason)])
+                # Logged before the last chunks: a client that has read [DONE] finds its answer logged.
+                _log(response_id, kind, created, started, stream.loaded, rows, results, messages)
+                if include_usage:
+                    yield event(stream.loaded, [], usage=_usage(rows, results))
+                yield "data: [DONE]\n\n"
+            finally:
+                if None in results and not failed:
+                    # The client went away: stop its rows, log what it was sent, marked so.
+                    stream.cancel()
+                    loaded = stream.loaded or engine.current
+                    partial = [
+                        r
+                        or GenResult(
+                            sent[k],
+                            "client_disconnected",
+                            loaded.count_tokens(rows[k].prompt),
+                            stream.tokens[k],
+                        )
+                        for k, r in enumerate(results)
+                    ]
+                    _log(response_id, kind, created, started, loaded, rows, partial, messages)
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={VERSION_HEADER: engine.current.ref}
+        )
 
     def _usage(rows: list[GenRequest], results) -> dict:
         # Prompt tokens count each distinct prompt once, as OpenAI does for n > 1.
@@ -308,6 +551,8 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
             raise OpenAIError(400, "best_of is not supported by this server; use n", param="best_of")
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         max_tokens = req.max_tokens or 16  # OpenAI's default for completions
+        if req.stream:
+            return _stream(prompts, req, max_tokens, "completions", None)
         rid, created, loaded, rows, results = await _run(prompts, req, max_tokens, "completions", None)
         choices = [
             {"text": res.text, "index": i, "logprobs": None, "finish_reason": res.finish_reason}
@@ -333,6 +578,8 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
         prompt = render_chat(req.messages, engine.current.counting_tokenizer or engine.current.tokenizer)
         max_tokens = req.max_completion_tokens or req.max_tokens or DEFAULT_CHAT_MAX_TOKENS
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        if req.stream:
+            return _stream([prompt], req, max_tokens, "chat.completions", messages)
         rid, created, loaded, rows, results = await _run(
             [prompt], req, max_tokens, "chat.completions", messages
         )
@@ -409,6 +656,11 @@ def create_app(engine: Engine, *, traffic_dir: str | Path, feedback_dir: str | P
             "rating": clean["rating"],
         }
 
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
     @app.get("/healthz")
     async def healthz():
         loaded = engine.current
@@ -435,9 +687,14 @@ def serve(
     traffic_dir: str | Path,
     feedback_dir: str | Path,
     log_level: str = "info",
+    **options: Any,
 ) -> None:
-    """Run the app with uvicorn until interrupted (one process: batching needs one queue)."""
+    """Run the app with uvicorn until interrupted (one process: batching needs one queue).
+
+    ``options`` go to :func:`create_app` (``api_keys``, limits); the caller checks the host against
+    the keys first (:func:`airloom.serving.auth.check_exposure`).
+    """
     import uvicorn
 
-    app = create_app(engine, traffic_dir=traffic_dir, feedback_dir=feedback_dir)
+    app = create_app(engine, traffic_dir=traffic_dir, feedback_dir=feedback_dir, **options)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

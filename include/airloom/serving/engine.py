@@ -6,6 +6,12 @@ request) on an ``asyncio.Queue``. One collector task takes the first waiting job
 a single-thread executor, which pads left and calls ``generate`` once per sampling setting. While a
 batch runs, new jobs queue up and form the next batch.
 
+Streaming: ``generate`` calls a stopping criterion (:class:`_RowWatch`) after every step with the ids
+so far. It ends each row at its own eos, ``max_tokens``, stop string or cancelled client (the row is
+padded from then on; ``generate`` returns when every row has ended), and for a streamed request
+(:meth:`Engine.stream`) decodes the row and hands the new text to the event loop through a
+:class:`TokenStream`, holding back a tail that could still become a stop string.
+
 Alias reloads: a daemon thread polls the alias every ``poll_seconds``; when it moves, the new version
 is downloaded, checked against its manifest and loaded *beside* the serving one, then swapped in by
 one reference assignment. A batch takes its model reference when it starts, so in-flight batches
@@ -141,15 +147,153 @@ def _sampling_key(r: GenRequest) -> tuple:
     return (False, 0.0, 1.0) if r.temperature <= 0 else (True, float(r.temperature), float(r.top_p))
 
 
-def generate_rows(loaded: LoadedModel, rows: Sequence[GenRequest]) -> list[GenResult]:
-    """Complete ``rows`` with one left-padded ``generate`` call per sampling setting."""
-    import torch
+class TokenStream:
+    """One streamed request's channel from the generation thread to its HTTP handler.
 
-    from airloom.evaluation.generation import cut_at_stop_strings, eos_token_ids
+    The thread puts ``(row, text)`` for each new piece of a row's answer, ``(row, GenResult)`` when
+    the row ends, or the exception that failed the batch; the handler reads :attr:`queue`. When the
+    client goes away the handler calls :meth:`cancel`: its rows stop at the next generation step while
+    the other rows of the batch go on.
+    """
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.loaded: LoadedModel | None = None  # the batch's version, set before the first put
+        self.tokens: Counter[int] = Counter()  # tokens generated so far, per row of the request
+        self.cancelled = False
+        self.future: asyncio.Future | None = None  # the job's: cancelled so a queued job is dropped
+
+    def put(self, item: Any) -> None:
+        """From the generation thread."""
+        self._loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.future is not None:
+            self.future.cancel()
+
+
+def _decode(tok: Any, ids: list[int]) -> str:
+    # No clean-up of spaces before punctuation: it could rewrite text already streamed ("a ." → "a.").
+    return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False) if ids else ""
+
+
+def _finish(
+    tok: Any, req: GenRequest, new_ids: list[int], eos_ids: set[int], prompt_tokens: int
+) -> GenResult:
+    """A row's answer from the ids generated for it: cut at eos, ``max_tokens`` and the first stop string."""
+    from airloom.evaluation.generation import cut_at_stop_strings
+
+    finish = "length"
+    for pos, t in enumerate(new_ids):
+        if t in eos_ids:
+            new_ids, finish = new_ids[:pos], "stop"
+            break
+    if len(new_ids) >= req.max_tokens:
+        new_ids, finish = new_ids[: req.max_tokens], "length"
+    text = _decode(tok, new_ids)
+    n_completion = len(new_ids)
+    cut = cut_at_stop_strings(text, req.stop)
+    if len(cut) != len(text):
+        text, finish = cut, "stop"
+        n_completion = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
+    return GenResult(text, finish, prompt_tokens, n_completion)
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Trailing characters not to stream yet: an unfinished UTF-8 sequence (decoded as U+FFFD) or
+    what could be the start of a stop string."""
+    keep = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), keep, -1):
+            if text.endswith(stop[:k]):
+                keep = k
+                break
+    return keep
+
+
+class _RowWatch:
+    """A stopping criterion ``generate`` calls after every step with all ids so far: it ends each row
+    at its own eos, ``max_tokens``, stop string or cancellation (the batch's other rows go on, and
+    ``generate`` returns once every row has ended) and streams each streamed row's new text."""
+
+    def __init__(self, tok, rows, sinks, eos_ids, prompt_lens, progress) -> None:
+        self.tok, self.rows, self.sinks, self.eos_ids = tok, rows, sinks, eos_ids
+        self.prompt_lens, self.progress = prompt_lens, progress
+        self.ids: list[list[int]] = [[] for _ in rows]
+        self.sent = [""] * len(rows)
+        self.results: list[GenResult | None] = [None] * len(rows)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        from airloom.evaluation.generation import cut_at_stop_strings
+
+        newest = input_ids[:, -1].tolist()
+        live = 0
+        for r, req in enumerate(self.rows):
+            if self.results[r] is not None:
+                continue
+            live += 1
+            ids, sink = self.ids[r], self.sinks[r]
+            ids.append(newest[r])
+            if sink is not None:
+                sink[0].tokens[sink[1]] += 1
+                if sink[0].cancelled:
+                    self.results[r] = GenResult(self.sent[r], "cancelled", self.prompt_lens[r], len(ids))
+                    continue
+            if ids[-1] in self.eos_ids or len(ids) >= req.max_tokens:
+                self.end(r)
+                continue
+            if sink is None and not req.stop:
+                continue
+            text = _decode(self.tok, ids)
+            if len(cut_at_stop_strings(text, req.stop)) != len(text):
+                self.end(r)
+            elif sink is not None:
+                ready = text[: len(text) - _held_back(text, req.stop)]
+                if len(ready) > len(self.sent[r]):
+                    sink[0].put((sink[1], ready[len(self.sent[r]) :]))
+                    self.sent[r] = ready
+        if self.progress is not None:
+            self.progress(live)
+        return torch.tensor([res is not None for res in self.results], device=input_ids.device)
+
+    def end(self, r: int) -> None:
+        res = _finish(self.tok, self.rows[r], self.ids[r], self.eos_ids, self.prompt_lens[r])
+        self.results[r] = res
+        if self.sinks[r] is not None:
+            stream, k = self.sinks[r]
+            # What was streamed is a prefix of the answer: text was held back until no stop string could
+            # begin in it, and byte-level/sentencepiece decoding of more ids only appends.
+            if not res.text.startswith(self.sent[r]):
+                log.warning("streamed text is not a prefix of the answer; the stream ends short")
+            elif len(res.text) > len(self.sent[r]):
+                stream.put((k, res.text[len(self.sent[r]) :]))
+            stream.put((k, res))
+
+
+def generate_rows(
+    loaded: LoadedModel,
+    rows: Sequence[GenRequest],
+    sinks: Sequence[tuple[TokenStream, int] | None] | None = None,
+    progress: Any = None,
+) -> list[GenResult]:
+    """Complete ``rows`` with one left-padded ``generate`` call per sampling setting.
+
+    :param sinks: per row, ``(stream, index of the row in its request)`` to stream it, or None.
+    :param progress: called after every step with the number of rows that got a token in it.
+    """
+    import torch
+    from transformers import StoppingCriteriaList
+
+    from airloom.evaluation.generation import eos_token_ids
 
     model, tok = loaded.model, loaded.tokenizer
     eos_ids = eos_token_ids(model, tok)
     device = next(model.parameters()).device
+    sinks = list(sinks) if sinks is not None else [None] * len(rows)
     results: list[GenResult | None] = [None] * len(rows)
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(rows):
@@ -159,43 +303,48 @@ def generate_rows(loaded: LoadedModel, rows: Sequence[GenRequest]) -> list[GenRe
     with torch.inference_mode():
         for (do_sample, temperature, top_p), idx in groups.items():
             enc = tok([rows[i].prompt for i in idx], return_tensors="pt", padding=True)
-            input_ids = enc["input_ids"].to(device)
+            watch = _RowWatch(
+                tok,
+                [rows[i] for i in idx],
+                [sinks[i] for i in idx],
+                eos_ids,
+                [int(n) for n in enc["attention_mask"].sum(dim=1).tolist()],
+                progress,
+            )
             kwargs: dict[str, Any] = {
                 "max_new_tokens": max(1, max(rows[i].max_tokens for i in idx)),
                 "do_sample": do_sample,
                 "pad_token_id": tok.pad_token_id,
                 "eos_token_id": sorted(eos_ids) or None,
+                "stopping_criteria": StoppingCriteriaList([watch]),
             }
             if do_sample:
                 kwargs.update(temperature=temperature, top_p=top_p)
-            out = model.generate(
-                input_ids=input_ids, attention_mask=enc["attention_mask"].to(device), **kwargs
+            model.generate(
+                input_ids=enc["input_ids"].to(device),
+                attention_mask=enc["attention_mask"].to(device),
+                **kwargs,
             )
-            prompt_lens = enc["attention_mask"].sum(dim=1).tolist()
             for row, i in enumerate(idx):
-                req = rows[i]
-                new_ids = out[row, input_ids.shape[1] :].tolist()
-                finish = "length"
-                for pos, t in enumerate(new_ids):
-                    if t in eos_ids:
-                        new_ids, finish = new_ids[:pos], "stop"
-                        break
-                if len(new_ids) >= req.max_tokens:
-                    new_ids, finish = new_ids[: req.max_tokens], "length"
-                text = tok.decode(new_ids, skip_special_tokens=True) if new_ids else ""
-                n_completion = len(new_ids)
-                cut = cut_at_stop_strings(text, req.stop)
-                if len(cut) != len(text):
-                    text, finish = cut, "stop"
-                    n_completion = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
-                results[i] = GenResult(text, finish, int(prompt_lens[row]), n_completion)
+                if watch.results[row] is None:  # generate stopped for a reason of its own
+                    watch.end(row)
+                results[i] = watch.results[row]
     return results  # type: ignore[return-value]
+
+
+class EngineBusy(Exception):
+    """The request queue is full; the app answers 429 with ``Retry-After``."""
+
+    def __init__(self, queued: int, retry_after: int = 1) -> None:
+        super().__init__(f"the server is busy ({queued} requests queued); retry in {retry_after}s")
+        self.queued, self.retry_after = queued, retry_after
 
 
 @dataclass
 class Job:
     rows: list[GenRequest]
     future: asyncio.Future
+    stream: TokenStream | None = None
 
 
 class Engine:
@@ -207,6 +356,8 @@ class Engine:
     :param max_batch_size: most rows per ``generate`` call; 1 = no batching.
     :param batch_wait_ms: how long the first waiting request waits for others to join its batch.
     :param poll_seconds: how often the alias is read.
+    :param max_queue: most requests waiting for a batch; one more is refused (:class:`EngineBusy`)
+        instead of growing latency without bound.
     :param torch_threads: ``torch.set_num_threads`` for the server process (None: torch's default).
     """
 
@@ -220,11 +371,15 @@ class Engine:
         batch_wait_ms: float = 2.0,
         poll_seconds: float = 5.0,
         torch_threads: int | None = None,
+        max_queue: int = 128,
     ) -> None:
         if max_batch_size < 1:
             raise UsageError(f"max_batch_size must be at least 1, got {max_batch_size}")
         if batch_wait_ms < 0 or poll_seconds <= 0:
             raise UsageError("batch_wait_ms must be >= 0 and poll_seconds > 0")
+        if max_queue < 1:
+            raise UsageError(f"max_queue must be at least 1, got {max_queue}")
+        self.max_queue = max_queue
         self.registry = registry
         self.spec = ref
         self.name, pinned, self.alias = parse_model_ref(ref)
@@ -240,6 +395,8 @@ class Engine:
         self.current: LoadedModel = load_version(registry, self.name, version, self.cache_dir)
         self.batch_sizes: Counter[int] = Counter()
         self.requests = 0
+        self.tokens_generated = 0  # counted per step as generated, cancelled rows included
+        self.cancelled_rows = 0  # rows stopped early because their client went away
         self.reloads: list[dict] = []
         self.last_reload_error: str | None = None
         self._failed_version: int | None = None
@@ -253,7 +410,7 @@ class Engine:
     # -- lifecycle (called from the app's lifespan, inside the running loop) ----------------------
 
     def start(self) -> None:
-        self._queue = asyncio.Queue()
+        self._queue = asyncio.Queue(maxsize=self.max_queue)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="airloom-generate")
         self._collector = asyncio.get_running_loop().create_task(self._collect())
         if self.alias is not None:
@@ -278,11 +435,28 @@ class Engine:
 
     async def submit(self, rows: list[GenRequest]) -> tuple[LoadedModel, list[GenResult]]:
         """Queue the rows of one request; returns the version that generated them and the results."""
+        return await self._enqueue(rows)
+
+    def stream(self, rows: list[GenRequest]) -> TokenStream:
+        """Queue the rows of one streamed request; its text arrives on the returned stream's queue."""
+        stream = TokenStream()
+        stream.future = self._enqueue(rows, stream)
+        return stream
+
+    def _enqueue(self, rows: list[GenRequest], stream: TokenStream | None = None) -> asyncio.Future:
         if self._queue is None:
             raise RuntimeError("Engine.start() has not run (the app's lifespan starts it)")
         future = asyncio.get_running_loop().create_future()
-        await self._queue.put(Job(rows, future))
-        return await future
+        try:
+            self._queue.put_nowait(Job(rows, future, stream))
+        except asyncio.QueueFull:
+            raise EngineBusy(self.queue_depth) from None
+        return future
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch (the one set aside to lead the next batch included)."""
+        return (self._queue.qsize() if self._queue is not None else 0) + (self._carry is not None)
 
     async def _next_job(self) -> Job:
         if self._carry is not None:
@@ -312,22 +486,33 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests, not the server
                 log.exception("generation failed for a batch of %d requests", len(jobs))
                 for j in jobs:
-                    if not j.future.done():
+                    if j.stream is not None:
+                        j.stream.queue.put_nowait(exc)
+                        j.future.cancel()  # its handler reads the stream, not the future
+                    elif not j.future.done():
                         j.future.set_exception(exc)
                 continue
             for j, res in zip(jobs, per_job, strict=True):
                 if not j.future.done():
                     j.future.set_result((loaded, res))
 
+    def _count_tokens(self, n: int) -> None:
+        self.tokens_generated += n
+
     def _run_batch(self, jobs: list[Job]) -> tuple[LoadedModel, list[list[GenResult]]]:
         loaded = self.current  # one reference for the whole batch: a swap now affects the next batch only
         rows = [r for j in jobs for r in j.rows]
+        sinks = [(j.stream, k) if j.stream else None for j in jobs for k in range(len(j.rows))]
+        for j in jobs:
+            if j.stream is not None:
+                j.stream.loaded = loaded
         out: list[GenResult] = []
         for start in range(0, len(rows), self.max_batch_size):  # only a single oversized request loops
-            chunk = rows[start : start + self.max_batch_size]
-            out.extend(generate_rows(loaded, chunk))
-            self.batch_sizes[len(chunk)] += 1
+            end = start + self.max_batch_size
+            out.extend(generate_rows(loaded, rows[start:end], sinks[start:end], self._count_tokens))
+            self.batch_sizes[len(rows[start:end])] += 1
         self.requests += len(jobs)
+        self.cancelled_rows += sum(r.finish_reason == "cancelled" for r in out)
         per_job, pos = [], 0
         for j in jobs:
             per_job.append(out[pos : pos + len(j.rows)])
@@ -369,5 +554,8 @@ class Engine:
             "max_batch_size_seen": max(sizes, default=0),
             "batch_sizes": {str(k): v for k, v in sizes.items()},
             "max_batch_size": self.max_batch_size,
-            "queued": self._queue.qsize() if self._queue is not None else 0,
+            "tokens_generated": self.tokens_generated,
+            "cancelled_rows": self.cancelled_rows,
+            "queued": self.queue_depth,
+            "max_queue": self.max_queue,
         }
