@@ -28,8 +28,8 @@ Corrected answers (validated, PII-free, deduplicated) become a dataset version,
 processes the day that has just ended, which is the run's *logical date* (its data interval start). To
 check day D, give D as the logical date (a backfill from D to D, the Trigger form's logical date set to
 `D 00:00`, or `airflow dags test llm_feedback_monitoring D`); a manual run with no logical date, or with a
-time of day (the Trigger form's default, now), checks the last day that has ended. A day that has not
-ended yet is skipped: its traffic is incomplete.
+time of day (the Trigger form's default, now), checks the last day that has ended. Asked for today
+(logical date today 00:00), it judges the traffic logged so far and says so in the log.
 """
 
 from datetime import datetime
