@@ -6,10 +6,11 @@ link (served by Airloom's plugin). A reviewer opens Browse → Model sign-off an
 the trainer registered and sent for sign-off from the CLI; the registry records the approval under
 the reviewer's Airflow identity. A day of ``llm_eval_backfill`` (that version pinned, a few records)
 runs through the scheduler, and its tasks' extra links open the day's metrics page (with the trend
-chart) and the trend chart. A screenshot of every step lands in the ``screens`` tmp folder.
-
-The other new extra links (training loss curve, canary answers, monitoring dashboard) need a training
-run or a day of traffic: the unit tests and the demo pipeline check them, not this browser.
+chart) and the trend chart. A day of served traffic (written as ``airloom serve`` logs it) runs through
+``llm_feedback_monitoring``, whose ``drift_and_feedback`` task links to the day's monitoring dashboard.
+``llm_model_rollback`` points ``production`` at the approved version and its canary links to the
+answers; a 20-step ``llm_finetune`` trial (stopped after ``train``) links to its loss curve. A
+screenshot of every step lands in the ``screens`` tmp folder.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ pytestmark = [
 
 DAG = "llm_data_quality"
 BACKFILL = "llm_eval_backfill"
+MONITORING = "llm_feedback_monitoring"
+ROLLBACK = "llm_model_rollback"
+FINETUNE = "llm_finetune"
 DAY = "2026-11-10"  # long before any scheduled run of the test's "today": that one finds no partition
 MODEL = "airloom-demo"
 SEED = 7  # the form's default is 0
@@ -288,5 +292,212 @@ def test_backfill_day_links_open_its_metrics_page_and_trend_chart(stack, browser
         page.wait_for_url(f"**/airloom/files/evaluations/{MODEL}/**trend.png")
         assert page.locator("img").evaluate("img => img.naturalWidth") > 100
         shots(page, "11_backfill_trend_chart")
+    finally:
+        context.close()
+
+
+def test_monitoring_day_links_open_its_dashboard(stack, browser, shots):
+    from datetime import datetime
+
+    from playwright.sync_api import expect
+
+    from airloom.data.prompts import render_prompt
+    from airloom.data.synth import generate_records, write_jsonl
+    from airloom.serving.logs import FeedbackLog, TrafficLog
+
+    af = stack
+    day = "2026-11-11"
+    served = datetime.fromisoformat(f"{day}T12:00:00+00:00")
+    records = [
+        {
+            "response_id": f"cmpl-browser-{i}",
+            "choice": 0,
+            "endpoint": "completions",
+            "created": served.isoformat(),
+            "model": f"{MODEL}/1",
+            "prompt": render_prompt(r["instruction"], r["input"]),
+            "response": r["response"],
+            "finish_reason": "stop",
+            "latency_ms": 40.0 + 5 * i,
+            "prompt_tokens": 20 + i,
+            "completion_tokens": 4 + i % 3,
+        }
+        for i, r in enumerate(generate_records(12, seed=11))
+    ]
+    # The library's own writers, into the folders the DAG reads by default ($AIRLOOM_HOME/data/...).
+    logged = TrafficLog(af.home / "data" / "traffic").write(records, served)
+    feedback = FeedbackLog(af.home / "data" / "feedback")
+    for rec, rating in zip(logged, (1, 1, 1, -1), strict=False):  # 25% down: under max_negative_rate
+        feedback.write(
+            {"id": f"fb-{rec['response_id']}", "response_id": rec["response_id"], "rating": rating}, served
+        )
+    # Its own training reference, so the test does not depend on the first test's prepared dataset.
+    reference = write_jsonl(
+        [{**r, "prompt": render_prompt(r["instruction"], r["input"])} for r in generate_records(40, seed=3)],
+        af.home / "browser_reference" / "train.jsonl",
+    )
+
+    af.request("PATCH", f"/api/v2/dags/{MONITORING}", {"is_paused": False})
+    run = af.request(
+        "POST",
+        f"/api/v2/dags/{MONITORING}/dagRuns",
+        {
+            "dag_run_id": f"browser_{day}",
+            "logical_date": f"{day}T00:00:00Z",  # the day the run judges
+            "conf": {"reference_file": str(reference)},
+        },
+    )
+    run_id = run["dag_run_id"]
+    run = _wait_run(af, run_id, timeout=300, dag_id=MONITORING)
+    assert run["state"] == "success", f"run {run_id}; scheduler log {af.logs / 'scheduler.log'}"
+
+    context, page = _login(browser, af, "trainer")
+    try:
+        run_url = f"{af.url}/dags/{MONITORING}/runs/{urllib.parse.quote(run_id, safe='')}"
+        page.goto(f"{run_url}/tasks/drift_and_feedback/details")
+        link = page.get_by_role("link", name="Monitoring dashboard", exact=True)
+        expect(link).to_be_visible()
+        shots(page, "12_monitoring_task_extra_link")
+        link.click()
+        page.wait_for_url(f"**/airloom/files/runs/{MONITORING}/**/dashboard.html")
+        expect(page.get_by_role("heading", name=f"Serving monitor, ds={day}")).to_be_visible()
+        expect(page.get_by_role("heading", name="Input drift vs. training data")).to_be_visible()
+        # the day's row: 12 requests, 4 feedback posts, 3 of them up
+        expect(page.locator("tr", has_text=day).locator("td")).to_have_text(
+            [day, "12", "4", "0.75", re.compile(r"\d"), re.compile(r"\d"), "0.0"]
+        )
+        latency = page.get_by_role("img", name="Latency (ms)")
+        assert latency.evaluate("img => img.naturalWidth") > 100  # the inline PNG decoded
+        shots(page, "13_monitoring_dashboard")
+    finally:
+        context.close()
+
+
+def test_rollback_canary_link_opens_its_answers(stack, browser, shots):
+    from playwright.sync_api import expect
+
+    from airloom.governance.signoff import signoff_status
+    from airloom.registry.registry import ModelRegistry
+
+    af = stack
+    if signoff_status(ModelRegistry.from_uri(af.home / "registry"), MODEL, 1)["state"] != "approved":
+        # run on its own, without the sign-off test: approve from the CLI, as the demo does
+        af.run(
+            "signoff-approve",
+            [
+                sys.executable,
+                "-m",
+                "airloom.cli",
+                "--registry",
+                str(af.home / "registry"),
+                "signoff",
+                "approve",
+                f"{MODEL}/1",
+                "--user",
+                "reviewer",
+            ],
+        )
+    # Nothing is at production yet: the rollback DAG points it at approved version 1, and its canary answers.
+    af.request("PATCH", f"/api/v2/dags/{ROLLBACK}", {"is_paused": False})
+    run = af.request(
+        "POST",
+        f"/api/v2/dags/{ROLLBACK}/dagRuns",
+        {
+            "dag_run_id": "browser_rollback",
+            "logical_date": None,
+            "conf": {"model_name": MODEL, "to_version": 1, "reason": "browser test"},
+        },
+    )
+    run_id = run["dag_run_id"]
+    _wait_run(af, run_id, timeout=300, dag_id=ROLLBACK)
+    states = {
+        ti["task_id"]: ti["state"]
+        for ti in af.request("GET", f"/api/v2/dags/{ROLLBACK}/dagRuns/{run_id}/taskInstances")[
+            "task_instances"
+        ]
+    }
+    # The stack's barely pre-trained model may answer nothing (the canary then fails): its link must be
+    # there either way, to show what the model said.
+    assert states["rollback"] == "success" and states["canary"] in ("success", "failed"), states
+    verdict = "answered" if states["canary"] == "success" else "empty output for every prompt"
+
+    context, page = _login(browser, af, "trainer")
+    try:
+        run_url = f"{af.url}/dags/{ROLLBACK}/runs/{urllib.parse.quote(run_id, safe='')}"
+        page.goto(f"{run_url}/tasks/canary/details")
+        link = page.get_by_role("link", name="Canary answers", exact=True)
+        expect(link).to_be_visible()
+        shots(page, "14_canary_task_extra_link")
+        link.click()
+        page.wait_for_url(f"**/airloom/files/runs/{ROLLBACK}/**/canary.html")
+        expect(page.get_by_role("heading", name="Canary answers")).to_be_visible()
+        expect(page.get_by_text(f"{MODEL}/1").first).to_be_visible()
+        expect(page.get_by_text(verdict, exact=True)).to_be_visible()
+        expect(page.locator("tr").filter(has=page.locator("td.num"))).to_have_count(3)  # one per prompt
+        shots(page, "15_canary_answers")
+    finally:
+        context.close()
+
+
+def test_finetune_train_link_opens_its_loss_curve(stack, browser, shots):
+    from playwright.sync_api import expect
+
+    from airloom.data.synth import generate_records, write_jsonl
+
+    af = stack
+    # A small clean dataset of its own (the demo's raw data carries bad rows for validation to find).
+    raw = write_jsonl(generate_records(120, seed=5), af.home / "browser_finetune" / "raw.jsonl")
+    dataset = af.home / "browser_finetune" / "prepared"
+    af.run(
+        "prepare",
+        [
+            sys.executable,
+            "-m",
+            "airloom.cli",
+            "prepare",
+            str(raw),
+            "--out",
+            str(dataset),
+        ],
+    )
+    conf = {
+        "model_name": MODEL,
+        "base_model": f"registry:{MODEL}/1",
+        "dataset": str(dataset),
+        "launcher": "python",
+        "max_steps": 20,  # the recipe logs every 10th step: two points
+        "batch_size": 4,
+    }
+    af.request("PATCH", f"/api/v2/dags/{FINETUNE}", {"is_paused": False})
+    run_id = af.request(
+        "POST",
+        f"/api/v2/dags/{FINETUNE}/dagRuns",
+        {"dag_run_id": "browser_finetune", "logical_date": None, "conf": conf},
+    )["dag_run_id"]
+    token = af.token("admin")
+    path = f"/api/v2/dags/{FINETUNE}/dagRuns/{run_id}/taskInstances"
+    deadline = time.monotonic() + 300
+    state = None  # train is mapped: index -1 until plan_trials has run (upstream_failed if it failed), then 0
+    while state not in ("success", "failed", "upstream_failed"):
+        assert time.monotonic() < deadline, f"train still {state}; logs in {af.logs}"
+        af.check_running()
+        time.sleep(2)
+        tis = af.request("GET", path, token=token)["task_instances"]
+        state = next((t["state"] for t in tis if t["task_id"] == "train" and t["map_index"] in (-1, 0)), None)
+    # Evaluation, gates and sign-off are not this test's business: stop the run here.
+    af.request("PATCH", f"/api/v2/dags/{FINETUNE}/dagRuns/{run_id}", {"state": "failed"}, token=token)
+    assert state == "success", f"train failed; logs under {af.root / 'airflow' / 'logs'}"
+
+    context, page = _login(browser, af, "trainer")
+    try:
+        run_url = f"{af.url}/dags/{FINETUNE}/runs/{urllib.parse.quote(run_id, safe='')}"
+        page.goto(f"{run_url}/tasks/train/mapped/0/details")
+        link = page.get_by_role("link", name="Loss curve", exact=True)
+        expect(link).to_be_visible()
+        shots(page, "16_train_task_extra_link")
+        link.click()
+        page.wait_for_url(f"**/airloom/files/runs/{FINETUNE}/**loss_curve.png")
+        assert page.locator("img").evaluate("img => img.naturalWidth") > 100
+        shots(page, "17_loss_curve")
     finally:
         context.close()

@@ -538,7 +538,10 @@ def plot_loss(history: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+    # a run shorter than log_every logs its last step only: a line through one point draws nothing
+    ax.plot(
+        [h["step"] for h in history], [h["loss"] for h in history], marker="o" if len(history) == 1 else ""
+    )
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (response tokens)")
     ax.grid(alpha=0.3)
