@@ -530,7 +530,18 @@ def test_monitoring_over_the_logged_partitions_requests_retraining(server):
     assert serving["models"] == {f"{NAME}/1": serving["outputs"]} and serving["requests"] > 20
     assert serving["satisfaction_rate"] == 0.5 and serving["rating_distribution"] == {"5": 1, "down": 1}
     assert 0 < serving["latency_ms"]["p50"] <= serving["latency_ms"]["p95"]
-    assert serving["completion_tokens"]["p95"] <= 24 and serving["corrected_answers"] == 1
+    logged = [
+        json.loads(line)["completion_tokens"]
+        for part in (root / "traffic" / f"ds={ds}").glob("*.jsonl")
+        for line in part.read_text().splitlines()
+    ]  # the module's tests ask for different max_tokens: the summary must stay within what was logged
+    assert (
+        min(logged)
+        <= serving["completion_tokens"]["p50"]
+        <= serving["completion_tokens"]["p95"]
+        <= max(logged)
+    )
+    assert serving["corrected_answers"] == 1
     assert 0 <= serving["failing_output_rate"] <= 1
     page = Path(decision["dashboard"]).read_text()
     assert f"ds={ds}" in page and page.count("data:image/png;base64,") == 3
