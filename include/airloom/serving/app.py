@@ -396,7 +396,7 @@ def create_app(
                     param="prompt" if isinstance(req, CompletionRequest) else "messages",
                     code="context_length_exceeded",
                 )
-            rows.extend(GenRequest(p, max_tokens, temperature, top_p, req.stops()) for _ in range(req.n or 1))
+            rows.extend(GenRequest(p, max_tokens, temperature, top_p, req.stops()) for _ in range(n))
         return rows
 
     async def _run(prompts: list[str], req: _Sampling, max_tokens: int, kind: str, messages: list | None):

@@ -198,9 +198,7 @@ class RollbackModelOperator(AirloomBaseOperator):
                 self.model_name,
                 self.alias,
                 actor=triggering_user(context),
-                reason=str(self.reason)
-                if self.reason not in (None, "")
-                else f"rollback by {context['run_id']}",
+                reason=str(self.reason or f"rollback by {context['run_id']}"),  # native rendering: "42" is 42
                 policy=SignOffPolicy.from_params(self.policy),
                 to_version=to_version,
             )
