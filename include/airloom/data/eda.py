@@ -1,5 +1,9 @@
 """Profile a set of instruction records: ``profile.json`` for machines, ``report.html`` for people.
 
+Chat records (``messages``, see :mod:`airloom.data.chat`) are profiled through their instruction view
+like any row, and get a ``conversations`` section of their own: turns, role mix, system prompts, turn
+lengths per role and the share of conversations longer than the model's context once rendered.
+
 This module computes the profile; :mod:`airloom.reports.eda` renders the report, one self-contained
 file (inline CSS, plots as base64 PNG) that can be attached to a task, mailed or served by the UI
 plugin without a static-file server. The PII, markup and duplicate
@@ -21,6 +25,7 @@ Validation profiles the data in its own pass (:func:`save_scan`); EDA then rende
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -37,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from airloom.data.background import Background, Local
+from airloom.data.chat import ROLES
 from airloom.data.divergence import js_divergence, psi, psi_verdict
 from airloom.data.load import TEXT_FIELDS
 from airloom.data.neardup import (
@@ -73,6 +79,15 @@ TOKEN_SAMPLE = 4_000
 _PAIRS_CAP = 1_000_000  # distinct word pairs counted (see _PairCounts)
 _VOCAB_CAP = 250_000  # distinct words counted exactly; the size of a larger vocabulary is estimated
 _BATCH = 4096
+#: Distinct system prompts counted exactly (by hash); past it the rarer half is dropped and the number
+#: of distinct prompts is estimated
+_SYSTEM_CAP = 10_000
+_SYSTEM_TOP = 10
+_TURNS_SHOWN = 40  # bars of the turns-per-conversation histogram; longer conversations counted in "above"
+#: One turn of ChatML, which renders conversations for their token count when the tokenizer has no
+#: chat template of its own
+CHATML_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
+_ROLE_GROUPS = (*ROLES, "other")  # turns of any other role are counted together
 _ASCII_LETTER_RE = re.compile(r"[A-Za-z]")
 _SCRIPTS = {
     "LATIN": "Latin", "CYRILLIC": "Cyrillic", "GREEK": "Greek", "ARABIC": "Arabic", "HEBREW": "Hebrew",
@@ -444,6 +459,83 @@ class _Hll:
         return round(raw)
 
 
+class _SystemPrompts:
+    """How many conversations share each system prompt, by a 64-bit hash of its text (whitespace
+    collapsed), with the first row that has it: its text is read again only for the top prompts.
+
+    At most ``_SYSTEM_CAP`` prompts are counted: past it the rarer half is dropped (their counts, and
+    those of prompts seen again after that, become lower bounds) and the number of distinct prompts is
+    estimated from a HyperLogLog of every hash.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[int, list[int]] = {}  # hash -> [conversations, first row]
+        self.hll = _Hll()
+        self.dropped = False
+
+    def add(self, keys: list[int], rows: list[int]) -> None:
+        for key, row in zip(keys, rows, strict=True):
+            seen = self.counts.get(key)
+            if seen is None:
+                self.counts[key] = [1, row]
+            else:
+                seen[0] += 1
+        if keys:
+            self.hll.add(np.asarray(keys, dtype=np.uint64))
+        if len(self.counts) > _SYSTEM_CAP:
+            self.counts = dict(self._ranked()[: _SYSTEM_CAP // 2])
+            self.dropped = True
+
+    def _ranked(self) -> list[tuple[int, list[int]]]:
+        return sorted(self.counts.items(), key=lambda kv: (-kv[1][0], kv[1][1]))  # ties: first seen first
+
+    def distinct(self) -> int:
+        return max(self.hll.estimate(), len(self.counts)) if self.dropped else len(self.counts)
+
+    def top(self, n: int) -> list[tuple[int, int]]:
+        """(conversations, first row) of the ``n`` most shared prompts."""
+        return [(count, row) for _, (count, row) in self._ranked()[:n]]
+
+
+def _chat_turns(rec: dict) -> list[tuple[Any, str]] | None:
+    """(role, content) of each turn of a chat record; None for an instruction record."""
+    messages = rec.get("messages")
+    if not isinstance(messages, list):
+        return None
+    return [
+        (t.get("role"), t["content"] if isinstance(t.get("content"), str) else "")
+        for t in messages
+        if isinstance(t, dict)
+    ]
+
+
+def _role_group(role: Any) -> str:
+    return role if role in ROLES else "other"
+
+
+def _system_prompt(turns: list[tuple[Any, str]]) -> str | None:
+    return next((content for role, content in turns if role == "system"), None)
+
+
+def _masked_preview(text: str, n: int = 80) -> str:
+    """:func:`_preview` with personal data masked as the PII examples are."""
+    for matches in find_pii(text).values():
+        for match in matches:
+            text = text.replace(match, _mask(match))
+    return _preview(text, n)
+
+
+def _chat_template_of(counter: Any) -> str | None:
+    """The chat template of a token counter's tokenizer (a Hugging Face one may have one), else None."""
+    tokenizer = getattr(counter, "tokenizer", None)
+    source = getattr(tokenizer, "chat_template", None)
+    if isinstance(source, dict):  # several named templates: the default one renders chats
+        source = source.get("default")
+    if isinstance(source, str) and source and hasattr(tokenizer, "apply_chat_template"):
+        return source
+    return None
+
+
 class Columns:
     """Per-row arrays appended chunk by chunk, read back whole one at a time.
 
@@ -687,9 +779,20 @@ class Profiler:
         self.token_sample = token_sample if tokenizer is not None else None
         # the model's context in tokens, for the share of rows over it
         self.context = context if context is not None else getattr(self.tokenizer, "context", None)
-        self._token_rows: list[tuple[int, str, str, str]] = []
+        # sampled rows: (row, instruction, input, response, the turns of a chat record or None)
+        self._token_rows: list[tuple[int, str, str, str, list | None]] = []
         self._token_stride = 1
         self._token_lengths: dict[str, np.ndarray] | None = None
+        self._chat_token_lengths: dict[str, np.ndarray] | None = None  # of the sample's conversations
+        # conversations are rendered for their token count: with the tokenizer's template, else ChatML
+        self.chat_template = _chat_template_of(self.tokenizer)
+        self.render_errors = 0
+        self.render_error: str | None = None
+        self.chats = 0
+        self.role_turns: Counter[str] = Counter()
+        self.role_conversations: Counter[str] = Counter()  # conversations with at least one such turn
+        self.system_prompts = _SystemPrompts()
+        self._system_top: list[tuple[int, int]] = []
         self.want_languages = languages
         # instructions of every stride-th row; the stride doubles whenever twice the sample is held,
         # so an even sample of any stream is at hand at the end of the pass
@@ -759,7 +862,8 @@ class Profiler:
         if self.token_sample is not None:
             stride = self._token_stride
             for i in range(-(-base // stride) * stride, base + m, stride):
-                self._token_rows.append((i, *(cols[f][i - base] for f in TEXT_FIELDS)))
+                turns = _chat_turns(batch[i - base])
+                self._token_rows.append((i, *(cols[f][i - base] for f in TEXT_FIELDS), turns))
             if len(self._token_rows) > 2 * self.token_sample:
                 self._token_stride = stride = stride * 2
                 self._token_rows = [row for row in self._token_rows if row[0] % stride == 0]
@@ -822,6 +926,78 @@ class Profiler:
         self.columns.append("pii", pii)
         self.columns.append("markup", markup)
         self.columns.append("control", control)
+        self._add_chats(batch, base)
+
+    def _add_chats(self, batch: Sequence[dict], base: int) -> None:
+        """The conversation counters and per-conversation (``conv:turns``) and per-turn
+        (``conv:chars:<role>``) columns of a batch's chat records."""
+        turn_counts: list[int] = []
+        chars: dict[str, list[int]] = {group: [] for group in _ROLE_GROUPS}  # per turn, by role
+        with_role = dict.fromkeys(_ROLE_GROUPS, 0)  # conversations with a turn of the role
+        system_keys: list[int] = []
+        system_rows: list[int] = []
+        convs: list[list[tuple[Any, str]]] = []
+        mask = (1 << 64) - 1
+        for j, rec in enumerate(batch):
+            turns = _chat_turns(rec)
+            if turns is None:
+                continue
+            convs.append(turns)
+            turn_counts.append(len(turns))
+            system = None
+            seen = set()
+            for role, content in turns:  # one loop per turn: this is most of the cost of chat rows
+                group = role if role in ROLES else "other"
+                chars[group].append(len(content))
+                seen.add(group)
+                if system is None and group == "system":
+                    system = content
+            for group in seen:
+                with_role[group] += 1
+            if system is not None:
+                system_keys.append(hash(" ".join(system.split())) & mask)
+                system_rows.append(base + j)
+        if not convs:
+            return
+        self.chats += len(convs)
+        self.columns.append("conv:turns", np.asarray(turn_counts, dtype=np.int32))
+        for group, values in chars.items():
+            self.role_turns[group] += len(values)
+            self.role_conversations[group] += with_role[group]
+            if values:
+                self.columns.append(f"conv:chars:{group}", np.asarray(values, dtype=np.int32))
+        self.system_prompts.add(system_keys, system_rows)
+        if self.tokenizer is not None and self.token_sample is None:  # every row's tokens are counted
+            for name, values in self._count_chat_tokens(convs).items():
+                self.columns.append(f"conv:{name}", values)
+
+    def _count_chat_tokens(self, convs: list[list[tuple[Any, str]]]) -> dict[str, np.ndarray]:
+        """``tokens:<role>`` per turn and ``tokens:rendered`` per conversation (those the template
+        renders) of ``convs``."""
+        by_role: dict[str, list[str]] = {}
+        for turns in convs:
+            for role, content in turns:
+                by_role.setdefault(_role_group(role), []).append(content)
+        out = {
+            f"tokens:{group}": np.asarray(self.tokenizer.lengths(texts), dtype=np.int32)
+            for group, texts in by_role.items()
+        }
+        rendered = [text for text in map(self._render, convs) if text is not None]
+        out["tokens:rendered"] = np.asarray(self.tokenizer.lengths(rendered), dtype=np.int32)
+        return out
+
+    def _render(self, turns: list[tuple[Any, str]]) -> str | None:
+        """A whole conversation as the model reads it; None when the tokenizer's template refuses it."""
+        if self.chat_template is None:
+            return "".join(CHATML_TURN.format(role=role, content=content) for role, content in turns)
+        try:
+            return self.tokenizer.tokenizer.apply_chat_template(
+                [{"role": role, "content": content} for role, content in turns], tokenize=False
+            )
+        except Exception as exc:  # noqa: BLE001 - templates raise what they like (e.g. roles not alternating)
+            self.render_errors += 1
+            self.render_error = self.render_error or f"{type(exc).__name__}: {exc}"
+            return None
 
     # --- per-row results (for validation) ---------------------------------------------------------
 
@@ -866,6 +1042,8 @@ class Profiler:
                 f: np.asarray(self.tokenizer.lengths([row[k + 1] for row in rows]), dtype=np.int32)
                 for k, f in enumerate(TEXT_FIELDS)
             }
+            convs = [row[4] for row in rows if row[4] is not None]
+            self._chat_token_lengths = self._count_chat_tokens(convs) if convs else {}
         return self._token_lengths
 
     def _language_sample(self) -> list[str]:
@@ -910,11 +1088,13 @@ class Profiler:
             self._dup_examples.append((first, [first, *copies], int(sizes[g]) + 1))
         found = self.near_duplicates()
         self._clusters = found.clusters(limit=_EXAMPLES) if found is not None else []
+        self._system_top = self.system_prompts.top(_SYSTEM_TOP)
         self._want = {
             *self._longest,
             *self._shortest,
             *(first for first, _, _ in self._dup_examples),
             *(i for group in self._clusters[:_EXAMPLES] for i in group[:2]),
+            *(row for _, row in self._system_top),
         }
 
     def finish(self, rows: dict[int, dict]) -> tuple[dict, dict]:
@@ -978,6 +1158,9 @@ class Profiler:
                 "over_context_rate": round(over / counted, 4) if over is not None and counted else None,
             }
 
+        conversations, conversation_series = self._conversations(rows, lines)
+        if conversation_series:
+            series["conversations"] = conversation_series
         words = self._words()
         languages = self._languages_job() if self.want_languages else None
         self.work.close()  # all its answers are in: its memory can go before the profile's own
@@ -1040,9 +1223,112 @@ class Profiler:
                 "shortest": [outlier(i) for i in self._shortest],
             },
         }
+        if conversations is not None:  # chat data only: instruction data keeps its profile as it was
+            profile["conversations"] = conversations
         self._result = (profile, series)
         self.close()
         return self._result
+
+    def _conversations(self, rows: dict[int, dict], lines: np.ndarray) -> tuple[dict | None, dict]:
+        """The profile's ``conversations`` section (None without chat records) and its series:
+        ``turns`` per conversation, ``chars:<role>`` and ``tokens:<role>`` per turn, ``tokens:rendered``
+        per conversation."""
+        n = self.chats
+        if not n:
+            return None, {}
+        turns = self.column("conv:turns")
+        series: dict[str, np.ndarray] = {"turns": turns}
+        share = lambda k: round(k / n, 4)  # noqa: E731 - of all conversations
+        total_turns = int(turns.sum())
+        roles = {
+            group: {
+                "turns": self.role_turns[group],
+                "turn_share": round(self.role_turns[group] / total_turns, 4) if total_turns else 0.0,
+                "per_conversation": share(self.role_turns[group]),
+                "conversations": self.role_conversations[group],
+                "conversation_share": share(self.role_conversations[group]),
+            }
+            for group in _ROLE_GROUPS
+            if group != "other" or self.role_turns[group]
+        }
+        by_turns = np.bincount(turns, minlength=1)[: _TURNS_SHOWN + 1]
+        shown = np.flatnonzero(by_turns)
+        with_system = self.role_conversations["system"]
+
+        def system_preview(row: int) -> str:
+            turns_of = _chat_turns(rows.get(row) or {}) or []
+            return _masked_preview(_system_prompt(turns_of) or "")
+
+        lengths: dict[str, dict[str, dict]] = {"chars": {}}
+        for group in roles:
+            series[f"chars:{group}"] = self.column(f"conv:chars:{group}")
+            lengths["chars"][group] = _stats(series[f"chars:{group}"])
+        token_info = None
+        if self.tokenizer is not None:
+            if self.token_sample is None:
+                counted = {
+                    name: self.column(f"conv:{name}")
+                    for name in (*(f"tokens:{g}" for g in roles), "tokens:rendered")
+                }
+            else:
+                self.sample_token_lengths()
+                counted = dict(self._chat_token_lengths or {})
+            lengths["tokens"] = {}
+            for group in roles:
+                series[f"tokens:{group}"] = counted.get(f"tokens:{group}", np.zeros(0, dtype=np.int32))
+                lengths["tokens"][group] = _stats(series[f"tokens:{group}"])
+            rendered = series["tokens:rendered"] = counted.get("tokens:rendered", np.zeros(0, np.int32))
+            sampled_convs = len(rendered) + self.render_errors
+            over = int(np.count_nonzero(rendered > self.context)) if self.context else None
+            token_info = {
+                "template": (
+                    {
+                        "name": "chat_template",
+                        "sha256": hashlib.sha256(self.chat_template.encode()).hexdigest(),
+                    }
+                    if self.chat_template is not None
+                    else {"name": "chatml", "turn": CHATML_TURN}
+                ),
+                "conversations": len(rendered),
+                "sampled": sampled_convs < n,
+                "render_errors": self.render_errors,
+                "render_error": self.render_error,
+                "rendered": _stats(rendered),
+                "context": self.context,
+                "over_context": over,
+                "over_context_rate": round(over / len(rendered), 4)
+                if over is not None and len(rendered)
+                else None,
+            }
+        section = {
+            "count": n,
+            "share_of_rows": round(n / self.n, 4),
+            "turns": _stats(turns),
+            "turns_histogram": {
+                "turns": [int(k) for k in shown],
+                "counts": [int(by_turns[k]) for k in shown],
+                "above": int(np.count_nonzero(turns > _TURNS_SHOWN)),
+            },
+            "roles": roles,
+            "with_system": with_system,
+            "with_system_rate": share(with_system),
+            "system_prompts": {
+                "distinct": self.system_prompts.distinct(),
+                "distinct_exact": not self.system_prompts.dropped,
+                "top": [
+                    {
+                        "conversations": count,
+                        "share": share(count),
+                        "line": int(lines[row]),
+                        "preview": system_preview(row),
+                    }
+                    for count, row in self._system_top
+                ],
+            },
+            "lengths": lengths,
+            "tokens": token_info,
+        }
+        return section, series
 
     def _near_profile(self, rows: dict[int, dict], lines: np.ndarray, rate) -> dict:
         found = self.near_duplicates()
@@ -1141,6 +1427,12 @@ def _metrics(profile: dict) -> dict[str, float]:
         out[f"task share: {task}"] = round(count / rows, 4) if rows else 0.0
     for script, share in ((profile.get("scripts") or {}).get("shares") or {}).items():
         out[f"script share: {script}"] = share
+    conversations = profile.get("conversations")
+    if conversations:
+        out["conversation share"] = conversations["share_of_rows"]
+        out["turns per conversation mean"] = conversations["turns"]["mean"]
+        out["system turn share"] = conversations["with_system_rate"]
+        out["distinct system prompts"] = conversations["system_prompts"]["distinct"]
     return out
 
 

@@ -29,12 +29,23 @@ from itertools import chain
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from airloom.data.chat import (
+    CHAT_TARGETS,
+    ChatLayout,
+    chat_fields,
+    conversation_problems,
+    detect_layout,
+    layout_from_field_map,
+    read_turns,
+)
 from airloom.exceptions import UsageError
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 TEXT_FIELDS = ("instruction", "input", "response")
 REQUIRED_FIELDS = ("instruction", "response")
 CANONICAL_FIELDS = ("id", "instruction", "input", "response", "task")
+#: The field-map target that reads a list of examples under one key as one row per example.
+EXPAND = "expand"
 
 #: Known source layouts, source key -> canonical key. One is chosen per file (see ``_pick_schema``).
 SCHEMAS: dict[str, dict[str, str]] = {
@@ -206,11 +217,18 @@ def parse_field_map(value: Any) -> dict[str, str] | None:
 
 def _check_field_map(field_map: dict[str, str]) -> None:
     for src, dst in field_map.items():
-        if dst not in CANONICAL_FIELDS:
+        if dst not in (*CANONICAL_FIELDS, *CHAT_TARGETS, EXPAND):
             raise UsageError(
-                f"field_map maps {src!r} to {dst!r}, which is not a record field; "
-                f"use one of {', '.join(CANONICAL_FIELDS)}"
+                f"field_map maps {src!r} to {dst!r}, which is not a record field; use one of "
+                f"{', '.join(CANONICAL_FIELDS)}; for chats {', '.join(CHAT_TARGETS)}; or KEY={EXPAND} "
+                "to read a list of examples under KEY as one row each"
             )
+    if sum(dst == EXPAND for dst in field_map.values()) > 1:
+        raise UsageError(f"field_map: only one key can be read with ={EXPAND}")
+    try:
+        layout_from_field_map(field_map)
+    except ValueError as exc:
+        raise UsageError(f"field_map: {exc}") from None
 
 
 def _resolve(path: str | Path) -> list[Path]:
@@ -612,6 +630,7 @@ def _parquet_rows(source: _Source) -> Iterator[_Row]:
 
 def _pick_schema(objects: list[dict], field_map: dict[str, str] | None) -> dict[str, str]:
     """Choose one source layout for the whole file, so a row with a stray key name is reported."""
+    field_map = {src: dst for src, dst in (field_map or {}).items() if dst in CANONICAL_FIELDS} or None
     if field_map is not None:
         mapping = dict(field_map)
     else:
@@ -633,30 +652,41 @@ def _pick_schema(objects: list[dict], field_map: dict[str, str] | None) -> dict[
 class _Mapper:
     """Turns one file's parsed rows into records and findings, chunk by chunk.
 
-    The layout (:data:`SCHEMAS`) is chosen once per file, from its first chunk, so a row with a stray
-    key name is reported rather than read with another layout.
+    The layout (:data:`SCHEMAS`, or a chat layout: :mod:`airloom.data.chat`) is chosen once per
+    file, from its first chunk, so a row with a stray key name is reported rather than read with
+    another layout.
     """
 
     def __init__(self, file: str, field_map: dict[str, str] | None) -> None:
         self.file, self.field_map = file, field_map
         self.mapping: dict[str, str] | None = None
+        self.chat: ChatLayout | None = None
+        self.expand = next((src for src, dst in (field_map or {}).items() if dst == EXPAND), None)
         self.source_of: dict[str, str] = {}
         self.unknown: dict[str, list[int]] = {}  # key -> [first line, rows]
 
     def chunk(self, rows: list[_Row]) -> LoadResult:
         file = self.file
+        if self.expand is not None:
+            rows = [expanded for row in rows for expanded in _expand(row, self.expand)]
         if self.mapping is None and (rows or self.field_map is not None):
-            self.mapping = _pick_schema(
-                [row.obj for row in rows if isinstance(row.obj, dict)], self.field_map
-            )
+            objects = [row.obj for row in rows if isinstance(row.obj, dict)]
+            self.mapping = _pick_schema(objects, self.field_map)
+            self.chat = layout_from_field_map(self.field_map) if self.field_map else detect_layout(objects)
             self.source_of = {dst: src for src, dst in self.mapping.items()}
+            if self.chat is not None:
+                self.mapping[self.chat.field] = "messages"
+            if self.expand is not None:
+                self.mapping[self.expand] = EXPAND
         result = LoadResult(records=[], findings=[], rows_read=len(rows), source=file)
         for line, obj, raw, parse_problems, where in rows:
             problems = list(parse_problems)
             record = None
             if obj is not None or not problems:
                 if isinstance(obj, dict):
-                    record = _to_record(obj, self.mapping, self.source_of, problems, self.unknown, line)
+                    record = _to_record(
+                        obj, self.mapping, self.source_of, problems, self.unknown, line, self.chat
+                    )
                 else:
                     problems.append((None, "not_object", f"expected a JSON object, got {_type_name(obj)}"))
             if problems:
@@ -676,6 +706,7 @@ class _Mapper:
                 assert record is not None
                 record["_file"] = file
                 record["_line"] = line
+                record["_chars"], record["_longest"] = _text_size(obj)
                 result.records.append(record)
         return result
 
@@ -697,6 +728,49 @@ class _Mapper:
         return findings
 
 
+def _expand(row: _Row, key: str) -> list[_Row]:
+    """One row per element of ``row.obj[key]`` (each an object whose keys are added to the row's
+    others, e.g. self-instruct's ``{"instruction", "instances": [{"input", "output"}]}``)."""
+    obj = row.obj
+    if not isinstance(obj, dict) or key not in obj:
+        return [row]
+    items, rest = obj[key], {k: v for k, v in obj.items() if k != key}
+    if not isinstance(items, list) or not items or not all(isinstance(i, dict) for i in items):
+        problem = (
+            key,
+            "wrong_type",
+            f"{key} must be a non-empty list of objects to expand, got {_type_name(items)}",
+        )
+        return [row._replace(obj=None, problems=[*row.problems, problem])]
+    return [
+        row._replace(obj={**rest, **item}, where=f"{row.where} ({key}[{i}])") for i, item in enumerate(items)
+    ]
+
+
+def _text_size(obj: Any, key: str = "") -> tuple[int, str]:
+    """Characters of text in a parsed row, all keys and nested values included (the bound on a whole
+    record sees what the loader ignores), and the top-level key holding the most."""
+    if not isinstance(obj, dict):
+        return _chars_in(obj), key
+    total, longest, most = 0, "", -1
+    for k, v in obj.items():
+        n = _chars_in(v)
+        total += n
+        if n > most:
+            longest, most = str(k), n
+    return total, longest
+
+
+def _chars_in(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_chars_in(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_chars_in(v) for v in value)
+    return 0
+
+
 def _to_record(
     obj: dict,
     mapping: dict[str, str],
@@ -704,13 +778,20 @@ def _to_record(
     problems: list,
     unknown: dict[str, list[int]],
     line: int,
+    chat: ChatLayout | None = None,
 ) -> dict:
     record: dict[str, Any] = {}
     for key in obj:
         if key not in mapping:
             seen = unknown.setdefault(str(key), [line, 0])
             seen[1] += 1
-    for name in CANONICAL_FIELDS:
+    if chat is not None and chat.field not in obj and source_of.get("response") in obj:
+        chat = None  # an instruction row in a chat file: read as one
+    elif chat is None and source_of.get("response") not in obj:
+        chat = detect_layout([obj])  # a conversation in a file of instruction rows
+    if chat is not None:
+        _read_chat(obj, chat, record, problems)
+    for name in ("id", "task") if chat is not None else CANONICAL_FIELDS:
         src = source_of.get(name)
         present = src is not None and src in obj
         value = obj[src] if present else None
@@ -719,6 +800,12 @@ def _to_record(
             if name in REQUIRED_FIELDS:
                 aliases = [k for k in obj if k not in mapping and _ALIASES.get(k) == name]
                 hint = f"; the row has {aliases[0]!r}: rename it to {src or name!r}" if aliases else ""
+                if not hint and name == "response" and (listed := _example_lists(obj)):
+                    key, n = listed
+                    hint = (
+                        f"; it holds {n} examples under {key!r}: to read one row per example, pass "
+                        f"field_map {key}={EXPAND} (--field-map {key}={EXPAND})"
+                    )
                 problems.append((name, "missing_field", f"required key {src or name!r} is missing{hint}"))
             elif name == "input":
                 record["input"] = ""
@@ -748,6 +835,38 @@ def _to_record(
             elif value.strip():
                 record["task"] = value.strip()
     return record
+
+
+def _read_chat(obj: dict, layout: ChatLayout, record: dict, problems: list) -> None:
+    """A chat row's turns into ``record["messages"]``, with the instruction view beside them
+    (:func:`airloom.data.chat.chat_fields`), or its problems, each naming the turn at fault."""
+    if obj.get(layout.field) is None:
+        what = "is missing" if layout.field not in obj else "is null"
+        problems.append((layout.field, "missing_field", f"the list of turns {layout.field!r} {what}"))
+        return
+    turns, unreadable = read_turns(obj[layout.field], layout)
+    if turns is None:
+        problems.extend(unreadable)
+        return
+    bad = conversation_problems(turns, layout)
+    for i, turn in enumerate(turns):
+        if _has_surrogates(turn["content"]):
+            key = f"{layout.field}[{i}].{layout.content_key}"
+            bad.append((key, "non_utf8", _non_utf8_message(turn["content"], key)))
+    if bad:
+        problems.extend(bad)
+        return
+    record["messages"] = turns
+    record.update(chat_fields(turns))
+    record["_turn_key"] = f"{layout.field}[{{}}].{layout.content_key}"  # how findings name a turn
+
+
+def _example_lists(obj: dict) -> tuple[str, int] | None:
+    """(key, length) of a value that is a list of objects: examples grouped under one row."""
+    for key, value in obj.items():
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            return str(key), len(value)
+    return None
 
 
 def _type_name(value: Any) -> str:

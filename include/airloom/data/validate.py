@@ -28,8 +28,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
 
+from airloom.data.chat import ROLES, longest_turns
 from airloom.data.load import TEXT_FIELDS, Finding, LoadResult
-from airloom.data.text import CONTROL_CHARS_RE, MARKUP_RE, find_pii, has_markup
+from airloom.data.text import CONTROL_CHARS_RE, MARKUP_RE, find_pii, has_markup, quality_measures
 from airloom.exceptions import UsageError
 
 # --- configuration --------------------------------------------------------------------------------
@@ -40,7 +41,29 @@ def _default_min_chars() -> dict[str, int]:
 
 
 def _default_max_chars() -> dict[str, int]:
-    return {"instruction": 4000, "response": 8000}
+    return {
+        "instruction": 4000,
+        "input": 16000,
+        "response": 8000,
+        "system": 4000,
+        "user": 4000,
+        "assistant": 8000,
+    }
+
+
+#: Fields with character bounds: an instruction row's three, and each turn of a conversation by role
+#: (a conversation is bounded turn by turn, not through its instruction view).
+LENGTH_FIELDS = (*TEXT_FIELDS, *ROLES)
+#: Quality measures (:func:`airloom.data.text.quality_measures`) -> (check, config bounds).
+_QUALITY = {
+    "repeated_line_fraction": ("repeated_lines", None, "max_repeated_line_fraction"),
+    "repeated_ngram_fraction": ("repeated_ngrams", None, "max_repeated_ngram_fraction"),
+    "non_alpha_fraction": ("non_alpha_text", None, "max_non_alpha_fraction"),
+    "mean_word_length": ("mean_word_length", "min_mean_word_length", "max_mean_word_length"),
+}
+_QUALITY_COLUMN = {check: column for column, (check, _, _) in _QUALITY.items()}
+#: A text this long is judged by the quality measures whatever its number of words.
+QUALITY_MIN_CHARS = 1000
 
 
 @dataclass
@@ -48,8 +71,20 @@ class ValidationConfig:
     """Thresholds of the validation suite.
 
     Attributes:
-        min_chars: Least characters per field (``instruction``, ``input``, ``response``).
-        max_chars: Most characters per field.
+        min_chars: Least characters per field (``instruction``, ``input``, ``response``) and per turn
+            of a conversation by role (``system``, ``user``, ``assistant``).
+        max_chars: Most characters per field, and per turn by role.
+        max_record_chars: Most characters of text in a whole row, every key counted (also the ones the
+            loader ignores); None: no bound.
+        max_repeated_line_fraction: Largest share of a row's characters in lines that repeat an
+            earlier line (see :func:`airloom.data.text.quality_measures`, as the next three).
+        max_repeated_ngram_fraction: Largest share of a row's word 5-grams that repeat an earlier one.
+        max_non_alpha_fraction: Largest share of characters that are neither letters nor whitespace.
+        min_mean_word_length: Least mean word length (characters).
+        max_mean_word_length: Most mean word length.
+        quality_min_words: The four quality measures judge rows of at least this many words (or 1,000
+            characters); shorter texts are too short for the shares to mean much. Each measure is off
+            when its bound is None.
         max_duplicate_rate: Largest share of rows that repeat an earlier row.
         max_near_duplicate_rate: Largest share of rows that nearly repeat an earlier row (see
             :mod:`airloom.data.neardup`); such rows are quarantined like exact duplicates.
@@ -72,6 +107,13 @@ class ValidationConfig:
 
     min_chars: dict[str, int] = field(default_factory=_default_min_chars)
     max_chars: dict[str, int] = field(default_factory=_default_max_chars)
+    max_record_chars: int | None = 32000
+    max_repeated_line_fraction: float | None = 0.3
+    max_repeated_ngram_fraction: float | None = 0.5
+    max_non_alpha_fraction: float | None = 0.6
+    min_mean_word_length: float | None = 2.0
+    max_mean_word_length: float | None = 20.0
+    quality_min_words: int = 50
     max_duplicate_rate: float = 0.05
     max_near_duplicate_rate: float = 0.05
     near_duplicate_threshold: float | None = 0.8
@@ -108,8 +150,8 @@ class ValidationConfig:
             if not isinstance(bounds, dict):
                 raise UsageError(f"{name} must map field names to numbers, e.g. {{instruction: 3}}")
             for fld, value in bounds.items():
-                if fld not in TEXT_FIELDS:
-                    raise UsageError(f"{name}.{fld}: unknown field; use one of {', '.join(TEXT_FIELDS)}")
+                if fld not in LENGTH_FIELDS:
+                    raise UsageError(f"{name}.{fld}: unknown field; use one of {', '.join(LENGTH_FIELDS)}")
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise UsageError(f"{name}.{fld} must be a whole number >= 0, got {value!r}")
         for fld in set(self.min_chars) & set(self.max_chars):
@@ -135,6 +177,28 @@ class ValidationConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
                 raise UsageError(f"{name} must be a whole number from {lo} to {hi}, got {value!r}")
+        for name in ("max_record_chars", "quality_min_words"):
+            value = getattr(self, name)
+            if (value is not None or name == "quality_min_words") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0
+            ):
+                raise UsageError(
+                    f"{name} must be a whole number >= 0{', or null' if 'max' in name else ''}, got {value!r}"
+                )
+        for name in ("max_repeated_line_fraction", "max_repeated_ngram_fraction", "max_non_alpha_fraction"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1
+            ):
+                raise UsageError(
+                    f"{name} must be a share between 0 and 1, or null to turn it off, got {value!r}"
+                )
+        for name in ("min_mean_word_length", "max_mean_word_length"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+            ):
+                raise UsageError(f"{name} must be a number of characters >= 0, or null, got {value!r}")
         if self.on_bad_rows not in ("quarantine", "fail"):
             raise UsageError(f"on_bad_rows must be 'quarantine' or 'fail', got {self.on_bad_rows!r}")
 
@@ -230,6 +294,8 @@ _QUARANTINING = {
     "duplicate",
     "near_duplicate",
     "markup",
+    "record_too_long",
+    *(check for check, _, _ in _QUALITY.values()),
 }
 
 
@@ -297,6 +363,7 @@ class _Features:
             file_ids[j] = k
         self._parts.append("file", file_ids)
         bad = np.zeros(m, dtype=bool)  # breaks another quarantining row rule: no (near) duplicate search
+        prose = np.fromiter(("messages" not in r for r in records), dtype=bool, count=m)  # field bounds apply
         for f in TEXT_FIELDS:
             texts = [rec.get(f) or "" for rec in records]
             chars = np.fromiter(map(len, texts), dtype=np.int64, count=m)
@@ -306,9 +373,9 @@ class _Features:
             lo, hi = self.config.min_chars.get(f), self.config.max_chars.get(f)
             bad |= control
             if lo is not None:
-                bad |= chars < lo
+                bad |= (chars < lo) & prose
             if hi is not None:
-                bad |= chars > hi
+                bad |= (chars > hi) & prose
             self._parts.append(f"{f}_control", control)
             if f in ("instruction", "response"):
                 blank = np.fromiter((not t.strip() for t in texts), dtype=bool, count=m)
@@ -321,7 +388,53 @@ class _Features:
             dtype=bool,
             count=m,
         )  # fmt: skip
+        bad |= self._add_rows(records)
         self.profiler.add(records, eligible=~bad)
+
+    def _add_rows(self, records: list[dict]) -> Any:
+        """The per-row columns beyond the profile's: conversation turns by role (-1: no such turn; a
+        conversation's instruction view then has no bounds of its own), the whole row's size and the
+        quality measures (NaN: the row is too short to judge). Returns the rows breaking their bounds."""
+        import numpy as np
+
+        config, m = self.config, len(records)
+        chat = np.zeros(m, dtype=bool)
+        roles = {role: np.full(m, -1, dtype=np.int64) for role in ROLES}
+        sizes = np.fromiter((r.get("_chars", 0) for r in records), dtype=np.int64, count=m)
+        quality = {column: np.full(m, np.nan, dtype=np.float32) for column in _QUALITY}
+        floor = config.max_repeated_ngram_fraction
+        floor = 1.0 if floor is None else floor
+        for j, rec in enumerate(records):
+            turns = rec.get("messages")
+            if turns:
+                chat[j] = True
+                for role, (n, _) in longest_turns(turns).items():
+                    if role in roles:
+                        roles[role][j] = n
+            text = _row_text(rec)
+            if len(text) < 5 * config.quality_min_words:  # too few characters for that many words
+                continue
+            measures = quality_measures(text, floor)
+            if measures[4] >= config.quality_min_words or len(text) >= QUALITY_MIN_CHARS:
+                for column, value in zip(_QUALITY, measures, strict=False):
+                    quality[column][j] = value
+        self._parts.append("chat", chat)
+        for role, values in roles.items():
+            self._parts.append(f"{role}_chars", values)
+        self._parts.append("record_chars", sizes)
+        for column, values in quality.items():
+            self._parts.append(column, values)
+        bad = np.zeros(m, dtype=bool)
+        chunk = {"record_chars": sizes, **{f"{role}_chars": v for role, v in roles.items()}, **quality}
+        for check, fld in (
+            [("length", role) for role in ROLES]
+            + [("record_length", None)]
+            + [(check, None) for check, _, _ in _QUALITY.values()]
+        ):
+            failing = _failing(check, fld, chunk, config)
+            if failing is not None:
+                bad |= failing
+        return bad
 
     def close(self) -> None:
         self._parts.close()
@@ -345,7 +458,13 @@ class _Features:
         p = self.profiler
         for start in range(0, p.n, rows):
             stop = min(start + rows, p.n)
-            chunk = {f"{f}_chars": p.column(f"chars:{f}", start, stop) for f in TEXT_FIELDS}
+            chat = self._parts.get("chat", start, stop).astype(bool, copy=False)
+            # a conversation is bounded turn by turn (by role), not through its instruction view
+            chunk = {
+                f"{f}_chars": np.where(chat, -1, p.column(f"chars:{f}", start, stop)) for f in TEXT_FIELDS
+            }
+            for name in (*(f"{role}_chars" for role in ROLES), "record_chars", *_QUALITY):
+                chunk[name] = self._parts.get(name, start, stop)
             for f in TEXT_FIELDS:
                 chunk[f"{f}_control"] = self._parts.get(f"{f}_control", start, stop).astype(bool, copy=False)
             for f in ("instruction", "response"):
@@ -371,11 +490,21 @@ def _suite_spec(config: ValidationConfig) -> list[tuple[str, str | None, str | N
     spec: list[tuple[str, str | None, str | None, dict[str, Any]]] = [
         ("ExpectTableRowCountToBeBetween", None, None, {"min_value": 1})
     ]
-    for fld in TEXT_FIELDS:
+    for fld in LENGTH_FIELDS:
         lo, hi = config.min_chars.get(fld), config.max_chars.get(fld)
         if lo is not None or hi is not None:
+            # rows without the field (-1 in the feature columns) are NULL in GX's table: not judged
             kwargs = {"column": f"{fld}_chars", "min_value": lo, "max_value": hi, "mostly": row_mostly}
             spec.append(("ExpectColumnValuesToBeBetween", "length", fld, kwargs))
+    if config.max_record_chars is not None:
+        kwargs = {"column": "record_chars", "max_value": config.max_record_chars, "mostly": row_mostly}
+        spec.append(("ExpectColumnValuesToBeBetween", "record_length", None, kwargs))
+    for column, (check, lo_name, hi_name) in _QUALITY.items():
+        lo = getattr(config, lo_name) if lo_name else None
+        hi = getattr(config, hi_name)
+        if lo is not None or hi is not None:
+            kwargs = {"column": column, "min_value": lo, "max_value": hi, "mostly": row_mostly}
+            spec.append(("ExpectColumnValuesToBeBetween", check, None, kwargs))
     for fld in (*TEXT_FIELDS, "total"):
         lo, hi = config.min_tokens.get(fld), config.max_tokens.get(fld)
         if lo is not None or hi is not None:
@@ -412,12 +541,19 @@ def _rules(config: ValidationConfig) -> list[tuple[str, str | None]]:
     return [(check, fld) for _, check, fld, _ in _suite_spec(config) if check]
 
 
-def _build_suite(config: ValidationConfig) -> Any:
+def _build_suite(config: ValidationConfig, rows: int = 0, judged: dict[str, int] | None = None) -> Any:
+    """The GX suite of :func:`_suite_spec`. ``judged`` counts the non-NULL values of the columns that
+    only some rows have (turns of a role, quality measures of long enough rows): GX leaves NULLs out of
+    ``mostly``, so it is scaled to let the same number of rows fail as a rule over all ``rows`` does."""
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
     suite = gx.ExpectationSuite(name="airloom_instruction_records")
     for name, check, fld, kwargs in _suite_spec(config):
+        column = kwargs.get("column")
+        if judged and "mostly" in kwargs and judged.get(column, rows) < rows:
+            allowed = (1.0 - kwargs["mostly"]) * rows
+            kwargs = {**kwargs, "mostly": max(0.0, 1.0 - allowed / judged[column]) if judged[column] else 1.0}
         # meta tells the result reader what a failing row means for us
         suite.add_expectation(getattr(gxe, name)(**kwargs, meta={"check": check, "field": fld}))
     return suite
@@ -430,7 +566,9 @@ _FEATURE_DB = ".features.sqlite"
 
 def _feature_columns(config: ValidationConfig) -> list[str]:
     columns = [
-        *(f"{f}_chars" for f in TEXT_FIELDS),
+        *(f"{f}_chars" for f in LENGTH_FIELDS),
+        "record_chars",
+        *_QUALITY,
         *(f"{f}_control" for f in TEXT_FIELDS),
         "instruction_blank",
         "response_blank",
@@ -454,6 +592,17 @@ def _failing(check: str | None, fld: str | None, chunk: dict, config: Validation
             bad |= lengths < lo
         if hi is not None:
             bad |= lengths > hi
+        return bad & (lengths >= 0)  # -1: the row has no such field
+    if check == "record_length":
+        return chunk["record_chars"] > config.max_record_chars
+    if check in _QUALITY_COLUMN:
+        values = chunk[_QUALITY_COLUMN[check]]
+        _, lo_name, hi_name = _QUALITY[_QUALITY_COLUMN[check]]
+        bad = np.zeros(len(values), dtype=bool)  # NaN (not judged) compares False
+        if lo_name and (lo := getattr(config, lo_name)) is not None:
+            bad |= values < lo
+        if (hi := getattr(config, hi_name)) is not None:
+            bad |= values > hi
         return bad
     if check == "blank_text":
         return chunk[f"{fld}_blank"]
@@ -465,12 +614,13 @@ def _failing(check: str | None, fld: str | None, chunk: dict, config: Validation
 
 def _write_features(
     db: Path, chunks: Iterable[dict], rules: list[tuple[str, str | None]], config: ValidationConfig, n: int
-) -> tuple[Any, list[int]]:
+) -> tuple[Any, list[int], dict[str, int]]:
     """Write the feature table GX checks into the SQLite file ``db``, chunk by chunk, and note which
     rows break which rule on the way.
 
     Returns:
-        A uint32 per row (bit k: the row breaks ``rules[k]``) and the number of rows breaking each rule.
+        A uint32 per row (bit k: the row breaks ``rules[k]``), the number of rows breaking each rule
+        and the number of non-NULL values of each nullable column.
     """
     import sqlite3
 
@@ -486,7 +636,12 @@ def _write_features(
         con.execute("PRAGMA journal_mode=OFF")  # a scratch file: nothing to roll back to
         con.execute("PRAGMA synchronous=OFF")
         kinds = {c: "INTEGER" if c.endswith(("_chars", "_tokens")) else "BOOLEAN" for c in columns}
-        con.execute(f"CREATE TABLE features ({', '.join(f'{c} {kinds[c]} NOT NULL' for c in columns)})")
+        kinds.update(dict.fromkeys(_QUALITY, "REAL"))
+        nullable = {*(f"{f}_chars" for f in LENGTH_FIELDS), *_QUALITY}  # -1 / NaN: not judged
+        judged: dict[str, int] = {}
+        con.execute(
+            f"CREATE TABLE features ({', '.join(f'{c} {kinds[c]}' + ('' if c in nullable else ' NOT NULL') for c in columns)})"
+        )
         insert = f"INSERT INTO features VALUES ({', '.join('?' * len(columns))})"
         start = 0
         for chunk in chunks:
@@ -496,14 +651,26 @@ def _write_features(
                 bad = _failing(check, fld, chunk, config)
                 part[bad] |= np.uint32(1 << bit)
                 counts[bit] += int(np.count_nonzero(bad))
-            con.executemany(insert, zip(*(chunk[c].tolist() for c in columns), strict=True))
+            values = [_nulled(chunk[c]) if c in nullable else chunk[c].tolist() for c in columns]
+            for c in nullable:
+                judged[c] = judged.get(c, 0) + int(np.count_nonzero(chunk[c] >= 0))  # NaN >= 0 is False
+            con.executemany(insert, zip(*values, strict=True))
             start += m
         con.commit()
     finally:
         con.close()
     if start != n:
         raise RuntimeError(f"the feature table has {start} rows, the read {n}")
-    return failed, counts
+    return failed, counts, judged
+
+
+def _nulled(values: Any) -> list:
+    """A feature column as SQL values: -1 (integers) and NaN (floats) become NULL."""
+    import numpy as np
+
+    out = values.astype(object)
+    out[np.isnan(values) if values.dtype.kind == "f" else values < 0] = None
+    return out.tolist()
 
 
 def _mark_near_duplicates(
@@ -602,10 +769,10 @@ class _GxRunner:
     def __init__(self, docs_dir: str) -> None:
         self.context = _gx_context(Path(docs_dir))
 
-    def run(self, db: str, config: ValidationConfig) -> list[dict]:
+    def run(self, db: str, config: ValidationConfig, rows: int = 0, judged: dict | None = None) -> list[dict]:
         """The suite's results as plain values (GX's result objects stay in this process)."""
         results = []
-        for res in _run_gx(self.context, Path(db), _build_suite(config)):
+        for res in _run_gx(self.context, Path(db), _build_suite(config, rows, judged)):
             cfg, r = res.expectation_config, res.result or {}
             info = res.exception_info or {}
             results.append({
@@ -648,11 +815,41 @@ def _row_message(
             return "too_few_tokens", f"{what} {tokens} tokens; at least {lo} required (min_tokens.{fld})"
         return "too_many_tokens", f"{what} {tokens} tokens; at most {hi} allowed (max_tokens.{fld})"
     if check == "length":
-        n = len(rec.get(fld, ""))
         lo, hi = config.min_chars.get(fld), config.max_chars.get(fld)
+        if fld in ROLES:  # a conversation: its longest (or shortest) turn of that role
+            lengths = [len(t["content"]) for t in rec["messages"] if t["role"] == fld]
+            n = min(lengths) if lo is not None and min(lengths) < lo else max(lengths)
+            what = f"the longest {fld} turn has" if n == max(lengths) else f"the shortest {fld} turn has"
+        else:
+            n, what = len(rec.get(fld, "")), f"{fld} has"
         if lo is not None and n < lo:
-            return "too_short", f"{fld} has {n} characters; at least {lo} required (min_chars.{fld})"
-        return "too_long", f"{fld} has {n} characters; at most {hi} allowed (max_chars.{fld})"
+            return "too_short", f"{what} {n} characters; at least {lo} required (min_chars.{fld})"
+        return "too_long", f"{what} {n} characters; at most {hi} allowed (max_chars.{fld})"
+    if check == "record_length":
+        n, key = rec.get("_chars", 0), rec.get("_longest")
+        most = f" (the most under {key!r})" if key else ""
+        return "record_too_long", (
+            f"the row holds {n:,} characters of text{most}; at most {config.max_record_chars:,} allowed "
+            "(max_record_chars)"
+        )
+    if check in _QUALITY_COLUMN:
+        column = _QUALITY_COLUMN[check]
+        value = quality_measures(_row_text(rec))[list(_QUALITY).index(column)]
+        _, lo_name, hi_name = _QUALITY[column]
+        what = {
+            "repeated_lines": "of the row's characters are in lines that repeat an earlier line",
+            "repeated_ngrams": "of the row's word 5-grams repeat an earlier one",
+            "non_alpha_text": "of the row's characters are neither letters nor whitespace",
+        }
+        if check == "mean_word_length":
+            lo = getattr(config, lo_name)
+            if lo is not None and value < lo:
+                return check, f"mean word length {value:.1f} characters; at least {lo} required ({lo_name})"
+            return (
+                check,
+                f"mean word length {value:.1f} characters; at most {getattr(config, hi_name)} allowed ({hi_name})",
+            )
+        return check, f"{value:.1%} {what[check]}; at most {getattr(config, hi_name):.0%} allowed ({hi_name})"
     if check == "blank_text":
         return check, f"{fld} is empty or only whitespace"
     if check == "control_chars":
@@ -675,6 +872,23 @@ def _row_message(
     if check == "markup":
         return check, "HTML tags the instruction does not ask for (scraped page?); strip them or drop the row"
     return check, check
+
+
+def _row_text(rec: dict) -> str:
+    """The text the quality measures judge: every turn of a conversation, or the three fields."""
+    if rec.get("messages"):
+        return "\n".join(t["content"] for t in rec["messages"])
+    return "\n".join((rec.get("instruction") or "", rec.get("input") or "", rec.get("response") or ""))
+
+
+def _turn_of(fld: str, rec: dict, config: ValidationConfig) -> str:
+    """Where a conversation breaks a role's length bound: the first turn of that role out of bounds."""
+    lo, hi = config.min_chars.get(fld), config.max_chars.get(fld)
+    for i, turn in enumerate(rec["messages"]):
+        n = len(turn["content"])
+        if turn["role"] == fld and ((lo is not None and n < lo) or (hi is not None and n > hi)):
+            return rec.get("_turn_key", "messages[{}].content").format(i)
+    return fld
 
 
 def _field_of(check: str, rec: dict) -> str | None:
@@ -736,6 +950,9 @@ def _json_line_encoder() -> Callable[[dict], bytes]:
 
 
 def _public(rec: dict) -> dict:
+    """A record as written out: no private keys; a conversation without its instruction view."""
+    if "messages" in rec:
+        return {k: v for k, v in rec.items() if not k.startswith("_") and k not in TEXT_FIELDS}
     return {k: v for k, v in rec.items() if not k.startswith("_")}
 
 
@@ -857,12 +1074,12 @@ def _judge(
     db = out_dir / _FEATURE_DB  # removed by validate_stream
     db.unlink(missing_ok=True)
     # the feature table while the worker finishes the near-duplicate search; then its flags
-    failed_mask, rule_counts = _write_features(db, features.feature_chunks(), rules, config, n)
+    failed_mask, rule_counts, judged = _write_features(db, features.feature_chunks(), rules, config, n)
     if features.counter is not None and not features.token_bounds:
         features.profiler.sample_token_lengths()  # the profile's token lengths, in the same wait
     near = features.profiler.near_duplicates()
     _mark_near_duplicates(db, near, rules, failed_mask, rule_counts)
-    gx_results = gx.ask("run", str(db), config)  # GX runs while this process writes the rows
+    gx_results = gx.ask("run", str(db), config, n, judged)  # GX runs while this process writes the rows
 
     # pass 2: messages need the text of the failing rows; the clean rows are written as they come, the
     # quarantined rows and the findings to scratch files in read order, which is (file, line) order
@@ -904,8 +1121,11 @@ def _judge(
                     i += 1
                     continue
                 row_findings: list[Finding] = []
+                broken = [rules[k] for k in _bits(failed_bits)]
                 for k in _bits(failed_bits):
                     check, fld = rules[k]
+                    if check == "record_length" and any(c == "length" for c, _ in broken):
+                        continue  # a field's own bound already says it (the row is quarantined either way)
                     first = at(int(dup_of[i])) if check == "duplicate" else None
                     similar = None
                     if check == "near_duplicate" and (hit := near.first_of(i)) is not None:
@@ -919,7 +1139,12 @@ def _judge(
                         )
                         tokens = sum(features.counter.lengths(texts))
                     name, message = _row_message(check, fld, rec, config, first, similar, tokens)
-                    target = (None if fld == "total" else fld) or _field_of(check, rec)
+                    if check == "length" and fld in ROLES:
+                        target = _turn_of(fld, rec, config)
+                    elif check == "record_length":
+                        target = rec.get("_longest")
+                    else:
+                        target = (None if fld == "total" else fld) or _field_of(check, rec)
                     severity = "error" if name in _QUARANTINING else "warning"
                     row_findings.append(
                         Finding(rec["_file"], rec["_line"], target, name, message, severity=severity)

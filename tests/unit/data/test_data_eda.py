@@ -343,3 +343,194 @@ def test_token_lengths_of_an_even_sample_say_so(tmp_path):
     assert (stats["min"], stats["max"]) == (1, 7) and 3 <= stats["p50"] <= 5  # every 7th length, evenly
     html = (tmp_path / "p" / "report.html").read_text()
     assert f"counted on an even sample of {info['rows']} rows" in html
+
+
+# --- conversations -------------------------------------------------------------------------------
+
+SHARED_SYSTEM = "You are a terse assistant. Write to ann@corp.example.com"
+
+
+def _chat(line: int, turns: list[tuple[str, str]]) -> dict:
+    """A chat record as the loader hands it on: the turns and their instruction view."""
+    from airloom.data.chat import chat_fields
+
+    messages = [{"role": role, "content": content} for role, content in turns]
+    return {"messages": messages, **chat_fields(messages), "_file": "chat.jsonl", "_line": line}
+
+
+CHATS = [
+    _chat(1, [("system", SHARED_SYSTEM), ("user", "add 2 and 3"), ("assistant", "5")]),
+    _chat(
+        2,
+        [
+            ("system", SHARED_SYSTEM),
+            ("user", "add 4 and 4"),
+            ("assistant", "8"),
+            ("user", "double it"),
+            ("assistant", "16"),
+        ],
+    ),
+    _chat(3, [("system", "Answer in French."), ("user", "say hello"), ("assistant", "bonjour")]),
+    _chat(4, [("user", "name a colour"), ("assistant", "red"), ("user", "another"), ("assistant", "blue")]),
+    # the shared prompt again, only its whitespace differs
+    _chat(
+        5,
+        [
+            ("system", "  " + SHARED_SYSTEM.replace(". ", ".\n") + " "),
+            ("user", "add 1 and 1"),
+            ("assistant", "2"),
+        ],
+    ),
+    {
+        "instruction": "Reverse the word cat",
+        "input": "",
+        "response": "tac",
+        "_file": "chat.jsonl",
+        "_line": 6,
+    },
+]
+
+
+def _word_tokenizer(context: int | None = None):
+    """Every whitespace-separated piece is one token: the counts below can be worked out by hand."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from airloom.data.tokens import TokenCounter
+
+    raw = Tokenizer(models.WordLevel(vocab={"[UNK]": 0}, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return TokenCounter("words", context, raw), raw
+
+
+def test_conversations_turns_roles_system_prompts_and_context(tmp_path):
+    counter, _ = _word_tokenizer(context=12)
+    profile = build_profile(CHATS, tmp_path, tokenizer=counter, languages=False)
+    conv = profile["conversations"]
+    assert (conv["count"], conv["share_of_rows"]) == (5, 0.8333)
+    turns = conv["turns"]  # 3 5 3 4 3
+    assert (turns["min"], turns["mean"], turns["p50"], turns["max"]) == (3, 3.6, 3.0, 5)
+    assert conv["turns_histogram"] == {"turns": [3, 4, 5], "counts": [3, 1, 1], "above": 0}
+    assert conv["roles"] == {
+        "system": {
+            "turns": 4,
+            "turn_share": 0.2222,
+            "per_conversation": 0.8,
+            "conversations": 4,
+            "conversation_share": 0.8,
+        },
+        "user": {
+            "turns": 7,
+            "turn_share": 0.3889,
+            "per_conversation": 1.4,
+            "conversations": 5,
+            "conversation_share": 1.0,
+        },
+        "assistant": {
+            "turns": 7,
+            "turn_share": 0.3889,
+            "per_conversation": 1.4,
+            "conversations": 5,
+            "conversation_share": 1.0,
+        },
+    }
+    assert (conv["with_system"], conv["with_system_rate"]) == (4, 0.8)
+    prompts = conv["system_prompts"]
+    assert (prompts["distinct"], prompts["distinct_exact"]) == (2, True)
+    masked = "You are a terse assistant. Write to an" + "*" * 14 + ".com"
+    assert prompts["top"] == [
+        {"conversations": 3, "share": 0.6, "line": 1, "preview": masked},
+        {"conversations": 1, "share": 0.2, "line": 3, "preview": "Answer in French."},
+    ]
+    chars = conv["lengths"]["chars"]
+    assert (chars["assistant"]["count"], chars["assistant"]["min"], chars["assistant"]["max"]) == (7, 1, 7)
+    assert chars["system"]["max"] == len(SHARED_SYSTEM) + 3  # the copy with extra spaces
+    tokens = conv["lengths"]["tokens"]
+    assert (tokens["user"]["min"], tokens["user"]["max"], tokens["user"]["mean"]) == (1, 4, 20 / 7)
+    assert (tokens["system"]["min"], tokens["system"]["max"]) == (3, 8)
+    # ChatML: each turn is its words plus "<|im_start|>role" (the last word carries "<|im_end|>")
+    info = conv["tokens"]
+    assert info["template"]["name"] == "chatml" and info["conversations"] == 5 and not info["sampled"]
+    # (line 5's trailing space leaves "<|im_end|>" a token of its own): 16 21 9 10 17
+    rendered = info["rendered"]
+    assert (rendered["min"], rendered["p50"], rendered["max"], rendered["mean"]) == (9, 16.0, 21, 14.6)
+    assert (info["context"], info["over_context"], info["over_context_rate"]) == (12, 3, 0.6)
+    assert profile["fields"]["instruction"]["present"] == 6  # the instruction view is profiled as before
+
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "<h2>Conversations</h2>" in html and "<h3>System prompts</h3>" in html
+    assert f"<td>{masked}</td>" in html and "rendered with ChatML" in html
+    assert "<b>60.00%</b> of them (3) are longer than the model's context of 12 tokens" in html
+    images = re.findall(r'alt="([^"]+)"', html)
+    assert {"turns per conversation", "turn chars by role", "turn tokens by role"} <= set(images)
+
+    # the same numbers chunk by chunk; tokens then come from an even sample of the rows
+    from airloom.data.eda import profile_stream
+
+    again = profile_stream(
+        lambda: [CHATS[:2], CHATS[2:4], CHATS[4:]],
+        tmp_path / "chunked",
+        tokenizer=counter,
+        token_sample=2,
+        languages=False,
+        previous_profile=profile,
+    )
+    changes = {c["metric"]: c for c in again["changes"]}
+    assert changes["turns per conversation mean"]["change"] == 0.0
+    assert changes["distinct system prompts"]["current"] == 2
+    chunked = again["conversations"]
+    assert {k: v for k, v in chunked.items() if k != "lengths" and k != "tokens"} == {
+        k: v for k, v in conv.items() if k != "lengths" and k != "tokens"
+    }
+    assert chunked["lengths"]["chars"] == conv["lengths"]["chars"]
+    assert chunked["tokens"]["sampled"] is True and 1 <= chunked["tokens"]["conversations"] <= 2
+
+
+def test_conversations_with_the_tokenizers_chat_template(tmp_path):
+    from transformers import PreTrainedTokenizerFast
+
+    _, raw = _word_tokenizer()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", model_max_length=9)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
+        "{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    )
+    profile = build_profile(CHATS, tmp_path, tokenizer=tokenizer, token_sample=None, languages=False)
+    info = profile["conversations"]["tokens"]
+    assert info["template"]["name"] == "chat_template" and len(info["template"]["sha256"]) == 64
+    # only line 4 has no system turn: "user:" name a colour / "assistant:" red / ... = 4 + 2 + 2 + 2
+    assert (info["render_errors"], info["conversations"], info["rendered"]["max"]) == (4, 1, 10)
+    assert "no system turns" in info["render_error"] and not info["sampled"]
+    assert (info["context"], info["over_context"], info["over_context_rate"]) == (9, 1, 1.0)
+    assert profile["conversations"]["lengths"]["tokens"]["assistant"]["count"] == 7  # every row counted
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "the tokenizer's chat template (sha256 " + info["template"]["sha256"][:12] in html
+    assert "The chat template refused 4 conversations" in html
+
+
+def test_system_prompts_past_the_counted_cap_are_estimated(tmp_path, monkeypatch):
+    import airloom.data.eda as eda
+
+    monkeypatch.setattr(eda, "_SYSTEM_CAP", 4)
+    records = [
+        _chat(i + 1, [("system", "Be kind."), ("user", f"hi {i}"), ("assistant", "hello")]) for i in range(6)
+    ]
+    records += [
+        _chat(i + 7, [("system", f"Prompt number {i}"), ("user", "hi"), ("assistant", "hello")])
+        for i in range(15)
+    ]
+    prompts = build_profile(records, tmp_path, languages=False, near_duplicate_threshold=None)[
+        "conversations"
+    ]["system_prompts"]
+    assert prompts["distinct_exact"] is False and abs(prompts["distinct"] - 16) <= 1  # HyperLogLog
+    assert prompts["top"][0] == {
+        "conversations": 6,
+        "share": round(6 / 21, 4),
+        "line": 1,
+        "preview": "Be kind.",
+    }
+
+
+def test_instruction_data_has_no_conversations_section(tmp_path):
+    profile = build_profile(RECORDS, tmp_path, languages=False)
+    assert "conversations" not in profile
+    assert "<h2>Conversations</h2>" not in (tmp_path / "report.html").read_text(encoding="utf-8")

@@ -69,6 +69,8 @@ def test_corrupt_jsonl_reports_each_bad_line_and_keeps_the_good_ones(tmp_path):
         "response": "Apple",
         "_file": str(path),
         "_line": 8,
+        "_chars": 20,  # every text value of the row, the ignored "source" key's included
+        "_longest": "instruction",
     }
     assert result.records[2]["id"] == "7" and result.records[2]["task"] == "add"
     # the rejected row keeps its text (bad bytes shown as U+FFFD) for the quarantine file

@@ -97,7 +97,7 @@ def test_duplicates_pii_and_bad_rows_fail_the_suite_and_reconcile(tmp_path):
     assert failed == {
         ("expect_column_mean_to_be_between", "is_duplicate"),
         ("expect_column_mean_to_be_between", "has_pii"),
-    }
+    }  # line 51's mean word length fails its rule, but one row is within the quarantine budget
     assert (result.rows_read, result.accepted, result.quarantined) == (54, 40, 14)
     assert result.rows_read == result.accepted + result.quarantined
     assert any("max_quarantine_rate" in r for r in result.reasons)
@@ -108,7 +108,11 @@ def test_duplicates_pii_and_bad_rows_fail_the_suite_and_reconcile(tmp_path):
     assert by_line[14] == {("response", "pii", "warning")}  # PII is kept, prepare scrubs it
     assert by_line[16] == {("instruction", "pii", "warning")}
     assert by_line[41] == {(None, "duplicate", "error")}
-    assert by_line[51] == {("instruction", "too_short", "error"), ("response", "too_long", "error")}
+    assert by_line[51] == {
+        ("instruction", "too_short", "error"),
+        ("response", "too_long", "error"),
+        (None, "mean_word_length", "error"),
+    }
     assert by_line[52] == {("response", "markup", "error")}
     assert by_line[53] == {("response", "control_chars", "error")}
     assert by_line[54] == {(None, "invalid_json", "error")}
@@ -145,7 +149,7 @@ def test_on_bad_rows_fail_fails_on_a_single_bad_row(tmp_path):
 
 def test_config_from_dict_and_yaml(tmp_path):
     cfg = ValidationConfig.from_dict({"max_chars": {"response": 100}, "max_pii_rate": 0})
-    assert cfg.max_chars == {"instruction": 4000, "response": 100}
+    assert cfg.max_chars == {**ValidationConfig().max_chars, "response": 100}
     assert cfg.min_chars == {"instruction": 3, "response": 1}
     assert cfg.max_pii_rate == 0.0
 
@@ -413,8 +417,15 @@ def test_token_settings_are_checked(tmp_path, word_tokenizer):
 
 
 def test_the_example_suite_is_the_default_suite():
+    import yaml
+
     example = Path(__file__).resolve().parents[3] / "docs" / "validation_suite.example.yaml"
     assert ValidationConfig.from_yaml(example) == ValidationConfig()
+    # every setting written out (from_dict would fill in a missing one, or a missing field's bound)
+    written = yaml.safe_load(example.read_text())
+    commented = {"tokenizer", "min_tokens", "max_tokens"}  # shown as comments: they need a tokenizer
+    assert set(written) | commented == set(ValidationConfig().to_dict())
+    assert written["max_chars"] == ValidationConfig().max_chars
 
 
 def test_a_tokenizer_that_cannot_load_costs_the_token_lengths_not_the_run(tmp_path):
