@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from airloom.data.background import Background, Local
-from airloom.data.chat import ROLES
+from airloom.data.chat import ROLES, chat_fields
 from airloom.data.divergence import js_divergence, psi, psi_verdict
 from airloom.data.load import TEXT_FIELDS
 from airloom.data.neardup import (
@@ -876,7 +876,13 @@ class Profiler:
         dup_of = rows.copy()
         dup_of[ok] = self._first_seen.first_rows(keys[ok], rows[ok])
         self.columns.append("dup_of", dup_of)
-        self.work.post("add", [cols[f] for f in TEXT_FIELDS], ok & (dup_of == rows))
+        words = [cols[f] for f in TEXT_FIELDS]
+        if any("messages" in rec for rec in batch):  # a chat's words are its turns', not its "user:" labels
+            words[1] = [
+                chat_fields(rec["messages"], labels=False)["input"] if rec.get("messages") else text
+                for rec, text in zip(batch, words[1], strict=True)
+            ]
+        self.work.post("add", words, ok & (dup_of == rows))
         for f in TEXT_FIELDS:
             self.columns.append(f"chars:{f}", np.fromiter(map(len, cols[f]), dtype=np.int32, count=m))
             self.empty[f] += sum(1 for t in cols[f] if not t.strip())

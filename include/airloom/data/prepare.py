@@ -5,8 +5,9 @@ splits decided by a seeded hash of each row's content. The same input therefore 
 byte-identical files and the same ``dataset_hash``, which lineage and the registry rely on.
 
 Splits are Parquet (``train.parquet``, ``validation.parquet``, ``test.parquet``; columns ``id``,
-``prompt``, ``response``, ``task``, ``instruction``, ``input``). Older datasets hold the same
-columns as ``<split>.jsonl``; :func:`airloom.data.splits.read_split` reads either.
+``prompt``, ``response``, ``task``, ``instruction``, ``input``, and ``messages`` when the dataset holds
+conversations). Older datasets hold the same columns as ``<split>.jsonl``;
+:func:`airloom.data.splits.read_split` reads either.
 """
 
 from __future__ import annotations
@@ -30,14 +31,25 @@ from typing import Any
 
 import numpy as np
 
+from airloom.data.chat import chat_fields
 from airloom.data.neardup import DEFAULT_THRESHOLD as DEFAULT_NEAR_THRESHOLD
-from airloom.data.prompts import BUILTIN_TEMPLATES, CHAT_TEMPLATE, load_template, prompt_context
+from airloom.data.prompts import (
+    BUILTIN_TEMPLATES,
+    CHAT_TEMPLATE,
+    load_template,
+    prompt_context,
+    render_conversation,
+)
 from airloom.data.text import _NUMBERISH_RE, dedup_key, has_markup, normalize_text
 from airloom.data.text import scrub_pii as _scrub
 from airloom.exceptions import UsageError
 
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("id", "prompt", "response", "task", "instruction", "input")
+# The columns of a dataset with conversations: ``messages`` is the conversation as JSON text (a list of
+# {"role", "content"[, "weight"]} up to its last assistant turn), null on instruction rows. A dataset
+# without conversations keeps COLUMNS, so its files are what they were before conversations existed.
+CHAT_COLUMNS = (*COLUMNS, "messages")
 MANIFEST_FORMAT = "airloom.prepared/2"
 PII_POLICIES = ("mask", "drop", "keep")
 PII_KINDS = ("email", "phone", "ip", "card")
@@ -96,7 +108,8 @@ def prepare(
        first copy stays) when ``dedup``.
     4. The prompt rendered with ``template`` (see :func:`airloom.data.prompts.load_template`).
     5. Rows whose prompt + response + EOS exceed ``max_seq_len`` tokens dropped (as the training
-       recipe counts them), when ``max_seq_len`` is set.
+       recipe counts them: a conversation under a template that renders conversations counts the whole
+       conversation, :func:`airloom.data.prompts.render_conversation`), when ``max_seq_len`` is set.
     6. Near-duplicates dropped (``near_deduped``), when ``near_dedup`` is a Jaccard threshold: a row
        whose word 5-shingles are at least that similar to an earlier kept row's (MinHash LSH, confirmed
        exactly: :mod:`airloom.data.neardup`, as validation finds them; the search runs in a worker
@@ -109,10 +122,12 @@ def prepare(
     a few fixed-size numbers per row stay in memory, so peak memory hardly grows with the corpus.
 
     A record is either ``instruction``/``input``/``response`` or a chat: ``messages``, a list of
-    ``{"role", "content"}`` whose last assistant turn is the response and whose earlier turns are the
-    prompt (turns after it are ignored and counted). For chat records the ``instruction`` column
-    holds the last user turn and ``input`` the other prompt turns as ``role: content`` lines, so
-    single-turn templates such as ``alpaca`` still see the whole conversation.
+    ``{"role", "content"[, "weight"]}`` whose last assistant turn is the response and whose earlier turns
+    are the prompt (turns after it are ignored and counted). For chat records the ``instruction`` column
+    holds the last user turn and ``input`` the other prompt turns as ``role: content`` lines
+    (:func:`airloom.data.chat.chat_fields`), so single-turn templates such as ``alpaca`` still see the
+    whole conversation; the ``messages`` column keeps every turn (JSON text, see ``CHAT_COLUMNS``), so
+    training can learn every assistant turn. A dataset without chat records has no ``messages`` column.
 
     The split is stratified: within each ``task`` (or the whole set when no row has one), rows are
     ranked by ``sha256(seed, content)`` and the lowest ``round(n * test_fraction)`` go to test, the
@@ -123,6 +138,8 @@ def prepare(
     renamed into place, so a failed run leaves the previous output (or nothing) behind.
 
     Args:
+        template: ``alpaca``, ``chatml``, ``chat_template`` (the tokenizer's; ChatML when it has none,
+            recorded as ``chatml`` with ``requested: chat_template``) or a Jinja2 file.
         tokenizer: a model folder or ``registry:NAME[/N|@ALIAS]``; loaded only when ``template`` is
             ``chat_template`` or ``max_seq_len`` is set.
         id_list_cap: at most this many ids of dropped rows are listed per reason in the manifest.
@@ -214,7 +231,10 @@ def prepare(
         assignment = np.full(screen.kept, -1, dtype=np.int8)  # -1: dropped as a near-duplicate
         assignment[kept] = _split(tasks[kept], ranks[kept], val_fraction, test_fraction)
         near_ids: list[str] = []
-        splits = _write_splits(spool, assignment, tasks, screen.task_names, tmp, near_ids, id_list_cap)
+        columns = CHAT_COLUMNS if screen.conversations else COLUMNS
+        splits = _write_splits(
+            spool, assignment, tasks, screen.task_names, tmp, near_ids, id_list_cap, columns
+        )
         screen.dropped["near_duplicate"] = near_ids
         spool.unlink()
         combined = hashlib.sha256()
@@ -290,17 +310,18 @@ def load_tokenizer(ref: str) -> tuple[Any, dict[str, Any]]:
     return tok, {"ref": resolved["ref"], "requested": ref, "sha256": digest.hexdigest()}
 
 
-def write_split(rows: Iterable[dict], path: Path) -> None:
-    """Write rows (``COLUMNS``, all text, ``task`` nullable) as Parquet in a fixed layout.
+def write_split(rows: Iterable[dict], path: Path, columns: tuple[str, ...] = COLUMNS) -> None:
+    """Write rows (``columns``, all text, ``task`` and ``messages`` nullable) as Parquet in a fixed layout.
 
     pyarrow writes no timestamps; the same rows and pyarrow version give the same bytes.
     """
     import pyarrow as pa
 
-    writer = SplitWriter(path)
+    writer = SplitWriter(path, columns)
     try:
         for chunk in _chunks(rows, ROW_GROUP_SIZE):
-            writer.write(pa.Table.from_pydict({c: [r[c] for r in chunk] for c in COLUMNS}, schema=_schema()))
+            table = pa.Table.from_pydict({c: [r[c] for r in chunk] for c in columns}, schema=_schema(columns))
+            writer.write(table)
     finally:
         writer.close()
 
@@ -315,17 +336,18 @@ class SplitWriter:
     group (and its contiguous copy) is in memory.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, columns: tuple[str, ...] = COLUMNS) -> None:
         import pyarrow.parquet as pq
 
         self.path = Path(path)
         self.rows = 0
-        self._writer = pq.ParquetWriter(self.path, _schema(), compression="zstd")
+        self._schema = _schema(columns)
+        self._writer = pq.ParquetWriter(self.path, self._schema, compression="zstd")
         self._pending: list[Any] = []  # tables not yet written, in order
         self._pending_rows = 0
 
     def write(self, table: Any) -> None:
-        """Append the rows of ``table`` (a pyarrow table with ``COLUMNS``)."""
+        """Append the rows of ``table`` (a pyarrow table with this writer's columns)."""
         self._pending.append(table)
         self._pending_rows += table.num_rows
         self.rows += table.num_rows
@@ -344,7 +366,7 @@ class SplitWriter:
     def close(self) -> None:
         """Write the last (partial) row group, or an empty one for a split without rows, and the footer."""
         if self._pending or not self.rows:
-            self._write_group(self._pending or [_schema().empty_table()])
+            self._write_group(self._pending or [self._schema.empty_table()])
             self._pending, self._pending_rows = [], 0
         self._writer.close()
 
@@ -357,30 +379,41 @@ class SplitWriter:
 
 
 def content_sha256(rows: Iterable[dict]) -> str:
-    """Digest of the rows as canonical JSON lines: the same as the bytes of the equivalent JSONL file."""
+    """Digest of the rows as canonical JSON lines: the same as the bytes of the equivalent JSONL file.
+
+    ``messages`` counts as the JSON text a split file stores, also when given as the list of turns that
+    :func:`airloom.data.splits.read_split` returns, so the digest of rows read back is the manifest's.
+    """
     digest = hashlib.sha256()
     for r in rows:
+        if isinstance(r.get("messages"), list):
+            r = {**r, "messages": json.dumps(r["messages"], ensure_ascii=False)}
         digest.update((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
     return digest.hexdigest()
 
 
-# One row of ``COLUMNS`` as json.dumps(row, ensure_ascii=False) + "\n" writes it, for values already
-# JSON-encoded; test_json_lines_match_json_dumps holds it to json.dumps.
-_JSON_LINE = (
-    '{{"id": {}, "prompt": {}, "response": {}, "task": {}, "instruction": {}, "input": {}}}\n'
-).format
+# One row of ``COLUMNS``/``CHAT_COLUMNS`` as json.dumps(row, ensure_ascii=False) + "\n" writes it, for
+# values already JSON-encoded; test_fast_paths_match_validate_and_json holds them to json.dumps.
+_JSON_LINE = {
+    COLUMNS: '{{"id": {}, "prompt": {}, "response": {}, "task": {}, "instruction": {}, "input": {}}}\n'.format,
+    CHAT_COLUMNS: (
+        '{{"id": {}, "prompt": {}, "response": {}, "task": {}, "instruction": {}, "input": {}, "messages": {}}}\n'
+    ).format,
+}
+_NULLABLE = ("task", "messages")
 
 
-def _json_lines(batch: Any) -> list[str]:
-    """The canonical JSON line of each row of a pyarrow batch (``COLUMNS``: text, ``task`` nullable)."""
+def _json_lines(batch: Any, columns: tuple[str, ...] = COLUMNS) -> list[str]:
+    """The canonical JSON line of each row of a pyarrow batch (``columns``: text, ``task`` and
+    ``messages`` nullable)."""
     encoded = []
-    for name in COLUMNS:
+    for name in columns:
         values = batch.column(name).to_pylist()
-        if name == "task":
+        if name in _NULLABLE:
             encoded.append(["null" if v is None else _json_str(v) for v in values])
         else:
             encoded.append(list(map(_json_str, values)))
-    return list(map(_JSON_LINE, *encoded))
+    return list(map(_JSON_LINE[columns], *encoded))
 
 
 class _InBackground:
@@ -456,13 +489,13 @@ def _cleaned(
     for i, rec in chunk:
         where = f"record {i + 1}" + (f" (line {rec['_line']})" if "_line" in rec else "")
         row, changed, row_pii = _clean(rec, where, pii_policy, strip_markup)
-        turns = row.pop("trailing_turns")
+        trailing = row.pop("trailing_turns")
         if row_pii and pii_policy == "drop":
-            out.append((None, changed, turns, row_pii, _given_id(rec, i)))
+            out.append((None, changed, trailing, row_pii, _given_id(rec, i)))
             continue
         key = dedup_key(row["instruction"], row["input"], row["response"]).encode("utf-8")
         row.update(key=key, digest=hashlib.sha256(rank_prefix + key).digest(), where=where)
-        out.append((row, changed, turns, row_pii, None))
+        out.append((row, changed, trailing, row_pii, None))
     return out
 
 
@@ -502,6 +535,7 @@ class _Screen:
         self.tok, self.max_seq_len, self.id_list_cap = tok, max_seq_len, id_list_cap
         self.inputs = 0
         self.kept = 0
+        self.conversations = 0  # chat rows spooled
         self.counts: Counter[str] = Counter()
         self.pii_found: Counter[str] = Counter()
         self.pii_rows = 0
@@ -572,11 +606,13 @@ class _Screen:
                 counts["pii_masked"] += self.pii_policy == "mask"
         self._assign_ids(rows)
         for row in rows:
-            context = prompt_context(row["instruction"], row["input"], row.pop("messages"), row["task"])
+            conversation = row["turns"]
+            prompt_turns = conversation[:-1] if conversation else None  # the turns before the response
+            context = prompt_context(row["instruction"], row["input"], prompt_turns, row["task"])
             row["prompt"] = self.renderer.render(context, where=row["where"])
         if self.max_seq_len is not None:
             kept = []
-            for row, n in zip(rows, _token_lengths(self.tok, rows), strict=True):
+            for row, n in zip(rows, _token_lengths(self.tok, rows, self.renderer), strict=True):
                 if n > self.max_seq_len:
                     counts["too_long"] += 1
                     _note(self.dropped["too_long"], row["id"], self.id_list_cap)
@@ -646,11 +682,16 @@ class _Screen:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        table = pa.Table.from_pydict({c: [r[c] for r in rows] for c in COLUMNS}, schema=_schema())
+        for r in rows:
+            turns = r.pop("turns")
+            r["messages"] = json.dumps(turns, ensure_ascii=False) if turns else None
+            self.conversations += turns is not None
+        schema = _schema(CHAT_COLUMNS)
+        table = pa.Table.from_pydict({c: [r[c] for r in rows] for c in CHAT_COLUMNS}, schema=schema)
         if self._writer is None:
             # A scratch file read back once: fast compression, no dictionaries or statistics.
             self._writer = pq.ParquetWriter(
-                self.spool, _schema(), compression="lz4", use_dictionary=False, write_statistics=False
+                self.spool, schema, compression="lz4", use_dictionary=False, write_statistics=False
             )
         self._background.submit(self._writer.write_table, table)
         if self._near is not None:  # what validation's search reads: the three fields' words, in order
@@ -693,12 +734,13 @@ def _write_splits(
     folder: Path,
     dropped_ids: list[str] | None = None,
     cap: int = 0,
+    columns: tuple[str, ...] = COLUMNS,
 ) -> dict[str, dict[str, Any]]:
     """Second pass: copy each split's rows, in input order, from the spool to its file and content hash.
 
     One read of the spool per split, so that only one split's row group is buffered at a time (a
     read costs far less than the writing). Rows assigned -1 go nowhere; the first ``cap`` of their ids
-    are appended to ``dropped_ids``.
+    are appended to ``dropped_ids``. The split files hold ``columns`` of the spool's.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -706,13 +748,13 @@ def _write_splits(
     names = {code: name for name, code in task_names.items()}
     splits: dict[str, dict[str, Any]] = {}
     for n, split in enumerate(SPLITS):
-        writer = SplitWriter(folder / f"{split}.parquet")
+        writer = SplitWriter(folder / f"{split}.parquet", columns)
         digest = hashlib.sha256()
         background = _InBackground()  # the Parquet writing, while this thread builds the JSON lines
         try:
             done = 0
             batches = pq.ParquetFile(spool, pre_buffer=False).iter_batches(
-                batch_size=SPOOL_BATCH_ROWS, columns=list(COLUMNS), use_threads=False
+                batch_size=SPOOL_BATCH_ROWS, columns=list(columns), use_threads=False
             )
             for batch in batches:
                 here = assignment[done : done + batch.num_rows]
@@ -727,7 +769,7 @@ def _write_splits(
                     rows = pa.Table.from_batches([batch])
                     rows = rows if len(picked) == batch.num_rows else rows.take(picked)
                     background.submit(writer.write, rows)
-                    digest.update("".join(_json_lines(rows)).encode("utf-8"))
+                    digest.update("".join(_json_lines(rows, columns)).encode("utf-8"))
             background.wait()
         finally:
             background.shutdown()
@@ -744,10 +786,10 @@ def _write_splits(
     return splits
 
 
-def _schema() -> Any:
+def _schema(columns: tuple[str, ...] = COLUMNS) -> Any:
     import pyarrow as pa
 
-    return pa.schema([(c, pa.string()) for c in COLUMNS])
+    return pa.schema([(c, pa.string()) for c in columns])
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -813,11 +855,17 @@ def _clean(
                 raise UsageError(f"{where}: messages[{n}] must be an object with a 'role' and 'content'")
             content, ch = _clean_text(m.get("content"), f"messages[{n}].content", where, mask, found)
             changed |= ch
-            turns.append({"role": m["role"], "content": content})
+            turn = {"role": m["role"], "content": content}
+            weight = m.get("weight")
+            if weight is not None:
+                if isinstance(weight, bool) or weight not in (0, 1):
+                    raise UsageError(f"{where}: messages[{n}].weight must be 0 or 1, got {weight!r}")
+                turn["weight"] = int(weight)
+            turns.append(turn)
         row, trailing = _chat_row(turns, where)
         stripped = strip_markup and _is_junk_markup(row)
         if stripped:
-            turns = [{"role": t["role"], "content": _strip_markup(t["content"])} for t in turns]
+            turns = [{**t, "content": _strip_markup(t["content"])} for t in turns]
             row, trailing = _chat_row(turns, where)
     else:
         instruction, ch1 = _clean_text(rec.get("instruction"), "instruction", where, mask, found)
@@ -826,7 +874,7 @@ def _clean(
         changed = ch1 or ch2 or ch3
         if not instruction or not response:
             raise UsageError(f"{where}: instruction and response must not be empty; validate first")
-        row = {"instruction": instruction, "input": input_, "response": response, "messages": None}
+        row = {"instruction": instruction, "input": input_, "response": response, "turns": None}
         stripped = strip_markup and _is_junk_markup(row)
         if stripped:  # the input holds no markup (else has_markup would call the row about HTML)
             row["instruction"] = _strip_markup(instruction)
@@ -847,22 +895,15 @@ def _clean(
 
 
 def _chat_row(turns: list[dict], where: str) -> tuple[dict, int]:
-    """A chat's row (the last assistant turn is the response, the turns before it the prompt) and the
-    number of turns after that response."""
+    """A chat's row: its instruction view (:func:`airloom.data.chat.chat_fields`) and ``turns``, the
+    conversation up to its last assistant turn; and the number of turns after that turn (dropped)."""
     last = max((n for n, t in enumerate(turns) if t["role"] == "assistant"), default=None)
     if last is None or not turns[last]["content"]:
         raise UsageError(f"{where}: messages need a non-empty assistant turn (the response); validate first")
-    prompt = turns[:last]
-    user = max((n for n, t in enumerate(prompt) if t["role"] == "user"), default=None)
-    if user is None or not prompt[user]["content"]:
+    kept = turns[: last + 1]
+    row = {**chat_fields(kept), "turns": kept}
+    if not row["instruction"]:
         raise UsageError(f"{where}: messages need a non-empty user turn before the last assistant turn")
-    others = [f"{t['role']}: {t['content']}" for n, t in enumerate(prompt) if n != user]
-    row = {
-        "instruction": prompt[user]["content"],
-        "input": "\n".join(others),
-        "response": turns[last]["content"],
-        "messages": prompt,
-    }
     return row, len(turns) - last - 1
 
 
@@ -908,16 +949,26 @@ def _note(ids: list[str], rid: str, cap: int) -> None:
         ids.append(rid)
 
 
-def _token_lengths(tokenizer: Any, rows: list[dict], batch: int = 1024) -> list[int]:
-    """Tokens of prompt + response + EOS, counted as ``airloom.training.recipe.tokenize_examples`` does."""
+def _token_lengths(tokenizer: Any, rows: list[dict], renderer: Any = None, batch: int = 1024) -> list[int]:
+    """Tokens of prompt + response + EOS, counted as ``airloom.training.recipe.tokenize_examples`` does:
+    a conversation under a template that renders conversations counts its whole rendered text."""
     eos = tokenizer.eos_token or ""
+    whole = renderer is not None and renderer.multi_turn
     out: list[int] = []
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
         # verbose=False: rows longer than the model's context are expected here; they are what is counted.
         prompts = tokenizer([r["prompt"] for r in chunk], add_special_tokens=False, verbose=False)
         responses = tokenizer([r["response"] + eos for r in chunk], add_special_tokens=False, verbose=False)
-        out.extend(len(p) + len(r) for p, r in zip(prompts["input_ids"], responses["input_ids"], strict=True))
+        lengths = [len(p) + len(r) for p, r in zip(prompts["input_ids"], responses["input_ids"], strict=True)]
+        if whole:
+            for n, r in enumerate(chunk):
+                if r["turns"]:
+                    text = render_conversation(
+                        renderer, r["turns"], eos or None, r["task"], r["where"], spans=False
+                    ).text
+                    lengths[n] = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        out.extend(lengths)
     return out
 
 

@@ -6,27 +6,36 @@ Two layers:
 
 - :func:`render_prompt` renders the historic ``alpaca`` format with ``str.format``; training,
   evaluation and the synthetic data call it, and models trained on it depend on its exact bytes.
-- :func:`load_template` gives a :class:`PromptRenderer` for preparation: the built-ins ``alpaca``
-  (byte-identical to :func:`render_prompt`), ``chatml`` and ``chat_template`` (the tokenizer's own
-  chat template), or a user's Jinja2 file. User templates are untrusted text, so they run in
-  Jinja2's immutable sandbox with strict undefined variables: a template can read the record and
-  nothing else, and a typo fails loudly instead of rendering an empty string.
+- :func:`load_template` gives a :class:`PromptRenderer` for preparation and training: the built-ins
+  ``alpaca`` (byte-identical to :func:`render_prompt`), ``chatml`` and ``chat_template`` (the
+  tokenizer's own chat template; ChatML when the tokenizer has none), or a user's Jinja2 file. User
+  templates are untrusted text, so they run in Jinja2's immutable sandbox with strict undefined
+  variables: a template can read the record and nothing else, and a typo fails loudly instead of
+  rendering an empty string.
 
 Every template sees the same variables: ``instruction``, ``input`` (``""`` when absent),
-``messages`` (the prompt turns, a list of ``{"role", "content"}``; a record without ``messages``
-becomes one user turn), ``system`` (the first turn's content when it is a system turn, else ``""``)
-and ``task`` (or ``None``).
+``messages`` (the turns, a list of ``{"role", "content"}``; a record without ``messages`` becomes
+one user turn), ``system`` (the first turn's content when it is a system turn, else ``""``),
+``task`` (or ``None``) and ``add_generation_prompt`` (true when rendering a prompt, which then ends
+where the assistant's answer starts; false when rendering a whole conversation for training), as
+Hugging Face chat templates see ``messages`` and ``add_generation_prompt``.
+
+A template that reads ``messages`` renders conversations (:attr:`PromptRenderer.multi_turn`):
+:func:`render_conversation` gives a conversation's text and where each assistant turn lies in it, which
+training turns into labels. ``alpaca`` and other templates that read only ``instruction``/``input``
+are single-turn: a conversation is trained on its last assistant turn, as its prompt shows it.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+from airloom.data.chat import chat_fields
 from airloom.exceptions import UsageError
 
 
@@ -58,9 +67,11 @@ BUILTIN_SOURCES: dict[str, str] = {
         "{% if input %}### Input:\n{{ input }}\n{% endif %}"
         "### Response:\n"
     ),
+    # A Hugging Face chat template as well (no whitespace around block tags, so Hugging Face's
+    # trim_blocks/lstrip_blocks render it alike): a model trained on it carries it as its chat_template.
     "chatml": (
         "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
-        "<|im_start|>assistant\n"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     ),
 }
 CHAT_TEMPLATE = "chat_template"
@@ -92,6 +103,7 @@ def prompt_context(
     input: str = "",
     messages: Sequence[dict] | None = None,
     task: str | None = None,
+    add_generation_prompt: bool = True,
 ) -> dict[str, Any]:
     """The variables a template sees; no ``messages`` = one user turn: instruction, blank line, input."""
     if messages is None:
@@ -99,7 +111,14 @@ def prompt_context(
         messages = [{"role": "user", "content": content}]
     turns = [{"role": m["role"], "content": m["content"]} for m in messages]
     system = turns[0]["content"] if turns and turns[0]["role"] == "system" else ""
-    return {"instruction": instruction, "input": input, "messages": turns, "system": system, "task": task}
+    return {
+        "instruction": instruction,
+        "input": input,
+        "messages": turns,
+        "system": system,
+        "task": task,
+        "add_generation_prompt": add_generation_prompt,
+    }
 
 
 @dataclass(frozen=True)
@@ -111,12 +130,17 @@ class PromptRenderer:
         kind: ``builtin``, ``file`` or ``tokenizer`` (the tokenizer's chat template).
         source: the Jinja2 text.
         sha256: hex digest of ``source`` (UTF-8).
+        multi_turn: whether it renders conversations turn by turn (it reads ``messages``).
+        requested: the spec asked for, when another template stands in for it (``chat_template`` on a
+            tokenizer without one gives ``chatml``).
     """
 
     name: str
     kind: str
     source: str
     sha256: str
+    multi_turn: bool = False
+    requested: str | None = None
     _compiled: Any = field(repr=False, compare=False, default=None)
     _tokenizer: Any = field(repr=False, compare=False, default=None)
     _fast: Any = field(repr=False, compare=False, default=None)
@@ -130,7 +154,9 @@ class PromptRenderer:
         try:
             if self._tokenizer is not None:
                 text = self._tokenizer.apply_chat_template(
-                    context["messages"], tokenize=False, add_generation_prompt=True
+                    context["messages"],
+                    tokenize=False,
+                    add_generation_prompt=context.get("add_generation_prompt", True),
                 )
             else:
                 text = self._compiled.render(**context)
@@ -150,8 +176,96 @@ class PromptRenderer:
             raise UsageError(f"template {self.name!r} on {where}: rendered {type(text).__name__}, not text")
         return text
 
+    def render_turns(
+        self,
+        turns: Sequence[dict],
+        add_generation_prompt: bool,
+        task: str | None = None,
+        where: str = "a record",
+    ) -> str:
+        """Render a list of turns: a prompt (``add_generation_prompt``) or a whole conversation.
+
+        ``instruction``/``input`` are the turns' instruction view (the last user turn, the others as
+        ``role: content`` lines), for templates that read them too.
+        """
+        view = chat_fields([*turns, {"role": "assistant", "content": ""}] if add_generation_prompt else turns)
+        context = prompt_context(view["instruction"], view["input"], turns, task, add_generation_prompt)
+        return self.render(context, where=where)
+
     def as_manifest(self) -> dict[str, str]:
-        return {"name": self.name, "kind": self.kind, "sha256": self.sha256}
+        out = {"name": self.name, "kind": self.kind, "sha256": self.sha256}
+        if self.requested is not None:
+            out["requested"] = self.requested
+        return out
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A conversation rendered for training: its text, and the character spans of the assistant turns that
+    carry loss (each turn's content and its end-of-turn text, the EOS token after the last turn)."""
+
+    text: str
+    spans: list[tuple[int, int]]
+
+
+def render_conversation(
+    renderer: PromptRenderer,
+    turns: Sequence[dict],
+    eos_token: str | None = None,
+    task: str | None = None,
+    where: str = "a record",
+    spans: bool = True,
+) -> Conversation:
+    """The text a conversation trains on, and where its assistant turns lie in it.
+
+    Rendered prefix by prefix, which works for any template that renders a conversation as the text of
+    its earlier turns followed by the new one: an assistant turn ``i`` starts where ``turns[:i]`` with the
+    generation prompt ends, and ends where ``turns[:i + 1]`` ends, trailing whitespace excluded (so the
+    span holds the content and the end-of-turn marker, e.g. ChatML's ``<|im_end|>`` without its line
+    break). Turns with ``weight`` 0 get no span. The text stops at the end of the last assistant turn; when
+    the template does not end that turn with ``eos_token``, the token is appended (and joins the last
+    turn's span), as instruction rows end with EOS, so the trained model stops after its answer.
+
+    Args:
+        renderer: a template that renders conversations (:attr:`PromptRenderer.multi_turn`).
+        turns: ``{"role", "content"[, "weight"]}``, ending with an assistant turn.
+        eos_token: the tokenizer's EOS token, or None to append nothing.
+        spans: False for the text only (one render), e.g. to count its tokens.
+
+    Raises:
+        UsageError: the template fails on the turns, or does not render them prefix by prefix (e.g. it adds
+            its generation prompt whatever ``add_generation_prompt`` says); the message names ``where``.
+    """
+    if not renderer.multi_turn:
+        raise UsageError(f"template {renderer.name!r} renders single prompts, not conversations")
+    turns = list(turns)
+    if not turns or turns[-1]["role"] != "assistant":
+        raise UsageError(f"{where}: a conversation to train on must end with an assistant turn")
+    full = renderer.render_turns(turns, add_generation_prompt=False, task=task, where=where)
+    found: list[tuple[int, int]] = []
+    if spans:
+        for i, turn in enumerate(turns):
+            if turn["role"] != "assistant":
+                continue
+            before = renderer.render_turns(turns[:i], add_generation_prompt=True, task=task, where=where)
+            upto = renderer.render_turns(turns[: i + 1], add_generation_prompt=False, task=task, where=where)
+            if not (upto.startswith(before) and full.startswith(upto)):
+                raise UsageError(
+                    f"template {renderer.name!r} on {where}: turn {i} is not rendered after the turns "
+                    "before it, so its place in the conversation cannot be found; a template must render "
+                    "the generation prompt only when add_generation_prompt is true, and earlier turns the "
+                    "same whatever follows them"
+                )
+            end = len(upto.rstrip())
+            if turn.get("weight", 1) and end > len(before):
+                found.append((len(before), end))
+    text = full.rstrip()
+    if eos_token and not text.endswith(eos_token):
+        trained_last = bool(found) and found[-1][1] == len(text)
+        text += eos_token
+        if trained_last:
+            found[-1] = (found[-1][0], len(text))
+    return Conversation(text, found)
 
 
 def sandbox():
@@ -170,11 +284,12 @@ def load_template(spec: str, tokenizer: Any = None) -> PromptRenderer:
 
     Args:
         spec: ``alpaca``, ``chatml``, ``chat_template`` or the path of a UTF-8 Jinja2 file.
-        tokenizer: a loaded Hugging Face tokenizer; required for ``chat_template``.
+        tokenizer: a loaded Hugging Face tokenizer; required for ``chat_template``. A tokenizer without
+            a chat template gets ``chatml`` (named so, with ``requested="chat_template"``).
 
     Raises:
         UsageError: Unknown name/missing file, unreadable file, a syntax error (with its line), or
-            ``chat_template`` without a tokenizer or with a tokenizer that has no chat template.
+            ``chat_template`` without a tokenizer.
     """
     from jinja2.exceptions import TemplateSyntaxError
 
@@ -187,11 +302,10 @@ def load_template(spec: str, tokenizer: Any = None) -> PromptRenderer:
         if isinstance(source, dict):  # several named templates: the default one is the chat template
             source = source.get("default")
         if not isinstance(source, str) or not source:
-            raise UsageError(
-                f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; "
-                "use template 'chatml' or 'alpaca', or a template file"
-            )
-        return PromptRenderer(CHAT_TEMPLATE, "tokenizer", source, _sha256(source), _tokenizer=tokenizer)
+            return replace(_builtin("chatml"), requested=CHAT_TEMPLATE)
+        return PromptRenderer(
+            CHAT_TEMPLATE, "tokenizer", source, _sha256(source), multi_turn=True, _tokenizer=tokenizer
+        )
     if spec in BUILTIN_SOURCES:
         source, kind = BUILTIN_SOURCES[spec], "builtin"
     else:
@@ -206,14 +320,20 @@ def load_template(spec: str, tokenizer: Any = None) -> PromptRenderer:
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read prompt template {path}: {exc}") from exc
         kind = "file"
+    from jinja2 import meta
+
+    env = sandbox()
     try:
-        compiled = sandbox().from_string(source)
+        compiled = env.from_string(source)
+        multi_turn = "messages" in meta.find_undeclared_variables(env.parse(source))
     except TemplateSyntaxError as exc:
         raise UsageError(f"template {spec!r}, line {exc.lineno}: syntax error: {exc.message}") from exc
     # The built-in alpaca renders through str.format, ~10x faster than Jinja on large corpora; the
     # tests hold both to the same bytes, and the manifest still pins the Jinja source.
     fast = _render_alpaca if spec == "alpaca" else None
-    return PromptRenderer(spec, kind, source, _sha256(source), _compiled=compiled, _fast=fast)
+    return PromptRenderer(
+        spec, kind, source, _sha256(source), multi_turn=multi_turn, _compiled=compiled, _fast=fast
+    )
 
 
 def _render_alpaca(context: dict[str, Any]) -> str:

@@ -2,7 +2,9 @@
 partitions, predictions).
 
 Prepared datasets are Parquet since the ``airloom.prepared/2`` format; older ones and the history
-partitions are JSON lines, so both stay readable.
+partitions are JSON lines, so both stay readable. A prepared dataset with conversations stores each
+row's turns in its ``messages`` column as JSON text; the readers give them back as a list of
+``{"role", "content"[, "weight"]}`` (None on instruction rows).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ def read_split(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise UsageError(f"cannot read {path}: no such file")
     try:
-        return pq.read_table(path).to_pylist()
+        rows = pq.read_table(path).to_pylist()
     except Exception as exc:  # pyarrow raises ArrowInvalid/OSError with the reason
         raise UsageError(f"cannot read {path}: not a readable Parquet file ({exc})") from exc
+    return _with_turns(rows, path)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -50,4 +53,23 @@ def read_jsonl(path: str | Path) -> list[dict]:
         if not isinstance(row, dict):
             raise UsageError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
+    return _with_turns(rows, path)
+
+
+def _with_turns(rows: list[dict], path: Path) -> list[dict]:
+    """``messages`` stored as JSON text (prepared splits) decoded into the list of turns, in place."""
+    for n, row in enumerate(rows, start=1):
+        turns = row.get("messages")
+        if isinstance(turns, str):
+            try:
+                turns = json.loads(turns) if turns else None
+            except json.JSONDecodeError as exc:
+                raise UsageError(
+                    f"{path}: row {n}: messages is not JSON ({exc.msg}); prepare the data again"
+                ) from exc
+            if turns is not None and not isinstance(turns, list):
+                raise UsageError(
+                    f"{path}: row {n}: messages must be a list of turns, got {type(turns).__name__}"
+                )
+            row["messages"] = turns
     return rows

@@ -10,6 +10,7 @@ from typing import Any
 from airloom.exceptions import UsageError
 
 METHODS = ("full", "lora", "qlora")
+CHAT_TRUNCATIONS = ("keep_last_turns", "drop")  # see airloom.training.chat
 LAUNCHERS = ("deepspeed", "torchrun", "python")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -56,6 +57,10 @@ class TrainConfig:
     max_length: int = 128
     # Pack several examples per row of max_length tokens (batch_size then counts rows, not examples).
     packing: bool = False
+    # A conversation longer than max_length tokens: "keep_last_turns" keeps its system turn and the latest
+    # whole user/assistant exchanges that fit (the row goes when not even the last one fits); "drop"
+    # drops the row. Instruction rows are cut at max_length, as always.
+    chat_truncation: str = "keep_last_turns"
     attn_implementation: str = "sdpa"
     seed: int = 0
     precision: str = "fp32"
@@ -81,6 +86,11 @@ class TrainConfig:
             raise UsageError(f"launcher {self.launcher!r} is not one of {LAUNCHERS}")
         if self.precision not in PRECISIONS:
             raise UsageError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.chat_truncation not in CHAT_TRUNCATIONS:
+            raise UsageError(
+                f"chat_truncation {self.chat_truncation!r} is not one of {CHAT_TRUNCATIONS}: keep_last_turns "
+                "keeps the latest whole turns that fit max_length, drop drops the conversation"
+            )
         if self.zero_stage not in (0, 1, 2, 3):
             raise UsageError(f"zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.launcher == "python" and self.nproc_per_node != 1:

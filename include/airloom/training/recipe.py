@@ -5,7 +5,8 @@
 ``FinetuneRecipe`` has torchtune's recipe lifecycle: setup (with resume) → train (checkpointing on the
 way) → save → cleanup, run in that order by ``recipe_main``. Every rank runs this file; DeepSpeed's engine
 does the distributed part (ZeRO stage from the config, gloo on CPU, NCCL on GPUs). Only the
-response tokens carry loss: the prompt is context, not something to learn to produce.
+response tokens carry loss: the prompt is context, not something to learn to produce. A conversation
+(a row with ``messages``) carries loss on every assistant turn (:mod:`airloom.training.chat`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ import random
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from airloom.exceptions import UsageError
 from airloom.training.config import TrainConfig
@@ -48,11 +51,40 @@ def read_examples(path: str | Path) -> list[dict]:
     return rows
 
 
-def tokenize_examples(rows: list[dict], tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per example; labels are -100 on the prompt so loss is on the response."""
+def tokenize_examples(
+    rows: list[dict],
+    tokenizer,
+    max_length: int,
+    renderer: Any = None,
+    chat_truncation: str = "keep_last_turns",
+    stats: Counter | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per example, in row order, without the rows that leave nothing to learn.
+
+    An instruction row is prompt + response + EOS cut at ``max_length``, labels -100 on the prompt so the
+    loss is on the response. A row with ``messages``, given a ``renderer`` that renders conversations,
+    is the whole conversation with loss on every assistant turn, longer ones handled by
+    ``chat_truncation`` (:func:`airloom.training.chat.chat_example`); ``stats`` counts what happened to
+    those (``kept``, ``truncated``, ``too_long``, ``no_labels``). Without such a renderer a conversation
+    trains as its prompt and last answer, as an instruction row.
+    """
+    chat = renderer is not None and renderer.multi_turn
+    conversations = [row for row in rows if chat and row.get("messages")]
+    chat_examples = iter([])
+    if conversations:
+        from airloom.training.chat import tokenize_chat_rows
+
+        chat_examples = iter(
+            tokenize_chat_rows(conversations, renderer, tokenizer, max_length, chat_truncation, stats)
+        )
     out = []
     eos = tokenizer.eos_token or ""
     for row in rows:
+        if chat and row.get("messages"):
+            example = next(chat_examples)
+            if example is not None:
+                out.append(example)
+            continue
         p = tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
         r = tokenizer(row["response"] + eos, add_special_tokens=False)["input_ids"]
         ids = (p + r)[:max_length]
@@ -60,6 +92,20 @@ def tokenize_examples(rows: list[dict], tokenizer, max_length: int) -> list[tupl
         if any(x != -100 for x in labels):
             out.append((ids, labels))
     return out
+
+
+def chat_renderer(cfg: TrainConfig, tokenizer, rows: list[dict]):
+    """The template the conversations among ``rows`` train with (None when there are none). A ChatML
+    template is also installed as the tokenizer's chat template when it has none, so the saved model
+    folder carries the template it was trained with."""
+    if not any(row.get("messages") for row in rows):
+        return None
+    from airloom.training.chat import resolve_chat_renderer
+
+    renderer = resolve_chat_renderer(cfg.train_file, tokenizer)
+    if renderer.kind == "builtin" and renderer.multi_turn and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = renderer.source
+    return renderer
 
 
 def collate(batch, pad_id: int):
@@ -307,6 +353,8 @@ class FinetuneRecipe:
         self.history: list[dict] = []
         self.resumed: tuple[str, int] | None = None
         self.metrics: dict = {}
+        self.renderer = None  # the template conversations train with; None without conversations
+        self.chat_stats: Counter = Counter()  # what became of them (airloom.training.chat.chat_example)
 
     def setup(self) -> None:
         import deepspeed
@@ -318,7 +366,11 @@ class FinetuneRecipe:
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
         model, tokenizer = load_model(cfg)
-        examples = tokenize_examples(read_examples(cfg.train_file), tokenizer, cfg.max_length)
+        rows = read_examples(cfg.train_file)
+        self.renderer = chat_renderer(cfg, tokenizer, rows)
+        examples = tokenize_examples(
+            rows, tokenizer, cfg.max_length, self.renderer, cfg.chat_truncation, self.chat_stats
+        )
         if not examples:
             raise ValueError(f"{cfg.train_file}: no usable training examples")
         self.tokenizer, self.examples, self.units = tokenizer, examples, _units(cfg, examples)
@@ -438,8 +490,16 @@ class FinetuneRecipe:
             "zero_stage": cfg.zero_stage,
             "method": cfg.method,
         }
+        if self.renderer is not None:
+            metrics["conversations"] = {
+                "template": self.renderer.as_manifest(),
+                "truncation": cfg.chat_truncation,
+                **{k: self.chat_stats[k] for k in ("kept", "truncated", "too_long", "no_labels")},
+            }
         if cfg.validation_file and rank == 0:
-            val = tokenize_examples(read_examples(cfg.validation_file), tokenizer, cfg.max_length)
+            val_rows = read_examples(cfg.validation_file)
+            renderer = self.renderer or chat_renderer(cfg, tokenizer, val_rows)
+            val = tokenize_examples(val_rows, tokenizer, cfg.max_length, renderer, cfg.chat_truncation)
             metrics["validation_loss"] = round(_evaluate_loss(engine, val, tokenizer.pad_token_id, micro), 5)
         self.metrics = metrics
 

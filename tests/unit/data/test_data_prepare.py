@@ -253,6 +253,124 @@ def test_chat_records_take_the_last_assistant_turn_as_the_response(tmp_path):
         )
 
 
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Apply reverse to item 1"},
+    {"role": "assistant", "content": "result 1"},
+    {"role": "user", "content": "Apply upper to item 2  "},
+    {"role": "assistant", "content": "result 2", "weight": 0},
+    {"role": "user", "content": "Apply sort to item 3"},
+    {"role": "assistant", "content": "result 3", "weight": 1},
+]
+CHATS = [
+    {"id": "m1", "task": "chat", "messages": CONVERSATION},
+    {"id": "m2", "messages": CONVERSATION[1:3] + [{"role": "user", "content": "thanks"}]},
+    {"id": "plain", "instruction": "Apply add to item 4", "input": "", "response": "result 4"},
+]
+
+
+def test_a_chat_dataset_keeps_every_turn_and_reads_back_with_its_messages(tmp_path):
+    import pyarrow.parquet as pq
+
+    from airloom.data.chat import chat_fields
+    from airloom.data.prepare import CHAT_COLUMNS
+    from airloom.training.base import train_tokenizer
+    from airloom.training.chat import resolve_chat_renderer
+    from airloom.training.recipe import read_examples, tokenize_examples
+
+    manifest = prepare(CHATS, tmp_path / "out", template="chatml", val_fraction=0.0, test_fraction=0.0)
+    path = tmp_path / "out" / "train.parquet"
+    table = pq.read_table(path)
+    assert tuple(table.column_names) == CHAT_COLUMNS
+    cleaned = [dict(t, content=t["content"].strip()) for t in CONVERSATION]  # whitespace normalised
+    stored = dict(zip(table.column("id").to_pylist(), table.column("messages").to_pylist(), strict=True))
+    assert stored["m1"] == json.dumps(cleaned, ensure_ascii=False) and stored["plain"] is None
+
+    rows = read_split(path)
+    by_id = {r["id"]: r for r in rows}
+    assert by_id["m1"]["messages"] == cleaned  # weights kept: 0 masks that turn in training
+    assert by_id["m2"]["messages"] == CONVERSATION[1:3]  # the turn after the last answer is dropped
+    assert by_id["plain"]["messages"] is None
+    assert {k: by_id["m1"][k] for k in ("instruction", "input", "response")} == chat_fields(cleaned)
+    assert by_id["m1"]["prompt"].endswith("Apply sort to item 3<|im_end|>\n<|im_start|>assistant\n")
+    assert manifest["counts"]["trailing_turns_ignored"] == 1
+    # The content hash is over the rows as stored; the rows read back give it too.
+    assert content_sha256(rows) == manifest["splits"]["train"]["content_sha256"]
+
+    # Training reads the split and the template from the manifest beside it: every trained answer has loss.
+    tok = train_tokenizer([f"Apply reverse upper sort add to item {i} result" for i in range(40)], 300)
+    renderer = resolve_chat_renderer(path, tok)
+    assert renderer.sha256 == manifest["template"]["sha256"]
+    examples = tokenize_examples(read_examples(path), tok, 1024, renderer)
+    trained = {
+        r["id"]: tok.decode([t for t in lab if t != -100]) for r, (_, lab) in zip(rows, examples, strict=True)
+    }
+    assert trained["m1"] == "result 1<|im_end|>result 3<|im_end|><|eos|>"
+    assert trained["m2"] == "result 1<|im_end|><|eos|>"
+    assert trained["plain"] == "result 4<|eos|>"
+
+    bad = [
+        {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "weight": 2}]}
+    ]
+    with pytest.raises(UsageError, match=r"record 1: messages\[2\]\.weight must be 0 or 1, got 2"):
+        prepare(bad, tmp_path / "bad")
+    empty_answer = [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " "}]}]
+    with pytest.raises(UsageError, match=r"record 1: messages need a non-empty assistant turn"):
+        prepare(empty_answer, tmp_path / "bad")
+
+
+def test_chat_template_falls_back_to_chatml_and_the_length_filter_counts_whole_conversations(
+    tmp_path, tokenizer_dir
+):
+    from transformers import AutoTokenizer
+
+    from airloom.data.prompts import load_template, render_conversation
+
+    bare = tmp_path / "bare"
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = None
+    tok.save_pretrained(bare)
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    manifest = prepare(
+        CHATS,
+        tmp_path / "out",
+        template="chat_template",
+        tokenizer=str(bare),
+        val_fraction=0,
+        test_fraction=0,
+    )
+    chatml = load_template("chatml")
+    assert manifest["template"] == {
+        "name": "chatml",
+        "kind": "builtin",
+        "sha256": hashlib.sha256(chatml.source.encode()).hexdigest(),
+        "requested": "chat_template",
+    }
+    assert _read(tmp_path / "out", "train")[0]["prompt"].startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+    # max_seq_len counts a conversation as training sees it: all its turns, rendered, plus EOS.
+    own = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cleaned = [dict(t, content=t["content"].strip()) for t in CONVERSATION]  # as prepare normalises them
+    text = render_conversation(load_template("chat_template", tokenizer=own), cleaned, own.eos_token).text
+    # The template ends each turn with EOS itself, so none is appended.
+    assert text.endswith("result 3<|eos|>") and text.count("<|eos|>") == len(cleaned)
+    whole = len(own(text, add_special_tokens=False)["input_ids"])
+    plain = own(render_prompt("Apply add to item 4", None), add_special_tokens=False)["input_ids"]
+    assert whole > len(plain) + 3
+    for limit, kept in ((whole, {"m1", "m2", "plain"}), (whole - 1, {"m2", "plain"})):
+        manifest = prepare(
+            CHATS,
+            tmp_path / f"len{limit}",
+            template="chat_template",
+            tokenizer=str(tokenizer_dir),
+            max_seq_len=limit,
+            val_fraction=0,
+            test_fraction=0,
+        )
+        assert {r["id"] for r in _read(tmp_path / f"len{limit}", "train")} == kept
+        assert manifest["dropped_ids"]["too_long"] == sorted({"m1", "m2", "plain"} - kept)
+
+
 def test_a_user_template_error_names_the_template_and_the_line(tmp_path):
     good = tmp_path / "mine.j2"
     good.write_text("Q: {{ instruction }}{% if input %} ({{ input }}){% endif %}\nA:", encoding="utf-8")

@@ -103,9 +103,19 @@ def test_chat_template_uses_the_tokenizers_own_template(tiny_tokenizer):
 
     with pytest.raises(UsageError, match=r"give a tokenizer"):
         load_template("chat_template")
-    bare = tiny_tokenizer["bare"]
-    with pytest.raises(UsageError, match=r"has no chat template; use template 'chatml' or 'alpaca'"):
-        load_template("chat_template", tokenizer=bare)
+    # A tokenizer without a chat template gets ChatML, and the manifest says so.
+    fallback = load_template("chat_template", tokenizer=tiny_tokenizer["bare"])
+    chatml = load_template("chatml")
+    assert fallback.render(prompt_context("Hi there", "", messages)) == chatml.render(
+        prompt_context("Hi there", "", messages)
+    )
+    assert fallback.as_manifest() == {
+        "name": "chatml",
+        "kind": "builtin",
+        "sha256": hashlib.sha256(chatml.source.encode()).hexdigest(),
+        "requested": "chat_template",
+    }
+    assert fallback.multi_turn and renderer.multi_turn and not load_template("alpaca").multi_turn
 
 
 def test_a_user_template_file_renders_the_record(tmp_path):
@@ -163,3 +173,59 @@ def test_bad_template_specs_are_usage_errors(tmp_path):
     latin.write_bytes(b"caf\xe9 {{ instruction }}")
     with pytest.raises(UsageError, match=r"cannot read prompt template .*latin\.j2"):
         load_template(str(latin))
+
+
+TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris", "weight": 1},
+]
+
+
+def test_chatml_renders_as_a_hugging_face_chat_template_would(tiny_tokenizer):
+    """The built-in ChatML is also a valid chat_template: a model trained on it can carry it, and
+    apply_chat_template (trim_blocks, lstrip_blocks) renders the same text as the sandbox."""
+    from transformers import AutoTokenizer
+
+    chatml = load_template("chatml")
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer["bare"].name_or_path)
+    tok.chat_template = chatml.source
+    for turns, generation in ((TURNS[:4], True), (TURNS[:2], True), (TURNS, False), (TURNS[:3], False)):
+        ours = chatml.render_turns(turns, add_generation_prompt=generation)
+        assert ours == tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation)
+    assert chatml.render_turns(TURNS, add_generation_prompt=False).endswith("Paris<|im_end|>\n")
+
+
+def test_render_conversation_finds_each_assistant_turn(tiny_tokenizer, tmp_path):
+    from airloom.data.prompts import render_conversation
+
+    chatml = load_template("chatml")
+    weighted = [*TURNS[:2], dict(TURNS[2], weight=0), *TURNS[3:]]
+    conversation = render_conversation(chatml, weighted, eos_token="<|eos|>")
+    assert conversation.text.endswith("<|im_start|>assistant\nParis<|im_end|><|eos|>")
+    assert [conversation.text[a:b] for a, b in conversation.spans] == ["Paris<|im_end|><|eos|>"]
+    both = render_conversation(chatml, TURNS)  # no EOS token: nothing appended
+    assert [both.text[a:b] for a, b in both.spans] == ["Hello.<|im_end|>", "Paris<|im_end|>"]
+    assert render_conversation(chatml, TURNS, spans=False) == type(both)(both.text, [])
+
+    # A user template that reads add_generation_prompt renders conversations like the built-ins.
+    mine = tmp_path / "mine.j2"
+    mine.write_text(
+        "{% for m in messages %}{{ m.role | upper }}: {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}",
+        encoding="utf-8",
+    )
+    spans = render_conversation(load_template(str(mine)), TURNS)
+    assert [spans.text[a:b] for a, b in spans.spans] == [" Hello.", " Paris"]
+
+    # One that adds its generation prompt whatever is asked cannot place the turns: said plainly.
+    always = tmp_path / "always.j2"
+    always.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:")
+    with pytest.raises(UsageError, match=r"always\.j2' on row 3: turn 2 is not rendered after the turns"):
+        render_conversation(load_template(str(always)), TURNS, where="row 3")
+    with pytest.raises(UsageError, match=r"template 'alpaca' renders single prompts, not conversations"):
+        render_conversation(load_template("alpaca"), TURNS)
+    with pytest.raises(UsageError, match=r"must end with an assistant turn"):
+        render_conversation(chatml, TURNS[:4])
