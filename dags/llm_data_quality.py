@@ -31,6 +31,7 @@ from airflow.sdk import DAG, Param
 from airloom.airflow.assets import PREPARED_DATASET
 from airloom.airflow.defaults import DEFAULT_ARGS, RAW_DATA
 from airloom.airflow.operators.data import DataProfileOperator, PrepareDatasetOperator, ValidateDataOperator
+from airloom.data.prompts import TEMPLATE_HELP
 
 with DAG(
     dag_id="llm_data_quality",
@@ -48,7 +49,8 @@ with DAG(
             type="string",
             minLength=1,
             title="Raw data",
-            description="File, folder or glob of JSONL/JSON/CSV/Parquet instruction records",
+            description="File, folder, glob or s3:// URI of JSONL/JSON/CSV/Parquet instruction records "
+            "or conversations (OpenAI messages, ShareGPT conversations)",
         ),
         "suite": Param(
             None,
@@ -62,19 +64,23 @@ with DAG(
             type=["null", "object"],
             title="Field mapping",
             description='Source key -> record field, e.g. {"question": "instruction", "answer": '
-            '"response"} (fields: instruction, input, response, id, task, messages); '
-            "empty: recognised (Alpaca, Dolly, prompt/completion, chat messages)",
+            '"response"} (fields: instruction, input, response, id, task); for another chat layout '
+            '{"dialog": "messages", "speaker": "role", "text": "content", "bot": "assistant"}; '
+            '{"instances": "expand"} reads a list of examples under one row as one row each. '
+            "Empty: recognised (ours, Alpaca, Dolly, prompt/completion, OpenAI messages, ShareGPT)",
         ),
         "seed": Param(0, type="integer", minimum=0, title="Split seed"),
         "val_fraction": Param(0.1, type="number", minimum=0, maximum=0.5),
         "test_fraction": Param(0.1, type="number", minimum=0, maximum=0.5),
         "template": Param(
-            "alpaca",
+            "auto",
             type="string",
             minLength=1,
             title="Prompt template",
-            description="alpaca, chatml, chat_template (the tokenizer's own) or the path of "
-            "a Jinja2 template file (rendered in a sandbox)",
+            examples=list(TEMPLATE_HELP),
+            values_display=TEMPLATE_HELP,
+            description="Which formats each template serves is shown with it; or the path of a "
+            "Jinja2 template file (rendered in a sandbox)",
         ),
         "pii_policy": Param(
             "mask",

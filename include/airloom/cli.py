@@ -495,12 +495,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", help="registry URI: a folder or s3://bucket/prefix (env AIRLOOM_REGISTRY)")
     sub = p.add_subparsers(dest="command", required=True)
 
+    from airloom.data.prompts import TEMPLATE_HELP  # light: no Jinja2 until a template loads
+
     def add_field_map(sp):
         sp.add_argument(
             "--field-map",
             metavar="SRC=FIELD,...",
-            help="source keys to record fields (instruction, input, response, id, task, messages), "
-            "e.g. question=instruction,answer=response; default: the layout is recognised",
+            help="source keys to record fields (instruction, input, response, id, task), e.g. "
+            "question=instruction,answer=response; another chat layout: "
+            "dialog=messages,speaker=role,text=content,bot=assistant; KEY=expand reads a list of "
+            "examples under KEY as one row each; default: the layout is recognised (ours, Alpaca, "
+            "Dolly, prompt/completion, OpenAI messages, ShareGPT)",
         )
 
     def add(name, func, help_):
@@ -546,8 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--test-fraction", type=float, default=0.1)
     sp.add_argument(
         "--template",
-        default="alpaca",
-        help="alpaca, chatml, chat_template (the tokenizer's own) or a Jinja2 template file",
+        default="auto",
+        help="; ".join(TEMPLATE_HELP.values()) + "; or the path of a Jinja2 template file (sandboxed)",
     )
     sp.add_argument(
         "--pii-policy",

@@ -1,4 +1,5 @@
-"""Read instruction records from JSONL, JSON, CSV or Parquet without letting one bad row stop the read.
+"""Read instruction records and conversations from JSONL, JSON, CSV or Parquet without letting one bad
+row stop the read.
 
 Every row that cannot become a record is reported as a :class:`Finding` (file, line, field, reason)
 and kept out of ``records``; the read goes on. Only a file that cannot be opened at all is fatal.
@@ -123,9 +124,13 @@ def load_records(
             ``s3://bucket/...`` URI (an object, a prefix ending in ``/``, or a glob over keys).
         field_map: Source key -> canonical key (``instruction``, ``input``, ``response``, ``id``,
             ``task``), e.g. ``{"question": "instruction", "answer": "response"}``. Canonical keys not
-            targeted by the map are still read as themselves. Without a map, each file's layout is
-            recognised among :data:`SCHEMAS` (ours, Alpaca, Dolly, prompt/completion) from its first
-            :data:`CHUNK_ROWS` rows.
+            targeted by the map are still read as themselves. A chat layout is named with the targets
+            ``messages`` (the list of turns), ``role``, ``content`` and role names (``{"bot":
+            "assistant"}``): see :func:`airloom.data.chat.layout_from_field_map`; ``{KEY: "expand"}``
+            reads a list of examples under ``KEY`` as one row each (its line shared). Without a map,
+            each file's layout is recognised among :data:`SCHEMAS` (ours, Alpaca, Dolly,
+            prompt/completion) and the chat layouts (OpenAI ``messages``, ShareGPT
+            ``conversations``: :data:`airloom.data.chat.LAYOUTS`) from its first :data:`CHUNK_ROWS` rows.
         s3_client: The boto3 S3 client for ``s3://`` sources (Airflow tasks pass the one of their
             connection); None builds one as the registry does: boto3's credential chain, with
             ``AWS_ENDPOINT_URL`` honoured.

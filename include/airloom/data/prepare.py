@@ -13,6 +13,7 @@ conversations). Older datasets hold the same columns as ``<split>.jsonl``;
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import html
 import itertools
@@ -34,8 +35,10 @@ import numpy as np
 from airloom.data.chat import chat_fields
 from airloom.data.neardup import DEFAULT_THRESHOLD as DEFAULT_NEAR_THRESHOLD
 from airloom.data.prompts import (
+    AUTO_TEMPLATE,
     BUILTIN_TEMPLATES,
     CHAT_TEMPLATE,
+    DEFAULT_TEMPLATE,
     load_template,
     prompt_context,
     render_conversation,
@@ -84,7 +87,7 @@ def prepare(
     seed: int = 0,
     val_fraction: float = 0.1,
     test_fraction: float = 0.1,
-    template: str = "alpaca",
+    template: str = AUTO_TEMPLATE,
     dedup: bool = True,
     pii_policy: str = "mask",
     max_seq_len: int | None = None,
@@ -178,17 +181,22 @@ def prepare(
     if max_seq_len is not None:
         if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
             raise UsageError(f"max_seq_len must be a positive number of tokens or None, got {max_seq_len!r}")
-    if template not in BUILTIN_TEMPLATES and not (template and Path(template).is_file()):
+    if template not in (*BUILTIN_TEMPLATES, AUTO_TEMPLATE) and not (template and Path(template).is_file()):
         raise UsageError(
-            f"unknown prompt template {template!r}: not a built-in ({', '.join(BUILTIN_TEMPLATES)}) "
-            "and no such file"
+            f"unknown prompt template {template!r}: not a built-in "
+            f"({', '.join((AUTO_TEMPLATE, *BUILTIN_TEMPLATES))}) and no such file"
         )
-    # Peek at the first record so an empty input fails before a tokenizer is loaded, as it always did.
+    # Peek at the first chunk so an empty input fails before a tokenizer is loaded, as it always did, and
+    # "auto" can see whether the data holds conversations.
     records = iter(records)
-    first = next(records, _NO_RECORD)
-    if first is _NO_RECORD:
+    head = list(itertools.islice(records, CHUNK_ROWS))
+    if not head:
         raise UsageError("no records to prepare; did validation accept any row?")
-    records = itertools.chain((first,), records)
+    records = itertools.chain(head, records)
+    requested = template
+    if template == AUTO_TEMPLATE:
+        chats = any(isinstance(rec.get("messages"), list) for rec in head)
+        template = (CHAT_TEMPLATE if tokenizer else "chatml") if chats else DEFAULT_TEMPLATE
 
     tok, tok_info = None, None
     if template == CHAT_TEMPLATE or max_seq_len is not None:
@@ -197,6 +205,8 @@ def prepare(
             raise UsageError(f"{why} needs a tokenizer: give a model folder or registry:NAME reference")
         tok, tok_info = load_tokenizer(tokenizer)
     renderer = load_template(template, tokenizer=tok)
+    if requested == AUTO_TEMPLATE:
+        renderer = dataclasses.replace(renderer, requested=AUTO_TEMPLATE)
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():

@@ -76,6 +76,17 @@ BUILTIN_SOURCES: dict[str, str] = {
 }
 CHAT_TEMPLATE = "chat_template"
 BUILTIN_TEMPLATES: tuple[str, ...] = ("alpaca", "chatml", CHAT_TEMPLATE)
+#: Preparation's choice by the data: ``chat_template`` when it holds conversations, else ``alpaca``.
+AUTO_TEMPLATE = "auto"
+#: What each template serves, for forms and help texts.
+TEMPLATE_HELP: dict[str, str] = {
+    AUTO_TEMPLATE: "auto: the tokenizer's chat template (ChatML if it has none) when the data holds "
+    "conversations, else alpaca",
+    "alpaca": "alpaca: instruction rows; a conversation trains on its last answer only",
+    "chatml": "chatml: conversations (loss on every assistant turn), instruction rows as one user turn",
+    CHAT_TEMPLATE: "chat_template: the tokenizer's own (ChatML if it has none), for conversations and "
+    "instruction rows",
+}
 
 
 def render_prompt(instruction: str, input: str | None = None, template: str = DEFAULT_TEMPLATE) -> str:

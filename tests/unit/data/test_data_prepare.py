@@ -235,10 +235,17 @@ def test_chat_records_take_the_last_assistant_turn_as_the_response(tmp_path):
     assert rows["plain"]["prompt"] == "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
 
     # alpaca, a single-turn format, still sees the whole conversation through instruction + input
-    prepare(chat, tmp_path / "alpaca", val_fraction=0.0, test_fraction=0.0)
+    prepare(chat, tmp_path / "alpaca", template="alpaca", val_fraction=0.0, test_fraction=0.0)
     c1 = next(r for r in _read(tmp_path / "alpaca", "train") if r["id"] == "c1")
     history = "system: Be brief.\nuser: Hi\nassistant: Hello."
     assert c1["prompt"] == render_prompt("Capital of France?", history)
+
+    # the default, auto: a chat template for data that holds conversations (ChatML without a tokenizer),
+    # alpaca for instruction rows alone
+    auto = prepare(chat, tmp_path / "auto", val_fraction=0.0, test_fraction=0.0)
+    assert auto["template"] == {**manifest["template"], "requested": "auto"}
+    plain = prepare(chat[-1:], tmp_path / "plain", val_fraction=0.0, test_fraction=0.0)
+    assert (plain["template"]["name"], plain["template"]["requested"]) == ("alpaca", "auto")
 
     no_answer = [{"messages": [{"role": "user", "content": "Hi"}], "_line": 4}]
     with pytest.raises(UsageError, match=r"record 1 \(line 4\): messages need a non-empty assistant turn"):

@@ -27,7 +27,7 @@ def _chunks(path: str, s3_client: Any, field_map: Any = None):
 
 
 class ValidateDataOperator(AirloomBaseOperator):
-    """Read raw instruction data and validate it; fail the task when the suite fails.
+    """Read raw instruction data or conversations and validate them; fail the task when the suite fails.
 
     :param source: a file, folder or glob (JSONL, JSON, CSV, Parquet), local or ``s3://``.
     :param suite: a YAML file of validation thresholds, or a dict of them; None = defaults.
@@ -35,8 +35,9 @@ class ValidateDataOperator(AirloomBaseOperator):
     :param output_dir: where validation.json and .html, accepted/quarantined rows and Data Docs go.
     :param tokenizer: the model's tokenizer (folder, ``registry:NAME`` or hub id), overriding the suite's:
         token lengths in the profile, and per-row bounds when the suite sets ``max_tokens``; empty = the suite's.
-    :param field_map: source key -> record field (a dict, JSON text or ``src=field,...``); empty = the
-        layout is recognised (ours, Alpaca, Dolly, prompt/completion, chat messages).
+    :param field_map: source key -> record field (a dict, JSON text or ``src=field,...``; chat layouts
+        and ``KEY=expand``: see :func:`airloom.data.load.iter_chunks`); empty = the layout is recognised
+        (ours, Alpaca, Dolly, prompt/completion, OpenAI messages, ShareGPT conversations).
     """
 
     template_fields: Sequence[str] = (
@@ -170,7 +171,8 @@ class PrepareDatasetOperator(AirloomBaseOperator):
     The prepared folder is also published as ``$AIRLOOM_HOME/datasets/latest.json`` so a manual
     fine-tuning run finds the newest dataset without being told.
 
-    :param template: ``alpaca``, ``chatml``, ``chat_template`` (the tokenizer's) or a Jinja2 file path.
+    :param template: ``auto`` (``chat_template`` for conversations, else ``alpaca``), ``alpaca``,
+        ``chatml``, ``chat_template`` (the tokenizer's; ChatML if none) or a Jinja2 file path.
     :param pii_policy: ``mask``, ``drop`` or ``keep``.
     :param max_seq_len: drop rows longer than this many tokens; None = no filter.
     :param tokenizer: model folder or ``registry:NAME[/N|@ALIAS]``; loaded only when the template or
@@ -201,7 +203,7 @@ class PrepareDatasetOperator(AirloomBaseOperator):
         seed: int = 0,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
-        template: str = "alpaca",
+        template: str = "auto",
         pii_policy: str = "mask",
         max_seq_len: int | None = None,
         tokenizer: str | None = None,
