@@ -401,7 +401,8 @@ class _Features:
         chat = np.zeros(m, dtype=bool)
         roles = {role: np.full(m, -1, dtype=np.int64) for role in ROLES}
         sizes = np.fromiter((r.get("_chars", 0) for r in records), dtype=np.int64, count=m)
-        quality = {column: np.full(m, np.nan, dtype=np.float32) for column in _QUALITY}
+        # float64: GX compares the SQL values with the bounds as Python floats, and so must we
+        quality = {column: np.full(m, np.nan, dtype=np.float64) for column in _QUALITY}
         floor = config.max_repeated_ngram_fraction
         floor = 1.0 if floor is None else floor
         for j, rec in enumerate(records):
