@@ -147,23 +147,19 @@ _ASCII_ALPHA_OR_SPACE = bytes(c for c in range(128) if chr(c).isalpha() or chr(c
 QUALITY_NGRAM = 5  # words per n-gram of the repetition measure (Gopher's shortest "duplicate n-gram")
 
 
-def quality_measures(text: str, ngram_floor: float = 0.0) -> tuple[float, float, float, float, int]:
-    """Heuristics of the kind pre-training filters apply (Rae et al. 2021, "Gopher", appendix A), as
-    ``(repeated_line_fraction, repeated_ngram_fraction, non_alpha_fraction, mean_word_length, words)``.
+def repetition(text: str, ngram_floor: float = 0.0) -> tuple[float, float, int]:
+    """How much a text repeats itself, as pre-training filters judge it (Rae et al. 2021, "Gopher",
+    appendix A): ``(repeated_line_fraction, repeated_ngram_fraction, words)``.
 
-    - repeated lines: the share of the text's characters (in non-blank lines, stripped) that sit in
-      a line repeating an earlier one; weighted by characters, so the many ``}`` of code count little;
+    - repeated lines: the share of the text's characters (in non-blank lines, stripped) that sit in a
+      line repeating an earlier one; weighted by characters, so the many ``}`` of code count little;
     - repeated n-grams: the share of word 5-grams that repeat an earlier one (a phrase repeated
       thousands of times scores ~1.0). A 5-gram can only repeat where its first word does, so
       ``(words - distinct words) / 5-grams`` bounds it; when that bound is at most ``ngram_floor``
-      (the threshold a caller judges by) the bound is returned instead of counting every 5-gram;
-    - non-alphabetic: the share of characters that are neither letters (any script) nor whitespace;
-    - mean word length, in characters, of whitespace-separated words.
+      (the threshold a caller judges by) the bound is returned instead of counting every 5-gram.
     """
     words = text.split()
     n_words = len(words)
-    if not n_words:
-        return 0.0, 0.0, 0.0, 0.0, 0
     seen: set[str] = set()
     line_chars = repeated_chars = 0
     for line in text.splitlines():
@@ -181,14 +177,17 @@ def quality_measures(text: str, ngram_floor: float = 0.0) -> tuple[float, float,
         if repeated_grams > ngram_floor:
             distinct = len(set(zip(*(words[i:] for i in range(QUALITY_NGRAM)), strict=False)))
             repeated_grams = (grams - distinct) / grams
+    return (repeated_chars / line_chars if line_chars else 0.0), repeated_grams, n_words
+
+
+def composition(text: str) -> tuple[float, float, int]:
+    """``(non_alpha_fraction, mean_word_length, words)``: the share of characters that are neither
+    letters (any script) nor whitespace, and the mean length of whitespace-separated words."""
+    words = text.split()
+    if not words:
+        return 0.0, 0.0, 0
     if text.isascii():  # bytes.translate deletes in C, ~20x faster than the regex
         non_alpha = len(text.encode("ascii").translate(None, _ASCII_ALPHA_OR_SPACE))
     else:
         non_alpha = len(_ALPHA_OR_SPACE_RE.sub("", text))
-    return (
-        repeated_chars / line_chars if line_chars else 0.0,
-        repeated_grams,
-        non_alpha / len(text),
-        sum(map(len, words)) / n_words,
-        n_words,
-    )
+    return non_alpha / len(text), sum(map(len, words)) / len(words), len(words)

@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from airloom.data.chat import ROLES, longest_turns
 from airloom.data.load import TEXT_FIELDS, Finding, LoadResult
-from airloom.data.text import CONTROL_CHARS_RE, MARKUP_RE, find_pii, has_markup, quality_measures
+from airloom.data.text import CONTROL_CHARS_RE, MARKUP_RE, composition, find_pii, has_markup, repetition
 from airloom.exceptions import UsageError
 
 # --- configuration --------------------------------------------------------------------------------
@@ -54,7 +54,8 @@ def _default_max_chars() -> dict[str, int]:
 #: Fields with character bounds: an instruction row's three, and each turn of a conversation by role
 #: (a conversation is bounded turn by turn, not through its instruction view).
 LENGTH_FIELDS = (*TEXT_FIELDS, *ROLES)
-#: Quality measures (:func:`airloom.data.text.quality_measures`) -> (check, config bounds).
+#: Quality measures (:func:`airloom.data.text.repetition` of each field or turn, the worst one;
+#: :func:`airloom.data.text.composition` of the whole row) -> (check, config bounds).
 _QUALITY = {
     "repeated_line_fraction": ("repeated_lines", None, "max_repeated_line_fraction"),
     "repeated_ngram_fraction": ("repeated_ngrams", None, "max_repeated_ngram_fraction"),
@@ -77,14 +78,16 @@ class ValidationConfig:
         max_record_chars: Most characters of text in a whole row, every key counted (also the ones the
             loader ignores); None: no bound.
         max_repeated_line_fraction: Largest share of a row's characters in lines that repeat an
-            earlier line (see :func:`airloom.data.text.quality_measures`, as the next three).
-        max_repeated_ngram_fraction: Largest share of a row's word 5-grams that repeat an earlier one.
+            earlier line of the same field or turn (see :func:`airloom.data.text.repetition`; an answer
+            that repeats the code of its input is fine).
+        max_repeated_ngram_fraction: Largest share of a field's (or turn's) word 5-grams that repeat an
+            earlier one.
         max_non_alpha_fraction: Largest share of characters that are neither letters nor whitespace.
         min_mean_word_length: Least mean word length (characters).
         max_mean_word_length: Most mean word length.
-        quality_min_words: The four quality measures judge rows of at least this many words (or 1,000
-            characters); shorter texts are too short for the shares to mean much. Each measure is off
-            when its bound is None.
+        quality_min_words: The quality measures judge texts (a field or turn for repetition, the whole
+            row for the other two) of at least this many words (or 1,000 characters); shorter texts are
+            too short for the shares to mean much. Each measure is off when its bound is None.
         max_duplicate_rate: Largest share of rows that repeat an earlier row.
         max_near_duplicate_rate: Largest share of rows that nearly repeat an earlier row (see
             :mod:`airloom.data.neardup`); such rows are quarantined like exact duplicates.
@@ -412,13 +415,8 @@ class _Features:
                 for role, (n, _) in longest_turns(turns).items():
                     if role in roles:
                         roles[role][j] = n
-            text = _row_text(rec)
-            if len(text) < 5 * config.quality_min_words:  # too few characters for that many words
-                continue
-            measures = quality_measures(text, floor)
-            if measures[4] >= config.quality_min_words or len(text) >= QUALITY_MIN_CHARS:
-                for column, value in zip(_QUALITY, measures, strict=False):
-                    quality[column][j] = value
+            for column, (value, _) in _row_quality(rec, config.quality_min_words, floor).items():
+                quality[column][j] = value
         self._parts.append("chat", chat)
         for role, values in roles.items():
             self._parts.append(f"{role}_chars", values)
@@ -595,7 +593,7 @@ def _failing(check: str | None, fld: str | None, chunk: dict, config: Validation
             bad |= lengths > hi
         return bad & (lengths >= 0)  # -1: the row has no such field
     if check == "record_length":
-        return chunk["record_chars"] > config.max_record_chars
+        return None if config.max_record_chars is None else chunk["record_chars"] > config.max_record_chars
     if check in _QUALITY_COLUMN:
         values = chunk[_QUALITY_COLUMN[check]]
         _, lo_name, hi_name = _QUALITY[_QUALITY_COLUMN[check]]
@@ -835,11 +833,11 @@ def _row_message(
         )
     if check in _QUALITY_COLUMN:
         column = _QUALITY_COLUMN[check]
-        value = quality_measures(_row_text(rec))[list(_QUALITY).index(column)]
+        value, unit = _row_quality(rec, config.quality_min_words)[column]
         _, lo_name, hi_name = _QUALITY[column]
         what = {
-            "repeated_lines": "of the row's characters are in lines that repeat an earlier line",
-            "repeated_ngrams": "of the row's word 5-grams repeat an earlier one",
+            "repeated_lines": f"of {unit}'s characters are in lines that repeat an earlier line",
+            "repeated_ngrams": f"of {unit}'s word 5-grams repeat an earlier one",
             "non_alpha_text": "of the row's characters are neither letters nor whitespace",
         }
         if check == "mean_word_length":
@@ -875,11 +873,34 @@ def _row_message(
     return check, check
 
 
-def _row_text(rec: dict) -> str:
-    """The text the quality measures judge: every turn of a conversation, or the three fields."""
-    if rec.get("messages"):
-        return "\n".join(t["content"] for t in rec["messages"])
-    return "\n".join((rec.get("instruction") or "", rec.get("input") or "", rec.get("response") or ""))
+def _row_quality(rec: dict, min_words: int, ngram_floor: float = 0.0) -> dict[str, tuple[float, str | None]]:
+    """The quality measures of a row that is long enough to judge, each with where it was measured:
+    repetition per field (or turn), the worst one, since a field may rightly repeat another (a fixed
+    program repeats the one it was given); composition over the whole row."""
+    turns = rec.get("messages")
+    if turns:
+        key = rec.get("_turn_key", "messages[{}].content")
+        units = [(key.format(i), t["content"]) for i, t in enumerate(turns)]
+    else:
+        units = [(f, rec.get(f) or "") for f in TEXT_FIELDS]
+    out: dict[str, tuple[float, str | None]] = {}
+    min_chars = 5 * min_words  # fewer characters cannot hold that many words: skip the split
+    for unit, text in units:
+        if len(text) < min_chars:
+            continue
+        lines, ngrams, words = repetition(text, ngram_floor)
+        if words >= min_words or len(text) >= QUALITY_MIN_CHARS:
+            if lines > out.get("repeated_line_fraction", (-1.0, None))[0]:
+                out["repeated_line_fraction"] = (lines, unit)
+            if ngrams > out.get("repeated_ngram_fraction", (-1.0, None))[0]:
+                out["repeated_ngram_fraction"] = (ngrams, unit)
+    whole = "\n".join(text for _, text in units)
+    if len(whole) >= min_chars:
+        non_alpha, word_length, words = composition(whole)
+        if words >= min_words or len(whole) >= QUALITY_MIN_CHARS:
+            out["non_alpha_fraction"] = (non_alpha, None)
+            out["mean_word_length"] = (word_length, None)
+    return out
 
 
 def _turn_of(fld: str, rec: dict, config: ValidationConfig) -> str:
@@ -1144,6 +1165,8 @@ def _judge(
                         target = _turn_of(fld, rec, config)
                     elif check == "record_length":
                         target = rec.get("_longest")
+                    elif check in ("repeated_lines", "repeated_ngrams"):
+                        target = _row_quality(rec, config.quality_min_words)[_QUALITY_COLUMN[check]][1]
                     else:
                         target = (None if fld == "total" else fld) or _field_of(check, rec)
                     severity = "error" if name in _QUARANTINING else "warning"

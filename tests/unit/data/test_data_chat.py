@@ -220,9 +220,12 @@ def test_the_default_suite_catches_huge_fields_and_repeated_text(tmp_path):
     huge = by_line[11]["record_too_long"]
     assert huge.field == "notes" and "holds 120,0" in huge.message and "max_record_chars" in huge.message
     repeated = by_line[21]["repeated_ngrams"]
-    assert repeated.severity == "error" and "99.9% of the row's word 5-grams repeat" in repeated.message
-    assert "repeated_lines" in by_line[31] and "of the row's characters are in lines that repeat" in (
-        by_line[31]["repeated_lines"].message
+    assert repeated.severity == "error" and repeated.field == "response"
+    assert repeated.message.startswith("100.0% of response's word 5-grams repeat an earlier one; at most 50%")
+    lines = by_line[31]["repeated_lines"]  # a conversation: the turn is named
+    assert (
+        lines.field == "messages[1].content"
+        and "of messages[1].content's characters are in lines" in lines.message
     )
     quarantined = {json.loads(q)["line"] for q in result.quarantine_path.read_text().splitlines()}
     assert {11, 21, 31} <= quarantined
