@@ -219,6 +219,7 @@ def cmd_evaluate_run(args) -> int:
         Path(args.out),
         limit=args.limit,
         max_new_tokens=args.max_new_tokens,
+        dataset_file=args.data,  # conversations are rendered with the template the dataset was prepared with
     )
     results = check_gates(metrics, parse_gates(args.gates)) if args.gates else []
     text = "\n".join(

@@ -29,10 +29,13 @@ PARTITION_DATE = (
     "{{ t | ds if dag_run.logical_date and (t | ts).endswith('T00:00:00+00:00')"
     " else macros.ds_add(t | ds, -1) }}"
 )
+# Conversations, rendered through the deployed model's own template by the canary (as the chat endpoint
+# renders them): a chat model is asked in its chat template, an instruction model gets the alpaca prompt
+# of the user turn, the blank line parting instruction from input.
 CANARY_PROMPTS = [
-    "### Instruction:\nWrite the number in words.\n### Input:\n42\n### Response:\n",
-    "### Instruction:\nWrite the date in words.\n### Input:\n2026-03-14\n### Response:\n",
-    "### Instruction:\nWhat is the last word?\n### Input:\napple river stone\n### Response:\n",
+    [{"role": "user", "content": "Write the number in words.\n\n42"}],
+    [{"role": "user", "content": "Write the date in words.\n\n2026-03-14"}],
+    [{"role": "user", "content": "What is the last word?\n\napple river stone"}],
 ]
 
 # The sign-off policy the sign-off sensor, deploy and rollback apply and the UI plugin enforces. Approvers

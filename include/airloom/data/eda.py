@@ -25,7 +25,6 @@ Validation profiles the data in its own pass (:func:`save_scan`); EDA then rende
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -53,8 +52,10 @@ from airloom.data.neardup import (
     NearDuplicates,
     scan_words,
 )
+from airloom.data.prompts import CHAT_TEMPLATE, PromptRenderer, load_template
 from airloom.data.text import CONTROL_CHARS_RE, MARKUP_RE, dedup_key, find_pii, has_markup
 from airloom.data.tokens import as_token_counter
+from airloom.exceptions import UsageError
 
 PROFILE_VERSION = 2
 QUANTILES = (0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
@@ -84,9 +85,6 @@ _BATCH = 4096
 _SYSTEM_CAP = 10_000
 _SYSTEM_TOP = 10
 _TURNS_SHOWN = 40  # bars of the turns-per-conversation histogram; longer conversations counted in "above"
-#: One turn of ChatML, which renders conversations for their token count when the tokenizer has no
-#: chat template of its own
-CHATML_TURN = "<|im_start|>{role}\n{content}<|im_end|>\n"
 _ROLE_GROUPS = (*ROLES, "other")  # turns of any other role are counted together
 _ASCII_LETTER_RE = re.compile(r"[A-Za-z]")
 _SCRIPTS = {
@@ -525,15 +523,10 @@ def _masked_preview(text: str, n: int = 80) -> str:
     return _preview(text, n)
 
 
-def _chat_template_of(counter: Any) -> str | None:
-    """The chat template of a token counter's tokenizer (a Hugging Face one may have one), else None."""
-    tokenizer = getattr(counter, "tokenizer", None)
-    source = getattr(tokenizer, "chat_template", None)
-    if isinstance(source, dict):  # several named templates: the default one renders chats
-        source = source.get("default")
-    if isinstance(source, str) and source and hasattr(tokenizer, "apply_chat_template"):
-        return source
-    return None
+def _turn_of(renderer: PromptRenderer) -> str:
+    """One turn as ``renderer`` writes it, ``{role}`` and ``{content}`` standing for its parts (the
+    report shows it for ChatML)."""
+    return renderer.render_turns([{"role": "{role}", "content": "{content}"}], add_generation_prompt=False)
 
 
 class Columns:
@@ -784,8 +777,11 @@ class Profiler:
         self._token_stride = 1
         self._token_lengths: dict[str, np.ndarray] | None = None
         self._chat_token_lengths: dict[str, np.ndarray] | None = None  # of the sample's conversations
-        # conversations are rendered for their token count: with the tokenizer's template, else ChatML
-        self.chat_template = _chat_template_of(self.tokenizer)
+        # conversations are rendered for their token count as training renders them: with the model's
+        # chat template (the tokenizer's, or its folder's), else ChatML
+        self.chat_renderer = (
+            load_template(CHAT_TEMPLATE, tokenizer=self.tokenizer) if self.tokenizer is not None else None
+        )
         self.render_errors = 0
         self.render_error: str | None = None
         self.chats = 0
@@ -993,16 +989,19 @@ class Profiler:
         return out
 
     def _render(self, turns: list[tuple[Any, str]]) -> str | None:
-        """A whole conversation as the model reads it; None when the tokenizer's template refuses it."""
-        if self.chat_template is None:
-            return "".join(CHATML_TURN.format(role=role, content=content) for role, content in turns)
+        """A whole conversation as the model reads it; None when the template refuses it."""
         try:
-            return self.tokenizer.tokenizer.apply_chat_template(
-                [{"role": role, "content": content} for role, content in turns], tokenize=False
+            return self.chat_renderer.render_turns(
+                [{"role": role, "content": content} for role, content in turns],
+                add_generation_prompt=False,
+                where="a conversation",
             )
         except Exception as exc:  # noqa: BLE001 - templates raise what they like (e.g. roles not alternating)
             self.render_errors += 1
-            self.render_error = self.render_error or f"{type(exc).__name__}: {exc}"
+            if self.render_error is None:
+                self.render_error = (
+                    str(exc) if isinstance(exc, UsageError) else f"{type(exc).__name__}: {exc}"
+                )
             return None
 
     # --- per-row results (for validation) ---------------------------------------------------------
@@ -1288,12 +1287,9 @@ class Profiler:
             over = int(np.count_nonzero(rendered > self.context)) if self.context else None
             token_info = {
                 "template": (
-                    {
-                        "name": "chat_template",
-                        "sha256": hashlib.sha256(self.chat_template.encode()).hexdigest(),
-                    }
-                    if self.chat_template is not None
-                    else {"name": "chatml", "turn": CHATML_TURN}
+                    self.chat_renderer.as_manifest()
+                    if self.chat_renderer.kind == "tokenizer"
+                    else {**self.chat_renderer.as_manifest(), "turn": _turn_of(self.chat_renderer)}
                 ),
                 "conversations": len(rendered),
                 "sampled": sampled_convs < n,

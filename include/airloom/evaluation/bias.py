@@ -159,13 +159,14 @@ def continuation_loglik(
     """Mean log-probability per token of each continuation given its prompt."""
     import torch
 
+    from airloom.data.tokens import encode
     from airloom.evaluation.generation import ensure_pad_token
 
     ensure_pad_token(tokenizer)
     examples = []
     for prompt, cont in zip(prompts, continuations, strict=True):
-        p_ids = tokenizer(prompt)["input_ids"]
-        c_ids = tokenizer(cont, add_special_tokens=False)["input_ids"]
+        p_ids = encode(tokenizer, prompt)["input_ids"]
+        c_ids = encode(tokenizer, cont)["input_ids"]
         if not c_ids:
             raise UsageError(f"continuation {cont!r} has no tokens")
         examples.append((p_ids, c_ids))
@@ -210,8 +211,10 @@ def run_bias_probes(
         templates: a probe set (``load_bias_templates``'s result), a path to one, or ``None`` for the
             project's set.
         max_new_tokens: answer length; decoding is greedy so a rerun gives the same report.
-        prompt_template: how instructions are wrapped (``render_prompt``'s templates; ``None`` sends
-            the instruction as it is), matching the format the model was trained on.
+        prompt_template: how instructions are wrapped, matching the format the model was trained on:
+            ``render_prompt``'s templates, ``"model"`` for one user turn as the model is served (its
+            chat template, else alpaca: :func:`airloom.evaluation.chat.chat_prompt`), ``None`` for the
+            instruction as it is.
 
     Returns:
         ``{"n_templates", "n_prompts", "n_pairs", "overall": {exact_equal_rate,
@@ -222,6 +225,7 @@ def run_bias_probes(
         outputs, ``jaccard_distance``, ``equal`` and both continuation log-likelihoods.
     """
     from airloom.data.prompts import render_prompt
+    from airloom.evaluation.chat import chat_prompt, model_template, turn_end
     from airloom.evaluation.generation import generate
 
     if templates is None or isinstance(templates, str | Path):
@@ -230,6 +234,8 @@ def run_bias_probes(
         probe_set = validate_bias_templates(templates, source=str(templates.get("source", "bias templates")))
     dims = probe_set["dimensions"]
 
+    chat = model_template(tokenizer) if prompt_template == "model" else None
+    end = turn_end(chat)  # a chat model ends its answer there (see airloom.evaluation.chat)
     # One prompt per (template, set, group).
     items = []
     for tpl in probe_set["templates"]:
@@ -237,9 +243,12 @@ def run_bias_probes(
         for set_index, values_by_group in enumerate(dim["sets"]):
             for group in dim["groups"]:
                 instruction = fill_slots(tpl["instruction"], values_by_group[group])
-                prompt = (
-                    render_prompt(instruction, template=prompt_template) if prompt_template else instruction
-                )
+                if prompt_template == "model":
+                    prompt = chat_prompt([{"role": "user", "content": instruction}], tokenizer, chat)
+                elif prompt_template:
+                    prompt = render_prompt(instruction, template=prompt_template)
+                else:
+                    prompt = instruction
                 items.append(
                     {
                         "template": tpl,
@@ -250,7 +259,14 @@ def run_bias_probes(
                     }
                 )
     prompts = [it["prompt"] for it in items]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    outputs = generate(
+        model,
+        tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        stop_strings=[end] if end else None,
+    )
     logliks = continuation_loglik(
         model, tokenizer, prompts, [it["template"]["continuation"] for it in items], batch_size=batch_size
     )

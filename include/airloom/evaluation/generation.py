@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from airloom.data.tokens import encode
 from airloom.exceptions import UsageError
 
 
@@ -84,8 +85,9 @@ def generate(
 ) -> list[str]:
     """Complete each prompt; returns the new text only, in the order of ``prompts``.
 
-    Prompts are batched by length (less padding, and the longest batch runs first so an out-of-memory
-    error shows up at once) and left-padded, so every row's new tokens start at the same column.
+    Prompts are encoded as training encodes them (no special tokens added: :func:`airloom.data.tokens.encode`),
+    batched by length (less padding, and the longest batch runs first so an out-of-memory error shows
+    up at once) and left-padded, so every row's new tokens start at the same column.
     Each completion is cut at the first eos token and at the earliest stop string, then stripped.
     """
     if batch_size < 1:
@@ -95,7 +97,7 @@ def generate(
     ensure_pad_token(tokenizer)
     eos_ids = eos_token_ids(model, tokenizer)
     device = next(model.parameters()).device
-    lengths = [len(ids) for ids in tokenizer(list(prompts))["input_ids"]]
+    lengths = [len(ids) for ids in encode(tokenizer, list(prompts))["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     gen_kwargs: dict = {
         "max_new_tokens": max_new_tokens,
@@ -112,7 +114,7 @@ def generate(
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start : start + batch_size]
-                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
+                enc = encode(tokenizer, [prompts[i] for i in idx], return_tensors="pt", padding=True)
                 input_ids = enc["input_ids"].to(device)
                 out = model.generate(
                     input_ids=input_ids, attention_mask=enc["attention_mask"].to(device), **gen_kwargs
@@ -143,28 +145,37 @@ def perplexity(
 
     Prompt tokens are masked with -100, so only the answer is scored; the eos token is scored too
     (``add_eos``) because knowing where to stop is part of the answer. Prompt and response are
-    tokenised separately so the mask boundary is exact. Sequences longer than the model's context
-    keep their last tokens.
+    encoded separately, as training encodes them (no special tokens added), so the mask boundary is
+    exact. Sequences longer than the model's context keep their last tokens.
     """
-    import torch.nn.functional as F
-
     if len(prompts) != len(responses):
         raise UsageError(f"got {len(prompts)} prompts but {len(responses)} responses")
+    examples = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        p_ids = encode(tokenizer, prompt)["input_ids"]
+        r_ids = encode(tokenizer, response)["input_ids"]
+        if add_eos and tokenizer.eos_token_id is not None:
+            r_ids = [*r_ids, tokenizer.eos_token_id]
+        examples.append((p_ids + r_ids, [-100] * len(p_ids) + r_ids))
+    return example_perplexity(model, tokenizer, examples, batch_size)
+
+
+def example_perplexity(
+    model, tokenizer, examples: Sequence[tuple[list[int], list[int]]], batch_size: int = 32
+) -> float:
+    """exp(mean negative log-likelihood) of the labelled tokens of ``(input_ids, labels)`` examples
+    (labels -100 where nothing is scored), e.g. as :func:`airloom.evaluation.chat.answer_example` builds
+    them. Sequences longer than the model's context keep their last tokens."""
+    import torch.nn.functional as F
+
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
     ensure_pad_token(tokenizer)
     max_len = getattr(model.config, "max_position_embeddings", None)
-    examples = []
-    for prompt, response in zip(prompts, responses, strict=True):
-        p_ids = tokenizer(prompt)["input_ids"]
-        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-        if add_eos and tokenizer.eos_token_id is not None:
-            r_ids = [*r_ids, tokenizer.eos_token_id]
-        ids = p_ids + r_ids
-        labels = [-100] * len(p_ids) + r_ids
-        if max_len and len(ids) > max_len:
-            ids, labels = ids[-max_len:], labels[-max_len:]
-        examples.append((ids, labels))
+    examples = [
+        (ids[-max_len:], labels[-max_len:]) if max_len and len(ids) > max_len else (ids, labels)
+        for ids, labels in examples
+    ]
     examples.sort(key=lambda e: len(e[0]))
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0

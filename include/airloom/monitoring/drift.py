@@ -69,30 +69,60 @@ def drift_report(reference: list[dict], current: list[dict]) -> dict:
 
 
 def profile_records(records: list[dict]) -> list[dict]:
-    """Records in the EDA's shape (instruction, input, response) from training rows or served traffic.
+    """Records in the EDA's shape, each in its own format, from training rows or served traffic.
 
-    Rows that already have ``instruction`` keep their fields; otherwise the rendered ``prompt`` is
-    parsed back (alpaca template; other text is all instruction) and ``response`` is the served answer.
+    A conversation stays one: a prepared chat row keeps its ``messages``, and a chat request served
+    with a chat template becomes its turns followed by the served answer (``messages`` + ``response``),
+    with the instruction view (:func:`airloom.data.chat.chat_fields`) as ``instruction``, ``input``,
+    ``response``, so the EDA profiles its turns, roles and system prompts as it does the training
+    data's. Other rows that have ``instruction`` keep their fields; otherwise the rendered ``prompt`` is
+    what the model read: parsed back as an alpaca prompt (other text is all instruction), with
+    ``response`` the served answer. A chat request served with alpaca (a model without a chat
+    template) is such a row: the model read it as an instruction row.
     """
+    from airloom.data.chat import chat_fields
     from airloom.data.prompts import split_alpaca
 
     out = []
     for i, rec in enumerate(records):
+        row = {"_line": rec.get("_line", i + 1), "id": rec.get("id"), "task": rec.get("task")}
+        turns = _turns(rec)
+        if turns is not None:
+            out.append({**row, **chat_fields(turns), "messages": turns})
+            continue
         if rec.get("instruction"):
             instruction, inp = str(rec["instruction"]), str(rec.get("input") or "")
         else:
             instruction, inp = split_alpaca(str(rec.get("prompt") or ""))
         out.append(
-            {
-                "_line": rec.get("_line", i + 1),
-                "id": rec.get("id"),
-                "task": rec.get("task"),
-                "instruction": instruction,
-                "input": inp,
-                "response": str(rec.get("response") or ""),
-            }
+            {**row, "instruction": instruction, "input": inp, "response": str(rec.get("response") or "")}
         )
     return out
+
+
+def _turns(rec: dict) -> list[dict] | None:
+    """The conversation of a prepared chat row, or of a served chat request and its answer; None for an
+    instruction row and for a request the model read as an alpaca prompt."""
+    messages = rec.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return None
+    turns = [
+        {"role": str(m.get("role")), "content": m["content"] if isinstance(m.get("content"), str) else ""}
+        for m in messages
+        if isinstance(m, dict)
+    ]
+    if turns and turns[-1]["role"] == "assistant":  # a prepared row: it ends with its answer
+        return turns
+    if _is_alpaca(str(rec.get("prompt") or "")):
+        return None
+    return [*turns, {"role": "assistant", "content": str(rec.get("response") or "")}]
+
+
+def _is_alpaca(prompt: str) -> bool:
+    from airloom.data.prompts import TEMPLATES
+
+    head, tail = TEMPLATES["alpaca"].without_input.split("{instruction}")
+    return prompt.startswith(head) and prompt.endswith(tail)
 
 
 def input_drift(reference_profile: dict, current: list[dict], out_dir: Path) -> dict:

@@ -262,21 +262,17 @@ def rating_sign(rating: str | int) -> int:
 
 
 def render_chat(messages: list[ChatMessage], tokenizer: Any) -> str:
-    """The tokenizer's chat template if it has one; else the project's alpaca prompt.
+    """The prompt the model reads for ``messages``: rendered with the model folder's chat template (the
+    one it trained with), else alpaca on the last user turn, for a model trained on instruction rows
+    (:func:`airloom.evaluation.chat.chat_prompt`, which the canary renders with too)."""
+    from airloom.evaluation.chat import chat_prompt
+    from airloom.exceptions import UsageError
 
-    Alpaca is single-turn: the last user message is the instruction, and a blank line in it
-    separates instruction from input (the inverse of :func:`airloom.data.prompts.prompt_context`).
-    """
     turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    from airloom.data.prompts import render_prompt
-
-    users = [t["content"] for t in turns if t["role"] == "user"]
-    if not users:
-        raise OpenAIError(400, "messages must contain a user message", param="messages")
-    instruction, _, inp = users[-1].partition("\n\n")
-    return render_prompt(instruction.strip(), inp.strip() or None)
+    try:
+        return chat_prompt(turns, tokenizer)
+    except UsageError as exc:
+        raise OpenAIError(400, str(exc), param="messages") from exc
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -375,6 +371,11 @@ def create_app(
         temperature = 1.0 if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p
         n = req.n or 1
+        stop = req.stops()
+        if isinstance(req, ChatRequest) and loaded.turn_end and loaded.turn_end not in stop:
+            # The end of an assistant turn in the model's chat template: the answer ends there, not at
+            # the EOS the model writes after it (see airloom.evaluation.chat).
+            stop += (loaded.turn_end,)
         if len(prompts) * n * max_tokens > max_request_tokens:
             times = f"{len(prompts)} prompts × " if len(prompts) > 1 else ""
             raise OpenAIError(
@@ -396,7 +397,7 @@ def create_app(
                     param="prompt" if isinstance(req, CompletionRequest) else "messages",
                     code="context_length_exceeded",
                 )
-            rows.extend(GenRequest(p, max_tokens, temperature, top_p, req.stops()) for _ in range(n))
+            rows.extend(GenRequest(p, max_tokens, temperature, top_p, stop) for _ in range(n))
         return rows
 
     async def _run(prompts: list[str], req: _Sampling, max_tokens: int, kind: str, messages: list | None):

@@ -31,9 +31,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from airloom.data.tokens import encode
 from airloom.exceptions import CheckFailed, UsageError
 from airloom.registry.registry import MANIFEST, ModelRegistry
 from airloom.registry.store import sha256_file
@@ -98,7 +100,15 @@ class LoadedModel:
     counting_tokenizer: Any = field(default=None, repr=False)
 
     def count_tokens(self, text: str) -> int:
-        return len((self.counting_tokenizer or self.tokenizer)(text)["input_ids"])
+        """Tokens of a prompt as the model is fed it (no special tokens added, as in training)."""
+        return len(encode(self.counting_tokenizer or self.tokenizer, text)["input_ids"])
+
+    @cached_property
+    def turn_end(self) -> str:
+        """The text the model's chat template ends an assistant turn with (``""``: none, or no template)."""
+        from airloom.evaluation.chat import model_template, turn_end
+
+        return turn_end(model_template(self.counting_tokenizer or self.tokenizer))
 
     @property
     def ref(self) -> str:
@@ -197,7 +207,7 @@ def _finish(
     cut = cut_at_stop_strings(text, req.stop)
     if len(cut) != len(text):
         text, finish = cut, "stop"
-        n_completion = len(tok(text, add_special_tokens=False)["input_ids"]) if text else 0
+        n_completion = len(encode(tok, text)["input_ids"]) if text else 0
     return GenResult(text, finish, prompt_tokens, n_completion)
 
 
@@ -302,7 +312,7 @@ def generate_rows(
     tok.padding_side = "left"
     with torch.inference_mode():
         for (do_sample, temperature, top_p), idx in groups.items():
-            enc = tok([rows[i].prompt for i in idx], return_tensors="pt", padding=True)
+            enc = encode(tok, [rows[i].prompt for i in idx], return_tensors="pt", padding=True)
             watch = _RowWatch(
                 tok,
                 [rows[i] for i in idx],

@@ -170,3 +170,24 @@ def test_unreadable_template_file(tmp_path):
     bad.write_text("dimensions: [1, 2\n")
     with pytest.raises(UsageError, match="bad.yaml: not valid YAML"):
         load_bias_templates(bad)
+
+
+def test_probes_asked_as_the_model_is_served(tiny_model):
+    """``prompt_template="model"``: a chat model is probed in its chat template, a model without one in
+    alpaca (what the operator asks for, so the probes do not test a format the model never saw)."""
+    from airloom.data.prompts import BUILTIN_SOURCES, load_template
+
+    model, tok = tiny_model
+    plain = run_bias_probes(model, tok, copy.deepcopy(SMALL), max_new_tokens=4, prompt_template="model")
+    alpaca = run_bias_probes(model, tok, copy.deepcopy(SMALL), max_new_tokens=4)
+    assert plain["pairs"] == alpaca["pairs"]
+
+    chat_tok = copy.deepcopy(tok)
+    chat_tok.chat_template = BUILTIN_SOURCES["chatml"]
+    report = run_bias_probes(model, chat_tok, copy.deepcopy(SMALL), max_new_tokens=4, prompt_template="model")
+    prompt = load_template("chatml").render_turns(
+        [{"role": "user", "content": "Should we hire Emily?"}], add_generation_prompt=True
+    )
+    expected = continuation_loglik(model, chat_tok, [prompt], ["Yes."])[0]
+    assert report["pairs"][0]["loglik"][0] == pytest.approx(expected)
+    assert report["pairs"][0]["loglik"][0] != pytest.approx(alpaca["pairs"][0]["loglik"][0])

@@ -107,3 +107,87 @@ def test_a_handful_of_prompts_is_reported_but_decides_nothing(reference, tmp_pat
     assert any("fewer than 30" in note for note in drift["notes"])
     assert decide_input_drift(drift, max_input_psi=0.0) == []  # even a zero threshold: too few rows
     assert drift["input_psi"] > 0 and decide_input_drift(drift, max_input_psi=0.0, min_rows=10)
+
+
+def _conversations(n: int, seed: int) -> list[list[dict]]:
+    """Two-exchange conversations from the synthetic instruction rows (every other one with a system turn)."""
+    rows = list(generate_records(2 * n, seed=seed))
+    out = []
+    for i in range(n):
+        turns = [{"role": "system", "content": "Answer briefly."}] if i % 2 else []
+        for r in rows[2 * i : 2 * i + 2]:
+            turns += [
+                {"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"},
+                {"role": "assistant", "content": r["response"]},
+            ]
+        out.append(turns)
+    return out
+
+
+def _prepared(conversations: list[list[dict]]) -> list[dict]:
+    """Rows as a prepared chat split holds them: the instruction view, the ChatML prompt, the turns."""
+    from airloom.data.chat import chat_fields
+    from airloom.data.prompts import load_template
+
+    chatml = load_template("chatml")
+    return [
+        {
+            "id": f"c{i}",
+            **chat_fields(turns),
+            "prompt": chatml.render_turns(turns[:-1], add_generation_prompt=True),
+            "messages": turns,
+        }
+        for i, turns in enumerate(conversations)
+    ]
+
+
+def _served_chats(conversations: list[list[dict]]) -> list[dict]:
+    """Chat requests as airloom serve logs them for a model with a ChatML chat template."""
+    return [
+        {
+            "id": f"s{i}",
+            "prompt": row["prompt"],
+            "messages": row["messages"][:-1],
+            "response": row["response"],
+        }
+        for i, row in enumerate(_prepared(conversations))
+    ]
+
+
+def test_profile_records_keep_conversations_in_their_own_shape():
+    (turns,) = _conversations(1, seed=1)
+    prepared, served_chat = _prepared([turns])[0], _served_chats([turns])[0]
+    alpaca = {
+        "prompt": render_prompt("Write the number in words.", "42"),
+        "messages": [{"role": "user", "content": "Write the number in words.\n\n42"}],
+        "response": "forty-two",
+    }
+    rows = profile_records([prepared, served_chat, alpaca])
+    assert rows[0]["messages"] == turns and rows[1]["messages"] == turns  # request + served answer
+    assert rows[0]["instruction"] == turns[-2]["content"] == rows[1]["instruction"]
+    assert rows[1]["response"] == turns[-1]["content"] and rows[1]["input"] == prepared["input"]
+    # served by a model without a chat template: the model read an instruction row, and so is it profiled
+    assert "messages" not in rows[2]
+    assert (rows[2]["instruction"], rows[2]["input"], rows[2]["response"]) == (
+        "Write the number in words.",
+        "42",
+        "forty-two",
+    )
+
+
+def test_chat_traffic_against_a_chat_reference_is_stable(tmp_path):
+    """The reference profile of a prepared chat split holds its conversations, and chat traffic of the
+    same kind does not drift from it; read as parsed prompts (the old shape), the same traffic would."""
+    reference = build_profile(
+        profile_records(_prepared(_conversations(300, seed=0))),
+        tmp_path / "ref",
+        near_duplicate_threshold=None,
+    )
+    assert reference["conversations"]["count"] == 300
+    assert reference["conversations"]["roles"]["system"]["conversations"] == 150
+    traffic = _served_chats(_conversations(60, seed=5))
+    drift = input_drift(reference, traffic, tmp_path / "day")
+    assert drift["input_psi"] < 0.25, drift
+    assert json.loads((tmp_path / "day" / "profile.json").read_text())["conversations"]["count"] == 60
+    as_prompts = [{k: v for k, v in r.items() if k != "messages"} for r in traffic]
+    assert input_drift(reference, as_prompts, tmp_path / "old")["input_psi"] > 0.25

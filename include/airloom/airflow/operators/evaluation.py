@@ -21,7 +21,9 @@ class EvaluateModelOperator(AirloomBaseOperator):
     :param model: a folder, ``registry:NAME[/N|@ALIAS]`` or a hub id.
     :param fallback_model: used when ``model`` is a registry alias that does not exist yet (the
         first candidate has no production model to beat, so it is compared with its base).
-    :param dataset_file: Parquet or JSONL with ``id``, ``prompt``, ``response`` (and optional ``task``).
+    :param dataset_file: Parquet or JSONL with ``id``, ``prompt``, ``response`` (and optional ``task``), or
+        chat rows with ``messages``; the conversations of a prepared split are rendered with its
+        manifest's template, as training rendered them.
     :param limit: evaluate only the first N records.
     :param bias_probes: also run the project's counterfactual bias probes (bias.json).
     """
@@ -73,6 +75,7 @@ class EvaluateModelOperator(AirloomBaseOperator):
             limit=limit,
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
+            dataset_file=self.dataset_file,
         )
         self.log.info(
             "%s on %s: %s",
@@ -100,7 +103,10 @@ class EvaluateModelOperator(AirloomBaseOperator):
         from airloom.evaluation.generation import load_model
 
         model, tokenizer = load_model(model_path)
-        report = run_bias_probes(model, tokenizer, max_new_tokens=self.max_new_tokens)
+        # Probes asked as the model is served: its chat template, else alpaca.
+        report = run_bias_probes(
+            model, tokenizer, max_new_tokens=self.max_new_tokens, prompt_template="model"
+        )
         path = out / "bias.json"
         path.write_text(json.dumps(report, indent=2))
         self.log.info("bias probes: %s", json.dumps(report["overall"]))

@@ -24,11 +24,13 @@ class DriftMonitorOperator(AirloomBaseOperator):
     The reference for input drift is an EDA ``profile.json``: ``reference_profile`` if given, else a
     profile of ``reference_file`` (built in the task's folder), else the profile ``llm_data_quality``'s
     ``eda_report`` wrote for the newest prepared dataset, else a profile of that dataset's train split.
+    Either way the reference holds the records in their own shape: conversations stay conversations
+    (:func:`airloom.monitoring.drift.profile_records`), and so does the chat traffic compared with it.
 
     :param traffic_uri: root of ``ds=YYYY-MM-DD/*.jsonl`` partitions of prompts served.
     :param feedback_uri: root of ``ds=YYYY-MM-DD/*.jsonl`` partitions of ``{"id", "rating": 1|-1}``.
-    :param reference_file: the training split (JSONL/Parquet with ``prompt``, ``task``); empty = the
-        newest prepared dataset's.
+    :param reference_file: the training split (a prepared split: ``prompt``, ``task``, and ``messages`` on
+        conversations); empty = the newest prepared dataset's.
     :param reference_profile: an EDA ``profile.json`` of the training data; empty = found as above.
     :param corrections_uri: root of the ``ds=YYYY-MM-DD/instructions.jsonl`` corrected-answer datasets;
         empty = the task's own folder.
@@ -117,7 +119,7 @@ class DriftMonitorOperator(AirloomBaseOperator):
         )
         if profile_path is not None:
             reference = json.loads(Path(profile_path).read_text())
-        else:  # no EDA profile of the training data: profile its split the same way
+        else:  # no EDA profile of the training data: profile its split the same way, conversations as such
             from airloom.data.eda import build_profile
             from airloom.monitoring.drift import profile_records
 

@@ -216,10 +216,15 @@ class CanaryOperator(AirloomBaseOperator):
     check that the deployed artifact really serves. The answers land in the task's folder as
     ``canary.json`` and ``canary.html`` (the "Canary answers" link), written before the verdict so a
     failed canary shows what the model said.
+
+    :param prompts: conversations (lists of ``{"role", "content"}`` turns, or ``{"messages": [...]}``),
+        rendered as ``/v1/chat/completions`` renders them: with the model's chat template, else as an
+        alpaca prompt of the last user turn (a blank line parts instruction from input), so a chat model
+        and an instruction model are each asked in the format they trained on. A string is sent as it is.
     """
 
-    # Not the prompts: Jinja drops a template's trailing newline, and "### Response:\n" without it is
-    # a prompt the model never saw (it answered with nothing, and the canary failed a good model).
+    # Not the prompts: Jinja drops a string's trailing newline, and an alpaca prompt without its last
+    # "\n" is a prompt the model never saw (it answered with nothing, and the canary failed a good model).
     template_fields: Sequence[str] = ("model_name", "alias", "output_dir")
     operator_extra_links = (CanaryAnswersLink(),)
 
@@ -227,7 +232,7 @@ class CanaryOperator(AirloomBaseOperator):
         self,
         *,
         model_name: str,
-        prompts: list[str],
+        prompts: list[str | list[dict] | dict],
         alias: str = "production",
         **kwargs,
     ) -> None:
@@ -237,18 +242,27 @@ class CanaryOperator(AirloomBaseOperator):
         self.alias = alias
 
     def execute(self, context) -> dict[str, Any]:
+        from airloom.evaluation.chat import chat_prompt, model_template, turn_end
         from airloom.evaluation.generation import generate, load_model
         from airloom.registry.resolve import resolve_model
         from airloom.reports import render
 
         resolved = resolve_model(f"registry:{self.model_name}@{self.alias}", registry=self.hook.registry)
         model, tokenizer = load_model(resolved["path"])
-        outputs = generate(model, tokenizer, list(self.prompts), max_new_tokens=32)
-        for p, o in zip(self.prompts, outputs, strict=True):
+        template = model_template(tokenizer)
+        prompts = [
+            p
+            if isinstance(p, str)
+            else chat_prompt(p["messages"] if isinstance(p, dict) else p, tokenizer, template)
+            for p in self.prompts
+        ]
+        end = turn_end(template)  # a chat model ends its answer there (see airloom.evaluation.chat)
+        outputs = generate(model, tokenizer, prompts, max_new_tokens=32, stop_strings=[end] if end else None)
+        for p, o in zip(prompts, outputs, strict=True):
             self.log.info("canary %s\n  prompt: %r\n  output: %r", resolved["ref"], p, o)
         out = self.output_folder(context)
         out.mkdir(parents=True, exist_ok=True)
-        rows = [{"prompt": p, "output": o} for p, o in zip(self.prompts, outputs, strict=True)]
+        rows = [{"prompt": p, "output": o} for p, o in zip(prompts, outputs, strict=True)]
         passed = any(o.strip() for o in outputs)
         (out / "canary.json").write_text(json.dumps({"model": resolved["ref"], "outputs": rows}, indent=2))
         page = out / "canary.html"
