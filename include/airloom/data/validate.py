@@ -347,6 +347,7 @@ class _Features:
         )
         self.files: list[str] = []
         self._file_ids: dict[str, int] = {}
+        self._chat_renderer: Any = None
         self._parts = Columns(spill_dir)
         self.columns: dict[str, Any] = {}
 
@@ -418,6 +419,12 @@ class _Features:
             for column, (value, _) in _row_quality(rec, config.quality_min_words, floor).items():
                 quality[column][j] = value
         self._parts.append("chat", chat)
+        if self.token_bounds:
+            rendered = np.full(m, -1, dtype=np.int64)
+            if chat.any():
+                rows = np.flatnonzero(chat)
+                rendered[rows] = self.chat_tokens([records[j] for j in rows])
+            self._parts.append("chat_tokens", rendered)
         for role, values in roles.items():
             self._parts.append(f"{role}_chars", values)
         self._parts.append("record_chars", sizes)
@@ -434,6 +441,25 @@ class _Features:
             if failing is not None:
                 bad |= failing
         return bad
+
+    def chat_tokens(self, records: list[dict]) -> list[int]:
+        """Tokens of each conversation as training reads it: rendered whole with the model's chat
+        template (ChatML when it has none), EOS appended where the template does not end with it. A
+        conversation the template refuses counts as -1 (the profile reports such refusals)."""
+        from airloom.data.prompts import CHAT_TEMPLATE, load_template, render_conversation
+
+        if self._chat_renderer is None:
+            self._chat_renderer = load_template(CHAT_TEMPLATE, tokenizer=self.counter)
+        eos = self.counter.special_tokens.get("eos_token") if self.counter is not None else None
+        texts, where = [], []
+        for rec in records:
+            try:
+                texts.append(render_conversation(self._chat_renderer, rec["messages"], eos, spans=False).text)
+                where.append(True)
+            except UsageError:
+                where.append(False)
+        counts = iter(self.counter.lengths(texts))
+        return [next(counts) if ok else -1 for ok in where]
 
     def close(self) -> None:
         self._parts.close()
@@ -476,7 +502,8 @@ class _Features:
                 tokens = [p.column(f"tokens:{f}", start, stop) for f in TEXT_FIELDS]
                 for f, counts in zip(TEXT_FIELDS, tokens, strict=True):
                     chunk[f"{f}_tokens"] = counts
-                chunk["total_tokens"] = tokens[0] + tokens[1] + tokens[2]
+                rendered = self._parts.get("chat_tokens", start, stop)  # -1: not a conversation
+                chunk["total_tokens"] = np.where(rendered >= 0, rendered, tokens[0] + tokens[1] + tokens[2])
             yield chunk
 
 
@@ -636,7 +663,8 @@ def _write_features(
         con.execute("PRAGMA synchronous=OFF")
         kinds = {c: "INTEGER" if c.endswith(("_chars", "_tokens")) else "BOOLEAN" for c in columns}
         kinds.update(dict.fromkeys(_QUALITY, "REAL"))
-        nullable = {*(f"{f}_chars" for f in LENGTH_FIELDS), *_QUALITY}  # -1 / NaN: not judged
+        # -1 / NaN: not judged (no such field or turn, too short, a conversation the template refuses)
+        nullable = {*(f"{f}_chars" for f in LENGTH_FIELDS), "total_tokens", *_QUALITY}
         judged: dict[str, int] = {}
         con.execute(
             f"CREATE TABLE features ({', '.join(f'{c} {kinds[c]}' + ('' if c in nullable else ' NOT NULL') for c in columns)})"
@@ -809,6 +837,8 @@ def _row_message(
     """
     if check == "token_length":
         what = "instruction + input + response have" if fld == "total" else f"{fld} has"
+        if fld == "total" and rec.get("messages"):
+            what = "the conversation, rendered with the chat template, has"
         lo, hi = config.min_tokens.get(fld), config.max_tokens.get(fld)
         if lo is not None and tokens is not None and tokens < lo:
             return "too_few_tokens", f"{what} {tokens} tokens; at least {lo} required (min_tokens.{fld})"
@@ -1154,12 +1184,15 @@ def _judge(
                         similar = (*at(hit[0]), hit[1])
                     tokens = None
                     if check == "token_length":  # the few failing rows are counted again
-                        texts = (
-                            [rec.get(f) or "" for f in TEXT_FIELDS]
-                            if fld == "total"
-                            else [rec.get(fld) or ""]
-                        )
-                        tokens = sum(features.counter.lengths(texts))
+                        if fld == "total" and rec.get("messages"):
+                            tokens = features.chat_tokens([rec])[0]
+                        else:
+                            texts = (
+                                [rec.get(f) or "" for f in TEXT_FIELDS]
+                                if fld == "total"
+                                else [rec.get(fld) or ""]
+                            )
+                            tokens = sum(features.counter.lengths(texts))
                     name, message = _row_message(check, fld, rec, config, first, similar, tokens)
                     if check == "length" and fld in ROLES:
                         target = _turn_of(fld, rec, config)

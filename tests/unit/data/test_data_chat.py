@@ -232,3 +232,27 @@ def test_the_default_suite_catches_huge_fields_and_repeated_text(tmp_path):
     # the ordinary rows are long enough to be judged, and none of them is flagged
     assert not any(f.check in ("repeated_lines", "repeated_ngrams", "non_alpha_text", "mean_word_length")
                    for f in result.findings if f.line not in (11, 21, 31))  # fmt: skip
+
+
+def test_token_bounds_count_a_conversation_as_the_template_renders_it(tmp_path):
+    """max_tokens.total judges a conversation by its ChatML rendering (the tokenizer has no template),
+    not by the instruction view's words: a one-word-per-token tokenizer makes the counts exact."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    (folder := tmp_path / "tok").mkdir()
+    tok.save(str(folder / "tokenizer.json"))
+    rows = [
+        {"messages": [{"role": "user", "content": f"x{i} y"}, {"role": "assistant", "content": f"z{i}"}]}
+        for i in range(30)
+    ]  # <|im_start|>user / x / y<|im_end|> / <|im_start|>assistant / z<|im_end|>: 5 tokens
+    rows[7] = {"messages": [{"role": "user", "content": "a b c"}, {"role": "assistant", "content": "d e"}]}
+    path = _write_jsonl(tmp_path / "chats.jsonl", rows)  # row 8: 7 tokens rendered, 5 in its fields
+    config = ValidationConfig(tokenizer=str(folder), max_tokens={"total": 6})
+    result = _validate(path, tmp_path / "out", config)
+    errors = [f for f in result.findings if f.severity == "error"]
+    assert [(f.line, f.check) for f in errors] == [(8, "too_many_tokens")]
+    assert errors[0].message == (
+        "the conversation, rendered with the chat template, has 7 tokens; at most 6 allowed (max_tokens.total)"
+    )
