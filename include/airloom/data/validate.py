@@ -679,7 +679,7 @@ def _write_features(
                 part[bad] |= np.uint32(1 << bit)
                 counts[bit] += int(np.count_nonzero(bad))
             values = [_nulled(chunk[c]) if c in nullable else chunk[c].tolist() for c in columns]
-            for c in nullable:
+            for c in nullable & set(columns):
                 judged[c] = judged.get(c, 0) + int(np.count_nonzero(chunk[c] >= 0))  # NaN >= 0 is False
             con.executemany(insert, zip(*values, strict=True))
             start += m
