@@ -2,7 +2,11 @@
 ### llm_finetune — train (one trial or a sweep) → evaluate vs. production → gates → register → sign-off → deploy → canary
 
 Fine-tunes the base model on the prepared dataset with the Airloom recipe, launched as a child
-process through the DeepSpeed launcher (or torchrun) in the `gpu` pool. The candidate is
+process through the DeepSpeed launcher (or torchrun) in the `gpu` pool. Instruction rows carry loss on
+their response; conversations (`llm_data_quality` prepares them from OpenAI `messages` or ShareGPT
+files) carry loss on every assistant turn, rendered with the template the dataset was prepared with
+(ChatML, when the base tokenizer has no chat template, becomes the trained model's chat template, so
+`airloom serve` renders chat requests as training did). The candidate is
 evaluated on the test split beside the model at alias `production` (or the base model when
 nothing is deployed yet); quality gates decide whether it is registered. A registered version
 waits, deferred, for a person other than the one who triggered the run to approve it
@@ -31,6 +35,14 @@ from airloom.airflow.operators.evaluation import EvaluateModelOperator, QualityG
 from airloom.airflow.operators.registry import CanaryOperator, DeployModelOperator, RegisterModelOperator
 from airloom.airflow.operators.sweep import PlanTrialsOperator, SelectBestTrialOperator
 from airloom.airflow.sensors.registry import ModelSignOffSensor
+from airloom.training.config import CHAT_TRUNCATIONS
+
+# What each chat_truncation does, for the trigger form (airloom.training.chat applies it).
+CHAT_TRUNCATION_HELP = {
+    "keep_last_turns": "keep_last_turns: keep the system turn and the latest whole user/assistant "
+    "exchanges that fit (dropped when not even the last one fits)",
+    "drop": "drop: leave the whole conversation out",
+}
 
 
 def model_dir_of(train_result: dict) -> str:
@@ -71,8 +83,22 @@ with DAG(
         "batch_size": Param(32, type="integer", minimum=1),
         "max_steps": Param(1500, type="integer", minimum=1, title="Optimizer steps"),
         "seed": Param(0, type="integer", minimum=0),
-        "eval_limit": Param(300, type="integer", minimum=1, title="Test examples to evaluate"),
+        "eval_limit": Param(
+            300,
+            type="integer",
+            minimum=1,
+            title="Test examples to evaluate",
+            description="A conversation is scored on its last assistant turn, generated from the turns before it",
+        ),
         "packing": Param(False, type="boolean", title="Pack examples into full rows"),
+        "chat_truncation": Param(
+            "keep_last_turns",
+            enum=list(CHAT_TRUNCATIONS),
+            title="Conversations too long to train on",
+            values_display=CHAT_TRUNCATION_HELP,
+            description="Conversations longer than the training max_length after the chat template; "
+            "instruction rows are cut at max_length instead",
+        ),
         "sweep": Param(
             None,
             type=["null", "object"],
@@ -108,6 +134,7 @@ with DAG(
             "batch_size": "{{ params.batch_size }}",
             "max_steps": "{{ params.max_steps }}",
             "packing": "{{ params.packing }}",
+            "chat_truncation": "{{ params.chat_truncation }}",
             "seed": "{{ params.seed }}",
         },
         space="{{ params.sweep }}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import subprocess
 import sys
@@ -167,13 +168,23 @@ def test_serialized_dags_keep_the_report_links(dagbag, dag_id, task_id, link, xc
     assert served.operator_extra_link_dict[link].xcom_key == xcom_key
 
 
-def test_rendering_leaves_the_canary_prompts_as_the_model_was_trained_on_them(dagbag):
+@pytest.mark.parametrize(
+    ("dag_id", "task_id"), [("llm_finetune", "canary"), ("llm_model_rollback", "canary")]
+)
+def test_rendering_leaves_the_canary_prompts_as_given(dagbag, dag_id, task_id):
+    """Rendering must not touch the prompts: Jinja drops a text's trailing newline (an alpaca prompt
+    without its last "\n" is one the model never saw), and a conversation must stay a list of turns."""
     from airloom.airflow.defaults import CANARY_PROMPTS
 
-    task = dagbag.dags["llm_finetune"].get_task("canary")
+    task = copy.deepcopy(dagbag.dags[dag_id].get_task(task_id))
     task.render_template_fields({"params": {"model_name": "airloom-demo"}})
-    # each ends "### Response:\n" as the training prompts do; Jinja would drop that newline
-    assert task.prompts == CANARY_PROMPTS and all(p.endswith("### Response:\n") for p in task.prompts)
+    assert task.prompts == CANARY_PROMPTS
+    for prompt in task.prompts:
+        turns = prompt["messages"] if isinstance(prompt, dict) else prompt
+        if isinstance(turns, str):
+            assert prompt.endswith("### Response:\n"), prompt
+        else:  # each asks: its last turn is the user's
+            assert turns[-1]["role"] == "user" and turns[-1]["content"], prompt
     assert task.model_name == "airloom-demo"
 
 
@@ -255,7 +266,10 @@ def test_templates_render_typed_values_and_xcom_as_given(dagbag):
     ) == (256, 0, 0.1)
     assert quality["prepare", "input_path"] == "xcom:validate.accepted"
 
-    finetune = _render(dagbag.dags["llm_finetune"], {"sweep": {"lora_r": [8, 16]}, "packing": True})
+    finetune = _render(
+        dagbag.dags["llm_finetune"],
+        {"sweep": {"lora_r": [8, 16]}, "packing": True, "chat_truncation": "drop"},
+    )
     assert finetune["plan_trials", "space"] == {"lora_r": [8, 16]}
     assert finetune["plan_trials", "base_config"] == {
         "method": "full",
@@ -264,6 +278,7 @@ def test_templates_render_typed_values_and_xcom_as_given(dagbag):
         "batch_size": 32,
         "max_steps": 1500,
         "packing": True,
+        "chat_truncation": "drop",
         "seed": 0,
     }
     assert (finetune["plan_trials", "trials"], finetune["evaluate_candidate", "limit"]) == (4, 300)
@@ -284,6 +299,31 @@ def test_templates_render_typed_values_and_xcom_as_given(dagbag):
         0.25,
         "2026-11-03",
     )
+
+
+@pytest.mark.parametrize("chat_truncation", [None, "drop"])
+def test_finetune_form_values_reach_the_training_config(dagbag, chat_truncation):
+    """What the form sets arrives in every trial's TrainConfig (the mapped train task's config), the
+    chat_truncation default included; a value outside the form's choices is refused by the form."""
+    from airflow.sdk.exceptions import ParamValidationError
+
+    from airloom.training.config import TrainConfig
+
+    dag = dagbag.dags["llm_finetune"]
+    given = {"max_steps": 7, "learning_rate": 0.01, "batch_size": 4, "packing": True, "seed": 3}
+    if chat_truncation:
+        given["chat_truncation"] = chat_truncation
+    plan = copy.deepcopy(dag.get_task("plan_trials"))  # rendering replaces the templates in place
+    plan.render_template_fields({"params": {**dag.params.validate(), **given}})
+    (trial,) = plan.execute(context={})
+    cfg = TrainConfig.from_dict({k: v for k, v in trial.items() if v is not None})
+    expected = {**given, "chat_truncation": chat_truncation or "keep_last_turns"}
+    assert {k: getattr(cfg, k) for k in expected} == expected
+    assert (cfg.method, cfg.zero_stage) == ("full", 2)
+    form = dag.params.get_param("chat_truncation")
+    assert set(form.schema["values_display"]) == set(form.schema["enum"]) == {"keep_last_turns", "drop"}
+    with pytest.raises(ParamValidationError):
+        dag.params["chat_truncation"] = "truncate"
 
 
 def test_deploy_and_rollback_apply_the_approvers_variable(dagbag):

@@ -23,8 +23,10 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
     """Fine-tune ``base_model`` on ``train_file`` with the Airloom recipe.
 
     :param base_model: a model folder, ``registry:NAME[/N|@ALIAS]``, ``s3://bucket/prefix`` or a hub id.
-    :param train_file: JSONL of ``{"prompt", "response"}``.
-    :param validation_file: optional JSONL for the validation loss.
+    :param train_file: a prepared split (Parquet, or JSONL): ``prompt``/``response`` rows, and ``messages``
+        for conversations, which train on every assistant turn with the dataset's chat template
+        (``config["chat_truncation"]`` says what happens to those longer than ``max_length``).
+    :param validation_file: optional split of the same kind, for the validation loss.
     :param config: training options (:class:`airloom.training.config.TrainConfig` fields).
     :param launcher: ``deepspeed``, ``torchrun`` or ``python``.
     :param nproc_per_node: processes (GPUs) per node; also the ``gpu`` pool slots taken by default.
