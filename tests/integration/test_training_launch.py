@@ -137,6 +137,51 @@ def test_packed_training_learns_with_full_rows(tiny, tmp_path):
     assert metrics["history"][-1]["loss"] < metrics["history"][0]["loss"]
 
 
+def test_a_model_trained_with_a_template_file_is_served_with_it(tiny, tmp_path):
+    """A user's Jinja2 template renders in the sandbox, not as a Hugging Face chat template, so the model
+    folder carries the file and evaluation/serving/canary prompts are rendered with it, as training did."""
+    from airloom.data.prepare import prepare
+    from airloom.data.prompts import MODEL_TEMPLATE_FILE, load_template
+    from airloom.evaluation.chat import chat_prompt
+    from airloom.evaluation.generation import load_model
+
+    template = tmp_path / "turns.jinja"
+    template.write_text(
+        "{% for m in messages %}[{{ m.role | upper }}] {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[ASSISTANT] {% endif %}",
+        encoding="utf-8",
+    )
+    records = list(generate_records(64, seed=5))
+    chats = [
+        {"messages": [{"role": "user", "content": a["instruction"]}, {"role": "assistant", "content": a["response"]},
+                      {"role": "user", "content": b["instruction"]}, {"role": "assistant", "content": b["response"]}]}
+        for a, b in zip(records[::2], records[1::2], strict=True)
+    ]  # fmt: skip
+    manifest = prepare(chats, tmp_path / "data", template=str(template), val_fraction=0.0, test_fraction=0.0)
+    assert manifest["template"]["kind"] == "file"
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        base_model=str(tiny / "base"),
+        train_file=str(tmp_path / "data" / "train.parquet"),
+        output_dir=str(out),
+        max_steps=3,
+        batch_size=4,
+        launcher="python",
+        max_length=256,
+    )
+    out.mkdir()
+    spec = LaunchSpec(config_path=cfg.save(out / "train_config.json"), launcher="python")
+    TrainingProcess(build_command(spec), child_env({"OMP_NUM_THREADS": "1"})).run(log=lambda line: None)
+
+    assert (out / "model" / MODEL_TEMPLATE_FILE).read_text(encoding="utf-8") == template.read_text(
+        encoding="utf-8"
+    )
+    _, tokenizer = load_model(out / "model")
+    turns = chats[0]["messages"][:3]
+    assert chat_prompt(turns, tokenizer) == load_template(str(template)).render_turns(turns, True)
+    assert chat_prompt(turns, tokenizer).endswith("[ASSISTANT] ")
+
+
 def _start_until(cmd, env, marker: str, timeout: float = 240) -> subprocess.Popen:
     """Start the run and return once ``marker`` appears in its output (the run keeps going)."""
     proc = subprocess.Popen(

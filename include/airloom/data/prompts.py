@@ -76,6 +76,10 @@ BUILTIN_SOURCES: dict[str, str] = {
 }
 CHAT_TEMPLATE = "chat_template"
 BUILTIN_TEMPLATES: tuple[str, ...] = ("alpaca", "chatml", CHAT_TEMPLATE)
+#: A trained model folder's copy of the template file its conversations trained with (a user's Jinja2
+#: file renders in our sandbox, not in Hugging Face's chat-template environment, so it is not installed
+#: as the tokenizer's chat template); evaluation, serving and the canary render with it.
+MODEL_TEMPLATE_FILE = "airloom_chat_template.jinja"
 #: Preparation's choice by the data: ``chat_template`` when it holds conversations, else ``alpaca``.
 AUTO_TEMPLATE = "auto"
 #: What each template serves, for forms and help texts.

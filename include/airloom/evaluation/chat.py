@@ -16,12 +16,19 @@ a special token.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from airloom.data.prompts import CHAT_TEMPLATE, PromptRenderer, load_template, render_prompt
+from airloom.data.prompts import (
+    CHAT_TEMPLATE,
+    MODEL_TEMPLATE_FILE,
+    PromptRenderer,
+    load_template,
+    render_prompt,
+)
 from airloom.exceptions import UsageError
 
 log = logging.getLogger(__name__)
@@ -31,9 +38,19 @@ _PROBE = "airloom-probe-answer"
 
 
 def model_template(tokenizer: Any) -> PromptRenderer | None:
-    """The model folder's chat template (its tokenizer's), or None when the model has none."""
+    """The template the model's conversations trained with: the template file its folder carries
+    (:data:`airloom.data.prompts.MODEL_TEMPLATE_FILE`, a user's Jinja2 file, rendered in the sandbox as
+    in training), else its tokenizer's chat template; None when the model has neither."""
+    folder = getattr(tokenizer, "name_or_path", None)
+    if folder and (Path(folder) / MODEL_TEMPLATE_FILE).is_file():
+        return _file_template(str(Path(folder) / MODEL_TEMPLATE_FILE))
     renderer = load_template(CHAT_TEMPLATE, tokenizer=tokenizer)
     return renderer if renderer.kind == "tokenizer" else None
+
+
+@functools.lru_cache(maxsize=8)
+def _file_template(path: str) -> PromptRenderer:
+    return load_template(path)  # compiled once per model folder: serving renders every request with it
 
 
 def dataset_template(dataset_file: str | Path | None, tokenizer: Any) -> PromptRenderer:

@@ -575,6 +575,10 @@ class FinetuneRecipe:
             model.set_attn_implementation("sdpa")  # a saved model must load where airloom is not imported
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
+        if self.renderer is not None and self.renderer.kind == "file":  # the model carries its template
+            from airloom.data.prompts import MODEL_TEMPLATE_FILE
+
+            (tmp / MODEL_TEMPLATE_FILE).write_text(self.renderer.source, encoding="utf-8")
         final = out / "model"
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
