@@ -41,6 +41,8 @@ def model_template(tokenizer: Any) -> PromptRenderer | None:
     """The template the model's conversations trained with: the template file its folder carries
     (:data:`airloom.data.prompts.MODEL_TEMPLATE_FILE`, a user's Jinja2 file, rendered in the sandbox as
     in training), else its tokenizer's chat template; None when the model has neither."""
+    if tokenizer is None:  # nothing to read a template from
+        return None
     folder = getattr(tokenizer, "name_or_path", None)
     if folder and (Path(folder) / MODEL_TEMPLATE_FILE).is_file():
         return _file_template(str(Path(folder) / MODEL_TEMPLATE_FILE))

@@ -122,7 +122,7 @@ def test_data_quality_dag_params_validate_the_preparation_options():
     assert bag.import_errors == {}
     params = bag.dags["llm_data_quality"].params
     assert {k: params[k] for k in ("template", "pii_policy", "max_seq_len", "tokenizer")} == {
-        "template": "alpaca",
+        "template": "auto",  # alpaca for instruction rows, a chat template for conversations
         "pii_policy": "mask",
         "max_seq_len": None,
         "tokenizer": "registry:airloom-tiny-base",
