@@ -141,7 +141,9 @@ def test_the_canary_writes_its_answers_and_links_them_even_when_it_fails(
     registry.set_alias("bot", "production", 1, actor="reviewer")
     answers = ["<b>Blue</b>", ""]
     monkeypatch.setattr(generation, "load_model", lambda path: (None, None))
-    monkeypatch.setattr(generation, "generate", lambda model, tok, prompts, max_new_tokens, **stops: list(answers))
+    monkeypatch.setattr(
+        generation, "generate", lambda model, tok, prompts, max_new_tokens, **stops: list(answers)
+    )
     canary = CanaryOperator(task_id="canary", model_name="bot", prompts=["Sky colour?", "Say nothing"])
 
     context = make_context(task_id="canary")
