@@ -114,7 +114,7 @@ def read_turns(value: Any, layout: ChatLayout) -> tuple[list[dict] | None, list[
                 (key, "invalid_json", f"{key} is not a JSON list of turns ({exc.msg} at column {exc.colno})")
             ]
     if not isinstance(value, list):
-        return None, [(key, "wrong_type", f"{key} must be a list of turns, got {_kind(value)}")]
+        return None, [(key, "wrong_type", f"{key} must be a list of turns, got {type_name(value)}")]
     turns: list[dict] = []
     problems: list[Problem] = []
     for i, turn in enumerate(value):
@@ -124,13 +124,13 @@ def read_turns(value: Any, layout: ChatLayout) -> tuple[list[dict] | None, list[
                 (
                     where,
                     "wrong_type",
-                    f"{where} must be an object with {layout.role_key!r} and {layout.content_key!r}, got {_kind(turn)}",
+                    f"{where} must be an object with {layout.role_key!r} and {layout.content_key!r}, got {type_name(turn)}",
                 )
             )
             continue
         role, content = turn.get(layout.role_key), turn.get(layout.content_key)
         if not isinstance(role, str) or not role:
-            what = "is missing" if layout.role_key not in turn else f"must be text, got {_kind(role)}"
+            what = "is missing" if layout.role_key not in turn else f"must be text, got {type_name(role)}"
             problems.append(
                 (
                     f"{where}.{layout.role_key}",
@@ -144,7 +144,10 @@ def read_turns(value: Any, layout: ChatLayout) -> tuple[list[dict] | None, list[
             if content is None:
                 check, what = "missing_field", f"{where}.{layout.content_key} is missing or null"
             else:
-                check, what = "wrong_type", f"{where}.{layout.content_key} must be text, got {_kind(content)}"
+                check, what = (
+                    "wrong_type",
+                    f"{where}.{layout.content_key} must be text, got {type_name(content)}",
+                )
             problems.append((f"{where}.{layout.content_key}", check, what))
             continue
         out = {"role": layout.role_of(role), "content": content}
@@ -259,11 +262,16 @@ def longest_turns(turns: list[dict]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def _kind(value: Any) -> str:
+def type_name(value: Any) -> str:
+    """How a finding names the type of a value it did not expect (the loader's messages use it too)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int | float):
         return f"a number ({value!r})"
-    return {list: "a list", dict: "an object", str: "text"}.get(type(value), type(value).__name__)
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__

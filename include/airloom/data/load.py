@@ -38,6 +38,7 @@ from airloom.data.chat import (
     detect_layout,
     layout_from_field_map,
     read_turns,
+    type_name,
 )
 from airloom.exceptions import UsageError
 
@@ -693,7 +694,7 @@ class _Mapper:
                         obj, self.mapping, self.source_of, problems, self.unknown, line, self.chat
                     )
                 else:
-                    problems.append((None, "not_object", f"expected a JSON object, got {_type_name(obj)}"))
+                    problems.append((None, "not_object", f"expected a JSON object, got {type_name(obj)}"))
             if problems:
                 if isinstance(raw, bytes):  # a line msgspec parsed, rejected by the mapping
                     raw = raw.decode("utf-8", errors="surrogateescape").removesuffix("\n").removesuffix("\r")
@@ -744,7 +745,7 @@ def _expand(row: _Row, key: str) -> list[_Row]:
         problem = (
             key,
             "wrong_type",
-            f"{key} must be a non-empty list of objects to expand, got {_type_name(items)}",
+            f"{key} must be a non-empty list of objects to expand, got {type_name(items)}",
         )
         return [row._replace(obj=None, problems=[*row.problems, problem])]
     return [
@@ -822,7 +823,7 @@ def _to_record(
             continue
         if name in TEXT_FIELDS:
             if not isinstance(value, str):
-                problems.append((name, "wrong_type", f"{label} must be text, got {_type_name(value)}"))
+                problems.append((name, "wrong_type", f"{label} must be text, got {type_name(value)}"))
             elif _has_surrogates(value):
                 problems.append((name, "non_utf8", _non_utf8_message(value, label)))
             else:
@@ -830,13 +831,13 @@ def _to_record(
         elif name == "id":
             if isinstance(value, bool) or not isinstance(value, str | int):
                 problems.append(
-                    (name, "wrong_type", f"{label} must be text or an integer, got {_type_name(value)}")
+                    (name, "wrong_type", f"{label} must be text or an integer, got {type_name(value)}")
                 )
             else:
                 record["id"] = str(value)
         elif name == "task":
             if not isinstance(value, str):
-                problems.append((name, "wrong_type", f"{label} must be text, got {_type_name(value)}"))
+                problems.append((name, "wrong_type", f"{label} must be text, got {type_name(value)}"))
             elif value.strip():
                 record["task"] = value.strip()
     return record
@@ -872,20 +873,6 @@ def _example_lists(obj: dict) -> tuple[str, int] | None:
         if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
             return str(key), len(value)
     return None
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return f"a number ({value!r})"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def _printable(text: str) -> str:
