@@ -6,10 +6,12 @@ with Great Expectations (rows that fail are quarantined with line and reason; th
 when the suite fails, and the run stops before preparation), writes an HTML EDA report of the data
 as read (from the profile validation computed in the same pass; also after a failed validation), and
 prepares train/validation/test Parquet splits (markup clean-up, PII policy, prompt template, token-length filter;
-counts and hashes in `manifest.json`). Emits the asset `prepared_dataset`, which starts
-`llm_finetune`.
+counts and hashes in `manifest.json`) as the next version of a named dataset,
+`$AIRLOOM_HOME/datasets/<name>/<version>/` (`dataset_name`, e.g. `raw@3`; the same content as the newest
+version reuses it). Emits the asset `prepared_dataset` with that identity (extra: name, version,
+ref, path, dataset_hash), which starts `llm_finetune` on exactly that version. `airloom datasets` lists them.
 
-Outputs land in `$AIRLOOM_HOME/runs/llm_data_quality/<run_id>/<task_id>/`.
+Reports land in `$AIRLOOM_HOME/runs/llm_data_quality/<run_id>/<task_id>/`.
 
 **Corrected answers from feedback.** `llm_feedback_monitoring` writes the day's corrected answers
 (validated, PII-free, deduplicated raw rows) to
@@ -69,6 +71,14 @@ with DAG(
             '{"instances": "expand"} reads a list of examples under one row as one row each. '
             "Empty: recognised (ours, Alpaca, Dolly, prompt/completion, OpenAI messages, ShareGPT)",
         ),
+        "dataset_name": Param(
+            None,
+            type=["null", "string"],
+            pattern="^[a-z0-9][a-z0-9._-]*$",
+            title="Dataset name",
+            description="The prepared dataset becomes the next version of this name (name@1, name@2, …; "
+            "llm_finetune names it so). Empty: the source's file or folder name, e.g. raw for …/data/raw",
+        ),
         "seed": Param(0, type="integer", minimum=0, title="Split seed"),
         "val_fraction": Param(0.1, type="number", minimum=0, maximum=0.5),
         "test_fraction": Param(0.1, type="number", minimum=0, maximum=0.5),
@@ -127,6 +137,8 @@ with DAG(
     prepare = PrepareDatasetOperator(
         task_id="prepare",
         input_path=validate.output["accepted"],
+        dataset_name="{{ params.dataset_name }}",
+        source="{{ params.source }}",
         seed="{{ params.seed }}",
         val_fraction="{{ params.val_fraction }}",
         test_fraction="{{ params.test_fraction }}",

@@ -6,7 +6,8 @@ Reads the day's traffic (`traffic/ds=<date>/`, written by `airloom serve`) and f
 
 - **Input drift vs. the training data's EDA profile**: the day's prompts are profiled with the data
   stage's EDA and compared with the `profile.json` that `llm_data_quality`'s `eda_report` wrote for the
-  newest prepared dataset (or `reference_profile`; without one, a profile of the training split):
+  training dataset named in the served model's lineage (the newest prepared dataset only as a stated
+  fallback; or `reference_profile`; without one, a profile of the training split):
   population stability index (PSI) of instruction/input/response length, vocabulary shift
   (Jensen-Shannon divergence, new top words) and language shift (PSI of script and language mix).
   The traffic's own EDA report lands next to the dashboard (`traffic_profile/report.html`).
@@ -60,13 +61,13 @@ with DAG(
         ),
         "feedback_uri": Param(FEEDBACK, type="string", minLength=1),
         "reference_file": Param(
-            None, type=["null", "string"], title="Training split (empty: newest prepared dataset)"
+            None, type=["null", "string"], title="Training split (empty: the served model's training dataset)"
         ),
         "reference_profile": Param(
             None,
             type=["null", "string"],
             title="Training data's EDA profile.json",
-            description="Empty: the one llm_data_quality wrote for the newest prepared dataset",
+            description="Empty: the one llm_data_quality wrote for the served model's training dataset",
         ),
         "corrections_uri": Param(
             FEEDBACK_DATASETS,

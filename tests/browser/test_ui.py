@@ -21,6 +21,7 @@ import shutil
 import sys
 import time
 import urllib.parse
+from pathlib import Path
 
 import pytest
 
@@ -176,7 +177,9 @@ def test_trainer_triggers_from_the_params_form_and_opens_the_eda_report(stack, b
 
         # What the seed changed: the split manifest of this run records it.
         run_dir = af.home / "runs" / DAG / run_id.replace(":", "_").replace("+", "_")  # = settings.run_dir
-        assert json.loads((run_dir / "prepare" / "manifest.json").read_text())["seed"] == SEED
+        latest = json.loads((af.home / "datasets" / "latest.json").read_text())
+        assert latest["run_id"] == run_id
+        assert json.loads((Path(latest["path"]) / "manifest.json").read_text())["seed"] == SEED
 
         page.goto(f"{run_url}/tasks/eda_report/details")
         link = page.get_by_role("link", name="EDA report", exact=True)

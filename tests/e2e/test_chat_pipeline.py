@@ -135,7 +135,7 @@ def pipeline(tmp_path_factory):
                 "test",
                 "llm_finetune",
                 "-c",
-                json.dumps({**FINETUNE, "base_model": base["ref"]}),
+                json.dumps({**FINETUNE, "base_model": base["ref"], "dataset": latest["ref"]}),
             ],
             env=env,
             cwd=REPO,

@@ -261,17 +261,22 @@ def _evidence_entry(label: str, item: dict[str, Any], base: str, roots: list[Pat
 def data_reports(metadata: dict[str, Any], base: str, roots: list[Path]) -> list[dict[str, Any]]:
     """Validation report, Data Docs and EDA report of the data-quality run that prepared the training dataset.
 
-    ``lineage.dataset`` is ``…/runs/llm_data_quality/<run>/prepare``; its sibling task folders hold
+    ``lineage.dataset_run`` is the run folder ``…/runs/llm_data_quality/<run>`` (older versions: the
+    parent of ``lineage.dataset``); its task folders hold
     validation's ``validation.json``, ``validation.html`` and ``data_docs/``, and the EDA ``report.html``.
     """
     out: list[dict[str, Any]] = []
     explicit = metadata.get("reports") or {}
     for label, path in explicit.items() if isinstance(explicit, dict) else []:
         out.append({"label": str(label), "uri": str(path), "href": file_href(base, path, roots)})
-    dataset = (metadata.get("lineage") or {}).get("dataset")
-    if not dataset or str(dataset).startswith("s3://"):
+    lineage = metadata.get("lineage") or {}
+    dataset = lineage.get("dataset")
+    if lineage.get("dataset_run"):  # a catalog dataset: the run that prepared it
+        run_folder = Path(lineage["dataset_run"]).expanduser()
+    elif not dataset or str(dataset).startswith("s3://"):
         return out
-    run_folder = Path(dataset).expanduser().parent
+    else:  # a dataset folder of the run itself (prepared before the catalog)
+        run_folder = Path(dataset).expanduser().parent
     if not run_folder.is_dir():
         return out
     for task in sorted(p for p in run_folder.iterdir() if p.is_dir()):

@@ -8,6 +8,9 @@ Splits are Parquet (``train.parquet``, ``validation.parquet``, ``test.parquet``;
 ``prompt``, ``response``, ``task``, ``instruction``, ``input``, and ``messages`` when the dataset holds
 conversations). Older datasets hold the same columns as ``<split>.jsonl``;
 :func:`airloom.data.splits.read_split` reads either.
+
+:mod:`airloom.data.catalog` names and numbers the output (``name@version``): it adds the name, version,
+creation time and origin to ``manifest.json``; the split files and ``dataset_hash`` stay as written here.
 """
 
 from __future__ import annotations

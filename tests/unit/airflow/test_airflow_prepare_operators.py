@@ -53,6 +53,8 @@ def test_prepare_operator_takes_native_params_and_publishes_parquet(tmp_path, ma
     op = PrepareDatasetOperator(
         task_id="prepare",
         input_path=str(_accepted(tmp_path)),
+        dataset_name=None,  # the form left empty: named after the source
+        source=str(tmp_path / "exports" / "Support.jsonl"),
         seed=2,
         val_fraction=0.1,
         test_fraction=0.1,
@@ -64,11 +66,13 @@ def test_prepare_operator_takes_native_params_and_publishes_parquet(tmp_path, ma
     context = make_context(task_id="prepare")
     info = op.execute(context)
     out = Path(info["path"])
+    assert (info["ref"], out) == ("support@1", airloom_env / "home" / "datasets" / "support" / "1")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["pii_policy"] == "drop" and manifest["counts"]["pii_dropped"] == 10
     assert info["splits"] == {"train": 16, "validation": 2, "test": 2}
     assert (manifest["template"]["name"], manifest["seed"], manifest["max_seq_len"]) == ("chatml", 2, None)
     assert manifest["tokenizer"] is None  # not needed, so the registry reference was never resolved
+    assert manifest["origin"]["source"].endswith("Support.jsonl")
     latest = json.loads((airloom_env / "home" / "datasets" / "latest.json").read_text())
     assert latest["path"] == str(out) and latest["dataset_hash"] == manifest["dataset_hash"]
 
@@ -77,10 +81,12 @@ def test_prepare_operator_takes_native_params_and_publishes_parquet(tmp_path, ma
     monitor = DriftMonitorOperator(
         task_id="monitor", traffic_uri="t", feedback_uri="f", reference_file="", ds="2026-01-01"
     )
-    assert monitor._reference()[0] == str(out / "train.parquet")  # monitoring finds the newest split
+    split, _, chosen = monitor._reference([])
+    # no model lineage to ask: the newest split, said so
+    assert split == str(out / "train.parquet") and chosen["source"] == "newest prepared dataset (fallback)"
 
-    resolved = ResolveDatasetOperator(task_id="resolve_dataset", dataset="").execute(make_context())
-    assert resolved["path"] == str(out)
+    resolved = ResolveDatasetOperator(task_id="resolve_dataset", dataset="support").execute(make_context())
+    assert resolved["path"] == str(out) and resolved["ref"] == "support@1"
     assert {s: resolved[s] for s in ("train", "validation", "test")} == {
         s: str(out / f"{s}.parquet") for s in ("train", "validation", "test")
     }

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, Param
 from airflow.sdk.exceptions import AirflowFailException
 
 from airloom.airflow.links import EdaReportLink, ValidationReportLink
@@ -166,11 +166,17 @@ class DataProfileOperator(AirloomBaseOperator):
 
 
 class PrepareDatasetOperator(AirloomBaseOperator):
-    """Clean, screen PII, dedup, render, length-filter and split accepted records; emit the asset event.
+    """Clean, screen PII, dedup, render, length-filter and split accepted records into the next version of a
+    named dataset (``$AIRLOOM_HOME/datasets/<name>/<version>/``, see :mod:`airloom.data.catalog`); emit the
+    asset event naming it.
 
-    The prepared folder is also published as ``$AIRLOOM_HOME/datasets/latest.json`` so a manual
-    fine-tuning run finds the newest dataset without being told.
+    The event's extra is ``{name, version, ref, path, dataset_hash}``: ``llm_finetune`` trains on exactly
+    that version. Content equal to the newest version's (a retry) reuses that version.
 
+    :param dataset_name: the dataset's name (``^[a-z0-9][a-z0-9._-]*$``); empty = derived from ``source``.
+    :param source: the raw data the accepted records came from: names the dataset when ``dataset_name`` is
+        empty, and is recorded in the manifest's ``origin``.
+    :param output_dir: the catalog folder; empty = ``$AIRLOOM_HOME/datasets``.
     :param template: ``auto`` (``chat_template`` for conversations, else ``alpaca``), ``alpaca``,
         ``chatml``, ``chat_template`` (the tokenizer's; ChatML if none) or a Jinja2 file path.
     :param pii_policy: ``mask``, ``drop`` or ``keep``.
@@ -184,6 +190,8 @@ class PrepareDatasetOperator(AirloomBaseOperator):
 
     template_fields: Sequence[str] = (
         "input_path",
+        "dataset_name",
+        "source",
         "output_dir",
         "seed",
         "val_fraction",
@@ -200,6 +208,8 @@ class PrepareDatasetOperator(AirloomBaseOperator):
         self,
         *,
         input_path: str,
+        dataset_name: str | None = None,
+        source: str | None = None,
         seed: int = 0,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
@@ -213,6 +223,8 @@ class PrepareDatasetOperator(AirloomBaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.input_path = input_path
+        self.dataset_name = dataset_name
+        self.source = source
         self.markup = markup
         self.near_dedup = near_dedup
         self.seed = seed
@@ -224,17 +236,20 @@ class PrepareDatasetOperator(AirloomBaseOperator):
         self.tokenizer = tokenizer
 
     def execute(self, context) -> dict[str, Any]:
+        from airloom.data import catalog
         from airloom.data.prepare import prepare
         from airloom.exceptions import UsageError
-        from airloom.settings import home
 
-        out = self.output_folder(context)
-        chunks = _chunks(self.input_path, self.s3_client(self.input_path))
-        records = (rec for chunk in chunks() for rec in chunk.records)
         try:
+            name = catalog.check_name(
+                self.dataset_name or catalog.name_from_source(self.source or self.input_path), "dataset_name"
+            )
+            staged = catalog.staging_dir(name, self.output_dir)
+            chunks = _chunks(self.input_path, self.s3_client(self.input_path))
+            records = (rec for chunk in chunks() for rec in chunk.records)
             manifest = prepare(
                 records,
-                out,
+                staged,
                 seed=number(self.seed, "seed"),
                 val_fraction=number(self.val_fraction, "val_fraction", float),
                 test_fraction=number(self.test_fraction, "test_fraction", float),
@@ -246,42 +261,32 @@ class PrepareDatasetOperator(AirloomBaseOperator):
                 near_dedup=number(self.near_dedup, "near_dedup", float, optional=True),
             )
         except UsageError as exc:
-            # Bad template, tokenizer or policy: the same arguments fail the same way, so no retry.
+            # Bad name, template, tokenizer or policy: the same arguments fail the same way, so no retry.
             raise AirflowFailException(str(exc)) from exc
         self.log.info("prepare counts: %s", json.dumps(manifest["counts"]))
         for reason, ids in manifest["dropped_ids"].items():
             if reason != "cap" and ids:
                 self.log.info("dropped (%s), first ids: %s", reason, ", ".join(ids[:20]))
-        info = {
-            "path": str(out),
-            "dataset_hash": manifest["dataset_hash"],
-            "splits": {name: split["rows"] for name, split in manifest["splits"].items()},
+        origin = {
             "dag_id": context["ti"].dag_id,
             "run_id": context["run_id"],
+            **({"source": self.source} if self.source else {}),
         }
-        latest = home() / "datasets" / "latest.json"
-        latest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = latest.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        tmp.replace(latest)
+        dataset = catalog.publish(staged, name, origin=origin, root=self.output_dir)
+        info = dataset.summary()
+        reused = dataset.manifest.get("origin", {}).get("run_id") != context["run_id"]
         for outlet in self.outlets:
             context["outlet_events"][outlet].extra = {
-                "path": info["path"],
-                "dataset_hash": info["dataset_hash"],
+                k: info[k] for k in ("name", "version", "ref", "path", "dataset_hash")
             }
-        self.log.info("prepared dataset at %s: %s", out, json.dumps(info["splits"]))
-        return info
-
-
-def latest_prepared_dataset() -> str:
-    from airloom.settings import home
-
-    latest = home() / "datasets" / "latest.json"
-    if not latest.is_file():
-        raise AirflowFailException(
-            f"no prepared dataset: run llm_data_quality first or pass the 'dataset' param ({latest} missing)"
+        self.log.info(
+            "prepared dataset %s at %s: %s%s",
+            dataset.ref,
+            dataset.path,
+            json.dumps(info["splits"]),
+            " (same content as that version: reused it)" if reused else "",
         )
-    return json.loads(latest.read_text())["path"]
+        return push_outputs(context, info)
 
 
 def dataset_file(dataset_dir: str, split: str) -> str:
@@ -296,11 +301,60 @@ def dataset_file(dataset_dir: str, split: str) -> str:
     )
 
 
+def _event_choice(context) -> tuple[str | None, dict[str, Any], list[str]]:
+    """The dataset the triggering asset events name: (reference, that event's extra, the others ignored).
+
+    A ``prepared_dataset`` event names a version (``ref``; ``path`` from before names existed); a
+    ``retraining_request`` names ``dataset`` (e.g. ``demo@latest``). With several queued, the newest wins.
+    """
+    named = []
+    for events in (context.get("triggering_asset_events") or {}).values():
+        for event in events:
+            extra = dict(getattr(event, "extra", None) or {})
+            ref = extra.get("ref") or extra.get("dataset") or extra.get("path")
+            if ref:
+                named.append((str(getattr(event, "timestamp", "") or ""), str(ref), extra))
+    if not named:
+        return None, {}, []
+    named.sort(key=lambda item: item[0])
+    _, ref, extra = named[-1]
+    return ref, extra, [r for _, r, _ in named[:-1] if r != ref]
+
+
+def dataset_param(limit: int = 30, **kwargs: Any) -> Param:
+    """The ``dataset`` param of a DAG that trains on a prepared dataset, for its trigger form.
+
+    The form proposes the newest ``limit`` prepared versions (``name@version`` with rows and date; read
+    from ``$AIRLOOM_HOME/datasets`` when the DAG file is parsed: a directory listing and a small JSON file
+    per version, so the list is as fresh as the last parse) and still takes any reference or folder.
+    ``kwargs`` go to the Param as they are (e.g. ``section``).
+    """
+    from airloom.data.catalog import choices
+
+    listed = choices(limit)
+    return Param(
+        None,
+        type=["null", "string"],
+        title="Prepared dataset",
+        description="name@version (e.g. demo@3), name@latest, or a prepared folder. Empty: the dataset the "
+        "triggering prepared_dataset (or retraining_request) event names; a manual run must name one "
+        "(left empty, it fails and lists them; `airloom datasets` lists them too)",
+        **({"examples": list(listed), "values_display": listed} if listed else {}),
+        **kwargs,
+    )
+
+
 class ResolveDatasetOperator(BaseOperator):
     """Find the prepared dataset a fine-tuning run uses and return its split files.
 
-    Order: the ``dataset`` argument (a DAG param), else the asset event that triggered the run,
-    else the newest dataset published by ``llm_data_quality``.
+    The ``dataset`` argument (a DAG param: ``name@version``, ``name@latest``/``name`` or a folder) when
+    given; else the dataset the triggering asset event names. A run with neither (a manual run with the
+    param left empty) fails without retry and lists the prepared datasets: which data a model learns from
+    is chosen, never guessed.
+
+    Returns (and pushes) ``path``, ``ref`` (``name@version``; None for a folder outside the catalog),
+    ``name``, ``version``, ``dataset_hash``, ``source`` (how it was chosen), ``data_quality_run`` (the
+    run that prepared it, when known) and the three split files.
     """
 
     template_fields: Sequence[str] = ("dataset",)
@@ -310,25 +364,57 @@ class ResolveDatasetOperator(BaseOperator):
         self.dataset = dataset
 
     def execute(self, context) -> dict[str, Any]:
-        path = self.dataset or None
-        source = "param"
-        if not path:
-            for events in (context.get("triggering_asset_events") or {}).values():
-                for event in events:
-                    if event.extra and event.extra.get("path"):
-                        path, source = event.extra["path"], "asset event"
-        if not path:
-            path, source = latest_prepared_dataset(), "latest prepared dataset"
-        manifest_path = Path(path) / "manifest.json"
-        if not manifest_path.is_file():
-            raise AirflowFailException(f"{path}: not a prepared dataset (no manifest.json)")
-        manifest = json.loads(manifest_path.read_text())
-        self.log.info("dataset %s (from %s), hash %s", path, source, manifest["dataset_hash"])
+        from airloom.data import catalog
+        from airloom.exceptions import UsageError
+
+        ref = str(self.dataset).strip() if self.dataset else ""
+        source, extra = "param", {}
+        if not ref:
+            ref, extra, ignored = _event_choice(context)
+            source = "asset event"
+            if ignored:
+                self.log.warning(
+                    "several asset events name datasets: using the newest, %s; not %s", ref, ignored
+                )
+        if not ref:
+            raise AirflowFailException(catalog.no_choice_message())
+        try:
+            dataset = catalog.resolve(ref)
+        except UsageError as exc:
+            raise AirflowFailException(str(exc)) from exc
+        expected = extra.get("dataset_hash")
+        if expected and expected != dataset.dataset_hash:
+            # Versions never change; a folder from before names did, or someone rewrote the files.
+            raise AirflowFailException(
+                f"{ref}: dataset_hash {dataset.dataset_hash[:12]} differs from the asset event's "
+                f"{expected[:12]}: the files changed after they were prepared; name the dataset to use"
+            )
+        origin = dataset.manifest.get("origin") or {}
+        dq_run = None
+        if origin.get("dag_id") and origin.get("run_id"):
+            from airloom.settings import run_dir
+
+            dq_run = str(run_dir(origin["dag_id"], origin["run_id"]))
+        self.log.info(
+            "dataset %s (%s, chosen by %s: %r), hash %s, rows %s",
+            dataset.ref or dataset.path,
+            dataset.path,
+            source,
+            ref,
+            dataset.dataset_hash,
+            json.dumps(dataset.rows),
+        )
+        path = str(dataset.path)
         return push_outputs(
             context,
             {
                 "path": path,
-                "dataset_hash": manifest["dataset_hash"],
+                "ref": dataset.ref,
+                "name": dataset.name,
+                "version": dataset.version,
+                "dataset_hash": dataset.dataset_hash,
+                "source": source,
+                "data_quality_run": dq_run,
                 **{split: dataset_file(path, split) for split in ("train", "validation", "test")},
             },
         )

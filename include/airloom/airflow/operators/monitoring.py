@@ -11,6 +11,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
+from airloom.airflow.defaults import MODEL_NAME
 from airloom.airflow.links import MonitoringDashboardLink
 from airloom.airflow.operators._base import AirloomBaseOperator, skip_task
 
@@ -21,16 +22,21 @@ class DriftMonitorOperator(AirloomBaseOperator):
     Returns the decision; :class:`RequestRetrainingOperator` turns it into an asset event and
     :class:`PublishFeedbackDatasetOperator` announces the corrected answers as a dataset.
 
-    The reference for input drift is an EDA ``profile.json``: ``reference_profile`` if given, else a
-    profile of ``reference_file`` (built in the task's folder), else the profile ``llm_data_quality``'s
-    ``eda_report`` wrote for the newest prepared dataset, else a profile of that dataset's train split.
+    The reference is the data the model was trained on: ``reference_file``/``reference_profile`` if
+    given; else the prepared dataset in the registry lineage (``dataset_ref``, else ``dataset``) of the
+    model version that served the day's traffic (its records name it), else of ``model_name@production``;
+    only when no lineage names one, the newest prepared dataset, with a warning. For a dataset, the input
+    drift reference is the EDA ``profile.json`` that ``llm_data_quality``'s ``eda_report`` wrote in the run
+    that prepared it, else a profile of its train split. The report's ``reference`` says which and why.
     Either way the reference holds the records in their own shape: conversations stay conversations
     (:func:`airloom.monitoring.drift.profile_records`), and so does the chat traffic compared with it.
 
     :param traffic_uri: root of ``ds=YYYY-MM-DD/*.jsonl`` partitions of prompts served.
     :param feedback_uri: root of ``ds=YYYY-MM-DD/*.jsonl`` partitions of ``{"id", "rating": 1|-1}``.
     :param reference_file: the training split (a prepared split: ``prompt``, ``task``, and ``messages`` on
-        conversations); empty = the newest prepared dataset's.
+        conversations); empty = the served model's training dataset (above).
+    :param model_name: the registered model whose ``production`` version's lineage names the training
+        dataset when the traffic does not name the version that served it.
     :param reference_profile: an EDA ``profile.json`` of the training data; empty = found as above.
     :param corrections_uri: root of the ``ds=YYYY-MM-DD/instructions.jsonl`` corrected-answer datasets;
         empty = the task's own folder.
@@ -43,6 +49,7 @@ class DriftMonitorOperator(AirloomBaseOperator):
         "feedback_uri",
         "reference_file",
         "reference_profile",
+        "model_name",
         "corrections_uri",
         "ds",
         "max_psi",
@@ -59,6 +66,7 @@ class DriftMonitorOperator(AirloomBaseOperator):
         reference_file: str | None,
         ds: str,
         reference_profile: str | None = None,
+        model_name: str | None = MODEL_NAME,
         corrections_uri: str | None = None,
         max_psi: float = 0.25,
         max_negative_rate: float = 0.3,
@@ -70,6 +78,7 @@ class DriftMonitorOperator(AirloomBaseOperator):
         self.feedback_uri = feedback_uri
         self.reference_file = reference_file
         self.reference_profile = reference_profile
+        self.model_name = model_name
         self.corrections_uri = corrections_uri
         self.ds = ds
         self.max_psi = max_psi
@@ -106,10 +115,11 @@ class DriftMonitorOperator(AirloomBaseOperator):
         if traffic is None:
             raise skip_task(self.log, f"no traffic partition {self.traffic_uri}/ds={self.ds}")
         out_dir = self.output_folder(context)
-        split, profile_path = self._reference()
+        split, profile_path, chosen = self._reference(traffic)
         if profile_path is None and split is None:
             missing = self.reference_profile or self.reference_file or "no prepared dataset"
             raise skip_task(self.log, f"no training reference ({missing}): nothing to compare with")
+        self.log.info("training reference: %s", json.dumps(chosen))
         feedback = read_partition(self.feedback_uri, self.ds) or []
         training = read_split(split) if split else None
         report: dict[str, Any] = drift_report(training, traffic) if training is not None else {}
@@ -137,7 +147,7 @@ class DriftMonitorOperator(AirloomBaseOperator):
         reasons += decide_serving(report["serving"], max_failing_rate=float(self.max_failing_rate))
         corrected, dropped = corrected_dataset(feedback)
         report["corrected_dataset"] = self._write_corrections(out_dir, corrected, dropped)
-        report.update({"ds": self.ds, "retrain": bool(reasons), "reasons": reasons})
+        report.update({"ds": self.ds, "retrain": bool(reasons), "reasons": reasons, "reference": chosen})
         dashboard = write_dashboard(
             out_dir,
             self.traffic_uri,
@@ -168,38 +178,93 @@ class DriftMonitorOperator(AirloomBaseOperator):
             # the path, as before; the whole entry (rows, sha256, ds) for PublishFeedbackDatasetOperator
             "corrected_dataset": report["corrected_dataset"]["path"],
             "feedback_dataset": report["corrected_dataset"],
+            "reference": chosen,
         }
 
-    def _reference(self) -> tuple[str | None, str | None]:
-        """(training split file, EDA profile file); either may be None."""
+    def _reference(self, traffic: list[dict] | None = None) -> tuple[str | None, str | None, dict]:
+        """(training split file, EDA profile file, what was chosen and why); either file may be None."""
         split = self.reference_file if self.reference_file and Path(self.reference_file).is_file() else None
         if self.reference_profile:  # named explicitly: missing means skip, not a silent fallback
-            return (split, self.reference_profile) if Path(self.reference_profile).is_file() else (None, None)
+            found = Path(self.reference_profile).is_file()
+            chosen = {"source": "reference_profile param", "profile": self.reference_profile}
+            return (split, self.reference_profile, chosen) if found else (None, None, chosen)
         if self.reference_file:
-            return split, None
-        latest = self._latest_dataset()
-        if latest is None:
-            return None, None
-        folder = Path(latest["path"])
+            return split, None, {"source": "reference_file param", "file": self.reference_file}
+        dataset, chosen = self._training_dataset(traffic or [])
+        if dataset is None:
+            return None, None, chosen
+        from airloom.settings import run_dir
+
+        folder = Path(dataset["path"])
+        chosen["dataset"] = dataset.get("ref") or str(folder)
         # Parquet since the airloom.prepared/2 format; JSON lines before.
         split = next(
             (str(p) for p in (folder / "train.parquet", folder / "train.jsonl") if p.is_file()), None
         )
         profile = None
-        if latest.get("dag_id") and latest.get("run_id"):
-            from airloom.settings import run_dir
-
+        if dataset.get("dag_id") and dataset.get("run_id"):
             # llm_data_quality's eda_report task profiled the data that run read (prepare split its accepted rows).
-            candidate = run_dir(latest["dag_id"], latest["run_id"], "eda_report") / "profile.json"
+            candidate = run_dir(dataset["dag_id"], dataset["run_id"], "eda_report") / "profile.json"
             profile = str(candidate) if candidate.is_file() else None
-        return split, profile
+        elif (sibling := folder.parent / "eda_report" / "profile.json").is_file():
+            profile = str(sibling)  # prepared inside its data-quality run's folder (before names)
+        return split, profile, chosen
 
-    @staticmethod
-    def _latest_dataset() -> dict | None:
-        from airloom.settings import home
+    def _training_dataset(self, traffic: list[dict]) -> tuple[dict | None, dict]:
+        """The prepared dataset the served model learnt from: (its summary, how it was found)."""
+        from collections import Counter
 
-        latest = home() / "datasets" / "latest.json"
-        return json.loads(latest.read_text()) if latest.is_file() else None
+        from airloom.data import catalog
+
+        served = Counter(
+            (r.get("model_name"), r.get("model_version"))
+            for r in traffic
+            if isinstance(r.get("model_name"), str) and isinstance(r.get("model_version"), int)
+        )
+        candidates = [(f"served model {n}/{v}", n, v) for (n, v), _ in served.most_common(1)]
+        if self.model_name:
+            candidates.append((f"{self.model_name}@production", self.model_name, None))
+        tried = []
+        for label, name, version in candidates:
+            lineage, why = self._lineage(name, version)
+            if lineage is None:
+                tried.append(f"{label}: {why}")
+                continue
+            for key in ("dataset_ref", "dataset"):
+                if lineage.get(key):
+                    try:
+                        found = catalog.resolve(str(lineage[key]))
+                    except Exception as exc:  # noqa: BLE001 - a deleted dataset: say so, try the next
+                        tried.append(f"{label}: lineage {key} {lineage[key]!r}: {exc}")
+                        continue
+                    return found.summary(), {"source": f"{label}'s lineage", "lineage_" + key: lineage[key]}
+            if not (lineage.get("dataset_ref") or lineage.get("dataset")):
+                tried.append(f"{label}: its lineage names no dataset")
+        latest = catalog.read_latest()
+        why = "; ".join(tried) or "no model to ask"
+        if latest is None:
+            return None, {"source": None, "why": why}
+        self.log.warning(
+            "no model lineage names the training dataset (%s): falling back to the newest prepared dataset, "
+            "%s, as the drift reference; set reference_file to choose another",
+            why,
+            latest.get("ref") or latest.get("path"),
+        )
+        return latest, {"source": "newest prepared dataset (fallback)", "why": why}
+
+    def _lineage(self, name: str, version: int | None) -> tuple[dict | None, str]:
+        """The lineage of ``name``'s ``version`` (None: its production version); (None, why) if there is none."""
+        from airloom.exceptions import AirloomError
+
+        try:
+            registry = self.hook.registry
+            if version is None:
+                version = registry.get_alias(name, "production")
+                if version is None:
+                    return None, "no production alias"
+            return dict(registry.get(name, version).metadata.get("lineage") or {}), ""
+        except (AirloomError, OSError) as exc:
+            return None, str(exc)
 
     def _write_corrections(self, out_dir: Path, corrected: list[dict], dropped: dict) -> dict:
         """Corrected answers as raw instruction rows (llm_data_quality's input), one version per ``ds``.
@@ -227,10 +292,25 @@ class DriftMonitorOperator(AirloomBaseOperator):
         }
 
 
+def retrain_on(reference: dict | None) -> str | None:
+    """What a retraining request asks ``llm_finetune`` to train on: the newest version of the dataset the
+    served model learnt from (``name@latest``: corrections prepared under that name since are included);
+    None when the reference did not come from a model's lineage or was not a named dataset (then the
+    request names none, and ``llm_finetune`` refuses to guess)."""
+    reference = reference or {}
+    ref = reference.get("dataset")
+    from_lineage = str(reference.get("source") or "").endswith("lineage")  # not the newest-dataset fallback
+    if not from_lineage or not isinstance(ref, str) or "@" not in ref or "/" in ref:
+        return None
+    return ref.split("@", 1)[0] + "@latest"
+
+
 class RequestRetrainingOperator(BaseOperator):
     """Emit the retraining asset event when ``decision["retrain"]`` is true; skip otherwise.
 
-    A skipped task emits no asset event, so ``llm_finetune`` only starts when a threshold was crossed.
+    A skipped task emits no asset event, so ``llm_finetune`` only starts when a threshold was crossed. The
+    event's extra holds ``reasons``, ``report`` and, when the monitor's reference was a named dataset,
+    ``dataset`` (``name@latest``, see :func:`retrain_on`), which ``llm_finetune``'s resolve_dataset uses.
     """
 
     template_fields: Sequence[str] = ("decision",)
@@ -242,11 +322,12 @@ class RequestRetrainingOperator(BaseOperator):
     def execute(self, context) -> dict[str, Any]:
         if not self.decision or not self.decision.get("retrain"):
             raise skip_task(self.log, "no drift or feedback threshold crossed: no retraining requested")
+        extra = {"reasons": self.decision["reasons"], "report": self.decision["report"]}
+        dataset = retrain_on(self.decision.get("reference"))
+        if dataset:
+            extra["dataset"] = dataset
         for outlet in self.outlets:
-            context["outlet_events"][outlet].extra = {
-                "reasons": self.decision["reasons"],
-                "report": self.decision["report"],
-            }
+            context["outlet_events"][outlet].extra = extra
         self.log.info("retraining requested: %s", "; ".join(self.decision["reasons"]))
         return dict(self.decision)
 
