@@ -107,9 +107,15 @@ def cmd_prepare(args) -> int:
     _existing(args.input, "input")
     field_map = parse_field_map(args.field_map)
     records = (rec for chunk in iter_chunks(args.input, field_map) for rec in chunk.records)
+    if args.name:  # the next version of a named dataset, as llm_data_quality publishes them
+        from airloom.data import catalog
+
+        out = catalog.staging_dir(catalog.check_name(args.name, "--name"))
+    else:
+        out = Path(args.out)
     manifest = prepare(
         records,
-        Path(args.out),
+        out,
         seed=args.seed,
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
@@ -120,6 +126,14 @@ def cmd_prepare(args) -> int:
         markup=args.markup,
         near_dedup=args.near_dedup,
     )
+    where = args.out
+    if args.name:
+        import getpass
+
+        published = catalog.publish(
+            out, args.name, origin={"cli": "airloom prepare", "user": getpass.getuser()}
+        )
+        manifest, where = published.manifest, f"{published.ref} ({published.path})"
     counts = manifest["counts"]
     dropped = ", ".join(
         f"{k} {counts[k]}" for k in ("pii_dropped", "deduped", "too_long", "near_deduped") if counts[k]
@@ -129,9 +143,23 @@ def cmd_prepare(args) -> int:
     _emit(
         args,
         manifest,
-        f"prepared {args.out}: {splits} of {counts['input']} rows{dropped} "
-        f"(hash {manifest['dataset_hash'][:12]})",
+        f"prepared {where}: {splits} of {counts['input']} rows{dropped} (hash {manifest['dataset_hash'][:12]})",
     )
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from airloom.data import catalog
+
+    if args.ref:
+        found = catalog.resolve(args.ref)
+        _emit(args, found.summary(), json.dumps(found.summary(), indent=2))
+        return 0
+    listed = catalog.list_datasets()
+    if args.name:
+        listed = [d for d in listed if d.name == args.name]
+    text = "\n".join(catalog.describe(listed).values()) or f"no prepared datasets in {catalog.root_dir()}"
+    _emit(args, [d.summary() for d in listed], text)
     return 0
 
 
@@ -162,8 +190,9 @@ def cmd_train(args) -> int:
     from airloom.registry.resolve import resolve_model
     from airloom.training.config import TrainConfig
     from airloom.training.launcher import LaunchSpec, TrainingProcess, build_command, child_env
+    from airloom.training.presets import preset_path
 
-    _existing(args.config, "training config")
+    config_file = preset_path(args.config)  # a shipped preset's name, or the user's YAML
     overrides = {
         "base_model": args.base_model,
         "train_file": args.train_file,
@@ -173,11 +202,11 @@ def cmd_train(args) -> int:
         "nproc_per_node": args.nproc_per_node,
         "max_steps": args.max_steps,
     }
-    cfg = TrainConfig.from_file(args.config, **overrides)
+    cfg = TrainConfig.from_file(config_file, **overrides)
     for field in ("base_model", "train_file", "output_dir"):
         if not getattr(cfg, field):
             raise UsageError(
-                f"{field} is not set: give it in {args.config} or as --{field.replace('_', '-')}"
+                f"{field} is not set: give it in {config_file} or as --{field.replace('_', '-')}"
             )
     _existing(cfg.train_file, "train file")
     from airloom.training.recipe import preflight
@@ -545,7 +574,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("prepare", cmd_prepare, "clean, screen PII, dedup, render prompts and split into Parquet files")
     sp.add_argument("input")
-    sp.add_argument("--out", required=True)
+    where = sp.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", help="write the splits to this folder")
+    where.add_argument(
+        "--name", help="publish as the next version of this dataset ($AIRLOOM_HOME/datasets/NAME/N, NAME@N)"
+    )
     add_field_map(sp)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--val-fraction", type=float, default=0.1)
@@ -585,6 +618,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-seq-len ('' = none)",
     )
 
+    sp = add("datasets", cmd_datasets, "list the prepared datasets (NAME@VERSION, rows, when), newest first")
+    sp.add_argument("ref", nargs="?", help="show one: NAME@VERSION, NAME@latest, NAME or a folder")
+    sp.add_argument("--name", help="only the versions of this dataset")
+
     sp = add("synth", cmd_synth, "write the synthetic demo dataset and dated history partitions")
     sp.add_argument("--out", required=True)
     sp.add_argument("--rows", type=int, default=5000)
@@ -598,7 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = add("train", cmd_train, "fine-tune with the recipe through the deepspeed/torchrun launcher")
     sp.add_argument(
-        "--config", required=True, help="YAML training config (see include/airloom/training/configs)"
+        "--config",
+        required=True,
+        help="a shipped preset (tiny_llama/0.5m_full_1proc, llama_1b/1.1b_lora_1gpu_zero2_packed, ...; "
+        "see include/airloom/training/configs) or the path of a YAML training config",
     )
     sp.add_argument("--base-model")
     sp.add_argument("--train-file")

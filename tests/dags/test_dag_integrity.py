@@ -67,7 +67,7 @@ def test_empty_params_are_optional_in_the_trigger_form(dagbag):
 def test_params_reject_bad_input(dagbag):
     from airflow.sdk.exceptions import ParamValidationError
 
-    params = dagbag.dags["llm_finetune"].params
+    params = copy.deepcopy(dagbag.dags["llm_finetune"].params)  # the dagbag is shared by the module's tests
     params["zero_stage"] = 2  # valid
     with pytest.raises(ParamValidationError):
         params["zero_stage"] = 5
@@ -89,6 +89,10 @@ def test_wiring(dagbag):
         "canary",
     ]
     assert "resolve_dataset" in {t.task_id for t in ft.get_task("train").upstream_list}
+    # empty splits and a multi-node run without a master address fail before training queues
+    assert {"resolve_dataset"} == {t.task_id for t in ft.get_task("preflight").upstream_list}
+    assert "preflight" in {t.task_id for t in ft.get_task("train").upstream_list}
+    assert ft.get_task("preflight").retries == 0
     for up, down in zip(order, order[1:], strict=False):
         assert up in {t.task_id for t in ft.get_task(down).upstream_list} or any(
             up in {u.task_id for u in t.upstream_list} for t in ft.get_task(down).upstream_list
@@ -271,15 +275,11 @@ def test_templates_render_typed_values_and_xcom_as_given(dagbag):
         {"sweep": {"lora_r": [8, 16]}, "packing": True, "chat_truncation": "drop"},
     )
     assert finetune["plan_trials", "space"] == {"lora_r": [8, 16]}
-    assert finetune["plan_trials", "base_config"] == {
-        "method": "full",
-        "zero_stage": 2,
-        "learning_rate": 3e-3,
-        "batch_size": 32,
-        "max_steps": 1500,
-        "packing": True,
-        "chat_truncation": "drop",
-        "seed": 0,
+    assert finetune["plan_trials", "preset"] == "tiny_llama/0.5m_full_1proc"
+    given = {k: v for k, v in finetune["plan_trials", "base_config"].items() if v is not None}
+    assert given == {"packing": True, "chat_truncation": "drop", "seed": 0}  # the rest: the preset's
+    assert finetune["preflight", "splits"] == {
+        s: f"xcom:resolve_dataset.{s}" for s in ("train", "validation", "test")
     }
     assert (finetune["plan_trials", "trials"], finetune["evaluate_candidate", "limit"]) == (4, 300)
     assert finetune["evaluate_production", "model"] == "registry:airloom-demo@production"
@@ -299,31 +299,6 @@ def test_templates_render_typed_values_and_xcom_as_given(dagbag):
         0.25,
         "2026-11-03",
     )
-
-
-@pytest.mark.parametrize("chat_truncation", [None, "drop"])
-def test_finetune_form_values_reach_the_training_config(dagbag, chat_truncation):
-    """What the form sets arrives in every trial's TrainConfig (the mapped train task's config), the
-    chat_truncation default included; a value outside the form's choices is refused by the form."""
-    from airflow.sdk.exceptions import ParamValidationError
-
-    from airloom.training.config import TrainConfig
-
-    dag = dagbag.dags["llm_finetune"]
-    given = {"max_steps": 7, "learning_rate": 0.01, "batch_size": 4, "packing": True, "seed": 3}
-    if chat_truncation:
-        given["chat_truncation"] = chat_truncation
-    plan = copy.deepcopy(dag.get_task("plan_trials"))  # rendering replaces the templates in place
-    plan.render_template_fields({"params": {**dag.params.validate(), **given}})
-    (trial,) = plan.execute(context={})
-    cfg = TrainConfig.from_dict({k: v for k, v in trial.items() if v is not None})
-    expected = {**given, "chat_truncation": chat_truncation or "keep_last_turns"}
-    assert {k: getattr(cfg, k) for k in expected} == expected
-    assert (cfg.method, cfg.zero_stage) == ("full", 2)
-    form = dag.params.get_param("chat_truncation")
-    assert set(form.schema["values_display"]) == set(form.schema["enum"]) == {"keep_last_turns", "drop"}
-    with pytest.raises(ParamValidationError):
-        dag.params["chat_truncation"] = "truncate"
 
 
 def test_deploy_and_rollback_apply_the_approvers_variable(dagbag):

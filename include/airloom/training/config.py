@@ -13,6 +13,7 @@ METHODS = ("full", "lora", "qlora")
 CHAT_TRUNCATIONS = ("keep_last_turns", "drop")  # see airloom.training.chat
 LAUNCHERS = ("deepspeed", "torchrun", "python")
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_MASTER_PORT = 29500  # torchrun's; a multi-node run's nodes must agree on one
 
 
 _NUMERIC = {"float": float, "int": int, "float | None": float, "int | None": int}
@@ -45,6 +46,9 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
+    # Which layers get adapters: peft's "all-linear" (every linear layer but the output head), or module
+    # names as a list or comma-separated text ("q_proj,v_proj").
+    lora_target_modules: str | list[str] = "all-linear"
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
@@ -69,6 +73,13 @@ class TrainConfig:
     offload_params: bool = False  # ZeRO-3 only: parameters live in CPU memory between uses
     launcher: str = "deepspeed"
     nproc_per_node: int = 1
+    # Multi-node without SSH: one launcher per node (an Airflow task or a pod each), all meeting at node
+    # 0's master_addr:master_port. A node that has not joined within rendezvous_timeout_s fails every
+    # node (the same bound holds for each collective later, as DeepSpeed's default 10 minutes does).
+    nnodes: int = 1
+    master_addr: str | None = None
+    master_port: int | None = None
+    rendezvous_timeout_s: float = 600.0
     log_every: int = 10
     # Every N optimizer steps a DeepSpeed checkpoint under output_dir/checkpoints; a rerun resumes from
     # the newest complete one. 0 = never.
@@ -103,6 +114,37 @@ class TrainConfig:
             )
         if self.offload_params and self.zero_stage != 3:
             raise UsageError("offload_params needs zero_stage 3 (only ZeRO-3 partitions the parameters)")
+        if self.nnodes < 1:
+            raise UsageError(f"nnodes must be >= 1, got {self.nnodes}")
+        if self.nnodes > 1 and self.launcher == "python":
+            raise UsageError(
+                f"nnodes {self.nnodes} needs launcher deepspeed or torchrun ('python' runs one process)"
+            )
+        if self.nnodes > 1 and not (self.master_addr or "").strip():
+            raise UsageError(
+                f"nnodes {self.nnodes} needs master_addr: the address of node 0 that every node can reach"
+            )
+        if self.master_port is not None and not 0 < self.master_port < 65536:
+            raise UsageError(f"master_port must be 1-65535, got {self.master_port}")
+        if self.rendezvous_timeout_s <= 0:
+            raise UsageError(f"rendezvous_timeout_s must be > 0, got {self.rendezvous_timeout_s}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise UsageError(
+                "offload_optimizer needs zero_stage 1, 2 or 3 (ZeRO owns the optimizer state it moves to "
+                "CPU); set zero_stage or turn offload_optimizer off"
+            )
+        if not self.peft_target_modules():
+            raise UsageError("lora_target_modules is empty: give all-linear or module names (q_proj,v_proj)")
+        if self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise UsageError(
+                f"LoRA needs lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1, got r={self.lora_r}, "
+                f"alpha={self.lora_alpha}, dropout={self.lora_dropout}"
+            )
+        if self.warmup_steps < 0 or self.gradient_accumulation_steps < 1 or self.nproc_per_node < 1:
+            raise UsageError(
+                "warmup_steps must be >= 0, gradient_accumulation_steps and nproc_per_node >= 1, got "
+                f"{self.warmup_steps}, {self.gradient_accumulation_steps}, {self.nproc_per_node}"
+            )
         if self.checkpoint_every < 0 or self.keep_checkpoints < 1:
             raise UsageError("checkpoint_every must be >= 0 and keep_checkpoints >= 1")
         for name in ("learning_rate", "batch_size", "max_length", "epochs"):
@@ -127,6 +169,15 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def peft_target_modules(self) -> str | list[str]:
+        """``lora_target_modules`` as peft's ``LoraConfig(target_modules=...)`` takes it."""
+        value = self.lora_target_modules
+        if not isinstance(value, str | list):
+            raise UsageError(f"lora_target_modules must be text or a list of names, got {value!r}")
+        names = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+        names = [n.strip() for n in names if n.strip()]
+        return "all-linear" if names == ["all-linear"] else names
 
     def deepspeed_config(self, world_size: int = 1) -> dict[str, Any]:
         """The DeepSpeed JSON config for this run; written next to the outputs as an artifact."""

@@ -70,7 +70,7 @@ def tokenize_examples(
     """
     chat = renderer is not None and renderer.multi_turn
     conversations = [row for row in rows if chat and row.get("messages")]
-    chat_examples = iter([])
+    chat_examples: Any = iter([])
     if conversations:
         from airloom.training.chat import tokenize_chat_rows
 
@@ -147,23 +147,10 @@ def lr_lambda(warmup: int, total: int):
 
 
 def preflight(cfg: TrainConfig) -> None:
-    """Refuse, before any work, what this machine cannot run (the operator calls it too)."""
-    if cfg.method == "qlora":
-        import importlib.util
+    """Refuse, before any work, what this machine cannot run (the operator and the CLI call it too)."""
+    from airloom.training.preflight import check_hardware
 
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(
-                "method qlora loads 4-bit weights with bitsandbytes and needs a CUDA GPU; this "
-                "machine has none. Use method lora (same adapter, full-precision base) or run on "
-                "the gpu queue."
-            )
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise UsageError(
-                "method qlora needs the bitsandbytes package on the training machine "
-                "(pip install bitsandbytes)"
-            )
+    check_hardware(cfg)
 
 
 def _dtype(precision: str):
@@ -196,41 +183,94 @@ def load_model(cfg: TrainConfig):
     model = AutoModelForCausalLM.from_pretrained(cfg.base_model, **kwargs)
     model.config.use_cache = False
     if cfg.method in ("lora", "qlora"):
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
 
         if cfg.method == "qlora":
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules="all-linear",
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
+        model = get_peft_model(model, lora_config(cfg))
     return model, tokenizer
 
 
-def _evaluate_loss(engine, examples, pad_id: int, batch_size: int) -> float:
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.peft_target_modules(),
+        task_type="CAUSAL_LM",
+    )
+
+
+def build_optimizer(cfg: TrainConfig, params: list):
+    """AdamW; DeepSpeed's CPU Adam (AdamW mode) when the optimizer state is offloaded to CPU, because
+    DeepSpeed refuses a torch optimizer there (``zero_force_ds_cpu_optimizer``). Its C++ op is built by
+    the JIT on first use into ``TORCH_EXTENSIONS_DIR`` (the launcher points that at a per-project cache)."""
+    if cfg.offload_optimizer and cfg.zero_stage > 0:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, adamw_mode=True)
     import torch
 
-    engine.eval()
-    total, count = 0.0, 0
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _evaluate_loss(model, examples, pad_id: int, batch_size: int, rank: int = 0, world: int = 1) -> float:
+    """Mean loss per response token over ``examples``, split across the ``world`` ranks.
+
+    Each rank takes its slice of every global batch, as in training, and every rank runs the same number
+    of forward passes: under ZeRO-3 a forward is a collective (each layer's weights are gathered from all
+    ranks), so a rank whose slice is empty runs the first example again and counts nothing.
+    """
+    import torch
+    import torch.distributed as dist
+
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64)  # loss x tokens, tokens
     with torch.no_grad():
-        for i in range(0, len(examples), batch_size):
-            input_ids, attn, labels = collate(examples[i : i + batch_size], pad_id)
+        for i in range(0, len(examples), batch_size * world):
+            mine = examples[i + rank * batch_size : i + (rank + 1) * batch_size]
+            input_ids, attn, labels = collate(mine or examples[:1], pad_id)
             n = int((labels[:, 1:] != -100).sum())
-            loss = engine(
-                input_ids=input_ids.to(engine.device),
-                attention_mask=attn.to(engine.device),
-                labels=labels.to(engine.device),
+            loss = model(
+                input_ids=input_ids.to(model.device),
+                attention_mask=attn.to(model.device),
+                labels=labels.to(model.device),
             ).loss
-            total += loss.item() * n
-            count += n
-    engine.train()
-    return total / max(1, count)
+            if mine and n:
+                sums += torch.tensor([loss.item() * n, n], dtype=torch.float64)
+    model.train()
+    if world > 1:
+        dist.all_reduce(sums)
+    return float(sums[0] / max(1.0, float(sums[1])))
+
+
+def param_bytes(module) -> tuple[int, int]:
+    """(bytes of parameters this rank holds, bytes of the whole model's parameters).
+
+    A ZeRO-3 parameter holds its partition in ``ds_tensor`` and, only while gathered or when kept whole
+    (below ``stage3_param_persistence_threshold``), the full tensor in ``data``; ``ds_numel`` is its full size.
+    """
+    held = full = 0
+    for p in module.parameters():  # a tied weight is listed once
+        size = p.element_size()
+        if hasattr(p, "ds_tensor"):
+            held += p.ds_tensor.numel() * p.ds_tensor.element_size() + p.data.numel() * size
+            full += p.ds_numel * size
+        else:
+            held += p.numel() * size
+            full += p.numel() * size
+    return held, full
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports ``ru_maxrss`` in KiB)."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -259,6 +299,10 @@ def newest_checkpoint(root: Path) -> tuple[str, int] | None:
         return None
     step, tag = max(done)
     return tag, step
+
+
+def newest_has(root: Path, tag: str) -> bool:
+    return (root / tag / CHECKPOINT_MARKER).is_file()
 
 
 def checkpoint_mirror(cfg: TrainConfig):
@@ -330,6 +374,28 @@ def _batch(cfg: TrainConfig, units: list, pad_id: int, device) -> tuple[dict, in
     return {k: v.to(device) for k, v in inputs.items()}, real, input_ids.numel()
 
 
+def init_process_group(cfg: TrainConfig, backend: str) -> None:
+    """Join the run's process group. A node that never starts (its task still queued, its pod pending)
+    fails every node after ``rendezvous_timeout_s`` with a message that says so, not a bare store error."""
+    from datetime import timedelta
+
+    import deepspeed
+
+    timeout = timedelta(seconds=cfg.rendezvous_timeout_s)
+    try:
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    except Exception as e:
+        if "Timed out" not in str(e) and "timed out" not in str(e):
+            raise
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        raise RuntimeError(
+            f"rendezvous at {where} timed out after {cfg.rendezvous_timeout_s:g} s: not every process of the "
+            f"run joined ({os.environ.get('WORLD_SIZE')} expected over {cfg.nnodes} node(s)). Every node's "
+            "task must start at the same time: the gpu pool needs a slot per node and each node a worker "
+            f"on the gpu queue ({e})"
+        ) from e
+
+
 class FinetuneRecipe:
     """One rank's share of a fine-tuning run, in torchtune's recipe lifecycle.
 
@@ -347,6 +413,7 @@ class FinetuneRecipe:
         preflight(cfg)
         self.cfg = cfg
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        self.local_rank = int(os.environ["LOCAL_RANK"])
         self.out = Path(cfg.output_dir)
         # Progress so far: a resume restores it from the checkpoint.
         self.step, self.tokens, self.padded = 0, 0, 0
@@ -355,6 +422,8 @@ class FinetuneRecipe:
         self.metrics: dict = {}
         self.renderer = None  # the template conversations train with; None without conversations
         self.chat_stats: Counter = Counter()  # what became of them (airloom.training.chat.chat_example)
+        # Parameter bytes this rank holds after loading and after engine setup, and the whole model's.
+        self.loaded_param_bytes = self.held_param_bytes = self.model_param_bytes = 0
 
     def setup(self) -> None:
         import deepspeed
@@ -363,9 +432,18 @@ class FinetuneRecipe:
         cfg = self.cfg
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        init_process_group(cfg, backend="nccl" if torch.cuda.is_available() else "gloo")
+        ds_config = cfg.deepspeed_config(self.world)
+        hf_ds_config = None
+        if cfg.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            # While this object lives, from_pretrained builds the model under deepspeed.zero.Init: each
+            # rank allocates only its partition and rank 0 alone reads the weights (transformers' ZeRO-3 path).
+            hf_ds_config = HfDeepSpeedConfig(ds_config)
 
         model, tokenizer = load_model(cfg)
+        self.loaded_param_bytes = param_bytes(model)[0]
         rows = read_examples(cfg.train_file)
         self.renderer = chat_renderer(cfg, tokenizer, rows)
         examples = tokenize_examples(
@@ -379,13 +457,18 @@ class FinetuneRecipe:
         steps_per_epoch = max(1, len(self.units) // per_step)
         self.total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+        # The ZeRO optimizer keeps the client optimizer's param_groups, so the schedule's lr reaches it.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.warmup_steps, self.total))
-        ds_config = cfg.deepspeed_config(self.world)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=self.scheduler, config=ds_config
         )
+        self.held_param_bytes, self.model_param_bytes = param_bytes(self.engine.module)
+        if hf_ds_config is not None:
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            # Built: a model loaded later in this process (the whole model rank 0 saves) is a plain one.
+            unset_hf_deepspeed_config()
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
@@ -405,7 +488,7 @@ class FinetuneRecipe:
                 print(f"fetched checkpoint {fetched} from {cfg.checkpoint_uri}", flush=True)
         if dist.is_initialized():
             dist.barrier()
-        self.resumed = newest_checkpoint(root)
+        self.resumed = self._agreed_checkpoint(newest_checkpoint(root))
         if self.resumed:
             tag = self.resumed[0]
             _, state = self.engine.load_checkpoint(str(root), tag=tag)
@@ -413,6 +496,25 @@ class FinetuneRecipe:
             self.history = state["history"]
             if self.rank == 0:
                 print(f"resuming from checkpoint {tag} (step {self.step}/{self.total})", flush=True)
+
+    def _agreed_checkpoint(self, mine: tuple[str, int] | None) -> tuple[str, int] | None:
+        """Rank 0's newest checkpoint, if every rank has it complete on its own disk; else none, so all
+        ranks start over together (a node retried on a fresh machine has no shards to resume from)."""
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or self.world == 1:
+            return mine
+        choice: list[Any] = [mine]
+        dist.broadcast_object_list(choice, src=0)
+        chosen = choice[0]
+        if chosen is None:
+            return None
+        have = torch.tensor([1.0 if newest_has(checkpoint_root(self.cfg), chosen[0]) else 0.0])
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if have.item() < 1 and self.rank == 0:
+            print(f"checkpoint {chosen[0]} is not on every node: training from the start", flush=True)
+        return chosen if have.item() >= 1 else None
 
     def train(self) -> None:
         """Run the steps left (all, or those after the resumed checkpoint), logging progress lines for
@@ -496,11 +598,13 @@ class FinetuneRecipe:
                 "truncation": cfg.chat_truncation,
                 **{k: self.chat_stats[k] for k in ("kept", "truncated", "too_long", "no_labels")},
             }
-        if cfg.validation_file and rank == 0:
+        if cfg.validation_file:  # every rank: under ZeRO-3 each forward pass is a collective
             val_rows = read_examples(cfg.validation_file)
             renderer = self.renderer or chat_renderer(cfg, tokenizer, val_rows)
             val = tokenize_examples(val_rows, tokenizer, cfg.max_length, renderer, cfg.chat_truncation)
-            metrics["validation_loss"] = round(_evaluate_loss(engine, val, tokenizer.pad_token_id, micro), 5)
+            if val:
+                loss = _evaluate_loss(engine, val, tokenizer.pad_token_id, micro, rank, world)
+                metrics["validation_loss"] = round(loss, 5)
         self.metrics = metrics
 
     def save_checkpoint(self) -> None:
@@ -514,12 +618,13 @@ class FinetuneRecipe:
         self.engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
         if dist.is_initialized():
             dist.barrier()
-        if self.rank == 0:
+        if self.local_rank == 0:  # each node marks and prunes its own disk (nodes need not share one)
             (root / tag / CHECKPOINT_MARKER).write_text(json.dumps({"step": step}))
             complete = sorted(d for d in root.glob("step-*") if (d / CHECKPOINT_MARKER).is_file())
             for d in root.glob("step-*"):
                 if d.name != tag and (d not in complete or d in complete[: -cfg.keep_checkpoints]):
                     shutil.rmtree(d, ignore_errors=True)
+        if self.rank == 0:
             mirror = checkpoint_mirror(cfg)
             if mirror is not None:
                 upload_checkpoint(mirror, root, tag, cfg.keep_checkpoints)
@@ -535,28 +640,67 @@ class FinetuneRecipe:
         cfg, out = self.cfg, self.out
         state_dict = None
         if cfg.zero_stage == 3:
-            state_dict = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+            # The whole weights, gathered layer by layer onto rank 0 (None elsewhere); every rank calls it.
+            state_dict = self.engine._zero3_consolidated_16bit_state_dict()
         if self.rank == 0:
             self._save_model(state_dict)
+        del state_dict
+        self.metrics["model_param_bytes"] = self.model_param_bytes
+        self.metrics["ranks"] = self._rank_figures()  # collective; peaks include the save above
+        if self.rank == 0:
             (out / "train_metrics.json").write_text(json.dumps(self.metrics, indent=2))
             plot_loss(self.metrics["history"], out / "loss_curve.png")
-            # The finished model supersedes the checkpoints (each holds optimizer state: ~3x the model).
-            shutil.rmtree(checkpoint_root(cfg), ignore_errors=True)
             mirror = checkpoint_mirror(cfg)
             if mirror is not None:
                 mirror.delete_prefix("step-")
         if dist.is_initialized():
-            dist.barrier()  # every rank reaches cleanup together, after rank 0 has written
+            dist.barrier()  # the model is written before any node drops its checkpoints
+        if self.local_rank == 0:
+            # The finished model supersedes the checkpoints (each holds optimizer state: ~3x the model).
+            shutil.rmtree(checkpoint_root(cfg), ignore_errors=True)
+
+    def _rank_figures(self) -> list[dict]:
+        """Per rank: peak resident memory so far and the parameter bytes it held once the model was
+        loaded and once the engine was set up (ZeRO-3: its partitions), gathered from every rank."""
+        import torch.distributed as dist
+
+        mine = {
+            "rank": self.rank,
+            "peak_rss_mib": peak_rss_mib(),
+            "param_bytes_loaded": self.loaded_param_bytes,
+            "param_bytes": self.held_param_bytes,
+        }
+        if not dist.is_initialized() or self.world == 1:
+            return [mine]
+        figures: list[Any] = [None] * self.world
+        dist.all_gather_object(figures, mine)
+        return figures
+
+    def _whole_lora_model(self, state_dict: dict):
+        """The LoRA model rebuilt unpartitioned on this rank with the consolidated ZeRO-3 weights: the
+        engine's copy holds partitions only, which neither peft's adapter save nor its merge can use."""
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.cfg
+        base = AutoModelForCausalLM.from_pretrained(
+            cfg.base_model, dtype=_dtype(cfg.precision), attn_implementation="sdpa"
+        )
+        model = get_peft_model(base, lora_config(cfg))
+        model.load_state_dict(state_dict, strict=True)
+        return model
 
     def _save_model(self, state_dict: dict | None) -> None:
-        """Write ``out/model`` (HF folder, merged if LoRA) atomically: a failed run leaves no half model."""
+        """Write ``out/model`` (HF folder, merged if LoRA) atomically: a failed run leaves no half model.
+
+        ``state_dict`` is the consolidated weights under ZeRO-3 (the engine's module holds partitions)."""
         cfg, out, tokenizer = self.cfg, self.out, self.tokenizer
         model = self.engine.module
         tmp = out / "model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         if cfg.method in ("lora", "qlora"):
             if state_dict is not None:
-                model.load_state_dict(state_dict, strict=False)
+                model = self._whole_lora_model(state_dict)
             model.save_pretrained(out / "adapter")
             state_dict = None
             if cfg.method == "qlora":

@@ -95,6 +95,30 @@ def plan_trials(space: Any, base: dict[str, Any], *, trials: int = 4, seed: int 
     return planned
 
 
+def spread_master_ports(planned: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Multi-node trials get their own master port each (the given one + the trial number), so trials
+    running at once do not meet at one rendezvous."""
+    from airloom.training.config import DEFAULT_MASTER_PORT
+
+    out = []
+    for config in planned:
+        if int(config.get("nnodes") or 1) > 1:
+            port = int(config.get("master_port") or DEFAULT_MASTER_PORT) + int(config["extra"]["trial"])
+            config = {**config, "master_port": port}
+        out.append(config)
+    return out
+
+
+def other_node_launches(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``{"config": ..., "node_rank": r}`` for nodes 1..n-1 of every multi-node trial: the launches of the
+    task mapped beside each trial's node-0 task (none for one node)."""
+    return [
+        {"config": config, "node_rank": rank}
+        for config in trials
+        for rank in range(1, int(config.get("nnodes") or 1))
+    ]
+
+
 def trial_score(metric: str, train_result: dict[str, Any], evaluation: dict[str, Any] | None) -> float | None:
     """The trial's value of ``metric``: from its evaluation's aggregate, else from its training metrics."""
     aggregate = (evaluation or {}).get("aggregate") or {}

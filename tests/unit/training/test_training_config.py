@@ -24,6 +24,13 @@ from airloom.training.launcher import RECIPE_MODULE, LaunchSpec, build_command
         ({"launcher": "python", "nproc_per_node": 2}, r"launcher 'python' runs one process"),
         ({"learning_rate": 0}, r"learning_rate must be > 0"),
         ({"batch_size": -1}, r"batch_size must be > 0"),
+        ({"zero_stage": 0, "offload_optimizer": True}, r"offload_optimizer needs zero_stage 1, 2 or 3"),
+        ({"lora_r": 0}, r"LoRA needs lora_r >= 1"),
+        ({"lora_dropout": 1.0}, r"0 <= lora_dropout < 1"),
+        ({"lora_target_modules": " , "}, r"lora_target_modules is empty"),
+        ({"lora_target_modules": 3}, r"lora_target_modules must be text or a list"),
+        ({"warmup_steps": -1}, r"warmup_steps must be >= 0"),
+        ({"gradient_accumulation_steps": 0}, r"gradient_accumulation_steps and nproc_per_node >= 1"),
     ],
 )
 def test_invalid_values_are_rejected(options, match):
@@ -115,9 +122,16 @@ def test_offload_optimizer_to_cpu(stage):
     assert ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
 
 
-def test_offload_ignored_without_zero():
-    ds = TrainConfig(zero_stage=0, offload_optimizer=True).deepspeed_config()
-    assert "offload_optimizer" not in ds["zero_optimization"]
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("all-linear", "all-linear"),
+        ("q_proj, v_proj", ["q_proj", "v_proj"]),
+        (["q_proj", "o_proj"], ["q_proj", "o_proj"]),
+    ],
+)
+def test_lora_target_modules_as_peft_takes_them(value, expected):
+    assert TrainConfig.from_dict({"lora_target_modules": value}).peft_target_modules() == expected
 
 
 def test_micro_batch_never_below_one():
@@ -306,3 +320,35 @@ def test_parameter_offload_is_a_zero3_option():
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     with pytest.raises(UsageError, match="offload_params needs zero_stage 3"):
         TrainConfig(zero_stage=2, offload_params=True)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"nnodes": 2}, "nnodes 2 needs master_addr"),
+        (
+            {"nnodes": 2, "master_addr": "10.0.0.1", "launcher": "python"},
+            "needs launcher deepspeed or torchrun",
+        ),
+        ({"nnodes": 0}, "nnodes must be >= 1"),
+        ({"master_port": 70000}, "master_port must be 1-65535"),
+        ({"rendezvous_timeout_s": 0}, "rendezvous_timeout_s must be > 0"),
+    ],
+)
+def test_multi_node_settings_that_cannot_rendezvous_are_refused(options, message):
+    with pytest.raises(UsageError, match=message):
+        TrainConfig(**options)
+
+
+def test_multi_node_trials_get_a_port_each_and_a_launch_per_extra_node():
+    from airloom.training.sweep import other_node_launches, plan_trials, spread_master_ports
+
+    base = {"nnodes": 2, "master_addr": "10.0.0.1"}
+    trials = spread_master_ports(plan_trials({"learning_rate": [1e-3, 2e-3]}, base))
+    assert [t["master_port"] for t in trials] == [29500, 29501]
+    assert [(o["config"]["learning_rate"], o["node_rank"]) for o in other_node_launches(trials)] == [
+        (1e-3, 1),
+        (2e-3, 1),
+    ]
+    single = spread_master_ports(plan_trials(None, {}))
+    assert "master_port" not in single[0] and other_node_launches(single) == []

@@ -1,4 +1,5 @@
-"""DeepSpeedTrainOperator: launch the training recipe as a child process.
+"""DeepSpeedTrainOperator: launch the training recipe as a child process; TrainingPreflightOperator: refuse
+what cannot work before the run waits for a GPU.
 
 The operator writes the run's config, starts ``deepspeed`` (or ``torchrun``) on the recipe,
 streams the child's progress into the task log and fails with the child's last lines when it
@@ -12,11 +13,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airloom.airflow.links import LossCurveLink
-from airloom.airflow.operators._base import AirloomBaseOperator, push_outputs
-from airloom.exceptions import AirloomError
+from airloom.airflow.operators._base import AirloomBaseOperator, number, push_outputs
+from airloom.exceptions import UsageError
+from airloom.training.config import DEFAULT_MASTER_PORT
 
 
 class DeepSpeedTrainOperator(AirloomBaseOperator):
@@ -28,10 +31,18 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
         (``config["chat_truncation"]`` says what happens to those longer than ``max_length``).
     :param validation_file: optional split of the same kind, for the validation loss.
     :param config: training options (:class:`airloom.training.config.TrainConfig` fields).
-    :param launcher: ``deepspeed``, ``torchrun`` or ``python``.
-    :param nproc_per_node: processes (GPUs) per node; also the ``gpu`` pool slots taken by default.
-    :param nnodes, node_rank, master_addr, master_port, hostfile: multi-node settings.
+    :param launcher: ``deepspeed``, ``torchrun`` or ``python``; None: the config's.
+    :param nproc_per_node: processes (GPUs) per node, None: the config's; when given as a number, also
+        the ``gpu`` pool slots taken by default.
+    :param nnodes, node_rank, master_addr, master_port, hostfile: multi-node settings (None: the config's);
+        nnodes > 1 needs ``master_addr`` (node 0's address), and a port (None: 29500, torchrun's default)
+        every node shares. Node 0 writes the model and returns the run's outputs; another node returns
+        only ``node_rank`` and ``output_dir``.
     :param env: extra environment for the child (NCCL settings and the like).
+
+    Before launching, what cannot work is refused without retry (:mod:`airloom.training.preflight`):
+    the config, the topology, the method and precision on this machine, empty train/validation
+    files, a base model whose config or tokenizer does not load or whose context is below ``max_length``.
     """
 
     template_fields: Sequence[str] = (
@@ -43,6 +54,10 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
         "env",
         "launcher",
         "nproc_per_node",
+        "nnodes",
+        "node_rank",
+        "master_addr",
+        "master_port",
     )
     template_fields_renderers = {"config": "json", "env": "json"}
     operator_extra_links = (LossCurveLink(),)
@@ -55,12 +70,12 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
         train_file: str,
         validation_file: str | None = None,
         config: dict[str, Any] | None = None,
-        launcher: str = "deepspeed",
-        nproc_per_node: int = 1,
-        nnodes: int = 1,
+        launcher: str | None = None,
+        nproc_per_node: int | None = None,
+        nnodes: int | None = None,
         node_rank: int = 0,
-        master_addr: str = "127.0.0.1",
-        master_port: int = 0,
+        master_addr: str | None = None,
+        master_port: int | None = None,
         hostfile: str | None = None,
         env: dict[str, str] | None = None,
         **kwargs,
@@ -86,39 +101,53 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.registry.resolve import resolve_model
+        from airloom.training import preflight
         from airloom.training.config import TrainConfig
         from airloom.training.launcher import LaunchSpec, TrainingProcess, build_command, child_env
-        from airloom.training.recipe import preflight
 
         out = self.output_folder(context)
-        out.mkdir(parents=True, exist_ok=True)
-        base = resolve_model(
-            self.base_model, registry=self.hook.registry, s3_client=self.s3_client(self.base_model)
-        )
-        try:
+        node_rank = number(self.node_rank, "node_rank")
+        given = {  # None: the config's
+            "launcher": self.launcher,
+            "nproc_per_node": self.nproc_per_node,
+            "nnodes": number(self.nnodes, "nnodes", optional=True),
+            "master_addr": self.master_addr,
+            "master_port": number(self.master_port, "master_port", optional=True),
+        }
+        options = {**dict(self.config), **{k: v for k, v in given.items() if v is not None}}
+        try:  # what cannot work fails now, without retry: a retry would fail the same way
             cfg = TrainConfig.from_dict(
                 {
-                    **{k: v for k, v in dict(self.config).items() if v is not None},
-                    "base_model": base["path"],
+                    **{k: v for k, v in options.items() if v is not None},
+                    "base_model": self.base_model,
                     "train_file": self.train_file,
                     "validation_file": self.validation_file,
                     "output_dir": str(out),
-                    "launcher": self.launcher,
-                    "nproc_per_node": self.nproc_per_node,
                 }
             )
-            preflight(cfg)  # e.g. qlora without CUDA: say so before launching anything
-        except AirloomError as e:  # bad config: a retry would fail the same way
+            preflight.check_topology(
+                nnodes=cfg.nnodes, node_rank=node_rank, master_addr=cfg.master_addr, launcher=cfg.launcher
+            )
+            preflight.check_hardware(cfg)  # e.g. qlora without CUDA, bf16 on a V100
+            preflight.check_splits({"train": cfg.train_file, "validation": cfg.validation_file})
+            base = resolve_model(
+                self.base_model, registry=self.hook.registry, s3_client=self.s3_client(self.base_model)
+            )
+            cfg.base_model = base["path"]
+            preflight.check_base_model(cfg.base_model, cfg.max_length, name=base["ref"])
+        except UsageError as e:
             raise AirflowFailException(str(e)) from e
+        out.mkdir(parents=True, exist_ok=True)
         config_path = cfg.save(out / "train_config.json")
         spec = LaunchSpec(
             config_path=config_path,
-            launcher=self.launcher,
+            launcher=cfg.launcher,
             nproc_per_node=cfg.nproc_per_node,
-            nnodes=int(self.nnodes),
-            node_rank=int(self.node_rank),
-            master_addr=self.master_addr,
-            master_port=int(self.master_port),
+            nnodes=cfg.nnodes,
+            node_rank=node_rank,
+            master_addr=cfg.master_addr or "127.0.0.1",
+            # Every node must agree on the port: a free port is picked only for a single node.
+            master_port=cfg.master_port or (0 if cfg.nnodes == 1 else DEFAULT_MASTER_PORT),
             hostfile=self.hostfile,
         )
         threads = max(1, (os.cpu_count() or 1) // cfg.nproc_per_node)
@@ -134,6 +163,8 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
             self._process.run(log=self.log.info)
         except Exception as e:
             raise AirflowException(str(e)) from e
+        if node_rank > 0:  # node 0 (global rank 0) writes the model and the metrics; this node only trained
+            return {"node_rank": node_rank, "output_dir": str(out), "config": cfg.to_dict()}
         metrics = json.loads((out / "train_metrics.json").read_text())
         metrics.pop("history", None)
         loss_curve = out / "loss_curve.png"  # the recipe draws none when it logged no step
@@ -153,3 +184,43 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
     def on_kill(self) -> None:
         if self._process is not None:
             self._process.kill()
+
+
+class TrainingPreflightOperator(BaseOperator):
+    """Refuse, before the run queues for the ``gpu`` pool, inputs that no retry can fix: an empty split
+    of the prepared dataset (training, the validation loss, the trials' and the candidate's evaluation
+    each read one) and a multi-node run without a master address.
+
+    A cheap task on any worker: row counts come from Parquet footers. What needs the training
+    machine (CUDA, bf16) or the base model is checked by :class:`DeepSpeedTrainOperator` before it launches.
+
+    :param splits: ``{"train": path, "validation": path, "test": path}`` (None entries are skipped).
+    :param nnodes, master_addr: the training task's multi-node settings.
+    """
+
+    template_fields: Sequence[str] = ("splits", "nnodes", "master_addr")
+
+    def __init__(
+        self, *, splits: dict[str, Any], nnodes: int | None = 1, master_addr: str | None = None, **kwargs
+    ) -> None:
+        kwargs.setdefault("retries", 0)  # it only reads: a failure is the input's
+        super().__init__(**kwargs)
+        self.splits = splits
+        self.nnodes = nnodes
+        self.master_addr = master_addr
+
+    def execute(self, context) -> dict[str, int]:
+        from airloom.training import preflight
+
+        try:
+            preflight.check_topology(
+                nnodes=number(self.nnodes, "nnodes", optional=True) or 1,
+                node_rank=0,
+                master_addr=self.master_addr,
+                launcher=None,
+            )
+            counts = preflight.check_splits(dict(self.splits))
+        except UsageError as e:
+            raise AirflowFailException(str(e)) from e
+        self.log.info("rows per split: %s", counts)
+        return counts

@@ -25,10 +25,20 @@ class EvaluateModelOperator(AirloomBaseOperator):
         chat rows with ``messages``; the conversations of a prepared split are rendered with its
         manifest's template, as training rendered them.
     :param limit: evaluate only the first N records.
+    :param max_new_tokens: the longest answer generated (templated).
+    :param batch_size: prompts generated together (left-padded; templated).
     :param bias_probes: also run the project's counterfactual bias probes (bias.json).
     """
 
-    template_fields: Sequence[str] = ("model", "fallback_model", "dataset_file", "output_dir", "limit")
+    template_fields: Sequence[str] = (
+        "model",
+        "fallback_model",
+        "dataset_file",
+        "output_dir",
+        "limit",
+        "max_new_tokens",
+        "batch_size",
+    )
 
     def __init__(
         self,
@@ -73,8 +83,8 @@ class EvaluateModelOperator(AirloomBaseOperator):
             read_split(self.dataset_file),
             out,
             limit=limit,
-            max_new_tokens=self.max_new_tokens,
-            batch_size=self.batch_size,
+            max_new_tokens=number(self.max_new_tokens, "max_new_tokens"),
+            batch_size=number(self.batch_size, "batch_size"),
             dataset_file=self.dataset_file,
         )
         self.log.info(
@@ -105,7 +115,10 @@ class EvaluateModelOperator(AirloomBaseOperator):
         model, tokenizer = load_model(model_path)
         # Probes asked as the model is served: its chat template, else alpaca.
         report = run_bias_probes(
-            model, tokenizer, max_new_tokens=self.max_new_tokens, prompt_template="model"
+            model,
+            tokenizer,
+            max_new_tokens=number(self.max_new_tokens, "max_new_tokens"),
+            prompt_template="model",
         )
         path = out / "bias.json"
         path.write_text(json.dumps(report, indent=2))

@@ -13,20 +13,25 @@ from airloom.exceptions import UsageError
 
 
 class PlanTrialsOperator(BaseOperator):
-    """Return one training config per trial (``DeepSpeedTrainOperator.partial(...).expand(config=...)``).
+    """Return one training config per trial (``DeepSpeedTrainOperator.partial(...).expand(config=...)``);
+    multi-node trials get a master port each.
 
-    :param base_config: training options every trial starts from (templated).
+    :param preset: a shipped preset name (``tiny_llama/0.5m_full_1proc``) or the path of a training YAML;
+        None: ``base_config`` alone.
+    :param base_config: training options every trial starts from, on top of the preset's (None values
+        keep the preset's; templated).
     :param space: the search space (see :mod:`airloom.training.sweep`); a dict, JSON, or empty for one trial.
     :param trials: draws for a random space.
     """
 
-    template_fields: Sequence[str] = ("base_config", "space", "trials", "seed")
+    template_fields: Sequence[str] = ("preset", "base_config", "space", "trials", "seed")
     template_fields_renderers = {"base_config": "json", "space": "json"}
 
     def __init__(
         self,
         *,
         base_config: dict[str, Any],
+        preset: str | None = None,
         space: dict[str, Any] | None = None,
         trials: int = 4,
         seed: int = 0,
@@ -34,27 +39,69 @@ class PlanTrialsOperator(BaseOperator):
     ) -> None:
         super().__init__(**kwargs)
         self.base_config = base_config
+        self.preset = preset
         self.space = space
         self.trials = trials
         self.seed = seed
 
     def execute(self, context) -> list[dict[str, Any]]:
-        from airloom.training.sweep import plan_trials
+        from airloom.training.presets import load_preset
+        from airloom.training.sweep import plan_trials, spread_master_ports
 
         try:
+            base = dict(self.base_config)
+            if self.preset:
+                base = load_preset(self.preset, base)
+                self.log.info(
+                    "preset %s with %s",
+                    self.preset,
+                    {k: v for k, v in self.base_config.items() if v is not None},
+                )
             planned = plan_trials(
                 self.space,
-                dict(self.base_config),
+                base,
                 trials=number(self.trials, "trials"),
                 seed=number(self.seed, "seed"),
             )
-        except UsageError as e:  # a bad space fails the same way on every retry
+        except UsageError as e:  # a bad preset, override or space fails the same way on every retry
             raise AirflowFailException(str(e)) from e
+        planned = spread_master_ports(planned)
         for trial in planned:
             self.log.info(
                 "trial %s: %s", trial["extra"]["trial"], trial["extra"]["trial_values"] or "base options"
             )
         return planned
+
+
+class PlanOtherNodesOperator(BaseOperator):
+    """Multi-node: return the launches of nodes 1..n-1 of every trial (``{"config", "node_rank"}``, for
+    ``DeepSpeedTrainOperator.partial(...).expand_kwargs(...)`` beside the trials' node-0 tasks); an empty
+    list, so that task is skipped, for one node.
+
+    :param trials: the planned trials (``PlanTrialsOperator``'s output).
+    """
+
+    template_fields: Sequence[str] = ("trials",)
+
+    def __init__(self, *, trials: Any, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.trials = trials
+
+    def execute(self, context) -> list[dict[str, Any]]:
+        from airloom.training.sweep import other_node_launches
+
+        launches = other_node_launches(list(self.trials))
+        for launch in launches:
+            config = launch["config"]
+            self.log.info(
+                "trial %s node %s of %s at %s:%s",
+                config["extra"]["trial"],
+                launch["node_rank"],
+                config["nnodes"],
+                config["master_addr"],
+                config["master_port"],
+            )
+        return launches
 
 
 class SelectBestTrialOperator(BaseOperator):
