@@ -191,7 +191,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "max_steps": cfg.max_steps,
         "eval_limit": cfg.eval_limit,
         "base_model": base["ref"],
-        "dataset": latest["path"],
+        "dataset": latest["ref"],  # name@version: the dataset this run prepared, named as a user would
         **({"gates": cfg.gates} if cfg.gates else {}),
     }
     started = time.monotonic()

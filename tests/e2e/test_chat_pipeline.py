@@ -159,6 +159,8 @@ def pipeline(tmp_path_factory):
         "env": env,
         "counts": counts,
         "dataset": Path(latest["path"]),
+        # the data-quality run that prepared it (settings.run_dir under this home)
+        "dq_run": home / "runs" / "llm_data_quality" / latest["run_id"].replace(":", "_").replace("+", "_"),
         "registry": registry,
     }
 
@@ -169,7 +171,7 @@ def test_data_quality_reads_both_formats_and_prepares_them_with_chatml(pipeline)
     from airloom.data.splits import read_split
 
     dataset = pipeline["dataset"]
-    validation = json.loads((dataset.parent / "validate" / "validation.json").read_text())  # same run
+    validation = json.loads((pipeline["dq_run"] / "validate" / "validation.json").read_text())  # same run
     total = sum(pipeline["counts"].values())
     assert (validation["rows_read"], validation["accepted"], validation["quarantined"]) == (total, total, 0)
     manifest = json.loads((dataset / "manifest.json").read_text())

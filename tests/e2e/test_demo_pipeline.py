@@ -271,6 +271,7 @@ def test_sweep_maps_one_training_task_per_trial_and_passes_on_the_best(demo):
         "eval_limit": 10,
         "gates": "exact_match>=2",
         "packing": True,
+        "dataset": json.loads((home / "datasets" / "latest.json").read_text())["ref"],
     }
     proc = subprocess.run(
         [

@@ -236,7 +236,10 @@ def test_data_quality_then_finetune_signed_off_over_rest_deploys(prod):
     trainer.unpause("llm_finetune")
     # Test perplexity after 40 steps: 7.0-7.3 (seeds 0-2); the untrained base: ~555. Exact match on
     # 20 examples (1-3 right) is too coarse to gate on at this size.
-    conf = {"max_steps": 40, "eval_limit": 20, "gates": "perplexity<=20"}
+    # A manual run names its dataset: the version this data-quality run published.
+    latest = json.loads((Path(prod["stack"].env["AIRLOOM_HOME"]) / "datasets" / "latest.json").read_text())
+    assert latest["run_id"] == dq_run
+    conf = {"max_steps": 40, "eval_limit": 20, "gates": "perplexity<=20", "dataset": latest["ref"]}
     ft_run = trainer.trigger("llm_finetune", conf)
     # The sensor defers: the wait holds a triggerer slot, not a Celery worker slot.
     trainer.wait_task_state("llm_finetune", ft_run, "wait_for_signoff", "deferred", timeout=1500)
