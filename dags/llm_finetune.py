@@ -33,6 +33,7 @@ from airloom.airflow.defaults import (
     BASE_MODEL,
     CANARY_PROMPTS,
     DEFAULT_ARGS,
+    EVAL_QUEUE,
     MODEL_NAME,
     SIGNOFF_POLICY_TEMPLATED,
 )
@@ -254,6 +255,15 @@ with DAG(
         "eval_max_new_tokens": Param(
             32, type="integer", minimum=1, title="Longest generated answer (tokens)", section=EVALUATION
         ),
+        "eval_precision": Param(
+            "auto",
+            enum=["auto", "fp32", "bf16", "fp16"],
+            title="Evaluation precision",
+            description="auto: the dtype each model was saved in (a bf16 preset's model evaluates in bf16, "
+            "the demo's in fp32); fp32 scores do not depend on the hardware. Evaluation runs on the queue "
+            "AIRLOOM_EVAL_QUEUE names: default, or gpu where the deployment sets it",
+            section=EVALUATION,
+        ),
         "gates": Param(
             "exact_match>=0.3,exact_match>=baseline-0.02",
             type="string",
@@ -283,29 +293,24 @@ with DAG(
         trials="{{ params.sweep_trials }}",
         seed="{{ params.seed }}",
     )
-    train = DeepSpeedTrainOperator.partial(
-        task_id="train",
-        base_model="{{ params.base_model }}",
-        train_file=dataset.output["train"],
-        validation_file=dataset.output["validation"],
-        execution_timeout=timedelta(hours=12),
-        # partial() does not apply the operator's own defaults at parse time: name pool and queue here.
-        pool="gpu",
-        queue="gpu",
-    ).expand(config=plan.output)
+    # What every node's training task shares. partial() does not apply the operator's own defaults at
+    # parse time: name pool and queue here.
+    training = {
+        "base_model": "{{ params.base_model }}",
+        "train_file": dataset.output["train"],
+        "validation_file": dataset.output["validation"],
+        "execution_timeout": timedelta(hours=12),
+        "pool": "gpu",
+        "queue": "gpu",
+    }
+    train = DeepSpeedTrainOperator.partial(task_id="train", **training).expand(config=plan.output)
     # Multi-node: nodes 1..n-1 of each trial train beside its node-0 task (mapped over node_rank; none and
     # skipped for one node). Node 0 writes the model; a node that does not join within the config's
     # rendezvous_timeout_s fails them all.
     node_plan = PlanOtherNodesOperator(task_id="plan_other_nodes", trials=plan.output)
-    other_nodes = DeepSpeedTrainOperator.partial(
-        task_id="train_other_nodes",
-        base_model="{{ params.base_model }}",
-        train_file=dataset.output["train"],
-        validation_file=dataset.output["validation"],
-        execution_timeout=timedelta(hours=12),
-        pool="gpu",
-        queue="gpu",
-    ).expand_kwargs(node_plan.output)
+    other_nodes = DeepSpeedTrainOperator.partial(task_id="train_other_nodes", **training).expand_kwargs(
+        node_plan.output
+    )
     preflight >> [train, other_nodes]
     evaluate_trials = EvaluateModelOperator.partial(
         task_id="evaluate_trial",
@@ -313,6 +318,8 @@ with DAG(
         limit="{{ params.sweep_eval_limit }}",
         batch_size="{{ params.eval_batch_size }}",
         max_new_tokens="{{ params.eval_max_new_tokens }}",
+        precision="{{ params.eval_precision }}",
+        queue=EVAL_QUEUE,
         pool="eval",
     ).expand(model=train.output.map(model_dir_of))
     best = SelectBestTrialOperator(
@@ -328,6 +335,8 @@ with DAG(
         limit="{{ params.eval_limit }}",
         batch_size="{{ params.eval_batch_size }}",
         max_new_tokens="{{ params.eval_max_new_tokens }}",
+        precision="{{ params.eval_precision }}",
+        queue=EVAL_QUEUE,
         bias_probes=True,
     )
     evaluate_production = EvaluateModelOperator(
@@ -338,6 +347,8 @@ with DAG(
         limit="{{ params.eval_limit }}",
         batch_size="{{ params.eval_batch_size }}",
         max_new_tokens="{{ params.eval_max_new_tokens }}",
+        precision="{{ params.eval_precision }}",
+        queue=EVAL_QUEUE,
     )
     gates = QualityGateOperator(
         task_id="quality_gates",

@@ -39,6 +39,7 @@ FORM = {
     "master_port": 29611,
     "eval_batch_size": 8,
     "eval_max_new_tokens": 16,
+    "eval_precision": "bf16",
     "eval_limit": 11,
     "sweep_eval_limit": 5,
 }
@@ -182,6 +183,7 @@ def test_every_form_field_reaches_the_run(dag, tmp_path, monkeypatch):
     for task_id, limit in (("evaluate_candidate", 11), ("evaluate_production", 11), ("evaluate_trial", 5)):
         evaluation = _rendered(dag.get_task(task_id), params)
         assert (evaluation["batch_size"], evaluation["max_new_tokens"], evaluation["limit"]) == (8, 16, limit)
+        assert evaluation["precision"] == "bf16"
     preflight = _rendered(dag.get_task("preflight"), params)
     assert (preflight["nnodes"], preflight["master_addr"]) == (2, "10.1.2.3")
 

@@ -270,6 +270,8 @@ def test_data_quality_then_finetune_signed_off_over_rest_deploys(prod):
     states = {
         (ti["task_id"], ti["map_index"]): ti["state"] for ti in trainer.task_instances("llm_finetune", ft_run)
     }
+    # One node: the extra nodes' mapped task has nothing to expand and is skipped; everything else ran.
+    assert states.pop(("train_other_nodes", -1)) == "skipped", states
     assert set(states.values()) == {"success"}, states
     assert {"deploy", "canary"} <= {task for task, _ in states}
 
@@ -504,3 +506,55 @@ def test_twenty_deferred_signoff_sensors_hold_no_worker_slot(prod, tmp_path):
     timings["twenty_sensors_total"] = round(time.monotonic() - t0, 1)
     assert run["state"] == "success", trainer.diagnose(HOLD_DAG, run_id)
     assert {ti["state"] for ti in trainer.task_instances(HOLD_DAG, run_id)} == {"success"}
+
+
+def test_two_node_training_through_celery_meets_at_one_rendezvous(prod):
+    """nnodes 2 from the run conf: `train` (node 0) and `train_other_nodes` (node 1) run at once on the
+    Celery workers (pool `gpu` given a slot per node), meet at the master address, train one model
+    together; node 0 writes it. An impossible gate then ends the run before registration."""
+    from airloom.training.launcher import free_port
+
+    trainer = prod["trainer"]
+    admin = Api(prod["stack"].api_url, "admin")
+    home = Path(prod["stack"].env["AIRLOOM_HOME"])
+    latest = json.loads((home / "datasets" / "latest.json").read_text())
+    pool = admin.get("/api/v2/pools/gpu")
+
+    def set_slots(n: int) -> None:
+        body = {"name": "gpu", "slots": n, "include_deferred": pool["include_deferred"]}
+        r = admin.http.patch("/api/v2/pools/gpu", json=body)
+        assert r.status_code == 200 and r.json()["slots"] == n, r.text
+
+    set_slots(2)
+    try:
+        t0 = time.monotonic()
+        conf = {
+            "dataset": latest["ref"],
+            "nnodes": 2,
+            "master_addr": "127.0.0.1",
+            "master_port": free_port(),
+            "max_steps": 10,
+            "sweep_eval_limit": 5,
+            "eval_limit": 5,
+            "gates": "exact_match>=2",
+        }
+        run_id = trainer.trigger("llm_finetune", conf)
+        run = trainer.wait_run("llm_finetune", run_id, timeout=900)
+        prod["timings"]["two_node_finetune"] = round(time.monotonic() - t0, 1)
+    finally:
+        set_slots(pool["slots"])
+    states = {(ti["task_id"], ti["map_index"]): ti for ti in trainer.task_instances("llm_finetune", run_id)}
+    assert run["state"] == "failed", trainer.diagnose("llm_finetune", run_id)  # the impossible gate
+    assert states[("quality_gates", -1)]["state"] == "failed", trainer.diagnose("llm_finetune", run_id)
+    node0, node1 = states[("train", 0)], states[("train_other_nodes", 0)]
+    assert (node0["state"], node1["state"]) == ("success", "success"), trainer.diagnose(
+        "llm_finetune", run_id
+    )
+    # They ran at the same time (a rendezvous needs both), each on the gpu queue and pool.
+    assert node0["start_date"] < node1["end_date"] and node1["start_date"] < node0["end_date"]
+    assert {(ti["queue"], ti["pool"]) for ti in (node0, node1)} == {("gpu", "gpu")}
+    run_folder = home / "runs" / "llm_finetune" / run_id.replace(":", "_").replace("+", "_")
+    metrics = json.loads((run_folder / "train" / "0" / "train_metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 10
+    assert (run_folder / "train" / "0" / "model" / "config.json").is_file()
+    assert not (run_folder / "train_other_nodes" / "0" / "model").exists()

@@ -1,5 +1,6 @@
 """Defaults the DAG files share (cheap: no I/O, no heavy imports)."""
 
+import os
 from datetime import timedelta
 
 from airloom.settings import home
@@ -9,6 +10,10 @@ DEFAULT_ARGS = {
     "retries": 1,
     "retry_delay": timedelta(minutes=1),
 }
+# The Celery queue of the tasks that evaluate a trained model. Airflow fixes a task's queue when the DAG
+# is parsed, so it is a deployment setting, not a form field: a deployment that fine-tunes GPU-sized
+# models sets AIRLOOM_EVAL_QUEUE=gpu for its dag-processor (and gives the gpu pool the slots).
+EVAL_QUEUE = os.environ.get("AIRLOOM_EVAL_QUEUE", "default")
 MODEL_NAME = "airloom-demo"
 BASE_MODEL = "registry:airloom-tiny-base"
 HOME = str(home())

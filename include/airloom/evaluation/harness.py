@@ -79,6 +79,7 @@ def evaluate_model(
     stop_strings: Sequence[str] | None = DEFAULT_STOP_STRINGS,
     dataset_file: str | Path | None = None,
     template: PromptRenderer | None = None,
+    precision: str = "fp32",
 ) -> dict:
     """Generate an answer for every record, score it against the reference and write the results.
 
@@ -97,6 +98,7 @@ def evaluate_model(
             (:func:`airloom.evaluation.chat.dataset_template`); without it, with the model's chat
             template, else ChatML.
         template: renders the chat records instead (overrides ``dataset_file``).
+        precision: the weights' dtype while evaluating (``fp32``; ``bf16`` for a GPU-sized model).
 
     Returns:
         The dict written to ``metrics.json``.
@@ -116,7 +118,7 @@ def evaluate_model(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    model, tokenizer = load_model(model_path)
+    model, tokenizer = load_model(model_path, precision)
     chats = [split_turns(r) for r in records]
     renderer = None
     if any(chats):

@@ -27,6 +27,22 @@ def test_load_model_gives_eval_mode_float32(tiny_model):
     assert tokenizer.eos_token == "</s>"
 
 
+def test_load_model_in_bf16_halves_the_weights_and_still_generates(tiny_model_dir):
+    import torch
+
+    model, tokenizer = load_model(tiny_model_dir, "bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    [answer] = generate(model, tokenizer, ["Reverse the word.\n\nriver"], max_new_tokens=4)
+    assert isinstance(answer, str)
+    model.save_pretrained(tiny_model_dir.parent / "bf16")
+    tokenizer.save_pretrained(tiny_model_dir.parent / "bf16")
+    auto, _ = load_model(tiny_model_dir.parent / "bf16", "auto")  # the dtype it was saved in
+    assert next(auto.parameters()).dtype == torch.bfloat16
+    assert next(load_model(tiny_model_dir, "auto")[0].parameters()).dtype == torch.float32
+    with pytest.raises(UsageError, match="evaluation precision 'int3' is not one of"):
+        load_model(tiny_model_dir, "int3")
+
+
 def test_load_model_rejects_a_folder_without_a_model(tmp_path):
     with pytest.raises(UsageError, match="no config.json"):
         load_model(tmp_path)

@@ -28,6 +28,8 @@ class EvaluateModelOperator(AirloomBaseOperator):
     :param max_new_tokens: the longest answer generated (templated).
     :param batch_size: prompts generated together (left-padded; templated).
     :param bias_probes: also run the project's counterfactual bias probes (bias.json).
+    :param precision: the weights' dtype while evaluating: ``fp32`` (None), ``bf16``, ``fp16`` or ``auto``
+        (the dtype the model was saved in; templated).
     """
 
     template_fields: Sequence[str] = (
@@ -38,6 +40,7 @@ class EvaluateModelOperator(AirloomBaseOperator):
         "limit",
         "max_new_tokens",
         "batch_size",
+        "precision",
     )
 
     def __init__(
@@ -50,11 +53,13 @@ class EvaluateModelOperator(AirloomBaseOperator):
         max_new_tokens: int = 32,
         batch_size: int = 64,
         bias_probes: bool = False,
+        precision: str | None = None,
         **kwargs,
     ) -> None:
         kwargs.setdefault("pool", "eval")  # each task holds a model in memory: bound how many at once
         super().__init__(**kwargs)
         self.bias_probes = bias_probes
+        self.precision = precision
         self.model = model
         self.fallback_model = fallback_model
         self.dataset_file = dataset_file
@@ -86,6 +91,7 @@ class EvaluateModelOperator(AirloomBaseOperator):
             max_new_tokens=number(self.max_new_tokens, "max_new_tokens"),
             batch_size=number(self.batch_size, "batch_size"),
             dataset_file=self.dataset_file,
+            precision=self.precision or "fp32",
         )
         self.log.info(
             "%s on %s: %s",
@@ -112,7 +118,7 @@ class EvaluateModelOperator(AirloomBaseOperator):
         from airloom.evaluation.bias import run_bias_probes
         from airloom.evaluation.generation import load_model
 
-        model, tokenizer = load_model(model_path)
+        model, tokenizer = load_model(model_path, self.precision or "fp32")
         # Probes asked as the model is served: its chat template, else alpaca.
         report = run_bias_probes(
             model,
