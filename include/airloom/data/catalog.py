@@ -245,9 +245,33 @@ def choices(limit: int = 30, root: str | Path | None = None) -> dict[str, str]:
     """The newest ``limit`` versions for a form's drop-down (``ref`` → description); never raises, so a DAG
     file can call it while parsing (an unreadable catalog gives an empty list)."""
     try:
-        return describe(list_datasets(root)[:limit])
+        return describe(_newest(root, limit))
     except Exception:  # noqa: BLE001 - parse time: a broken catalog must not break the DAG
         return {}
+
+
+def _newest(root: str | Path | None, limit: int) -> list[PreparedDataset]:
+    """The ``limit`` most recently published versions, reading only their manifests: the DAG file calls
+    this on every parse, so the ranking uses each manifest's mtime (written once, when the version is
+    published) rather than reading every manifest the catalog holds."""
+    base = root_dir(root)
+    if not base.is_dir():
+        return []
+    stamped = [
+        ((folder / str(v) / MANIFEST).stat().st_mtime, folder, v)
+        for folder in base.iterdir()
+        if folder.is_dir() and NAME_RE.match(folder.name)
+        for v in _versions(folder)
+    ]
+    found = []
+    for _, folder, version in sorted(stamped, key=lambda t: t[0], reverse=True)[:limit]:
+        try:
+            found.append(
+                PreparedDataset(folder / str(version), _load(folder / str(version)), folder.name, version)
+            )
+        except (OSError, ValueError):  # a half-deleted version: leave it out of the list
+            continue
+    return found
 
 
 def no_choice_message(root: str | Path | None = None, limit: int = 10) -> str:

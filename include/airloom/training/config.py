@@ -16,6 +16,22 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_MASTER_PORT = 29500  # torchrun's; a multi-node run's nodes must agree on one
 
 
+def check_topology(*, nnodes: int, node_rank: int, master_addr: str | None, launcher: str | None) -> None:
+    """Multi-node settings that cannot rendezvous (``launcher`` None: not known yet, not checked)."""
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise UsageError(
+            f"nnodes must be >= 1 and node_rank in 0..nnodes-1, got nnodes={nnodes}, node_rank={node_rank}"
+        )
+    if nnodes == 1:
+        return
+    if launcher == "python":
+        raise UsageError(f"nnodes {nnodes} needs launcher deepspeed or torchrun ('python' runs one process)")
+    if not (master_addr or "").strip():
+        raise UsageError(
+            f"nnodes {nnodes} needs master_addr: the address of node 0 that every node can reach"
+        )
+
+
 _NUMERIC = {"float": float, "int": int, "float | None": float, "int | None": int}
 
 
@@ -114,16 +130,7 @@ class TrainConfig:
             )
         if self.offload_params and self.zero_stage != 3:
             raise UsageError("offload_params needs zero_stage 3 (only ZeRO-3 partitions the parameters)")
-        if self.nnodes < 1:
-            raise UsageError(f"nnodes must be >= 1, got {self.nnodes}")
-        if self.nnodes > 1 and self.launcher == "python":
-            raise UsageError(
-                f"nnodes {self.nnodes} needs launcher deepspeed or torchrun ('python' runs one process)"
-            )
-        if self.nnodes > 1 and not (self.master_addr or "").strip():
-            raise UsageError(
-                f"nnodes {self.nnodes} needs master_addr: the address of node 0 that every node can reach"
-            )
+        check_topology(nnodes=self.nnodes, node_rank=0, master_addr=self.master_addr, launcher=self.launcher)
         if self.master_port is not None and not 0 < self.master_port < 65536:
             raise UsageError(f"master_port must be 1-65535, got {self.master_port}")
         if self.rendezvous_timeout_s <= 0:

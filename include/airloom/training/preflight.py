@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from airloom.exceptions import UsageError
-from airloom.training.config import TrainConfig
+from airloom.training.config import TrainConfig, check_topology
+
+__all__ = ["check_base_model", "check_hardware", "check_splits", "check_topology", "count_rows"]
 
 # Tokenizers without a real limit report this sentinel (transformers' VERY_LARGE_INTEGER, 1e30).
 _NO_LIMIT = 10**9
@@ -57,22 +59,6 @@ def check_hardware(cfg: TrainConfig) -> None:
         raise UsageError(
             f"precision {cfg.precision} is not supported on this machine's {device} device "
             f"(DeepSpeed refuses it); set precision to {other}"
-        )
-
-
-def check_topology(*, nnodes: int, node_rank: int, master_addr: str | None, launcher: str | None) -> None:
-    """Multi-node settings that cannot rendezvous (``launcher`` None: not known yet, not checked)."""
-    if nnodes < 1 or not 0 <= node_rank < nnodes:
-        raise UsageError(
-            f"nnodes must be >= 1 and node_rank in 0..nnodes-1, got nnodes={nnodes}, node_rank={node_rank}"
-        )
-    if nnodes == 1:
-        return
-    if launcher == "python":
-        raise UsageError(f"nnodes {nnodes} needs launcher deepspeed or torchrun ('python' runs one process)")
-    if not (master_addr or "").strip():
-        raise UsageError(
-            f"nnodes {nnodes} needs master_addr: the address of node 0 that every node can reach"
         )
 
 
