@@ -25,6 +25,9 @@ are partitioned by version, so both can exist for one day, and a rerun replaces 
 
 Dates that already ran are skipped unless you reprocess them: "All Runs" in the backfill dialog's
 *Reprocess Behavior*, or `--reprocess-behavior completed`.
+
+A task that fails is mailed to the addresses in the Variable `airloom_notify_emails` (through the
+connection `smtp_default`; nothing is sent without the Variable).
 """
 
 from datetime import datetime
@@ -32,6 +35,7 @@ from datetime import datetime
 from airflow.sdk import DAG, CronDataIntervalTimetable, Param
 
 from airloom.airflow.defaults import DEFAULT_ARGS, EVALUATIONS, HISTORY, MODEL_NAME, PARTITION_DATE
+from airloom.airflow.notify import AirloomNotifier
 from airloom.airflow.operators.evaluation import EvaluationTrendOperator, PartitionEvaluationOperator
 
 with DAG(
@@ -40,7 +44,7 @@ with DAG(
     schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
     start_date=datetime(2026, 11, 1),
     catchup=False,
-    default_args=DEFAULT_ARGS,
+    default_args={**DEFAULT_ARGS, "on_failure_callback": AirloomNotifier("task_failed")},
     tags=["airloom", "evaluation", "backfill"],
     doc_md=__doc__,
     max_active_runs=4,

@@ -25,6 +25,9 @@ Corrected answers (validated, PII-free, deduplicated) become a dataset version,
 `feedback_dataset` (extra: path, rows, sha256, ds), or is skipped when there are none. Prepare it with
 `airflow dags trigger llm_data_quality -c '{"source": "<path>"}'` (see `llm_data_quality`).
 
+A retraining request, and any task that fails, is mailed to the addresses in the Variable
+`airloom_notify_emails` (through the connection `smtp_default`; nothing is sent without the Variable).
+
 **Which day** (UTC). The schedule is a data-interval timetable: the run the scheduler starts at 00:00
 processes the day that has just ended, which is the run's *logical date* (its data interval start). To
 check day D, give D as the logical date (a backfill from D to D, the Trigger form's logical date set to
@@ -39,6 +42,7 @@ from airflow.sdk import DAG, CronDataIntervalTimetable, Param
 
 from airloom.airflow.assets import FEEDBACK_DATASET, RETRAINING_REQUEST
 from airloom.airflow.defaults import DEFAULT_ARGS, FEEDBACK, FEEDBACK_DATASETS, PARTITION_DATE, TRAFFIC
+from airloom.airflow.notify import AirloomNotifier
 from airloom.airflow.operators.monitoring import (
     DriftMonitorOperator,
     PublishFeedbackDatasetOperator,
@@ -51,7 +55,7 @@ with DAG(
     schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
     start_date=datetime(2026, 11, 1),
     catchup=False,
-    default_args=DEFAULT_ARGS,
+    default_args={**DEFAULT_ARGS, "on_failure_callback": AirloomNotifier("task_failed")},
     tags=["airloom", "monitoring"],
     doc_md=__doc__,
     render_template_as_native_obj=True,  # params reach the operators as their own types (None, float)
@@ -104,7 +108,10 @@ with DAG(
         max_failing_rate="{{ params.max_failing_rate }}",
     )
     request = RequestRetrainingOperator(
-        task_id="request_retraining", decision=monitor.output, outlets=[RETRAINING_REQUEST]
+        task_id="request_retraining",
+        decision=monitor.output,
+        outlets=[RETRAINING_REQUEST],
+        on_success_callback=AirloomNotifier("retraining_requested"),  # skipped: nothing requested, no mail
     )
     publish = PublishFeedbackDatasetOperator(
         task_id="publish_feedback_dataset", decision=monitor.output, outlets=[FEEDBACK_DATASET]

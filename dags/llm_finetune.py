@@ -1,5 +1,5 @@
 """
-### llm_finetune — train (one trial or a sweep) → evaluate vs. production → gates → register → sign-off → deploy → canary
+### llm_finetune — train (one trial or a sweep) → evaluate vs. production → gates → register → sign-off → canary → promote
 
 Fine-tunes the base model on the prepared dataset with the Airloom recipe, launched as a child
 process through the DeepSpeed launcher (or torchrun) in the `gpu` pool. The run's options come from a
@@ -14,10 +14,18 @@ files) carry loss on every assistant turn, rendered with the template the datase
 `airloom serve` renders chat requests as training did). The candidate is
 evaluated on the test split beside the model at alias `production` (or the base model when
 nothing is deployed yet); quality gates decide whether it is registered. A registered version
-waits, deferred, for a person other than the one who triggered the run to approve it
+waits, deferred, for a person other than its requester to approve it (the requester: who triggered
+the run, or the run upstream whose asset event started it; `system:<dag_id>` when nobody did)
 (in the UI: Browse → Model sign-off, or
-`airloom signoff approve MODEL/VERSION --user REVIEWER`), is then verified file by file and
-promoted to `production`, and a canary generates with it.
+`airloom signoff approve MODEL VERSION --api-url URL --username REVIEWER --password-stdin`; the
+embedded default also takes `--user REVIEWER` without signing in), is then verified file by file and pointed
+at by the alias `canary`; the canary asks it the test split's own prompts through the serving gateway,
+and only when it answers is `production` moved to it (by the same promotion rule and sign-off policy).
+A failed canary leaves `production` where it was.
+
+Mail (when the Variable `airloom_notify_emails` lists addresses and the connection `smtp_default` is set):
+sign-off requested (with the sign-off page's link), sign-off overdue or rejected, gate failed, canary
+failed, any other task failed.
 
 Runs on each new `prepared_dataset` (on exactly the version its event names), on a `retraining_request`
 from monitoring (on `<name>@latest` of the data the served model learnt from), or by hand naming the
@@ -31,12 +39,12 @@ from airflow.sdk import DAG, Param
 from airloom.airflow.assets import PREPARED_DATASET, RETRAINING_REQUEST
 from airloom.airflow.defaults import (
     BASE_MODEL,
-    CANARY_PROMPTS,
     DEFAULT_ARGS,
     EVAL_QUEUE,
     MODEL_NAME,
     SIGNOFF_POLICY_TEMPLATED,
 )
+from airloom.airflow.notify import AirloomNotifier
 from airloom.airflow.operators.data import ResolveDatasetOperator, dataset_param
 from airloom.airflow.operators.deepspeed import DeepSpeedTrainOperator, TrainingPreflightOperator
 from airloom.airflow.operators.evaluation import EvaluateModelOperator, QualityGateOperator
@@ -107,7 +115,7 @@ with DAG(
     schedule=(PREPARED_DATASET | RETRAINING_REQUEST),
     start_date=datetime(2026, 1, 1),
     catchup=False,
-    default_args=DEFAULT_ARGS,
+    default_args={**DEFAULT_ARGS, "on_failure_callback": AirloomNotifier("task_failed")},
     tags=["airloom", "training", "deepspeed"],
     doc_md=__doc__,
     max_active_runs=1,
@@ -356,6 +364,7 @@ with DAG(
         baseline=evaluate_production.output,
         gates="{{ params.gates }}",
         retries=0,
+        on_failure_callback=AirloomNotifier("gate_failed"),
     )
     register = RegisterModelOperator(
         task_id="register_candidate",
@@ -388,6 +397,7 @@ with DAG(
             "evaluation/metrics.json": evaluate_candidate.output["metrics_path"],
             "evaluation/comparison.json": gates.output["comparison"],
         },
+        on_success_callback=AirloomNotifier("signoff_requested"),
     )
     signoff = ModelSignOffSensor(
         task_id="wait_for_signoff",
@@ -397,14 +407,34 @@ with DAG(
         poll_interval=5,
         timeout=timedelta(days=7),
         retries=0,
+        on_failure_callback=AirloomNotifier("signoff_overdue"),
     )
+    # Canary before promotion: the approved version goes to the alias `canary` first (verified, sign-off
+    # checked), answers the test split's prompts through the serving gateway, and only then is `production`
+    # moved to it, by the same promotion rule and policy. A failed canary leaves `production` where it was.
     deploy = DeployModelOperator(
         task_id="deploy",
+        model_name="{{ params.model_name }}",
+        version=register.output["version"],
+        alias="canary",
+        require_approval=True,
+        policy=SIGNOFF_POLICY_TEMPLATED,
+    )
+    canary = CanaryOperator(
+        task_id="canary",
+        model_name="{{ params.model_name }}",
+        alias="canary",
+        version=register.output["version"],
+        dataset_file=dataset.output["test"],
+        on_failure_callback=AirloomNotifier("canary_failed"),
+    )
+    promote = DeployModelOperator(
+        task_id="promote",
         model_name="{{ params.model_name }}",
         version=register.output["version"],
         alias="production",
         policy=SIGNOFF_POLICY_TEMPLATED,
     )
-    canary = CanaryOperator(task_id="canary", model_name="{{ params.model_name }}", prompts=CANARY_PROMPTS)
 
-    best >> [evaluate_candidate, evaluate_production] >> gates >> register >> signoff >> deploy >> canary
+    best >> [evaluate_candidate, evaluate_production] >> gates >> register >> signoff
+    signoff >> deploy >> canary >> promote

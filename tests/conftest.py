@@ -28,6 +28,15 @@ def _airloom_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("airloom_home")
     monkeypatch.setenv("AIRLOOM_HOME", str(home))
     monkeypatch.delenv("AIRLOOM_REGISTRY", raising=False)
+    # The deployment's sign-off settings (production sets them): tests that want them set them.
+    for key in (
+        "AIRLOOM_SIGNOFF_AUTHENTICATED_ONLY",
+        "AIRFLOW_VAR_AIRLOOM_SIGNOFF_APPROVERS",
+        "AIRFLOW_VAR_AIRLOOM_SIGNOFF_MIN_APPROVALS",
+        "AIRLOOM_API_URL",
+        "AIRLOOM_API_TOKEN",
+    ):
+        monkeypatch.delenv(key, raising=False)
     return home
 
 

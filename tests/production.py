@@ -411,6 +411,8 @@ class ProductionStack:
             "AIRFLOW__CORE__FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            # Production sign-off: only authenticated decisions (the page, the API) count.
+            "AIRLOOM_SIGNOFF_AUTHENTICATED_ONLY": "1",
         }
         if self.s3_endpoint:
             own["AWS_ENDPOINT_URL"] = self.s3_endpoint

@@ -319,7 +319,13 @@ def cmd_registry(args) -> int:
     elif args.registry_cmd == "show":
         mv = reg.resolve(args.ref)
         _emit(args, mv.to_dict())
+    elif args.registry_cmd == "verify" and args.ref is None:
+        return _verify_records(args, reg)
     elif args.registry_cmd == "verify":
+        if args.model:
+            raise UsageError(
+                "registry verify: give NAME/VERSION (the files) or --model NAME (the records), not both"
+            )
         name, version = _split_ref(args.ref)
         reg.verify(name, version)
         _emit(args, {"ref": args.ref, "ok": True}, f"{args.ref}: every file matches its sha256")
@@ -329,7 +335,15 @@ def cmd_registry(args) -> int:
         name, version = _split_ref(args.ref)
         cas = {} if args.expect is None else {"expected_version": _expected_version(args.expect)}
         record = promote(
-            reg, name, version, args.alias, actor=actor, reason=args.reason or "promoted by CLI", **cas
+            reg,
+            name,
+            version,
+            args.alias,
+            actor=actor,
+            reason=args.reason or "promoted by CLI",
+            policy=_signoff_policy(),
+            executed_by=f"cli:{getpass.getuser()}",
+            **cas,
         )
         _emit(args, record, f"{name}@{args.alias} -> {version} (was {record['from']})")
     elif args.registry_cmd == "history" and args.at:
@@ -345,12 +359,36 @@ def cmd_registry(args) -> int:
                 f"{r.get('at')}  {r.get('action'):<16} {r.get('actor', ''):<12} "
                 + " ".join(
                     f"{k}={r[k]}"
-                    for k in ("version", "alias", "from", "to", "reason")
+                    for k in ("version", "alias", "from", "to", "approved_by", "executed_by", "reason")
                     if r.get(k) not in (None, "")
                 )
                 for r in records
             ),
         )
+    return 0
+
+
+def _verify_records(args, reg) -> int:
+    """``registry verify [--model NAME]``: the hash chains of sign-off, alias and audit records."""
+    report = reg.verify_records(args.model)
+    lines = [str(f) for f in report.findings]
+    if report.ok:
+        chained = sum(s.chained for s in report.streams)
+        legacy = sum(s.legacy for s in report.streams)
+        lines = [
+            f"OK: {len(report.streams)} stream(s), {chained} chained record(s)"
+            + (f", {legacy} unchained (legacy)" if legacy else "")
+        ] + [
+            f"  {s.uri}: {s.chained} record(s)" + (f", {s.legacy} unchained (legacy)" if s.legacy else "")
+            for s in report.streams
+        ]
+    _emit(args, report.to_dict(), "\n".join(lines))
+    if not report.ok:
+        print(
+            f"airloom: check failed: {len(report.findings)} tampered record finding(s) in {report.registry}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -402,33 +440,106 @@ def _alias_at(args, reg) -> int:
     return 0
 
 
+def _signoff_policy():
+    """The deployment's sign-off policy as the CLI can know it: the environment form of the Airflow Variables
+    (``AIRFLOW_VAR_AIRLOOM_SIGNOFF_APPROVERS`` / ``…_MIN_APPROVALS``) and ``AIRLOOM_SIGNOFF_AUTHENTICATED_ONLY``."""
+    from airloom.governance.signoff import SignOffPolicy
+
+    return SignOffPolicy.from_environment()
+
+
+def _signoff_ref(args) -> tuple[str, int]:
+    """``NAME/VERSION`` or ``NAME VERSION``."""
+    if args.version is None:
+        return _split_ref(args.ref)
+    if "/" in args.ref or not args.version.isdigit():
+        raise UsageError(
+            f"expected NAME VERSION or NAME/VERSION (e.g. airloom-demo 3), got {args.ref} {args.version}"
+        )
+    return args.ref, int(args.version)
+
+
+LOCAL_SIGNOFF_REFUSED = (
+    "this deployment counts only authenticated sign-off decisions (AIRLOOM_SIGNOFF_AUTHENTICATED_ONLY is on), "
+    "and the local CLI records whatever name it is given; decide through Airflow instead: "
+    "'airloom signoff {cmd} {name} {version} --api-url URL --username YOU --password-stdin' or the sign-off page"
+)
+
+
 def cmd_signoff(args) -> int:
     import getpass
+    import os
 
-    from airloom.governance.signoff import SignOffPolicy, record_decision, request_signoff, signoff_status
+    from airloom.governance.signoff import record_decision, request_signoff, signoff_status
 
+    name, version = _signoff_ref(args)
+    api_url = getattr(args, "api_url", None) or os.environ.get("AIRLOOM_API_URL")
+    if args.signoff_cmd in ("approve", "reject") and api_url:
+        return _signoff_via_api(args, api_url, name, version)
+    policy = _signoff_policy()
     reg = _registry(args)
-    name, version = _split_ref(args.ref)
     user = args.user or getpass.getuser()
     if args.signoff_cmd == "status":
-        status = signoff_status(reg, name, version)
+        status = signoff_status(reg, name, version, policy)
         _emit(
             args,
             status,
-            f"{args.ref}: {status['state']} (requested by {status['requested_by']}; "
-            f"approvals {[a['user'] for a in status['approvals']]})",
+            f"{name}/{version}: {status['state']} (requested by {status['requested_by']}; "
+            f"approvals {[a['user'] for a in status['approvals']]} of {status['required_approvals']} needed)",
         )
         return 1 if status["state"] == "rejected" else 0
+    if policy.authenticated_only:
+        # Usage, not a failed check (exit 2): the path is wrong for this deployment, whatever the model.
+        raise UsageError(LOCAL_SIGNOFF_REFUSED.format(cmd=args.signoff_cmd, name=name, version=version))
     if args.signoff_cmd == "request":
-        record = request_signoff(reg, name, version, requested_by=user, evidence={})
-        _emit(args, record, f"sign-off requested for {args.ref} by {user}")
+        record = request_signoff(reg, name, version, requested_by=user, evidence={}, via="local-cli")
+        _emit(args, record, f"sign-off requested for {name}/{version} by {user}")
         return 0
     decision = "approve" if args.signoff_cmd == "approve" else "reject"
     record_decision(
-        reg, name, version, user=user, decision=decision, comment=args.comment or "", policy=SignOffPolicy()
+        reg,
+        name,
+        version,
+        user=user,
+        decision=decision,
+        comment=args.comment or "",
+        policy=policy,
+        via="local-cli",
     )
-    status = signoff_status(reg, name, version)
-    _emit(args, status, f"{args.ref}: {decision}d by {user}; state {status['state']}")
+    status = signoff_status(reg, name, version, policy)
+    _emit(
+        args,
+        status,
+        f"{name}/{version}: {decision}d by {user} (local CLI) — {len(status['approvals'])} of "
+        f"{status['required_approvals']} approvals; state {status['state']}",
+    )
+    return 0
+
+
+def _signoff_via_api(args, api_url: str, name: str, version: int) -> int:
+    """approve/reject through the sign-off plugin's endpoint, as the user a token names: the same endpoint the
+    page posts to, so Airflow's auth manager, not this command, says who decides."""
+    import os
+
+    from airloom.governance.signoff_client import SignOffClient
+
+    if args.user:
+        raise UsageError(
+            "--user names the reviewer on the local path only; with --api-url the token says who you are"
+        )
+    api = SignOffClient(api_url)
+    token = args.token or os.environ.get("AIRLOOM_API_TOKEN")
+    if args.username:
+        if not args.password_stdin:
+            raise UsageError("--username needs --password-stdin (the password is read from standard input)")
+        token = api.login(args.username, sys.stdin.readline().rstrip("\r\n"))
+    elif not token:
+        raise UsageError(
+            "--api-url needs credentials: --token TOKEN (or AIRLOOM_API_TOKEN), or --username NAME --password-stdin"
+        )
+    decision = "approve" if args.signoff_cmd == "approve" else "reject"
+    answer = api.decide(token, name, version, decision, args.comment or "")
+    _emit(args, answer, answer.get("message") or f"{name}/{version}: {answer['status']['state']}")
     return 0
 
 
@@ -478,12 +589,12 @@ def cmd_airflow(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    """Serve a registry version over OpenAI-compatible HTTP until interrupted."""
+    """Serve a registry version over OpenAI-compatible HTTP until interrupted: generating in process,
+    or as a gateway in front of an upstream inference server (``--upstream-url``/``--upstream-command``)."""
     import logging
+    import signal
 
-    from airloom.serving.app import serve
     from airloom.serving.auth import check_exposure, load_api_keys
-    from airloom.serving.engine import Engine
     from airloom.settings import home
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -491,19 +602,63 @@ def cmd_serve(args) -> int:
         raise UsageError(f"--port must be 1-65535, got {args.port}")
     if args.max_body_bytes < 1 or args.max_request_tokens < 1:
         raise UsageError("--max-body-bytes and --max-request-tokens must be at least 1")
+    upstream = args.upstream_url or args.upstream_command
+    if (args.model is None) == (args.model_dir is None):
+        raise UsageError("give --model NAME@ALIAS (or NAME/VERSION), or --model-dir DIR")
+    if args.model_dir is not None and upstream:
+        raise UsageError("--model-dir serves a folder in process; an upstream gateway takes --model")
     api_keys = load_api_keys(args.api_keys_file)  # before loading the model: a bad setup fails fast
     check_exposure(args.host, api_keys, insecure_no_auth=args.insecure_no_auth)
-    engine = Engine(
-        _registry(args),
-        args.model,
-        cache_dir=args.cache_dir or home() / "cache" / "models",
-        max_batch_size=args.max_batch_size,
-        batch_wait_ms=args.batch_wait_ms,
-        poll_seconds=args.poll_seconds,
-        torch_threads=args.torch_threads,
-        max_queue=args.max_queue,
+    cache_dir = args.cache_dir or home() / "cache" / "models"
+    # With an upstream, SIGTERM exits through Python until uvicorn handles it (its own handler while
+    # it runs), so an upstream process started so far is stopped, not orphaned.
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    if upstream:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per forwarded request otherwise
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        return _serve(args, api_keys, cache_dir, upstream)
+    finally:
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def _serve(args, api_keys, cache_dir, upstream) -> int:
+    from airloom.serving.app import serve
+    from airloom.serving.engine import Engine
+    from airloom.settings import home
+
+    if upstream:
+        from airloom.serving.upstream import UpstreamEngine
+
+        engine = UpstreamEngine(
+            _registry(args),
+            args.model,
+            cache_dir=cache_dir,
+            upstream_url=args.upstream_url,
+            upstream_command=args.upstream_command,
+            poll_seconds=args.poll_seconds,
+            max_inflight=args.upstream_concurrency,
+            max_queue=args.max_queue,
+            start_timeout=args.upstream_start_timeout,
+        )
+        via = f" through {engine.stats()['upstream']['url']}"
+    else:
+        engine = Engine(
+            _registry(args) if args.model_dir is None else None,
+            args.model,
+            cache_dir=cache_dir,
+            max_batch_size=args.max_batch_size,
+            batch_wait_ms=args.batch_wait_ms,
+            poll_seconds=args.poll_seconds,
+            torch_threads=args.torch_threads,
+            max_queue=args.max_queue,
+            model_dir=args.model_dir,
+        )
+        via = ""
+    print(
+        f"serving {engine.current.ref} ({args.model or args.model_dir}){via} on http://{args.host}:{args.port}",
+        flush=True,
     )
-    print(f"serving {engine.current.ref} ({args.model}) on http://{args.host}:{args.port}", flush=True)
     serve(
         engine,
         host=args.host,
@@ -672,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("register", ["name", "folder"]),
         ("list", ["name"]),
         ("show", ["ref"]),
-        ("verify", ["ref"]),
+        ("verify", []),
         ("promote", ["ref", "alias"]),
         ("history", ["name"]),
     ]:
@@ -690,6 +845,13 @@ def build_parser() -> argparse.ArgumentParser:
                 help="move only if the alias points to this version now (default: what it "
                 "points to when the command starts); 'production' needs an approved sign-off",
             )
+        if name == "verify":
+            sp.add_argument(
+                "ref", nargs="?", help="NAME/VERSION: check every file's sha256 (default: the records)"
+            )
+            sp.add_argument(
+                "--model", help="with no NAME/VERSION: check only this model's records (default: all)"
+            )
         if name == "history":
             sp.add_argument(
                 "--alias",
@@ -706,10 +868,24 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("request", "approve", "reject", "status"):
         sp = sosub.add_parser(name)
         sp.set_defaults(func=cmd_signoff)
-        sp.add_argument("ref", help="NAME/VERSION")
-        sp.add_argument("--user", help="the reviewer (default: the OS user)")
+        sp.add_argument("ref", help="NAME/VERSION, or NAME followed by VERSION")
+        sp.add_argument("version", nargs="?", help="VERSION, when REF is the name alone")
+        sp.add_argument(
+            "--user", help="local path only: the name to record (default: the OS user); nobody checks it"
+        )
         sp.add_argument("--comment")
         sp.add_argument("--json", action="store_true")
+        if name in ("approve", "reject"):
+            sp.add_argument(
+                "--api-url",
+                help="decide through Airflow's API server (e.g. http://localhost:8080; default "
+                "AIRLOOM_API_URL), as the user the token names: the production path",
+            )
+            sp.add_argument("--token", help="an Airflow API token (default AIRLOOM_API_TOKEN)")
+            sp.add_argument("--username", help="sign in to Airflow as this user (POST /auth/token)")
+            sp.add_argument(
+                "--password-stdin", action="store_true", help="read --username's password from standard input"
+            )
 
     sp = add("demo", cmd_demo, "run the whole pipeline through Airflow on the embedded default")
     sp.add_argument("--rows", type=int, default=5000)
@@ -735,12 +911,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser(
         "serve",
         help="serve a registry version over OpenAI-compatible HTTP",
-        description="OpenAI-compatible /v1/completions and /v1/chat/completions, /v1/feedback, "
-        "/healthz; follows the alias when given NAME@ALIAS",
+        description="OpenAI-compatible /v1/completions and /v1/chat/completions, /v1/feedback,\n"
+        "/healthz, /metrics; follows the alias when given NAME@ALIAS. Generates in process\n"
+        "(transformers) by default; with --upstream-command or --upstream-url it is a gateway that\n"
+        "keeps API keys, alias following, prompt rendering, the traffic log and feedback, and\n"
+        "forwards generation to an OpenAI-compatible server (vLLM, TGI, SGLang, llama.cpp, airloom).",
+        epilog="On a GPU host: vLLM on the version the alias points to; when the alias moves, a new\n"
+        "server on a new port, switched to once healthy; the old one stops when its requests are done.\n"
+        "  airloom serve --model NAME@production --upstream-command 'vllm serve {model_dir} --host "
+        "127.0.0.1 --port {port} --served-model-name {served_name} --dtype bfloat16'\n"
+        "Another airloom serve as the upstream (give it its own --traffic-dir: the gateway logs traffic):\n"
+        "  --upstream-command '{python} -m airloom.cli serve --model-dir {model_dir} --port {port} "
+        "--traffic-dir /tmp/upstream-traffic'",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sp.set_defaults(func=cmd_serve)
+    sp.add_argument("--model", help="NAME@ALIAS (reloads when the alias moves) or NAME/VERSION")
     sp.add_argument(
-        "--model", required=True, help="NAME@ALIAS (reloads when the alias moves) or NAME/VERSION"
+        "--model-dir",
+        help="serve this downloaded version folder instead (its MANIFEST.json is checked and names the "
+        "version; no registry, no alias): how a gateway's --upstream-command runs airloom serve",
     )
     # SUPPRESS: without it the subcommand's default would overwrite `airloom --registry X serve`.
     sp.add_argument(
@@ -784,6 +974,32 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=8192,
         help="most tokens one request may ask to generate, prompts × n × max_tokens (default 8192)",
+    )
+    up = sp.add_mutually_exclusive_group()
+    up.add_argument(
+        "--upstream-command",
+        metavar="CMD",
+        help="run this OpenAI-compatible server on each version the alias points to and forward "
+        "generation to it; {model_dir} {port} {served_name} {python} are filled in (must use "
+        "{model_dir} and {port}). Send it a key with env AIRLOOM_UPSTREAM_API_KEY",
+    )
+    up.add_argument(
+        "--upstream-url",
+        metavar="URL",
+        help="forward generation to this running OpenAI-compatible server (it is not restarted when "
+        "the alias moves: /healthz says so)",
+    )
+    sp.add_argument(
+        "--upstream-start-timeout",
+        type=float,
+        default=900.0,
+        help="seconds an upstream has to answer GET /health (or /v1/models) with 200 (default 900)",
+    )
+    sp.add_argument(
+        "--upstream-concurrency",
+        type=int,
+        default=64,
+        help="most requests forwarded to the upstream at once; more wait in the --max-queue (default 64)",
     )
     return p
 

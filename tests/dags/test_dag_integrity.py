@@ -87,6 +87,7 @@ def test_wiring(dagbag):
         "wait_for_signoff",
         "deploy",
         "canary",
+        "promote",
     ]
     assert "resolve_dataset" in {t.task_id for t in ft.get_task("train").upstream_list}
     # empty splits and a multi-node run without a master address fail before training queues
@@ -99,6 +100,12 @@ def test_wiring(dagbag):
         ), f"{up} must run before {down}"
     assert ft.get_task("train").pool == "gpu" and ft.get_task("train").queue == "gpu"
     assert ft.get_task("evaluate_trial").pool == "eval"
+    # Canary before promotion: deploy moves only `canary`; production moves after the canary answered.
+    assert (ft.get_task("deploy").alias, ft.get_task("canary").alias) == ("canary", "canary")
+    assert ft.get_task("deploy").require_approval
+    assert ft.get_task("promote").alias == "production"
+    assert {t.task_id for t in ft.get_task("promote").upstream_list} == {"canary", "register_candidate"}
+    assert ft.get_task("promote").trigger_rule == "all_success"
     dq = dagbag.dags["llm_data_quality"]
     assert [o.name for o in dq.get_task("prepare").outlets] == ["prepared_dataset"]
 
@@ -172,15 +179,12 @@ def test_serialized_dags_keep_the_report_links(dagbag, dag_id, task_id, link, xc
     assert served.operator_extra_link_dict[link].xcom_key == xcom_key
 
 
-@pytest.mark.parametrize(
-    ("dag_id", "task_id"), [("llm_finetune", "canary"), ("llm_model_rollback", "canary")]
-)
-def test_rendering_leaves_the_canary_prompts_as_given(dagbag, dag_id, task_id):
+def test_rendering_leaves_the_canary_prompts_as_given(dagbag):
     """Rendering must not touch the prompts: Jinja drops a text's trailing newline (an alpaca prompt
     without its last "\n" is one the model never saw), and a conversation must stay a list of turns."""
     from airloom.airflow.defaults import CANARY_PROMPTS
 
-    task = copy.deepcopy(dagbag.dags[dag_id].get_task(task_id))
+    task = copy.deepcopy(dagbag.dags["llm_model_rollback"].get_task("canary"))
     task.render_template_fields({"params": {"model_name": "airloom-demo"}})
     assert task.prompts == CANARY_PROMPTS
     for prompt in task.prompts:
@@ -285,6 +289,12 @@ def test_templates_render_typed_values_and_xcom_as_given(dagbag):
     assert finetune["evaluate_production", "model"] == "registry:airloom-demo@production"
     assert finetune["quality_gates", "gates"] == "exact_match>=0.3,exact_match>=baseline-0.02"
     assert finetune["deploy", "version"] == "xcom:register_candidate.version"
+    # the canary checks the version this run deployed, with the test split's own prompts
+    assert (finetune["canary", "version"], finetune["canary", "dataset_file"]) == (
+        "xcom:register_candidate.version",
+        "xcom:resolve_dataset.test",
+    )
+    assert finetune["promote", "version"] == "xcom:register_candidate.version"
     assert finetune["deploy", "policy"]["allowed_users"] == ""  # the Variable's default, as text
 
     backfill = _render(dagbag.dags["llm_eval_backfill"], {"version": 3})
@@ -307,7 +317,7 @@ def test_deploy_and_rollback_apply_the_approvers_variable(dagbag):
 
     from airloom.governance.signoff import SignOffPolicy
 
-    tasks = [dagbag.dags["llm_finetune"].get_task(t) for t in ("wait_for_signoff", "deploy")]
+    tasks = [dagbag.dags["llm_finetune"].get_task(t) for t in ("wait_for_signoff", "deploy", "promote")]
     tasks.append(dagbag.dags["llm_model_rollback"].get_task("rollback"))
     assert len({repr(t.policy) for t in tasks}) == 1
     variables = {"airloom_signoff_approvers": "a, b"}

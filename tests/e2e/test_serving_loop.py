@@ -9,6 +9,7 @@ Throwaway AIRLOOM_HOME/AIRFLOW_HOME; the model has random weights (seconds to bu
 from __future__ import annotations
 
 import asyncio
+import getpass
 import json
 import os
 import socket
@@ -319,4 +320,12 @@ def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
     assert task == "request_retraining" and extra["reasons"] == report["reasons"]
     extra, task = events["feedback_dataset"]
     assert task == "publish_feedback_dataset"
-    assert extra == {"path": dataset["path"], "rows": 3, "sha256": dataset["sha256"], "ds": ds}
+    # `airflow dags test` has no signed-in user: the requester is AIRLOOM_USER, else the OS user
+    requester = env.get("AIRLOOM_USER") or getpass.getuser()
+    assert extra == {
+        "path": dataset["path"],
+        "rows": 3,
+        "sha256": dataset["sha256"],
+        "ds": ds,
+        "requested_by": requester,
+    }

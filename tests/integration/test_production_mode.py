@@ -273,10 +273,11 @@ def test_data_quality_then_finetune_signed_off_over_rest_deploys(prod):
     # One node: the extra nodes' mapped task has nothing to expand and is skipped; everything else ran.
     assert states.pop(("train_other_nodes", -1)) == "skipped", states
     assert set(states.values()) == {"success"}, states
-    assert {"deploy", "canary"} <= {task for task, _ in states}
+    assert {"deploy", "canary", "promote"} <= {task for task, _ in states}
 
     registry = prod["registry"]
-    assert registry.get_alias(MODEL, "production") == version
+    # canary before promotion: the version went to `canary`, answered, and only then to `production`
+    assert registry.get_alias(MODEL, "production") == registry.get_alias(MODEL, "canary") == version
     mv = registry.get(MODEL, version)
     assert mv.metadata["training"]["steps"] == 40
     assert mv.metadata["lineage"]["run_id"] == ft_run

@@ -43,13 +43,24 @@ CANARY_PROMPTS = [
     [{"role": "user", "content": "What is the last word?\n\napple river stone"}],
 ]
 
-# The sign-off policy the sign-off sensor, deploy and rollback apply and the UI plugin enforces. Approvers
-# come from the Variable (comma-separated; empty = anyone but the person who triggered the run).
+# The sign-off policy the sign-off sensor, deploy and rollback apply and the UI plugin enforces, from two
+# Variables: the approvers (comma-separated; empty = anyone but the requester) and the two-person rule's
+# number of distinct approvers (empty = 1). Deployment-wide on purpose: a DAG param would let the person
+# who triggers a run lower it. `authenticated_only` comes from AIRLOOM_SIGNOFF_AUTHENTICATED_ONLY (on in
+# production: only the sign-off page and the Airflow API count, never the local CLI's claimed names).
 SIGNOFF_APPROVERS_VARIABLE = "airloom_signoff_approvers"
+SIGNOFF_MIN_APPROVALS_VARIABLE = "airloom_signoff_min_approvals"
+SIGNOFF_POLICY_VARIABLES = {
+    "allowed_users": SIGNOFF_APPROVERS_VARIABLE,
+    "required_approvals": SIGNOFF_MIN_APPROVALS_VARIABLE,
+}
 SIGNOFF_POLICY = {"required_approvals": 1, "separation_of_duties": True}
-# The same policy as a templated operator argument (sensor, deploy, rollback): the approver list is
-# read from the Variable when the task runs, not when the DAG file is parsed.
+# The same policy as a templated operator argument (sensor, deploy, rollback): the Variables are read when
+# the task runs, not when the DAG file is parsed.
 SIGNOFF_POLICY_TEMPLATED = {
     **SIGNOFF_POLICY,
-    "allowed_users": "{{ var.value.get('" + SIGNOFF_APPROVERS_VARIABLE + "', '') }}",
+    **{
+        key: "{{ var.value.get('" + variable + "', '') }}"
+        for key, variable in SIGNOFF_POLICY_VARIABLES.items()
+    },
 }

@@ -12,8 +12,15 @@ Who may do what:
   ``/evaluation-day`` for a backfill day): read access to ``llm_finetune`` — any role from Viewer up
   under SimpleAuthManager;
 - decide: the access Airflow asks to answer that DAG's human-in-the-loop tasks (edit on its
-  ``HITL_DETAIL``: User and up), then the sign-off policy (the ``airloom_signoff_approvers``
-  Variable, separation of duties: the person who triggered training cannot approve it).
+  ``HITL_DETAIL``: User and up), then the sign-off policy the DAG's sensor and deploy apply
+  (:func:`current_policy`; the rule is :func:`airloom.governance.signoff.why_not_decide`): the
+  ``airloom_signoff_approvers`` and ``airloom_signoff_min_approvals`` Variables, separation of duties
+  (the requester cannot approve), never a ``system:*`` identity, a person's approval counted once.
+
+A decision made here is recorded with ``via`` ``plugin`` (the page's session cookie) or ``api`` (a
+Bearer token: ``airloom signoff approve … --api-url``); a deployment with
+``AIRLOOM_SIGNOFF_AUTHENTICATED_ONLY`` counts only these. The card compares the candidate with
+production on the same examples (:func:`comparison`) and the page confirms each decision afterwards.
 
 Plugin routes are not authenticated by Airflow: every route here depends on ``get_user`` itself.
 The plugin builds the app on the first request, so importing this module costs only the API server.
@@ -45,6 +52,8 @@ DEFAULT_DAG_ID = "llm_finetune"
 """Whose permissions guard a version that records no ``lineage.dag_id`` (registered from the CLI)."""
 REGISTRY_VARIABLE = "airloom_registry"
 APPROVERS_VARIABLE = SIGNOFF_APPROVERS_VARIABLE
+COMPARISON_FILE = "evaluation/comparison.json"
+"""Where ``llm_finetune`` stores the quality gates' candidate-vs-production comparison in a version."""
 
 # ---------------------------------------------------------------------------------------------
 # Settings read per request, so a changed Variable applies without restarting the API server.
@@ -95,11 +104,14 @@ def open_registry(aws_conn_id: str = "aws_default"):
 
 
 def current_policy():
-    """The policy ``llm_finetune`` applies (one approval, separation of duties, approvers Variable)."""
-    from airloom.airflow.defaults import SIGNOFF_POLICY
+    """The policy ``llm_finetune``'s sensor and deploy apply: separation of duties, the approvers and
+    minimum approvals Variables, and the deployment's ``AIRLOOM_SIGNOFF_AUTHENTICATED_ONLY``."""
+    from airloom.airflow.defaults import SIGNOFF_POLICY, SIGNOFF_POLICY_VARIABLES
     from airloom.governance.signoff import SignOffPolicy
 
-    return SignOffPolicy.from_params({**SIGNOFF_POLICY, "allowed_users": _variable(APPROVERS_VARIABLE)})
+    return SignOffPolicy.from_params(
+        {**SIGNOFF_POLICY, **{key: _variable(var) for key, var in SIGNOFF_POLICY_VARIABLES.items()}}
+    )
 
 
 def served_roots(registry=None) -> list[Path]:
@@ -189,9 +201,16 @@ def can_respond(user, dag_id: str) -> bool:
 
 
 def why_not_decide(
-    user, dag_id: str, status_: dict[str, Any], policy, decision: str
+    user, dag_id: str, status_: dict[str, Any], policy, decision: str, via: str = "plugin"
 ) -> tuple[int, str] | None:
-    """(HTTP status, reason) when ``user`` may not record ``decision`` on this round, else None."""
+    """(HTTP status, reason) when ``user`` may not record ``decision`` on this round, else None.
+
+    Airflow's permission first, then the library's one rule
+    (:func:`airloom.governance.signoff.why_not_decide`: system identity, path, approver list, round state,
+    separation of duties, already approved); a rejection also needs an open round here.
+    """
+    from airloom.governance.signoff import why_not_decide as policy_refusal
+
     name = user.get_name()
     ref = f"{status_['name']}/{status_['version']}"
     if not can_respond(user, dag_id):
@@ -200,24 +219,13 @@ def why_not_decide(
             f"{name!r} may not sign off {ref}: Airflow grants them no edit access to the human-in-the-loop "
             f"actions of DAG {dag_id!r} (read-only role)",
         )
-    if not policy.allows(name):
-        return (
-            status.HTTP_403_FORBIDDEN,
-            f"{name!r} may not sign off {ref}: the Variable {APPROVERS_VARIABLE} allows only "
-            f"{', '.join(policy.allowed_users)}",
-        )
-    if status_["request_id"] is None:
-        return status.HTTP_409_CONFLICT, f"no sign-off was requested for {ref}"
+    refused = policy_refusal(
+        status_, policy, name, decision, via=via, approvers=f"the Variable {APPROVERS_VARIABLE}"
+    )
+    if refused:
+        return (status.HTTP_409_CONFLICT if refused.conflict else status.HTTP_403_FORBIDDEN), refused.reason
     if status_["state"] != "pending":
         return status.HTTP_409_CONFLICT, f"{ref} is already {status_['state']}; its round is closed"
-    if decision == "approve" and policy.separation_of_duties and name == status_["requested_by"]:
-        return (
-            status.HTTP_403_FORBIDDEN,
-            f"{name!r} triggered the training of {ref} and may not approve it (separation of duties): "
-            "another reviewer must approve",
-        )
-    if decision == "approve" and any(a["user"] == name for a in status_["approvals"]):
-        return status.HTTP_409_CONFLICT, f"{name!r} already approved {ref}"
     return None
 
 
@@ -295,9 +303,84 @@ def data_reports(metadata: dict[str, Any], base: str, roots: list[Path]) -> list
     return out
 
 
+def rounded(value: Any, signed: bool = False) -> str:
+    """A number for reading: 3 decimals below 1 (scores), else 3 significant digits; "–" for none."""
+    import math
+
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return "–" if value is None else str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "–"
+    if isinstance(value, int):
+        return f"{value:+,}" if signed else f"{value:,}"
+    if abs(value) < 1:
+        decimals = 3
+    else:
+        decimals = max(0, 3 - (int(math.floor(math.log10(abs(value)))) + 1))
+    text = f"{value:{'+' if signed else ''},.{decimals}f}"
+    return f"{0:.{decimals}f}" if float(text.replace(",", "")) == 0 else text  # no "-0.000"
+
+
+def comparison(registry, mv) -> dict[str, Any] | None:
+    """Candidate vs. production on the same examples, from the ``evaluation/comparison.json`` the quality
+    gates wrote (:func:`airloom.evaluation.report.write_report`: paired bootstrap per metric) and stored in
+    the version; None for a version without one (registered from the CLI).
+
+    Rows are rounded for reading: the delta with its bootstrap interval and the number of paired examples,
+    and a verdict only where the interval excludes zero.
+    """
+    import json
+
+    from airloom.exceptions import AirloomError
+
+    key = f"{registry.model_prefix(mv.name)}versions/{mv.version}/{COMPARISON_FILE}"
+    if not any(f.get("path") == COMPARISON_FILE for f in mv.files):
+        return None
+    try:
+        data = json.loads(registry.store.get_bytes(key))
+    except (AirloomError, ValueError):
+        log.exception("unreadable %s in %s", COMPARISON_FILE, mv.ref)
+        return None
+    confidence = (data.get("bootstrap") or {}).get("confidence", 0.95)
+    rows, sizes = [], set()
+    for metric, m in (data.get("metrics") or {}).items():
+        if not isinstance(m, dict):
+            continue
+        paired = m.get("paired") or {}
+        if paired.get("n"):
+            sizes.add(int(paired["n"]))
+        verdict = None
+        low, high = paired.get("low"), paired.get("high")
+        if low is not None and high is not None and m.get("improved") is not None and (low > 0 or high < 0):
+            verdict = "better" if m["improved"] else "worse"
+        elif paired:
+            verdict = "no clear difference"
+        rows.append(
+            {
+                "metric": metric,
+                "candidate": rounded(m.get("candidate")),
+                "production": rounded(m.get("baseline")),
+                "delta": rounded(paired.get("delta", m.get("delta")), signed=True),
+                "interval": f"[{rounded(low, True)}, {rounded(high, True)}]" if paired else "–",
+                "n": paired.get("n"),
+                "verdict": verdict,
+            }
+        )
+    return {
+        "candidate_model": data.get("candidate_model"),
+        "production_model": data.get("baseline_model"),
+        "confidence": f"{confidence:.0%}",
+        "n": next(iter(sizes)) if len(sizes) == 1 else None,  # one n for all metrics: say it once
+        "paired": bool(sizes),
+        "rows": rows,
+    }
+
+
 def describe(
     registry, mv, status_: dict[str, Any], user, policy, base: str, roots: list[Path]
 ) -> dict[str, Any]:
+    from airloom.governance.signoff import waiting_for
+
     dag_id, run_id = version_dag(mv.metadata)
     evidence = [
         _evidence_entry(label, item, base, roots) for label, item in (status_.get("evidence") or {}).items()
@@ -313,12 +396,15 @@ def describe(
         "request_id": status_["request_id"],
         "approvals": status_["approvals"],
         "rejections": status_["rejections"],
+        "not_counted": status_.get("not_counted", []),
         "required_approvals": status_["required_approvals"],
+        "waiting_for": waiting_for(status_, policy),
         "created_at": mv.created_at,
         "created_by": mv.created_by,
         "dag_id": dag_id,
         "run_id": run_id,
         "metrics": mv.metadata.get("metrics") or {},
+        "comparison": comparison(registry, mv),
         "gates": mv.metadata.get("gates"),
         "base_model": mv.metadata.get("base_model"),
         "evidence": evidence,
@@ -385,8 +471,41 @@ def render_card(markdown_text: str) -> Markup:
     return (Markup('<pre class="front">{}</pre>').format(header) if header else Markup()) + rendered
 
 
+def decision_confirmation(registry, user, decided: str) -> str | None:
+    """The confirmation of the decision ``MODEL/VERSION/RECORD_ID`` if ``user`` made it, else None (a link
+    cannot make the page claim someone else's decision, or one that was never recorded)."""
+    from airloom.exceptions import AirloomError
+    from airloom.governance.signoff import signoff_status
+
+    model, _, rest = decided.partition("/")
+    version, _, record_id = rest.partition("/")
+    if not (model and version.isdigit() and record_id):
+        return None
+    try:
+        prefix = f"{registry.model_prefix(model)}signoffs/{int(version)}/"
+        record = next(
+            (
+                r
+                for r in registry.read_records(prefix)
+                if r.get("id") == record_id and r.get("kind") == "decision"
+            ),
+            None,
+        )
+        if record is None or record.get("user") != user.get_name():
+            return None
+        policy = current_policy()
+        return confirmation(record, signoff_status(registry, model, int(version), policy), policy)
+    except AirloomError:
+        return None
+
+
 def render_page(
-    user, entries: list[dict[str, Any]], cards: dict[tuple[str, int], str], base: str, title: str
+    user,
+    entries: list[dict[str, Any]],
+    cards: dict[tuple[str, int], str],
+    base: str,
+    title: str,
+    flash: str | None = None,
 ) -> str:
     ui_root = base.removesuffix(URL_PREFIX)  # Airflow's own pages live beside the mount
     shown = []
@@ -397,13 +516,17 @@ def render_page(
         )
         shown.append(
             {
+                "waiting_for": None,  # entries built before these keys existed still render
+                "comparison": None,
+                "not_counted": [],
                 **e,
                 "gates": [g for g in gates if isinstance(g, dict)],
+                "metrics_shown": {k: rounded(v) for k, v in (e["metrics"] or {}).items()},
                 "run_url": run_url,
                 "card": cards.get((e["model"], e["version"]), ""),
             }
         )
-    return render("signoff.html.j2", user=user.get_name(), entries=shown, base=base, title=title)
+    return render("signoff.html.j2", user=user.get_name(), entries=shown, base=base, title=title, flash=flash)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -429,6 +552,29 @@ class DecisionBody(BaseModel):
         if self.decision == "reject" and not self.comment.strip():
             raise ValueError("a rejection needs a comment saying why (field 'comment')")
         return self
+
+
+def _via(request: Request) -> str:
+    """``api`` for a Bearer token (``airloom signoff approve --api-url``, scripts), ``plugin`` for the page's
+    session cookie: both authenticated by Airflow, told apart in the record."""
+    return "api" if request.headers.get("authorization", "").lower().startswith("bearer ") else "plugin"
+
+
+def confirmation(record: dict[str, Any], status_: dict[str, Any], policy) -> str:
+    """What the decider is told afterwards, e.g. "Approved demo-model v3 as reviewer — 1 of 2 approvals;
+    waiting for 1 more approval from one of lead"."""
+    from airloom.governance.signoff import waiting_for
+
+    done = "Approved" if record["decision"] == "approve" else "Rejected"
+    text = (
+        f"{done} {record['name']} v{record['version']} as {record['user']} — "
+        f"{len(status_['approvals'])} of {status_['required_approvals']} approvals"
+    )
+    if status_["state"] == "approved":
+        return text + "; the version is approved and may be deployed"
+    if status_["state"] == "rejected":
+        return text + "; the version is rejected and will not be deployed"
+    return f"{text}; {waiting_for(status_, policy)}"
 
 
 def _csrf_check(request: Request) -> None:
@@ -552,7 +698,8 @@ def create_app() -> FastAPI:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"no read access to DAG {dag_id!r}")
         policy = current_policy()
         current = signoff_status(registry, body.model, body.version, policy)
-        refused = why_not_decide(user, dag_id, current, policy, body.decision)
+        via = _via(request)
+        refused = why_not_decide(user, dag_id, current, policy, body.decision, via)
         if refused:
             raise HTTPException(*refused)
         if body.request_id and body.request_id != current["request_id"]:
@@ -571,11 +718,13 @@ def create_app() -> FastAPI:
                 decision=body.decision,
                 comment=body.comment,
                 policy=policy,
+                via=via,
             )
         except AirloomError as exc:  # the round changed between the checks above and the write
             raise _http_error(exc) from exc
-        log.info("sign-off %s of %s by %s: %s", body.decision, mv.ref, name, body.comment)
-        return {"record": record, "status": signoff_status(registry, body.model, body.version, policy)}
+        log.info("sign-off %s of %s by %s via %s: %s", body.decision, mv.ref, name, via, body.comment)
+        after = signoff_status(registry, body.model, body.version, policy)
+        return {"record": record, "status": after, "message": confirmation(record, after, policy)}
 
     @app.get("/api/models/{model}/{version}/card", response_class=PlainTextResponse)
     def card(model: str, version: int, user: GetUserDep) -> PlainTextResponse:
@@ -626,8 +775,13 @@ def create_app() -> FastAPI:
         dag_id: Annotated[str | None, Query()] = None,
         run_id: Annotated[str | None, Query()] = None,
         include_decided: bool = False,
+        decided: Annotated[str | None, Query(max_length=400)] = None,
     ) -> HTMLResponse:
-        """The reviewer's page (in the nav, and on a DAG run filtered to that run's versions)."""
+        """The reviewer's page (in the nav, and on a DAG run filtered to that run's versions).
+
+        ``decided=MODEL/VERSION/RECORD_ID`` (where the page sends the browser after a decision) shows the
+        confirmation of that decision, read back from the registry and only to the user who made it.
+        """
         from airloom.registry.registry import CARD
 
         base = _base(request)
@@ -635,6 +789,7 @@ def create_app() -> FastAPI:
             user, dag_id=dag_id, run_id=run_id, include_decided=include_decided, base=base
         )
         registry = open_registry()
+        flash = decision_confirmation(registry, user, decided) if decided else None
         cards = {}
         for e in entries:
             key = f"{registry.model_prefix(e['model'])}versions/{e['version']}/{CARD}"
@@ -643,6 +798,6 @@ def create_app() -> FastAPI:
             except Exception:  # a card is shown, not required: a version without one still lists
                 log.exception("no model card for %s/%s", e["model"], e["version"])
         title = "Model sign-off" + (f" — {dag_id} / {run_id}" if run_id else "")
-        return HTMLResponse(render_page(user, entries, cards, base, title))
+        return HTMLResponse(render_page(user, entries, cards, base, title, flash=flash))
 
     return app

@@ -33,6 +33,7 @@ def promote(
     policy: SignOffPolicy | None = None,
     require_approval: bool = False,
     expected_version: int | None | Any = _READ_NOW,
+    executed_by: str | dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Point ``alias`` at ``name/version`` if the rule allows it; returns the alias move's audit record.
 
@@ -49,6 +50,8 @@ def promote(
         expected_version: Move only if the alias points here now (None: not set). Default: where it
             points when this call starts, so a move by someone else during the checks makes the
             compare-and-swap refuse (ConflictError) instead of being overwritten.
+        executed_by: What runs the move, kept apart from ``actor`` and from the approvers in the audit
+            record: ``{"dag_id", "run_id", "task_id"}`` of a task, or ``"cli:<user>"``.
 
     Raises:
         CheckFailed: a file differs from the manifest, or the sign-off does not allow the move.
@@ -59,10 +62,18 @@ def promote(
         registry.verify(name, version)
     except CheckFailed as e:
         raise CheckFailed(f"{_refusing(name, version, alias)}: {e}") from e
+    approved_by = None
     if require_approval or alias in APPROVAL_REQUIRED_ALIASES:
-        _require_approval(registry, name, version, alias, policy or SignOffPolicy())
+        approved_by = _require_approval(registry, name, version, alias, policy or SignOffPolicy())
     return registry.set_alias(
-        name, alias, version, actor=actor, reason=reason, expected_version=expected_version
+        name,
+        alias,
+        version,
+        actor=actor,
+        reason=reason,
+        expected_version=expected_version,
+        approved_by=approved_by,
+        executed_by=executed_by,
     )
 
 
@@ -75,6 +86,7 @@ def rollback(
     reason: str,
     policy: SignOffPolicy | None = None,
     to_version: int | None = None,
+    executed_by: str | dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Move ``alias`` back to ``to_version``, by default the latest version it pointed to before that is
     approved under ``policy``; the move is a :func:`promote` that always demands an approved sign-off.
@@ -103,7 +115,11 @@ def rollback(
         policy=policy,
         require_approval=True,
         expected_version=current,
+        executed_by=executed_by,
     )
+
+
+_HOW_TO_APPROVE = "on the sign-off page, Browse -> Model sign-off, or with 'airloom signoff approve {ref} --api-url AIRFLOW_URL'"
 
 
 def _refusing(name: str, version: int, alias: str) -> str:
@@ -112,12 +128,12 @@ def _refusing(name: str, version: int, alias: str) -> str:
 
 def _require_approval(
     registry: ModelRegistry, name: str, version: int, alias: str, policy: SignOffPolicy
-) -> None:
-    """CheckFailed unless ``name/version``'s latest sign-off round is approved under ``policy``, saying
-    what is missing and who may supply it."""
+) -> list[str]:
+    """The approvers of ``name/version``'s latest sign-off round under ``policy``; CheckFailed unless it
+    is approved, saying what is missing and who may supply it."""
     status = signoff_status(registry, name, version, policy)
     if status["state"] == "approved":
-        return
+        return [a["user"] for a in status["approvals"]]
     ref = f"{name}/{int(version)}"
     refusing = _refusing(name, version, alias)
     if status["state"] == "rejected":
@@ -136,13 +152,13 @@ def _require_approval(
         )
     requester = status["requested_by"]
     if policy.allowed_users is None:
-        hint = f"a reviewer other than {requester} must run 'airloom signoff approve {ref}'"
+        hint = f"a reviewer other than {requester} must approve it ({_HOW_TO_APPROVE.format(ref=ref)})"
         not_counted = ""
     else:
         approvers = sorted(
             set(policy.allowed_users) - ({requester} if policy.separation_of_duties else set())
         )
-        hint = f"one of the approvers {approvers} must run 'airloom signoff approve {ref}'"
+        hint = f"one of the approvers {approvers} must approve it ({_HOW_TO_APPROVE.format(ref=ref)})"
         # Approvals from users the policy does not list are kept in the record but do not count: say so,
         # or "pending" reads as if nobody had looked at it.
         anyone = SignOffPolicy(separation_of_duties=policy.separation_of_duties)

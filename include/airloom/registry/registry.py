@@ -7,8 +7,12 @@ processes or machines can use one registry without a lock service)::
     models/<name>/versions/<N>/<files...>      the model folder, metadata.json, README.md (card)
     models/<name>/versions/<N>/MANIFEST.json   written last: the commit marker (path, sha256, size)
     models/<name>/aliases/<alias>.json         moved by compare-and-swap
-    models/<name>/audit/<time>-<uuid>.json     one object per record, never rewritten
-    models/<name>/signoffs/<N>/<time>-<uuid>.json
+    models/<name>/audit/<seq:08d>.json         one object per record, created once, hash-chained
+    models/<name>/audit/HEAD                   the stream's newest seq and sha256, moved by compare-and-swap
+    models/<name>/signoffs/<N>/<seq:08d>.json  (and signoffs/<N>/HEAD): the same kind of stream
+
+The audit trail and sign-offs are hash-chained record streams (:mod:`airloom.registry.records`);
+``verify_records`` checks them, and that each alias points where its last audited move put it.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from airloom.exceptions import CheckFailed, ConflictError, RegistryError, UsageError
-from airloom.registry.store import LocalStore, ObjectStore, json_default, open_store, sha256_file
+from airloom.registry.records import HEAD, RecordLog, RecordsReport, as_utc, dumps
+from airloom.registry.store import LocalStore, ObjectStore, open_store, sha256_file
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]*")
 MANIFEST = "MANIFEST.json"
@@ -52,22 +57,6 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def _record_stem(at: datetime) -> str:
-    # Basic ISO 8601 (no colons) sorts lexically by time; the uuid keeps concurrent writers apart.
-    return f"{at.strftime('%Y%m%dT%H%M%S.%fZ')}-{uuid.uuid4().hex}"
-
-
-def _dumps(obj: Any, what: str) -> bytes:
-    try:
-        return json.dumps(obj, indent=2, sort_keys=True, allow_nan=False, default=json_default).encode()
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"{what} must be JSON-serialisable (str, numbers, lists, dicts): {exc}") from None
-
-
-def _as_utc(when: datetime) -> datetime:
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-
-
 def check_name(name: str, what: str = "model name") -> str:
     """Names become object keys and URLs, so keep them to one safe, lowercase alphabet."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
@@ -82,6 +71,19 @@ def _check_actor(actor: str, what: str = "actor") -> str:
     if not isinstance(actor, str) or not actor.strip():
         raise UsageError(f"{what} must be a non-empty user or service name, got {actor!r}")
     return actor
+
+
+def _executed_by(value: Any) -> str | dict[str, str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, dict) and value and all(isinstance(v, str) and v for v in value.values()):
+        return {str(k): v for k, v in value.items()}
+    raise UsageError(
+        "executed_by must name the run that moves the alias: {'dag_id', 'run_id', 'task_id'} or "
+        f"'cli:<user>', got {value!r}"
+    )
 
 
 @dataclass
@@ -109,6 +111,8 @@ class ModelRegistry:
 
     def __init__(self, store: ObjectStore) -> None:
         self.store = store
+        # The clock is looked up per record, so patching this module's ``now`` (as tests do) stamps records.
+        self.records = RecordLog(store, clock=lambda: now())
 
     @classmethod
     def from_uri(cls, uri: str | os.PathLike[str]) -> ModelRegistry:
@@ -132,19 +136,12 @@ class ModelRegistry:
     # -- append-only records (audit, sign-offs) ------------------------------------------------------
 
     def append_record(self, prefix: str, record: dict[str, Any]) -> dict[str, Any]:
-        """Write ``record`` as a new object under ``prefix``; sets ``at`` and ``id`` if absent."""
-        at = now()
-        record = {"at": at.isoformat(), **record}
-        record.setdefault("id", _record_stem(at))
-        self.store.put_bytes(f"{prefix}{record['id']}.json", _dumps(record, "record"), if_none_match=True)
-        return record
+        """Append ``record`` to the hash-chained stream under ``prefix``: see :meth:`RecordLog.append`."""
+        return self.records.append(prefix, record)
 
     def read_records(self, prefix: str) -> list[dict[str, Any]]:
-        """All records under ``prefix``, oldest first (ties broken by id)."""
-        records = [
-            json.loads(self.store.get_bytes(k)) for k in self.store.list(prefix) if k.endswith(".json")
-        ]
-        return sorted(records, key=lambda r: (_as_utc(datetime.fromisoformat(r["at"])), r.get("id", "")))
+        """All records under ``prefix``, oldest first (ties broken by chain order, then id)."""
+        return self.records.read(prefix)
 
     def append_audit(self, name: str, record: dict[str, Any]) -> dict[str, Any]:
         return self.append_record(f"{self.model_prefix(name)}audit/", {"name": name, **record})
@@ -152,6 +149,84 @@ class ModelRegistry:
     def history(self, name: str) -> list[dict[str, Any]]:
         """The audit trail of a model (registrations, alias moves, sign-offs), oldest first."""
         return self.read_records(f"{self.model_prefix(name)}audit/")
+
+    # -- tamper evidence -----------------------------------------------------------------------------
+
+    def verify_records(self, name: str | None = None) -> RecordsReport:
+        """Check every record stream of ``name`` (default: every model) for edits, removals, insertions.
+
+        Each stream is checked by :meth:`RecordLog.verify`; each alias must also point where its last
+        audited move put it (*unaudited* otherwise).
+        """
+        if name is not None:
+            check_name(name)
+            names = [name]
+            if not self.store.list(self.model_prefix(name)):
+                raise RegistryError(
+                    f"model {name!r} has no records in {self.store.uri()}; models there: {self.list_models() or 'none'}"
+                )
+        else:
+            names = sorted({k.split("/")[1] for k in self.store.list("models/") if k.count("/") >= 2})
+        report = RecordsReport(self.store.uri())
+        for model in names:
+            prefix = self.model_prefix(model)
+            streams: dict[str, list[str]] = {}
+            for key in self.store.list(prefix):
+                rest = key[len(prefix) :]
+                if rest.startswith(("versions/", "aliases/")) or "/" not in rest:
+                    continue
+                stream = key.rsplit("/", 1)[0] + "/"
+                base = key[len(stream) :]
+                if base == HEAD or base.endswith(".json"):
+                    streams.setdefault(stream, []).append(key)
+            audit: list[dict[str, Any]] = []
+            for stream in sorted(streams):
+                records = self.records.verify(stream, report, streams[stream])
+                if stream == f"{prefix}audit/":
+                    audit = records
+            self._verify_aliases(model, audit, report)
+        return report
+
+    def _verify_aliases(self, name: str, audit: list[dict[str, Any]], report: RecordsReport) -> None:
+        """Each alias must point where its last audited move put it: a hand-edited alias is not."""
+        moves: dict[str, dict[str, Any]] = {}
+        for rec in audit:
+            revision = rec.get("revision")
+            if (
+                rec.get("action") == "alias"
+                and isinstance(rec.get("alias"), str)
+                and isinstance(revision, int)
+            ):
+                best = moves.get(rec["alias"])
+                if best is None or revision >= best["revision"]:
+                    moves[rec["alias"]] = rec
+        prefix = f"{self.model_prefix(name)}aliases/"
+        stream = f"{self.model_prefix(name)}audit/"
+
+        def add(key: str, problem: str, detail: str) -> None:
+            report.findings.append(self.records.finding(stream, key, problem, detail))
+
+        for key in self.store.list(prefix):
+            alias = key[len(prefix) :].removesuffix(".json")
+            try:
+                doc = json.loads(self.store.get_bytes(key))
+                pointed = (doc.get("revision"), doc.get("version"))
+            except (ValueError, AttributeError):
+                add(key, "edited", "the alias is not a JSON object any more")
+                continue
+            move = moves.get(alias)
+            audited = None if move is None else (move.get("revision"), move.get("to"))
+            if pointed != audited:
+                add(
+                    key,
+                    "unaudited",
+                    f"{name}@{alias} points to version {pointed[1]} (revision {pointed[0]}) but its last "
+                    + (
+                        "audited move is none"
+                        if audited is None
+                        else f"audited move set version {audited[1]} (revision {audited[0]})"
+                    ),
+                )
 
     # -- versions ------------------------------------------------------------------------------------
 
@@ -205,7 +280,7 @@ class ModelRegistry:
             "pid": os.getpid(),
             "token": token,
         }
-        data = _dumps(claim, "claim")
+        data = dumps(claim, "claim")
         for _ in range(1000):
             try:
                 self.store.put_bytes(self._version_prefix(name, version) + CLAIM, data, if_none_match=True)
@@ -258,7 +333,7 @@ class ModelRegistry:
                 raise UsageError(
                     f"{root / rel}: {rel} is written by the registry; remove or rename it in the model folder"
                 )
-        metadata_bytes = _dumps(metadata, "metadata")
+        metadata_bytes = dumps(metadata, "metadata")
 
         for _ in range(_MAX_CLAIM_RACES):
             mv = self._upload_version(name, files, metadata_bytes, card, actor)
@@ -310,7 +385,7 @@ class ModelRegistry:
             "created_by": actor,
             "files": manifest_files,
         }
-        self.store.put_bytes(prefix + MANIFEST, _dumps(manifest, "manifest"), if_none_match=True)
+        self.store.put_bytes(prefix + MANIFEST, dumps(manifest, "manifest"), if_none_match=True)
         return ModelVersion(
             name,
             version,
@@ -500,14 +575,24 @@ class ModelRegistry:
         actor: str,
         reason: str = "",
         expected_version: int | None | Any = ANY,
+        approved_by: list[str] | None = None,
+        executed_by: str | dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Point ``alias`` at a committed ``version`` by compare-and-swap; returns the audit record.
 
         With ``expected_version`` (an int, or None for "not set yet") the move only happens if the
         alias still points there, so two promotions racing from the same state cannot both win.
+        The audit record keeps, beside ``actor``, who approved the version (``approved_by``: the
+        sign-off's approvers when the move was gated, else None) and what ran the move
+        (``executed_by``: ``{"dag_id", "run_id", "task_id"}`` of a task, or ``"cli:<user>"``).
         """
         check_name(alias, "alias")
         _check_actor(actor)
+        executed_by = _executed_by(executed_by)
+        if approved_by is not None:
+            if isinstance(approved_by, str) or not all(isinstance(u, str) and u for u in approved_by):
+                raise UsageError(f"approved_by must be a list of user names, got {approved_by!r}")
+            approved_by = list(approved_by)
         if isinstance(version, bool) or not isinstance(version, int):
             raise UsageError(f"alias target must be a version number, got {version!r}")
         if not self.has_version(name, version):
@@ -537,7 +622,7 @@ class ModelRegistry:
                 "token": token,
             }
             try:
-                self.store.put_if_match(key, _dumps(new_doc, "alias"), etag)
+                self.store.put_if_match(key, dumps(new_doc, "alias"), etag)
                 lost = self._lost_cas(name, alias, revision, token)
             except ConflictError:
                 lost = True
@@ -557,6 +642,8 @@ class ModelRegistry:
                     "to": version,
                     "revision": revision,
                     "actor": actor,
+                    "approved_by": approved_by,
+                    "executed_by": executed_by,
                     "reason": reason,
                     "at": at,
                 },
@@ -569,12 +656,12 @@ class ModelRegistry:
         Naive datetimes are taken as UTC. The record says who moved it, when and why.
         """
         check_name(alias, "alias")
-        when = _as_utc(when)
+        when = as_utc(when)
         best: dict[str, Any] | None = None
         for rec in self.history(name):
             if rec.get("action") != "alias" or rec.get("alias") != alias:
                 continue
-            if _as_utc(datetime.fromisoformat(rec["at"])) > when:
+            if as_utc(datetime.fromisoformat(rec["at"])) > when:
                 continue
             # Revisions come from the CAS, so they order moves even if writers' clocks disagree.
             if best is None or rec.get("revision", 0) >= best.get("revision", 0):

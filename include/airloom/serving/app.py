@@ -1,5 +1,8 @@
 """The OpenAI-compatible HTTP app: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
-``/v1/feedback`` and ``/healthz``.
+``/v1/feedback`` and ``/healthz`` (503 when the engine cannot serve), over a
+:class:`~airloom.serving.engine.ServingEngine`: the in-process transformers
+:class:`~airloom.serving.engine.Engine` or, as a gateway, an
+:class:`~airloom.serving.upstream.UpstreamEngine` (prompts are rendered here either way).
 
 Requests and responses follow the shapes the ``openai`` Python client sends and parses (``id``,
 ``object``, ``created``, ``model``, ``choices``, ``usage``; errors as ``{"error": {message, type,
@@ -33,11 +36,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from airloom.serving.auth import ApiKeys
-from airloom.serving.engine import Engine, EngineBusy, GenRequest, GenResult, LoadedModel
+from airloom.serving.engine import (
+    EngineBusy,
+    EngineError,
+    GenRequest,
+    GenResult,
+    LoadedModel,
+    ServingEngine,
+)
 from airloom.serving.logs import FeedbackLog, TrafficLog
 from airloom.serving.metrics import ServingMetrics
 
 VERSION_HEADER = "x-airloom-model-version"
+VERSION_HEADER_BYTES = VERSION_HEADER.encode()
 DEFAULT_CHAT_MAX_TOKENS = 128  # OpenAI's chat default is "up to the context"; a bound keeps batches short
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any prompt a context window holds
 DEFAULT_MAX_REQUEST_TOKENS = 8192  # prompts × n × max_tokens: one request must not hold the batch for minutes
@@ -79,14 +90,28 @@ async def _send_error(send, status: int, message: str, code: str, headers: tuple
 
 
 class _Gate:
-    """API key, body size and request metrics, as plain ASGI: it has to answer before FastAPI reads
-    and parses the body, and it sees every response (401, 413 and streams included) for the metrics."""
+    """API key, body size, request metrics and the version header, as plain ASGI: it has to answer
+    before FastAPI reads and parses the body, and it sees every response (401, 413 and streams
+    included). Plain ASGI rather than ``@app.middleware("http")``: Starlette's ``BaseHTTPMiddleware``
+    runs each request through an extra task and memory stream, a cost a gateway pays twice per request
+    (its own app and the upstream's).
+
+    :param version: the ``NAME/VERSION`` to put in the version header of a response that has none.
+    """
 
     def __init__(
-        self, app, *, keys: ApiKeys | None, open_paths: set[str], max_body_bytes: int, metrics, routes
+        self,
+        app,
+        *,
+        keys: ApiKeys | None,
+        open_paths: set[str],
+        max_body_bytes: int,
+        metrics,
+        routes,
+        version,
     ):
         self.app, self.keys, self.open_paths, self.max_body = app, keys, open_paths, max_body_bytes
-        self.metrics, self._routes, self._known = metrics, routes, None
+        self.metrics, self._routes, self._known, self._version = metrics, routes, None, version
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -101,6 +126,14 @@ class _Gate:
             if message["type"] == "http.response.start":
                 status = message["status"]
             await send(message)
+
+        async def send_versioned(message):  # the app's answers (not the gate's own 401/413)
+            if message["type"] == "http.response.start":
+                headers = message.get("headers") or []
+                if not any(k.lower() == VERSION_HEADER_BYTES for k, _ in headers):
+                    version = self._version().encode("latin-1")
+                    message = {**message, "headers": [*headers, (VERSION_HEADER_BYTES, version)]}
+            await send_and_see(message)
 
         try:
             headers = dict(scope["headers"])
@@ -122,7 +155,7 @@ class _Gate:
                     if status == 500:
                         status = 499  # the client went away while sending its body
                     return
-            await self.app(scope, receive, send_and_see)
+            await self.app(scope, receive, send_versioned)
         finally:
             self.metrics.observe_request(endpoint, status, time.monotonic() - started)
 
@@ -279,7 +312,7 @@ def render_chat(messages: list[ChatMessage], tokenizer: Any) -> str:
 
 
 def create_app(
-    engine: Engine,
+    engine: ServingEngine,
     *,
     traffic_dir: str | Path,
     feedback_dir: str | Path,
@@ -317,6 +350,11 @@ def create_app(
             headers={"Retry-After": str(exc.retry_after)},
         )
 
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError):
+        type_ = "invalid_request_error" if exc.status < 500 else "server_error"
+        return JSONResponse(_error_body(exc.message, type_, None, exc.code), status_code=exc.status)
+
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         errors = jsonable_encoder(exc.errors())
@@ -330,21 +368,15 @@ def create_app(
         body["detail"] = errors  # FastAPI's usual list, for clients that read it
         return JSONResponse(body, status_code=422)
 
-    @app.middleware("http")
-    async def _version_header(request: Request, call_next):
-        response = await call_next(request)
-        if VERSION_HEADER not in response.headers:
-            response.headers[VERSION_HEADER] = engine.current.ref
-        return response
-
-    # Added last, so outermost: unauthenticated and oversized requests go no further.
+    # Outermost: unauthenticated and oversized requests go no further.
     app.add_middleware(
         _Gate,
         keys=api_keys,
-        open_paths={"/healthz"} | (set() if metrics_require_key else {"/metrics"}),
+        open_paths={"/healthz", "/health"} | (set() if metrics_require_key else {"/metrics"}),
         max_body_bytes=max_body_bytes,
         metrics=metrics,
         routes=lambda: {getattr(r, "path", None) for r in app.routes},
+        version=lambda: engine.current.ref,
     )
 
     def _check_model(requested: str | None) -> None:
@@ -449,7 +481,9 @@ def create_app(
 
     def _stream(prompts: list[str], req: _Sampling, max_tokens: int, kind: str, messages: list | None):
         """Server-sent events as OpenAI sends them: a chunk per new piece of text (chat: a first one
-        with the role), one with each choice's ``finish_reason``, the usage chunk when asked, ``[DONE]``."""
+        with the role), one with each choice's ``finish_reason``, the usage chunk when asked, ``[DONE]``.
+        Chunks already waiting when one is sent go out with it in one write (a reader that falls behind,
+        as a gateway under load does, costs fewer writes; the first chunk is never held back)."""
         started, created = time.monotonic(), datetime.now(UTC)
         rows = _rows(prompts, req, max_tokens)
         stream = engine.stream(rows)  # a full queue answers 429 here, before any byte is sent
@@ -479,32 +513,44 @@ def create_app(
         async def events():
             sent, results = [""] * len(rows), [None] * len(rows)
             first, failed = True, False
+            out: list[str] = []
             try:
                 while None in results:
+                    out = []
                     item = await stream.queue.get()
-                    if isinstance(item, Exception):
-                        failed = True  # not logged, as a failed non-streamed request
-                        body = _error_body(f"generation failed: {item}", "server_error", None, None)
-                        yield f"data: {json.dumps(body)}\n\n"
-                        return
-                    i, piece = item
-                    if first:
-                        first = False
-                        metrics.observe_ttft(ENDPOINTS[kind], started)
-                        if chat:
-                            for k in range(len(rows)):
-                                yield event(stream.loaded, [choice(k, None, None, role=True)])
-                    if isinstance(piece, str):
-                        sent[i] += piece
-                        yield event(stream.loaded, [choice(i, piece, None)])
-                    else:
-                        results[i] = piece
-                        yield event(stream.loaded, [choice(i, None, piece.finish_reason)])
+                    while True:  # with whatever else has arrived: one write for them all
+                        if isinstance(item, Exception):
+                            failed = True  # not logged, as a failed non-streamed request
+                            body = _error_body(f"generation failed: {item}", "server_error", None, None)
+                            out.append(f"data: {json.dumps(body)}\n\n")
+                            yield "".join(out)
+                            return
+                        i, piece = item
+                        if first:
+                            first = False
+                            metrics.observe_ttft(ENDPOINTS[kind], started)
+                            if chat:
+                                out.extend(
+                                    event(stream.loaded, [choice(k, None, None, role=True)])
+                                    for k in range(len(rows))
+                                )
+                        if isinstance(piece, str):
+                            sent[i] += piece
+                            out.append(event(stream.loaded, [choice(i, piece, None)]))
+                        else:
+                            results[i] = piece
+                            out.append(event(stream.loaded, [choice(i, None, piece.finish_reason)]))
+                        if stream.queue.empty() or None not in results:
+                            break
+                        item = stream.queue.get_nowait()
+                    if None in results:
+                        yield "".join(out)
                 # Logged before the last chunks: a client that has read [DONE] finds its answer logged.
                 _log(response_id, kind, created, started, stream.loaded, rows, results, messages)
                 if include_usage:
-                    yield event(stream.loaded, [], usage=_usage(rows, results))
-                yield "data: [DONE]\n\n"
+                    out.append(event(stream.loaded, [], usage=_usage(rows, results)))
+                out.append("data: [DONE]\n\n")
+                yield "".join(out)
             finally:
                 if None in results and not failed:
                     # The client went away: stop its rows, log what it was sent, marked so.
@@ -663,10 +709,15 @@ def create_app(
         return Response(body, media_type=content_type)
 
     @app.get("/healthz")
+    @app.get("/health", include_in_schema=False)  # vLLM's name: a gateway in front of us probes it
     async def healthz():
+        """200 while the engine can serve; 503 with the reason when it cannot (an upstream process that
+        exited or does not answer), so a load balancer or a Kubernetes probe takes the server out."""
+        reason = await engine.health()
         loaded = engine.current
-        return {
-            "status": "ok",
+        body = {
+            "status": "ok" if reason is None else "unhealthy",
+            "reason": reason,
             "model": loaded.ref,
             "name": loaded.name,
             "version": loaded.version,
@@ -676,12 +727,13 @@ def create_app(
             "last_reload_error": engine.last_reload_error,
             **engine.stats(),
         }
+        return JSONResponse(body, status_code=200 if reason is None else 503)
 
     return app
 
 
 def serve(
-    engine: Engine,
+    engine: ServingEngine,
     *,
     host: str = "127.0.0.1",
     port: int = 8000,

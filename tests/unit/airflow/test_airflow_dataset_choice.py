@@ -82,6 +82,7 @@ def test_prepare_emits_the_version_it_published(tmp_path, make_context, airloom_
         "ref": "demo@1",
         "path": str(airloom_env / "home" / "datasets" / "demo" / "1"),
         "dataset_hash": info["dataset_hash"],
+        "requested_by": "trainer",  # this run's requester, for the run the event starts
     }
     assert ("ref", "demo@1") in context["ti"].pushed
     # the retry of the same task: the same version, the same event

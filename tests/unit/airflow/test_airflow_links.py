@@ -27,6 +27,7 @@ from airloom.airflow.links import (
     ValidationReportLink,
     files_url,
 )
+from tests.unit.evaluation.conftest import tiny_model_dir  # noqa: F401  (the session's tiny Llama)
 
 ROW = {"instruction": "Name a colour", "input": "", "response": "Red"}
 GOOD_ROWS = [
@@ -130,20 +131,17 @@ def test_each_link_points_at_the_path_its_task_reported(link, xcoms, url, monkey
 
 
 def test_the_canary_writes_its_answers_and_links_them_even_when_it_fails(
-    registry, model_dir, make_context, monkeypatch
+    registry, make_context, tmp_path, request
 ):
     from airflow.sdk.exceptions import AirflowFailException
 
-    import airloom.evaluation.generation as generation
     from airloom.airflow.operators.registry import CanaryOperator
+    from tests.unit.airflow.test_airflow_canary import silenced
 
-    registry.register("bot", model_dir, metadata={}, actor="trainer")
+    model = request.getfixturevalue("tiny_model_dir")  # the session's tiny Llama, imported above
+    registry.register("bot", model, metadata={}, actor="trainer")
+    registry.register("bot", silenced(model, tmp_path / "silent"), metadata={}, actor="trainer")
     registry.set_alias("bot", "production", 1, actor="reviewer")
-    answers = ["<b>Blue</b>", ""]
-    monkeypatch.setattr(generation, "load_model", lambda path: (None, None))
-    monkeypatch.setattr(
-        generation, "generate", lambda model, tok, prompts, max_new_tokens, **stops: list(answers)
-    )
     canary = CanaryOperator(task_id="canary", model_name="bot", prompts=["Sky colour?", "Say nothing"])
 
     context = make_context(task_id="canary")
@@ -151,10 +149,10 @@ def test_the_canary_writes_its_answers_and_links_them_even_when_it_fails(
     page = dict(context["ti"].pushed)["canary_report"]
     assert page.endswith("/runs/llm_finetune/manual__2026-01-02T03_04_05_00_00/canary/canary.html")
     html = Path(page).read_text()
-    assert "&lt;b&gt;Blue&lt;/b&gt;" in html and "Sky colour?" in html and "(empty)" in html  # escaped
-    assert out["outputs"][0] == {"prompt": "Sky colour?", "output": "<b>Blue</b>"}
+    assert "Sky colour?" in html and ">answered<" in html
+    assert out["outputs"][0]["prompt"] == "Sky colour?" and out["outputs"][0]["output"].strip()
 
-    answers[0] = " "
+    registry.set_alias("bot", "production", 2, actor="reviewer")  # a version that answers nothing
     context = make_context(task_id="canary")
     with pytest.raises(AirflowFailException, match="empty output for every prompt"):
         canary.execute(context)

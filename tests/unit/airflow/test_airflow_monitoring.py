@@ -153,6 +153,7 @@ def test_request_retraining_emits_reasons_on_the_asset_event(context):
     assert context["outlet_events"][asset].extra == {
         "reasons": ["psi_task_mix 1.200 > 0.25"],
         "report": "/runs/monitoring.json",
+        "requested_by": "trainer",
     }
 
 

@@ -264,7 +264,8 @@ def test_rollback_refuses_a_version_not_approved_by_an_approver(registry, tmp_pa
         AirflowFailException,
         match=r"^refusing to point bot@production at version 2: its sign-off is pending \(0 of 1 approvals, "
         r"requested by trainer\); approved by mallory, not an approver under the policy; "
-        r"one of the approvers \['reviewer'\] must run 'airloom signoff approve bot/2'$",
+        r"one of the approvers \['reviewer'\] must approve it \(on the sign-off page, Browse -> Model "
+        r"sign-off, or with 'airloom signoff approve bot/2 --api-url AIRFLOW_URL'\)$",
     ):
         rollback(context, to_version=2, policy=APPROVERS)
     assert registry.get_alias("bot", "production") == 3
@@ -284,7 +285,8 @@ def test_cli_deploy_and_rollback_refuse_with_one_message(registry, tmp_path, con
     register(context, make_model(tmp_path / "m3", 3))  # sign-off requested, nobody approved
     message = (
         "refusing to point bot@production at version 3: its sign-off is pending (0 of 1 approvals, "
-        "requested by trainer); a reviewer other than trainer must run 'airloom signoff approve bot/3'"
+        "requested by trainer); a reviewer other than trainer must approve it (on the sign-off page, "
+        "Browse -> Model sign-off, or with 'airloom signoff approve bot/3 --api-url AIRFLOW_URL')"
     )
     with pytest.raises(AirflowFailException) as deployed:
         deploy(context, 3)

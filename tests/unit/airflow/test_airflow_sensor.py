@@ -69,7 +69,13 @@ def test_execute_when_pending_defers_to_the_trigger(registry, context):
         "aws_conn_id": "minio",
         "model_name": "bot",
         "version": 1,
-        "policy": {"required_approvals": 1, "separation_of_duties": True},
+        # resolved by the sensor, deployment defaults included: the triggerer applies the same policy
+        "policy": {
+            "required_approvals": 1,
+            "allowed_users": None,
+            "separation_of_duties": True,
+            "authenticated_only": False,
+        },
         "poll_interval": 5.0,
     }
     assert before + 7200 <= deadline <= time.time() + 7200

@@ -38,6 +38,7 @@ def test_repo_settings_file_converts_to_cli_import_json(tmp_path):
     assert json.loads(files["variables"].read_text()) == {
         "airloom_registry": "",
         "airloom_signoff_approvers": "reviewer",
+        "airloom_signoff_min_approvals": "",
     }
     aws = json.loads(files["connections"].read_text())["aws_default"]
     assert aws["conn_type"] == "aws"

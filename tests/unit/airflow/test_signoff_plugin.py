@@ -190,7 +190,7 @@ def test_viewer_sees_the_version_but_may_not_decide(client, tokens, pending):
 def test_self_approval_is_refused(client, tokens, pending):
     r = _decide(client, as_user(tokens, "trainer"))
     assert r.status_code == 403
-    assert "'trainer' triggered the training of demo-model/1 and may not approve it" in r.json()["detail"]
+    assert "'trainer' requested the sign-off of demo-model/1 and may not approve it" in r.json()["detail"]
     assert signoff_status(pending, MODEL, 1)["approvals"] == []
     r = client.get("/airloom/api/pending", headers=as_user(tokens, "trainer"))
     assert r.json()[0]["can_approve"] is False and r.json()[0]["can_reject"] is True

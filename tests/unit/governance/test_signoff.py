@@ -87,7 +87,8 @@ def test_approval_by_allowed_users(registry, evidence):
     with pytest.raises(CheckFailed, match=r"'mallory' may not sign off bot/1: the policy allows only"):
         record_decision(registry, "bot", 1, user="mallory", decision="approve", policy=policy)
     record_decision(registry, "bot", 1, user="dave", decision="approve", policy=policy)
-    record_decision(registry, "bot", 1, user="dave", decision="approve", policy=policy)  # counts once
+    with pytest.raises(CheckFailed, match=r"'dave' already approved bot/1 \(1 of 2 approvals\)"):
+        record_decision(registry, "bot", 1, user="dave", decision="approve", policy=policy)  # counts once
     assert signoff_status(registry, "bot", 1, policy)["state"] == "pending"
     record_decision(registry, "bot", 1, user="erin", decision="approve", comment="lgtm", policy=policy)
     status = signoff_status(registry, "bot", 1, policy)
@@ -95,9 +96,7 @@ def test_approval_by_allowed_users(registry, evidence):
     assert [a["user"] for a in status["approvals"]] == ["dave", "erin"]
     assert is_approved(registry, "bot", 1, policy)
     decisions = [h for h in registry.history("bot") if h["action"] == "signoff_decision"]
-    assert [(d["actor"], d["decision"]) for d in decisions] == [("dave", "approve")] * 2 + [
-        ("erin", "approve")
-    ]
+    assert [(d["actor"], d["decision"]) for d in decisions] == [("dave", "approve"), ("erin", "approve")]
 
 
 def test_decision_preconditions(registry):

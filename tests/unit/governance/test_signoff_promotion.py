@@ -50,7 +50,7 @@ def test_self_approval_refused_and_unapproved_version_not_promoted(reg_uri, caps
     rc, _, err = run(capsys, *reg, "registry", "promote", "bot/1", "production", "--user", "trainer")
     assert rc == 1
     assert "its sign-off is pending (0 of 1 approvals, requested by trainer)" in err
-    assert "a reviewer other than trainer must run 'airloom signoff approve bot/1'" in err
+    assert "a reviewer other than trainer must approve it (on the sign-off page" in err
     assert production(reg_uri) is None
 
     # Other aliases are not gated: a candidate may be pointed at before sign-off.
@@ -152,7 +152,7 @@ def test_promote_applies_the_approver_list_and_separation_of_duties(reg_uri):
     with pytest.raises(
         CheckFailed,
         match=r"\(0 of 1 approvals, requested by trainer\); approved by mallory, not an approver under the "
-        r"policy; one of the approvers \['reviewer'\] must run",
+        r"policy; one of the approvers \['reviewer'\] must approve it",
     ):
         promote(registry, "bot", 1, "production", actor="ops", reason="", policy=approvers)
     assert registry.get_alias("bot", "production") is None

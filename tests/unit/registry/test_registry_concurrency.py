@@ -115,6 +115,10 @@ def test_20_concurrent_registrations_give_20_distinct_complete_versions(store, p
         assert json.loads(store.get_bytes(prefix + "tokenizer/tokenizer.json")) == {"seed": worker}
     registrations = [h["version"] for h in reg.history("bot") if h["action"] == "register"]
     assert sorted(registrations) == list(range(1, WORKERS + 1))
+    # 20 processes appended to one audit chain at once: one record per seq, no gap, nothing forked.
+    assert sorted(h["seq"] for h in reg.history("bot")) == list(range(1, WORKERS + 1))
+    report = reg.verify_records("bot")
+    assert report.ok, report.findings
     if isinstance(store, LocalStore):
         assert not list(store.root.rglob(".airloom-tmp-*"))
 

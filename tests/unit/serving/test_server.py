@@ -606,6 +606,8 @@ def test_api_keys_401_without_a_valid_key_healthz_and_metrics_open(server):
         assert ok.status_code in (200, 201), ok.text  # any configured key
     assert httpx.get(url + "/v1/models").status_code == 401
     assert httpx.get(url + "/healthz").status_code == 200
+    health = httpx.get(url + "/health")  # vLLM's probe path, what a gateway in front of us asks
+    assert health.status_code == 200 and health.json()["status"] == "ok"
     assert httpx.get(url + "/metrics").status_code == 200
 
 

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from airloom.governance.signoff import SYSTEM_PREFIX
+
 if TYPE_CHECKING:
     from airloom.airflow.hooks.registry import RegistryHook
 
@@ -110,11 +112,78 @@ def skip_task(log, reason: str) -> AirflowSkipException:
     return AirflowSkipException(reason)
 
 
+#: ``triggering_user_name`` Airflow gives the runs of ``airflow dags test``.
+DAGS_TEST_USER = "dag_test"
+#: The key of an asset event's extra that names the person behind the run that emitted it.
+REQUESTED_BY = "requested_by"
+
+
 def triggering_user(context) -> str:
-    """Who started the run: the UI/API user, else the OS user (CLI, ``dags test``, schedules)."""
+    """Who is responsible for this run: the requester of a sign-off, the actor of what it records.
+
+    - a person started it (the UI, the REST API, ``airflow dags trigger``, a backfill they created): that
+      user, as Airflow's auth manager named them;
+    - asset events started it: the ``requested_by`` that the producing task put into an event's extra
+      (:func:`asset_event_extra`), i.e. the person behind the upstream run, else
+      ``system:<upstream dag_id>``; a person named by any of the events wins over a system identity;
+    - a schedule (or any other run without a user): ``system:<dag_id>``, an identity that never approves;
+    - ``airflow dags test`` or a context without a run (the embedded default's CLI, library callers):
+      ``$AIRLOOM_USER``, else the OS user.
+
+    A worker's OS user is never the answer for a scheduled or asset-triggered run: separation of duties
+    would then block nobody real.
+    """
     dag_run = context.get("dag_run")
-    user = getattr(dag_run, "triggering_user_name", None) if dag_run is not None else None
-    return user or os.environ.get("AIRLOOM_USER") or getpass.getuser()
+    if dag_run is None:
+        return _local_user()
+    user = getattr(dag_run, "triggering_user_name", None)
+    if user == DAGS_TEST_USER:
+        return _local_user()
+    if user:
+        return str(user)
+    upstream = _upstream_requester(context)
+    if upstream:
+        return upstream
+    run_type = getattr(dag_run, "run_type", None)
+    if run_type is None:  # not a run Airflow made (a hand-built context): as the CLI
+        return _local_user()
+    ti = context.get("ti")
+    dag_id = getattr(dag_run, "dag_id", None) or getattr(ti, "dag_id", None) or "airflow"
+    return f"{SYSTEM_PREFIX}{dag_id}"
+
+
+def _local_user() -> str:
+    return os.environ.get("AIRLOOM_USER") or getpass.getuser()
+
+
+def _upstream_requester(context) -> str | None:
+    """The requester the triggering asset events name (newest first, a person before a system identity).
+
+    ``requested_by`` is trusted only on events a task emitted (``source_dag_id`` set): an event posted to
+    the REST API carries whatever extra its sender wrote, so it yields ``system:asset:<asset name>``.
+    """
+    named: list[tuple[bool, str, str]] = []  # (is a person, timestamp, identity)
+    for events in (context.get("triggering_asset_events") or {}).values():
+        for event in events:
+            source_dag = getattr(event, "source_dag_id", None)
+            claimed = (getattr(event, "extra", None) or {}).get(REQUESTED_BY)
+            if source_dag and isinstance(claimed, str) and claimed.strip():
+                identity = claimed.strip()
+            elif source_dag:
+                identity = f"{SYSTEM_PREFIX}{source_dag}"
+            else:
+                asset = getattr(getattr(event, "asset", None), "name", None) or "unknown"
+                identity = f"{SYSTEM_PREFIX}asset:{asset}"
+            when = getattr(event, "timestamp", None)
+            stamp = when.isoformat() if hasattr(when, "isoformat") else str(when or "")
+            named.append((not identity.startswith(SYSTEM_PREFIX), stamp, identity))
+    return max(named)[2] if named else None
+
+
+def asset_event_extra(context, extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` plus ``requested_by``: this run's :func:`triggering_user`, so a run the event starts
+    downstream knows whom to hold to separation of duties."""
+    return {**extra, REQUESTED_BY: triggering_user(context)}
 
 
 def push_outputs(context, result: dict) -> dict:

@@ -15,7 +15,7 @@ from airflow.sdk import BaseOperator, Param
 from airflow.sdk.exceptions import AirflowFailException
 
 from airloom.airflow.links import EdaReportLink, ValidationReportLink
-from airloom.airflow.operators._base import AirloomBaseOperator, number, push_outputs
+from airloom.airflow.operators._base import AirloomBaseOperator, asset_event_extra, number, push_outputs
 
 
 def _chunks(path: str, s3_client: Any, field_map: Any = None):
@@ -170,8 +170,9 @@ class PrepareDatasetOperator(AirloomBaseOperator):
     named dataset (``$AIRLOOM_HOME/datasets/<name>/<version>/``, see :mod:`airloom.data.catalog`); emit the
     asset event naming it.
 
-    The event's extra is ``{name, version, ref, path, dataset_hash}``: ``llm_finetune`` trains on exactly
-    that version. Content equal to the newest version's (a retry) reuses that version.
+    The event's extra is ``{name, version, ref, path, dataset_hash, requested_by}``: ``llm_finetune`` trains
+    on exactly that version, and holds ``requested_by`` (this run's requester) to separation of duties.
+    Content equal to the newest version's (a retry) reuses that version.
 
     :param dataset_name: the dataset's name (``^[a-z0-9][a-z0-9._-]*$``); empty = derived from ``source``.
     :param source: the raw data the accepted records came from: names the dataset when ``dataset_name`` is
@@ -276,9 +277,9 @@ class PrepareDatasetOperator(AirloomBaseOperator):
         info = dataset.summary()
         reused = dataset.manifest.get("origin", {}).get("run_id") != context["run_id"]
         for outlet in self.outlets:
-            context["outlet_events"][outlet].extra = {
-                k: info[k] for k in ("name", "version", "ref", "path", "dataset_hash")
-            }
+            context["outlet_events"][outlet].extra = asset_event_extra(
+                context, {k: info[k] for k in ("name", "version", "ref", "path", "dataset_hash")}
+            )
         self.log.info(
             "prepared dataset %s at %s: %s%s",
             dataset.ref,

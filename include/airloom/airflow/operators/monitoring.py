@@ -13,7 +13,7 @@ from airflow.sdk import BaseOperator
 
 from airloom.airflow.defaults import MODEL_NAME
 from airloom.airflow.links import MonitoringDashboardLink
-from airloom.airflow.operators._base import AirloomBaseOperator, skip_task
+from airloom.airflow.operators._base import AirloomBaseOperator, asset_event_extra, skip_task
 
 
 class DriftMonitorOperator(AirloomBaseOperator):
@@ -309,7 +309,8 @@ class RequestRetrainingOperator(BaseOperator):
     """Emit the retraining asset event when ``decision["retrain"]`` is true; skip otherwise.
 
     A skipped task emits no asset event, so ``llm_finetune`` only starts when a threshold was crossed. The
-    event's extra holds ``reasons``, ``report`` and, when the monitor's reference was a named dataset,
+    event's extra holds ``reasons``, ``report``, ``requested_by`` (this run's requester: ``system:…`` for a
+    scheduled run) and, when the monitor's reference was a named dataset,
     ``dataset`` (``name@latest``, see :func:`retrain_on`), which ``llm_finetune``'s resolve_dataset uses.
     """
 
@@ -327,7 +328,7 @@ class RequestRetrainingOperator(BaseOperator):
         if dataset:
             extra["dataset"] = dataset
         for outlet in self.outlets:
-            context["outlet_events"][outlet].extra = extra
+            context["outlet_events"][outlet].extra = asset_event_extra(context, extra)
         self.log.info("retraining requested: %s", "; ".join(self.decision["reasons"]))
         return dict(self.decision)
 
@@ -351,7 +352,7 @@ class PublishFeedbackDatasetOperator(BaseOperator):
             raise skip_task(self.log, "no corrected answers passed validation and dedup: no feedback dataset")
         extra = {k: corrected.get(k) for k in ("path", "rows", "sha256", "ds")}
         for outlet in self.outlets:
-            context["outlet_events"][outlet].extra = extra
+            context["outlet_events"][outlet].extra = asset_event_extra(context, extra)
         self.log.info(
             "feedback dataset %s (%d rows): trigger llm_data_quality with source=%s",
             extra["path"],

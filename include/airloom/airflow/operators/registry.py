@@ -24,11 +24,17 @@ def _refusal_fails_the_task() -> Iterator[None]:
         raise AirflowFailException(str(e)) from e
 
 
+def _executed_by(context) -> dict[str, str]:
+    """The task that moves an alias, recorded apart from who triggered the run and who approved."""
+    return {"dag_id": context["ti"].dag_id, "run_id": context["run_id"], "task_id": context["ti"].task_id}
+
+
 class RegisterModelOperator(AirloomBaseOperator):
     """Register ``model_dir`` as a new immutable version, point ``alias`` at it and open a sign-off.
 
-    :param metadata: metrics, gate results, lineage; the run's dag_id/run_id and the triggering
-        user are added here so lineage cannot be forgotten.
+    :param metadata: metrics, gate results, lineage; the run's dag_id/run_id and the requester
+        (:func:`~airloom.airflow.operators._base.triggering_user`: the person who started this run or the
+        upstream one, else ``system:<dag_id>``) are added here so lineage cannot be forgotten.
     :param evidence: label → path/URI shown to reviewers (model card, eval report); hashed into the request.
     :param attachments: path in the version → file stored with it (the eval report and metrics).
     """
@@ -91,15 +97,21 @@ class RegisterModelOperator(AirloomBaseOperator):
                 version.version,
                 actor=user,
                 reason=f"registered by {context['ti'].dag_id}/{context['run_id']}",
+                executed_by=_executed_by(context),
             )
         if self.request_signoff:
             evidence = {k: v for k, v in self.evidence.items() if v}
-            request_signoff(registry, self.model_name, version.version, requested_by=user, evidence=evidence)
+            request_signoff(
+                registry, self.model_name, version.version, requested_by=user, evidence=evidence, via="task"
+            )
             self.log.info(
-                "sign-off requested from a reviewer other than %s: "
-                "airloom signoff approve %s --user REVIEWER",
-                user,
+                "sign-off of %s requested by %s: a reviewer approves on the sign-off page (Browse → Model "
+                "sign-off) or with: airloom signoff approve %s %d --api-url AIRFLOW_URL --username REVIEWER "
+                "--password-stdin",
                 version.ref,
+                user,
+                self.model_name,
+                version.version,
             )
         return push_outputs(
             context,
@@ -153,6 +165,7 @@ class DeployModelOperator(AirloomBaseOperator):
                 reason=f"deploy by {context['ti'].dag_id}/{context['run_id']}",
                 policy=SignOffPolicy.from_params(self.policy),
                 require_approval=self.require_approval,
+                executed_by=_executed_by(context),
             )
         self.log.info("%s@%s: %s -> %d", self.model_name, self.alias, record["from"], version)
         return push_outputs(
@@ -201,6 +214,7 @@ class RollbackModelOperator(AirloomBaseOperator):
                 reason=str(self.reason or f"rollback by {context['run_id']}"),  # native rendering: "42" is 42
                 policy=SignOffPolicy.from_params(self.policy),
                 to_version=to_version,
+                executed_by=_executed_by(context),
             )
         previous, version = record["from"], record["to"]
         self.log.info("rolled back %s@%s: %s -> %d", self.model_name, self.alias, previous, version)
@@ -210,64 +224,146 @@ class RollbackModelOperator(AirloomBaseOperator):
 
 
 class CanaryOperator(AirloomBaseOperator):
-    """Load the version behind ``alias`` with transformers and generate on a few prompts.
+    """Ask the version behind ``alias`` a few prompts through the serving gateway; fail if it does not answer.
 
-    Fails if the model cannot be loaded or produces empty output for every prompt: the cheapest
-    check that the deployed artifact really serves. The answers land in the task's folder as
-    ``canary.json`` and ``canary.html`` (the "Canary answers" link), written before the verdict so a
+    The version is loaded and asked as ``airloom serve`` would serve it
+    (:func:`airloom.serving.canary.ask_through_gateway`): conversations through ``/v1/chat/completions``
+    (its chat template, else an alpaca prompt of the last user turn), strings through ``/v1/completions``.
+    It fails when the version cannot be served, or fewer prompts than ``min_answered`` asks for got a
+    non-empty answer; the message names the prompts that failed. The answers land in the task's folder
+    as ``canary.json`` and ``canary.html`` (the "Canary answers" link), written before the verdict so a
     failed canary shows what the model said.
 
-    :param prompts: conversations (lists of ``{"role", "content"}`` turns, or ``{"messages": [...]}``),
-        rendered as ``/v1/chat/completions`` renders them: with the model's chat template, else as an
-        alpaca prompt of the last user turn (a blank line parts instruction from input), so a chat model
-        and an instruction model are each asked in the format they trained on. A string is sent as it is.
+    :param prompts: conversations (lists of ``{"role", "content"}`` turns, or ``{"messages": [...]}``) or
+        strings; used when ``dataset_file`` is not given.
+    :param dataset_file: a prepared split (the test split the candidate was evaluated on): its own
+        prompts are asked, up to ``limit``, one task at a time (:func:`airloom.serving.canary.dataset_prompts`).
+    :param alias: the alias whose version is checked (``canary`` before promotion, ``production`` after a
+        rollback).
+    :param version: the version the alias must point at (the one this run deployed); another fails.
+    :param min_answered: the share of prompts that must get a non-empty answer; None: at least one.
     """
 
     # Not the prompts: Jinja drops a string's trailing newline, and an alpaca prompt without its last
     # "\n" is a prompt the model never saw (it answered with nothing, and the canary failed a good model).
-    template_fields: Sequence[str] = ("model_name", "alias", "output_dir")
+    template_fields: Sequence[str] = ("model_name", "alias", "version", "dataset_file", "output_dir")
     operator_extra_links = (CanaryAnswersLink(),)
 
     def __init__(
         self,
         *,
         model_name: str,
-        prompts: list[str | list[dict] | dict],
+        prompts: list[str | list[dict] | dict] | None = None,
+        dataset_file: Any = None,
         alias: str = "production",
+        version: Any = None,
+        limit: int = 8,
+        min_answered: float | None = None,
+        max_tokens: int = 32,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
+        if not prompts and dataset_file is None:
+            raise ValueError(
+                f"{kwargs.get('task_id')}: give the canary prompts or a dataset_file to take them from"
+            )
         self.model_name = model_name
-        self.prompts = prompts
+        self.prompts = prompts or []
+        self.dataset_file = dataset_file
         self.alias = alias
+        self.version = version
+        self.limit = limit
+        self.min_answered = min_answered
+        self.max_tokens = max_tokens
 
     def execute(self, context) -> dict[str, Any]:
-        from airloom.evaluation.chat import chat_prompt, model_template, turn_end
-        from airloom.evaluation.generation import generate, load_model
-        from airloom.registry.resolve import resolve_model
+        from airloom.exceptions import AirloomError
         from airloom.reports import render
+        from airloom.serving.canary import ask_through_gateway, dataset_prompts, required_answers, shown
+        from airloom.settings import home
 
-        resolved = resolve_model(f"registry:{self.model_name}@{self.alias}", registry=self.hook.registry)
-        model, tokenizer = load_model(resolved["path"])
-        template = model_template(tokenizer)
-        prompts = [
-            p
-            if isinstance(p, str)
-            else chat_prompt(p["messages"] if isinstance(p, dict) else p, tokenizer, template)
-            for p in self.prompts
-        ]
-        end = turn_end(template)  # a chat model ends its answer there (see airloom.evaluation.chat)
-        outputs = generate(model, tokenizer, prompts, max_new_tokens=32, stop_strings=[end] if end else None)
-        for p, o in zip(prompts, outputs, strict=True):
-            self.log.info("canary %s\n  prompt: %r\n  output: %r", resolved["ref"], p, o)
+        registry = self.hook.registry
+        target = registry.get_alias(self.model_name, self.alias)
+        expected = number(self.version, "version", optional=True)
+        if target is None:
+            raise AirflowFailException(f"canary: {self.model_name}@{self.alias} is not set: nothing to check")
+        if expected is not None and target != expected:
+            raise AirflowFailException(
+                f"canary: {self.model_name}@{self.alias} points to version {target}, not {expected} as this run "
+                "deployed it: another run moved it; the version was not checked"
+            )
+        ref = f"{self.model_name}/{target}"
+        if self.dataset_file is not None:
+            from airloom.data.splits import read_split
+
+            try:
+                asked: list = dataset_prompts(read_split(str(self.dataset_file)), self.limit)
+            except AirloomError as e:
+                raise AirflowFailException(f"canary: {self.dataset_file}: {e}") from e
+        else:
+            asked = list(self.prompts)
         out = self.output_folder(context)
         out.mkdir(parents=True, exist_ok=True)
-        rows = [{"prompt": p, "output": o} for p, o in zip(prompts, outputs, strict=True)]
-        passed = any(o.strip() for o in outputs)
-        (out / "canary.json").write_text(json.dumps({"model": resolved["ref"], "outputs": rows}, indent=2))
+        try:
+            rows = ask_through_gateway(
+                registry,
+                self.model_name,
+                target,
+                asked,
+                cache_dir=home() / "cache" / "models",
+                log_dir=out / "gateway",
+                max_tokens=self.max_tokens,
+            )
+        except AirloomError as e:  # the version does not load as the server would load it
+            raise AirflowFailException(f"canary: {ref} cannot be served: {e}") from e
+        for row in rows:
+            self.log.info("canary %s\n  prompt: %r\n  output: %r", ref, row["prompt"], row["output"])
+        failing = [
+            (i, p, row)
+            for i, (p, row) in enumerate(zip(asked, rows, strict=True), 1)
+            if not row["output"].strip()
+        ]
+        need = required_answers(len(rows), self.min_answered)
+        answered = len(rows) - len(failing)
+        passed = answered >= need
+        if passed:
+            verdict = "answered"  # the table shows which prompts got nothing
+        elif answered == 0 and not any(row["error"] for row in rows):
+            verdict = "empty output for every prompt"
+        else:
+            verdict = f"answered {answered} of {len(rows)}, {need} needed"
+        (out / "canary.json").write_text(
+            json.dumps(
+                {
+                    "model": f"registry:{ref}",
+                    "alias": self.alias,
+                    "passed": passed,
+                    "verdict": verdict,
+                    "outputs": rows,
+                },
+                indent=2,
+            )
+        )
         page = out / "canary.html"
-        page.write_text(render("canary.html.j2", model=resolved["ref"], rows=rows, passed=passed), "utf-8")
+        page.write_text(
+            render("canary.html.j2", model=f"registry:{ref}", rows=rows, passed=passed, verdict=verdict),
+            "utf-8",
+        )
         push_outputs(context, {"canary_report": str(page)})
         if not passed:
-            raise AirflowFailException(f"canary: {resolved['ref']} produced empty output for every prompt")
-        return push_outputs(context, {"model": resolved["ref"], "outputs": rows})
+            why = "; ".join(
+                f"{i}. {shown(p)!r}: "
+                + (f"HTTP {row['status']}: {row['error']}" if row["error"] else "empty answer")
+                for i, p, row in failing[:10]
+            )
+            more = f"; and {len(failing) - 10} more" if len(failing) > 10 else ""
+            kept = ""
+            if self.alias != "production":
+                production = registry.get_alias(self.model_name, "production")
+                where = "unset" if production is None else f"at version {production}"
+                kept = f"; {self.model_name}@production was not moved (it stays {where})"
+            raise AirflowFailException(
+                f"canary: {ref} ({self.model_name}@{self.alias}) {verdict} through the serving path; "
+                f"failing prompts: {why}{more}{kept}"
+            )
+        return push_outputs(context, {"model": f"registry:{ref}", "version": target, "outputs": rows})

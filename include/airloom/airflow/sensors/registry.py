@@ -19,8 +19,10 @@ class ModelSignOffSensor(BaseSensorOperator):
     slot is held for the hours a review can take. A request that expires is recorded as such in
     the registry's audit trail.
 
-    :param policy: :class:`airloom.governance.signoff.SignOffPolicy` fields (required_approvals,
-        allowed_users, separation_of_duties).
+    :param policy: :class:`airloom.governance.signoff.SignOffPolicy` fields (required_approvals or
+        min_approvals, allowed_users, separation_of_duties, authenticated_only); the DAGs pass
+        :data:`airloom.airflow.defaults.SIGNOFF_POLICY_TEMPLATED`, the policy deploy, rollback and the
+        sign-off page apply too.
     :param poll_interval: seconds between registry reads in the triggerer.
     :param timeout: how long to wait for a decision (seconds or timedelta).
     """
@@ -56,13 +58,19 @@ class ModelSignOffSensor(BaseSensorOperator):
 
         return RegistryHook(registry_uri=self.registry_uri, aws_conn_id=self.aws_conn_id).registry
 
+    @cached_property
+    def signoff_policy(self):
+        """The policy, resolved once here (deployment defaults such as ``authenticated_only`` included),
+        so the trigger applies exactly what this task did, whatever the triggerer's environment."""
+        from airloom.governance.signoff import SignOffPolicy
+
+        return SignOffPolicy.from_params(self.policy)
+
     def _status(self) -> dict[str, Any]:
-        from airloom.governance.signoff import SignOffPolicy, signoff_status
+        from airloom.governance.signoff import signoff_status
 
         self.registry.get(self.model_name, int(self.version))  # a missing version could never be approved
-        return signoff_status(
-            self.registry, self.model_name, int(self.version), SignOffPolicy.from_params(self.policy)
-        )
+        return signoff_status(self.registry, self.model_name, int(self.version), self.signoff_policy)
 
     def execute(self, context) -> Any:
         if not self.deferrable:
@@ -71,13 +79,16 @@ class ModelSignOffSensor(BaseSensorOperator):
         if status["state"] != "pending":
             return self._finish(status["state"], status)
         from airloom.airflow.triggers.registry import SignOffTrigger
+        from airloom.governance.signoff import waiting_for
 
         self.log.info(
-            "waiting for sign-off of %s/%s (requested by %s); approve with: "
-            "airloom signoff approve %s/%s --user REVIEWER",
+            "sign-off of %s/%s (requested by %s): %s; approve on the sign-off page (Browse → Model "
+            "sign-off) or with: airloom signoff approve %s %s --api-url AIRFLOW_URL --username REVIEWER "
+            "--password-stdin",
             self.model_name,
             self.version,
             status.get("requested_by"),
+            waiting_for(status, self.signoff_policy),
             self.model_name,
             self.version,
         )
@@ -87,7 +98,7 @@ class ModelSignOffSensor(BaseSensorOperator):
                 aws_conn_id=self.aws_conn_id,
                 model_name=self.model_name,
                 version=int(self.version),
-                policy=self.policy,
+                policy=self.signoff_policy.to_params(),
                 poll_interval=self.poll_interval,
                 deadline=time.time() + self.timeout,
             ),
