@@ -92,8 +92,12 @@ def test_demo_deploys_a_signed_off_version(demo):
     assert cand["perplexity"] < base["perplexity"] / 10, (cand, base)  # same test examples
     # The evidence reviewers saw is part of the immutable version, hashed in its manifest.
     assert {"evaluation/report.html", "evaluation/metrics.json"} <= {f["path"] for f in mv.files}
-    actions = [h["action"] for h in reg.history("airloom-demo")]
-    assert actions.count("alias") == 2  # candidate, then production
+    moves = [h for h in reg.history("airloom-demo") if h["action"] == "alias"]
+    # candidate at registration, canary after sign-off, production once the canary answered
+    assert [m["alias"] for m in moves] == ["candidate", "canary", "production"]
+    assert moves[-1]["approved_by"] == ["reviewer"]
+    assert moves[-1]["executed_by"]["task_id"] == "promote"
+    assert reg.verify_records("airloom-demo").ok
 
 
 def test_demo_quarantines_the_broken_rows(demo):

@@ -14,81 +14,21 @@ import asyncio
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-NAME = "tiny"
+from tests.serving_helpers import NAME, airloom_serve, healthz, register_two_versions
+
 KEY = "sk-gateway"
 VERSION_HEADER = "x-airloom-model-version"
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _register_two_versions(root: Path):
-    """A tiny Llama with random, widened weights (so answers vary), registered as versions 1 and 2."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from airloom.registry.registry import ModelRegistry
-    from airloom.training.base import BaseModelSpec, build_base_model
-
-    spec = BaseModelSpec(
-        vocab_size=320,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
-        intermediate_size=64,
-        pretrain_lines=400,
-        pretrain_seconds=0,
-    )
-    folder = root / "model"
-    build_base_model(folder, spec, log=lambda *_: None)
-    reg = ModelRegistry.from_uri(root / "registry")
-    for seed in (1, 2):
-        model = AutoModelForCausalLM.from_pretrained(folder)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" not in name:
-                    p.normal_(0, 0.2)
-        model.save_pretrained(folder)
-        reg.register(NAME, folder, metadata={"summary": "gateway test", "seed": seed}, actor="test")
-    reg.set_alias(NAME, "production", 1, actor="test")
-    return reg
-
-
-def _until(check, timeout: float, what: str, proc: subprocess.Popen, log: Path):
-    """Poll ``check`` until it returns something truthy; fail naming ``what`` (with the gateway's log)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"the gateway exited while waiting for {what}:\n{log.read_text()[-4000:]}"
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{log.read_text()[-4000:]}"
-        time.sleep(0.1)
-
-
-def _health(url: str) -> dict | None:
-    try:
-        r = httpx.get(url + "/healthz", timeout=2)
-        return r.json() if r.status_code == 200 else None
-    except httpx.TransportError:
-        return None
 
 
 def _logged(root: Path) -> dict[str, dict]:
@@ -130,13 +70,29 @@ async def _client_loop(url: str, i: int, stop: threading.Event, seen: list) -> N
                 seen.append((None, repr(exc)))
 
 
+@contextmanager
+def _reaped(pids: list[int]) -> Iterator[dict[int, list[int]]]:
+    """On exit, kill what is left of the upstream process groups ``pids`` names, even when the test
+    failed; yields what was left (filled in on exit)."""
+    from airloom.serving.upstream import group_members
+
+    leftovers: dict[int, list[int]] = {}
+    try:
+        yield leftovers
+    finally:
+        leftovers.update({pid: group_members(pid) for pid in pids if group_members(pid)})
+        for members in leftovers.values():
+            for pid in members:
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_gateway_over_an_upstream_airloom_follows_the_alias_without_failing_a_request(tmp_path):
     import openai
 
     from airloom.serving.upstream import group_members
 
     home = Path(os.environ["AIRLOOM_HOME"])  # conftest gives each test its own
-    reg = _register_two_versions(tmp_path)
+    reg = register_two_versions(tmp_path, "gateway test")
     keys = tmp_path / "keys"
     keys.write_text(f"{KEY}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRLOOM_API_KEYS", "AIRFLOW_CONN_"))}
@@ -145,40 +101,25 @@ def test_gateway_over_an_upstream_airloom_follows_the_alias_without_failing_a_re
         f"--batch-wait-ms 5 --traffic-dir {tmp_path / 'upstream-traffic'} "
         f"--feedback-dir {tmp_path / 'upstream-feedback'}"
     )
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path / "gateway.log"
+    argv = [
+        "--registry",
+        str(tmp_path / "registry"),
+        "serve",
+        "--model",
+        f"{NAME}@production",
+        "--api-keys-file",
+        str(keys),
+        "--poll-seconds",
+        "0.3",
+        "--upstream-start-timeout",
+        "120",
+        "--upstream-command",
+        upstream_cmd,
+    ]
     started = time.monotonic()
-    with log.open("w") as out:
-        gateway = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "airloom.cli",
-                "--registry",
-                str(tmp_path / "registry"),
-                "serve",
-                "--model",
-                f"{NAME}@production",
-                "--port",
-                str(port),
-                "--api-keys-file",
-                str(keys),
-                "--poll-seconds",
-                "0.3",
-                "--upstream-start-timeout",
-                "120",
-                "--upstream-command",
-                upstream_cmd,
-            ],
-            env=env,
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     pids: list[int] = []
-    try:
-        health = _until(lambda: _health(url), 120, "the gateway to come up", gateway, log)
+    with _reaped(pids) as leftovers, airloom_serve(argv, log=tmp_path / "gateway.log", env=env) as gateway:
+        url, health = gateway.url, gateway.health
         print(f"gateway and upstream up in {time.monotonic() - started:.1f}s")
         assert health["engine"] == "upstream" and health["model"] == f"{NAME}/1"
         first = health["upstream"]
@@ -253,16 +194,14 @@ def test_gateway_over_an_upstream_airloom_follows_the_alias_without_failing_a_re
         load = threading.Thread(target=asyncio.run, args=(clients(),))
         load.start()
         try:
-            _until(lambda: all(seen), 60, "every client's first answer", gateway, log)
+            gateway.until(lambda: all(seen), 60, "every client's first answer")
             moved = time.monotonic()
             reg.set_alias(NAME, "production", 2, actor="test", reason="gateway test")
             # every client gets answers from version 2 (its upstream is up and switched to)
-            _until(
+            gateway.until(
                 lambda: all([m for m, _ in s[-2:]] == [f"{NAME}/2"] * 2 for s in seen),
                 120,
                 "every client to get answers from version 2",
-                gateway,
-                log,
             )
             print(f"switched to version 2 {time.monotonic() - moved:.1f}s after the alias moved")
         finally:
@@ -276,9 +215,7 @@ def test_gateway_over_an_upstream_airloom_follows_the_alias_without_failing_a_re
             assert set(versions[:switch]) <= {f"{NAME}/1"} and set(versions[switch:]) == {f"{NAME}/2"}
         print(f"{sum(map(len, seen))} requests during the move, none failed")
 
-        health = _until(
-            lambda: (h := _health(url)) and not h["retiring"] and h, 60, "the drain", gateway, log
-        )
+        health = gateway.until(lambda: (h := healthz(url)) and not h["retiring"] and h, 60, "the drain")
         second = health["upstream"]
         pids.append(second["pid"])
         assert second["version"] == f"{NAME}/2" and second["pid"] != first["pid"]
@@ -287,14 +224,7 @@ def test_gateway_over_an_upstream_airloom_follows_the_alias_without_failing_a_re
         during = [r for r in _logged(home / "data" / "traffic").values() if r["response_id"] not in traffic]
         assert {r["model"] for r in during} == {f"{NAME}/1", f"{NAME}/2"}
         assert len(during) == sum(map(len, seen))  # the gateway logged every request of the move
-    finally:
-        gateway.send_signal(signal.SIGTERM)
-        code = gateway.wait(timeout=60)
-        leftovers = {pid: group_members(pid) for pid in pids if group_members(pid)}
-        for members in leftovers.values():  # never leave processes behind, even when the test failed
-            for pid in members:
-                os.kill(pid, signal.SIGKILL)
-    output = log.read_text()
+    code, output = gateway.proc.returncode, gateway.output()
     assert code in (0, 128 + signal.SIGTERM), output[-4000:]  # uvicorn re-raises the SIGTERM it handled
     assert not leftovers, f"upstream processes left after the gateway stopped: {leftovers}"
     assert KEY not in output  # keys never logged

@@ -12,17 +12,15 @@ import asyncio
 import getpass
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-NAME = "tiny"
+from tests.serving_helpers import NAME, REPO, airloom_serve, register_two_versions
+
 DAG_ID = "llm_feedback_monitoring"
 # What openai-python 1.x sends besides the body (it identifies itself and always sends a key).
 OPENAI_HEADERS = {
@@ -48,45 +46,6 @@ def _env(home: Path) -> dict[str, str]:
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "airflow" / "pw.json"),
         }
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _register_two_versions(home: Path):
-    """A tiny Llama with random, widened weights (so answers vary), registered as versions 1 and 2."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from airloom.registry.registry import ModelRegistry
-    from airloom.training.base import BaseModelSpec, build_base_model
-
-    spec = BaseModelSpec(
-        vocab_size=320,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
-        intermediate_size=64,
-        pretrain_lines=400,
-        pretrain_seconds=0,
-    )
-    folder = home / "model"
-    build_base_model(folder, spec, log=lambda *_: None)
-    reg = ModelRegistry.from_uri(home / "registry")
-    for seed in (1, 2):
-        model = AutoModelForCausalLM.from_pretrained(folder)
-        torch.manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "norm" not in name:
-                    p.normal_(0, 0.2)
-        model.save_pretrained(folder)
-        reg.register(NAME, folder, metadata={"summary": "serving loop", "seed": seed}, actor="test")
-    reg.set_alias(NAME, "production", 1, actor="test")
-    return reg
 
 
 def _training_profile(home: Path) -> Path:
@@ -119,20 +78,6 @@ async def _post_many(url: str, path: str, bodies: list[dict]) -> list[httpx.Resp
         return await asyncio.gather(*(client.post(path, json=b) for b in bodies))
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "airloom serve did not come up"
-        try:
-            r = httpx.get(url + "/healthz", timeout=2)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-
-
 def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
     from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records
@@ -142,7 +87,7 @@ def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
     keys_file = tmp_path / "api-keys"
     keys_file.write_text("# airloom serve keys\nsk-test\n")
     env["AIRLOOM_API_KEYS_FILE"] = str(keys_file)  # the key OPENAI_HEADERS sends
-    reg = _register_two_versions(home)
+    reg = register_two_versions(home, "serving loop")
     reference_profile = _training_profile(home)
     migrate = subprocess.Popen(
         [AIRFLOW, "db", "migrate"],
@@ -153,33 +98,11 @@ def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
         text=True,
     )  # runs while the server works
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "airloom.cli",
-            "serve",
-            "--model",
-            f"{NAME}@production",
-            "--port",
-            str(port),
-            "--torch-threads",
-            "1",
-            "--poll-seconds",
-            "0.5",
-            "--batch-wait-ms",
-            "20",
-        ],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert _wait_healthy(server, url)["model"] == f"{NAME}/1"
+    argv = ["serve", "--model", f"{NAME}@production", "--torch-threads", "1"]
+    argv += ["--poll-seconds", "0.5", "--batch-wait-ms", "20"]
+    with airloom_serve(argv, log=tmp_path / "serve.log", env=env) as server:
+        url = server.url
+        assert server.health["model"] == f"{NAME}/1"
         records = list(generate_records(16, seed=7))
         bodies = [
             {
@@ -230,10 +153,7 @@ def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
         )
 
         reg.set_alias(NAME, "production", 2, actor="test", reason="serving loop")
-        deadline = time.monotonic() + 60
-        while httpx.get(url + "/healthz").json()["version"] != 2:
-            assert time.monotonic() < deadline, "the server did not follow the alias"
-            time.sleep(0.2)
+        server.until(lambda: httpx.get(url + "/healthz").json()["version"] == 2, 60, "it to follow the alias")
         after = asyncio.run(_post_many(url, "/v1/completions", bodies[:8]))
         assert {r.json()["model"] for r in after} == {f"{NAME}/2"}
         assert {r.headers["x-airloom-model-version"] for r in after} == {f"{NAME}/2"}
@@ -241,10 +161,7 @@ def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
         assert "airloom_model_reloads_total 1.0" in scraped
         assert 'airloom_model_version{name="tiny",version="2"} 1.0' in scraped
         assert 'airloom_requests_total{endpoint="/v1/completions",status="401"} 1.0' in scraped
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    assert "sk-test" not in server.stdout.read()  # keys never logged (the access log has no headers)
+    assert "sk-test" not in server.output()  # keys never logged (the access log has no headers)
     assert migrate.wait(timeout=300) == 0, migrate.stdout.read()[-3000:]
 
     traffic, fb_root = home / "data" / "traffic", home / "data" / "feedback"

@@ -426,7 +426,49 @@ class Job:
     stream: TokenStream | None = None
 
 
-class Engine:
+class AliasFollower:
+    """What both engines do to follow ``NAME@ALIAS``: a daemon thread calls the engine's ``check_alias``
+    every ``poll_seconds`` (a failing read is logged, not fatal), and each switch or refused switch is
+    recorded for ``/healthz``. The engine sets the attributes annotated here in its ``__init__``."""
+
+    name: str
+    alias: str | None
+    poll_seconds: float
+    reloads: list[dict]
+    last_reload_error: str | None
+    _failed_version: int | None  # not tried again until the alias moves elsewhere
+    _stop: threading.Event
+    _poller: threading.Thread | None
+
+    def check_alias(self) -> bool:
+        raise NotImplementedError
+
+    def _start_polling(self) -> None:
+        if self.alias is not None:
+            self._stop.clear()
+            self._poller = threading.Thread(target=self._poll_loop, name="airloom-alias-poll", daemon=True)
+            self._poller.start()
+
+    def _poll_loop(self) -> None:
+        while not self._stop.wait(self.poll_seconds):
+            try:
+                self.check_alias()
+            except Exception as exc:  # noqa: BLE001 - a flaky store must not kill the poller
+                log.warning("could not read %s@%s: %s", self.name, self.alias, exc)
+
+    def _switch_failed(self, target: int, exc: Exception) -> bool:
+        """Keep serving the current version; say why on /healthz. False: no switch."""
+        self._failed_version = target
+        self.last_reload_error = f"{self.name}@{self.alias} -> {target}: {exc}"
+        log.error("not switching to %s/%s: %s", self.name, target, exc)
+        return False
+
+    def _switched(self, old: LoadedModel, new: LoadedModel) -> None:
+        self._failed_version, self.last_reload_error = None, None
+        self.reloads.append({"from": old.ref, "to": new.ref, "at": new.loaded_at})
+
+
+class Engine(AliasFollower):
     """Serve one registry reference: load it, batch requests, follow its alias.
 
     :param registry: where versions come from.
@@ -503,10 +545,7 @@ class Engine:
         self._queue = asyncio.Queue(maxsize=self.max_queue)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="airloom-generate")
         self._collector = asyncio.get_running_loop().create_task(self._collect())
-        if self.alias is not None:
-            self._stop.clear()
-            self._poller = threading.Thread(target=self._poll_loop, name="airloom-alias-poll", daemon=True)
-            self._poller.start()
+        self._start_polling()
 
     async def stop(self) -> None:
         self._stop.set()
@@ -620,23 +659,12 @@ class Engine:
             return False
         try:
             new = load_version(self.registry, self.name, target, self.cache_dir)
-        except Exception as exc:  # noqa: BLE001 - keep serving the old version; say why on /healthz
-            self._failed_version = target
-            self.last_reload_error = f"{self.name}@{self.alias} -> {target}: {exc}"
-            log.error("not switching to %s/%s: %s", self.name, target, exc)
-            return False
+        except Exception as exc:  # noqa: BLE001 - keep serving the old version
+            return self._switch_failed(target, exc)
         old, self.current = self.current, new
-        self._failed_version, self.last_reload_error = None, None
-        self.reloads.append({"from": old.ref, "to": new.ref, "at": new.loaded_at})
+        self._switched(old, new)
         log.info("%s@%s moved: now serving %s (was %s)", self.name, self.alias, new.ref, old.ref)
         return True
-
-    def _poll_loop(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                self.check_alias()
-            except Exception as exc:  # noqa: BLE001 - a flaky store must not kill the poller
-                log.warning("could not read %s@%s: %s", self.name, self.alias, exc)
 
     async def health(self) -> str | None:
         """None while requests are batched and generated; else why not (the batching task ended)."""

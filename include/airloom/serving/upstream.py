@@ -62,6 +62,7 @@ from airloom.data.tokens import encode
 from airloom.exceptions import UsageError
 from airloom.registry.registry import ModelRegistry
 from airloom.serving.engine import (
+    AliasFollower,
     EngineBusy,
     EngineError,
     GenRequest,
@@ -409,7 +410,7 @@ def _message(text: str) -> str:
         return text[:500]
 
 
-class UpstreamEngine:
+class UpstreamEngine(AliasFollower):
     """A :class:`~airloom.serving.engine.ServingEngine` whose generation runs on an upstream server.
 
     :param registry: where versions come from (their tokenizer, template and, with
@@ -525,16 +526,12 @@ class UpstreamEngine:
             return False
         try:
             new = self._launch(target)
-        except Exception as exc:  # noqa: BLE001 - keep serving the old version; say why on /healthz
-            self._failed_version = target
-            self.last_reload_error = f"{self.name}@{self.alias} -> {target}: {exc}"
-            log.error("not switching to %s/%s: %s", self.name, target, exc)
-            return False
+        except Exception as exc:  # noqa: BLE001 - keep serving the old version
+            return self._switch_failed(target, exc)
         with self._lock:
             old, self._active = self._active, new
             self._retiring.append(old)
-        self._failed_version, self.last_reload_error = None, None
-        self.reloads.append({"from": old.version.ref, "to": new.version.ref, "at": new.version.loaded_at})
+        self._switched(old.version, new.version)
         log.info("%s@%s moved: now serving %s at %s", self.name, self.alias, new.version.ref, new.base_url)
         self._retire(old)
         return True
@@ -550,13 +547,6 @@ class UpstreamEngine:
         with self._lock:
             if old in self._retiring:
                 self._retiring.remove(old)
-
-    def _poll_loop(self) -> None:
-        while not self._stop.wait(self.poll_seconds):
-            try:
-                self.check_alias()
-            except Exception as exc:  # noqa: BLE001 - a flaky store must not kill the poller
-                log.warning("could not read %s@%s: %s", self.name, self.alias, exc)
 
     def _stop_all_now(self) -> None:
         self._stop.set()
@@ -575,10 +565,7 @@ class UpstreamEngine:
             trust_env=self.upstream_url is not None,  # proxies from the environment for a remote URL
         )
         self._slots = asyncio.Semaphore(self.max_inflight)
-        if self.alias is not None:
-            self._stop.clear()
-            self._poller = threading.Thread(target=self._poll_loop, name="airloom-alias-poll", daemon=True)
-            self._poller.start()
+        self._start_polling()
 
     async def stop(self) -> None:
         self._stop.set()

@@ -11,14 +11,8 @@ from __future__ import annotations
 
 import html
 import io
-import json
-import os
-import subprocess
 import sys
-import threading
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -27,66 +21,18 @@ from airloom.governance.signoff import SignOffPolicy, request_signoff, signoff_s
 from airloom.governance.signoff_client import SignOffClient
 from airloom.registry.registry import ModelRegistry
 from airloom.settings import registry_uri
-from airloom.training.launcher import free_port
+from tests.airflow_api import PASSWORDS, api_app
+from tests.serving_helpers import uvicorn_thread
 
-REPO = Path(__file__).resolve().parents[3]
-PASSWORDS = {"admin": "admin-pw", "trainer": "trainer-pw", "reviewer": "reviewer-pw", "viewer": "viewer-pw"}
-ROLES = "admin:admin,trainer:user,reviewer:op,viewer:viewer"
 MODEL = "demo-model"
 RUN_ID = "asset_triggered__2026-03-01T00:00:00+00:00"
-
-
-def _clear_plugin_caches() -> None:
-    from airflow import plugins_manager
-
-    for fn in ("_get_plugins", "_get_ui_plugins", "get_fastapi_plugins", "get_flask_plugins"):
-        getattr(plugins_manager, fn).cache_clear()
 
 
 @pytest.fixture(scope="module")
 def api_url(tmp_path_factory):
     """Airflow's API app (plugins folder = the project's) served by uvicorn on a free loopback port."""
-    import uvicorn
-
-    pw = tmp_path_factory.mktemp("auth") / "passwords.json"
-    pw.write_text(json.dumps(PASSWORDS))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", ROLES)
-        mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(pw))
-        mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
-        mp.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "airloom-test-secret-" + "y" * 48)
-        mp.setenv("AIRFLOW__CORE__PLUGINS_FOLDER", str(REPO / "plugins"))
-        subprocess.run(
-            [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
-            env=dict(os.environ),
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        from airflow import settings
-        from airflow.api_fastapi import app as api_app
-
-        mp.setattr(settings, "PLUGINS_FOLDER", str(REPO / "plugins"))
-        _clear_plugin_caches()
-        api_app.purge_cached_app()
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(api_app.create_app("core"), host="127.0.0.1", port=port, log_level="warning")
-        )
-        thread = threading.Thread(target=server.run, name="airflow-api", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not server.started:
-            assert thread.is_alive(), "uvicorn exited while starting"
-            assert time.monotonic() < deadline, "the API server did not start within 60 s"
-            time.sleep(0.05)
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            thread.join(timeout=15)
-            _clear_plugin_caches()
-            api_app.purge_cached_app()
+    with api_app(tmp_path_factory) as app, uvicorn_thread(app, name="airflow-api") as url:
+        yield url
 
 
 @pytest.fixture

@@ -7,9 +7,6 @@ its own registry and run folders.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,20 +14,11 @@ import pytest
 from airloom.governance.signoff import request_signoff, signoff_status
 from airloom.registry.registry import ModelRegistry
 from airloom.settings import home, registry_uri
+from tests.airflow_api import PASSWORDS, api_app
 
-REPO = Path(__file__).resolve().parents[3]
-PASSWORDS = {"admin": "admin-pw", "trainer": "trainer-pw", "reviewer": "reviewer-pw", "viewer": "viewer-pw"}
-ROLES = "admin:admin,trainer:user,reviewer:op,viewer:viewer"
 MODEL = "demo-model"
 RUN_ID = "manual__2026-01-02T03:04:05+00:00"
 BUCKET = "airloom-registry-tests"  # created by the moto_endpoint fixture of tests/unit/conftest.py
-
-
-def _clear_plugin_caches() -> None:
-    from airflow import plugins_manager
-
-    for fn in ("_get_plugins", "_get_ui_plugins", "get_fastapi_plugins", "get_flask_plugins"):
-        getattr(plugins_manager, fn).cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -38,34 +26,8 @@ def client(tmp_path_factory):
     """Airflow's API app with the project's plugins folder and four SimpleAuthManager users."""
     from fastapi.testclient import TestClient
 
-    pw = tmp_path_factory.mktemp("auth") / "passwords.json"
-    pw.write_text(json.dumps(PASSWORDS))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", ROLES)
-        mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(pw))
-        mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
-        mp.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "airloom-test-secret-" + "x" * 48)
-        mp.setenv("AIRFLOW__CORE__PLUGINS_FOLDER", str(REPO / "plugins"))
-        subprocess.run(
-            [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
-            env=dict(os.environ),
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        from airflow import settings
-        from airflow.api_fastapi import app as api_app
-
-        # Airflow read the plugins folder at import and caches what it loaded: point and reload.
-        mp.setattr(settings, "PLUGINS_FOLDER", str(REPO / "plugins"))
-        _clear_plugin_caches()
-        api_app.purge_cached_app()
-        try:
-            with TestClient(api_app.create_app("core")) as c:
-                yield c
-        finally:
-            _clear_plugin_caches()
-            api_app.purge_cached_app()
+    with api_app(tmp_path_factory) as app, TestClient(app) as c:
+        yield c
 
 
 @pytest.fixture(scope="module")

@@ -10,19 +10,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-REPO = Path(__file__).resolve().parents[3]
-NAME = "tiny"
+from tests.serving_helpers import (
+    NAME,
+    REPO,
+    airloom_serve,
+    held_batches,
+    register_two_versions,
+    uvicorn_thread,
+)
+
 API_KEY = "sk-test"  # the module server's one key, sent by OPENAI_HEADERS
 # What openai-python 1.x sends besides the body (it identifies itself and always sends a key).
 OPENAI_HEADERS = {
@@ -34,70 +38,11 @@ OPENAI_HEADERS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spread_weights(folder: Path, seed: int) -> None:
-    """Redraw the weights wider than the default init: at std 0.02 a random model answers only
-    newlines, which would make the stop/padding checks vacuous. Two seeds = two different versions."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.2)
-    model.save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def registry_with_two_versions(tmp_path_factory):
     """A random-weight tiny Llama (no pre-training: seconds, not minutes) registered as versions 1 and 2."""
-    from airloom.registry.registry import ModelRegistry
-    from airloom.training.base import BaseModelSpec, build_base_model
-
     root = tmp_path_factory.mktemp("serving")
-    spec = BaseModelSpec(
-        vocab_size=320,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
-        intermediate_size=64,
-        pretrain_lines=400,
-        pretrain_seconds=0,
-    )
-    build_base_model(root / "model", spec, log=lambda *_: None)
-    reg = ModelRegistry.from_uri(root / "registry")
-    for seed in (1, 2):
-        _spread_weights(root / "model", seed)
-        reg.register(NAME, root / "model", metadata={"summary": "serving test", "seed": seed}, actor="test")
-    reg.set_alias(NAME, "production", 1, actor="test")
-    return root, reg
-
-
-@contextmanager
-def _uvicorn(app):
-    """The app on a free loopback port in a thread; yields its URL."""
-    import uvicorn
-
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
+    return root, register_two_versions(root, "serving test")
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +67,7 @@ def server(registry_with_two_versions):
     keys = load_api_keys(environ={"AIRLOOM_API_KEYS": f"{API_KEY},sk-other"})
     app = create_app(engine, traffic_dir=root / "traffic", feedback_dir=root / "feedback", api_keys=keys)
     try:
-        with _uvicorn(app) as url:
+        with uvicorn_thread(app) as url:
             yield {"url": url, "root": root, "registry": reg, "engine": engine}
     finally:
         torch.set_num_threads(threads)
@@ -695,15 +640,6 @@ def test_burst_beyond_the_queue_gets_429_with_retry_after(registry_with_two_vers
     engine = Engine(
         reg, f"{NAME}/1", cache_dir=tmp_path / "cache", max_batch_size=1, batch_wait_ms=0, max_queue=1
     )
-    entered, release = threading.Event(), threading.Event()
-    run_batch = engine._run_batch
-
-    def blocked(jobs):
-        entered.set()
-        assert release.wait(60)
-        return run_batch(jobs)
-
-    engine._run_batch = blocked
     app = create_app(engine, traffic_dir=tmp_path / "traffic", feedback_dir=tmp_path / "feedback")
 
     async def burst(url):
@@ -722,12 +658,9 @@ def test_burst_beyond_the_queue_gets_429_with_retry_after(registry_with_two_vers
             release.set()
             return await first, await asyncio.gather(*rest), depth
 
-    try:
-        with _uvicorn(app) as url:
-            first, rest, depth = asyncio.run(burst(url))
-            metrics = _metrics(url)
-    finally:
-        release.set()
+    with uvicorn_thread(app) as url, held_batches(engine) as (entered, release):
+        first, rest, depth = asyncio.run(burst(url))
+        metrics = _metrics(url)
     assert first.status_code == 200 and depth == 1
     assert sorted(r.status_code for r in rest) == [200] + [429] * 4
     for r in rest:
@@ -790,7 +723,8 @@ def test_alias_move_reloads_without_dropping_in_flight_requests(server):
 
 def test_cli_serve_runs_and_refuses_bad_refs(registry_with_two_versions, tmp_path):
     root, _ = registry_with_two_versions
-    cli = [sys.executable, "-m", "airloom.cli", "--registry", str(root / "registry"), "serve"]
+    args = ["--registry", str(root / "registry"), "serve"]
+    cli = [sys.executable, "-m", "airloom.cli", *args]
     bad = subprocess.run([*cli, "--model", NAME], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "NAME@ALIAS" in bad.stderr
     missing = subprocess.run(
@@ -810,46 +744,16 @@ def test_cli_serve_runs_and_refuses_bad_refs(registry_with_two_versions, tmp_pat
     )
     assert exposed.returncode == 2 and "--insecure-no-auth" in exposed.stderr, exposed.stderr
 
-    port = _free_port()
     env = {**keyless, "AIRLOOM_HOME": str(tmp_path / "home"), "AIRLOOM_API_KEYS": API_KEY}
-    proc = subprocess.Popen(
-        [
-            *cli,
-            "--model",
-            f"{NAME}/1",
-            "--port",
-            str(port),
-            "--torch-threads",
-            "1",
-            "--traffic-dir",
-            str(tmp_path / "traffic"),
-        ],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "airloom serve did not come up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+    argv = [*args, "--model", f"{NAME}/1", "--torch-threads", "1", "--traffic-dir", str(tmp_path / "traffic")]
+    with airloom_serve(argv, log=tmp_path / "serve.log", env=env, timeout=90) as served:
         r = httpx.post(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
+            served.url + "/v1/chat/completions",
             headers=OPENAI_HEADERS,
             timeout=60,
             json={"model": f"{NAME}/1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3},
         )
         assert r.status_code == 200 and r.json()["model"] == f"{NAME}/1"
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).status_code == 401
+        assert httpx.get(served.url + "/v1/models", timeout=10).status_code == 401
         assert list((tmp_path / "traffic").glob("ds=*/part-*.jsonl"))
         assert (tmp_path / "home" / "cache" / "models" / NAME / "1" / "MANIFEST.json").is_file()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.unit.serving.test_server import NAME, _spread_weights, _uvicorn
+from tests.serving_helpers import NAME, held_batches, register_two_versions, uvicorn_thread
 
 KEY = "sk-gw"
 HEADERS = {"Authorization": f"Bearer {KEY}"}
@@ -30,26 +30,8 @@ HEADERS = {"Authorization": f"Bearer {KEY}"}
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A random-weight tiny Llama registered as versions 1 and 2; production -> 1."""
-    from airloom.registry.registry import ModelRegistry
-    from airloom.training.base import BaseModelSpec, build_base_model
-
     root = tmp_path_factory.mktemp("upstream")
-    spec = BaseModelSpec(
-        vocab_size=320,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
-        intermediate_size=64,
-        pretrain_lines=400,
-        pretrain_seconds=0,
-    )
-    build_base_model(root / "model", spec, log=lambda *_: None)
-    reg = ModelRegistry.from_uri(root / "registry")
-    for seed in (1, 2):
-        _spread_weights(root / "model", seed)
-        reg.register(NAME, root / "model", metadata={"summary": "upstream test"}, actor="test")
-    reg.set_alias(NAME, "production", 1, actor="test")
-    return root, reg
+    return root, register_two_versions(root, "upstream test")
 
 
 def _upstream_app(reg, root: Path, **options):
@@ -87,9 +69,9 @@ def gateway(registry):
     torch.set_num_threads(1)
     upstream_engine, upstream = _upstream_app(reg, root, max_request_tokens=64)
     try:
-        with _uvicorn(upstream) as upstream_url:
+        with uvicorn_thread(upstream) as upstream_url:
             engine, app = _gateway_app(reg, root, upstream_url + "/v1")  # a base_url as openai takes it
-            with _uvicorn(app) as url:
+            with uvicorn_thread(app) as url:
                 yield {"url": url, "upstream_url": upstream_url, "engine": engine, "root": root}
     finally:
         torch.set_num_threads(threads)
@@ -273,15 +255,6 @@ def test_queue_429_disconnect_cancels_the_upstream_row_and_unreachable_is_502(
     then a streamed client leaves mid-answer and its row stops on the upstream too."""
     root, reg = registry
     upstream_engine, upstream = _upstream_app(reg, tmp_path)
-    entered, release = threading.Event(), threading.Event()
-    run_batch = upstream_engine._run_batch
-
-    def blocked(jobs):
-        entered.set()
-        assert release.wait(60)
-        return run_batch(jobs)
-
-    upstream_engine._run_batch = blocked
     body = {"model": NAME, "prompt": "Count.", "max_tokens": 4, "temperature": 0}
 
     async def burst(url):
@@ -297,18 +270,15 @@ def test_queue_429_disconnect_cancels_the_upstream_row_and_unreachable_is_502(
             release.set()
             return await first, await asyncio.gather(*rest), depth
 
-    with _uvicorn(upstream) as upstream_url:
+    with uvicorn_thread(upstream) as upstream_url:
         engine, app = _gateway_app(reg, tmp_path, upstream_url, max_inflight=1, max_queue=1)
-        with _uvicorn(app) as url:
-            try:
+        with uvicorn_thread(app) as url:
+            with held_batches(upstream_engine) as (entered, release):
                 first, rest, depth = asyncio.run(burst(url))
-            finally:
-                release.set()
             assert first.status_code == 200 and depth == 1
             assert sorted(r.status_code for r in rest) == [200] + [429] * 4
             refused = next(r for r in rest if r.status_code == 429)
             assert refused.headers["retry-after"] == "1" and refused.json()["error"]["code"] == "queue_full"
-            upstream_engine._run_batch = run_batch
 
             # the client leaves after its first chunk: the gateway closes its upstream stream
             model = upstream_engine.current.model
@@ -344,7 +314,7 @@ def test_queue_429_disconnect_cancels_the_upstream_row_and_unreachable_is_502(
             assert record["finish_reason"] == "client_disconnected"
             assert record["response"].startswith(first_chunk["choices"][0]["text"])
     # the upstream is gone: 502 naming it
-    with _uvicorn(app) as url:
+    with uvicorn_thread(app) as url:
         r = httpx.post(url + "/v1/completions", json={**body, "stream": False}, headers=HEADERS, timeout=60)
     assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable"
     assert upstream_url in r.json()["error"]["message"]
@@ -353,9 +323,9 @@ def test_queue_429_disconnect_cancels_the_upstream_row_and_unreachable_is_502(
 def test_with_a_url_the_alias_move_is_reported_not_followed(registry, tmp_path):
     root, reg = registry
     _, upstream = _upstream_app(reg, tmp_path)
-    with _uvicorn(upstream) as upstream_url:
+    with uvicorn_thread(upstream) as upstream_url:
         engine, app = _gateway_app(reg, tmp_path, upstream_url, ref=f"{NAME}@production", poll_seconds=0.05)
-        with _uvicorn(app) as url:
+        with uvicorn_thread(app) as url:
             reg.set_alias(NAME, "production", 2, actor="test")
             try:
                 deadline = time.monotonic() + 30
@@ -415,7 +385,7 @@ def test_healthz_503_when_the_upstream_process_exits(registry, tmp_path):
     )
     keys = load_api_keys(environ={"AIRLOOM_API_KEYS": KEY})
     app = create_app(engine, traffic_dir=tmp_path / "traffic", feedback_dir=tmp_path / "fb", api_keys=keys)
-    with _uvicorn(app) as url:
+    with uvicorn_thread(app) as url:
         ok = _health(url, 200)
         assert ok["status"] == "ok" and ok["reason"] is None and ok["upstream"]["exit_code"] is None
         pid = ok["upstream"]["pid"]
@@ -437,10 +407,10 @@ def test_healthz_503_while_the_upstream_does_not_answer_or_the_engine_has_stoppe
     root, reg = registry
     upstream_engine, upstream = _upstream_app(reg, tmp_path)
     with contextlib.ExitStack() as up:
-        upstream_url = up.enter_context(_uvicorn(upstream))
+        upstream_url = up.enter_context(uvicorn_thread(upstream))
         port = upstream_url.rsplit(":", 1)[1]
         engine, app = _gateway_app(reg, tmp_path, upstream_url)
-        with _uvicorn(app) as url:
+        with uvicorn_thread(app) as url:
             assert _health(url, 200)["status"] == "ok"
             up.close()  # the upstream server stops; the gateway goes on
             down = _health(url, 503)
@@ -450,35 +420,16 @@ def test_healthz_503_while_the_upstream_does_not_answer_or_the_engine_has_stoppe
             )
             assert "ClientConnectorError" in down["reason"]
 
-            with _uvicorn_on(upstream, int(port)):  # back on the same port: healthy again
+            with uvicorn_thread(upstream, int(port)):  # back on the same port: healthy again
                 assert _health(url, 200)["reason"] is None
 
     # the in-process engine: its batching task ended, so it cannot answer
-    with _uvicorn(upstream) as upstream_url:
+    with uvicorn_thread(upstream) as upstream_url:
         assert _health(upstream_url, 200)["status"] == "ok"
         collector = upstream_engine._collector
         collector.get_loop().call_soon_threadsafe(collector.cancel)
         down = _health(upstream_url, 503)
         assert down["status"] == "unhealthy" and "the batching task stopped" in down["reason"]
-
-
-@contextlib.contextmanager
-def _uvicorn_on(app, port: int):
-    """The app on ``port`` (which was just freed) in a thread."""
-    import uvicorn
-
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,58 @@
+"""Airflow's real API app for tests: the project's plugins folder, four SimpleAuthManager users and a
+migrated metadata database (the session's throwaway AIRFLOW_HOME, tests/conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PASSWORDS = {"admin": "admin-pw", "trainer": "trainer-pw", "reviewer": "reviewer-pw", "viewer": "viewer-pw"}
+ROLES = "admin:admin,trainer:user,reviewer:op,viewer:viewer"
+
+
+def _clear_plugin_caches() -> None:
+    from airflow import plugins_manager
+
+    for fn in ("_get_plugins", "_get_ui_plugins", "get_fastapi_plugins", "get_flask_plugins"):
+        getattr(plugins_manager, fn).cache_clear()
+
+
+@contextmanager
+def api_app(tmp_path_factory) -> Iterator:
+    """``airflow db migrate``, then Airflow's ``core`` API app with the project's plugins and the users
+    of :data:`PASSWORDS` (roles :data:`ROLES`); the settings hold until the block ends."""
+    pw = tmp_path_factory.mktemp("auth") / "passwords.json"
+    pw.write_text(json.dumps(PASSWORDS))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", ROLES)
+        mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE", str(pw))
+        mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
+        mp.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "airloom-test-secret-" + "x" * 48)
+        mp.setenv("AIRFLOW__CORE__PLUGINS_FOLDER", str(REPO / "plugins"))
+        subprocess.run(
+            [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+            env=dict(os.environ),
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        from airflow import settings
+        from airflow.api_fastapi import app as airflow_app
+
+        # Airflow read the plugins folder at import and caches what it loaded: point and reload.
+        mp.setattr(settings, "PLUGINS_FOLDER", str(REPO / "plugins"))
+        _clear_plugin_caches()
+        airflow_app.purge_cached_app()
+        try:
+            yield airflow_app.create_app("core")
+        finally:
+            _clear_plugin_caches()
+            airflow_app.purge_cached_app()
