@@ -42,7 +42,7 @@ from markupsafe import Markup
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from airloom.airflow.defaults import SIGNOFF_APPROVERS_VARIABLE
-from airloom.reports import render
+from airloom.reports import render, rounded
 
 log = logging.getLogger(__name__)
 
@@ -301,24 +301,6 @@ def data_reports(metadata: dict[str, Any], base: str, roots: list[Path]) -> list
         if report.is_file() and (task / "profile.json").is_file():
             out.append({"label": "EDA report", "uri": str(report), "href": file_href(base, report, roots)})
     return out
-
-
-def rounded(value: Any, signed: bool = False) -> str:
-    """A number for reading: 3 decimals below 1 (scores), else 3 significant digits; "–" for none."""
-    import math
-
-    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
-        return "–" if value is None else str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return "–"
-    if isinstance(value, int):
-        return f"{value:+,}" if signed else f"{value:,}"
-    if abs(value) < 1:
-        decimals = 3
-    else:
-        decimals = max(0, 3 - (int(math.floor(math.log10(abs(value)))) + 1))
-    text = f"{value:{'+' if signed else ''},.{decimals}f}"
-    return f"{0:.{decimals}f}" if float(text.replace(",", "")) == 0 else text  # no "-0.000"
 
 
 def comparison(registry, mv) -> dict[str, Any] | None:

@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from airloom.registry.store import json_default
+from airloom.reports import rounded
 
 
 def _plain(value: Any) -> Any:
@@ -115,7 +116,9 @@ def render_model_card(name: str, version: int, metadata: dict[str, Any]) -> str:
 
     out += ["", "## Evaluation", ""]
     metrics = meta.get("metrics") or {}
-    out += _table(metrics, ("Metric", "Value")) if metrics else ["_No evaluation metrics were recorded._"]
+    # rounded for reading; the exact values stay in the front matter's model-index and in metadata.json
+    readable = {k: rounded(v) if _is_number(v) else v for k, v in metrics.items()}
+    out += _table(readable, ("Metric", "Value")) if metrics else ["_No evaluation metrics were recorded._"]
 
     out += ["", "## Intended use", ""]
     out.append(

@@ -35,8 +35,24 @@ def _environment() -> jinja2.Environment:
         keep_trailing_newline=True,
         finalize=lambda value: "" if value is None else value,
     )
-    env.filters.update(num=_num, fixed=_fixed, fmt=_fmt)
+    env.filters.update(num=_num, fixed=_fixed, fmt=_fmt, rounded=rounded)
     return env
+
+
+def rounded(value: Any, signed: bool = False) -> str:
+    """A number for reading: 3 decimals below 1 (scores), else 3 significant digits; "–" for none."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return "–" if value is None else str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "–"
+    if isinstance(value, int):
+        return f"{value:+,}" if signed else f"{value:,}"
+    if abs(value) < 1:
+        decimals = 3
+    else:
+        decimals = max(0, 3 - (int(math.floor(math.log10(abs(value)))) + 1))
+    text = f"{value:{'+' if signed else ''},.{decimals}f}"
+    return f"{0:.{decimals}f}" if float(text.replace(",", "")) == 0 else text  # no "-0.000"
 
 
 def _num(value: Any) -> str:

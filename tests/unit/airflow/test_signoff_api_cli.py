@@ -234,7 +234,7 @@ def test_card_compares_on_the_same_examples_says_why_not_and_confirms(api_url, p
 
 
 def test_numbers_on_the_card_are_rounded_for_reading():
-    from airloom.airflow.signoff_ui import rounded
+    from airloom.reports import rounded
 
     values = (0.66666, 0.0456, 12.3456, 1234.7, 3, None, float("nan"))
     assert [rounded(v) for v in values] == ["0.667", "0.046", "12.3", "1,235", "3", "–", "–"]

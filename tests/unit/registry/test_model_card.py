@@ -24,7 +24,13 @@ def test_card_front_matter_and_sections():
             "eval_dataset": "support-tickets-v3-test",
             "tags": ["lora", "airloom"],
             "license": "apache-2.0",
-            "metrics": {"rouge_l": np.float32(0.5), "bleu": 12.5, "notes": "n/a", "passed": True},
+            "metrics": {
+                "rouge_l": np.float32(0.5),
+                "bleu": 12.5,
+                "exact_match": 2 / 3,
+                "notes": "n/a",
+                "passed": True,
+            },
             "lineage": {"dag_run": "train|2026-11-28", "data_sha256": "ab" * 32},
             "limitations": "English only.",
         },
@@ -38,7 +44,11 @@ def test_card_front_matter_and_sections():
     assert header["model-index"][0]["name"] == "support-bot-v4"
     assert result["dataset"] == {"name": "support-tickets-v3-test", "type": "support-tickets-v3-test"}
     # Only numbers go into model-index; booleans and text stay in the human table.
-    assert [(m["type"], m["value"]) for m in result["metrics"]] == [("rouge_l", 0.5), ("bleu", 12.5)]
+    assert [(m["type"], m["value"]) for m in result["metrics"]] == [
+        ("rouge_l", 0.5),
+        ("bleu", 12.5),
+        ("exact_match", 2 / 3),  # exact for machines
+    ]
     for section in [
         "# support-bot (version 4)",
         "## Summary",
@@ -49,7 +59,9 @@ def test_card_front_matter_and_sections():
         "## Sign-offs",
     ]:
         assert section in body
-    assert "| rouge_l | 0.5 |" in body and "| notes | n/a |" in body
+    # rounded for people: 3 decimals below 1, else 3 significant digits
+    assert "| rouge_l | 0.500 |" in body and "| exact_match | 0.667 |" in body and "| bleu | 12.5 |" in body
+    assert "| notes | n/a |" in body and "| passed | true |" in body
     assert "train\\|2026-11-28" in body  # pipes escaped so the table stays a table
     assert "English only." in body and "signoffs/4/" in body
 
