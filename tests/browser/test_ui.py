@@ -231,8 +231,12 @@ def test_reviewer_approves_on_the_signoff_page(stack, browser, shots):
         card.get_by_role("textbox").fill("browser test: card and metrics reviewed")
         shots(page, "07_signoff_pending_as_reviewer")
         card.get_by_role("button", name="Approve").click()
-        # The page reloads after the decision and lists open rounds only; decided ones on request.
+        # The page reloads after the decision, confirms it and lists open rounds only; decided ones on request.
+        expect(frame.locator(".flash")).to_have_text(
+            f"Approved {MODEL} v1 as reviewer — 1 of 1 approvals; the version is approved and may be deployed"
+        )
         expect(frame.get_by_text("Nothing is awaiting sign-off.")).to_be_visible()
+        shots(page, "08a_signoff_confirmation")
         page.goto(f"{af.url}/airloom/signoff?include_decided=true")
         decided = page.locator("section.card", has_text=f"{MODEL} / 1")
         expect(decided.get_by_text("approved", exact=True)).to_be_visible()
