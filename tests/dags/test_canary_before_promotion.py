@@ -24,6 +24,7 @@ import pytest
 
 from airloom.airflow.notify import NOTIFY_EMAILS_VARIABLE, AirloomNotifier, signoff_url
 from tests.mailbox import smtp_server
+from tests.script_result import run_script
 from tests.unit.evaluation.conftest import tiny_model_dir  # noqa: F401  (the session's tiny Llama)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,20 +145,12 @@ def runs(tmp_path_factory, tiny_model_dir):  # noqa: F811 - the fixture imported
         subprocess.run(
             [sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True, env=env
         )
-        proc = subprocess.run(
-            [sys.executable, "-c", RUN_BOTH, str(dag_file)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-        assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+        result = run_script(RUN_BOTH, str(dag_file), env=env)
         mails = list(mailbox.wait_for(3))
     from airloom.registry.registry import ModelRegistry
 
     registry = ModelRegistry.from_uri(root / "airloom" / "registry")
-    return json.loads(lines[-1].removeprefix("RESULT ")), mails, registry, dag_file
+    return result, mails, registry, dag_file
 
 
 def test_the_tail_is_llm_finetunes(runs):

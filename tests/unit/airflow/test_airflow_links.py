@@ -27,6 +27,7 @@ from airloom.airflow.links import (
     ValidationReportLink,
     files_url,
 )
+from tests.script_result import run_script
 from tests.unit.evaluation.conftest import tiny_model_dir  # noqa: F401  (the session's tiny Llama)
 
 ROW = {"instruction": "Name a colour", "input": "", "response": "Red"}
@@ -267,16 +268,7 @@ def dag_run(tmp_path_factory):
                                  feedback_uri={str(root / "feedback")!r}, reference_file={str(reference)!r})
     """)
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", _RUN_AND_READ_BACK, str(dag_file)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("RESULT ")), home
+    return run_script(_RUN_AND_READ_BACK, str(dag_file), env=env), home
 
 
 @pytest.mark.parametrize(
