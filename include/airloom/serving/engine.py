@@ -127,10 +127,14 @@ class LoadedModel:
         return getattr(config, "max_position_embeddings", None)
 
 
-def fetch_version(registry: ModelRegistry, name: str, version: int, cache_dir: Path) -> Path:
-    """Download a version to ``<cache_dir>/<name>/<version>/`` and check every file against its manifest."""
+def fetch_version(
+    registry: ModelRegistry, name: str, version: int, cache_dir: Path, *, verify: bool = True
+) -> Path:
+    """Download a version to ``<cache_dir>/<name>/<version>/`` and check every file against its manifest
+    (``verify=False`` for a caller that checks the folder itself: hashing gigabytes once is enough)."""
     dest = registry.download(name, version, Path(cache_dir) / name / str(version))
-    verify_local_copy(dest)
+    if verify:
+        verify_local_copy(dest)
     return dest
 
 
@@ -151,8 +155,8 @@ def load_folder(folder: str | Path) -> LoadedModel:
 
 
 def load_version(registry: ModelRegistry, name: str, version: int, cache_dir: Path) -> LoadedModel:
-    """Download (verified), re-check the files against the manifest, load in eval mode."""
-    return load_folder(fetch_version(registry, name, version, cache_dir))
+    """Download, check the files against the manifest (once, in :func:`load_folder`), load in eval mode."""
+    return load_folder(fetch_version(registry, name, version, cache_dir, verify=False))
 
 
 @dataclass(frozen=True)
