@@ -11,7 +11,9 @@ counts and hashes in `manifest.json`) as the next version of a named dataset,
 version reuses it). Emits the asset `prepared_dataset` with that identity (extra: name, version,
 ref, path, dataset_hash), which starts `llm_finetune` on exactly that version. `airloom datasets` lists them.
 
-Reports land in `$AIRLOOM_HOME/runs/llm_data_quality/<run_id>/<task_id>/`.
+Reports land in `$AIRLOOM_HOME/runs/llm_data_quality/<run_id>/<task_id>/`. With `AIRLOOM_ARTIFACTS=s3://…`
+(workers that share no disk) each task publishes its folder to the same key in the artifact store and hands
+over URIs (XCom, the event's `path`); the dataset versions live there too (`datasets/<name>/<version>/`).
 
 **Corrected answers from feedback.** `llm_feedback_monitoring` writes the day's corrected answers
 (validated, PII-free, deduplicated raw rows) to

@@ -1,8 +1,13 @@
 """
 ### llm_feedback_monitoring — daily drift and feedback check that can request retraining
 
-Reads the day's traffic (`traffic/ds=<date>/`, written by `airloom serve`) and feedback
-(`feedback/ds=<date>/`) and writes `monitoring.json` and `dashboard.html` (daily trends):
+Reads the day's traffic (`data/traffic/ds=<date>/`, written by `airloom serve`) and feedback
+(`data/feedback/ds=<date>/`) from the artifact store and writes `monitoring.json` and `dashboard.html`
+(daily trends). The store is `AIRLOOM_ARTIFACTS` (production: `s3://bucket/prefix`, where the server
+writes a batch object every N records or T seconds; every worker reads the same objects), else
+`AIRLOOM_HOME` (the embedded default: local folders). On S3 the reference profile is read from the store
+and the outputs (report, dashboard, corrected answers) are published there: the XCom and the asset events
+below carry `s3://` URIs.
 
 - **Input drift vs. the training data's EDA profile**: the day's prompts are profiled with the data
   stage's EDA and compared with the `profile.json` that `llm_data_quality`'s `eda_report` wrote for the
@@ -22,7 +27,7 @@ skipped and nothing is emitted.
 
 Corrected answers (validated, PII-free, deduplicated) become a dataset version,
 `<corrections_uri>/ds=<date>/instructions.jsonl`; `publish_feedback_dataset` then emits the asset
-`feedback_dataset` (extra: path, rows, sha256, ds), or is skipped when there are none. Prepare it with
+`feedback_dataset` (extra: path — a URI on S3 —, rows, sha256, ds), or is skipped when there are none. Prepare it with
 `airflow dags trigger llm_data_quality -c '{"source": "<path>"}'` (see `llm_data_quality`).
 
 A retraining request, and any task that fails, is mailed to the addresses in the Variable

@@ -46,6 +46,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,7 +71,9 @@ MARKER = "AIRLOOM_PROD_STACK"
 STATE_FILE = "stack.json"
 _REDIS_CLAIM_KEY = "airloom:prod:claim"
 # Start order; stop goes the other way, so nothing is scheduled onto a worker that is gone.
-COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer", "celery-worker")
+CONTROL_PLANE = ("api-server", "scheduler", "dag-processor", "triggerer")
+WORKER = "celery-worker"
+GPU_WORKER = "celery-worker-gpu"
 
 
 def tail(path: Path, lines: int = 40) -> str:
@@ -132,6 +135,11 @@ class ProductionStack:
     :param root: the folder for everything this stack writes.
     :param s3_endpoint: an S3 endpoint (MinIO, moto); with it the registry is ``registry`` on S3.
     :param registry: the ``s3://bucket/prefix`` registry URI used with ``s3_endpoint``.
+    :param artifacts: an ``s3://bucket/prefix`` artifact store (``AIRLOOM_ARTIFACTS``). With it the stack runs two
+        workers that share no disk, as machines would: ``celery-worker`` (queue ``default``) and
+        ``celery-worker-gpu`` (queue ``gpu``), each with an ``AIRLOOM_HOME`` of its own under ``<root>/<name>/``;
+        each runs in a mount namespace where every other home (the other worker's, the control plane's
+        ``<root>/airloom``) is an empty tmpfs, so a task that reads a path another machine wrote fails.
     :param worker_concurrency: Celery worker slots (the machine has 2 cores).
     :param pg_admin_dsn: a PostgreSQL login that may create and drop databases.
     :param redis_url: the Redis server (without a database number).
@@ -143,6 +151,7 @@ class ProductionStack:
     root: Path
     s3_endpoint: str | None = None
     registry: str = "s3://airloom-registry/registry"
+    artifacts: str | None = None
     worker_concurrency: int = 2
     pg_admin_dsn: str = PG_ADMIN_DSN
     redis_url: str = REDIS_URL
@@ -183,8 +192,25 @@ class ProductionStack:
         return f"{base}/{self.db_name}"
 
     @property
-    def worker_name(self) -> str:
-        return f"airloom-{self.stack_id}@{socket.gethostname()}"
+    def workers(self) -> dict[str, tuple[str, ...]]:
+        """Celery worker component -> its queues: one worker on every queue, or one per queue with no
+        disk in common (``artifacts`` set)."""
+        if self.artifacts:
+            return {WORKER: (QUEUES[0],), GPU_WORKER: (QUEUES[1],)}
+        return {WORKER: QUEUES}
+
+    @property
+    def components(self) -> tuple[str, ...]:
+        return (*CONTROL_PLANE, *self.workers)
+
+    def worker_name(self, component: str = WORKER) -> str:
+        return f"airloom-{self.stack_id}-{component}@{socket.gethostname()}"
+
+    def home(self, component: str | None = None) -> Path:
+        """The ``AIRLOOM_HOME`` of a component: its own for each worker of a no-shared-disk stack, else the stack's."""
+        if self.artifacts and component in self.workers:
+            return self.root / component / "airloom"
+        return self.root / "airloom"
 
     @property
     def broker_url(self) -> str:
@@ -223,7 +249,9 @@ class ProductionStack:
                 ],
                 deadline,
             )
-            for name in COMPONENTS:
+            for name in self.components:
+                self.home(name).mkdir(parents=True, exist_ok=True)
+            for name in self.components:
                 self._spawn(name, self._command(name))
             self._write_state()
             self.wait_healthy(deadline)
@@ -239,7 +267,7 @@ class ProductionStack:
         :returns: component -> how it ended (``exit 0``, ``killed``, ``not running``).
         """
         ended: dict[str, str] = {}
-        for name in reversed(COMPONENTS):
+        for name in reversed(self.components):
             pid = self.pids.get(name)
             if pid is not None:
                 ended[name] = self._stop_group(pid, self.started.get(name), grace)
@@ -293,21 +321,23 @@ class ProductionStack:
                 out.setdefault(name, "healthy" if status == "healthy" else f"status {status}")
         except (OSError, ValueError) as e:
             out.setdefault("api-server", f"no answer ({e})")
-        out.setdefault("celery-worker", "healthy" if self.ping_worker() else "no answer to ping")
+        for worker in self.workers:
+            out.setdefault(worker, "healthy" if self.ping_worker(worker) else "no answer to ping")
         return out
 
-    def ping_worker(self, timeout: float = 2.0) -> bool:
-        """Celery's own remote-control ping to this stack's worker (no Airflow import)."""
+    def ping_worker(self, component: str = WORKER, timeout: float = 2.0) -> bool:
+        """Celery's own remote-control ping to one of this stack's workers (no Airflow import)."""
         from celery import Celery
 
+        name = self.worker_name(component)
         app = Celery(broker=self.broker_url, set_as_current=False)
         try:
-            replies = app.control.ping(destination=[self.worker_name], timeout=timeout)
+            replies = app.control.ping(destination=[name], timeout=timeout)
         except Exception:  # broker down or the worker not consuming yet: not healthy
             return False
         finally:
             app.close()
-        return any(self.worker_name in r for r in replies)
+        return any(name in r for r in replies)
 
     def wait_healthy(self, deadline: float) -> dict[str, str]:
         last: dict[str, str] = {}
@@ -339,6 +369,7 @@ class ProductionStack:
             "sessions": self.sessions,
             "pg_admin_dsn": self.pg_admin_dsn,
             "redis_url": self.redis_url,
+            "artifacts": self.artifacts,
             "api_url": self.api_url,
             "logs": str(self.log_dir),
         }
@@ -374,6 +405,7 @@ class ProductionStack:
             sessions=list(state["sessions"]),
             pg_admin_dsn=state["pg_admin_dsn"],
             redis_url=state["redis_url"],
+            artifacts=state.get("artifacts"),
         )
 
     # -- internals -----------------------------------------------------------------------------
@@ -417,6 +449,8 @@ class ProductionStack:
         if self.s3_endpoint:
             own["AWS_ENDPOINT_URL"] = self.s3_endpoint
             own["AIRLOOM_REGISTRY"] = self.registry
+        if self.artifacts:
+            own["AIRLOOM_ARTIFACTS"] = self.artifacts
         # Ours win over whatever the caller's environment points at (another Airflow, SQLite).
         return airflow_env({**base, **own, **(self.extra_env or {})})
 
@@ -432,27 +466,60 @@ class ProductionStack:
                 "--workers",
                 "1",
             ]
-        if name == "celery-worker":
-            return [
+        if name in self.workers:
+            worker = [
                 self._airflow,
                 "celery",
                 "worker",
                 "--queues",
-                ",".join(QUEUES),
+                ",".join(self.workers[name]),
                 "--concurrency",
                 str(self.worker_concurrency),
                 "--celery-hostname",
-                self.worker_name,
+                self.worker_name(name),
                 "--without-gossip",
                 "--without-mingle",
             ]
+            return self._isolated(name, worker)
         return [self._airflow, name]
+
+    @property
+    def isolated(self) -> bool:
+        """Whether each worker runs in a mount namespace hiding the other homes (needs root and ``unshare``)."""
+        return bool(self.artifacts) and os.geteuid() == 0 and shutil.which("unshare") is not None
+
+    def _isolated(self, name: str, cmd: list[str]) -> list[str]:
+        """``cmd`` in a mount namespace of its own where every other component's home is an empty tmpfs:
+        the worker sees only its own disk, as on a machine of its own (else only distinct homes)."""
+        if not self.isolated:
+            return cmd
+        others = sorted({str(self.home(c)) for c in self.components} - {str(self.home(name))})
+        mounts = " && ".join(
+            f"mount -t tmpfs -o size=1m,mode=0555 airloom-hidden {shlex.quote(o)}" for o in others
+        )
+        return [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f'{mounts} && exec "$@"',
+            "sh",
+            *cmd,
+        ]
+
+    def component_env(self, name: str) -> dict[str, str]:
+        env = {**self.env, "AIRLOOM_HOME": str(self.home(name))}
+        if name == GPU_WORKER:  # a log server port of its own: two workers share this machine's ports
+            env["AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT"] = str(free_port())
+        return env
 
     def _spawn(self, name: str, cmd: list[str]) -> int:
         with self._log(name).open("a") as f:
             proc = subprocess.Popen(
                 cmd,
-                env=self.env,
+                env=self.component_env(name),
                 stdout=f,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
@@ -492,16 +559,17 @@ class ProductionStack:
         self._write_state()
         return len(victims)
 
-    def active_tasks(self, timeout: float = 2.0) -> int | None:
-        """Tasks the Celery worker is executing now (``celery inspect active``); None when it does not answer."""
+    def active_tasks(self, component: str = WORKER, timeout: float = 2.0) -> int | None:
+        """Tasks a Celery worker is executing now (``celery inspect active``); None when it does not answer."""
         from celery import Celery
 
+        name = self.worker_name(component)
         app = Celery(broker=self.broker_url, set_as_current=False)
         try:
-            replies = app.control.inspect(destination=[self.worker_name], timeout=timeout).active()
+            replies = app.control.inspect(destination=[name], timeout=timeout).active()
         finally:
             app.close()
-        return None if not replies or self.worker_name not in replies else len(replies[self.worker_name])
+        return None if not replies or name not in replies else len(replies[name])
 
     def _stop_group(self, pid: int, started: int | None, grace: float) -> str:
         if not _alive(pid, started):
@@ -628,7 +696,11 @@ def cmd_prod(args) -> int:
         if args.s3_endpoint and not (os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE")):
             raise UsageError("--s3-endpoint needs credentials: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
         stack = ProductionStack(
-            root, s3_endpoint=args.s3_endpoint, registry=args.registry, worker_concurrency=args.concurrency
+            root,
+            s3_endpoint=args.s3_endpoint,
+            registry=args.registry,
+            artifacts=args.artifacts,
+            worker_concurrency=args.concurrency,
         ).start(timeout=args.timeout)
         print(
             f"production stack {stack.stack_id} up: UI {stack.api_url} (admin/admin, trainer/trainer, "
@@ -673,6 +745,11 @@ def main(argv: list[str] | None = None) -> int:
                 "--registry",
                 default="s3://airloom-registry/registry",
                 help="s3://bucket/prefix for the registry with --s3-endpoint (default: %(default)s)",
+            )
+            sp.add_argument(
+                "--artifacts",
+                help="s3://bucket/prefix for every artifact (with --s3-endpoint): two workers, one per queue, "
+                "that share no disk",
             )
             sp.add_argument(
                 "--concurrency", type=int, default=2, help="Celery worker slots (default: %(default)s)"

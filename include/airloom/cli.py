@@ -158,7 +158,7 @@ def cmd_datasets(args) -> int:
     listed = catalog.list_datasets()
     if args.name:
         listed = [d for d in listed if d.name == args.name]
-    text = "\n".join(catalog.describe(listed).values()) or f"no prepared datasets in {catalog.root_dir()}"
+    text = "\n".join(catalog.describe(listed).values()) or f"no prepared datasets in {catalog.where()}"
     _emit(args, [d.summary() for d in listed], text)
     return 0
 
@@ -602,6 +602,18 @@ def cmd_serve(args) -> int:
         raise UsageError(f"--port must be 1-65535, got {args.port}")
     if args.max_body_bytes < 1 or args.max_request_tokens < 1:
         raise UsageError("--max-body-bytes and --max-request-tokens must be at least 1")
+    from airloom.serving.logs import Batching
+
+    try:
+        args.log_batching = Batching(
+            records=args.log_batch_records,
+            seconds=args.log_batch_seconds,
+            buffer_bytes=int(args.log_buffer_mb * (1 << 20)),
+        )
+    except UsageError:
+        raise UsageError(
+            "--log-batch-records must be at least 1, --log-batch-seconds and --log-buffer-mb above 0"
+        ) from None
     upstream = args.upstream_url or args.upstream_command
     if (args.model is None) == (args.model_dir is None):
         raise UsageError("give --model NAME@ALIAS (or NAME/VERSION), or --model-dir DIR")
@@ -623,9 +635,9 @@ def cmd_serve(args) -> int:
 
 
 def _serve(args, api_keys, cache_dir, upstream) -> int:
+    from airloom.artifacts import artifacts_uri
     from airloom.serving.app import serve
     from airloom.serving.engine import Engine
-    from airloom.settings import home
 
     if upstream:
         from airloom.serving.upstream import UpstreamEngine
@@ -659,12 +671,24 @@ def _serve(args, api_keys, cache_dir, upstream) -> int:
         f"serving {engine.current.ref} ({args.model or args.model_dir}){via} on http://{args.host}:{args.port}",
         flush=True,
     )
+    # The artifact store's data/ (AIRLOOM_ARTIFACTS; unset: AIRLOOM_HOME), where llm_feedback_monitoring reads.
+    store = artifacts_uri().rstrip("/")
+    traffic_dir = args.traffic_dir or f"{store}/data/traffic"
+    feedback_dir = args.feedback_dir or f"{store}/data/feedback"
+    if any(str(d).startswith("s3://") for d in (traffic_dir, feedback_dir)):
+        b = args.log_batching
+        print(
+            f"traffic to {traffic_dir}, feedback to {feedback_dir}: an object per {b.records} records or "
+            f"{b.seconds:g} s (at most {b.buffer_bytes >> 20} MiB held while S3 is unreachable)",
+            flush=True,
+        )
     serve(
         engine,
         host=args.host,
         port=args.port,
-        traffic_dir=args.traffic_dir or home() / "data" / "traffic",
-        feedback_dir=args.feedback_dir or home() / "data" / "feedback",
+        traffic_dir=traffic_dir,
+        feedback_dir=feedback_dir,
+        log_batching=args.log_batching,
         api_keys=api_keys,
         max_body_bytes=args.max_body_bytes,
         max_request_tokens=args.max_request_tokens,
@@ -938,8 +962,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8000)
-    sp.add_argument("--traffic-dir", help="traffic log root (default AIRLOOM_HOME/data/traffic)")
-    sp.add_argument("--feedback-dir", help="feedback root (default AIRLOOM_HOME/data/feedback)")
+    sp.add_argument(
+        "--traffic-dir",
+        help="traffic log root, a folder or s3://bucket/prefix (default: the artifact store's data/traffic: "
+        "AIRLOOM_ARTIFACTS, else AIRLOOM_HOME)",
+    )
+    sp.add_argument(
+        "--feedback-dir", help="feedback root, as --traffic-dir (default: the store's data/feedback)"
+    )
+    sp.add_argument(
+        "--log-batch-records",
+        type=int,
+        default=1000,
+        help="s3:// logs: write a batch object once it holds this many records (default 1000)",
+    )
+    sp.add_argument(
+        "--log-batch-seconds",
+        type=float,
+        default=60.0,
+        help="s3:// logs: ... or this many seconds after its first record, whichever comes first (default 60)",
+    )
+    sp.add_argument(
+        "--log-buffer-mb",
+        type=float,
+        default=64.0,
+        help="s3:// logs: most records held in memory while S3 is unreachable; more are dropped and "
+        "counted (default 64)",
+    )
     sp.add_argument("--cache-dir", help="downloaded versions (default AIRLOOM_HOME/cache/models)")
     sp.add_argument("--max-batch-size", type=int, default=16, help="rows per generate call; 1 = no batching")
     sp.add_argument(

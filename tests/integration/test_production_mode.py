@@ -1,9 +1,12 @@
 """Production mode end to end: PostgreSQL + CeleryExecutor + Redis, driven only through the REST API.
 
 One stack for the module (:class:`tests.production.ProductionStack`: a fresh database, api-server,
-scheduler, dag-processor, triggerer, one Celery worker on ``default,gpu``), the registry on S3
-through moto's server. The test prepares what the demo prepares before Airflow runs (synthetic data,
-the tiny base model registered), then, as ``trainer`` over REST: ``llm_data_quality`` →
+scheduler, dag-processor, triggerer, and two Celery workers that share no disk: one on ``default``, one
+on ``gpu``, each with an empty ``AIRLOOM_HOME`` of its own and every other home hidden from it by a mount
+namespace), the registry and the artifact store (``AIRLOOM_ARTIFACTS``) on S3 through moto's server.
+Every hand-over between tasks goes through the store; no XCom carries a path of any machine. The test
+puts what the demo prepares before Airflow runs on S3 (synthetic raw data and history partitions,
+uploaded as a user would; the tiny base model registered), then, as ``trainer`` over REST: ``llm_data_quality`` →
 ``llm_finetune`` with a run conf; while ``wait_for_signoff`` is deferred, ``reviewer`` approves through
 the sign-off plugin's endpoint; the run deploys. Then a 3-day backfill of ``llm_eval_backfill``
 created through ``POST /api/v2/backfills``. Fault checks: the Celery worker killed (SIGKILL, whole
@@ -27,6 +30,9 @@ from datetime import date
 from pathlib import Path
 
 import pytest
+
+from airloom.artifacts import Artifacts
+from tests.production import GPU_WORKER, WORKER, ProductionStack
 
 MODEL = "airloom-demo"
 HOLD_MODEL = "airloom-hold"
@@ -146,21 +152,64 @@ class Api:
         return r.text
 
 
+def _upload(folder: Path, uri: str) -> None:
+    import boto3
+
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
+    s3 = boto3.client("s3")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
+def read_json(prod, key: str):
+    """An object of the artifact store (what every worker reads), not a file of some machine."""
+    return json.loads(prod["artifacts"].store.get_bytes(key))
+
+
+def modified(prod, key: str) -> str | None:
+    """When an object of the artifact store was last written (None: not there)."""
+    from botocore.exceptions import ClientError
+
+    store = prod["artifacts"].store
+    try:
+        head = store.client.head_object(Bucket=store.bucket, Key=store._key(key))
+    except ClientError:
+        return None
+    return head["LastModified"].isoformat()
+
+
+def local_paths_in_xcom(api, stack, dag_id: str, run_id: str) -> list[str]:
+    """XCom values of a run that name a path of any machine of the stack (they must carry URIs)."""
+    found = []
+    for ti in api.task_instances(dag_id, run_id):
+        entries = api.get(
+            f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{ti['task_id']}/xcomEntries",
+            map_index=ti["map_index"],
+            deserialize=True,
+        )["xcom_entries"]
+        for entry in entries:
+            text = json.dumps(entry.get("value"), default=str)
+            if str(stack.root) in text:
+                found.append(f"{ti['task_id']}[{ti['map_index']}].{entry['key']}: {text[:200]}")
+    return found
+
+
 @pytest.fixture(scope="module")
 def prod(tmp_path_factory, moto_endpoint):
     from airloom.demo import build_and_register_base, write_demo_data
     from airloom.registry.registry import ModelRegistry
-    from tests.production import ProductionStack
 
     t0 = time.monotonic()
     root = tmp_path_factory.mktemp("prod")
-    registry_uri = f"s3://{BUCKET}/prod-{secrets.token_hex(3)}"
+    prefix = f"s3://{BUCKET}/prod-{secrets.token_hex(3)}"
+    registry_uri, artifacts_uri = f"{prefix}/registry", f"{prefix}/artifacts"
     # What the demo prepares before Airflow runs: raw data with faulty rows, five past days of
     # history partitions (ending yesterday: one for the worker-kill check, three to backfill, and
-    # yesterday, the scheduler's), and the base model registered on S3.
-    data = write_demo_data(
-        root / "airloom" / "data", rows=600, history_days=5, history_rows=20, today=date.today()
-    )
+    # yesterday, the scheduler's), uploaded to the artifact store's data/ as `aws s3 cp` would (no
+    # worker has them on disk), and the base model registered on S3.
+    local_data = root / "upload"
+    data = write_demo_data(local_data, rows=600, history_days=5, history_rows=20, today=date.today())
+    _upload(local_data, artifacts_uri + "/data")
     registry = ModelRegistry.from_uri(registry_uri)
     base = build_and_register_base(registry, log=lambda m: None)
     test_dags = root / "test_dags"
@@ -184,7 +233,9 @@ def prod(tmp_path_factory, moto_endpoint):
         # the default 300 s would make the worker-kill check slow. Heartbeats come every few seconds.
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "60",
     }
-    stack = ProductionStack(root, s3_endpoint=moto_endpoint, registry=registry_uri, extra_env=extra_env)
+    stack = ProductionStack(
+        root, s3_endpoint=moto_endpoint, registry=registry_uri, artifacts=artifacts_uri, extra_env=extra_env
+    )
     stack.start(timeout=600)
     timings = {"start": round(time.monotonic() - t0, 1)}
     try:
@@ -193,6 +244,7 @@ def prod(tmp_path_factory, moto_endpoint):
             "data": data,
             "base": base,
             "registry": registry,
+            "artifacts": Artifacts(artifacts_uri, cache_dir=root / "test-cache"),
             "timings": timings,
             "trainer": Api(stack.api_url, "trainer"),
             "reviewer": Api(stack.api_url, "reviewer"),
@@ -214,6 +266,14 @@ def test_stack_components_are_healthy_and_celery_runs_tasks(prod):
     # The pools from airflow_settings.yaml are in the new database.
     pools = {p["name"]: p["slots"] for p in prod["trainer"].get("/api/v2/pools")["pools"]}
     assert pools["gpu"] == 1 and pools["eval"] == 2
+    # Two workers, one per queue, each seeing only its own AIRLOOM_HOME: the other worker's and the
+    # control plane's are empty mounts in its namespace (what a second machine would see there).
+    assert stack.workers == {WORKER: ("default",), GPU_WORKER: ("gpu",)}
+    for worker in stack.workers:
+        mounts = Path(f"/proc/{stack.pids[worker]}/mountinfo").read_text()
+        hidden = {str(stack.home(c)) for c in stack.components} - {str(stack.home(worker))}
+        assert all(f" {path} " in mounts for path in hidden), (worker, hidden)
+        assert f" {stack.home(worker)} " not in mounts
 
 
 def test_data_quality_then_finetune_signed_off_over_rest_deploys(prod):
@@ -224,7 +284,8 @@ def test_data_quality_then_finetune_signed_off_over_rest_deploys(prod):
     # llm_finetune stays paused until data quality is done: a paused DAG queues no asset-triggered run,
     # so the only fine-tuning run is the one triggered below with a small conf.
     trainer.unpause("llm_data_quality")
-    dq_run = trainer.trigger("llm_data_quality", {"source": str(Path(prod["data"]["raw"]).parent)})
+    # The form's default source: the artifact store's data/raw (s3://…), read through the connection.
+    dq_run = trainer.trigger("llm_data_quality", {})
     run = trainer.wait_run("llm_data_quality", dq_run, timeout=900)
     assert run["state"] == "success", trainer.diagnose("llm_data_quality", dq_run)
     assert run["triggering_user_name"] == "trainer"
@@ -237,8 +298,8 @@ def test_data_quality_then_finetune_signed_off_over_rest_deploys(prod):
     # Test perplexity after 40 steps: 7.0-7.3 (seeds 0-2); the untrained base: ~555. Exact match on
     # 20 examples (1-3 right) is too coarse to gate on at this size.
     # A manual run names its dataset: the version this data-quality run published.
-    latest = json.loads((Path(prod["stack"].env["AIRLOOM_HOME"]) / "datasets" / "latest.json").read_text())
-    assert latest["run_id"] == dq_run
+    latest = read_json(prod, "datasets/latest.json")
+    assert latest["run_id"] == dq_run and latest["path"].startswith("s3://"), latest
     conf = {"max_steps": 40, "eval_limit": 20, "gates": "perplexity<=20", "dataset": latest["ref"]}
     ft_run = trainer.trigger("llm_finetune", conf)
     # The sensor defers: the wait holds a triggerer slot, not a Celery worker slot.
@@ -287,6 +348,21 @@ def test_data_quality_then_finetune_signed_off_over_rest_deploys(prod):
     report = trainer.link("llm_finetune", ft_run, "quality_gates", "Eval report")
     assert "exact_match" in report
     prod["version"] = version
+    # The hand-overs went through the store: no XCom names a path of any machine of the stack, and
+    # training ran on the gpu worker while evaluation, registration and deployment ran on the other.
+    stack = prod["stack"]
+    for dag_id, run_id in (("llm_data_quality", dq_run), ("llm_finetune", ft_run)):
+        assert local_paths_in_xcom(trainer, stack, dag_id, run_id) == []
+    queues = {ti["task_id"]: ti["queue"] for ti in trainer.task_instances("llm_finetune", ft_run)}
+    assert (queues["train"], queues["evaluate_candidate"], queues["register_candidate"]) == (
+        "gpu",
+        "default",
+        "default",
+    )
+    run_dir = Path("runs", "llm_finetune", ft_run.replace(":", "_").replace("+", "_"))
+    assert (stack.home(GPU_WORKER) / run_dir / "train").is_dir()  # trained on the gpu worker's disk …
+    assert not (stack.home(WORKER) / run_dir / "train").exists()  # … which the default worker never saw
+    assert (stack.home(WORKER) / run_dir / "evaluate_candidate").is_dir()
 
 
 def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
@@ -331,6 +407,8 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
     )
     assert sorted(run["logical_date"][:10] for run in runs) == days, runs
     assert {run["state"] for run in runs} == {"success"}, detail
+    for run in runs:  # each day scored on the default worker, handed over by URI
+        assert local_paths_in_xcom(trainer, prod["stack"], "llm_eval_backfill", run["dag_run_id"]) == []
     # Unpausing made the scheduler start the run of the last day that has ended (yesterday).
     scheduled = [
         run
@@ -343,16 +421,19 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
         assert time.monotonic() < deadline + 60, f"backfill {backfill['id']} never marked complete"
         time.sleep(2)
 
-    evaluations = prod["stack"].root / "airloom" / "evaluations" / MODEL
     version = f"v{prod['version']}"
+
+    def metrics_key(ds: str) -> str:
+        return f"evaluations/{MODEL}/ds={ds}/{version}/metrics.json"
+
     for ds in days:
-        metrics = json.loads((evaluations / f"ds={ds}" / version / "metrics.json").read_text())
+        metrics = read_json(prod, metrics_key(ds))
         assert metrics["model_ref"] == f"registry:{MODEL}/{prod['version']}"
         assert metrics["n"] == 20 and metrics["aggregate"]["perplexity"] < 20, metrics["aggregate"]
-    assert (evaluations / "trend.png").is_file()
+    assert prod["artifacts"].store.exists(f"evaluations/{MODEL}/trend.png")
 
     # Airflow's CLI backfill, reprocessing one completed day: only that day's partition is rewritten.
-    before = {ds: (evaluations / f"ds={ds}" / version / "metrics.json").stat().st_mtime_ns for ds in days}
+    before = {ds: modified(prod, metrics_key(ds)) for ds in days}
     stack = prod["stack"]
     cli = subprocess.run(
         [
@@ -378,7 +459,6 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
     assert cli.returncode == 0, cli.stdout[-2000:] + cli.stderr[-2000:]
     # The rerun clears the day's existing run (or adds one): wait for its partition to be rewritten
     # and every run of that day to end.
-    metrics_file = evaluations / f"ds={days[1]}" / version / "metrics.json"
     wait_until = time.monotonic() + 600
     while time.monotonic() < wait_until:
         reruns = [
@@ -386,12 +466,12 @@ def test_three_day_backfill_over_rest_evaluates_production_per_day(prod):
             for run in trainer.get("/api/v2/dags/llm_eval_backfill/dagRuns", limit=50)["dag_runs"]
             if run["logical_date"][:10] == days[1]
         ]
-        rewritten = metrics_file.is_file() and metrics_file.stat().st_mtime_ns != before[days[1]]
+        rewritten = modified(prod, metrics_key(days[1])) != before[days[1]]
         if rewritten and all(r["state"] in TERMINAL for r in reruns):
             break
         time.sleep(3)
     assert {r["state"] for r in reruns} == {"success"}, reruns
-    after = {ds: (evaluations / f"ds={ds}" / version / "metrics.json").stat().st_mtime_ns for ds in days}
+    after = {ds: modified(prod, metrics_key(ds)) for ds in days}
     assert [ds for ds in days if after[ds] != before[ds]] == [days[1]], (before, after)
 
 
@@ -436,16 +516,8 @@ def test_worker_killed_during_a_task_the_task_is_retried_and_the_run_succeeds(pr
     assert [n for n, _ in states] == [1, 2] and states[0][1] != "success" and states[1][1] == "success", (
         states
     )
-    metrics = (
-        prod["stack"].root
-        / "airloom"
-        / "evaluations"
-        / MODEL
-        / f"ds={day}"
-        / f"v{prod['version']}"
-        / "metrics.json"
-    )
-    assert json.loads(metrics.read_text())["model_ref"] == f"registry:{MODEL}/{prod['version']}"
+    metrics = read_json(prod, f"evaluations/{MODEL}/ds={day}/v{prod['version']}/metrics.json")
+    assert metrics["model_ref"] == f"registry:{MODEL}/{prod['version']}"
 
 
 @pytest.mark.slow
@@ -483,7 +555,9 @@ def test_twenty_deferred_signoff_sensors_hold_no_worker_slot(prod, tmp_path):
 
     # The last workloads end a moment after their task reports "deferred" (the supervisor's teardown).
     deadline = time.monotonic() + 60
-    while (active := stack.active_tasks()) != 0 and time.monotonic() < deadline:
+    while (
+        active := sum(stack.active_tasks(w) or 0 for w in stack.workers)
+    ) != 0 and time.monotonic() < deadline:
         time.sleep(1)
     pool = trainer.get("/api/v2/pools/default_pool")
     slots = {
@@ -491,10 +565,10 @@ def test_twenty_deferred_signoff_sensors_hold_no_worker_slot(prod, tmp_path):
         for k in ("slots", "occupied_slots", "running_slots", "queued_slots", "deferred_slots", "open_slots")
     }
     print(
-        f"\n{WAITERS} sensors deferred: celery worker active tasks {active} of "
-        f"{stack.worker_concurrency}; default_pool {slots}"
+        f"\n{WAITERS} sensors deferred: celery workers' active tasks {active} of "
+        f"{stack.worker_concurrency * len(stack.workers)}; default_pool {slots}"
     )
-    assert active == 0  # both worker slots free while all of them wait
+    assert active == 0  # every worker slot free while all of them wait
     assert slots["deferred_slots"] == WAITERS and slots["running_slots"] == 0
     assert slots["occupied_slots"] == 0  # default_pool does not count deferred tasks (include_deferred False)
 
@@ -517,8 +591,7 @@ def test_two_node_training_through_celery_meets_at_one_rendezvous(prod):
 
     trainer = prod["trainer"]
     admin = Api(prod["stack"].api_url, "admin")
-    home = Path(prod["stack"].env["AIRLOOM_HOME"])
-    latest = json.loads((home / "datasets" / "latest.json").read_text())
+    latest = read_json(prod, "datasets/latest.json")
     pool = admin.get("/api/v2/pools/gpu")
 
     def set_slots(n: int) -> None:
@@ -554,8 +627,73 @@ def test_two_node_training_through_celery_meets_at_one_rendezvous(prod):
     # They ran at the same time (a rendezvous needs both), each on the gpu queue and pool.
     assert node0["start_date"] < node1["end_date"] and node1["start_date"] < node0["end_date"]
     assert {(ti["queue"], ti["pool"]) for ti in (node0, node1)} == {("gpu", "gpu")}
-    run_folder = home / "runs" / "llm_finetune" / run_id.replace(":", "_").replace("+", "_")
-    metrics = json.loads((run_folder / "train" / "0" / "train_metrics.json").read_text())
+    run_folder = "runs/llm_finetune/" + run_id.replace(":", "_").replace("+", "_")
+    metrics = read_json(prod, f"{run_folder}/train/0/train_metrics.json")
     assert metrics["world_size"] == 2 and metrics["steps"] == 10
-    assert (run_folder / "train" / "0" / "model" / "config.json").is_file()
-    assert not (run_folder / "train_other_nodes" / "0" / "model").exists()
+    store = prod["artifacts"].store
+    assert store.exists(f"{run_folder}/train/0/model/config.json")
+    assert not store.list(f"{run_folder}/train_other_nodes/0/model/")
+
+
+def test_monitoring_reads_the_traffic_airloom_serve_wrote_to_the_store(prod, tmp_path):
+    """``airloom serve`` on a machine of its own (its own empty AIRLOOM_HOME) answers requests from the
+    production version and writes its traffic and feedback to the artifact store in batched objects;
+    ``llm_feedback_monitoring``, run over REST for that day on the workers, reads them from there."""
+    import asyncio
+
+    import httpx
+
+    from airloom.data.prompts import render_prompt
+    from airloom.data.synth import generate_records
+    from tests.serving_helpers import airloom_serve
+
+    if "version" not in prod:
+        pytest.skip("needs the deployed version from the fine-tuning test")
+    trainer, stack = prod["trainer"], prod["stack"]
+    env = {**stack.env, "AIRLOOM_HOME": str(tmp_path / "serve-home")}
+    records = list(generate_records(12, seed=11))
+    bodies = [
+        {
+            "model": MODEL,
+            "prompt": render_prompt(r["instruction"], r["input"]),
+            "max_tokens": 8,
+            "temperature": 0,
+        }
+        for r in records
+    ]
+
+    async def post_all(url: str, path: str, items: list[dict]) -> list:
+        async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+            return await asyncio.gather(*(client.post(path, json=b) for b in items))
+
+    argv = ["serve", "--model", f"{MODEL}@production", "--torch-threads", "1", "--batch-wait-ms", "20"]
+    with airloom_serve(argv, log=tmp_path / "serve.log", env=env) as server:
+        done = asyncio.run(post_all(server.url, "/v1/completions", bodies))
+        assert [r.status_code for r in done] == [200] * len(bodies), [r.text for r in done]
+        ids = [r.json()["id"] for r in done]
+        feedback = [{"response_id": i, "rating": "down"} for i in ids[:8]] + [
+            {"response_id": ids[8], "rating": "up"}
+        ]
+        posted = asyncio.run(post_all(server.url, "/v1/feedback", feedback))
+        assert [r.status_code for r in posted] == [201] * len(feedback), [r.text for r in posted]
+    # Batched: the day's requests landed in a few objects, not one per request; nothing on the server's disk.
+    art = prod["artifacts"]
+    traffic = [k for k in art.list("data/traffic/") if not k.endswith("_airloom_artifact.json")]
+    assert traffic and len(traffic) < len(bodies), traffic
+    ds = traffic[0].split("ds=", 1)[1].split("/", 1)[0]
+    assert not list((tmp_path / "serve-home").rglob("*.jsonl"))
+
+    trainer.unpause("llm_feedback_monitoring")
+    r = trainer.http.post(
+        "/api/v2/dags/llm_feedback_monitoring/dagRuns", json={"logical_date": f"{ds}T00:00:00Z", "conf": {}}
+    )
+    assert r.status_code == 200, r.text
+    run_id = r.json()["dag_run_id"]
+    run = trainer.wait_run("llm_feedback_monitoring", run_id, timeout=600)
+    assert run["state"] == "success", trainer.diagnose("llm_feedback_monitoring", run_id)
+    run_folder = "runs/llm_feedback_monitoring/" + run_id.replace(":", "_").replace("+", "_")
+    report = read_json(prod, f"{run_folder}/drift_and_feedback/monitoring.json")
+    assert report["ds"] == ds
+    assert sum(report["serving"]["models"].values()) == len(bodies), report["serving"]
+    assert (report["thumbs_down"], report["thumbs_up"]) == (8, 1)
+    assert local_paths_in_xcom(trainer, stack, "llm_feedback_monitoring", run_id) == []

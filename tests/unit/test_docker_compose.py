@@ -108,8 +108,52 @@ def test_shared_airflow_environment(config):
         assert env["AWS_ACCESS_KEY_ID"] and env["AWS_SECRET_ACCESS_KEY"], name
         assert env["AIRFLOW__API_AUTH__JWT_SECRET"], name
         assert env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "False", name
+        assert env["AIRLOOM_HOME"] == "/opt/airflow/airloom", name
+        assert env["AIRLOOM_ARTIFACTS"] == "s3://airloom/artifacts", name
+        assert float(env["AIRLOOM_CACHE_MAX_GB"]) > 0, name
         targets = {v["target"] for v in config["services"][name]["volumes"]}
-        assert {"/opt/airflow/dags", "/opt/airflow/plugins", "/opt/airflow/airloom"} <= targets, name
+        assert {"/opt/airflow/dags", "/opt/airflow/plugins"} <= targets, name
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def test_containers_share_no_airloom_home(config):
+    """MinIO holds every artifact: no volume at (or under, or above) AIRLOOM_HOME, and no named volume that
+    Airflow containers share but the logs."""
+    services = config["services"]
+    assert "airloom-home" not in config.get("volumes", {})
+    users: dict[str, set[str]] = {}
+    for name in AIRFLOW_SERVICES:
+        home = services[name]["environment"]["AIRLOOM_HOME"]
+        for volume in services[name]["volumes"]:
+            target = volume["target"]
+            assert not (_inside(target, home) or _inside(home, target)), (
+                f"{name} mounts {volume.get('source') or 'a volume'} at {target}, over its AIRLOOM_HOME {home}"
+            )
+            if volume["type"] == "volume" and volume.get("source"):
+                users.setdefault(volume["source"], set()).add(name)
+    shared = {source for source, names in users.items() if len(names) > 1}
+    assert shared == {"airflow-logs"}, f"volumes several Airflow containers share: {sorted(shared)}"
+    # The UI users' passwords: the api-server's own volume, not AIRLOOM_HOME.
+    passwords = services["api-server"]["environment"]["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"]
+    holder = [v for v in services["api-server"]["volumes"] if _inside(passwords, v["target"])]
+    assert [v.get("source") for v in holder] == ["airflow-auth"] and users["airflow-auth"] == {"api-server"}
+
+
+def test_the_bucket_init_creates_what_the_artifacts_and_the_registry_name(config):
+    services = config["services"]
+    script = " ".join(services["minio-init"]["command"])
+    for name in ("worker", "worker-gpu", "scheduler", "api-server"):
+        env = services[name]["environment"]
+        for key in ("AIRLOOM_ARTIFACTS", "AIRLOOM_REGISTRY"):
+            assert env[key].startswith("s3://"), (name, key)
+            bucket = env[key].removeprefix("s3://").split("/", 1)[0]
+            assert f"mb --ignore-existing airloom/{bucket}" in script, (name, key)
+        # Two different prefixes: artifact keys (runs/, datasets/, …) never land among the registry's.
+        artifacts, registry = (env[k].rstrip("/") for k in ("AIRLOOM_ARTIFACTS", "AIRLOOM_REGISTRY"))
+        assert not (_inside(artifacts, registry) or _inside(registry, artifacts)), name
 
 
 def test_env_example_only_names_variables_the_compose_file_reads():

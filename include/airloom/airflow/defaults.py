@@ -3,7 +3,7 @@
 import os
 from datetime import timedelta
 
-from airloom.settings import home
+from airloom.artifacts import artifacts_uri
 
 DEFAULT_ARGS = {
     "owner": "airloom",
@@ -16,13 +16,15 @@ DEFAULT_ARGS = {
 EVAL_QUEUE = os.environ.get("AIRLOOM_EVAL_QUEUE", "default")
 MODEL_NAME = "airloom-demo"
 BASE_MODEL = "registry:airloom-tiny-base"
-HOME = str(home())
-RAW_DATA = f"{HOME}/data/raw"
-HISTORY = f"{HOME}/data/history"
-FEEDBACK = f"{HOME}/data/feedback"
-TRAFFIC = f"{HOME}/data/traffic"  # where `airloom serve` logs requests and responses
-FEEDBACK_DATASETS = f"{HOME}/data/feedback_datasets"  # corrected answers, one version per day
-EVALUATIONS = f"{HOME}/evaluations"
+# Where the data and outputs the DAGs' forms default to live: the artifact store (AIRLOOM_ARTIFACTS, e.g.
+# s3://bucket/prefix in production: every worker reads the same place), else AIRLOOM_HOME. No I/O here.
+ARTIFACTS = artifacts_uri()
+RAW_DATA = f"{ARTIFACTS}/data/raw"
+HISTORY = f"{ARTIFACTS}/data/history"
+FEEDBACK = f"{ARTIFACTS}/data/feedback"
+TRAFFIC = f"{ARTIFACTS}/data/traffic"  # where `airloom serve` logs requests and responses
+FEEDBACK_DATASETS = f"{ARTIFACTS}/data/feedback_datasets"  # corrected answers, one version per day
+EVALUATIONS = f"{ARTIFACTS}/evaluations"
 
 # The day (YYYY-MM-DD, UTC) a daily run reads and writes: every task with a daily partition uses this.
 # The daily DAGs use CronDataIntervalTimetable, so a scheduled or backfill run's logical date is 00:00 of

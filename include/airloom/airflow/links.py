@@ -9,14 +9,18 @@ XCom through the task SDK.
 
 Each link reads the path its task pushed as an XCom (``path_key``; ``return_value.<field>`` for a field
 of the task's return value) and points at one of Airloom's routes (served, with authentication, by the
-plugin in ``plugins/``): ``/airloom/files/<path relative to $AIRLOOM_HOME>`` serves the file itself,
-``/airloom/evaluation-day/<path>`` renders a backfill day's ``metrics.json`` with the trend chart. A
-path outside ``$AIRLOOM_HOME`` or a task that pushed none gets no link. Links read the paths the tasks
-report rather than rebuilding them, so a change of folder layout needs no change here.
+plugin in ``plugins/``): ``/airloom/files/<key>`` serves the file itself, ``/airloom/evaluation-day/<key>``
+renders a backfill day's ``metrics.json`` with the trend chart. The key is the file's path relative to
+``$AIRLOOM_HOME``, or for a URI of the artifact store (``AIRLOOM_ARTIFACTS=s3://bucket/prefix``, what tasks
+hand over when workers share no disk) its key there: the two name the same artifact
+(:mod:`airloom.artifacts`), and the route reads the store when it is remote. A path outside
+``$AIRLOOM_HOME``, a URI of another bucket or a task that pushed none gets no link. Links read the paths the
+tasks report rather than rebuilding them, so a change of folder layout needs no change here.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import quote, urlsplit
@@ -31,21 +35,43 @@ FILES_ROUTE = "/airloom/files"
 EVALUATION_DAY_ROUTE = "/airloom/evaluation-day"
 
 
-def files_url(path: str | Path | None, route: str = FILES_ROUTE) -> str:
-    """``route``'s URL for ``path`` (the file route by default), or "" when it is not under ``$AIRLOOM_HOME``.
+def served_key(location: str | os.PathLike[str] | None) -> str | None:
+    """The key the file routes know ``location`` by: a local path relative to ``$AIRLOOM_HOME``, or the key of
+    a URI of the artifact store (``s3://bucket/prefix/runs/…`` → ``runs/…``); None for anything else (a path
+    outside ``$AIRLOOM_HOME``, a URI of another bucket or prefix, a key with ``..`` or empty segments)."""
+    from airloom.artifacts import artifacts_uri, is_remote
+    from airloom.settings import home
+
+    if not location or not isinstance(location, str | os.PathLike):
+        return None
+    text = os.fspath(location)
+    if is_remote(text):
+        root = artifacts_uri().rstrip("/")
+        if not is_remote(root) or not text.startswith(root + "/"):
+            return None
+        key = text[len(root) + 1 :].rstrip("/")
+        if not key or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in key.split("/")):
+            return None
+        return key
+    if "://" in text:
+        return None
+    try:
+        return Path(text).expanduser().resolve().relative_to(home()).as_posix()
+    except ValueError:
+        return None
+
+
+def files_url(path: str | os.PathLike[str] | None, route: str = FILES_ROUTE) -> str:
+    """``route``'s URL for ``path`` (the file route by default): a path under ``$AIRLOOM_HOME`` or a URI of the
+    artifact store (:func:`served_key`), "" for anything else.
 
     The URL is relative to the Airflow UI's host; when ``[api] base_url`` sets a sub-path (Airflow
     behind a proxy at ``https://host/airflow``), that sub-path is kept in front of it.
     """
-    from airloom.settings import home
-
-    if not path or not isinstance(path, str | Path):
+    key = served_key(path)
+    if key is None:
         return ""
-    try:
-        relative = Path(path).resolve().relative_to(home())
-    except ValueError:
-        return ""
-    return f"{_base_path()}{route}/{quote(relative.as_posix(), safe='/=')}"  # ds=<date> stays readable
+    return f"{_base_path()}{route}/{quote(key, safe='/=')}"  # ds=<date> stays readable
 
 
 def _base_path() -> str:

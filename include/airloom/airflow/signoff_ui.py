@@ -10,7 +10,10 @@ Who may do what:
 - view (page, pending list): Airflow read access to the DAG that registered the version
   (``llm_finetune`` when unknown); the reports behind the tasks' extra links (``/files``, and
   ``/evaluation-day`` for a backfill day): read access to ``llm_finetune`` — any role from Viewer up
-  under SimpleAuthManager;
+  under SimpleAuthManager. Those routes serve ``runs/`` and ``evaluations/`` (and a local registry) by
+  their key, which is the path under ``$AIRLOOM_HOME`` and the key in the artifact store alike: from the
+  folder when the store is local, from the store (:func:`open_artifacts`) when it is ``s3://`` — the API
+  server has no worker's disk;
 - decide: the access Airflow asks to answer that DAG's human-in-the-loop tasks (edit on its
   ``HITL_DETAIL``: User and up), then the sign-off policy the DAG's sensor and deploy apply
   (:func:`current_policy`; the rule is :func:`airloom.governance.signoff.why_not_decide`): the
@@ -28,21 +31,37 @@ The plugin builds the app on the first request, so importing this module costs o
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import mimetypes
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import quote, urlparse
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 from airflow.api_fastapi.core_api.security import GetUserDep
 from fastapi import FastAPI, HTTPException, Query, Request, status
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from markupsafe import Markup
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from airloom.airflow.defaults import SIGNOFF_APPROVERS_VARIABLE
+from airloom.airflow.links import served_key
 from airloom.reports import render, rounded
+
+if TYPE_CHECKING:
+    from airloom.artifacts import Artifacts
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +73,8 @@ REGISTRY_VARIABLE = "airloom_registry"
 APPROVERS_VARIABLE = SIGNOFF_APPROVERS_VARIABLE
 COMPARISON_FILE = "evaluation/comparison.json"
 """Where ``llm_finetune`` stores the quality gates' candidate-vs-production comparison in a version."""
+SERVED_PREFIXES = ("runs", "evaluations")
+"""The report folders the file routes serve: under ``$AIRLOOM_HOME``, and as keys of the artifact store."""
 
 # ---------------------------------------------------------------------------------------------
 # Settings read per request, so a changed Variable applies without restarting the API server.
@@ -77,30 +98,70 @@ def registry_uri() -> str:
     return _variable(REGISTRY_VARIABLE) or default_uri()
 
 
-def open_registry(aws_conn_id: str = "aws_default"):
-    """The registry, with S3 credentials from ``aws_conn_id`` as the tasks get them.
+_S3_CLIENTS: dict[tuple[Any, ...], Any] = {}
+
+
+def server_s3_client(aws_conn_id: str = "aws_default"):
+    """A boto3 S3 client with the credentials of the ``aws_conn_id`` connection (as the operators get them:
+    ``S3Hook(aws_conn_id).get_conn()``; its extra ``endpoint_url`` points at MinIO or moto); boto3's default
+    chain (environment, instance profile, ``AWS_ENDPOINT_URL``) when no such connection exists.
 
     The Task SDK's hooks look up connections in the metastore only in processes Airflow marks as
     servers, and in 3.3 the API server is not marked: an S3Hook here would silently fall back to
-    boto3's defaults. So the connection is read through the core model, which includes the metastore.
+    boto3's defaults. So the connection is read through the core model, which includes the metastore
+    and the secrets backends. It is read on every call, so a changed connection applies at once; the client
+    (a few hundred ms to build; a report page's assets are as many requests) is reused while the connection
+    and the ``AWS_*`` environment stay the same.
     """
+    from airflow.exceptions import AirflowNotFoundException
+    from airflow.models.connection import Connection
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    try:
+        conn = Connection.get_connection_from_secrets(aws_conn_id)
+    except AirflowNotFoundException:
+        conn = None
+    fingerprint = (
+        aws_conn_id,
+        conn.get_uri() if conn is not None else None,
+        tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))),
+    )
+    client = _S3_CLIENTS.get(fingerprint)
+    if client is None:
+
+        class _ServerS3Hook(S3Hook):
+            @classmethod
+            def get_connection(cls, conn_id: str):
+                if conn is None:  # the hook then uses boto3's defaults
+                    raise AirflowNotFoundException(f"no connection {conn_id!r}")
+                return conn
+
+        client = _ServerS3Hook(aws_conn_id=aws_conn_id).get_conn()
+        if len(_S3_CLIENTS) >= 8:  # old connections' clients
+            _S3_CLIENTS.clear()
+        _S3_CLIENTS[fingerprint] = client
+    return client
+
+
+def open_registry(aws_conn_id: str = "aws_default"):
+    """The registry, with S3 credentials from ``aws_conn_id`` as the tasks get them (:func:`server_s3_client`)."""
     from airloom.registry.registry import ModelRegistry
     from airloom.registry.store import S3Store, open_store
 
     uri = registry_uri()
     if not uri.startswith("s3://"):
         return ModelRegistry(open_store(uri))
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-    class _ServerS3Hook(S3Hook):
-        @classmethod
-        def get_connection(cls, conn_id: str):
-            from airflow.models.connection import Connection
-
-            return Connection.get_connection_from_secrets(conn_id)
-
     bucket, _, prefix = uri[len("s3://") :].partition("/")
-    return ModelRegistry(S3Store(bucket, prefix, client=_ServerS3Hook(aws_conn_id=aws_conn_id).get_conn()))
+    return ModelRegistry(S3Store(bucket, prefix, client=server_s3_client(aws_conn_id)))
+
+
+def open_artifacts(aws_conn_id: str = "aws_default") -> Artifacts:
+    """The artifact store the tasks write to (``AIRLOOM_ARTIFACTS``, as in the workers' environment), with
+    S3 credentials from ``aws_conn_id`` (:func:`server_s3_client`) when it is ``s3://``."""
+    from airloom.artifacts import Artifacts, artifacts_uri, is_remote
+
+    uri = artifacts_uri()
+    return Artifacts(uri, client=server_s3_client(aws_conn_id) if is_remote(uri) else None)
 
 
 def current_policy():
@@ -125,14 +186,79 @@ def served_roots(registry=None) -> list[Path]:
     from airloom.settings import home
 
     base = home()
-    roots = [base / "runs", base / "evaluations"]
+    roots = [base / prefix for prefix in SERVED_PREFIXES]
     if registry is not None and isinstance(registry.store, LocalStore):
         roots.append(registry.store.root)
     return [r.resolve() for r in roots if r.resolve().is_relative_to(base)]
 
 
-def resolve_served_file(rel_path: str, roots: list[Path]) -> Path:
-    """The file at ``$AIRLOOM_HOME/rel_path``; 403 unless it resolves inside one of ``roots``.
+@dataclass(frozen=True)
+class Served:
+    """What the file routes serve: ``roots`` on this machine's disk, and, when the artifact store is remote
+    (``store``), the keys under :data:`SERVED_PREFIXES` from the store instead of the disk."""
+
+    roots: list[Path]
+    store: Artifacts | None = None
+
+    def from_store(self, key: str | None) -> bool:
+        """Whether ``key`` (relative to ``$AIRLOOM_HOME`` / the store) is read from the remote store."""
+        return self.store is not None and bool(key) and str(key).split("/", 1)[0] in SERVED_PREFIXES
+
+    def allows(self, key: str | None) -> bool:
+        """Whether the file route would serve ``key`` (it may still not exist)."""
+        from airloom.settings import home
+
+        if not key:
+            return False
+        if self.from_store(key):
+            return True
+        target = (home() / key).resolve()
+        return any(target.is_relative_to(root) for root in self.roots)
+
+    def describe(self) -> str:
+        from airloom.settings import home
+
+        names = [r.relative_to(home()).as_posix() + "/" for r in self.roots]
+        if self.store is not None:
+            names = [f"{p}/" for p in SERVED_PREFIXES] + [
+                n for n in names if n.rstrip("/") not in SERVED_PREFIXES
+            ]
+        return ", ".join(names)
+
+
+def served_files(registry=None) -> Served:
+    """The served folders (:func:`served_roots`) and, when ``AIRLOOM_ARTIFACTS`` is ``s3://``, the store that
+    holds ``runs/`` and ``evaluations/`` (a local registry is still read from its folder)."""
+    from airloom.artifacts import artifacts_uri, is_remote
+
+    roots = served_roots(registry)
+    if not is_remote(artifacts_uri()):
+        return Served(roots)
+    from airloom.settings import home
+
+    local = [r for r in roots if r.relative_to(home()).parts[:1] not in {(p,) for p in SERVED_PREFIXES}]
+    return Served(local, open_artifacts())
+
+
+def _refuse_outside(rel_path: str, served: Served) -> HTTPException:
+    return HTTPException(
+        status.HTTP_403_FORBIDDEN, f"{rel_path!r} resolves outside the served folders ({served.describe()})"
+    )
+
+
+def served_store_key(rel_path: str, served: Served) -> str | None:
+    """The key ``rel_path`` names in the remote store, or None when it is read from the disk; 403 for a key
+    with ``..``, ``.`` or empty segments (nothing is resolved on a store, so they are refused outright)."""
+    if served.store is None or rel_path.split("/", 1)[0] not in SERVED_PREFIXES:
+        return None
+    key = rel_path.rstrip("/")  # a folder's URL with a trailing slash: its index.html
+    if "\\" in key or any(p in ("", ".", "..") for p in key.split("/")):
+        raise _refuse_outside(rel_path, served)
+    return key
+
+
+def resolve_served_file(rel_path: str, served: Served) -> Path:
+    """The file at ``$AIRLOOM_HOME/rel_path``; 403 unless it resolves inside one of ``served.roots``.
 
     ``resolve()`` follows symlinks and ``..`` first, so neither a symlink nor an encoded ``%2e%2e``
     reaches a file outside the served folders.
@@ -142,12 +268,8 @@ def resolve_served_file(rel_path: str, roots: list[Path]) -> Path:
     if not rel_path or "\x00" in rel_path or Path(rel_path).is_absolute():
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"{rel_path!r} is not a path relative to AIRLOOM_HOME")
     target = (home() / rel_path).resolve()
-    if not any(target.is_relative_to(root) for root in roots):
-        raise HTTPException(
-            status.HTTP_403_FORBIDDEN,
-            f"{rel_path!r} resolves outside the served folders "
-            f"({', '.join(r.relative_to(home()).as_posix() + '/' for r in roots)})",
-        )
+    if not any(target.is_relative_to(root) for root in served.roots):
+        raise _refuse_outside(rel_path, served)
     if target.is_dir() and (target / "index.html").is_file():
         target = target / "index.html"
     if not target.is_file():
@@ -155,16 +277,84 @@ def resolve_served_file(rel_path: str, roots: list[Path]) -> Path:
     return target
 
 
-def file_href(base: str, path: str | os.PathLike[str] | None, roots: list[Path]) -> str | None:
-    """URL of a local file through the file route, or None when it is not under a served folder."""
-    from airloom.settings import home
+def _read_key(store: Artifacts, key: str) -> bytes | None:
+    """A small object of the store (a report, metrics, a chart), None when it does not exist; 502 when the
+    store cannot be read."""
+    from botocore.exceptions import BotoCoreError
 
-    if not path:
+    from airloom.exceptions import RegistryError, UsageError
+
+    try:
+        got = store.store.get_with_etag(key)
+    except UsageError:  # a reserved name (.airloom-…): never an artifact
         return None
-    target = Path(path).expanduser().resolve()
-    if not any(target.is_relative_to(root) for root in roots):
+    except (RegistryError, BotoCoreError) as exc:
+        log.exception("reading %s", store.uri(key))
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"could not read {store.uri(key)}: {exc}") from exc
+    return None if got is None else got[0]
+
+
+def _stream_key(store: Artifacts, rel_path: str, key: str) -> Response:
+    """The object at ``key`` (or ``key/index.html`` for a folder), streamed: a run folder also holds large
+    files (predictions, a model), which the API server should not read into memory."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from airloom.exceptions import UsageError
+    from airloom.registry.store import S3Store
+
+    s3 = store.store
+    assert isinstance(s3, S3Store)
+    denied = None
+    for candidate in (key, f"{key}/index.html"):
+        try:
+            obj = s3.client.get_object(Bucket=s3.bucket, Key=s3._key(candidate))
+        except UsageError as exc:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from exc
+        except ClientError as exc:
+            code = S3Store._code(exc)
+            if code in ("NoSuchKey", "404"):
+                continue
+            if code in ("AccessDenied", "403"):  # S3's answer for a missing key without s3:ListBucket
+                denied = exc
+                continue
+            log.exception("reading %s", s3.uri(candidate))
+            raise HTTPException(
+                status.HTTP_502_BAD_GATEWAY, f"could not read {s3.uri(candidate)}: {exc}"
+            ) from exc
+        except BotoCoreError as exc:  # no route to the endpoint, no credentials
+            log.exception("reading %s", s3.uri(candidate))
+            raise HTTPException(
+                status.HTTP_502_BAD_GATEWAY, f"could not read {s3.uri(candidate)}: {exc}"
+            ) from exc
+        body = obj["Body"]
+
+        def chunks(body=body) -> Iterator[bytes]:
+            try:
+                yield from body.iter_chunks(1 << 20)
+            finally:
+                body.close()
+
+        media_type = mimetypes.guess_type(candidate)[0] or "text/plain"  # FileResponse's rule
+        headers = {**REPORT_HEADERS, "Content-Length": str(obj["ContentLength"])}
+        return StreamingResponse(chunks(), media_type=media_type, headers=headers)
+    if denied is not None:
+        raise HTTPException(
+            status.HTTP_502_BAD_GATEWAY,
+            f"the API server may not read {s3.uri(key)} (missing, or its credentials lack s3:GetObject and "
+            f"s3:ListBucket on the artifact store): {denied}",
+        )
+    raise HTTPException(
+        status.HTTP_404_NOT_FOUND, f"{rel_path} does not exist in the artifact store {store.root}"
+    )
+
+
+def file_href(base: str, path: str | os.PathLike[str] | None, served: Served) -> str | None:
+    """URL of a report through the file route (a local path under a served folder, or a URI of the artifact
+    store under ``runs/`` or ``evaluations/``), or None when the route would not serve it."""
+    key = served_key(path)
+    if not served.allows(key):
         return None
-    return f"{base}/files/{quote(target.relative_to(home()).as_posix())}"
+    return f"{base}/files/{quote(str(key))}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,8 +428,10 @@ def version_dag(metadata: dict[str, Any]) -> tuple[str, str | None]:
     return str(lineage.get("dag_id") or DEFAULT_DAG_ID), lineage.get("run_id")
 
 
-def _evidence_entry(label: str, item: dict[str, Any], base: str, roots: list[Path]) -> dict[str, Any]:
-    """One evidence item of the request, with whether the file still has the hash the request recorded."""
+def _evidence_entry(label: str, item: dict[str, Any], base: str, served: Served) -> dict[str, Any]:
+    """One evidence item of the request, with whether the file still has the hash the request recorded
+    (read from the artifact store when the store is remote and holds it, else from the disk)."""
+    from airloom.artifacts import is_remote
     from airloom.registry.store import sha256_file
 
     entry = {
@@ -253,10 +445,30 @@ def _evidence_entry(label: str, item: dict[str, Any], base: str, roots: list[Pat
         entry["value"] = item["value"]
         return entry
     uri = item.get("uri") or ""
-    if uri.startswith("s3://") or not uri:
+    if not uri:
+        return entry
+    key = served_key(uri)
+    entry["href"] = file_href(base, uri, served)
+    if served.store is not None and served.from_store(key):
+        if "files" in item:  # a folder's digest is over its files: not comparable with one object
+            return entry
+        try:
+            data = _read_key(served.store, str(key))
+        except HTTPException:  # logged; the page still lists the version
+            entry["check"] = "not readable from the artifact store"
+            return entry
+        if data is None:
+            entry["check"] = "missing"
+        else:
+            entry["check"] = (
+                "unchanged"
+                if hashlib.sha256(data).hexdigest() == item.get("sha256")
+                else "changed since request"
+            )
+        return entry
+    if is_remote(uri):  # an object of some other bucket: shown, not checked
         return entry
     path = Path(uri)
-    entry["href"] = file_href(base, path, roots)
     if path.is_file():
         entry["check"] = (
             "unchanged" if sha256_file(path)[0] == item.get("sha256") else "changed since request"
@@ -266,40 +478,85 @@ def _evidence_entry(label: str, item: dict[str, Any], base: str, roots: list[Pat
     return entry
 
 
-def data_reports(metadata: dict[str, Any], base: str, roots: list[Path]) -> list[dict[str, Any]]:
+def _parent(location: str) -> str:
+    return (
+        location.rstrip("/").rsplit("/", 1)[0]
+        if "://" in location
+        else str(Path(location).expanduser().parent)
+    )
+
+
+def data_reports(metadata: dict[str, Any], base: str, served: Served) -> list[dict[str, Any]]:
     """Validation report, Data Docs and EDA report of the data-quality run that prepared the training dataset.
 
     ``lineage.dataset_run`` is the run folder ``…/runs/llm_data_quality/<run>`` (older versions: the
-    parent of ``lineage.dataset``); its task folders hold
-    validation's ``validation.json``, ``validation.html`` and ``data_docs/``, and the EDA ``report.html``.
+    parent of ``lineage.dataset``), a path or, handed over between workers, its URI in the artifact store;
+    its task folders hold validation's ``validation.json``, ``validation.html`` and ``data_docs/``, and the
+    EDA ``report.html``. A remote store is listed (the API server has no worker's disk), a local folder read.
     """
+
     out: list[dict[str, Any]] = []
     explicit = metadata.get("reports") or {}
     for label, path in explicit.items() if isinstance(explicit, dict) else []:
-        out.append({"label": str(label), "uri": str(path), "href": file_href(base, path, roots)})
+        out.append({"label": str(label), "uri": str(path), "href": file_href(base, str(path), served)})
     lineage = metadata.get("lineage") or {}
     dataset = lineage.get("dataset")
     if lineage.get("dataset_run"):  # a catalog dataset: the run that prepared it
-        run_folder = Path(lineage["dataset_run"]).expanduser()
-    elif not dataset or str(dataset).startswith("s3://"):
+        run = str(lineage["dataset_run"])
+    elif dataset:  # a dataset folder of the run itself (prepared before the catalog)
+        run = _parent(str(dataset))
+    else:
         return out
-    else:  # a dataset folder of the run itself (prepared before the catalog)
-        run_folder = Path(dataset).expanduser().parent
-    if not run_folder.is_dir():
-        return out
-    for task in sorted(p for p in run_folder.iterdir() if p.is_dir()):
-        validation = task / "validation.json"
-        if validation.is_file():
+    key = served_key(run)
+    if served.store is not None and served.from_store(key) and str(key).startswith("runs/"):
+        from botocore.exceptions import BotoCoreError
+
+        from airloom.exceptions import AirloomError
+
+        store = served.store
+        prefix = f"{key}/"
+        try:
+            present = {k[len(prefix) :] for k in store.list(prefix)}
+        except (AirloomError, BotoCoreError):  # the page still lists the version, without these reports
+            log.exception("listing %s", store.uri(prefix))
+            return out
+
+        def exists(rel: str) -> bool:
+            return rel in present
+
+        def location(rel: str) -> str:
+            return store.uri(prefix + rel)
+
+        tasks = sorted({rel.split("/", 1)[0] for rel in present if "/" in rel})
+    else:
+        if "://" in run:
+            return out
+        run_folder = Path(run).expanduser()
+        if not run_folder.is_dir():
+            return out
+
+        def exists(rel: str) -> bool:
+            return (run_folder / rel).is_file()
+
+        def location(rel: str) -> str:
+            return str(run_folder / rel)
+
+        tasks = sorted(p.name for p in run_folder.iterdir() if p.is_dir())
+
+    def report(label: str, rel: str) -> dict[str, Any]:
+        uri = location(rel)
+        return {"label": label, "uri": uri, "href": file_href(base, uri, served)}
+
+    for task in tasks:
+        if exists(f"{task}/validation.json"):
             # validation.html reads offline; the GX Data Docs load their CSS and JS from CDNs
-            page = task / "validation.html"
-            shown = page if page.is_file() else validation
-            out.append({"label": "data validation", "uri": str(shown), "href": file_href(base, shown, roots)})
-            index = task / "data_docs" / "index.html"  # where validate_stream builds them
-            if index.is_file():
-                out.append({"label": "Data Docs", "uri": str(index), "href": file_href(base, index, roots)})
-        report = task / "report.html"
-        if report.is_file() and (task / "profile.json").is_file():
-            out.append({"label": "EDA report", "uri": str(report), "href": file_href(base, report, roots)})
+            page = f"{task}/validation.html"
+            out.append(report("data validation", page if exists(page) else f"{task}/validation.json"))
+            index = f"{task}/data_docs/index.html"  # where validate_stream builds them
+            if exists(index):
+                out.append(report("Data Docs", index))
+        if exists(f"{task}/report.html") and exists(f"{task}/profile.json"):
+            out.append(report("EDA report", f"{task}/report.html"))
     return out
 
 
@@ -359,13 +616,13 @@ def comparison(registry, mv) -> dict[str, Any] | None:
 
 
 def describe(
-    registry, mv, status_: dict[str, Any], user, policy, base: str, roots: list[Path]
+    registry, mv, status_: dict[str, Any], user, policy, base: str, served: Served
 ) -> dict[str, Any]:
     from airloom.governance.signoff import waiting_for
 
     dag_id, run_id = version_dag(mv.metadata)
     evidence = [
-        _evidence_entry(label, item, base, roots) for label, item in (status_.get("evidence") or {}).items()
+        _evidence_entry(label, item, base, served) for label, item in (status_.get("evidence") or {}).items()
     ]
     blocked_approve = why_not_decide(user, dag_id, status_, policy, "approve")
     blocked_reject = why_not_decide(user, dag_id, status_, policy, "reject")
@@ -390,7 +647,7 @@ def describe(
         "gates": mv.metadata.get("gates"),
         "base_model": mv.metadata.get("base_model"),
         "evidence": evidence,
-        "reports": data_reports(mv.metadata, base, roots),
+        "reports": data_reports(mv.metadata, base, served),
         "card_url": f"{base}/api/models/{quote(mv.name)}/{mv.version}/card",
         "can_approve": blocked_approve is None,
         "can_reject": blocked_reject is None,
@@ -411,7 +668,7 @@ def list_versions(
 
     registry = open_registry()
     policy = current_policy()
-    roots = served_roots(registry)
+    served = served_files(registry)
     visible: dict[str, bool] = {}
     out = []
     for name in registry.list_models():
@@ -428,7 +685,7 @@ def list_versions(
                 continue
             if st["state"] != "pending" and not (include_decided or run_id):
                 continue
-            out.append(describe(registry, mv, st, user, policy, base, roots))
+            out.append(describe(registry, mv, st, user, policy, base, served))
     return sorted(out, key=lambda e: (e["state"] != "pending", e["requested_at"] or ""), reverse=False)
 
 
@@ -626,6 +883,63 @@ def _load_version(registry, model: str, version: int):
         raise _http_error(exc) from exc
 
 
+def _evaluation_day_from_store(store: Artifacts, rel_path: str, key: str) -> str:
+    """:func:`airloom.reports.evaluation_day.render_evaluation_day` for a day in the remote store.
+
+    With workers that share no disk each trend task writes its chart in its own run folder, so there is no
+    chart beside the days to read: the trend is built on request from every day published under the
+    model's folder (:func:`airloom.evaluation.backfill.stored_metrics`, each verified against its manifest),
+    this day included. Without published days (a layout of the local default copied to the store), the
+    nearest ``trend.json``/``trend.png`` above the day is used, as on disk. Everything is read into a
+    temporary folder of the same layout, the page rendered from there, and the folder removed.
+    """
+    import tempfile
+
+    from botocore.exceptions import BotoCoreError
+
+    from airloom.artifacts import Artifacts
+    from airloom.evaluation.backfill import build_trend, stored_metrics
+    from airloom.exceptions import AirloomError
+    from airloom.reports.evaluation_day import render_evaluation_day
+
+    if key.rsplit("/", 1)[-1] != "metrics.json":
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"{rel_path} is not a backfill day's metrics.json")
+    metrics = _read_key(store, key)
+    if metrics is None:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"{rel_path} does not exist in the artifact store {store.root}"
+        )
+    parts = key.split("/")
+    with tempfile.TemporaryDirectory(prefix="airloom-evaluation-day-") as tmp:
+        local = Path(tmp) / "tree"
+        (local / key).parent.mkdir(parents=True)
+        (local / key).write_bytes(metrics)
+        ds_at = next((i for i, p in enumerate(parts[:-1]) if p.startswith("ds=")), 0)
+        found: list[tuple[str, dict]] = []
+        if ds_at > 1:  # <served folder>/…/<model>/ds=<day>/…: the model's published days
+            model_key = "/".join(parts[:ds_at])
+            reader = Artifacts(store.root, client=store.store.client, cache_dir=Path(tmp) / "cache")
+            try:
+                found = stored_metrics(reader, model_key)
+            except (AirloomError, BotoCoreError, ValueError):  # the day is still shown, without a trend
+                log.exception("reading the days under %s", store.uri(model_key))
+            if found:
+                build_trend(store.uri(model_key), found=found, out_dir=local / model_key)
+        if not found:
+            for depth in range(len(parts) - 1, 0, -1):  # the day's folder up to the served folder itself
+                folder = "/".join(parts[:depth])
+                got = {name: _read_key(store, f"{folder}/{name}") for name in ("trend.json", "trend.png")}
+                for name, data in got.items():
+                    if data is not None:
+                        (local / folder / name).write_bytes(data)
+                if any(data is not None for data in got.values()):
+                    break
+        try:
+            return render_evaluation_day(local / key, stop=local / parts[0])
+        except ValueError as e:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(e).replace(str(local), store.root)) from e
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="Airloom model sign-off",
@@ -725,12 +1039,18 @@ def create_app() -> FastAPI:
         )
 
     @app.get("/files/{rel_path:path}")
-    def serve_file(rel_path: str, user: GetUserDep) -> FileResponse:
-        """A report under ``$AIRLOOM_HOME`` (runs, evaluations, local registry); nothing outside them.
+    def serve_file(rel_path: str, user: GetUserDep) -> Response:
+        """A report by its key: ``runs/…`` and ``evaluations/…`` from the artifact store when it is remote,
+        else from ``$AIRLOOM_HOME`` (and a local registry's folder); nothing outside them.
 
-        The content type follows the name (HTML, PNG, JSON…)."""
+        The content type follows the name (HTML, PNG, JSON…); a report's relative links (its plots, the
+        Data Docs' assets) resolve to sibling keys through this same route."""
         _check_report_access(user)
-        target = resolve_served_file(rel_path, served_roots(open_registry()))
+        served = served_files(open_registry())
+        key = served_store_key(rel_path, served)
+        if key is not None and served.store is not None:
+            return _stream_key(served.store, rel_path, key)
+        target = resolve_served_file(rel_path, served)
         return FileResponse(target, headers=REPORT_HEADERS)
 
     @app.get("/evaluation-day/{rel_path:path}", response_class=HTMLResponse)
@@ -739,11 +1059,15 @@ def create_app() -> FastAPI:
         from airloom.reports.evaluation_day import render_evaluation_day
 
         _check_report_access(user)
-        roots = served_roots(open_registry())
-        target = resolve_served_file(rel_path, roots)
+        served = served_files(open_registry())
+        key = served_store_key(rel_path, served)
+        if key is not None and served.store is not None:
+            page = _evaluation_day_from_store(served.store, rel_path, key)
+            return HTMLResponse(page, headers=REPORT_HEADERS)
+        target = resolve_served_file(rel_path, served)
         if target.name != "metrics.json":
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"{rel_path} is not a backfill day's metrics.json")
-        root = next(r for r in roots if target.is_relative_to(r))
+        root = next(r for r in served.roots if target.is_relative_to(r))
         try:
             page = render_evaluation_day(target, stop=root)
         except ValueError as e:

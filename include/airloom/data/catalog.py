@@ -16,6 +16,16 @@ instead of a copy, so a retry does not mint versions.
 ``datasets/latest.json`` still names the most recently published version for readers that want "what was
 prepared last" to show (demo summary, monitoring's last-resort reference); nothing trains on it unasked.
 
+**On the artifact store.** When ``AIRLOOM_ARTIFACTS`` is ``s3://…`` (workers share no disk) and no local
+``root`` is named, the catalog lives there under the same keys, ``datasets/<name>/<version>/`` and
+``datasets/latest.json``. A version number is claimed by creating ``datasets/<name>/<N>/claim.json`` if absent
+(S3's conditional write; a writer that loses tries N+1), then the files are uploaded and the artifact
+manifest ``_airloom_artifact.json`` last (:meth:`airloom.artifacts.Artifacts.publish`): a version without it
+(an upload cut short) is invisible to :func:`resolve` and the listings, and its number stays taken.
+:attr:`PreparedDataset.path` is then the version's URI; a reader stages the files it needs. The DAG form's
+:func:`choices` lists nothing for a remote catalog: it runs while DAG files are parsed, which must not
+call the network (the form takes the reference as free text).
+
 No Airflow imports: the CLI, operators and the DAG form's choice list use this module alike.
 """
 
@@ -29,24 +39,30 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from airloom.exceptions import UsageError
+from airloom.exceptions import ConflictError, RegistryError, UsageError
+
+if TYPE_CHECKING:
+    from airloom.artifacts import Artifacts
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 LATEST = "latest"
 LATEST_FILE = "latest.json"
 MANIFEST = "manifest.json"
 _STAGING = ".staging-"
+PREFIX = "datasets"  # the catalog's keys in the artifact store, as its folder under AIRLOOM_HOME
+CLAIM = "claim.json"  # created if absent: who holds a version number on a remote catalog
 # Known record-file suffixes, stripped when a name is derived from a source file.
 _SOURCE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".gz", ".zst", ".bz2", ".xz")
 
 
 @dataclass(frozen=True)
 class PreparedDataset:
-    """A resolved reference: where the files are and what they are."""
+    """A resolved reference: where the files are and what they are (``path``: a local folder, or the
+    version's ``s3://`` URI when the catalog is on the artifact store)."""
 
-    path: Path
+    path: Path | str
     manifest: dict[str, Any]
     name: str | None = None  # None for a folder prepared outside the catalog
     version: int | None = None
@@ -84,6 +100,25 @@ def root_dir(root: str | Path | None = None) -> Path:
     from airloom.settings import home
 
     return home() / "datasets"
+
+
+def where(root: str | Path | None = None, artifacts: Artifacts | None = None) -> str:
+    """The catalog's location for messages: its folder, or its URI on a remote artifact store."""
+    remote = _remote(root, artifacts)
+    return remote.uri(PREFIX) if remote else str(root_dir(root))
+
+
+def _remote(root: str | Path | None, artifacts: Artifacts | None = None) -> Artifacts | None:
+    """The artifact store when the catalog lives there: no local ``root`` named and the store (``artifacts``,
+    else ``AIRLOOM_ARTIFACTS``) is ``s3://``; None for the local catalog (nothing is built then)."""
+    if root:
+        return None
+    if artifacts is not None:
+        return artifacts if artifacts.remote else None
+    from airloom.artifacts import Artifacts, artifacts_uri, is_remote
+
+    uri = artifacts_uri()
+    return Artifacts(uri) if is_remote(uri) else None
 
 
 def check_name(name: Any, field: str = "dataset name") -> str:
@@ -126,16 +161,22 @@ def publish(
     *,
     origin: dict[str, Any] | None = None,
     root: str | Path | None = None,
+    artifacts: Artifacts | None = None,
 ) -> PreparedDataset:
     """Number the prepared folder ``staged`` as the next version of ``name`` and return it.
 
     The manifest gains ``name``, ``version``, ``ref``, ``created_at`` and ``origin`` (who prepared it: DAG
     and run, or the CLI). When the newest version already holds the same ``dataset_hash``, ``staged`` is
-    removed and that version is returned.
+    removed and that version is returned. On a remote artifact store (``artifacts``, else
+    ``AIRLOOM_ARTIFACTS``; only when no ``root`` is named) the version is uploaded there, manifest last, and
+    ``staged`` is removed: see the module docstring.
     """
     check_name(name)
     staged = Path(staged)
     manifest = json.loads((staged / MANIFEST).read_text(encoding="utf-8"))
+    remote = _remote(root, artifacts)
+    if remote is not None:
+        return _publish_remote(remote, staged, name, manifest, origin or {})
     folder = root_dir(root) / name
     try:
         while True:
@@ -171,8 +212,9 @@ def publish(
         raise
 
 
-def resolve(ref: str, root: str | Path | None = None) -> PreparedDataset:
-    """The prepared dataset ``ref`` names (see the module docstring for the forms).
+def resolve(ref: str, root: str | Path | None = None, artifacts: Artifacts | None = None) -> PreparedDataset:
+    """The prepared dataset ``ref`` names (see the module docstring for the forms; on a remote catalog
+    also the ``s3://`` URI of a version).
 
     Raises:
         UsageError: A malformed reference, an unknown name or version, or a folder without a manifest;
@@ -181,6 +223,9 @@ def resolve(ref: str, root: str | Path | None = None) -> PreparedDataset:
     if not isinstance(ref, str) or not ref.strip():
         raise UsageError(f"dataset reference must be name@version, name or a folder, got {ref!r}")
     ref = ref.strip()
+    remote = _remote(root, artifacts)
+    if remote is not None and (ref.startswith("s3://") or not _is_path(ref)):
+        return _resolve_remote(remote, ref)
     if _is_path(ref):
         folder = Path(ref).expanduser()
         manifest_path = folder / MANIFEST
@@ -207,8 +252,13 @@ def resolve(ref: str, root: str | Path | None = None) -> PreparedDataset:
     return PreparedDataset(folder / str(version), _load(folder / str(version)), name, version)
 
 
-def list_datasets(root: str | Path | None = None) -> list[PreparedDataset]:
+def list_datasets(
+    root: str | Path | None = None, artifacts: Artifacts | None = None
+) -> list[PreparedDataset]:
     """Every published version, newest first (by creation time, then name and version)."""
+    remote = _remote(root, artifacts)
+    if remote is not None:
+        return _list_remote(remote)
     base = root_dir(root)
     found = []
     if base.is_dir():
@@ -243,8 +293,13 @@ def describe(datasets: Iterable[PreparedDataset]) -> dict[str, str]:
 
 def choices(limit: int = 30, root: str | Path | None = None) -> dict[str, str]:
     """The newest ``limit`` versions for a form's drop-down (``ref`` → description); never raises, so a DAG
-    file can call it while parsing (an unreadable catalog gives an empty list)."""
+    file can call it while parsing (an unreadable catalog gives an empty list). A catalog on a remote
+    artifact store gives an empty list too: parsing a DAG file must not call the network."""
     try:
+        from airloom.artifacts import artifacts_uri, is_remote
+
+        if not root and is_remote(artifacts_uri()):
+            return {}
         return describe(_newest(root, limit))
     except Exception:  # noqa: BLE001 - parse time: a broken catalog must not break the DAG
         return {}
@@ -274,9 +329,12 @@ def _newest(root: str | Path | None, limit: int) -> list[PreparedDataset]:
     return found
 
 
-def no_choice_message(root: str | Path | None = None, limit: int = 10) -> str:
+def no_choice_message(
+    root: str | Path | None = None, limit: int = 10, artifacts: Artifacts | None = None
+) -> str:
     """Why a run without a named dataset refuses to guess, with what it could name."""
-    listed = list_datasets(root)
+    listed = list_datasets(root, artifacts)
+    location = where(root, artifacts)
     lines = [
         "no dataset chosen: this run was not started by a prepared_dataset event, and the 'dataset' param "
         "is empty. Name one as name@version (or name@latest), e.g. "
@@ -284,17 +342,21 @@ def no_choice_message(root: str | Path | None = None, limit: int = 10) -> str:
         + "."
     ]
     if listed:
-        lines.append(f"Prepared datasets in {root_dir(root)} (newest first):")
+        lines.append(f"Prepared datasets in {location} (newest first):")
         lines += [f"  {text}" for text in describe(listed[:limit]).values()]
         if len(listed) > limit:
             lines.append(f"  … and {len(listed) - limit} more (airloom datasets)")
     else:
-        lines.append(f"There are no prepared datasets in {root_dir(root)}: run llm_data_quality first.")
+        lines.append(f"There are no prepared datasets in {location}: run llm_data_quality first.")
     return "\n".join(lines)
 
 
-def read_latest(root: str | Path | None = None) -> dict[str, Any] | None:
+def read_latest(root: str | Path | None = None, artifacts: Artifacts | None = None) -> dict[str, Any] | None:
     """``latest.json``: the most recently published dataset's summary, or None."""
+    remote = _remote(root, artifacts)
+    if remote is not None:
+        got = remote.store.get_with_etag(f"{PREFIX}/{LATEST_FILE}")
+        return json.loads(got[0]) if got else None
     path = root_dir(root) / LATEST_FILE
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
@@ -323,6 +385,134 @@ def _load(folder: Path) -> dict[str, Any]:
     return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
 
 
-def _available(root: str | Path | None) -> str:
-    names = sorted({d.name for d in list_datasets(root) if d.name})
+def _available(root: str | Path | None, artifacts: Artifacts | None = None) -> str:
+    names = sorted({d.name for d in list_datasets(root, artifacts) if d.name})
     return f"prepared datasets: {', '.join(names)}" if names else "there are none yet: run llm_data_quality"
+
+
+# -- the catalog on a remote artifact store ----------------------------------------------------------
+
+
+def _version_key(name: str, version: int | None = None) -> str:
+    return f"{PREFIX}/{name}" + (f"/{version}" if version is not None else "")
+
+
+def _remote_numbers(store: Any, name: str | None = None) -> dict[str, tuple[set[int], set[int]]]:
+    """name → (every number claimed or holding objects, the complete versions: with the artifact manifest);
+    one listing of ``datasets/<name>/`` (every name: ``datasets/``)."""
+    from airloom.artifacts import MANIFEST as COMPLETE
+
+    found: dict[str, tuple[set[int], set[int]]] = {}
+    for key in store.list(f"{PREFIX}/{name}/" if name else f"{PREFIX}/"):
+        parts = key.split("/")
+        if len(parts) < 4 or not parts[2].isdigit() or not NAME_RE.match(parts[1]):
+            continue
+        taken, complete = found.setdefault(parts[1], (set(), set()))
+        taken.add(int(parts[2]))
+        if len(parts) == 4 and parts[3] == COMPLETE:
+            complete.add(int(parts[2]))
+    return found
+
+
+def _load_remote(art: Artifacts, name: str, version: int) -> PreparedDataset:
+    key = _version_key(name, version)
+    manifest = json.loads(art.store.get_bytes(f"{key}/{MANIFEST}"))
+    return PreparedDataset(art.uri(key), manifest, name, version)
+
+
+def _publish_remote(
+    art: Artifacts, staged: Path, name: str, manifest: dict[str, Any], origin: dict[str, Any]
+) -> PreparedDataset:
+    try:
+        while True:
+            taken, complete = _remote_numbers(art.store, name).get(name, (set(), set()))
+            if complete:
+                current = _load_remote(art, name, max(complete))
+                if current.dataset_hash == manifest["dataset_hash"]:
+                    _write_latest_remote(art, current)
+                    return current
+            version = max(taken, default=0) + 1  # a number whose upload was cut short stays taken
+            claim = {
+                "name": name,
+                "version": version,
+                "dataset_hash": manifest["dataset_hash"],
+                "origin": origin,
+                "claimed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+            try:
+                art.store.put_bytes(
+                    f"{_version_key(name, version)}/{CLAIM}",
+                    json.dumps(claim, indent=2).encode(),
+                    if_none_match=True,
+                )
+            except ConflictError:  # another writer claimed it first: try the next number
+                continue
+            break
+        manifest.update(
+            name=name,
+            version=version,
+            ref=f"{name}@{version}",
+            created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            origin=origin,
+        )
+        (staged / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        # Every file, then the artifact manifest last: until it is there, readers do not see the version.
+        uri = art.publish(staged, _version_key(name, version))
+        found = PreparedDataset(uri, manifest, name, version)
+        _write_latest_remote(art, found)
+        return found
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # this worker's copy: the store holds the version
+
+
+def _write_latest_remote(art: Artifacts, dataset: PreparedDataset) -> None:
+    art.store.put_bytes(f"{PREFIX}/{LATEST_FILE}", (json.dumps(dataset.summary(), indent=2) + "\n").encode())
+
+
+def _resolve_remote(art: Artifacts, ref: str) -> PreparedDataset:
+    from airloom.artifacts import MANIFEST as COMPLETE
+
+    if ref.startswith("s3://"):
+        key = art.key_of(ref)
+        parts = (key or "").split("/")
+        if (
+            key is None
+            or not art.store.exists(f"{key}/{COMPLETE}")
+            or not art.store.exists(f"{key}/{MANIFEST}")
+        ):
+            raise UsageError(
+                f"{ref}: not a prepared dataset in {art.uri(PREFIX)} (no {MANIFEST} and {COMPLETE}: never "
+                "published, or its upload was cut short)"
+            )
+        manifest = json.loads(art.store.get_bytes(f"{key}/{MANIFEST}"))
+        name, version = manifest.get("name"), manifest.get("version")
+        if not (len(parts) == 3 and parts[0] == PREFIX and parts[1] == name and parts[2] == str(version)):
+            name, version = None, None  # files uploaded elsewhere: a folder, not a catalog version
+        return PreparedDataset(art.uri(key), manifest, name, version if isinstance(version, int) else None)
+    name, _, version_text = ref.partition("@")
+    check_name(name, "dataset name in reference " + repr(ref))
+    versions = sorted(_remote_numbers(art.store, name).get(name, (set(), set()))[1])
+    if not versions:
+        raise UsageError(f"no prepared dataset named {name!r} in {art.uri(PREFIX)}; {_available(None, art)}")
+    if version_text in ("", LATEST):
+        version = versions[-1]
+    elif version_text.isdigit() and int(version_text) in versions:
+        version = int(version_text)
+    else:
+        raise UsageError(
+            f"dataset {ref!r}: no version {version_text!r} of {name!r}; versions: "
+            f"{', '.join(map(str, versions))} (or {name}@latest)"
+        )
+    return _load_remote(art, name, version)
+
+
+def _list_remote(art: Artifacts) -> list[PreparedDataset]:
+    found = []
+    for name, (_, complete) in sorted(_remote_numbers(art.store).items()):
+        for version in sorted(complete):
+            try:
+                found.append(_load_remote(art, name, version))
+            except (OSError, ValueError, RegistryError):  # unreadable manifest: leave it out of the list
+                continue
+    found.sort(key=lambda d: (d.manifest.get("created_at") or "", d.name or "", d.version or 0), reverse=True)
+    return found

@@ -42,6 +42,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    return json_lines(text, path)
+
+
+def json_lines(text: str, where: str | Path) -> list[dict]:
+    """The JSON objects of ``text`` (a file's or an object's), one per line, blank lines skipped; a bad line
+    is named by ``where`` and its number."""
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -49,14 +55,14 @@ def read_jsonl(path: str | Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}:{lineno}: not valid JSON ({exc.msg}); fix or remove the line") from exc
+            raise UsageError(f"{where}:{lineno}: not valid JSON ({exc.msg}); fix or remove the line") from exc
         if not isinstance(row, dict):
-            raise UsageError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            raise UsageError(f"{where}:{lineno}: expected a JSON object, got {type(row).__name__}")
         rows.append(row)
-    return _with_turns(rows, path)
+    return _with_turns(rows, where)
 
 
-def _with_turns(rows: list[dict], path: Path) -> list[dict]:
+def _with_turns(rows: list[dict], path: str | Path) -> list[dict]:
     """``messages`` stored as JSON text (prepared splits) decoded into the list of turns, in place."""
     for n, row in enumerate(rows, start=1):
         turns = row.get("messages")

@@ -4,16 +4,29 @@ Input partitions: ``<history>/ds=YYYY-MM-DD/*.jsonl`` (``id``, ``prompt``, ``res
 ``task``). Output: ``<out_root>/<model>/ds=YYYY-MM-DD/v<N>/metrics.json``, one folder per date and
 model version (so a day scored with the version live then and with today's can both exist); a rerun
 replaces its own folder and nothing else, so backfills are idempotent and can run in parallel.
+
+**Workers that share no disk** (``AIRLOOM_ARTIFACTS=s3://…``, an :class:`~airloom.artifacts.Artifacts`
+given): a root under ``AIRLOOM_HOME`` (the DAG's defaults ``data/history`` and ``evaluations``) or a URI of
+the store names the same key in the store. A day's folder is written on the worker that scored it and
+published to the store, manifest last (the operator does it); the trend lists the published days in the
+store (:func:`stored_metrics`), so it sees every day whichever worker scored it. A history partition is read
+from the store as the ``*.jsonl`` objects listed under ``ds=<day>/`` (data another tool writes; each object
+is whole, as every S3 PUT is); an ``s3://`` root outside the store (the team's own bucket) likewise, with the
+caller's client.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from airloom.artifacts import Artifacts
 
 
 def partition_dir(root: str | Path, ds: str) -> Path:
@@ -35,15 +48,16 @@ def version_of_the_day(registry: Any, name: str, ds: str, alias: str = "producti
     return registry.alias_at(name, alias, day_end(ds) - timedelta(microseconds=1))
 
 
-def read_partition(history_root: str | Path, ds: str) -> list[dict] | None:
-    """The records of one day, or None when the partition does not exist."""
-    from airloom.data.splits import read_jsonl
+def read_partition(
+    history_root: str | Path, ds: str, artifacts: Artifacts | None = None, s3_client: Any = None
+) -> list[dict] | None:
+    """The records of one day, or None when the partition does not exist
+    (:class:`~airloom.data.partitions.DailyPartitions`: a folder; with a remote ``artifacts`` store, a folder
+    under ``AIRLOOM_HOME`` or a URI of the store names its key there; another ``s3://`` root is read with
+    ``s3_client``)."""
+    from airloom.data.partitions import DailyPartitions
 
-    part = partition_dir(history_root, ds)
-    files = sorted(part.glob("*.jsonl")) if part.is_dir() else []
-    if not files:
-        return None
-    return [r for f in files for r in read_jsonl(f)]
+    return DailyPartitions.open(history_root, artifacts=artifacts, client=s3_client).read(ds)
 
 
 def evaluate_partition(
@@ -83,25 +97,67 @@ def evaluate_partition(
     return metrics
 
 
-def build_trend(model_root: str | Path, metrics: tuple[str, ...] = ("exact_match", "f1", "rougeL")) -> dict:
+_STORED_DAY = re.compile(r"ds=(?P<ds>[^/]+)/v\d+/(?P<manifest>[^/]+)")
+
+
+def local_metrics(model_root: str | Path) -> list[tuple[str, dict]]:
+    """``(ds, metrics.json)`` of every day under a local ``model_root``: ``ds=*/v*/metrics.json`` and the
+    older unversioned ``ds=*/metrics.json``."""
+    root = Path(model_root)
+    return [
+        (next(p.name[3:] for p in f.parents if p.name.startswith("ds=")), json.loads(f.read_text()))
+        for f in [*root.glob("ds=*/metrics.json"), *root.glob("ds=*/v*/metrics.json")]
+    ]
+
+
+def stored_metrics(artifacts: Artifacts, model_key: str) -> list[tuple[str, dict]]:
+    """``(ds, metrics.json)`` of every day published under ``model_key`` in the artifact store
+    (``<model_key>/ds=*/v*/``, each a complete artifact: one whose upload was cut short has no manifest
+    and is not listed); each file is staged, so it is verified against its manifest."""
+    from airloom.artifacts import MANIFEST
+
+    found = []
+    prefix = model_key.strip("/") + "/"
+    for key in artifacts.list(prefix + "ds="):
+        match = _STORED_DAY.fullmatch(key[len(prefix) :])
+        if match is None or match["manifest"] != MANIFEST:
+            continue
+        folder = key.rsplit("/", 1)[0]
+        metrics = artifacts.stage(artifacts.uri(f"{folder}/metrics.json"))
+        found.append((match["ds"], json.loads(metrics.read_text())))
+    return found
+
+
+def build_trend(
+    model_root: str | Path,
+    metrics: tuple[str, ...] = ("exact_match", "f1", "rougeL"),
+    *,
+    found: list[tuple[str, dict]] | None = None,
+    out_dir: str | Path | None = None,
+) -> dict:
     """Collect every day's ``metrics.json`` under ``model_root`` into ``trend.json`` and ``trend.png``.
 
-    Reads ``ds=*/v*/metrics.json`` and the older unversioned ``ds=*/metrics.json``. The chart draws one
-    line per metric and version and a dashed line where the production version changed (from each
-    day's ``live_version``), so a drop can be told apart from a new model.
+    Reads ``ds=*/v*/metrics.json`` and the older unversioned ``ds=*/metrics.json`` (:func:`local_metrics`),
+    or the days ``found`` elsewhere (:func:`stored_metrics`: ``model_root`` is then their URI, for the
+    record); writes into ``out_dir`` (default ``model_root``). The chart draws one line per metric and
+    version and a dashed line where the production version changed (from each day's ``live_version``), so
+    a drop can be told apart from a new model.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    root = Path(model_root)
+    if found is None:
+        found = local_metrics(model_root)
+    out = Path(out_dir if out_dir is not None else model_root)
+    if out_dir is not None:
+        out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for f in [*root.glob("ds=*/metrics.json"), *root.glob("ds=*/v*/metrics.json")]:
-        m = json.loads(f.read_text())
+    for ds, m in found:
         rows.append(
             {
-                "ds": m.get("ds") or next(p.name[3:] for p in f.parents if p.name.startswith("ds=")),
+                "ds": m.get("ds") or ds,
                 "version": m.get("version"),
                 "live_version": m.get("live_version"),
                 "model_ref": m.get("model_ref"),
@@ -120,13 +176,13 @@ def build_trend(model_root: str | Path, metrics: tuple[str, ...] = ("exact_match
     ]
     versions = sorted({r["version"] for r in rows if r["version"] is not None})
     trend = {
-        "model_root": str(root),
+        "model_root": str(model_root),
         "dates": len(dates),
         "versions": versions,
         "changes": changes,
         "rows": rows,
     }
-    (root / "trend.json").write_text(json.dumps(trend, indent=2))
+    (out / "trend.json").write_text(json.dumps(trend, indent=2))
     if rows:
         x = {d: i for i, d in enumerate(dates)}  # numeric x: each version's days stay in date order
         fig, ax = plt.subplots(figsize=(8, 3.2))
@@ -153,7 +209,7 @@ def build_trend(model_root: str | Path, metrics: tuple[str, ...] = ("exact_match
         ax.grid(alpha=0.3)
         fig.autofmt_xdate()
         fig.tight_layout()
-        fig.savefig(root / "trend.png", dpi=90)
+        fig.savefig(out / "trend.png", dpi=90)
         plt.close(fig)
-        trend["plot"] = str(root / "trend.png")
+        trend["plot"] = str(out / "trend.png")
     return trend

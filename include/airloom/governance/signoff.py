@@ -292,8 +292,9 @@ def _prefix(registry: ModelRegistry, name: str, version: int) -> str:
     return f"{registry.model_prefix(name)}signoffs/{int(version)}/"
 
 
-def _fingerprint(label: str, value: Any) -> dict[str, Any]:
-    """sha256 of one evidence item: a local file or folder, or an s3:// object; other values verbatim."""
+def _fingerprint(label: str, value: Any, s3_client: Any = None) -> dict[str, Any]:
+    """sha256 of one evidence item: a local file or folder, or an s3:// object (read with ``s3_client``, else
+    boto3's default chain); other values verbatim."""
     if not isinstance(value, str | os.PathLike):
         return {"value": value}
     text = os.fspath(value)
@@ -301,7 +302,7 @@ def _fingerprint(label: str, value: Any) -> dict[str, Any]:
         from airloom.registry.store import S3Store
 
         parsed = urlparse(text)
-        data = S3Store(parsed.netloc).get_bytes(parsed.path.lstrip("/"))
+        data = S3Store(parsed.netloc, client=s3_client).get_bytes(parsed.path.lstrip("/"))
         return {"uri": text, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     path = Path(text).expanduser()
     if path.is_file():
@@ -336,13 +337,15 @@ def request_signoff(
     requested_by: str,
     evidence: dict[str, Any],
     via: str = "local-cli",
+    s3_client: Any = None,
 ) -> dict[str, Any]:
     """Open a sign-off round for ``name/version``; returns the stored request record.
 
     ``evidence`` maps a label to a file/folder path or s3:// URI (fingerprinted with sha256) or to any
     JSON value (recorded as is), e.g. ``{"eval_report": "runs/.../eval.json", "rouge_l": 0.41}``.
     ``requested_by`` is the person responsible for the version (a ``system:*`` identity when none can be
-    named); ``via`` says who opened the round: an Airflow ``task`` or the ``local-cli``.
+    named); ``via`` says who opened the round: an Airflow ``task`` or the ``local-cli``; ``s3_client`` reads
+    ``s3://`` evidence (a task's: its AWS connection's).
     """
     _check_user(requested_by, "requested_by")
     if via not in REQUEST_VIAS:
@@ -352,7 +355,9 @@ def request_signoff(
             f"sign-off evidence must be a dict of label → path/URI/value, got {type(evidence).__name__}"
         )
     mv = registry.get(name, version)
-    fingerprints = {str(label): _fingerprint(str(label), value) for label, value in evidence.items()}
+    fingerprints = {
+        str(label): _fingerprint(str(label), value, s3_client) for label, value in evidence.items()
+    }
     record = registry.append_record(
         _prefix(registry, name, version),
         {

@@ -1,7 +1,8 @@
 """What the served model's traffic and feedback say: satisfaction, ratings, latency, tokens, failing
 outputs, a dashboard with daily trends, and corrected answers as a new raw dataset.
 
-Inputs are the partitions ``airloom serve`` writes (see :mod:`airloom.serving.logs`): traffic lines
+Inputs are the partitions ``airloom serve`` writes (see :mod:`airloom.serving.logs`; read from a folder
+or the artifact store by :mod:`airloom.data.partitions`): traffic lines
 with ``response``, ``latency_ms``, ``prompt_tokens``, ``completion_tokens``, ``pii_masked`` (per
 field); feedback lines with ``rating`` (+1/-1/0), ``rating_raw`` ("up"/"down" or 1-5),
 ``corrected_answer`` and the logged ``prompt``.
@@ -15,8 +16,12 @@ import json
 from collections import Counter
 from datetime import date, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from airloom.reports import render
+
+if TYPE_CHECKING:
+    from airloom.data.partitions import DailyPartitions
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -191,8 +196,8 @@ def _input_drift_view(drift: dict, out_dir: Path) -> dict:
 
 def write_dashboard(
     out_dir: Path,
-    traffic_root: str | Path,
-    feedback_root: str | Path,
+    traffic_root: str | Path | DailyPartitions,
+    feedback_root: str | Path | DailyPartitions,
     ds: str,
     days: int = 14,
     extra: dict | None = None,
@@ -201,18 +206,20 @@ def write_dashboard(
     """``dashboard.html`` (self-contained: plots inlined) and ``serving.json`` for the ``days`` up to ``ds``.
 
     ``input_drift`` (:func:`airloom.monitoring.drift.input_drift`) adds the day's length, vocabulary and
-    language shift against the training data's EDA profile.
+    language shift against the training data's EDA profile. The roots are folders, ``s3://`` prefixes or
+    :class:`~airloom.data.partitions.DailyPartitions` (the artifact store's, as the operator opens them).
     """
-    from airloom.evaluation.backfill import read_partition
+    from airloom.data.partitions import as_partitions
 
+    traffic_days, feedback_days = as_partitions(traffic_root), as_partitions(feedback_root)
     end = date.fromisoformat(ds)
     trend = []
     for k in range(days - 1, -1, -1):
         day = (end - timedelta(days=k)).isoformat()
-        traffic = read_partition(traffic_root, day)
+        traffic = traffic_days.read(day)
         if traffic is None:
             continue
-        trend.append({"ds": day, **serving_summary(traffic, read_partition(feedback_root, day) or [])})
+        trend.append({"ds": day, **serving_summary(traffic, feedback_days.read(day) or [])})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     today = next((t for t in trend if t["ds"] == ds), None)

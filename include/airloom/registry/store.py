@@ -388,14 +388,15 @@ class S3Store:
         return len(keys)
 
 
-def open_store(uri: str | os.PathLike[str]) -> ObjectStore:
-    """``s3://bucket/prefix`` → :class:`S3Store`; anything else is a local folder (created if missing)."""
+def open_store(uri: str | os.PathLike[str], client: Any = None) -> ObjectStore:
+    """``s3://bucket/prefix`` → :class:`S3Store` (through ``client``, else boto3's default chain); anything
+    else is a local folder (created if missing)."""
     text = os.fspath(uri)
     if text.startswith("s3://"):
         parsed = urlparse(text)
         if not parsed.netloc:
-            raise UsageError(f"registry URI {text!r} has no bucket; write it as s3://<bucket>/<prefix>")
-        return S3Store(parsed.netloc, parsed.path.strip("/"))
+            raise UsageError(f"storage URI {text!r} has no bucket; write it as s3://<bucket>/<prefix>")
+        return S3Store(parsed.netloc, parsed.path.strip("/"), client=client)
     if "://" in text and not text.startswith("file://"):
-        raise UsageError(f"unsupported registry URI {text!r}: use s3://bucket/prefix or a local path")
+        raise UsageError(f"unsupported storage URI {text!r}: use s3://bucket/prefix or a local path")
     return LocalStore(text.removeprefix("file://"))

@@ -21,6 +21,7 @@ asked for in one request (prompts × ``n`` × ``max_tokens``) 400. ``/metrics`` 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -44,7 +45,7 @@ from airloom.serving.engine import (
     LoadedModel,
     ServingEngine,
 )
-from airloom.serving.logs import FeedbackLog, TrafficLog
+from airloom.serving.logs import Batching, FeedbackLog, TrafficLog
 from airloom.serving.metrics import ServingMetrics
 
 VERSION_HEADER = "x-airloom-model-version"
@@ -320,11 +321,16 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_request_tokens: int = DEFAULT_MAX_REQUEST_TOKENS,
     metrics_require_key: bool = False,
+    log_batching: Batching | None = None,
 ) -> FastAPI:
-    """The app over ``engine``; ``api_keys`` None serves without authentication (see docs/serving.md)."""
-    traffic = TrafficLog(traffic_dir)
-    feedback = FeedbackLog(feedback_dir)
-    metrics = ServingMetrics(engine)
+    """The app over ``engine``; ``api_keys`` None serves without authentication (see docs/serving.md).
+
+    ``traffic_dir`` and ``feedback_dir`` are folders or ``s3://`` prefixes; an ``s3://`` log is written in
+    batched objects (``log_batching``, :mod:`airloom.serving.logs`), the last batch when the app shuts down.
+    """
+    traffic = TrafficLog(traffic_dir, batching=log_batching)
+    feedback = FeedbackLog(feedback_dir, batching=log_batching)
+    metrics = ServingMetrics(engine, logs={"traffic": traffic, "feedback": feedback})
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -332,7 +338,11 @@ def create_app(
         try:
             yield
         finally:
-            await engine.stop()
+            try:
+                await engine.stop()
+            finally:
+                # After the engine: a request it finished while stopping is logged, then written.
+                await asyncio.gather(asyncio.to_thread(traffic.close), asyncio.to_thread(feedback.close))
 
     app = FastAPI(title="Airloom model server", lifespan=lifespan)
     app.state.engine, app.state.traffic, app.state.feedback = engine, traffic, feedback
@@ -669,7 +679,12 @@ def create_app(
 
     @app.post("/v1/feedback", status_code=201)
     async def post_feedback(req: FeedbackRequest):
-        found = traffic.find(req.response_id)
+        # On S3 a miss in memory lists and reads objects: off the event loop.
+        found = (
+            await asyncio.to_thread(traffic.find, req.response_id)
+            if traffic.remote
+            else traffic.find(req.response_id)
+        )
         if found is None:
             raise OpenAIError(
                 404,
@@ -726,6 +741,12 @@ def create_app(
             "reloads": engine.reloads,
             "last_reload_error": engine.last_reload_error,
             **engine.stats(),
+            # s3:// logs only: what is written, held in memory, dropped (logging never makes the server unhealthy)
+            **{
+                f"{name}_log": log.stats()
+                for name, log in (("traffic", traffic), ("feedback", feedback))
+                if log.remote
+            },
         }
         return JSONResponse(body, status_code=200 if reason is None else 503)
 

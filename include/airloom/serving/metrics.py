@@ -58,10 +58,47 @@ class _EngineCollector:
         )
 
 
+class _LogCollector:
+    """The ``s3://`` traffic and feedback logs' batching writers, read at scrape time."""
+
+    def __init__(self, logs: dict[str, Any]) -> None:
+        self.logs = logs
+
+    def collect(self):
+        stats = {name: log.stats() for name, log in self.logs.items()}
+        stats = {name: s for name, s in stats.items() if s is not None}
+        if not stats:
+            return
+        for metric, help_, key in (
+            ("airloom_log_objects_written", "Batch objects the log wrote to S3", "objects_written"),
+            ("airloom_log_records_written", "Records the log wrote to S3", "records_written"),
+            (
+                "airloom_log_records_dropped",
+                "Records the log dropped (memory bound reached, S3 down)",
+                "records_dropped",
+            ),
+            (
+                "airloom_log_upload_failures",
+                "Failed writes of batch objects (each is retried)",
+                "upload_failures",
+            ),
+        ):
+            family = CounterMetricFamily(metric, help_, labels=["log"])
+            for name, s in stats.items():
+                family.add_metric([name], s[key])
+            yield family
+        pending = GaugeMetricFamily(
+            "airloom_log_pending_records", "Records held in memory, not yet written to S3", labels=["log"]
+        )
+        for name, s in stats.items():
+            pending.add_metric([name], s["pending"]["records"])
+        yield pending
+
+
 class ServingMetrics:
     """The app's metric objects; ``render()`` is the ``/metrics`` body and its content type."""
 
-    def __init__(self, engine: Any = None) -> None:
+    def __init__(self, engine: Any = None, logs: dict[str, Any] | None = None) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
         self.requests = Counter(
@@ -89,6 +126,8 @@ class ServingMetrics:
         )
         if engine is not None:
             reg.register(_EngineCollector(engine))
+        if logs:
+            reg.register(_LogCollector(logs))
 
     def observe_ttft(self, endpoint: str, started: float) -> None:
         """``started`` is the request's ``time.monotonic()``."""

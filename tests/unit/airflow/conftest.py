@@ -44,6 +44,25 @@ def context():
 
 
 @pytest.fixture
+def aws_default_on_moto(moto_endpoint, monkeypatch) -> str:
+    """The ``aws_default`` connection pointing at moto's S3 server (the operators' and the plugin's way in)."""
+    import json
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT",
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "testing",
+                "password": "testing",
+                "extra": {"endpoint_url": moto_endpoint, "region_name": "us-east-1"},
+            }
+        ),
+    )
+    return moto_endpoint
+
+
+@pytest.fixture
 def airloom_env(tmp_path, monkeypatch) -> Path:
     """Point AIRLOOM_HOME/AIRLOOM_REGISTRY at tmp_path, so operators without registry_uri use it."""
     monkeypatch.setenv("AIRLOOM_HOME", str(tmp_path / "home"))

@@ -77,5 +77,5 @@ def test_open_store(tmp_path, moto_endpoint):
     assert s3.uri("k") == "s3://airloom-registry-tests/some/prefix/k"
     with pytest.raises(UsageError, match="no bucket"):
         open_store("s3:///prefix")
-    with pytest.raises(UsageError, match="unsupported registry URI"):
+    with pytest.raises(UsageError, match="unsupported storage URI"):
         open_store("gs://bucket/x")

@@ -17,6 +17,7 @@ from airloom.governance.signoff import SYSTEM_PREFIX
 
 if TYPE_CHECKING:
     from airloom.airflow.hooks.registry import RegistryHook
+    from airloom.artifacts import Artifacts
 
 
 class AirloomBaseOperator(BaseOperator):
@@ -62,8 +63,53 @@ class AirloomBaseOperator(BaseOperator):
         return S3Hook(aws_conn_id=self.aws_conn_id).get_conn()
 
     def output_folder(self, context) -> Path:
-        """``output_dir``, else the task's run folder."""
+        """``output_dir``, else the task's run folder (on this worker's disk; :meth:`hand_over` publishes it)."""
         return task_output_dir(context, self.output_dir)
+
+    @cached_property
+    def artifacts(self) -> Artifacts:
+        """The artifact store (``AIRLOOM_ARTIFACTS``), through this operator's AWS connection."""
+        from airloom.artifacts import Artifacts, artifacts_uri
+
+        uri = artifacts_uri()
+        return Artifacts(uri, client=self.s3_client(uri))
+
+    def stage(self, location: str | None, beside: tuple[str, ...] = ()) -> str | None:
+        """A local path for an input another task handed over: a URI of the artifact store is downloaded
+        (verified, cached on this worker; a file with the files named ``beside`` from its folder); a local
+        path or anything else (hub id, registry ref) as it is."""
+        from airloom.artifacts import is_remote
+
+        if not location or not is_remote(location) or not self.artifacts.remote:
+            return location
+        if self.artifacts.key_of(location) is None:
+            return location  # s3:// data of the user's own, read where it lies
+        return str(self.artifacts.stage(location, beside))
+
+    def stage_split(self, location: str | None) -> str | None:
+        """:meth:`stage` for a prepared split: its dataset's ``manifest.json`` (the chat template the readers
+        render with) comes beside it; the other splits are not downloaded."""
+        return self.stage(location, beside=("manifest.json",))
+
+    def hand_over(self, context, result: Any, *folders: str | os.PathLike[str] | None) -> Any:
+        """Publish what this task wrote (its output folder, and any other ``folders``) to the artifact store
+        and return ``result`` with URIs in place of this worker's paths: what another worker can read.
+        Nothing moves when the store is local (the embedded default)."""
+        if not self.artifacts.remote:
+            return result
+        for folder in (self.output_folder(context), *folders):
+            if folder and Path(folder).is_dir() and self.artifacts.key_of(Path(folder).resolve()):
+                self.log.info("publishing %s to %s", folder, self.artifacts.uri_of(Path(folder).resolve()))
+                self.artifacts.publish(folder)
+        return self.artifacts.handover(result)
+
+
+def as_given(message: str, given: dict[str, Any], staged: dict[str, Any]) -> str:
+    """``message`` naming each input as the task was given it (a URI) instead of this worker's staged copy."""
+    for key, local in staged.items():
+        if local and local != given.get(key):
+            message = message.replace(str(local), str(given[key]))
+    return message
 
 
 def task_output_dir(context, explicit: str | None = None) -> Path:

@@ -2,6 +2,12 @@
 
 Each stores its arguments in ``__init__`` and calls the library in ``execute``; library imports
 happen there too, so DAG files that import these operators stay cheap to parse.
+
+When the artifact store is remote (``AIRLOOM_ARTIFACTS=s3://…``, workers that share no disk), every path
+they hand over (XCom results, the ``prepared_dataset`` event's extra) is a URI of the store: each task
+publishes what it wrote (:meth:`AirloomBaseOperator.hand_over`) and stages what another task wrote
+(:meth:`AirloomBaseOperator.stage`); the dataset catalog lives on the store too (:mod:`airloom.data.catalog`).
+The raw ``source`` is the user's data and is read where it lies (local or ``s3://``), never staged.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseOperator, Param
+from airflow.sdk import Param
 from airflow.sdk.exceptions import AirflowFailException
 
 from airloom.airflow.links import EdaReportLink, ValidationReportLink
@@ -96,20 +102,24 @@ class ValidateDataOperator(AirloomBaseOperator):
             "scan": str(out / "scan"),  # the profile of the rows read, for the EDA task
         }
         if not result.success:
-            push_outputs(context, reports)  # a failed suite is when the report link matters most
+            # a failed suite is when the report link matters most (and the EDA task still renders the scan)
+            push_outputs(context, self.hand_over(context, reports))
             # No retry: the same data fails the same way.
             raise AirflowFailException(
                 f"data validation failed for {self.source}; see {out / 'validation.json'}"
             )
         return push_outputs(
             context,
-            {
-                "accepted": str(result.accepted_path),
-                **reports,
-                "rows_read": result.rows_read,
-                "accepted_rows": result.accepted,
-                "quarantined_rows": result.quarantined,
-            },
+            self.hand_over(
+                context,
+                {
+                    "accepted": str(result.accepted_path),
+                    **reports,
+                    "rows_read": result.rows_read,
+                    "accepted_rows": result.accepted,
+                    "quarantined_rows": result.quarantined,
+                },
+            ),
         )
 
 
@@ -117,8 +127,9 @@ class DataProfileOperator(AirloomBaseOperator):
     """Write the EDA report (``report.html`` + ``profile.json``) of a file, folder or glob of records
     (local or ``s3://``).
 
-    :param scan_dir: the ``scan`` folder validation wrote while reading the same source: its profile is
-        rendered instead of reading the data again (read again when absent or the files changed).
+    :param scan_dir: the ``scan`` folder validation wrote while reading the same source (a path, or its URI
+        in the artifact store, staged here): its profile is rendered instead of reading the data again (read
+        again when absent, not published, or the files changed).
     :param tokenizer: for token lengths when the data is read here (validation's scan has its own).
     :param field_map: as :class:`ValidateDataOperator`'s, when the data is read here.
     """
@@ -142,14 +153,21 @@ class DataProfileOperator(AirloomBaseOperator):
         self.field_map = field_map
 
     def execute(self, context) -> dict[str, Any]:
+        from airloom.artifacts import ArtifactIncomplete
         from airloom.data.eda import profile_source
         from airloom.data.load import parse_field_map
 
         out = self.output_folder(context)
+        scan_dir = self.scan_dir or None
+        try:
+            scan_dir = self.stage(scan_dir)
+        except ArtifactIncomplete as exc:  # validation stopped before publishing it: read the data here
+            self.log.warning("no scan to render, reading %s again: %s", self.input_path, exc)
+            scan_dir = None
         profile = profile_source(
             self.input_path,
             out,
-            scan_dir=self.scan_dir or None,
+            scan_dir=scan_dir,
             s3_client=self.s3_client(self.input_path),
             tokenizer=self.tokenizer or None,
             field_map=parse_field_map(self.field_map),
@@ -157,27 +175,35 @@ class DataProfileOperator(AirloomBaseOperator):
         self.log.info("EDA report: %s (%d rows)", out / "report.html", profile.get("rows", 0))
         return push_outputs(
             context,
-            {
-                "report": str(out / "report.html"),
-                "profile": str(out / "profile.json"),
-                "rows": profile.get("rows", 0),
-            },
+            self.hand_over(
+                context,
+                {
+                    "report": str(out / "report.html"),
+                    "profile": str(out / "profile.json"),
+                    "rows": profile.get("rows", 0),
+                },
+            ),
         )
 
 
 class PrepareDatasetOperator(AirloomBaseOperator):
     """Clean, screen PII, dedup, render, length-filter and split accepted records into the next version of a
-    named dataset (``$AIRLOOM_HOME/datasets/<name>/<version>/``, see :mod:`airloom.data.catalog`); emit the
-    asset event naming it.
+    named dataset (``datasets/<name>/<version>/`` under ``$AIRLOOM_HOME``, or on the remote artifact store;
+    see :mod:`airloom.data.catalog`); emit the asset event naming it.
 
-    The event's extra is ``{name, version, ref, path, dataset_hash, requested_by}``: ``llm_finetune`` trains
-    on exactly that version, and holds ``requested_by`` (this run's requester) to separation of duties.
-    Content equal to the newest version's (a retry) reuses that version.
+    The event's extra is ``{name, version, ref, path, dataset_hash, requested_by}`` (``path``: the version's
+    URI when the store is remote): ``llm_finetune`` trains on exactly that version, and holds
+    ``requested_by`` (this run's requester) to separation of duties. Content equal to the newest version's
+    (a retry) reuses that version.
+
+    :param input_path: the accepted records (validation's ``accepted``: a path or its URI in the artifact
+        store, staged here), or any file, folder or glob of records, local or ``s3://``.
 
     :param dataset_name: the dataset's name (``^[a-z0-9][a-z0-9._-]*$``); empty = derived from ``source``.
     :param source: the raw data the accepted records came from: names the dataset when ``dataset_name`` is
         empty, and is recorded in the manifest's ``origin``.
-    :param output_dir: the catalog folder; empty = ``$AIRLOOM_HOME/datasets``.
+    :param output_dir: a local catalog folder; empty = the catalog of the artifact store
+        (``$AIRLOOM_HOME/datasets``, or ``datasets/`` on a remote store).
     :param template: ``auto`` (``chat_template`` for conversations, else ``alpaca``), ``alpaca``,
         ``chatml``, ``chat_template`` (the tokenizer's; ChatML if none) or a Jinja2 file path.
     :param pii_policy: ``mask``, ``drop`` or ``keep``.
@@ -246,7 +272,8 @@ class PrepareDatasetOperator(AirloomBaseOperator):
                 self.dataset_name or catalog.name_from_source(self.source or self.input_path), "dataset_name"
             )
             staged = catalog.staging_dir(name, self.output_dir)
-            chunks = _chunks(self.input_path, self.s3_client(self.input_path))
+            input_path = self.stage(self.input_path) or self.input_path  # another task's output: staged
+            chunks = _chunks(input_path, self.s3_client(input_path))
             records = (rec for chunk in chunks() for rec in chunk.records)
             manifest = prepare(
                 records,
@@ -273,7 +300,7 @@ class PrepareDatasetOperator(AirloomBaseOperator):
             "run_id": context["run_id"],
             **({"source": self.source} if self.source else {}),
         }
-        dataset = catalog.publish(staged, name, origin=origin, root=self.output_dir)
+        dataset = catalog.publish(staged, name, origin=origin, root=self.output_dir, artifacts=self.artifacts)
         info = dataset.summary()
         reused = dataset.manifest.get("origin", {}).get("run_id") != context["run_id"]
         for outlet in self.outlets:
@@ -287,7 +314,8 @@ class PrepareDatasetOperator(AirloomBaseOperator):
             json.dumps(info["splits"]),
             " (same content as that version: reused it)" if reused else "",
         )
-        return push_outputs(context, info)
+        # The catalog published the version itself; this task wrote nothing else to hand over.
+        return push_outputs(context, self.artifacts.handover(info))
 
 
 def dataset_file(dataset_dir: str, split: str) -> str:
@@ -328,6 +356,8 @@ def dataset_param(limit: int = 30, **kwargs: Any) -> Param:
     The form proposes the newest ``limit`` prepared versions (``name@version`` with rows and date; read
     from ``$AIRLOOM_HOME/datasets`` when the DAG file is parsed: a directory listing and a small JSON file
     per version, so the list is as fresh as the last parse) and still takes any reference or folder.
+    With the catalog on a remote artifact store it proposes none (parsing must not call the network): the
+    reference is typed (``airloom datasets`` lists them).
     ``kwargs`` go to the Param as they are (e.g. ``section``).
     """
     from airloom.data.catalog import choices
@@ -345,7 +375,7 @@ def dataset_param(limit: int = 30, **kwargs: Any) -> Param:
     )
 
 
-class ResolveDatasetOperator(BaseOperator):
+class ResolveDatasetOperator(AirloomBaseOperator):
     """Find the prepared dataset a fine-tuning run uses and return its split files.
 
     The ``dataset`` argument (a DAG param: ``name@version``, ``name@latest``/``name`` or a folder) when
@@ -355,7 +385,8 @@ class ResolveDatasetOperator(BaseOperator):
 
     Returns (and pushes) ``path``, ``ref`` (``name@version``; None for a folder outside the catalog),
     ``name``, ``version``, ``dataset_hash``, ``source`` (how it was chosen), ``data_quality_run`` (the
-    run that prepared it, when known) and the three split files.
+    run that prepared it, when known) and the three split files. With a remote artifact store (the catalog
+    there) these are URIs: the task that reads a split stages it.
     """
 
     template_fields: Sequence[str] = ("dataset",)
@@ -378,9 +409,9 @@ class ResolveDatasetOperator(BaseOperator):
                     "several asset events name datasets: using the newest, %s; not %s", ref, ignored
                 )
         if not ref:
-            raise AirflowFailException(catalog.no_choice_message())
+            raise AirflowFailException(catalog.no_choice_message(artifacts=self.artifacts))
         try:
-            dataset = catalog.resolve(ref)
+            dataset = catalog.resolve(ref, artifacts=self.artifacts)
         except UsageError as exc:
             raise AirflowFailException(str(exc)) from exc
         expected = extra.get("dataset_hash")
@@ -406,16 +437,45 @@ class ResolveDatasetOperator(BaseOperator):
             json.dumps(dataset.rows),
         )
         path = str(dataset.path)
+        if path.startswith("s3://"):
+            files = self._remote_files(path)
+            splits = {
+                split: _remote_dataset_file(path, files, split) for split in ("train", "validation", "test")
+            }
+        else:
+            splits = {split: dataset_file(path, split) for split in ("train", "validation", "test")}
         return push_outputs(
             context,
-            {
-                "path": path,
-                "ref": dataset.ref,
-                "name": dataset.name,
-                "version": dataset.version,
-                "dataset_hash": dataset.dataset_hash,
-                "source": source,
-                "data_quality_run": dq_run,
-                **{split: dataset_file(path, split) for split in ("train", "validation", "test")},
-            },
+            self.hand_over(
+                context,
+                {
+                    "path": path,
+                    "ref": dataset.ref,
+                    "name": dataset.name,
+                    "version": dataset.version,
+                    "dataset_hash": dataset.dataset_hash,
+                    "source": source,
+                    "data_quality_run": dq_run,
+                    **splits,
+                },
+            ),
         )
+
+    def _remote_files(self, uri: str) -> set[str]:
+        """The files of a published dataset version, from its artifact manifest."""
+        from airloom.artifacts import ArtifactIncomplete
+
+        try:
+            return {entry.rel for entry in self.artifacts.entries(uri)}
+        except ArtifactIncomplete as exc:
+            raise AirflowFailException(str(exc)) from exc
+
+
+def _remote_dataset_file(uri: str, files: set[str], split: str) -> str:
+    """As :func:`dataset_file`, for a version on the artifact store (``files``: its manifest's)."""
+    for suffix in (".parquet", ".jsonl"):
+        if f"{split}{suffix}" in files:
+            return f"{uri.rstrip('/')}/{split}{suffix}"
+    raise AirflowFailException(
+        f"{uri}/{split}.parquet: split {split!r} missing from prepared dataset {uri} (no .parquet or .jsonl)"
+    )

@@ -4,6 +4,10 @@ what cannot work before the run waits for a GPU.
 The operator writes the run's config, starts ``deepspeed`` (or ``torchrun``) on the recipe,
 streams the child's progress into the task log and fails with the child's last lines when it
 exits non-zero. ``on_kill`` ends the child's whole process group, launcher and ranks alike.
+
+Workers that share no disk (``AIRLOOM_ARTIFACTS=s3://…``): the splits and a base model handed over by
+URI are staged onto this worker before the launch (the child reads local files), and the run's folder
+(model, metrics, loss curve) is published to the artifact store when it ends; the result names it by URI.
 """
 
 from __future__ import annotations
@@ -13,11 +17,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from airloom.airflow.links import LossCurveLink
-from airloom.airflow.operators._base import AirloomBaseOperator, number, push_outputs
+from airloom.airflow.operators._base import AirloomBaseOperator, as_given, number, push_outputs
 from airloom.exceptions import UsageError
 from airloom.training.config import DEFAULT_MASTER_PORT
 
@@ -107,6 +110,12 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
 
         out = self.output_folder(context)
         node_rank = number(self.node_rank, "node_rank")
+        # Inputs handed over by URI, on this worker's disk (the launched ranks read local files); the
+        # original names go into the result, which another worker reads.
+        staged = {
+            "train_file": self.stage_split(self.train_file),
+            "validation_file": self.stage_split(self.validation_file),
+        }
         given = {  # None: the config's
             "launcher": self.launcher,
             "nproc_per_node": self.nproc_per_node,
@@ -120,8 +129,7 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
                 {
                     **{k: v for k, v in options.items() if v is not None},
                     "base_model": self.base_model,
-                    "train_file": self.train_file,
-                    "validation_file": self.validation_file,
+                    **staged,
                     "output_dir": str(out),
                 }
             )
@@ -129,10 +137,17 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
                 nnodes=cfg.nnodes, node_rank=node_rank, master_addr=cfg.master_addr, launcher=cfg.launcher
             )
             preflight.check_hardware(cfg)  # e.g. qlora without CUDA, bf16 on a V100
-            preflight.check_splits({"train": cfg.train_file, "validation": cfg.validation_file})
+            try:
+                preflight.check_splits({"train": cfg.train_file, "validation": cfg.validation_file})
+            except UsageError as e:  # name the split as the run was given it, not this worker's copy
+                given = {"train_file": self.train_file, "validation_file": self.validation_file}
+                raise UsageError(as_given(str(e), given, staged)) from e
+            base_location = self.stage(self.base_model) or self.base_model  # a folder another task published
             base = resolve_model(
-                self.base_model, registry=self.hook.registry, s3_client=self.s3_client(self.base_model)
+                base_location, registry=self.hook.registry, s3_client=self.s3_client(base_location)
             )
+            if base_location != self.base_model:
+                base["ref"] = self.base_model
             cfg.base_model = base["path"]
             preflight.check_base_model(cfg.base_model, cfg.max_length, name=base["ref"])
         except UsageError as e:
@@ -163,30 +178,39 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
             self._process.run(log=self.log.info)
         except Exception as e:
             raise AirflowException(str(e)) from e
+        config = cfg.to_dict()
+        base_model_path = base["path"]
+        if self.artifacts.remote:
+            # Another worker reads the result: name what this one resolved or staged into its cache as
+            # it was given (the pinned registry ref, the URI), never by this worker's path.
+            config.update(
+                train_file=self.train_file, validation_file=self.validation_file, base_model=base["ref"]
+            )
+            base_model_path = base["ref"]
         if node_rank > 0:  # node 0 (global rank 0) writes the model and the metrics; this node only trained
-            return {"node_rank": node_rank, "output_dir": str(out), "config": cfg.to_dict()}
+            return self.hand_over(context, {"node_rank": node_rank, "output_dir": str(out), "config": config})
         metrics = json.loads((out / "train_metrics.json").read_text())
         metrics.pop("history", None)
         loss_curve = out / "loss_curve.png"  # the recipe draws none when it logged no step
-        return push_outputs(
-            context,
-            {
-                "model_dir": str(out / "model"),
-                "output_dir": str(out),
-                "base_model": base["ref"],
-                "base_model_path": base["path"],
-                "config": cfg.to_dict(),
-                "metrics": metrics,
-                "loss_curve": str(loss_curve) if loss_curve.is_file() else None,
-            },
-        )
+        result = {
+            "model_dir": str(out / "model"),
+            "output_dir": str(out),
+            "base_model": base["ref"],
+            "base_model_path": base_model_path,
+            "config": config,
+            "metrics": metrics,
+            "loss_curve": str(loss_curve) if loss_curve.is_file() else None,
+        }
+        # The run's folder, the model in it, goes to the artifact store (manifest last) before its URI
+        # is handed on; nothing moves when the store is local.
+        return push_outputs(context, self.hand_over(context, result))
 
     def on_kill(self) -> None:
         if self._process is not None:
             self._process.kill()
 
 
-class TrainingPreflightOperator(BaseOperator):
+class TrainingPreflightOperator(AirloomBaseOperator):
     """Refuse, before the run queues for the ``gpu`` pool, inputs that no retry can fix: an empty split
     of the prepared dataset (training, the validation loss, the trials' and the candidate's evaluation
     each read one) and a multi-node run without a master address.
@@ -196,6 +220,8 @@ class TrainingPreflightOperator(BaseOperator):
 
     :param splits: ``{"train": path, "validation": path, "test": path}`` (None entries are skipped).
     :param nnodes, master_addr: the training task's multi-node settings.
+
+    Splits handed over by URI (workers that share no disk) are staged onto this worker to be counted.
     """
 
     template_fields: Sequence[str] = ("splits", "nnodes", "master_addr")
@@ -212,6 +238,8 @@ class TrainingPreflightOperator(BaseOperator):
     def execute(self, context) -> dict[str, int]:
         from airloom.training import preflight
 
+        given = dict(self.splits)
+        staged: dict[str, Any] = {}
         try:
             preflight.check_topology(
                 nnodes=number(self.nnodes, "nnodes", optional=True) or 1,
@@ -219,8 +247,9 @@ class TrainingPreflightOperator(BaseOperator):
                 master_addr=self.master_addr,
                 launcher=None,
             )
-            counts = preflight.check_splits(dict(self.splits))
+            staged = {split: self.stage(location) for split, location in given.items()}
+            counts = preflight.check_splits(staged)
         except UsageError as e:
-            raise AirflowFailException(str(e)) from e
+            raise AirflowFailException(as_given(str(e), given, staged)) from e
         self.log.info("rows per split: %s", counts)
         return counts

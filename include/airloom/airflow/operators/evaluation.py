@@ -1,4 +1,9 @@
-"""Evaluation operators: score a model on a dataset; compare with a baseline and apply gates."""
+"""Evaluation operators: score a model on a dataset; compare with a baseline and apply gates.
+
+Workers that share no disk (``AIRLOOM_ARTIFACTS=s3://…``): a model folder, split or metrics file handed
+over by URI is staged onto this worker (verified, cached); what a task writes is published to the artifact
+store (manifest last) and its result names it by URI. With the local default nothing moves.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowFailException
 
 from airloom.airflow.links import EvalReportLink, EvaluationDayLink, TrendChartLink
 from airloom.airflow.operators._base import AirloomBaseOperator, number, push_outputs, skip_task
 
+#: What a prepared dataset keeps beside its splits; training and evaluation render conversations with
+#: the template it names (:func:`airloom.training.chat.resolve_chat_renderer`).
+
 
 class EvaluateModelOperator(AirloomBaseOperator):
     """Generate with ``model`` on ``dataset_file`` and score the outputs (metrics.json, predictions.jsonl).
 
-    :param model: a folder, ``registry:NAME[/N|@ALIAS]`` or a hub id.
+    :param model: a folder (or the URI of one another task published), ``registry:NAME[/N|@ALIAS]`` or a
+        hub id.
     :param fallback_model: used when ``model`` is a registry alias that does not exist yet (the
         first candidate has no production model to beat, so it is compared with its base).
     :param dataset_file: Parquet or JSONL with ``id``, ``prompt``, ``response`` (and optional ``task``), or
@@ -68,31 +76,40 @@ class EvaluateModelOperator(AirloomBaseOperator):
         self.batch_size = batch_size
 
     def execute(self, context) -> dict[str, Any]:
+        from airloom.artifacts import ArtifactIncomplete
         from airloom.data.splits import read_split
         from airloom.evaluation.harness import evaluate_model
         from airloom.exceptions import RegistryError
-        from airloom.registry.resolve import resolve_model
 
         registry = self.hook.registry
         try:
-            resolved = resolve_model(self.model, registry=registry)
+            resolved = self._resolve(self.model, registry)
         except RegistryError as e:
-            if not self.fallback_model:
+            # A handed-over model folder that is not (yet) complete is no reason to score another model.
+            if not self.fallback_model or isinstance(e, ArtifactIncomplete):
                 raise
             self.log.info("%s (%s); evaluating the fallback %s instead", self.model, e, self.fallback_model)
-            resolved = resolve_model(self.fallback_model, registry=registry)
+            resolved = self._resolve(self.fallback_model, registry)
         out = self.output_folder(context)
         limit = number(self.limit, "limit", optional=True) or None  # 0: every record
+        dataset_file = self.stage_split(self.dataset_file) or self.dataset_file
         metrics = evaluate_model(
             resolved["path"],
-            read_split(self.dataset_file),
+            read_split(dataset_file),
             out,
             limit=limit,
             max_new_tokens=number(self.max_new_tokens, "max_new_tokens"),
             batch_size=number(self.batch_size, "batch_size"),
-            dataset_file=self.dataset_file,
+            dataset_file=dataset_file,
             precision=self.precision or "fp32",
         )
+        model_path = resolved["path"]
+        if self.artifacts.remote:
+            # The report and the next tasks name the model as it was given (a URI, a pinned registry
+            # ref), not by this worker's cache.
+            model_path = resolved["ref"]
+            metrics["model"] = model_path
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
         self.log.info(
             "%s on %s: %s",
             resolved["ref"],
@@ -100,19 +117,29 @@ class EvaluateModelOperator(AirloomBaseOperator):
             json.dumps({k: round(v, 4) for k, v in metrics["aggregate"].items()}),
         )
         bias_path = self._run_bias_probes(resolved["path"], out) if self.bias_probes else None
-        return push_outputs(
-            context,
-            {
-                "model": resolved["ref"],
-                "model_path": resolved["path"],
-                "metrics_path": str(out / "metrics.json"),
-                "predictions": str(out / "predictions.jsonl"),
-                "aggregate": metrics["aggregate"],
-                "by_task": metrics.get("by_task", {}),
-                "n": metrics.get("n"),
-                "bias": bias_path,
-            },
-        )
+        result = {
+            "model": resolved["ref"],
+            "model_path": model_path,
+            "metrics_path": str(out / "metrics.json"),
+            "predictions": str(out / "predictions.jsonl"),
+            "aggregate": metrics["aggregate"],
+            "by_task": metrics.get("by_task", {}),
+            "n": metrics.get("n"),
+            "bias": bias_path,
+        }
+        return push_outputs(context, self.hand_over(context, result))
+
+    def _resolve(self, ref: str, registry: Any) -> dict[str, Any]:
+        """:func:`~airloom.registry.resolve.resolve_model` on ``ref``, a model folder published by another
+        task (a URI of the artifact store) staged first; ``ref`` stays its name."""
+        from airloom.registry.resolve import resolve_model
+
+        location = self.stage(ref)
+        assert location is not None
+        resolved = resolve_model(location, registry=registry, s3_client=self.s3_client(location))
+        if location != ref:
+            resolved["ref"] = ref
+        return resolved
 
     def _run_bias_probes(self, model_path: str, out: Path) -> str:
         from airloom.evaluation.bias import run_bias_probes
@@ -157,19 +184,21 @@ class QualityGateOperator(AirloomBaseOperator):
         self.gates = gates
 
     def execute(self, context) -> dict[str, Any]:
+        from airloom.data.splits import read_jsonl
         from airloom.evaluation.gates import check_gates, parse_gates
         from airloom.evaluation.report import write_report
 
         out = self.output_folder(context)
-        candidate = json.loads(Path(self.candidate["metrics_path"]).read_text())
-        baseline = json.loads(Path(self.baseline["metrics_path"]).read_text()) if self.baseline else None
-        from airloom.data.splits import read_jsonl
-
+        # Each evaluation's files, staged onto this worker when another handed them over by URI.
+        candidate_files = self._staged(self.candidate)
+        baseline_files = self._staged(self.baseline) if self.baseline else None
+        candidate = json.loads(Path(candidate_files["metrics_path"]).read_text())
+        baseline = json.loads(Path(baseline_files["metrics_path"]).read_text()) if baseline_files else None
         # Per-example scores of both models on the same examples feed the paired bootstrap
         # (confidence intervals in the report, `metric:ci_low` gates).
-        candidate_examples = read_jsonl(self.candidate["predictions"])
-        baseline_examples = read_jsonl(self.baseline["predictions"]) if self.baseline else None
-        bias_path = self.candidate.get("bias")
+        candidate_examples = read_jsonl(candidate_files["predictions"])
+        baseline_examples = read_jsonl(baseline_files["predictions"]) if baseline_files else None
+        bias_path = candidate_files.get("bias")
         bias = json.loads(Path(bias_path).read_text()) if bias_path else None
         results = check_gates(
             candidate,
@@ -183,8 +212,8 @@ class QualityGateOperator(AirloomBaseOperator):
             candidate,
             baseline=baseline,
             gates=results,
-            predictions_path=Path(self.candidate["predictions"]),
-            baseline_predictions_path=Path(self.baseline["predictions"]) if self.baseline else None,
+            predictions_path=Path(candidate_files["predictions"]),
+            baseline_predictions_path=Path(baseline_files["predictions"]) if baseline_files else None,
             bias=bias,
         )
         for r in results:
@@ -192,13 +221,18 @@ class QualityGateOperator(AirloomBaseOperator):
         self.log.info("evaluation report: %s", report)
         failed = [r for r in results if not r["passed"]]
         if failed:
-            push_outputs(
-                context, {"report": str(report)}
-            )  # the report says why: link it from the failed task
+            # the report says why: link it from the failed task (published first, when the store is remote)
+            push_outputs(context, self.hand_over(context, {"report": str(report)}))
             raise AirflowFailException("quality gate failed: " + "; ".join(r["message"] for r in failed))
-        return push_outputs(
-            context, {"report": str(report), "gates": results, "comparison": str(out / "comparison.json")}
-        )
+        result = {"report": str(report), "gates": results, "comparison": str(out / "comparison.json")}
+        return push_outputs(context, self.hand_over(context, result))
+
+    def _staged(self, evaluation: dict[str, Any]) -> dict[str, Any]:
+        """An EvaluateModelOperator result with its files (metrics, predictions, bias) on this worker."""
+        return {
+            **evaluation,
+            **{key: self.stage(evaluation.get(key)) for key in ("metrics_path", "predictions", "bias")},
+        }
 
 
 class PartitionEvaluationOperator(AirloomBaseOperator):
@@ -265,7 +299,9 @@ class PartitionEvaluationOperator(AirloomBaseOperator):
         version = number(self.version, "version", optional=True)
         if day_end(self.ds) > datetime.now(UTC):
             raise skip_task(self.log, f"ds={self.ds} has not ended yet (UTC): its partition is incomplete")
-        records = read_partition(self.history_uri, self.ds)
+        records = read_partition(
+            self.history_uri, self.ds, self.artifacts, s3_client=self.s3_client(self.history_uri)
+        )
         if records is None:
             raise skip_task(self.log, f"no partition {self.history_uri}/ds={self.ds}: nothing to evaluate")
         registry = self.hook.registry
@@ -284,18 +320,19 @@ class PartitionEvaluationOperator(AirloomBaseOperator):
             ref = f"registry:{self.model_name}/{live}"
         resolved = resolve_model(ref, registry=registry)
         limit = number(self.limit, "limit", optional=True) or None  # 0: every record
+        out_root = local_root(self, self.output_uri)
         metrics = evaluate_partition(
             resolved["path"],
             resolved["ref"],
             records,
-            self.output_uri,
+            out_root,
             self.model_name,
             self.ds,
             version=resolved["version"],
             live_version=live,
             limit=limit,
         )
-        folder = version_dir(self.output_uri, self.model_name, self.ds, resolved["version"])
+        folder = version_dir(out_root, self.model_name, self.ds, resolved["version"])
         self.log.info(
             "%s on ds=%s (%d records): %s",
             resolved["ref"],
@@ -303,22 +340,53 @@ class PartitionEvaluationOperator(AirloomBaseOperator):
             metrics["n"],
             json.dumps({k: round(v, 4) for k, v in metrics["aggregate"].items()}),
         )
-        return push_outputs(
-            context,
-            {
-                "model": resolved["ref"],
-                "ds": self.ds,
-                "n": metrics["n"],
-                "aggregate": metrics["aggregate"],
-                "version": resolved["version"],
-                "live_version": live,
-                "metrics_path": str(folder / "metrics.json"),
-            },
+        result = {
+            "model": resolved["ref"],
+            "ds": self.ds,
+            "n": metrics["n"],
+            "aggregate": metrics["aggregate"],
+            "version": resolved["version"],
+            "live_version": live,
+            "metrics_path": str(folder / "metrics.json"),
+        }
+        # The day's folder is published (manifest last, replacing a rerun's) for the trend, on any worker.
+        return push_outputs(context, self.hand_over(context, result, folder))
+
+
+def local_root(op: AirloomBaseOperator, root: str) -> Path:
+    """Where a task writes what goes under ``root`` (``output_uri``): ``root`` itself with the local
+    default; with a remote store, the place under this worker's ``AIRLOOM_HOME`` of the key ``root`` names
+    (a URI of the store, or a folder under ``AIRLOOM_HOME`` as the DAG's defaults are), published from there."""
+    if not op.artifacts.remote:
+        return Path(root)
+    from airloom.settings import home
+
+    return home() / store_key(op, root)
+
+
+def store_key(op: AirloomBaseOperator, root: str) -> str:
+    """The key in the (remote) artifact store that ``root`` names; fails the task for anything else."""
+    key = op.artifacts.key_of(root)
+    if key is None:
+        from airloom.settings import home
+
+        raise AirflowFailException(
+            f"output_uri {root} is neither in the artifact store {op.artifacts.root} nor under AIRLOOM_HOME "
+            f"{home()}: workers share no disk, so results go to the store; give a URI of the store or a "
+            "folder under AIRLOOM_HOME (its key in the store)"
         )
+    return key
 
 
-class EvaluationTrendOperator(BaseOperator):
-    """Chart every evaluated date of ``model_name`` (trend.json + trend.png)."""
+class EvaluationTrendOperator(AirloomBaseOperator):
+    """Chart every evaluated date of ``model_name`` (trend.json + trend.png).
+
+    With the local default the trend is written beside the dates (``<output_uri>/<model_name>/``). With a
+    remote store the dates are read from the store, every published one whichever worker scored it; the
+    trend goes to this task's folder, published with it (what the result and the link name: each run's
+    own chart), and a copy of ``trend.json`` and ``trend.png`` is put beside the dates, one object each
+    (a single PUT is atomic), as the model's latest trend, where the local layout has it.
+    """
 
     template_fields: Sequence[str] = ("model_name", "output_uri")
     operator_extra_links = (TrendChartLink(),)
@@ -329,9 +397,18 @@ class EvaluationTrendOperator(BaseOperator):
         self.output_uri = output_uri
 
     def execute(self, context) -> dict[str, Any]:
-        from airloom.evaluation.backfill import build_trend
+        from airloom.evaluation.backfill import build_trend, stored_metrics
 
-        trend = build_trend(Path(self.output_uri) / self.model_name)
+        if self.artifacts.remote:
+            key = f"{store_key(self, self.output_uri)}/{self.model_name}"
+            found = stored_metrics(self.artifacts, key)
+            out = self.output_folder(context)
+            trend = build_trend(self.artifacts.uri(key), found=found, out_dir=out)
+            for name in ("trend.json", "trend.png"):  # the model's latest trend, beside its days
+                if (out / name).is_file():
+                    self.artifacts.store.put_file(f"{key}/{name}", out / name)
+        else:
+            trend = build_trend(Path(self.output_uri) / self.model_name)
         self.log.info(
             "trend over %d dates, versions %s, production changes %s: %s",
             trend["dates"],
@@ -339,4 +416,6 @@ class EvaluationTrendOperator(BaseOperator):
             [f"{c['ds']}: v{c['from']} -> v{c['to']}" for c in trend["changes"]],
             trend.get("plot"),
         )
-        return {"dates": trend["dates"], "plot": trend.get("plot"), "changes": trend["changes"]}
+        return self.hand_over(
+            context, {"dates": trend["dates"], "plot": trend.get("plot"), "changes": trend["changes"]}
+        )

@@ -31,8 +31,15 @@ class DriftMonitorOperator(AirloomBaseOperator):
     Either way the reference holds the records in their own shape: conversations stay conversations
     (:func:`airloom.monitoring.drift.profile_records`), and so does the chat traffic compared with it.
 
-    :param traffic_uri: root of ``ds=YYYY-MM-DD/*.jsonl`` partitions of prompts served.
-    :param feedback_uri: root of ``ds=YYYY-MM-DD/*.jsonl`` partitions of ``{"id", "rating": 1|-1}``.
+    With the artifact store on S3 (``AIRLOOM_ARTIFACTS``, workers that share no disk) every input is read
+    from the store: the day's partitions (the batch objects ``airloom serve`` wrote, listed and read), the
+    reference files (staged, verified against the manifest of the artifact that holds them: the data DAG's
+    published ``eda_report`` and prepared split); the task's folder and the day's corrections are
+    published, and the result and the report name ``s3://`` URIs. A local store reads and writes folders.
+
+    :param traffic_uri: root of ``ds=YYYY-MM-DD/*.jsonl`` partitions of prompts served: a folder or an
+        ``s3://`` prefix (the artifact store's ``data/traffic``, or another one read through the connection).
+    :param feedback_uri: root of ``ds=YYYY-MM-DD/*.jsonl`` partitions of ``{"id", "rating": 1|-1}``, as above.
     :param reference_file: the training split (a prepared split: ``prompt``, ``task``, and ``messages`` on
         conversations); empty = the served model's training dataset (above).
     :param model_name: the registered model whose ``production`` version's lineage names the training
@@ -87,7 +94,7 @@ class DriftMonitorOperator(AirloomBaseOperator):
 
     def execute(self, context) -> dict[str, Any]:
         from airloom.data.splits import read_split
-        from airloom.evaluation.backfill import day_end, read_partition
+        from airloom.evaluation.backfill import day_end
         from airloom.monitoring.drift import (
             decide_input_drift,
             decide_retraining,
@@ -111,24 +118,26 @@ class DriftMonitorOperator(AirloomBaseOperator):
                 "after midnight judges the whole day",
                 self.ds,
             )
-        traffic = read_partition(self.traffic_uri, self.ds)
+        traffic_days, feedback_days = self._partitions(self.traffic_uri), self._partitions(self.feedback_uri)
+        traffic = traffic_days.read(self.ds)
         if traffic is None:
-            raise skip_task(self.log, f"no traffic partition {self.traffic_uri}/ds={self.ds}")
+            raise skip_task(self.log, f"no traffic partition {traffic_days.where(self.ds)}")
         out_dir = self.output_folder(context)
-        split, profile_path, chosen = self._reference(traffic)
-        if profile_path is None and split is None:
+        split, profile, chosen = self._reference(traffic)
+        if profile is None and split is None:
             missing = self.reference_profile or self.reference_file or "no prepared dataset"
             raise skip_task(self.log, f"no training reference ({missing}): nothing to compare with")
         self.log.info("training reference: %s", json.dumps(chosen))
-        feedback = read_partition(self.feedback_uri, self.ds) or []
+        feedback = feedback_days.read(self.ds) or []
         training = read_split(split) if split else None
         report: dict[str, Any] = drift_report(training, traffic) if training is not None else {}
         report.update(feedback_summary(feedback))
         reasons = decide_retraining(
             report, max_psi=float(self.max_psi), max_negative_rate=float(self.max_negative_rate)
         )
-        if profile_path is not None:
-            reference = json.loads(Path(profile_path).read_text())
+        if profile is not None:
+            profile_path, local_profile = profile  # where it lives (a URI on S3), the local copy read
+            reference = json.loads(Path(local_profile).read_text())
         else:  # no EDA profile of the training data: profile its split the same way, conversations as such
             from airloom.data.eda import build_profile
             from airloom.monitoring.drift import profile_records
@@ -146,12 +155,12 @@ class DriftMonitorOperator(AirloomBaseOperator):
         report["serving"] = serving_summary(traffic, feedback)
         reasons += decide_serving(report["serving"], max_failing_rate=float(self.max_failing_rate))
         corrected, dropped = corrected_dataset(feedback)
-        report["corrected_dataset"] = self._write_corrections(out_dir, corrected, dropped)
+        report["corrected_dataset"], corrections = self._write_corrections(out_dir, corrected, dropped)
         report.update({"ds": self.ds, "retrain": bool(reasons), "reasons": reasons, "reference": chosen})
         dashboard = write_dashboard(
             out_dir,
-            self.traffic_uri,
-            self.feedback_uri,
+            traffic_days,
+            feedback_days,
             self.ds,
             input_drift=report["input_drift"],
             extra={
@@ -159,7 +168,8 @@ class DriftMonitorOperator(AirloomBaseOperator):
                 "reasons": reasons,
             },
         )
-        path = write_report(out_dir, report)
+        # The report names what other machines can read: URIs once the store is on S3 (hand_over publishes).
+        path = write_report(out_dir, self.artifacts.handover(report))
         self.log.info(
             "monitoring ds=%s: %s",
             self.ds,
@@ -170,7 +180,7 @@ class DriftMonitorOperator(AirloomBaseOperator):
                 }
             ),
         )
-        return {
+        result = {
             "report": str(path),
             "retrain": bool(reasons),
             "reasons": reasons,
@@ -180,14 +190,49 @@ class DriftMonitorOperator(AirloomBaseOperator):
             "feedback_dataset": report["corrected_dataset"],
             "reference": chosen,
         }
+        # On S3: the task's folder and the day's corrections published (manifest last), URIs handed over.
+        return self.hand_over(context, result, corrections)
 
-    def _reference(self, traffic: list[dict] | None = None) -> tuple[str | None, str | None, dict]:
-        """(training split file, EDA profile file, what was chosen and why); either file may be None."""
-        split = self.reference_file if self.reference_file and Path(self.reference_file).is_file() else None
+    def _partitions(self, location: str):
+        """The daily partitions at ``location``: the artifact store's (a URI, or a path under AIRLOOM_HOME
+        when the store is on S3), another s3:// prefix (through the connection), or a folder."""
+        from airloom.data.partitions import DailyPartitions
+
+        return DailyPartitions.open(location, artifacts=self.artifacts, client=self.s3_client(location))
+
+    def _fetch(self, location: str | None) -> str | None:
+        """A local copy of the file ``location`` names, None when there is none. On an S3 store, a URI of
+        the store or a path under AIRLOOM_HOME is read from the store (staged: verified against its
+        artifact's manifest, so half an upload is never read); a local file otherwise."""
+        if not location:
+            return None
+        from airloom.artifacts import ArtifactIncomplete, is_remote
+        from airloom.exceptions import RegistryError
+
+        store = self.artifacts
+        if store.remote and store.key_of(location) is not None:
+            uri = location if is_remote(location) else store.uri_of(location)
+            try:
+                staged = store.stage(uri)
+            except (ArtifactIncomplete, RegistryError) as exc:
+                self.log.info("%s: not in the artifact store (%s)", uri, exc)
+            else:
+                if staged.is_file():
+                    return str(staged)
+        if is_remote(location):
+            return None
+        return location if Path(location).is_file() else None
+
+    def _reference(
+        self, traffic: list[dict] | None = None
+    ) -> tuple[str | None, tuple[str, str] | None, dict]:
+        """(training split file, (EDA profile's location, its local copy), what was chosen and why); the
+        files are local copies, either may be None."""
+        split = self._fetch(self.reference_file)
         if self.reference_profile:  # named explicitly: missing means skip, not a silent fallback
-            found = Path(self.reference_profile).is_file()
+            found = self._fetch(self.reference_profile)
             chosen = {"source": "reference_profile param", "profile": self.reference_profile}
-            return (split, self.reference_profile, chosen) if found else (None, None, chosen)
+            return (split, (self.reference_profile, found), chosen) if found else (None, None, chosen)
         if self.reference_file:
             return split, None, {"source": "reference_file param", "file": self.reference_file}
         dataset, chosen = self._training_dataset(traffic or [])
@@ -195,20 +240,22 @@ class DriftMonitorOperator(AirloomBaseOperator):
             return None, None, chosen
         from airloom.settings import run_dir
 
-        folder = Path(dataset["path"])
-        chosen["dataset"] = dataset.get("ref") or str(folder)
+        folder = str(dataset["path"]).rstrip("/")  # a folder, or its URI in the artifact store
+        chosen["dataset"] = dataset.get("ref") or folder
         # Parquet since the airloom.prepared/2 format; JSON lines before.
         split = next(
-            (str(p) for p in (folder / "train.parquet", folder / "train.jsonl") if p.is_file()), None
+            (got for name in ("train.parquet", "train.jsonl") if (got := self._fetch(f"{folder}/{name}"))),
+            None,
         )
-        profile = None
         if dataset.get("dag_id") and dataset.get("run_id"):
-            # llm_data_quality's eda_report task profiled the data that run read (prepare split its accepted rows).
-            candidate = run_dir(dataset["dag_id"], dataset["run_id"], "eda_report") / "profile.json"
-            profile = str(candidate) if candidate.is_file() else None
-        elif (sibling := folder.parent / "eda_report" / "profile.json").is_file():
-            profile = str(sibling)  # prepared inside its data-quality run's folder (before names)
-        return split, profile, chosen
+            # llm_data_quality's eda_report task profiled the data that run read (prepare split its accepted
+            # rows); on S3 its published artifact, under the same key.
+            where = str(run_dir(dataset["dag_id"], dataset["run_id"], "eda_report") / "profile.json")
+            where = self.artifacts.uri_of(where)
+        else:  # prepared inside its data-quality run's folder (before names)
+            where = f"{folder.rsplit('/', 1)[0]}/eda_report/profile.json"
+        found = self._fetch(where)
+        return split, ((where, found) if found else None), chosen
 
     def _training_dataset(self, traffic: list[dict]) -> tuple[dict | None, dict]:
         """The prepared dataset the served model learnt from: (its summary, how it was found)."""
@@ -266,30 +313,59 @@ class DriftMonitorOperator(AirloomBaseOperator):
         except (AirloomError, OSError) as exc:
             return None, str(exc)
 
-    def _write_corrections(self, out_dir: Path, corrected: list[dict], dropped: dict) -> dict:
-        """Corrected answers as raw instruction rows (llm_data_quality's input), one version per ``ds``.
+    def _write_corrections(
+        self, out_dir: Path, corrected: list[dict], dropped: dict
+    ) -> tuple[dict, Path | None]:
+        """Corrected answers as raw instruction rows (llm_data_quality's input), one version per ``ds``:
+        (the entry for the report, the folder to publish with the task's, if any).
 
-        The ``ds`` partition is replaced as a whole, so a rerun leaves exactly this run's rows there.
+        The ``ds`` partition is replaced as a whole, so a rerun leaves exactly this run's rows there. A
+        ``corrections_uri`` in the artifact store on S3 is written under the same key below AIRLOOM_HOME and
+        published (the folder returned); another s3:// prefix gets the file in one PUT.
         """
         import hashlib
 
+        from airloom.artifacts import is_remote
+        from airloom.settings import home
+
+        foreign = None  # (store, key): an s3:// prefix outside the artifact store
         root = Path(self.corrections_uri) if self.corrections_uri else out_dir / "corrected"
-        target = (root / f"ds={self.ds}" if self.corrections_uri else root) / "instructions.jsonl"
+        if self.corrections_uri and is_remote(self.corrections_uri):
+            key = self.artifacts.key_of(self.corrections_uri) if self.artifacts.remote else None
+            if key is not None:
+                root = home() / key  # the store's key, mirrored on this worker's disk
+            else:
+                from airloom.registry.store import open_store
+
+                client = self.s3_client(self.corrections_uri)
+                foreign = (open_store(self.corrections_uri, client), f"ds={self.ds}/instructions.jsonl")
+        partition = root / f"ds={self.ds}" if self.corrections_uri else root
+        target = partition / "instructions.jsonl"
+        published = self.artifacts.remote and foreign is None and self.artifacts.key_of(partition.resolve())
         if not corrected:
             target.unlink(missing_ok=True)
-            return {"path": None, "rows": 0, "dropped": dropped, "ds": self.ds}
+            if foreign is not None:
+                foreign[0].delete_prefix(foreign[1])
+            elif published:  # this day's earlier version, gone from the store too
+                self.artifacts.store.delete_prefix(f"{self.artifacts.key_of(partition.resolve())}/")
+            return {"path": None, "rows": 0, "dropped": dropped, "ds": self.ds}, None
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in corrected).encode()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp")
-        tmp.write_bytes(data)
-        tmp.replace(target)
-        return {
+        entry = {
             "path": str(target),
             "rows": len(corrected),
             "dropped": dropped,
             "sha256": hashlib.sha256(data).hexdigest(),
             "ds": self.ds,
         }
+        if foreign is not None:
+            foreign[0].put_bytes(foreign[1], data)  # one PUT: there whole or not at all
+            entry["path"] = foreign[0].uri(foreign[1])
+            return entry, None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+        return entry, (partition if published else None)
 
 
 def retrain_on(reference: dict | None) -> str | None:

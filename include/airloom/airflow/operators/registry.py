@@ -37,6 +37,11 @@ class RegisterModelOperator(AirloomBaseOperator):
         upstream one, else ``system:<dag_id>``) are added here so lineage cannot be forgotten.
     :param evidence: label → path/URI shown to reviewers (model card, eval report); hashed into the request.
     :param attachments: path in the version → file stored with it (the eval report and metrics).
+
+    ``model_dir`` and the attachments may be URIs of the artifact store (workers that share no disk):
+    they are staged onto this worker (verified against their manifests) and registered from there; the
+    registry's copy is then what every later task reads. Evidence is recorded as given (a URI stays a URI
+    reviewers can open), with its sha256.
     """
 
     template_fields: Sequence[str] = (
@@ -84,10 +89,10 @@ class RegisterModelOperator(AirloomBaseOperator):
         }
         version = registry.register(
             self.model_name,
-            self.model_dir,
+            self.stage(self.model_dir),
             metadata={**self.metadata, "lineage": lineage},
             actor=user,
-            attachments={k: v for k, v in self.attachments.items() if v},
+            attachments={k: self.stage(v) for k, v in self.attachments.items() if v},
         )
         self.log.info("registered %s (%d files) at %s", version.ref, len(version.files), version.uri)
         if self.alias:
@@ -102,7 +107,16 @@ class RegisterModelOperator(AirloomBaseOperator):
         if self.request_signoff:
             evidence = {k: v for k, v in self.evidence.items() if v}
             request_signoff(
-                registry, self.model_name, version.version, requested_by=user, evidence=evidence, via="task"
+                registry,
+                self.model_name,
+                version.version,
+                requested_by=user,
+                evidence=evidence,
+                via="task",
+                # evidence handed over as store URIs is read through this task's connection
+                s3_client=next(
+                    (self.s3_client(v) for v in evidence.values() if str(v).startswith("s3://")), None
+                ),
             )
             self.log.info(
                 "sign-off of %s requested by %s: a reviewer approves on the sign-off page (Browse → Model "
@@ -296,8 +310,8 @@ class CanaryOperator(AirloomBaseOperator):
         if self.dataset_file is not None:
             from airloom.data.splits import read_split
 
-            try:
-                asked: list = dataset_prompts(read_split(str(self.dataset_file)), self.limit)
+            try:  # a split handed over by URI is staged onto this worker first
+                asked: list = dataset_prompts(read_split(str(self.stage(str(self.dataset_file)))), self.limit)
             except AirloomError as e:
                 raise AirflowFailException(f"canary: {self.dataset_file}: {e}") from e
         else:
@@ -349,7 +363,8 @@ class CanaryOperator(AirloomBaseOperator):
             render("canary.html.j2", model=f"registry:{ref}", rows=rows, passed=passed, verdict=verdict),
             "utf-8",
         )
-        push_outputs(context, {"canary_report": str(page)})
+        # published (with the gateway's log) before it is linked, so the answers can be read from any worker
+        push_outputs(context, self.hand_over(context, {"canary_report": str(page)}))
         if not passed:
             why = "; ".join(
                 f"{i}. {shown(p)!r}: "
