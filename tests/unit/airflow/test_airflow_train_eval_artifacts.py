@@ -140,7 +140,6 @@ def test_finetune_hand_overs_across_workers(remote, dataset, tiny_model_dir, mak
         "run",
         lambda proc, log: launched_run(proc, log=lambda m: [lines.append(m), log(m)]),
     )
-    mirror = f"s3://{remote.bucket}/{uuid.uuid4().hex}/checkpoints"
     trained = DeepSpeedTrainOperator(
         task_id="train",
         base_model=f"registry:{BASE}",
@@ -152,9 +151,9 @@ def test_finetune_hand_overs_across_workers(remote, dataset, tiny_model_dir, mak
             "batch_size": 4,
             "zero_stage": 0,
             "log_every": 1,
-            # checkpoints still mirror to S3 beside the hand-overs (the child gets the connection's keys)
+            # checkpoints mirror to the store by default (the child gets the connection's keys), so a
+            # retry on another gpu worker resumes
             "checkpoint_every": 2,
-            "checkpoint_uri": mirror,
         },
     ).execute(context)
     assert any("checkpoint step-00000002 saved" in line for line in lines), lines[-10:]
@@ -170,6 +169,9 @@ def test_finetune_hand_overs_across_workers(remote, dataset, tiny_model_dir, mak
     assert trained["loss_curve"] == f"{run_uri}/loss_curve.png"
     assert (trained["base_model"], trained["base_model_path"]) == (f"registry:{BASE}/1", f"registry:{BASE}/1")
     assert trained["config"]["train_file"] == dataset["train"]
+    assert trained["config"]["checkpoint_uri"] == (
+        f"{remote.store}/checkpoints/llm_finetune/manual__2026-01-02T03_04_05_00_00/train/0"
+    )
     assert trained["config"]["base_model"] == f"registry:{BASE}/1"
     manifest = json.loads(remote.artifacts().read_bytes(f"{run_uri}/{MANIFEST}"))
     assert {"model/config.json", "train_metrics.json", "loss_curve.png"} <= set(manifest["files"])

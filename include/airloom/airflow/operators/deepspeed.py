@@ -8,6 +8,8 @@ exits non-zero. ``on_kill`` ends the child's whole process group, launcher and r
 Workers that share no disk (``AIRLOOM_ARTIFACTS=s3://…``): the splits and a base model handed over by
 URI are staged onto this worker before the launch (the child reads local files), and the run's folder
 (model, metrics, loss curve) is published to the artifact store when it ends; the result names it by URI.
+A one-node run that checkpoints mirrors its checkpoints to ``checkpoints/<dag>/<run>/<task>/`` in the store
+unless its config names a ``checkpoint_uri``: a retry on another worker resumes from there.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
@@ -136,6 +139,10 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
             preflight.check_topology(
                 nnodes=cfg.nnodes, node_rank=node_rank, master_addr=cfg.master_addr, launcher=cfg.launcher
             )
+            if self.artifacts.remote and cfg.checkpoint_every and not cfg.checkpoint_uri and cfg.nnodes == 1:
+                # A retry may land on another gpu worker, whose disk has no checkpoint: mirror them to the
+                # store, so it resumes from the newest one (the recipe fetches it) instead of step 0.
+                cfg.checkpoint_uri = self.artifacts.uri(checkpoint_key(out))
             preflight.check_hardware(cfg)  # e.g. qlora without CUDA, bf16 on a V100
             try:
                 preflight.check_splits({"train": cfg.train_file, "validation": cfg.validation_file})
@@ -208,6 +215,14 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
     def on_kill(self) -> None:
         if self._process is not None:
             self._process.kill()
+
+
+def checkpoint_key(out: Any) -> str:
+    """The store's key for a training task's checkpoint mirror: ``checkpoints/<dag>/<run>/<task>[/<map>]``,
+    beside the run's published folder, not in it (a finished run deletes its checkpoints)."""
+    from airloom.settings import home
+
+    return "checkpoints/" + Path(out).resolve().relative_to(home().resolve() / "runs").as_posix()
 
 
 class TrainingPreflightOperator(AirloomBaseOperator):
