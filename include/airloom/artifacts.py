@@ -23,6 +23,7 @@ default chain and ``AWS_ENDPOINT_URL``). No Airflow imports.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -217,10 +218,15 @@ class Artifacts:
             )
         return chosen
 
-    def stage(self, location: str | os.PathLike[str], beside: tuple[str, ...] = ()) -> Path:
+    def stage(
+        self, location: str | os.PathLike[str], beside: tuple[str, ...] = (), *, hold: bool = False
+    ) -> Path:
         """A local path with what ``location`` names. A local path (or a local store) comes back as it is;
         a URI of an ``s3://`` store is downloaded once into the cache, verified, and reused after. A file
-        comes with the files named ``beside`` from its folder next to it (when its artifact has them)."""
+        comes with the files named ``beside`` from its folder next to it (when its artifact has them).
+        ``hold``: this process keeps a shared lock on the entry until it exits, so another task on the worker
+        that makes room in the cache never deletes what this one is still reading (a task process is
+        short-lived; the operators hold what they stage)."""
         text = os.fspath(location)
         if not is_remote(text):
             return Path(text)
@@ -232,11 +238,14 @@ class Artifacts:
             json.dumps([[e.rel, e.sha256] for e in chosen] + [single]).encode()
         ).hexdigest()[:32]
         entry = self.cache_dir / digest
-        if (entry / _COMPLETE).is_file():
-            os.utime(entry / _COMPLETE)  # recently used: evicted last
-        else:
-            self._download(chosen, entry)
-            self._evict(keep=entry)
+        for _ in range(3):  # an entry evicted between the check and the lock is staged again
+            if (entry / _COMPLETE).is_file():
+                os.utime(entry / _COMPLETE)  # recently used: evicted last
+            else:
+                self._download(chosen, entry)
+                self._evict(keep=entry)
+            if not hold or _hold(entry):
+                break
         return entry / _FILES / chosen[0].rel if single else entry / _FILES
 
     def _download(self, chosen: list[_Entry], entry: Path) -> None:
@@ -272,8 +281,8 @@ class Artifacts:
         entries = []
         for child in self.cache_dir.iterdir():
             marker = child / _COMPLETE
-            if child == keep or not marker.is_file():
-                continue
+            if child == keep or child.name.startswith(".tmp-") or not marker.is_file():
+                continue  # (.tmp-*: being staged or deleted by another task)
             size = sum(p.stat().st_size for p in child.rglob("*") if p.is_file())
             entries.append((marker.stat().st_mtime, size, child))
         total = sum(size for _, size, _ in entries) + sum(
@@ -282,8 +291,8 @@ class Artifacts:
         for _, size, child in sorted(entries):
             if total <= self.cache_max_bytes:
                 break
-            shutil.rmtree(child, ignore_errors=True)
-            total -= size
+            if _remove_unused(child):
+                total -= size
 
     def read_bytes(self, location: str | os.PathLike[str]) -> bytes:
         """A small file named by a path or URI of this store, read without the cache."""
@@ -298,3 +307,42 @@ class Artifacts:
     def list(self, prefix: str) -> list[str]:
         """Keys under ``prefix`` (manifests and every file)."""
         return self.store.list(prefix)
+
+
+#: Shared locks on the cache entries this process uses (see :meth:`Artifacts.stage`'s ``hold``); the
+#: kernel releases them when the process exits.
+_HELD: list[int] = []
+
+
+def _hold(entry: Path) -> bool:
+    """Take a shared lock on ``entry`` for the rest of this process; False when it was evicted meanwhile."""
+    try:
+        fd = os.open(entry / _COMPLETE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    if not (entry / _COMPLETE).is_file():  # removed while we waited for the lock
+        os.close(fd)
+        return False
+    _HELD.append(fd)
+    return True
+
+
+def _remove_unused(entry: Path) -> bool:
+    """Delete a cache entry unless a process holds it; it leaves the cache in one rename first, so nobody
+    finds it complete while it is being deleted."""
+    try:
+        fd = os.open(entry / _COMPLETE, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False  # a task on this worker is reading it
+    else:
+        trash = entry.with_name(f".tmp-{uuid.uuid4().hex}")
+        entry.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)

@@ -215,6 +215,44 @@ def test_an_artifact_larger_than_the_bound_is_kept_while_it_is_used(worker):
     assert not staged_big.exists()
 
 
+def test_an_entry_a_task_holds_is_not_evicted_until_that_task_ends(worker):
+    """Another task on the worker making room never deletes what a running task staged (its process holds
+    a shared lock on the entry until it exits)."""
+    import subprocess
+    import sys
+
+    home_a = worker("a")
+    uris = [
+        Artifacts().publish(_write(home_a / "runs" / "d" / "r" / name, {"blob.bin": os.urandom(1000)}))
+        for name in ("held", "two", "three")
+    ]
+    worker("b")
+    holder = subprocess.Popen(  # a task that staged "held" and is still training on it
+        [
+            sys.executable,
+            "-c",
+            "import sys; from airloom.artifacts import Artifacts; "
+            f"print(Artifacts().stage({uris[0]!r}, hold=True), flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        held = Path(holder.stdout.readline().strip())
+        assert (held / "blob.bin").stat().st_size == 1000
+        reader = Artifacts(cache_max_bytes=1500)  # room for one entry
+        os.utime(held.parent / ".complete", (1_000, 1_000))  # the least recently used
+        reader.stage(uris[1])
+        assert held.is_dir()  # over the bound rather than pulled from under the running task
+    finally:
+        holder.communicate("", timeout=60)
+    # The task ended (its lock went with it): the next stage that needs room evicts it.
+    reader.stage(uris[2])
+    assert not held.exists()
+    assert len(_cached(reader)) == 1
+
+
 def test_republishing_replaces_the_manifest(worker):
     home_a = worker("a")
     out = _write(home_a / "runs" / "d" / "r" / "train", {"a.txt": b"first", "gone.txt": b"old"})

@@ -78,13 +78,14 @@ def count_rows(path: str | Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def check_splits(splits: dict[str, str | None]) -> dict[str, int]:
-    """Each given split file has rows (None entries are skipped); returns the row counts."""
+def check_splits(splits: dict[str, str | None], known: dict[str, int] | None = None) -> dict[str, int]:
+    """Each given split file has rows (None entries are skipped); returns the row counts. ``known``: counts
+    already known (a prepared dataset's manifest records them), used instead of reading those files."""
     counts = {}
     for split, path in splits.items():
         if path is None:
             continue
-        counts[split] = count_rows(path)
+        counts[split] = known[split] if known and split in known else count_rows(path)
         if counts[split] == 0:
             raise UsageError(
                 f"{path}: the {split} split is empty; prepare a dataset with enough rows that every "

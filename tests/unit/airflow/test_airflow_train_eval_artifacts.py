@@ -112,9 +112,12 @@ def dataset(remote) -> dict[str, str]:
     home = remote.worker("data")
     folder = home / "datasets" / "demo" / "1"
     folder.mkdir(parents=True)
-    for split, n, seed in (("train", 48, 1), ("validation", 6, 2), ("test", 6, 3)):
+    sizes = {"train": 48, "validation": 6, "test": 6}
+    for seed, (split, n) in enumerate(sizes.items(), start=1):
         pq.write_table(pa.Table.from_pylist(_records(n, seed)), folder / f"{split}.parquet")
-    (folder / "manifest.json").write_text(json.dumps({"template": {"kind": "builtin", "name": "alpaca"}}))
+    splits = {split: {"file": f"{split}.parquet", "rows": n} for split, n in sizes.items()}
+    manifest = {"template": {"kind": "builtin", "name": "alpaca"}, "splits": splits}  # as prepare writes it
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     uri = remote.artifacts().publish(folder)
     remote.leave(home)
     return {split: f"{uri}/{split}.parquet" for split in ("train", "validation", "test")}
@@ -127,6 +130,10 @@ def test_finetune_hand_overs_across_workers(remote, dataset, tiny_model_dir, mak
     home = remote.worker("preflight")
     counts = TrainingPreflightOperator(task_id="preflight", splits=dataset).execute(make_context())
     assert counts == {"train": 48, "validation": 6, "test": 6}
+    # the counts come from the dataset's manifest: no split was downloaded onto this (CPU) worker
+    assert [p.name for p in (home / "cache").rglob("*") if p.is_file() and p.name != ".complete"] == [
+        "manifest.json"
+    ]
     remote.leave(home)
 
     # train, on the GPU worker: the splits staged with the dataset's manifest beside them, the run's folder

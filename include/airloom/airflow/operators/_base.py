@@ -84,7 +84,7 @@ class AirloomBaseOperator(BaseOperator):
             return location
         if self.artifacts.key_of(location) is None:
             return location  # s3:// data of the user's own, read where it lies
-        return str(self.artifacts.stage(location, beside))
+        return str(self.artifacts.stage(location, beside, hold=True))
 
     def stage_split(self, location: str | None) -> str | None:
         """:meth:`stage` for a prepared split: its dataset's ``manifest.json`` (the chat template the readers

@@ -262,9 +262,32 @@ class TrainingPreflightOperator(AirloomBaseOperator):
                 master_addr=self.master_addr,
                 launcher=None,
             )
-            staged = {split: self.stage(location) for split, location in given.items()}
-            counts = preflight.check_splits(staged)
+            # A prepared dataset's manifest has the counts: a split on the store is downloaded only when
+            # its manifest does not say (this worker does not train; the gpu worker stages what it reads).
+            known = {
+                split: rows
+                for split, loc in given.items()
+                if (rows := self._rows_in_manifest(loc)) is not None
+            }
+            staged = {split: loc if split in known else self.stage(loc) for split, loc in given.items()}
+            counts = preflight.check_splits(staged, known)
         except UsageError as e:
             raise AirflowFailException(as_given(str(e), given, staged)) from e
         self.log.info("rows per split: %s", counts)
         return counts
+
+    def _rows_in_manifest(self, location: str | None) -> int | None:
+        """The rows of a split on the remote store that its dataset's ``manifest.json`` records, else None."""
+        from airloom.artifacts import ArtifactIncomplete, is_remote
+
+        if not location or not is_remote(location) or not self.artifacts.remote:
+            return None
+        folder, _, name = location.rstrip("/").rpartition("/")
+        try:
+            manifest = json.loads(self.artifacts.stage(f"{folder}/manifest.json").read_text())
+        except (ArtifactIncomplete, UsageError, ValueError):
+            return None
+        for info in (manifest.get("splits") or {}).values():
+            if isinstance(info, dict) and info.get("file") == name and isinstance(info.get("rows"), int):
+                return info["rows"]
+        return None
