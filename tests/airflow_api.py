@@ -56,3 +56,13 @@ def api_app(tmp_path_factory) -> Iterator:
         finally:
             _clear_plugin_caches()
             airflow_app.purge_cached_app()
+
+
+def bearer_tokens(client) -> dict[str, str]:
+    """A JWT from ``POST /auth/token`` for each of the users in :data:`PASSWORDS`."""
+    out = {}
+    for user, password in PASSWORDS.items():
+        r = client.post("/auth/token", json={"username": user, "password": password})
+        assert r.status_code == 201, r.text
+        out[user] = r.json()["access_token"]
+    return out

@@ -237,19 +237,23 @@ def resolve(ref: str, root: str | Path | None = None, artifacts: Artifacts | Non
     name, _, version_text = ref.partition("@")
     check_name(name, "dataset name in reference " + repr(ref))
     folder = root_dir(root) / name
-    versions = _versions(folder)
-    if not versions:
-        raise UsageError(f"no prepared dataset named {name!r} in {root_dir(root)}; {_available(root)}")
-    if version_text in ("", LATEST):
-        version = versions[-1]
-    elif version_text.isdigit() and int(version_text) in versions:
-        version = int(version_text)
-    else:
-        raise UsageError(
-            f"dataset {ref!r}: no version {version_text!r} of {name!r}; versions: "
-            f"{', '.join(map(str, versions))} (or {name}@latest)"
-        )
+    version = _pick(ref, _versions(folder), root_dir(root), lambda: _available(root))
     return PreparedDataset(folder / str(version), _load(folder / str(version)), name, version)
+
+
+def _pick(ref: str, versions: list[int], where: Any, available: Any) -> int:
+    """The version ``ref`` (``name``, ``name@latest`` or ``name@N``) names among ``versions`` (ascending)."""
+    name, _, version_text = ref.partition("@")
+    if not versions:
+        raise UsageError(f"no prepared dataset named {name!r} in {where}; {available()}")
+    if version_text in ("", LATEST):
+        return versions[-1]
+    if version_text.isdigit() and int(version_text) in versions:
+        return int(version_text)
+    raise UsageError(
+        f"dataset {ref!r}: no version {version_text!r} of {name!r}; versions: "
+        f"{', '.join(map(str, versions))} (or {name}@latest)"
+    )
 
 
 def list_datasets(
@@ -489,21 +493,10 @@ def _resolve_remote(art: Artifacts, ref: str) -> PreparedDataset:
         if not (len(parts) == 3 and parts[0] == PREFIX and parts[1] == name and parts[2] == str(version)):
             name, version = None, None  # files uploaded elsewhere: a folder, not a catalog version
         return PreparedDataset(art.uri(key), manifest, name, version if isinstance(version, int) else None)
-    name, _, version_text = ref.partition("@")
+    name = ref.partition("@")[0]
     check_name(name, "dataset name in reference " + repr(ref))
     versions = sorted(_remote_numbers(art.store, name).get(name, (set(), set()))[1])
-    if not versions:
-        raise UsageError(f"no prepared dataset named {name!r} in {art.uri(PREFIX)}; {_available(None, art)}")
-    if version_text in ("", LATEST):
-        version = versions[-1]
-    elif version_text.isdigit() and int(version_text) in versions:
-        version = int(version_text)
-    else:
-        raise UsageError(
-            f"dataset {ref!r}: no version {version_text!r} of {name!r}; versions: "
-            f"{', '.join(map(str, versions))} (or {name}@latest)"
-        )
-    return _load_remote(art, name, version)
+    return _load_remote(art, name, _pick(ref, versions, art.uri(PREFIX), lambda: _available(None, art)))
 
 
 def _list_remote(art: Artifacts) -> list[PreparedDataset]:

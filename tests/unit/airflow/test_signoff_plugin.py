@@ -14,7 +14,7 @@ import pytest
 from airloom.governance.signoff import request_signoff, signoff_status
 from airloom.registry.registry import ModelRegistry
 from airloom.settings import home, registry_uri
-from tests.airflow_api import PASSWORDS, api_app
+from tests.airflow_api import api_app, bearer_tokens
 
 MODEL = "demo-model"
 RUN_ID = "manual__2026-01-02T03:04:05+00:00"
@@ -32,12 +32,7 @@ def client(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokens(client) -> dict[str, str]:
-    out = {}
-    for user, password in PASSWORDS.items():
-        r = client.post("/auth/token", json={"username": user, "password": password})
-        assert r.status_code == 201, r.text
-        out[user] = r.json()["access_token"]
-    return out
+    return bearer_tokens(client)
 
 
 def as_user(tokens, user: str) -> dict[str, str]:

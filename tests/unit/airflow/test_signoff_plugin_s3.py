@@ -23,7 +23,7 @@ from airloom.artifacts import Artifacts
 from airloom.governance.signoff import request_signoff
 from airloom.registry.registry import ModelRegistry
 from airloom.settings import home, registry_uri
-from tests.airflow_api import PASSWORDS, api_app
+from tests.airflow_api import api_app, bearer_tokens
 
 MODEL = "demo-model"
 RUN = "runs/llm_finetune/manual__x"
@@ -50,12 +50,7 @@ def client(tmp_path_factory, moto_endpoint):
 
 @pytest.fixture(scope="module")
 def tokens(client) -> dict[str, str]:
-    out = {}
-    for user, password in PASSWORDS.items():
-        r = client.post("/auth/token", json={"username": user, "password": password})
-        assert r.status_code == 201, r.text
-        out[user] = r.json()["access_token"]
-    return out
+    return bearer_tokens(client)
 
 
 def as_user(tokens, user: str = "viewer") -> dict[str, str]:
