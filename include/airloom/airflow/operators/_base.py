@@ -86,6 +86,21 @@ class AirloomBaseOperator(BaseOperator):
             return location  # s3:// data of the user's own, read where it lies
         return str(self.artifacts.stage(location, beside, hold=True))
 
+    def resolve_model(self, ref: str, registry: Any = None) -> dict[str, Any]:
+        """:func:`airloom.registry.resolve.resolve_model` on ``ref`` (default: this operator's registry), a
+        model folder another task published (a URI of the artifact store) staged first; ``ref`` stays its name."""
+        from airloom.registry.resolve import resolve_model
+
+        location = self.stage(ref) or ref
+        resolved = resolve_model(
+            location,
+            registry=registry if registry is not None else self.hook.registry,
+            s3_client=self.s3_client(location),
+        )
+        if location != ref:
+            resolved["ref"] = ref
+        return resolved
+
     def stage_split(self, location: str | None) -> str | None:
         """:meth:`stage` for a prepared split: its dataset's ``manifest.json`` (the chat template the readers
         render with) comes beside it; the other splits are not downloaded."""

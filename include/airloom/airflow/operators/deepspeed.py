@@ -106,7 +106,6 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
         self._process = None
 
     def execute(self, context) -> dict[str, Any]:
-        from airloom.registry.resolve import resolve_model
         from airloom.training import preflight
         from airloom.training.config import TrainConfig
         from airloom.training.launcher import LaunchSpec, TrainingProcess, build_command, child_env
@@ -149,12 +148,7 @@ class DeepSpeedTrainOperator(AirloomBaseOperator):
             except UsageError as e:  # name the split as the run was given it, not this worker's copy
                 given = {"train_file": self.train_file, "validation_file": self.validation_file}
                 raise UsageError(as_given(str(e), given, staged)) from e
-            base_location = self.stage(self.base_model) or self.base_model  # a folder another task published
-            base = resolve_model(
-                base_location, registry=self.hook.registry, s3_client=self.s3_client(base_location)
-            )
-            if base_location != self.base_model:
-                base["ref"] = self.base_model
+            base = self.resolve_model(self.base_model)  # a folder another task published is staged
             cfg.base_model = base["path"]
             preflight.check_base_model(cfg.base_model, cfg.max_length, name=base["ref"])
         except UsageError as e:

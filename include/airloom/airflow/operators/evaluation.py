@@ -18,9 +18,6 @@ from airflow.sdk.exceptions import AirflowFailException
 from airloom.airflow.links import EvalReportLink, EvaluationDayLink, TrendChartLink
 from airloom.airflow.operators._base import AirloomBaseOperator, number, push_outputs, skip_task
 
-#: What a prepared dataset keeps beside its splits; training and evaluation render conversations with
-#: the template it names (:func:`airloom.training.chat.resolve_chat_renderer`).
-
 
 class EvaluateModelOperator(AirloomBaseOperator):
     """Generate with ``model`` on ``dataset_file`` and score the outputs (metrics.json, predictions.jsonl).
@@ -83,13 +80,13 @@ class EvaluateModelOperator(AirloomBaseOperator):
 
         registry = self.hook.registry
         try:
-            resolved = self._resolve(self.model, registry)
+            resolved = self.resolve_model(self.model, registry)
         except RegistryError as e:
             # A handed-over model folder that is not (yet) complete is no reason to score another model.
             if not self.fallback_model or isinstance(e, ArtifactIncomplete):
                 raise
             self.log.info("%s (%s); evaluating the fallback %s instead", self.model, e, self.fallback_model)
-            resolved = self._resolve(self.fallback_model, registry)
+            resolved = self.resolve_model(self.fallback_model, registry)
         out = self.output_folder(context)
         limit = number(self.limit, "limit", optional=True) or None  # 0: every record
         dataset_file = self.stage_split(self.dataset_file) or self.dataset_file
@@ -128,18 +125,6 @@ class EvaluateModelOperator(AirloomBaseOperator):
             "bias": bias_path,
         }
         return push_outputs(context, self.hand_over(context, result))
-
-    def _resolve(self, ref: str, registry: Any) -> dict[str, Any]:
-        """:func:`~airloom.registry.resolve.resolve_model` on ``ref``, a model folder published by another
-        task (a URI of the artifact store) staged first; ``ref`` stays its name."""
-        from airloom.registry.resolve import resolve_model
-
-        location = self.stage(ref)
-        assert location is not None
-        resolved = resolve_model(location, registry=registry, s3_client=self.s3_client(location))
-        if location != ref:
-            resolved["ref"] = ref
-        return resolved
 
     def _run_bias_probes(self, model_path: str, out: Path) -> str:
         from airloom.evaluation.bias import run_bias_probes
