@@ -33,7 +33,7 @@ import tempfile
 from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import chain, repeat
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +100,7 @@ class WordScan:
     """The words of a batch of texts (what :func:`words` returns) as arrays, not one string per word.
 
     Attributes:
-        hashes: Each word's 32-bit :func:`hash_words` hash, all texts' words end to end.
+        hashes: Each word's 32-bit hash (what every signature is built on), all texts' words end to end.
         lengths: Words per text.
         keys: Each word's 64-bit identity (a second, independent hash in the high half), when asked for.
         blob: The lower-cased bytes, punctuation turned to spaces, the words were cut from.
@@ -161,59 +161,6 @@ def scan_words(texts: Sequence[str], keys: bool = False) -> WordScan:
         high = _hash_bytes(arr, is_word, sizes, _WORD_P2, 0x85EBCA6B).astype(np.uint64) << np.uint64(32)
         ids = high | hashes.astype(np.uint64)
     return WordScan(hashes, lengths.astype(np.int64), ids, blob, starts, sizes)
-
-
-def hash_words(ws: Sequence[str]) -> np.ndarray:
-    """The 32-bit hash of each word (as :func:`words` returns them), the one every signature is built on."""
-    scan = scan_words([" ".join(ws)])
-    if len(scan.hashes) != len(ws):
-        raise ValueError("hash_words takes words as words() returns them (no spaces or punctuation)")
-    return scan.hashes
-
-
-def _text_word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(hash of every word of every text, words per text): :func:`words` + :func:`hash_words`, faster."""
-    scan = scan_words(texts)
-    return scan.hashes, scan.lengths
-
-
-class WordTable:
-    """A growing word -> id table with each word's 32-bit hash, so each distinct word is hashed once."""
-
-    def __init__(self) -> None:
-        self.index: dict[str, int] = {}
-        self.words: list[str] = []  # words[id]
-        self._hashes = np.zeros(1024, dtype=np.uint32)
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    @property
-    def hashes(self) -> np.ndarray:
-        """``hashes[id]`` is the word's :func:`hash_words` hash (stable across runs, unlike ``hash()``)."""
-        return self._hashes[: len(self.index)]
-
-    def ids(self, flat: list[str]) -> np.ndarray:
-        """Ids of ``flat`` (int64), adding the words not seen before."""
-        ids = np.fromiter(map(self.index.get, flat, repeat(-1)), dtype=np.int64, count=len(flat))
-        missing = np.flatnonzero(ids < 0)
-        if missing.size:
-            index, new = self.index, []
-            for pos in missing.tolist():
-                w = flat[pos]
-                i = index.get(w)
-                if i is None:
-                    i = index[w] = len(index)
-                    new.append(w)
-                ids[pos] = i
-            self.words += new
-            size = len(index)
-            if size > len(self._hashes):
-                grown = np.zeros(max(size, 2 * len(self._hashes)), dtype=np.uint32)
-                grown[: len(self._hashes)] = self._hashes
-                self._hashes = grown
-            self._hashes[size - len(new) : size] = hash_words(new)
-        return ids
 
 
 def _unique(values: np.ndarray) -> np.ndarray:
@@ -329,7 +276,8 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 
 
 class NearDuplicateFinder:
-    """Feed rows in batches (:meth:`add_texts` or :meth:`add_ids`), then ask for :meth:`result`.
+    """Feed rows in batches (:meth:`add_texts`, or :meth:`add_hashes` with words already scanned), then
+    ask for :meth:`result`.
 
     Memory per row: the row's distinct shingle hashes (4 bytes each) and ``bands`` 8-byte band keys;
     signatures are dropped once banded.
@@ -372,23 +320,8 @@ class NearDuplicateFinder:
 
     def add_texts(self, texts: Sequence[str], eligible: Sequence[bool] | np.ndarray | None = None) -> None:
         """Add one batch of rows (a few thousand at a time keeps the temporary arrays small)."""
-        hashes, lengths = _text_word_hashes(texts)
-        self.add_hashes(hashes, lengths, eligible)
-
-    def add_ids(
-        self,
-        ids: np.ndarray,
-        lengths: np.ndarray,
-        word_hashes: np.ndarray,
-        eligible: Sequence[bool] | np.ndarray | None = None,
-    ) -> None:
-        """Add one batch given as word ids (all rows' words end to end) and words per row.
-
-        This is the entry point for a caller that already tokenized with :func:`words` into its own
-        :class:`WordTable` (EDA does, to count the vocabulary in the same pass); the result is the same
-        as :meth:`add_texts` on the texts.
-        """
-        self.add_hashes(word_hashes[ids], lengths, eligible)
+        scan = scan_words(texts)
+        self.add_hashes(scan.hashes, scan.lengths, eligible)
 
     def add_hashes(
         self,
@@ -478,8 +411,8 @@ class NearDuplicateFinder:
 
     def shingle_hashes(self, text: str) -> np.ndarray:
         """The distinct shingle hashes of one text, sorted (what the signature is made of)."""
-        hashes, lengths = _text_word_hashes([text])
-        h, _ = self._shingle_hashes(hashes, lengths)
+        scan = scan_words([text])
+        h, _ = self._shingle_hashes(scan.hashes, scan.lengths)
         return _unique(h)
 
     def signature(self, text: str) -> np.ndarray:

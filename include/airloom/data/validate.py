@@ -316,8 +316,8 @@ class _Features:
     """Pass 1 of validation: per-row features of a stream of records, the EDA profile on the way.
 
     GX checks these columns (lengths, blank and control-character flags, duplicate/PII/markup flags),
-    not the text: a few bytes per row however long the rows are, kept in scratch files and handed to GX
-    as a SQLite table (:func:`_write_features`).
+    not the text: a few bytes per row however long the rows are, kept in scratch files and handed to GX's
+    process as a pandas frame (:func:`_send_features`).
     """
 
     def __init__(self, config: ValidationConfig, spill_dir: Path) -> None:
@@ -585,11 +585,6 @@ def _build_suite(config: ValidationConfig, rows: int = 0, judged: dict[str, int]
     return suite
 
 
-#: The feature table GX checks: one row per record, no text (see _Features.feature_chunks), in a
-#: scratch SQLite file in the output folder.
-_FEATURE_DB = ".features.sqlite"
-
-
 def _feature_columns(config: ValidationConfig) -> list[str]:
     columns = [
         *(f"{f}_chars" for f in LENGTH_FIELDS),
@@ -603,6 +598,12 @@ def _feature_columns(config: ValidationConfig) -> list[str]:
     if config.min_tokens or config.max_tokens:
         columns += [*(f"{f}_tokens" for f in TEXT_FIELDS), "total_tokens"]
     return columns
+
+
+#: Columns whose -1 (integers) or NaN (floats) means "not judged" (no such field or turn, a row too short
+#: for the quality measures, a conversation the template refuses): missing values in GX's frame, which
+#: GX leaves out of a rule's rows as SQL leaves out NULLs.
+_NULLABLE = {*(f"{f}_chars" for f in LENGTH_FIELDS), "total_tokens", *_QUALITY}
 
 
 def _failing(check: str | None, fld: str | None, chunk: dict, config: ValidationConfig) -> Any:
@@ -638,18 +639,16 @@ def _failing(check: str | None, fld: str | None, chunk: dict, config: Validation
     return chunk[flag] if flag else None
 
 
-def _write_features(
-    db: Path, chunks: Iterable[dict], rules: list[tuple[str, str | None]], config: ValidationConfig, n: int
+def _send_features(
+    gx: Any, chunks: Iterable[dict], rules: list[tuple[str, str | None]], config: ValidationConfig, n: int
 ) -> tuple[Any, list[int], dict[str, int]]:
-    """Write the feature table GX checks into the SQLite file ``db``, chunk by chunk, and note which
-    rows break which rule on the way.
+    """Send the feature frame GX checks to its process (``gx.post("add", ...)``), chunk by chunk, and note
+    which rows break which rule on the way.
 
     Returns:
         A uint32 per row (bit k: the row breaks ``rules[k]``), the number of rows breaking each rule
-        and the number of non-NULL values of each nullable column.
+        and the number of judged (not missing) values of each nullable column.
     """
-    import sqlite3
-
     import numpy as np
 
     if len(rules) > 32:
@@ -657,78 +656,49 @@ def _write_features(
     failed = np.zeros(n, dtype=np.uint32)
     counts = [0] * len(rules)
     columns = _feature_columns(config)
-    con = sqlite3.connect(db)
-    try:
-        con.execute("PRAGMA journal_mode=OFF")  # a scratch file: nothing to roll back to
-        con.execute("PRAGMA synchronous=OFF")
-        kinds = {c: "INTEGER" if c.endswith(("_chars", "_tokens")) else "BOOLEAN" for c in columns}
-        kinds.update(dict.fromkeys(_QUALITY, "REAL"))
-        # -1 / NaN: not judged (no such field or turn, too short, a conversation the template refuses)
-        nullable = {*(f"{f}_chars" for f in LENGTH_FIELDS), "total_tokens", *_QUALITY}
-        judged: dict[str, int] = {}
-        con.execute(
-            f"CREATE TABLE features ({', '.join(f'{c} {kinds[c]}' + ('' if c in nullable else ' NOT NULL') for c in columns)})"
-        )
-        insert = f"INSERT INTO features VALUES ({', '.join('?' * len(columns))})"
-        start = 0
-        for chunk in chunks:
-            m = len(chunk[columns[0]])
-            part = failed[start : start + m]
-            for bit, (check, fld) in enumerate(rules):
-                bad = _failing(check, fld, chunk, config)
-                part[bad] |= np.uint32(1 << bit)
-                counts[bit] += int(np.count_nonzero(bad))
-            values = [_nulled(chunk[c]) if c in nullable else chunk[c].tolist() for c in columns]
-            for c in nullable & set(columns):
-                judged[c] = judged.get(c, 0) + int(np.count_nonzero(chunk[c] >= 0))  # NaN >= 0 is False
-            con.executemany(insert, zip(*values, strict=True))
-            start += m
-        con.commit()
-    finally:
-        con.close()
+    judged: dict[str, int] = {}
+    start = 0
+    for chunk in chunks:
+        m = len(chunk[columns[0]])
+        part = failed[start : start + m]
+        for bit, (check, fld) in enumerate(rules):
+            bad = _failing(check, fld, chunk, config)
+            part[bad] |= np.uint32(1 << bit)
+            counts[bit] += int(np.count_nonzero(bad))
+        frame = {}
+        for c in columns:
+            values = chunk[c]
+            if c in _NULLABLE:
+                judged[c] = judged.get(c, 0) + int(np.count_nonzero(values >= 0))  # NaN >= 0 is False
+                if values.dtype.kind != "f":  # lengths: float32 holds every count below 2**24 exactly
+                    values = np.where(values >= 0, values, np.nan).astype(np.float32)
+            frame[c] = values
+        gx.post("add", frame)
+        start += m
     if start != n:
-        raise RuntimeError(f"the feature table has {start} rows, the read {n}")
+        raise RuntimeError(f"the feature frame has {start} rows, the read {n}")
     return failed, counts, judged
 
 
-def _nulled(values: Any) -> list:
-    """A feature column as SQL values: -1 (integers) and NaN (floats) become NULL."""
-    import numpy as np
-
-    out = values.astype(object)
-    out[np.isnan(values) if values.dtype.kind == "f" else values < 0] = None
-    return out.tolist()
-
-
 def _mark_near_duplicates(
-    db: Path, near: Any, rules: list[tuple[str, str | None]], failed: Any, counts: list[int]
-) -> None:
-    """Set the near-duplicate flags in the feature table (rowid k+1 is row k) and in the failure mask."""
-    import sqlite3
-
+    near: Any, rules: list[tuple[str, str | None]], failed: Any, counts: list[int]
+) -> Any:
+    """Set the near-duplicate rows' bit in the failure mask; returns those rows (for GX's frame) or None."""
     import numpy as np
 
     if near is None or not near.count or ("near_duplicate", None) not in rules:
-        return
+        return None
     bit = rules.index(("near_duplicate", None))
     failed[near.members] |= np.uint32(1 << bit)
     counts[bit] = near.count
-    con = sqlite3.connect(db)
-    try:
-        con.executemany(
-            "UPDATE features SET is_near_duplicate = 1 WHERE rowid = ?",
-            ((k + 1,) for k in near.members.tolist()),
-        )
-        con.commit()
-    finally:
-        con.close()
+    return near.members
 
 
 def _gx_context(docs_dir: Path) -> Any:
     """An ephemeral GX context whose only Data Docs site is ``docs_dir``."""
     import logging
 
-    # GX logs ~220 INFO lines per run (each API function it registers at import, each SQLite connection):
+    # GX logs ~220 INFO lines per run (each API function it registers at import):
     # nine tenths of a validate task's log. Its warnings still come through; a level set by the user stays.
     gx_logger = logging.getLogger("great_expectations")
     if gx_logger.level == logging.NOTSET:
@@ -759,15 +729,15 @@ def _gx_context(docs_dir: Path) -> Any:
     return gx.get_context(mode="ephemeral", project_config=project_config)
 
 
-def _run_gx(context: Any, db: Path, suite: Any):
-    """Run ``suite`` on the feature table in the SQLite file ``db`` (GX's SQL engine: it aggregates in
-    the database, so memory does not grow with the rows) and build the Data Docs."""
+def _run_gx(context: Any, frame: Any, suite: Any):
+    """Run ``suite`` on the feature frame (a pandas DataFrame: no text, a few dozen bytes a row) and build
+    the Data Docs."""
     import great_expectations as gx
 
     batch = (
-        context.data_sources.add_sqlite("records", connection_string=f"sqlite:///{db}")
-        .add_table_asset("instruction_records", table_name="features")
-        .add_batch_definition_whole_table("all_rows")
+        context.data_sources.add_pandas("records")
+        .add_dataframe_asset("instruction_records")
+        .add_batch_definition_whole_dataframe("all_rows")
     )
     suite = context.suites.add(suite)
     definition = context.validation_definitions.add(
@@ -779,27 +749,53 @@ def _run_gx(context: Any, db: Path, suite: Any):
             validation_definitions=[definition],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["airloom"])],
             # counts and a few examples: the failing rows themselves come from the same feature columns
-            # (_write_features), so GX does not build, copy and render lists of up to every row
+            # (_send_features), so GX does not build, copy and render lists of up to every row
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
         )
     )
-    run = checkpoint.run()
+    run = checkpoint.run(batch_parameters={"dataframe": frame})
     (validation,) = run.run_results.values()
     return validation.results
 
 
 class _GxRunner:
     """Great Expectations in a process of its own (:class:`airloom.data.background.Background`): made
-    after the first pass, it imports GX (seconds) while the near-duplicate search finishes, then runs the
-    suite on the feature table while the second pass writes the rows."""
+    after the first pass, it receives the feature frame, imports GX (seconds) while the near-duplicate
+    search finishes, then runs the suite on the frame while the second pass writes the rows."""
 
     def __init__(self, docs_dir: str) -> None:
-        self.context = _gx_context(Path(docs_dir))
+        self.docs_dir = Path(docs_dir)
+        self.context: Any = None
+        self.chunks: list[dict] = []
 
-    def run(self, db: str, config: ValidationConfig, rows: int = 0, judged: dict | None = None) -> list[dict]:
+    def add(self, chunk: dict) -> None:
+        self.chunks.append(chunk)
+
+    def start(self) -> None:
+        """Import GX and make its context (seconds): asked for once the frame is sent, so the chunks are
+        taken in while the first pass ends and the import runs while the near-duplicate search finishes."""
+        self.context = _gx_context(self.docs_dir)
+
+    def run(
+        self, config: ValidationConfig, near: Any, rows: int = 0, judged: dict | None = None
+    ) -> list[dict]:
         """The suite's results as plain values (GX's result objects stay in this process)."""
+        import numpy as np
+        import pandas as pd
+
+        # column by column, each chunk's piece dropped once copied: the frame is held about once, not twice
+        columns = {
+            c: np.concatenate([chunk.pop(c) for chunk in self.chunks]) for c in _feature_columns(config)
+        }
+        self.chunks = []
+        if near is not None:
+            columns["is_near_duplicate"][near] = True
+        frame = pd.DataFrame(columns, copy=False)
+        del columns
         results = []
-        for res in _run_gx(self.context, Path(db), _build_suite(config, rows, judged)):
+        if self.context is None:
+            self.start()
+        for res in _run_gx(self.context, frame, _build_suite(config, rows, judged)):
             cfg, r = res.expectation_config, res.result or {}
             info = res.exception_info or {}
             results.append({
@@ -1093,7 +1089,6 @@ def validate_stream(
             features.close()  # scratch files
         if gx is not None:
             gx.close()
-        (out_dir / _FEATURE_DB).unlink(missing_ok=True)
 
 
 def _spilled(spill: IO[bytes]) -> Iterator[list[dict]]:
@@ -1123,15 +1118,15 @@ def _judge(
     cols = features.finish()
     n = len(cols["line"])
     rules = _rules(config)
-    db = out_dir / _FEATURE_DB  # removed by validate_stream
-    db.unlink(missing_ok=True)
-    # the feature table while the worker finishes the near-duplicate search; then its flags
-    failed_mask, rule_counts, judged = _write_features(db, features.feature_chunks(), rules, config, n)
+    # the feature frame goes to GX's process chunk by chunk while the worker finishes the near-duplicate
+    # search; then its flags
+    failed_mask, rule_counts, judged = _send_features(gx, features.feature_chunks(), rules, config, n)
+    gx.post("start")
     if features.counter is not None and not features.token_bounds:
         features.profiler.sample_token_lengths()  # the profile's token lengths, in the same wait
     near = features.profiler.near_duplicates()
-    _mark_near_duplicates(db, near, rules, failed_mask, rule_counts)
-    gx_results = gx.ask("run", str(db), config, n, judged)  # GX runs while this process writes the rows
+    members = _mark_near_duplicates(near, rules, failed_mask, rule_counts)
+    gx_results = gx.ask("run", config, members, n, judged)  # GX runs while this process writes the rows
 
     # pass 2: messages need the text of the failing rows; the clean rows are written as they come, the
     # quarantined rows and the findings to scratch files in read order, which is (file, line) order

@@ -11,12 +11,10 @@ from datasketch import MinHash
 from airloom.data.neardup import (
     WHITESPACE,
     NearDuplicateFinder,
-    WordTable,
-    _text_word_hashes,
     find_near_duplicates,
-    hash_words,
     lean_minhash,
     lsh_bands,
+    scan_words,
     words,
 )
 
@@ -125,13 +123,11 @@ def test_bands_catch_a_pair_at_the_threshold_and_settings_are_checked():
         NearDuplicateFinder(num_perm=1000)
 
 
-def test_word_table_hashes_each_word_once_and_stably():
-    table = WordTable()
-    ids = table.ids(["b", "a", "b", "c"])
-    assert ids.tolist() == [0, 1, 0, 2] and table.words == ["b", "a", "c"]
-    assert table.ids(["c", "d"]).tolist() == [2, 3]
-    assert table.hashes.tolist() == hash_words(["b", "a", "c", "d"]).tolist()
-    assert len(set(hash_words([f"w{i}" for i in range(5000)]).tolist())) == 5000
+def test_word_hashes_are_stable_and_distinct():
+    first, again = scan_words(["b a b c"]), scan_words(["c", "b", "a"])
+    assert first.hashes[[3, 0, 1]].tolist() == again.hashes.tolist()  # a word's hash, wherever it is
+    assert first.hashes[0] == first.hashes[2]
+    assert len(set(scan_words([f"w{i}" for i in range(5000)]).hashes.tolist())) == 5000
     assert find_near_duplicates([]).count == 0
 
 
@@ -145,17 +141,19 @@ def test_the_fast_byte_split_is_words_and_both_entry_points_agree():
         "   \n\t ",
         "Привет, мир! Это тест. Мы проверяем слова",
     ]
-    hashes, lengths = _text_word_hashes(texts)
+    scan = scan_words(texts)
     expected = [words(t) for t in texts]
-    assert lengths.tolist() == [len(w) for w in expected]
-    assert hashes.tolist() == hash_words([w for ws in expected for w in ws]).tolist()
+    assert scan.lengths.tolist() == [len(w) for w in expected]
+    one_by_one = [h for ws in expected for w in ws for h in scan_words([w]).hashes.tolist()]
+    assert scan.hashes.tolist() == one_by_one
+    assert [scan.word(k) for k in range(len(scan.hashes))] == [w for ws in expected for w in ws]
     assert expected[0] == ["hello", "world", "it", "s", "fine", "here", "now", "ok", "said"]
 
-    by_text, by_ids = NearDuplicateFinder(threshold=0.5), NearDuplicateFinder(threshold=0.5)
+    by_text, by_hashes = NearDuplicateFinder(threshold=0.5), NearDuplicateFinder(threshold=0.5)
     more = [*texts, texts[1] + " encore", texts[5] + " Ещё"]
     by_text.add_texts(more)
-    table = WordTable()
-    toks = [words(t) for t in more]
-    by_ids.add_ids(table.ids([w for ws in toks for w in ws]), np.array([len(t) for t in toks]), table.hashes)
-    assert by_text.result().of == by_ids.result().of == {6: (1, 0.8), 7: (5, 0.75)}
-    assert by_text._store._keys[0].tolist() == by_ids._store._keys[0].tolist()
+    words_of_each = [words(t) for t in more]
+    flat = [h for ws in words_of_each for w in ws for h in scan_words([w]).hashes.tolist()]
+    by_hashes.add_hashes(np.array(flat, dtype=np.uint32), np.array([len(ws) for ws in words_of_each]))
+    assert by_text.result().of == by_hashes.result().of == {6: (1, 0.8), 7: (5, 0.75)}
+    assert by_text._store._keys[0].tolist() == by_hashes._store._keys[0].tolist()
