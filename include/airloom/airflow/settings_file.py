@@ -126,25 +126,28 @@ def _where(path: Path, entry: Any) -> str:
     return f"{path}:{getattr(entry, 'line', '?')}"
 
 
-def _check_entry(path: Path, label: str, entry: Any, allowed: set[str], name_key: str) -> str:
-    """Common checks: a mapping, known keys, a non-empty string name. Returns the name."""
+def _check_entry(
+    path: Path, label: str, entry: Any, allowed: set[str], name_key: str
+) -> tuple[str, str, str]:
+    """Common checks: a mapping, known keys, a non-empty string name. Returns the name, and the place
+    (file:line) and label (with the name) that every message about the entry starts with."""
     if not isinstance(entry, dict):
         raise UsageError(f"{path}: {label} must be a mapping, not {type(entry).__name__} ({entry!r})")
     where = _where(path, entry)
     name = entry.get(name_key)
     if not isinstance(name, str) or not name.strip():
         raise UsageError(f"{where}: {label}: '{name_key}' is required and must be a non-empty string")
+    label = f"{label} ({name})"
     unknown = sorted(str(k) for k in set(entry) - allowed)
     if unknown:
         raise UsageError(
-            f"{where}: {label} ({name}): unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
+            f"{where}: {label}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
         )
-    return name
+    return name, where, label
 
 
 def _connection(path: Path, label: str, entry: Any) -> dict[str, Any]:
-    conn_id = _check_entry(path, label, entry, _CONN_KEYS, "conn_id")
-    where, label = _where(path, entry), f"{label} ({conn_id})"
+    conn_id, where, label = _check_entry(path, label, entry, _CONN_KEYS, "conn_id")
     out: dict[str, Any] = {"conn_id": conn_id}
     for key in ("conn_type", "conn_host", "conn_schema", "conn_login", "conn_password", "conn_uri"):
         value = entry.get(key)
@@ -188,8 +191,7 @@ def _connection(path: Path, label: str, entry: Any) -> dict[str, Any]:
 
 
 def _pool(path: Path, label: str, entry: Any) -> dict[str, Any]:
-    name = _check_entry(path, label, entry, _POOL_KEYS, "pool_name")
-    where, label = _where(path, entry), f"{label} ({name})"
+    name, where, label = _check_entry(path, label, entry, _POOL_KEYS, "pool_name")
     slots = entry.get("pool_slot")
     if isinstance(slots, bool) or not isinstance(slots, int) or slots < -1:
         raise UsageError(
@@ -202,7 +204,7 @@ def _pool(path: Path, label: str, entry: Any) -> dict[str, Any]:
 
 
 def _variable(path: Path, label: str, entry: Any) -> dict[str, Any]:
-    name = _check_entry(path, label, entry, _VAR_KEYS, "variable_name")
+    name, _, _ = _check_entry(path, label, entry, _VAR_KEYS, "variable_name")
     value = entry.get("variable_value")
     if value is None:
         value = ""

@@ -501,15 +501,8 @@ def create_app(
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
         def event(loaded: LoadedModel, choices: list[dict], **extra) -> str:
-            body = {
-                "id": response_id,
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(created.timestamp()),
-                "model": loaded.ref,
-                "system_fingerprint": None,
-                "choices": choices,
-                **extra,
-            }
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            body = {**_envelope(response_id, obj, int(created.timestamp()), loaded, choices), **extra}
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         def choice(i: int, text: str | None, finish: str | None, role: bool = False) -> dict:
@@ -582,6 +575,17 @@ def create_app(
             events(), media_type="text/event-stream", headers={VERSION_HEADER: engine.current.ref}
         )
 
+    def _envelope(rid: str, obj: str, created: int, loaded: LoadedModel, choices: list) -> dict:
+        """OpenAI's fields around the choices, the same in an answer and in each streamed chunk."""
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": loaded.ref,
+            "system_fingerprint": None,
+            "choices": choices,
+        }
+
     def _usage(rows: list[GenRequest], results) -> dict:
         # Prompt tokens count each distinct prompt once, as OpenAI does for n > 1.
         seen: dict[str, int] = {}
@@ -595,7 +599,11 @@ def create_app(
             "total_tokens": prompt_tokens + completion_tokens,
         }
 
-    def _respond(body: dict, loaded: LoadedModel) -> JSONResponse:
+    def _respond(
+        rid: str, obj: str, created: int, loaded: LoadedModel, choices: list, rows, results
+    ) -> JSONResponse:
+        """A non-streamed answer (completions or chat): the envelope, its choices and the usage."""
+        body = {**_envelope(rid, obj, created, loaded, choices), "usage": _usage(rows, results)}
         return JSONResponse(body, headers={VERSION_HEADER: loaded.ref})
 
     @app.post("/v1/completions")
@@ -615,18 +623,7 @@ def create_app(
             {"text": res.text, "index": i, "logprobs": None, "finish_reason": res.finish_reason}
             for i, res in enumerate(results)
         ]
-        return _respond(
-            {
-                "id": rid,
-                "object": "text_completion",
-                "created": created,
-                "model": loaded.ref,
-                "system_fingerprint": None,
-                "choices": choices,
-                "usage": _usage(rows, results),
-            },
-            loaded,
-        )
+        return _respond(rid, "text_completion", created, loaded, choices, rows, results)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest):
@@ -649,18 +646,7 @@ def create_app(
             }
             for i, res in enumerate(results)
         ]
-        return _respond(
-            {
-                "id": rid,
-                "object": "chat.completion",
-                "created": created,
-                "model": loaded.ref,
-                "system_fingerprint": None,
-                "choices": choices,
-                "usage": _usage(rows, results),
-            },
-            loaded,
-        )
+        return _respond(rid, "chat.completion", created, loaded, choices, rows, results)
 
     @app.get("/v1/models")
     async def models():

@@ -1,6 +1,6 @@
 """Final-answer accuracy for math word problems (gsm8k's ``#### answer`` convention)."""
 
-from airloom.evaluation.metrics import math_exact_match, reference_lists
+from airloom.evaluation.metrics import math_exact_match
 from airloom.evaluation.modules import base
 
 _DESCRIPTION = (
@@ -32,8 +32,4 @@ class AirloomMath(base.TextMetric):
     URL = "https://github.com/openai/grade-school-math"
 
     def _compute(self, predictions, references):
-        refs = reference_lists(references)
-        if not predictions:
-            return {"math_exact_match": 0.0}
-        hits = [math_exact_match(p, r) for p, r in zip(predictions, refs, strict=True)]
-        return {"math_exact_match": sum(hits) / len(hits)}
+        return base.example_means(predictions, references, math_exact_match=math_exact_match)

@@ -1,6 +1,6 @@
 """SQuAD-style exact match and token F1 (0-1) on plain strings, best reference per example."""
 
-from airloom.evaluation.metrics import exact_match, reference_lists, token_f1
+from airloom.evaluation.metrics import exact_match, token_f1
 from airloom.evaluation.modules import base
 
 _DESCRIPTION = (
@@ -33,11 +33,4 @@ class AirloomSquad(base.TextMetric):
     URL = "https://rajpurkar.github.io/SQuAD-explorer/"
 
     def _compute(self, predictions, references):
-        refs = reference_lists(references)
-        n = len(predictions)
-        if n == 0:
-            return {"exact_match": 0.0, "f1": 0.0}
-        return {
-            "exact_match": sum(exact_match(p, r) for p, r in zip(predictions, refs, strict=True)) / n,
-            "f1": sum(token_f1(p, r) for p, r in zip(predictions, refs, strict=True)) / n,
-        }
+        return base.example_means(predictions, references, exact_match=exact_match, f1=token_f1)
