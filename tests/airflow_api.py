@@ -18,6 +18,26 @@ PASSWORDS = {"admin": "admin-pw", "trainer": "trainer-pw", "reviewer": "reviewer
 ROLES = "admin:admin,trainer:user,reviewer:op,viewer:viewer"
 
 
+_MIGRATED: set[tuple[str, str]] = set()
+
+
+def _migrate_once() -> None:
+    """``airflow db migrate`` of the session's metadata database, once per database and session: the
+    modules that use :func:`api_app` share it, and a second migrate would only cost a process start."""
+    home = os.environ["AIRFLOW_HOME"]
+    key = (home, os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", ""))
+    if key in _MIGRATED and (key[1] or (Path(home) / "airflow.db").is_file()):
+        return
+    subprocess.run(
+        [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
+        env=dict(os.environ),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    _MIGRATED.add(key)
+
+
 def _clear_plugin_caches() -> None:
     from airflow import plugins_manager
 
@@ -37,13 +57,7 @@ def api_app(tmp_path_factory) -> Iterator:
         mp.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
         mp.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "airloom-test-secret-" + "x" * 48)
         mp.setenv("AIRFLOW__CORE__PLUGINS_FOLDER", str(REPO / "plugins"))
-        subprocess.run(
-            [str(Path(sys.executable).with_name("airflow")), "db", "migrate"],
-            env=dict(os.environ),
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        _migrate_once()
         from airflow import settings
         from airflow.api_fastapi import app as airflow_app
 

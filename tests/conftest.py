@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,13 @@ os.environ["AIRFLOW__CORE__DAGS_FOLDER"] = str(REPO / "dags")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
+# The virtualenv's bin first on PATH for every process of the session, as airloom.settings.airflow_env puts
+# it for Airflow's: torch JIT-builds DeepSpeed's ops with whichever `ninja` PATH finds, and the
+# virtualenv's (1.13) and Debian's (1.11) hash build commands differently, so each would rebuild an op
+# (60-120 s) the other had built whenever the suite went from Airflow-started training to a test's own.
+_BIN = str(Path(sys.executable).parent)
+if _BIN not in os.environ.get("PATH", "").split(os.pathsep):
+    os.environ["PATH"] = os.pathsep.join(p for p in (_BIN, os.environ.get("PATH", "")) if p)
 
 # Validation runs Great Expectations in a forked process (airloom.data.validate._GxRunner), which starts
 # with whatever its parent imported: import it once here, not in each of the suite's ~100 validations.
