@@ -316,8 +316,8 @@ class _Features:
     """Pass 1 of validation: per-row features of a stream of records, the EDA profile on the way.
 
     GX checks these columns (lengths, blank and control-character flags, duplicate/PII/markup flags),
-    not the text: a few bytes per row however long the rows are, kept in scratch files and handed to GX's
-    process as a pandas frame (:func:`_send_features`).
+    not the text: a few bytes per row however long the rows are, kept in scratch files and sent to GX's
+    process, which writes them into its SQLite table (:func:`_send_features`).
     """
 
     def __init__(self, config: ValidationConfig, spill_dir: Path) -> None:
@@ -601,8 +601,8 @@ def _feature_columns(config: ValidationConfig) -> list[str]:
 
 
 #: Columns whose -1 (integers) or NaN (floats) means "not judged" (no such field or turn, a row too short
-#: for the quality measures, a conversation the template refuses): missing values in GX's frame, which
-#: GX leaves out of a rule's rows as SQL leaves out NULLs.
+#: for the quality measures, a conversation the template refuses): NULL in GX's table, which GX leaves out
+#: of a rule's rows.
 _NULLABLE = {*(f"{f}_chars" for f in LENGTH_FIELDS), "total_tokens", *_QUALITY}
 
 
@@ -642,8 +642,8 @@ def _failing(check: str | None, fld: str | None, chunk: dict, config: Validation
 def _send_features(
     gx: Any, chunks: Iterable[dict], rules: list[tuple[str, str | None]], config: ValidationConfig, n: int
 ) -> tuple[Any, list[int], dict[str, int]]:
-    """Send the feature frame GX checks to its process (``gx.post("add", ...)``), chunk by chunk, and note
-    which rows break which rule on the way.
+    """Send the feature columns GX checks to its process (``gx.post("add", ...)``, which writes them into
+    its table), chunk by chunk, and note which rows break which rule on the way.
 
     Returns:
         A uint32 per row (bit k: the row breaks ``rules[k]``), the number of rows breaking each rule
@@ -665,25 +665,20 @@ def _send_features(
             bad = _failing(check, fld, chunk, config)
             part[bad] |= np.uint32(1 << bit)
             counts[bit] += int(np.count_nonzero(bad))
-        frame = {}
         for c in columns:
-            values = chunk[c]
             if c in _NULLABLE:
-                judged[c] = judged.get(c, 0) + int(np.count_nonzero(values >= 0))  # NaN >= 0 is False
-                if values.dtype.kind != "f":  # lengths: float32 holds every count below 2**24 exactly
-                    values = np.where(values >= 0, values, np.nan).astype(np.float32)
-            frame[c] = values
-        gx.post("add", frame)
+                judged[c] = judged.get(c, 0) + int(np.count_nonzero(chunk[c] >= 0))  # NaN >= 0 is False
+        gx.post("add", {c: chunk[c] for c in columns})
         start += m
     if start != n:
-        raise RuntimeError(f"the feature frame has {start} rows, the read {n}")
+        raise RuntimeError(f"the feature table has {start} rows, the read {n}")
     return failed, counts, judged
 
 
 def _mark_near_duplicates(
     near: Any, rules: list[tuple[str, str | None]], failed: Any, counts: list[int]
 ) -> Any:
-    """Set the near-duplicate rows' bit in the failure mask; returns those rows (for GX's frame) or None."""
+    """Set the near-duplicate rows' bit in the failure mask; returns those rows (for GX's table) or None."""
     import numpy as np
 
     if near is None or not near.count or ("near_duplicate", None) not in rules:
@@ -729,15 +724,15 @@ def _gx_context(docs_dir: Path) -> Any:
     return gx.get_context(mode="ephemeral", project_config=project_config)
 
 
-def _run_gx(context: Any, frame: Any, suite: Any):
-    """Run ``suite`` on the feature frame (a pandas DataFrame: no text, a few dozen bytes a row) and build
-    the Data Docs."""
+def _run_gx(context: Any, db: Path, suite: Any):
+    """Run ``suite`` on the feature table in the SQLite file ``db`` (GX's SQL engine aggregates in the
+    database, so memory does not grow with the rows) and build the Data Docs."""
     import great_expectations as gx
 
     batch = (
-        context.data_sources.add_pandas("records")
-        .add_dataframe_asset("instruction_records")
-        .add_batch_definition_whole_dataframe("all_rows")
+        context.data_sources.add_sqlite("records", connection_string=f"sqlite:///{db}")
+        .add_table_asset("instruction_records", table_name="features")
+        .add_batch_definition_whole_table("all_rows")
     )
     suite = context.suites.add(suite)
     definition = context.validation_definitions.add(
@@ -753,49 +748,66 @@ def _run_gx(context: Any, frame: Any, suite: Any):
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
         )
     )
-    run = checkpoint.run(batch_parameters={"dataframe": frame})
+    run = checkpoint.run()
     (validation,) = run.run_results.values()
     return validation.results
 
 
-class _GxRunner:
-    """Great Expectations in a process of its own (:class:`airloom.data.background.Background`): made
-    after the first pass, it receives the feature frame, imports GX (seconds) while the near-duplicate
-    search finishes, then runs the suite on the frame while the second pass writes the rows."""
+#: The feature table GX checks, in the output folder while validation runs (removed after).
+_FEATURE_DB = ".features.sqlite"
 
-    def __init__(self, docs_dir: str) -> None:
-        self.docs_dir = Path(docs_dir)
+
+class _GxRunner:
+    """Great Expectations in a process of its own (:class:`airloom.data.background.Background`), made after
+    the first pass: it writes the feature columns it is sent into a scratch SQLite table, imports GX
+    (seconds) while the near-duplicate search finishes, then runs the suite on the table while the second
+    pass writes the rows. The table keeps GX's memory flat however many rows there are (a pandas frame
+    of the same columns costs GX ~200 MB more at 1.4M rows), and its writing is off the first process's path."""
+
+    def __init__(self, out_dir: str, config: ValidationConfig) -> None:
+        import sqlite3
+
+        self.docs_dir = Path(out_dir) / "data_docs"
+        self.db = Path(out_dir) / _FEATURE_DB
+        self.db.unlink(missing_ok=True)
+        self.columns = _feature_columns(config)
         self.context: Any = None
-        self.chunks: list[dict] = []
+        self.con = sqlite3.connect(self.db)
+        self.con.execute("PRAGMA journal_mode=OFF")  # a scratch file: nothing to roll back to
+        self.con.execute("PRAGMA synchronous=OFF")
+        kinds = {c: "INTEGER" if c.endswith(("_chars", "_tokens")) else "BOOLEAN" for c in self.columns}
+        kinds.update(dict.fromkeys(_QUALITY, "REAL"))
+        self.con.execute(
+            f"CREATE TABLE features ({', '.join(f'{c} {kinds[c]}' + ('' if c in _NULLABLE else ' NOT NULL') for c in self.columns)})"
+        )
 
     def add(self, chunk: dict) -> None:
-        self.chunks.append(chunk)
+        """Append a chunk of feature columns to the table (-1 and NaN become NULL)."""
+        values = [_nulled(chunk[c]) if c in _NULLABLE else chunk[c].tolist() for c in self.columns]
+        self.con.executemany(
+            f"INSERT INTO features VALUES ({', '.join('?' * len(self.columns))})", zip(*values, strict=True)
+        )
 
     def start(self) -> None:
-        """Import GX and make its context (seconds): asked for once the frame is sent, so the chunks are
-        taken in while the first pass ends and the import runs while the near-duplicate search finishes."""
+        """Commit the table, import GX and make its context (seconds): asked for once the columns are sent."""
+        self.con.commit()
         self.context = _gx_context(self.docs_dir)
 
     def run(
         self, config: ValidationConfig, near: Any, rows: int = 0, judged: dict | None = None
     ) -> list[dict]:
-        """The suite's results as plain values (GX's result objects stay in this process)."""
-        import numpy as np
-        import pandas as pd
-
-        # column by column, each chunk's piece dropped once copied: the frame is held about once, not twice
-        columns = {
-            c: np.concatenate([chunk.pop(c) for chunk in self.chunks]) for c in _feature_columns(config)
-        }
-        self.chunks = []
-        if near is not None:
-            columns["is_near_duplicate"][near] = True
-        frame = pd.DataFrame(columns, copy=False)
-        del columns
-        results = []
+        """Flag the near-duplicates (rowid k+1 is row k), run the suite; the results as plain values (GX's
+        result objects stay in this process)."""
         if self.context is None:
             self.start()
-        for res in _run_gx(self.context, frame, _build_suite(config, rows, judged)):
+        if near is not None:
+            self.con.executemany(
+                "UPDATE features SET is_near_duplicate = 1 WHERE rowid = ?", ((k + 1,) for k in near.tolist())
+            )
+        self.con.commit()
+        self.con.close()
+        results = []
+        for res in _run_gx(self.context, self.db, _build_suite(config, rows, judged)):
             cfg, r = res.expectation_config, res.result or {}
             info = res.exception_info or {}
             results.append({
@@ -808,6 +820,19 @@ class _GxRunner:
                 "error": info.get("exception_message") if info.get("raised_exception") else None,
             })  # fmt: skip
         return results
+
+    def close(self) -> None:
+        self.con.close()
+        self.db.unlink(missing_ok=True)
+
+
+def _nulled(values: Any) -> list:
+    """A feature column as SQL values: -1 (integers) and NaN (floats) become NULL."""
+    import numpy as np
+
+    out = values.astype(object)
+    out[np.isnan(values) if values.dtype.kind == "f" else values < 0] = None
+    return out.tolist()
 
 
 def _write_atomic(path: Path, lines: list[str]) -> None:
@@ -1069,7 +1094,7 @@ def validate_stream(
         spill.seek(0)
         # GX in a process of its own: it imports (seconds) while the pass's worker finishes the
         # near-duplicate search, and runs while this process writes the rows
-        gx = Background(_GxRunner, str(docs_dir))
+        gx = Background(_GxRunner, str(out_dir), config)
         return _judge(
             features,
             spill,
@@ -1089,6 +1114,7 @@ def validate_stream(
             features.close()  # scratch files
         if gx is not None:
             gx.close()
+        (out_dir / _FEATURE_DB).unlink(missing_ok=True)  # the GX process removes it; not if it was killed
 
 
 def _spilled(spill: IO[bytes]) -> Iterator[list[dict]]:
@@ -1118,7 +1144,7 @@ def _judge(
     cols = features.finish()
     n = len(cols["line"])
     rules = _rules(config)
-    # the feature frame goes to GX's process chunk by chunk while the worker finishes the near-duplicate
+    # the feature columns go to GX's process chunk by chunk while the worker finishes the near-duplicate
     # search; then its flags
     failed_mask, rule_counts, judged = _send_features(gx, features.feature_chunks(), rules, config, n)
     gx.post("start")
