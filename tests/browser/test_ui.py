@@ -111,7 +111,7 @@ def _wait_run(af, run_id: str, timeout: float, dag_id: str = DAG) -> dict:
         run = af.request("GET", path, token=token)
         if run["state"] in ("success", "failed"):
             return run
-        time.sleep(3)
+        time.sleep(0.5)
     pytest.fail(f"{dag_id} run {run_id} still {run['state']} after {timeout:.0f}s; logs in {af.logs}")
 
 
@@ -156,7 +156,7 @@ def test_trainer_triggers_from_the_params_form_and_opens_the_eda_report(stack, b
             ]
         ):
             assert time.monotonic() < deadline, "the form's Trigger created no DAG run within 60 s"
-            time.sleep(1)
+            time.sleep(0.25)
         run_id = new[0]["dag_run_id"]
         assert new[0]["conf"]["seed"] == SEED, new[0]["conf"]
         assert new[0]["triggering_user_name"] == "trainer"
@@ -488,7 +488,7 @@ def test_finetune_train_link_opens_its_loss_curve(stack, browser, shots):
     while state not in ("success", "failed", "upstream_failed"):
         assert time.monotonic() < deadline, f"train still {state}; logs in {af.logs}"
         af.check_running()
-        time.sleep(2)
+        time.sleep(0.5)
         tis = af.request("GET", path, token=token)["task_instances"]
         state = next((t["state"] for t in tis if t["task_id"] == "train" and t["map_index"] in (-1, 0)), None)
     # Evaluation, gates and sign-off are not this test's business: stop the run here.

@@ -150,11 +150,16 @@ def test_parse_time_close_to_an_empty_dag(tmp_path):
     """)
     )
     baseline = statistics.median(_parse_seconds(empty) for _ in range(3))
+    bound = baseline * 1.6 + 0.3
     for path in sorted(DAGS.glob("*.py")):
-        t = min(_parse_seconds(path) for _ in range(2))
+        # The best of two samples; the second only when the first is over (the same verdict, one
+        # interpreter start less per DAG file when it passes).
+        t = _parse_seconds(path)
+        if t >= bound:
+            t = min(t, _parse_seconds(path))
         # bench/dag_parse.py measures the ratio precisely; here only a gross regression fails
         # (a heavy import costs seconds, far beyond this margin).
-        assert t < baseline * 1.6 + 0.3, f"{path.name}: {t:.2f}s to parse vs {baseline:.2f}s for an empty DAG"
+        assert t < bound, f"{path.name}: {t:.2f}s to parse vs {baseline:.2f}s for an empty DAG"
 
 
 @pytest.mark.parametrize(

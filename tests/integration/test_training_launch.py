@@ -226,9 +226,28 @@ def test_run_killed_after_a_checkpoint_resumes_from_it(tiny, tmp_path):
         ).save(out / "train_config.json")
 
     env = child_env({"OMP_NUM_THREADS": "1"})
+    # The uninterrupted reference run (one process, one thread) trains on the other core meanwhile.
+    straight = tmp_path / "straight"
+    reference_run = TrainingProcess(
+        build_command(LaunchSpec(config_path=config(straight), launcher="deepspeed")), env
+    )
+    reference_errors: list[BaseException] = []
+
+    def run_reference() -> None:
+        try:
+            reference_run.run(log=lambda line: None)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            reference_errors.append(e)
+
+    reference_thread = threading.Thread(target=run_reference)
+    reference_thread.start()
     killed = tmp_path / "killed"
     cmd = build_command(LaunchSpec(config_path=config(killed), launcher="deepspeed"))
-    proc = _start_until(cmd, env, "checkpoint step-00000020 saved")
+    try:
+        proc = _start_until(cmd, env, "checkpoint step-00000020 saved")
+    except BaseException:
+        reference_thread.join(timeout=600)
+        raise
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (killed / "checkpoints" / "step-00000020" / "COMPLETE").is_file()
@@ -243,10 +262,8 @@ def test_run_killed_after_a_checkpoint_resumes_from_it(tiny, tmp_path):
     assert [h["step"] for h in resumed["history"]] == [10, 20, 30, 40]
     assert not (killed / "checkpoints").exists()  # superseded by the saved model
 
-    straight = tmp_path / "straight"
-    TrainingProcess(build_command(LaunchSpec(config_path=config(straight), launcher="deepspeed")), env).run(
-        log=lambda line: None
-    )
+    reference_thread.join(timeout=600)
+    assert not reference_thread.is_alive() and not reference_errors, reference_errors
     reference = json.loads((straight / "train_metrics.json").read_text())
     assert resumed["final_loss"] == pytest.approx(reference["final_loss"], rel=1e-4)
 
@@ -354,7 +371,8 @@ def test_two_nodes_without_ssh_train_and_save_once(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_a_node_that_never_joins_fails_the_run_with_a_clear_message(tiny, tmp_path):
-    node0 = _node(tiny, tmp_path / "node0", 0, free_port(), timeout_s=15)
-    with pytest.raises(TrainingFailed, match="rendezvous at 127.0.0.1:[0-9]+ timed out after 15 s"):
+    # Node 1 never starts, so node 0 waits out the whole timeout: a short one fails it just the same.
+    node0 = _node(tiny, tmp_path / "node0", 0, free_port(), timeout_s=3)
+    with pytest.raises(TrainingFailed, match="rendezvous at 127.0.0.1:[0-9]+ timed out after 3 s"):
         node0.run(log=lambda line: None)
     assert not (tmp_path / "node0" / "model").exists()
