@@ -316,8 +316,8 @@ class _Features:
     """Pass 1 of validation: per-row features of a stream of records, the EDA profile on the way.
 
     GX checks these columns (lengths, blank and control-character flags, duplicate/PII/markup flags),
-    not the text: a few bytes per row however long the rows are, kept in scratch files and sent to GX's
-    process, which writes them into its SQLite table (:func:`_send_features`).
+    not the text: a few bytes per row however long the rows are, kept in scratch files and handed to GX
+    as a SQLite table (:func:`_write_features`).
     """
 
     def __init__(self, config: ValidationConfig, spill_dir: Path) -> None:
@@ -585,6 +585,11 @@ def _build_suite(config: ValidationConfig, rows: int = 0, judged: dict[str, int]
     return suite
 
 
+#: The feature table GX checks: one row per record, no text (see _Features.feature_chunks), in a
+#: scratch SQLite file in the output folder.
+_FEATURE_DB = ".features.sqlite"
+
+
 def _feature_columns(config: ValidationConfig) -> list[str]:
     columns = [
         *(f"{f}_chars" for f in LENGTH_FIELDS),
@@ -598,12 +603,6 @@ def _feature_columns(config: ValidationConfig) -> list[str]:
     if config.min_tokens or config.max_tokens:
         columns += [*(f"{f}_tokens" for f in TEXT_FIELDS), "total_tokens"]
     return columns
-
-
-#: Columns whose -1 (integers) or NaN (floats) means "not judged" (no such field or turn, a row too short
-#: for the quality measures, a conversation the template refuses): NULL in GX's table, which GX leaves out
-#: of a rule's rows.
-_NULLABLE = {*(f"{f}_chars" for f in LENGTH_FIELDS), "total_tokens", *_QUALITY}
 
 
 def _failing(check: str | None, fld: str | None, chunk: dict, config: ValidationConfig) -> Any:
@@ -639,16 +638,18 @@ def _failing(check: str | None, fld: str | None, chunk: dict, config: Validation
     return chunk[flag] if flag else None
 
 
-def _send_features(
-    gx: Any, chunks: Iterable[dict], rules: list[tuple[str, str | None]], config: ValidationConfig, n: int
+def _write_features(
+    db: Path, chunks: Iterable[dict], rules: list[tuple[str, str | None]], config: ValidationConfig, n: int
 ) -> tuple[Any, list[int], dict[str, int]]:
-    """Send the feature columns GX checks to its process (``gx.post("add", ...)``, which writes them into
-    its table), chunk by chunk, and note which rows break which rule on the way.
+    """Write the feature table GX checks into the SQLite file ``db``, chunk by chunk, and note which
+    rows break which rule on the way.
 
     Returns:
         A uint32 per row (bit k: the row breaks ``rules[k]``), the number of rows breaking each rule
-        and the number of judged (not missing) values of each nullable column.
+        and the number of non-NULL values of each nullable column.
     """
+    import sqlite3
+
     import numpy as np
 
     if len(rules) > 32:
@@ -656,44 +657,78 @@ def _send_features(
     failed = np.zeros(n, dtype=np.uint32)
     counts = [0] * len(rules)
     columns = _feature_columns(config)
-    judged: dict[str, int] = {}
-    start = 0
-    for chunk in chunks:
-        m = len(chunk[columns[0]])
-        part = failed[start : start + m]
-        for bit, (check, fld) in enumerate(rules):
-            bad = _failing(check, fld, chunk, config)
-            part[bad] |= np.uint32(1 << bit)
-            counts[bit] += int(np.count_nonzero(bad))
-        for c in columns:
-            if c in _NULLABLE:
+    con = sqlite3.connect(db)
+    try:
+        con.execute("PRAGMA journal_mode=OFF")  # a scratch file: nothing to roll back to
+        con.execute("PRAGMA synchronous=OFF")
+        kinds = {c: "INTEGER" if c.endswith(("_chars", "_tokens")) else "BOOLEAN" for c in columns}
+        kinds.update(dict.fromkeys(_QUALITY, "REAL"))
+        # -1 / NaN: not judged (no such field or turn, too short, a conversation the template refuses)
+        nullable = {*(f"{f}_chars" for f in LENGTH_FIELDS), "total_tokens", *_QUALITY}
+        judged: dict[str, int] = {}
+        con.execute(
+            f"CREATE TABLE features ({', '.join(f'{c} {kinds[c]}' + ('' if c in nullable else ' NOT NULL') for c in columns)})"
+        )
+        insert = f"INSERT INTO features VALUES ({', '.join('?' * len(columns))})"
+        start = 0
+        for chunk in chunks:
+            m = len(chunk[columns[0]])
+            part = failed[start : start + m]
+            for bit, (check, fld) in enumerate(rules):
+                bad = _failing(check, fld, chunk, config)
+                part[bad] |= np.uint32(1 << bit)
+                counts[bit] += int(np.count_nonzero(bad))
+            values = [_nulled(chunk[c]) if c in nullable else chunk[c].tolist() for c in columns]
+            for c in nullable & set(columns):
                 judged[c] = judged.get(c, 0) + int(np.count_nonzero(chunk[c] >= 0))  # NaN >= 0 is False
-        gx.post("add", {c: chunk[c] for c in columns})
-        start += m
+            con.executemany(insert, zip(*values, strict=True))
+            start += m
+        con.commit()
+    finally:
+        con.close()
     if start != n:
         raise RuntimeError(f"the feature table has {start} rows, the read {n}")
     return failed, counts, judged
 
 
+def _nulled(values: Any) -> list:
+    """A feature column as SQL values: -1 (integers) and NaN (floats) become NULL."""
+    import numpy as np
+
+    out = values.astype(object)
+    out[np.isnan(values) if values.dtype.kind == "f" else values < 0] = None
+    return out.tolist()
+
+
 def _mark_near_duplicates(
-    near: Any, rules: list[tuple[str, str | None]], failed: Any, counts: list[int]
-) -> Any:
-    """Set the near-duplicate rows' bit in the failure mask; returns those rows (for GX's table) or None."""
+    db: Path, near: Any, rules: list[tuple[str, str | None]], failed: Any, counts: list[int]
+) -> None:
+    """Set the near-duplicate flags in the feature table (rowid k+1 is row k) and in the failure mask."""
+    import sqlite3
+
     import numpy as np
 
     if near is None or not near.count or ("near_duplicate", None) not in rules:
-        return None
+        return
     bit = rules.index(("near_duplicate", None))
     failed[near.members] |= np.uint32(1 << bit)
     counts[bit] = near.count
-    return near.members
+    con = sqlite3.connect(db)
+    try:
+        con.executemany(
+            "UPDATE features SET is_near_duplicate = 1 WHERE rowid = ?",
+            ((k + 1,) for k in near.members.tolist()),
+        )
+        con.commit()
+    finally:
+        con.close()
 
 
 def _gx_context(docs_dir: Path) -> Any:
     """An ephemeral GX context whose only Data Docs site is ``docs_dir``."""
     import logging
 
-    # GX logs ~220 INFO lines per run (each API function it registers at import):
+    # GX logs ~220 INFO lines per run (each API function it registers at import, each SQLite connection):
     # nine tenths of a validate task's log. Its warnings still come through; a level set by the user stays.
     gx_logger = logging.getLogger("great_expectations")
     if gx_logger.level == logging.NOTSET:
@@ -725,8 +760,8 @@ def _gx_context(docs_dir: Path) -> Any:
 
 
 def _run_gx(context: Any, db: Path, suite: Any):
-    """Run ``suite`` on the feature table in the SQLite file ``db`` (GX's SQL engine aggregates in the
-    database, so memory does not grow with the rows) and build the Data Docs."""
+    """Run ``suite`` on the feature table in the SQLite file ``db`` (GX's SQL engine: it aggregates in
+    the database, so memory does not grow with the rows) and build the Data Docs."""
     import great_expectations as gx
 
     batch = (
@@ -744,7 +779,7 @@ def _run_gx(context: Any, db: Path, suite: Any):
             validation_definitions=[definition],
             actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=["airloom"])],
             # counts and a few examples: the failing rows themselves come from the same feature columns
-            # (_send_features), so GX does not build, copy and render lists of up to every row
+            # (_write_features), so GX does not build, copy and render lists of up to every row
             result_format={"result_format": "SUMMARY", "partial_unexpected_count": 5},
         )
     )
@@ -753,61 +788,18 @@ def _run_gx(context: Any, db: Path, suite: Any):
     return validation.results
 
 
-#: The feature table GX checks, in the output folder while validation runs (removed after).
-_FEATURE_DB = ".features.sqlite"
-
-
 class _GxRunner:
-    """Great Expectations in a process of its own (:class:`airloom.data.background.Background`), made after
-    the first pass: it writes the feature columns it is sent into a scratch SQLite table, imports GX
-    (seconds) while the near-duplicate search finishes, then runs the suite on the table while the second
-    pass writes the rows. The table keeps GX's memory flat however many rows there are (a pandas frame
-    of the same columns costs GX ~200 MB more at 1.4M rows), and its writing is off the first process's path."""
+    """Great Expectations in a process of its own (:class:`airloom.data.background.Background`): made
+    after the first pass, it imports GX (seconds) while the near-duplicate search finishes, then runs the
+    suite on the feature table while the second pass writes the rows."""
 
-    def __init__(self, out_dir: str, config: ValidationConfig) -> None:
-        import sqlite3
+    def __init__(self, docs_dir: str) -> None:
+        self.context = _gx_context(Path(docs_dir))
 
-        self.docs_dir = Path(out_dir) / "data_docs"
-        self.db = Path(out_dir) / _FEATURE_DB
-        self.db.unlink(missing_ok=True)
-        self.columns = _feature_columns(config)
-        self.context: Any = None
-        self.con = sqlite3.connect(self.db)
-        self.con.execute("PRAGMA journal_mode=OFF")  # a scratch file: nothing to roll back to
-        self.con.execute("PRAGMA synchronous=OFF")
-        kinds = {c: "INTEGER" if c.endswith(("_chars", "_tokens")) else "BOOLEAN" for c in self.columns}
-        kinds.update(dict.fromkeys(_QUALITY, "REAL"))
-        self.con.execute(
-            f"CREATE TABLE features ({', '.join(f'{c} {kinds[c]}' + ('' if c in _NULLABLE else ' NOT NULL') for c in self.columns)})"
-        )
-
-    def add(self, chunk: dict) -> None:
-        """Append a chunk of feature columns to the table (-1 and NaN become NULL)."""
-        values = [_nulled(chunk[c]) if c in _NULLABLE else chunk[c].tolist() for c in self.columns]
-        self.con.executemany(
-            f"INSERT INTO features VALUES ({', '.join('?' * len(self.columns))})", zip(*values, strict=True)
-        )
-
-    def start(self) -> None:
-        """Commit the table, import GX and make its context (seconds): asked for once the columns are sent."""
-        self.con.commit()
-        self.context = _gx_context(self.docs_dir)
-
-    def run(
-        self, config: ValidationConfig, near: Any, rows: int = 0, judged: dict | None = None
-    ) -> list[dict]:
-        """Flag the near-duplicates (rowid k+1 is row k), run the suite; the results as plain values (GX's
-        result objects stay in this process)."""
-        if self.context is None:
-            self.start()
-        if near is not None:
-            self.con.executemany(
-                "UPDATE features SET is_near_duplicate = 1 WHERE rowid = ?", ((k + 1,) for k in near.tolist())
-            )
-        self.con.commit()
-        self.con.close()
+    def run(self, db: str, config: ValidationConfig, rows: int = 0, judged: dict | None = None) -> list[dict]:
+        """The suite's results as plain values (GX's result objects stay in this process)."""
         results = []
-        for res in _run_gx(self.context, self.db, _build_suite(config, rows, judged)):
+        for res in _run_gx(self.context, Path(db), _build_suite(config, rows, judged)):
             cfg, r = res.expectation_config, res.result or {}
             info = res.exception_info or {}
             results.append({
@@ -820,19 +812,6 @@ class _GxRunner:
                 "error": info.get("exception_message") if info.get("raised_exception") else None,
             })  # fmt: skip
         return results
-
-    def close(self) -> None:
-        self.con.close()
-        self.db.unlink(missing_ok=True)
-
-
-def _nulled(values: Any) -> list:
-    """A feature column as SQL values: -1 (integers) and NaN (floats) become NULL."""
-    import numpy as np
-
-    out = values.astype(object)
-    out[np.isnan(values) if values.dtype.kind == "f" else values < 0] = None
-    return out.tolist()
 
 
 def _write_atomic(path: Path, lines: list[str]) -> None:
@@ -1094,7 +1073,7 @@ def validate_stream(
         spill.seek(0)
         # GX in a process of its own: it imports (seconds) while the pass's worker finishes the
         # near-duplicate search, and runs while this process writes the rows
-        gx = Background(_GxRunner, str(out_dir), config)
+        gx = Background(_GxRunner, str(docs_dir))
         return _judge(
             features,
             spill,
@@ -1114,7 +1093,7 @@ def validate_stream(
             features.close()  # scratch files
         if gx is not None:
             gx.close()
-        (out_dir / _FEATURE_DB).unlink(missing_ok=True)  # the GX process removes it; not if it was killed
+        (out_dir / _FEATURE_DB).unlink(missing_ok=True)
 
 
 def _spilled(spill: IO[bytes]) -> Iterator[list[dict]]:
@@ -1144,15 +1123,15 @@ def _judge(
     cols = features.finish()
     n = len(cols["line"])
     rules = _rules(config)
-    # the feature columns go to GX's process chunk by chunk while the worker finishes the near-duplicate
-    # search; then its flags
-    failed_mask, rule_counts, judged = _send_features(gx, features.feature_chunks(), rules, config, n)
-    gx.post("start")
+    db = out_dir / _FEATURE_DB  # removed by validate_stream
+    db.unlink(missing_ok=True)
+    # the feature table while the worker finishes the near-duplicate search; then its flags
+    failed_mask, rule_counts, judged = _write_features(db, features.feature_chunks(), rules, config, n)
     if features.counter is not None and not features.token_bounds:
         features.profiler.sample_token_lengths()  # the profile's token lengths, in the same wait
     near = features.profiler.near_duplicates()
-    members = _mark_near_duplicates(near, rules, failed_mask, rule_counts)
-    gx_results = gx.ask("run", config, members, n, judged)  # GX runs while this process writes the rows
+    _mark_near_duplicates(db, near, rules, failed_mask, rule_counts)
+    gx_results = gx.ask("run", str(db), config, n, judged)  # GX runs while this process writes the rows
 
     # pass 2: messages need the text of the failing rows; the clean rows are written as they come, the
     # quarantined rows and the findings to scratch files in read order, which is (file, line) order
