@@ -26,8 +26,8 @@ import re
 import shutil
 import tempfile
 import unicodedata
-from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from json.encoder import encode_basestring as _json_str  # what json.dumps(ensure_ascii=False) uses
 from pathlib import Path
@@ -405,53 +405,59 @@ def content_sha256(rows: Iterable[dict]) -> str:
     return digest.hexdigest()
 
 
-# One row of ``COLUMNS``/``CHAT_COLUMNS`` as json.dumps(row, ensure_ascii=False) + "\n" writes it, for
-# values already JSON-encoded; test_fast_paths_match_validate_and_json holds them to json.dumps.
+# One row of ``COLUMNS``/``CHAT_COLUMNS`` as json.dumps(row, ensure_ascii=False) + "\n" writes it, in
+# UTF-8, for values already JSON-encoded; test_fast_paths_match_validate_and_json holds them to json.dumps.
 _JSON_LINE = {
-    COLUMNS: '{{"id": {}, "prompt": {}, "response": {}, "task": {}, "instruction": {}, "input": {}}}\n'.format,
+    COLUMNS: b'{"id": %s, "prompt": %s, "response": %s, "task": %s, "instruction": %s, "input": %s}\n'.__mod__,
     CHAT_COLUMNS: (
-        '{{"id": {}, "prompt": {}, "response": {}, "task": {}, "instruction": {}, "input": {}, "messages": {}}}\n'
-    ).format,
+        b'{"id": %s, "prompt": %s, "response": %s, "task": %s, "instruction": %s, "input": %s, "messages": %s}\n'
+    ).__mod__,
 }
-_NULLABLE = ("task", "messages")
+
+
+def _json_value_encoder() -> Callable[[str | None], bytes]:
+    """A text or None as JSON, in UTF-8: msgspec's encoder, which escapes strings as json.dumps(...,
+    ensure_ascii=False) does, ~3x faster (most of writing the splits); json's when msgspec is missing."""
+    try:
+        import msgspec
+    except ImportError:
+        return lambda v: b"null" if v is None else _json_str(v).encode("utf-8")
+    return msgspec.json.Encoder().encode
 
 
 def _json_lines(batch: Any, columns: tuple[str, ...] = COLUMNS) -> list[str]:
     """The canonical JSON line of each row of a pyarrow batch (``columns``: text, ``task`` and
     ``messages`` nullable)."""
-    encoded = []
-    for name in columns:
-        values = batch.column(name).to_pylist()
-        if name in _NULLABLE:
-            encoded.append(["null" if v is None else _json_str(v) for v in values])
-        else:
-            encoded.append(list(map(_json_str, values)))
-    return list(map(_JSON_LINE[columns], *encoded))
+    encode = _json_value_encoder()
+    encoded = [map(encode, batch.column(name).to_pylist()) for name in columns]
+    return list(map(bytes.decode, map(_JSON_LINE[columns], zip(*encoded, strict=True))))
 
 
 class _InBackground:
     """Runs calls one at a time, in order, on a worker thread.
 
     Parquet compression and I/O release the GIL, so handing them over lets them overlap the Python work
-    on the next chunk. At most one call is in flight (``submit`` waits for the previous one), which
-    bounds the memory held by pending data; a call's error comes out of the next ``submit``/``wait``.
+    on the next chunks. At most ``depth`` calls are pending (``submit`` waits for the oldest beyond
+    that), which bounds the memory held by their data; a call's error comes out of a later
+    ``submit``/``wait``, the first error first.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, depth: int = 1) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="airloom-prepare")
-        self._pending: Future | None = None
+        self._pending: deque[Future] = deque()
+        self._depth = depth
 
     def submit(self, fn: Any, *args: Any) -> None:
-        self.wait()
-        self._pending = self._pool.submit(fn, *args)
+        while len(self._pending) >= self._depth:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(fn, *args))
 
     def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        while self._pending:
+            self._pending.popleft().result()
 
     def shutdown(self) -> None:
-        """Wait for the call in flight without raising its error (for ``finally``: the first error wins)."""
+        """Wait for the calls pending without raising their errors (for ``finally``: the first error wins)."""
         self._pool.shutdown(wait=True)
 
 
@@ -700,7 +706,9 @@ class _Screen:
             r["messages"] = json.dumps(turns, ensure_ascii=False) if turns else None
             self.conversations += turns is not None
         schema = _schema(CHAT_COLUMNS)
-        table = pa.Table.from_pydict({c: [r[c] for r in rows] for c in CHAT_COLUMNS}, schema=schema)
+        table = pa.Table.from_arrays(
+            [_string_array([r[c] for r in rows]) for c in CHAT_COLUMNS], schema=schema
+        )
         if self._writer is None:
             # A scratch file read back once: fast compression, no dictionaries or statistics.
             self._writer = pq.ParquetWriter(
@@ -751,20 +759,22 @@ def _write_splits(
 ) -> dict[str, dict[str, Any]]:
     """Second pass: copy each split's rows, in input order, from the spool to its file and content hash.
 
-    One read of the spool per split, so that only one split's row group is buffered at a time (a
-    read costs far less than the writing). Rows assigned -1 go nowhere; the first ``cap`` of their ids
+    One read of the spool per split, so that one split's row group is buffered at a time (a read
+    costs far less than the writing), besides the batches queued for the writer thread: up to a row
+    group's worth, so that this thread goes on while a row group is compressed, also the last one of
+    a split while the next split is read. Rows assigned -1 go nowhere; the first ``cap`` of their ids
     are appended to ``dropped_ids``. The split files hold ``columns`` of the spool's.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    names = {code: name for name, code in task_names.items()}
-    splits: dict[str, dict[str, Any]] = {}
-    for n, split in enumerate(SPLITS):
-        writer = SplitWriter(folder / f"{split}.parquet", columns)
-        digest = hashlib.sha256()
-        background = _InBackground()  # the Parquet writing, while this thread builds the JSON lines
-        try:
+    # the Parquet writing, while this thread builds the JSON lines
+    background = _InBackground(depth=max(1, ROW_GROUP_SIZE // SPOOL_BATCH_ROWS))
+    writers, digests = [], []
+    try:
+        for n, split in enumerate(SPLITS):
+            writer = SplitWriter(folder / f"{split}.parquet", columns)
+            digest = hashlib.sha256()
             done = 0
             batches = pq.ParquetFile(spool, pre_buffer=False).iter_batches(
                 batch_size=SPOOL_BATCH_ROWS, columns=list(columns), use_threads=False
@@ -780,13 +790,21 @@ def _write_splits(
                     ]
                 if len(picked):
                     rows = pa.Table.from_batches([batch])
-                    rows = rows if len(picked) == batch.num_rows else rows.take(picked)
+                    if len(picked) < batch.num_rows:  # indices not as numpy: see _string_array
+                        rows = rows.take(
+                            pa.Array.from_buffers(pa.int64(), len(picked), [None, pa.py_buffer(picked)])
+                        )
                     background.submit(writer.write, rows)
                     digest.update("".join(_json_lines(rows, columns)).encode("utf-8"))
-            background.wait()
-        finally:
-            background.shutdown()
-        writer.close()
+            background.submit(writer.close)
+            writers.append(writer)
+            digests.append(digest)
+        background.wait()
+    finally:
+        background.shutdown()
+    names = {code: name for name, code in task_names.items()}
+    splits: dict[str, dict[str, Any]] = {}
+    for n, (split, writer, digest) in enumerate(zip(SPLITS, writers, digests, strict=True)):
         per_task = np.bincount(tasks[assignment == n], minlength=len(names)).tolist()
         counted = {names[code]: k for code, k in enumerate(per_task) if k and names[code] is not None}
         splits[split] = {
@@ -805,6 +823,31 @@ def _schema(columns: tuple[str, ...] = COLUMNS) -> Any:
     return pa.schema([(c, pa.string()) for c in columns])
 
 
+def _string_array(values: list[str | None]) -> Any:
+    """``pa.array(values, pa.string())``, built from its buffers: pa.array imports pandas (~0.3 s) to
+    ask whether ``values`` is a pandas object, and prepare has no other use for pandas."""
+    import pyarrow as pa
+
+    encoded = [b"" if v is None else v.encode("utf-8") for v in values]
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(values)), out=offsets[1:])
+    if offsets[-1] >= 2**31:  # past a string array's 32-bit offsets: pa.array splits it into chunks
+        return pa.array(values, pa.string())
+    nulls = values.count(None)
+    valid = None
+    if nulls:
+        valid = np.packbits(
+            np.fromiter((v is not None for v in values), dtype=bool, count=len(values)), bitorder="little"
+        )
+    return pa.StringArray.from_buffers(
+        len(values),
+        pa.py_buffer(offsets.astype(np.int32)),
+        pa.py_buffer(b"".join(encoded)),
+        None if valid is None else pa.py_buffer(valid),
+        nulls,
+    )
+
+
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, size)):
@@ -814,6 +857,20 @@ def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
 # Whitespace (other than the line break itself) just before a line break: normalize_text strips it.
 # Written to start with the literal "\n", which re finds far faster than a leading character class.
 _SPACE_BEFORE_BREAK_RE = re.compile(r"\n(?<=[^\S\n]\n)")
+
+
+# _NUMBERISH_RE on ASCII text, ~2x faster: each character replaced by its class in that pattern ("0" a
+# digit, "." a separator; others are neither), which lets the search start from a literal "0" that re
+# finds far faster than a digit.
+_NUMBERISH_CLASSES = bytes.maketrans(b"123456789 ()+-", b"000000000.....")
+_NUMBERISH_CLASSES_RE = re.compile(rb"0[0.]{5,}0")
+
+
+def _numberish(text: str) -> bool:
+    """Whether ``_NUMBERISH_RE`` (phones, cards and IPs need such a run) finds something in ``text``."""
+    if text.isascii():
+        return _NUMBERISH_CLASSES_RE.search(text.encode("ascii").translate(_NUMBERISH_CLASSES)) is not None
+    return _NUMBERISH_RE.search(text) is not None
 
 
 def _normalize(text: str) -> str:
@@ -843,7 +900,7 @@ def _clean_text(value: Any, what: str, where: str, mask: bool, pii: list[dict[st
     changed = text is not value and text != value
     # Scrubbed also under "keep": the manifest reports what was kept. The pre-check is the one
     # scrub_pii starts with, here only to skip the call for the (many) texts without PII.
-    if "@" in text or _NUMBERISH_RE.search(text):
+    if "@" in text or _numberish(text):
         scrubbed, found = _scrub(text)
         if found:
             pii.append(found)
