@@ -831,14 +831,35 @@ class Profiler:
 
     # --- pass 1 -----------------------------------------------------------------------------------
 
-    def add(self, records: Sequence[dict], eligible: np.ndarray | None = None) -> None:
-        """Profile one chunk of records (a few thousand at a time keeps the temporary arrays small)."""
+    def add(
+        self,
+        records: Sequence[dict],
+        eligible: np.ndarray | None = None,
+        *,
+        markup: np.ndarray | None = None,
+        control: np.ndarray | None = None,
+    ) -> None:
+        """Profile one chunk of records (a few thousand at a time keeps the temporary arrays small).
+
+        ``markup`` and ``control``: the rows' :func:`has_markup` and control-character flags where the
+        caller has them already (validation does), so the rows are not searched twice.
+        """
         for start in range(0, len(records), _BATCH):
             batch = records[start : start + _BATCH]
             ok = None if eligible is None else np.asarray(eligible[start : start + _BATCH], dtype=bool)
-            self._add(batch, ok)
+            known_markup = None if markup is None else np.asarray(markup[start : start + _BATCH], dtype=bool)
+            known_control = (
+                None if control is None else np.asarray(control[start : start + _BATCH], dtype=bool)
+            )
+            self._add(batch, ok, known_markup, known_control)
 
-    def _add(self, batch: Sequence[dict], eligible: np.ndarray | None) -> None:
+    def _add(
+        self,
+        batch: Sequence[dict],
+        eligible: np.ndarray | None,
+        known_markup: np.ndarray | None = None,
+        known_control: np.ndarray | None = None,
+    ) -> None:
         m = len(batch)
         if not m:
             return
@@ -886,12 +907,31 @@ class Profiler:
                 self.columns.append(f"tokens:{f}", np.asarray(self.tokenizer.lengths(cols[f]), np.int32))
 
         pii = np.zeros(m, dtype=bool)
-        markup = np.zeros(m, dtype=bool)
-        control = np.zeros(m, dtype=bool)
         rows_text = [f"{a}\n{b}\n{c}" for a, b, c in zip(*cols.values(), strict=True)]
-        blob = "\n".join(rows_text)  # searched once for what most rows lack
-        any_control = CONTROL_CHARS_RE.search(blob) is not None
-        any_markup = "<" in blob
+        blob = "\n".join(rows_text) if known_control is None or known_markup is None else ""
+        if known_control is None:  # the whole batch searched once for what most rows lack
+            control = np.zeros(m, dtype=bool)
+            if CONTROL_CHARS_RE.search(blob):
+                control[:] = [CONTROL_CHARS_RE.search(row) is not None for row in rows_text]
+        else:
+            control = known_control
+        self.control_rows += int(control.sum())
+        if known_markup is None:
+            markup = np.zeros(m, dtype=bool)
+            if "<" in blob:
+                markup[:] = [
+                    "<" in row and has_markup(*texts)
+                    for row, texts in zip(rows_text, zip(*cols.values(), strict=True), strict=True)
+                ]
+        else:
+            markup = known_markup
+        self.markup_rows += int(markup.sum())
+        for j in np.flatnonzero(markup)[: max(0, _EXAMPLES - len(self.markup_examples))]:
+            texts = [cols[f][j] for f in TEXT_FIELDS]
+            tag = next(mt.group(0) for t in texts if (mt := MARKUP_RE.search(t)))
+            self.markup_examples.append(
+                {"line": int(lines[j]), "tag": tag, "instruction": _preview(texts[0])}
+            )
         for j in range(m):
             ins, inp, resp = cols["instruction"][j], cols["input"][j], cols["response"][j]
             line = int(lines[j])
@@ -909,15 +949,6 @@ class Profiler:
                     pii[j] = True
                     self.pii_rows += 1
                     self.pii_kinds.update(row_kinds)
-            if any_markup and "<" in row and has_markup(ins, inp, resp):
-                markup[j] = True
-                self.markup_rows += 1
-                if len(self.markup_examples) < _EXAMPLES:
-                    tag = next(mt.group(0) for t in (ins, inp, resp) if (mt := MARKUP_RE.search(t)))
-                    self.markup_examples.append({"line": line, "tag": tag, "instruction": _preview(ins)})
-            if any_control and CONTROL_CHARS_RE.search(row):
-                control[j] = True
-                self.control_rows += 1
             script, mixed = _row_scripts(row)
             self.scripts[script] += 1
             self.mixed_rows += mixed

@@ -51,6 +51,7 @@ _ROW_BLOCK = 8192  # rows whose candidate pairs are ranked and checked together
 _GAP = 32  # signature rows this close are read together (see _Spill.signatures)
 _SPAN = 2048  # signature rows read at a time: 1 MiB at 128 permutations
 _RECALL = 0.99  # wanted chance that a pair exactly at the threshold becomes a candidate
+_RELEASE_EVERY = 128  # exact checks between releases of mapped pages (each maps up to ~64 KiB: fault-around)
 
 _ASCII_PUNCT = "!\"#$%&'()*+,-./:;<=>?@[\\]^`{|}~"  # "_" stays: it is part of identifiers
 _OTHER_PUNCT = (
@@ -461,12 +462,13 @@ class NearDuplicateFinder:
         for r0 in range(0, len(rows) if len(rows) > 1 else 0, _ROW_BLOCK):
             r1 = min(r0 + _ROW_BLOCK, len(rows))
             slots = np.concatenate([store.partners(band, r0, r1) for band in range(self.bands)], axis=1)
-            later = np.repeat(rows[r0:r1], slots.shape[1])
-            earlier = slots.reshape(-1)
-            has = earlier >= 0
-            pairs = _unique((later[has].astype(np.uint64) << np.uint64(32)) | earlier[has].astype(np.uint64))
-            later = (pairs >> np.uint64(32)).astype(np.int32)
-            earlier = (pairs & np.uint64(0xFFFFFFFF)).astype(np.int32)
+            # each row's distinct partners (-1: none) in (later, earlier) order: sorting each row's few
+            # dozen slots costs a fraction of sorting the block's pairs as 64-bit keys
+            slots.sort(axis=1)
+            new = slots >= 0
+            new[:, 1:] &= slots[:, 1:] != slots[:, :-1]
+            later = np.repeat(rows[r0:r1], slots.shape[1])[new.reshape(-1)]
+            earlier = slots[new]
             # |A|/|B| bounds the Jaccard of A and B from above
             a, b = counts[later], counts[earlier]
             ok = np.minimum(a, b) >= t * np.maximum(a, b)
@@ -496,14 +498,14 @@ class NearDuplicateFinder:
                         continue
                     tries += 1
                     checked += 1
-                    si, sc = a1 - a0, b1 - b0
+                    # counted here, not in release(): a method call per pair adds up
+                    if not checked % _RELEASE_EVERY:
+                        store.release()
                     sa = shingles[a0:a1]
                     sb = shingles[b0:b1]
-                    store.release()
-                    pos = sb.searchsorted(sa)
-                    np.minimum(pos, sc - 1, out=pos)
-                    inter = int(np.count_nonzero(sb[pos] == sa))
-                    jac = inter / (si + sc - inter)
+                    # take(clip) maps a past-the-end position onto sb's last value, which then differs
+                    inter = int(np.count_nonzero(sb.take(sb.searchsorted(sa), mode="clip") == sa))
+                    jac = inter / (a1 - a0 + b1 - b0 - inter)
                     if jac >= t and (best < 0 or jac > best_jac):
                         best, best_jac = c, jac
                         removed[i] = 1
@@ -593,7 +595,8 @@ class _Store:
         return self._shingles[0] if self._shingles else np.zeros(0, dtype=np.uint32)
 
     def release(self) -> None:
-        """Called every few reads of :meth:`all_shingles`: a store on disk lets go of the pages read."""
+        """Called every ``_RELEASE_EVERY`` reads of :meth:`all_shingles`: a store on disk lets go of the
+        pages read."""
 
     def close(self) -> None:
         pass
@@ -603,8 +606,6 @@ class _Spill(_Store):
     """The same, appended to files as rows come and read back through memory maps whose pages are
     released as they are passed, so memory stays flat however many rows there are (the page cache,
     not the process, holds the data)."""
-
-    _RELEASE_EVERY = 128  # reads between releases of the mapped pages (each maps up to ~64 KiB: fault-around)
 
     def __init__(self, spill_dir: str | Path, bands: int, num_perm: int) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="neardup.", dir=spill_dir))
@@ -616,7 +617,6 @@ class _Spill(_Store):
         }
         self._maps: dict[str, tuple[mmap.mmap, np.ndarray]] = {}
         self._sig_file: Any = None
-        self._reads = 0
 
     def append(self, shingles: np.ndarray, sigs: np.ndarray, keys: np.ndarray) -> None:
         self._files["shingles"].write(np.ascontiguousarray(shingles, dtype=np.uint32).tobytes())
@@ -641,10 +641,8 @@ class _Spill(_Store):
         return got[1]
 
     def release(self) -> None:
-        self._reads += 1
-        if self._reads % self._RELEASE_EVERY == 0:
-            for mapped, _ in self._maps.values():
-                mapped.madvise(mmap.MADV_DONTNEED)  # drop the pages from this process, not the file
+        for mapped, _ in self._maps.values():
+            mapped.madvise(mmap.MADV_DONTNEED)  # drop the pages from this process, not the file
 
     def band_keys(self, band: int) -> np.ndarray:
         return np.fromfile(self.dir / f"band{band}.u64", dtype=np.uint64)

@@ -40,6 +40,18 @@ _ASKS_FOR_MARKUP_RE = re.compile(
 PII_PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP>", "card": "<CARD>"}
 # Cheap pre-check: phones, cards and IPs all need 7+ characters of digits and separators.
 _NUMBERISH_RE = re.compile(r"\d[\d .()+-]{5,}\d")
+# The same search on ASCII text, ~2x faster: each character replaced by its class in that pattern ("0" a
+# digit, "." a separator; others are neither), which lets the search start from a literal "0" that re
+# finds far faster than a digit.
+_NUMBERISH_CLASSES = bytes.maketrans(b"123456789 ()+-", b"000000000.....")
+_NUMBERISH_CLASSES_RE = re.compile(rb"0[0.]{5,}0")
+
+
+def numberish(text: str) -> bool:
+    """Whether ``_NUMBERISH_RE`` (phones, cards and IPs need such a run) finds something in ``text``."""
+    if text.isascii():
+        return _NUMBERISH_CLASSES_RE.search(text.encode("ascii").translate(_NUMBERISH_CLASSES)) is not None
+    return _NUMBERISH_RE.search(text) is not None
 
 
 def _luhn_ok(digits: str) -> bool:
@@ -68,7 +80,7 @@ def find_pii(text: str) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     if "@" in text and (emails := EMAIL_RE.findall(text)):
         found["email"] = emails
-    if not _NUMBERISH_RE.search(text):
+    if not numberish(text):
         return found
     if cards := [m for m in CARD_RE.findall(text) if _card_ok(m)]:
         found["card"] = cards
@@ -90,7 +102,7 @@ def scrub_pii(text: str) -> tuple[str, dict[str, int]]:
         text, n = EMAIL_RE.subn(PII_PLACEHOLDERS["email"], text)
         if n:
             counts["email"] = n
-    if not _NUMBERISH_RE.search(text):
+    if not numberish(text):
         return text, counts
 
     def sub(kind: str, pattern: re.Pattern, keep: Any) -> None:

@@ -367,6 +367,8 @@ class _Features:
             file_ids[j] = k
         self._parts.append("file", file_ids)
         bad = np.zeros(m, dtype=bool)  # breaks another quarantining row rule: no (near) duplicate search
+        # the profile's row flag: any field's (its row text joins the fields by \n, not a control character)
+        any_control = np.zeros(m, dtype=bool)
         prose = np.fromiter(("messages" not in r for r in records), dtype=bool, count=m)  # field bounds apply
         for f in TEXT_FIELDS:
             texts = [rec.get(f) or "" for rec in records]
@@ -376,6 +378,7 @@ class _Features:
                 control[:] = [CONTROL_CHARS_RE.search(t) is not None for t in texts]
             lo, hi = self.config.min_chars.get(f), self.config.max_chars.get(f)
             bad |= control
+            any_control |= control
             if lo is not None:
                 bad |= (chars < lo) & prose
             if hi is not None:
@@ -385,15 +388,16 @@ class _Features:
                 blank = np.fromiter((not t.strip() for t in texts), dtype=bool, count=m)
                 bad |= blank
                 self._parts.append(f"{f}_blank", blank)
-        bad |= np.fromiter(
+        markup = np.fromiter(
             ("<" in (r.get("instruction", "") + r.get("input", "") + r.get("response", ""))
              and has_markup(r.get("instruction", ""), r.get("input", ""), r.get("response", ""))
              for r in records),
             dtype=bool,
             count=m,
         )  # fmt: skip
+        bad |= markup
         bad |= self._add_rows(records)
-        self.profiler.add(records, eligible=~bad)
+        self.profiler.add(records, eligible=~bad, markup=markup, control=any_control)
 
     def _add_rows(self, records: list[dict]) -> Any:
         """The per-row columns beyond the profile's: conversation turns by role (-1: no such turn; a
