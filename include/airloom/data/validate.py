@@ -18,6 +18,7 @@ validation flags.
 from __future__ import annotations
 
 import heapq
+import itertools
 import json
 import os
 import pickle
@@ -642,6 +643,17 @@ def _failing(check: str | None, fld: str | None, chunk: dict, config: Validation
     return chunk[flag] if flag else None
 
 
+def _scratch_db(db: Path) -> Any:
+    """A connection to the scratch feature table's file: no journal, no fsync (nothing to roll back to;
+    both are per connection)."""
+    import sqlite3
+
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA journal_mode=OFF")
+    con.execute("PRAGMA synchronous=OFF")
+    return con
+
+
 def _write_features(
     db: Path, chunks: Iterable[dict], rules: list[tuple[str, str | None]], config: ValidationConfig, n: int
 ) -> tuple[Any, list[int], dict[str, int]]:
@@ -652,7 +664,6 @@ def _write_features(
         A uint32 per row (bit k: the row breaks ``rules[k]``), the number of rows breaking each rule
         and the number of non-NULL values of each nullable column.
     """
-    import sqlite3
 
     import numpy as np
 
@@ -661,10 +672,8 @@ def _write_features(
     failed = np.zeros(n, dtype=np.uint32)
     counts = [0] * len(rules)
     columns = _feature_columns(config)
-    con = sqlite3.connect(db)
+    con = _scratch_db(db)
     try:
-        con.execute("PRAGMA journal_mode=OFF")  # a scratch file: nothing to roll back to
-        con.execute("PRAGMA synchronous=OFF")
         kinds = {c: "INTEGER" if c.endswith(("_chars", "_tokens")) else "BOOLEAN" for c in columns}
         kinds.update(dict.fromkeys(_QUALITY, "REAL"))
         # -1 / NaN: not judged (no such field or turn, too short, a conversation the template refuses)
@@ -715,7 +724,6 @@ def _mark_near_duplicates(
     db: Path, near: Any, rules: list[tuple[str, str | None]], failed: Any, counts: list[int]
 ) -> None:
     """Set the near-duplicate flags in the feature table (rowid k+1 is row k) and in the failure mask."""
-    import sqlite3
 
     import numpy as np
 
@@ -724,10 +732,8 @@ def _mark_near_duplicates(
     bit = rules.index(("near_duplicate", None))
     failed[near.members] |= np.uint32(1 << bit)
     counts[bit] = near.count
-    con = sqlite3.connect(db)
+    con = _scratch_db(db)
     try:
-        con.execute("PRAGMA journal_mode=OFF")  # per connection, like _write_features': no journal, no fsync
-        con.execute("PRAGMA synchronous=OFF")
         con.executemany(
             "UPDATE features SET is_near_duplicate = 1 WHERE rowid = ?",
             ((k + 1,) for k in near.members.tolist()),
@@ -1080,9 +1086,10 @@ def validate_stream(
         load_findings: list[Finding] = []
         rejected: list[dict] = []
         rows_read = 0
-        for chunk in chunks():
-            if gx is None:  # once the source reads (a missing file fails before a process is made)
-                gx = Background(_GxRunner, str(docs_dir))
+        reader = iter(chunks())
+        first = next(reader, None)  # an unreadable source fails here, before GX's process is made
+        gx = Background(_GxRunner, str(docs_dir))
+        for chunk in itertools.chain([first] if first is not None else [], reader):
             rows_read += chunk.rows_read
             load_findings.extend(chunk.findings)
             rejected.extend(chunk.rejected)
@@ -1090,8 +1097,6 @@ def validate_stream(
             if chunk.records:
                 pickle.dump(chunk.records, spill, protocol=pickle.HIGHEST_PROTOCOL)
         spill.seek(0)
-        if gx is None:  # nothing was read
-            gx = Background(_GxRunner, str(docs_dir))
         return _judge(
             features,
             spill,
