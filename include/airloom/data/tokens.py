@@ -58,7 +58,9 @@ class TokenCounter:
         for i in range(0, len(texts), _BATCH):
             batch = texts[i : i + _BATCH]
             if hasattr(self.tokenizer, "encode_batch"):  # tokenizers.Tokenizer
-                out += [len(enc.ids) for enc in self.tokenizer.encode_batch(batch, add_special_tokens=False)]
+                # encode_batch_fast (tokenizers >= 0.21) skips the offsets: the same ids for ~2/3 the CPU
+                batch_encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+                out += [len(enc.ids) for enc in batch_encode(batch, add_special_tokens=False)]
             else:
                 out += [len(ids) for ids in encode(self.tokenizer, batch)["input_ids"]]
         return out

@@ -111,3 +111,13 @@ def test_encode_adds_no_special_tokens(tokenizer):
     assert with_bos("Paris")["input_ids"][0] == with_bos.bos_token_id
     assert encode(with_bos, "Paris")["input_ids"] == tokenizer("Paris")["input_ids"]
     assert encode(with_bos, ["Paris", "France"])["input_ids"][1] == tokenizer("France")["input_ids"]
+
+
+def test_counts_are_the_tokenizers_own(tokenizer, tmp_path):
+    """The light counter (encode_batch_fast, without offsets) counts what the Hugging Face tokenizer
+    encodes, over more texts than one batch."""
+    folder = _folder(tokenizer, tmp_path, None)
+    counter = load_token_counter(str(folder))
+    texts = [f"What is the capital of France? {'Paris ' * (i % 7)}turn {i}" for i in range(600)] + ["", " "]
+    assert counter.lengths(texts) == [len(ids) for ids in encode(tokenizer, texts)["input_ids"]]
+    assert counter.lengths(texts)[0] > 0
