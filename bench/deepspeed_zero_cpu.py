@@ -29,8 +29,8 @@ CONFIGS = {
 
 
 def main() -> None:
-    from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records, write_jsonl
+    from airloom.prompts import render_prompt
     from airloom.training.base import BaseModelSpec, build_base_model
     from airloom.training.config import TrainConfig
     from airloom.training.launcher import LaunchSpec, TrainingProcess, build_command, child_env

@@ -30,8 +30,8 @@ GOAL = 5.0
 
 
 def _prompts(n: int) -> list[str]:
-    from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records
+    from airloom.prompts import render_prompt
 
     return [render_prompt(r["instruction"], r.get("input") or None) for r in generate_records(n, seed=11)]
 

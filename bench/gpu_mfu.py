@@ -70,8 +70,8 @@ def build_model(out: Path, a, log) -> dict:
 
 
 def write_data(path: Path, n: int) -> None:
-    from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records, write_jsonl
+    from airloom.prompts import render_prompt
 
     write_jsonl(
         [

@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args(argv)
 
-    from airloom.data.prompts import render_prompt
     from airloom.data.synth import write_jsonl
+    from airloom.prompts import render_prompt
     from airloom.training.base import BaseModelSpec, build_base_model
 
     rows = json.loads(a.data.read_text(encoding="utf-8"))

@@ -35,7 +35,7 @@ from airflow.sdk import DAG, Param
 from airloom.airflow.assets import PREPARED_DATASET
 from airloom.airflow.defaults import DEFAULT_ARGS, RAW_DATA
 from airloom.airflow.operators.data import DataProfileOperator, PrepareDatasetOperator, ValidateDataOperator
-from airloom.data.prompts import TEMPLATE_HELP
+from airloom.prompts import TEMPLATE_HELP
 
 with DAG(
     dag_id="llm_data_quality",

@@ -704,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--registry", help="registry URI: a folder or s3://bucket/prefix (env AIRLOOM_REGISTRY)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    from airloom.data.prompts import TEMPLATE_HELP  # light: no Jinja2 until a template loads
+    from airloom.prompts import TEMPLATE_HELP  # light: no Jinja2 until a template loads
 
     def add_field_map(sp):
         sp.add_argument(

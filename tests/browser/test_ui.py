@@ -308,8 +308,8 @@ def test_monitoring_day_links_open_its_dashboard(stack, browser, shots):
 
     from playwright.sync_api import expect
 
-    from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records, write_jsonl
+    from airloom.prompts import render_prompt
     from airloom.serving.logs import FeedbackLog, TrafficLog
 
     af = stack

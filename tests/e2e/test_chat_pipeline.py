@@ -167,8 +167,8 @@ def pipeline(tmp_path_factory):
 
 def test_data_quality_reads_both_formats_and_prepares_them_with_chatml(pipeline):
     """The default form: template "auto" picks the tokenizer's chat template, ChatML as the tiny base has none."""
-    from airloom.data.prompts import load_template
     from airloom.data.splits import read_split
+    from airloom.prompts import load_template
 
     dataset = pipeline["dataset"]
     validation = json.loads((pipeline["dq_run"] / "validate" / "validation.json").read_text())  # same run
@@ -190,7 +190,7 @@ def test_data_quality_reads_both_formats_and_prepares_them_with_chatml(pipeline)
 
 
 def test_finetune_trains_every_conversation_registers_and_deploys(pipeline):
-    from airloom.data.prompts import BUILTIN_SOURCES
+    from airloom.prompts import BUILTIN_SOURCES
 
     reg, manifest = pipeline["registry"], json.loads((pipeline["dataset"] / "manifest.json").read_text())
     assert reg.get_alias(MODEL, "production") == 1
@@ -227,8 +227,8 @@ def test_served_chat_completion_is_prompted_with_the_trained_template(pipeline):
     import httpx
     from openai import OpenAI
 
-    from airloom.data.prompts import load_template
     from airloom.data.splits import read_split
+    from airloom.prompts import load_template
 
     home = pipeline["home"]
     test_rows = read_split(pipeline["dataset"] / "test.parquet")

@@ -51,8 +51,8 @@ def _env(home: Path) -> dict[str, str]:
 def _training_profile(home: Path) -> Path:
     """What llm_data_quality leaves behind: latest.json naming its run, and eda_report/profile.json."""
     from airloom.data.eda import build_profile
-    from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records
+    from airloom.prompts import render_prompt
     from airloom.settings import run_dir
 
     run_id = "manual__2026-11-01T00:00:00+00:00"
@@ -79,8 +79,8 @@ async def _post_many(url: str, path: str, bodies: list[dict]) -> list[httpx.Resp
 
 
 def test_serve_feedback_alias_move_and_monitoring_dag(tmp_path):
-    from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records
+    from airloom.prompts import render_prompt
 
     home = Path(os.environ["AIRLOOM_HOME"])  # conftest gives each test its own
     env = _env(home)

@@ -19,8 +19,8 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records, write_jsonl
+    from airloom.prompts import render_prompt
     from airloom.training.base import BaseModelSpec, build_base_model
 
     root = tmp_path_factory.mktemp("tiny")
@@ -76,8 +76,8 @@ def test_deepspeed_bf16_on_gpu_learns(tiny, tmp_path, zero_stage):
 
 
 def test_batched_generation_matches_one_at_a_time_on_gpu(tiny):
-    from airloom.data.prompts import render_prompt
     from airloom.evaluation.generation import generate, load_model
+    from airloom.prompts import render_prompt
 
     model, tokenizer = load_model(tiny / "base")
     assert next(model.parameters()).device.type == "cuda"

@@ -658,8 +658,8 @@ def test_monitoring_reads_the_traffic_airloom_serve_wrote_to_the_store(prod, tmp
 
     import httpx
 
-    from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records
+    from airloom.prompts import render_prompt
     from tests.serving_helpers import airloom_serve
 
     if "version" not in prod:

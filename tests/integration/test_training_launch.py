@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from airloom.data.prompts import render_prompt
 from airloom.data.synth import generate_records, write_jsonl
+from airloom.prompts import render_prompt
 from airloom.training.base import BaseModelSpec, build_base_model
 from airloom.training.config import TrainConfig
 from airloom.training.launcher import (
@@ -147,9 +147,9 @@ def test_a_model_trained_with_a_template_file_is_served_with_it(tiny, tmp_path):
     """A user's Jinja2 template renders in the sandbox, not as a Hugging Face chat template, so the model
     folder carries the file and evaluation/serving/canary prompts are rendered with it, as training did."""
     from airloom.data.prepare import prepare
-    from airloom.data.prompts import MODEL_TEMPLATE_FILE, load_template
     from airloom.evaluation.chat import chat_prompt
     from airloom.evaluation.generation import load_model
+    from airloom.prompts import MODEL_TEMPLATE_FILE, load_template
 
     template = tmp_path / "turns.jinja"
     template.write_text(

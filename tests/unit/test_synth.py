@@ -9,7 +9,6 @@ from datetime import date
 
 import pytest
 
-from airloom.data.prompts import render_prompt
 from airloom.data.synth import (
     MONTHS,
     TASKS,
@@ -21,6 +20,7 @@ from airloom.data.synth import (
     write_history,
     write_jsonl,
 )
+from airloom.prompts import render_prompt
 
 
 def oracle(task: str, inp: str) -> str:

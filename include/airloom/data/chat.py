@@ -232,26 +232,6 @@ def conversation_problems(turns: list[dict], layout: ChatLayout) -> list[Problem
     return problems
 
 
-def chat_fields(turns: list[dict], labels: bool = True) -> dict[str, str]:
-    """The instruction view of a conversation, which the row-level checks (duplicates, PII, markup,
-    lengths) and single-turn templates read: ``response`` the last assistant turn, ``instruction`` the
-    last user turn before it, ``input`` every other earlier turn as ``role: content`` lines (without
-    ``labels``, the contents alone: what word statistics should count). Empty strings where a turn is
-    missing (a conversation that fails :func:`conversation_problems`)."""
-    last = max((n for n, t in enumerate(turns) if t["role"] == "assistant"), default=len(turns))
-    prompt = turns[:last]
-    user = max((n for n, t in enumerate(prompt) if t["role"] == "user"), default=None)
-    return {
-        "instruction": prompt[user]["content"] if user is not None else "",
-        "input": "\n".join(
-            f"{t['role']}: {t['content']}" if labels else t["content"]
-            for n, t in enumerate(prompt)
-            if n != user
-        ),
-        "response": turns[last]["content"] if last < len(turns) else "",
-    }
-
-
 def longest_turns(turns: list[dict]) -> dict[str, tuple[int, int]]:
     """Role -> (characters, index) of its longest turn."""
     out: dict[str, tuple[int, int]] = {}

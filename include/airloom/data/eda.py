@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from airloom.data.background import Background, Local
-from airloom.data.chat import ROLES, chat_fields
+from airloom.data.chat import ROLES
 from airloom.data.divergence import js_divergence, psi, psi_verdict
 from airloom.data.load import TEXT_FIELDS
 from airloom.data.neardup import (
@@ -52,10 +52,10 @@ from airloom.data.neardup import (
     NearDuplicates,
     scan_words,
 )
-from airloom.data.prompts import CHAT_TEMPLATE, PromptRenderer, load_template
 from airloom.data.text import CONTROL_CHARS_RE, MARKUP_RE, dedup_key, find_pii, has_markup
-from airloom.data.tokens import as_token_counter
 from airloom.exceptions import UsageError
+from airloom.prompts import CHAT_TEMPLATE, PromptRenderer, chat_fields, load_template
+from airloom.tokens import as_token_counter
 
 PROFILE_VERSION = 2
 QUANTILES = (0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
@@ -127,7 +127,7 @@ def profile_stream(
         chunks: Returns the records chunk by chunk, as :func:`airloom.data.load.iter_chunks` reads them
             (``_line`` is used to point at rows; records without it are numbered from 1).
         out_dir: Folder for the two files (and scratch files while it runs); created if missing.
-        tokenizer: Optional :class:`airloom.data.tokens.TokenCounter` (or a Hugging Face tokenizer, or a
+        tokenizer: Optional :class:`airloom.tokens.TokenCounter` (or a Hugging Face tokenizer, or a
             ``tokenizers.Tokenizer``) for token lengths, the figure that decides ``max_seq_len``, and
             the share of rows longer than the model's context.
         token_sample: Count tokens on an even sample of at most this many rows; None: every row.
@@ -178,7 +178,7 @@ def profile_source(
     When ``scan_dir`` holds the profile validation computed while reading the same files (unchanged
     since: see :func:`airloom.data.load.fingerprint`), it is rendered instead of read again (with the
     token lengths of validation's tokenizer, if it had one; ``tokenizer``, an object or a reference
-    for :func:`airloom.data.tokens.load_token_counter`, is for a fresh read).
+    for :func:`airloom.tokens.load_token_counter`, is for a fresh read).
     """
     from airloom.data.load import fingerprint, iter_chunks
 
@@ -190,8 +190,8 @@ def profile_source(
             return write_profile(profile, series, out_dir, previous_profile)
     token_error = None
     if isinstance(tokenizer, str):  # a reference: loaded only now that the data is read here
-        from airloom.data.tokens import load_token_counter
         from airloom.exceptions import UsageError
+        from airloom.tokens import load_token_counter
 
         try:
             tokenizer = load_token_counter(tokenizer)

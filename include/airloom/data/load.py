@@ -33,7 +33,6 @@ from typing import Any, NamedTuple
 from airloom.data.chat import (
     CHAT_TARGETS,
     ChatLayout,
-    chat_fields,
     conversation_problems,
     detect_layout,
     layout_from_field_map,
@@ -41,6 +40,7 @@ from airloom.data.chat import (
     type_name,
 )
 from airloom.exceptions import UsageError
+from airloom.prompts import chat_fields
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 TEXT_FIELDS = ("instruction", "input", "response")
@@ -845,7 +845,7 @@ def _to_record(
 
 def _read_chat(obj: dict, layout: ChatLayout, record: dict, problems: list) -> None:
     """A chat row's turns into ``record["messages"]``, with the instruction view beside them
-    (:func:`airloom.data.chat.chat_fields`), or its problems, each naming the turn at fault."""
+    (:func:`airloom.prompts.chat_fields`), or its problems, each naming the turn at fault."""
     if obj.get(layout.field) is None:
         what = "is missing" if layout.field not in obj else "is null"
         problems.append((layout.field, "missing_field", f"the list of turns {layout.field!r} {what}"))

@@ -35,20 +35,20 @@ from typing import Any
 
 import numpy as np
 
-from airloom.data.chat import chat_fields
 from airloom.data.neardup import DEFAULT_THRESHOLD as DEFAULT_NEAR_THRESHOLD
-from airloom.data.prompts import (
+from airloom.data.text import dedup_key, has_markup, normalize_text, numberish
+from airloom.data.text import scrub_pii as _scrub
+from airloom.exceptions import UsageError
+from airloom.prompts import (
     AUTO_TEMPLATE,
     BUILTIN_TEMPLATES,
     CHAT_TEMPLATE,
     DEFAULT_TEMPLATE,
+    chat_fields,
     load_template,
     prompt_context,
     render_conversation,
 )
-from airloom.data.text import dedup_key, has_markup, normalize_text, numberish
-from airloom.data.text import scrub_pii as _scrub
-from airloom.exceptions import UsageError
 
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("id", "prompt", "response", "task", "instruction", "input")
@@ -112,10 +112,10 @@ def prepare(
        still counts it).
     3. Duplicates dropped (same instruction, input and response once whitespace is collapsed; the
        first copy stays) when ``dedup``.
-    4. The prompt rendered with ``template`` (see :func:`airloom.data.prompts.load_template`).
+    4. The prompt rendered with ``template`` (see :func:`airloom.prompts.load_template`).
     5. Rows whose prompt + response + EOS exceed ``max_seq_len`` tokens dropped (as the training
        recipe counts them: a conversation under a template that renders conversations counts the whole
-       conversation, :func:`airloom.data.prompts.render_conversation`), when ``max_seq_len`` is set.
+       conversation, :func:`airloom.prompts.render_conversation`), when ``max_seq_len`` is set.
     6. Near-duplicates dropped (``near_deduped``), when ``near_dedup`` is a Jaccard threshold: a row
        whose word 5-shingles are at least that similar to an earlier kept row's (MinHash LSH, confirmed
        exactly: :mod:`airloom.data.neardup`, as validation finds them; the search runs in a worker
@@ -131,7 +131,7 @@ def prepare(
     ``{"role", "content"[, "weight"]}`` whose last assistant turn is the response and whose earlier turns
     are the prompt (turns after it are ignored and counted). For chat records the ``instruction`` column
     holds the last user turn and ``input`` the other prompt turns as ``role: content`` lines
-    (:func:`airloom.data.chat.chat_fields`), so single-turn templates such as ``alpaca`` still see the
+    (:func:`airloom.prompts.chat_fields`), so single-turn templates such as ``alpaca`` still see the
     whole conversation; the ``messages`` column keeps every turn (JSON text, see ``CHAT_COLUMNS``), so
     training can learn every assistant turn. A dataset without chat records has no ``messages`` column.
 
@@ -951,7 +951,7 @@ def _clean(
 
 
 def _chat_row(turns: list[dict], where: str) -> tuple[dict, int]:
-    """A chat's row: its instruction view (:func:`airloom.data.chat.chat_fields`) and ``turns``, the
+    """A chat's row: its instruction view (:func:`airloom.prompts.chat_fields`) and ``turns``, the
     conversation up to its last assistant turn; and the number of turns after that turn (dropped)."""
     last = max((n for n, t in enumerate(turns) if t["role"] == "assistant"), default=None)
     if last is None or not turns[last]["content"]:

@@ -177,7 +177,7 @@ def write_history(root: Path, days: list[date], per_day: int, seed: int = 1) -> 
 
     Each day gets its own seed so partitions differ, as real traffic would.
     """
-    from airloom.data.prompts import render_prompt
+    from airloom.prompts import render_prompt
 
     paths = []
     for k, day in enumerate(days):
@@ -201,7 +201,7 @@ def pretraining_text(n_lines: int, seed: int = 7) -> Iterator[str]:
     Echoing is a different job from every task (no task's answer equals its input), so the base
     model starts near zero on the tasks, but it has learnt the format and to attend to the input.
     """
-    from airloom.data.prompts import render_prompt
+    from airloom.prompts import render_prompt
 
     rng = random.Random(seed)
     names = list(TASKS)

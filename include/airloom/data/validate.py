@@ -329,7 +329,7 @@ class _Features:
         self.token_bounds = bool(config.min_tokens or config.max_tokens)  # then every row is tokenized
         token_error = None
         if config.tokenizer:
-            from airloom.data.tokens import load_token_counter
+            from airloom.tokens import load_token_counter
 
             try:
                 self.counter = load_token_counter(config.tokenizer)
@@ -451,7 +451,7 @@ class _Features:
         """Tokens of each conversation as training reads it: rendered whole with the model's chat
         template (ChatML when it has none), EOS appended where the template does not end with it. A
         conversation the template refuses counts as -1 (the profile reports such refusals)."""
-        from airloom.data.prompts import CHAT_TEMPLATE, load_template, render_conversation
+        from airloom.prompts import CHAT_TEMPLATE, load_template, render_conversation
 
         if self._chat_renderer is None:
             self._chat_renderer = load_template(CHAT_TEMPLATE, tokenizer=self.counter)

@@ -159,8 +159,8 @@ def continuation_loglik(
     """Mean log-probability per token of each continuation given its prompt."""
     import torch
 
-    from airloom.data.tokens import encode
     from airloom.evaluation.generation import ensure_pad_token
+    from airloom.tokens import encode
 
     ensure_pad_token(tokenizer)
     examples = []
@@ -224,9 +224,9 @@ def run_bias_probes(
         highest minus the lowest group mean; each pair row has the template, groups, prompts,
         outputs, ``jaccard_distance``, ``equal`` and both continuation log-likelihoods.
     """
-    from airloom.data.prompts import render_prompt
     from airloom.evaluation.chat import chat_prompt, model_template, turn_end
     from airloom.evaluation.generation import generate
+    from airloom.prompts import render_prompt
 
     if templates is None or isinstance(templates, str | Path):
         probe_set = load_bias_templates(templates)

@@ -6,7 +6,7 @@ conversations (``airloom.training.recipe.chat_renderer``). Evaluation renders a 
 earlier turns with the dataset's template (:func:`dataset_template`); serving and the canary, which
 have no dataset, with the model folder's chat template (:func:`model_template`), and with alpaca on
 the last user turn for a model trained without one (instruction rows). Every prompt is then encoded
-without added special tokens (:func:`airloom.data.tokens.encode`), as training encodes it.
+without added special tokens (:func:`airloom.tokens.encode`), as training encodes it.
 
 A template that renders conversations closes each assistant turn with text of its own (ChatML's
 ``<|im_end|>``), which the model learns to write before EOS: generation stops there too
@@ -22,14 +22,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from airloom.data.prompts import (
+from airloom.exceptions import UsageError
+from airloom.prompts import (
     CHAT_TEMPLATE,
     MODEL_TEMPLATE_FILE,
     PromptRenderer,
     load_template,
     render_prompt,
 )
-from airloom.exceptions import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ _PROBE = "airloom-probe-answer"
 
 def model_template(tokenizer: Any) -> PromptRenderer | None:
     """The template the model's conversations trained with: the template file its folder carries
-    (:data:`airloom.data.prompts.MODEL_TEMPLATE_FILE`, a user's Jinja2 file, rendered in the sandbox as
+    (:data:`airloom.prompts.MODEL_TEMPLATE_FILE`, a user's Jinja2 file, rendered in the sandbox as
     in training), else its tokenizer's chat template; None when the model has neither."""
     if tokenizer is None:  # nothing to read a template from
         return None
@@ -105,7 +105,7 @@ def chat_prompt(turns: Sequence[dict], tokenizer: Any, renderer: PromptRenderer 
     """A conversation's prompt for its next assistant turn, as the model reads it: rendered with
     ``renderer``, else the model's chat template, else alpaca on the last user turn (a blank line
     parts instruction from input: the inverse of how an instruction row becomes one user turn, see
-    :func:`airloom.data.prompts.prompt_context`).
+    :func:`airloom.prompts.prompt_context`).
 
     Raises:
         UsageError: no user turn to render with alpaca, or a template that fails on the turns.
@@ -136,8 +136,8 @@ def answer_example(
     rendering conversations: ``turns`` + the answer rendered and encoded whole, the answer's assistant
     turn (with its end-of-turn text and EOS) labelled (``airloom.training.chat.chat_example``).
     """
-    from airloom.data.prompts import render_conversation
-    from airloom.data.tokens import encode
+    from airloom.prompts import render_conversation
+    from airloom.tokens import encode
 
     eos = tokenizer.eos_token or ""
     if turns is None or renderer is None or not renderer.multi_turn:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from airloom.data.tokens import encode
 from airloom.exceptions import UsageError
+from airloom.tokens import encode
 
 
 def _device() -> torch.device:
@@ -94,7 +94,7 @@ def generate(
 ) -> list[str]:
     """Complete each prompt; returns the new text only, in the order of ``prompts``.
 
-    Prompts are encoded as training encodes them (no special tokens added: :func:`airloom.data.tokens.encode`),
+    Prompts are encoded as training encodes them (no special tokens added: :func:`airloom.tokens.encode`),
     batched by length (less padding, and the longest batch runs first so an out-of-memory error shows
     up at once) and left-padded, so every row's new tokens start at the same column.
     Each completion is cut at the first eos token and at the earliest stop string, then stripped.

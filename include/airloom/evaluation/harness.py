@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from airloom.exceptions import UsageError
 
 if TYPE_CHECKING:
-    from airloom.data.prompts import PromptRenderer
+    from airloom.prompts import PromptRenderer
 
 DEFAULT_TASK = "default"
 # The alpaca template starts every section with "### "; a model that keeps going after its answer

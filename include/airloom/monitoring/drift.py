@@ -73,15 +73,14 @@ def profile_records(records: list[dict]) -> list[dict]:
 
     A conversation stays one: a prepared chat row keeps its ``messages``, and a chat request served
     with a chat template becomes its turns followed by the served answer (``messages`` + ``response``),
-    with the instruction view (:func:`airloom.data.chat.chat_fields`) as ``instruction``, ``input``,
+    with the instruction view (:func:`airloom.prompts.chat_fields`) as ``instruction``, ``input``,
     ``response``, so the EDA profiles its turns, roles and system prompts as it does the training
     data's. Other rows that have ``instruction`` keep their fields; otherwise the rendered ``prompt`` is
     what the model read: parsed back as an alpaca prompt (other text is all instruction), with
     ``response`` the served answer. A chat request served with alpaca (a model without a chat
     template) is such a row: the model read it as an instruction row.
     """
-    from airloom.data.chat import chat_fields
-    from airloom.data.prompts import split_alpaca
+    from airloom.prompts import chat_fields, split_alpaca
 
     out = []
     for i, rec in enumerate(records):
@@ -119,7 +118,7 @@ def _turns(rec: dict) -> list[dict] | None:
 
 
 def _is_alpaca(prompt: str) -> bool:
-    from airloom.data.prompts import TEMPLATES
+    from airloom.prompts import TEMPLATES
 
     head, tail = TEMPLATES["alpaca"].without_input.split("{instruction}")
     return prompt.startswith(head) and prompt.endswith(tail)

@@ -89,8 +89,8 @@ def corrected_dataset(feedback: list[dict]) -> tuple[list[dict], dict]:
     Alpaca prompts are parsed back into instruction/input; other prompts (a chat template) keep the
     whole prompt as the instruction. Rows with PII left after scrubbing, or blank parts, are dropped.
     """
-    from airloom.data.prompts import split_alpaca
     from airloom.data.text import dedup_key, find_pii
+    from airloom.prompts import split_alpaca
 
     rows, seen, dropped = [], set(), Counter()
     for fb in feedback:

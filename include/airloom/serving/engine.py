@@ -40,10 +40,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
-from airloom.data.tokens import encode
 from airloom.exceptions import CheckFailed, UsageError
 from airloom.registry.registry import MANIFEST, ModelRegistry
 from airloom.registry.store import sha256_file
+from airloom.tokens import encode
 
 log = logging.getLogger("airloom.serving")
 

@@ -58,7 +58,6 @@ from typing import Any
 import aiohttp
 import httpx
 
-from airloom.data.tokens import encode
 from airloom.exceptions import UsageError
 from airloom.registry.registry import ModelRegistry
 from airloom.serving.engine import (
@@ -72,6 +71,7 @@ from airloom.serving.engine import (
     fetch_version,
     parse_model_ref,
 )
+from airloom.tokens import encode
 
 log = logging.getLogger("airloom.serving.upstream")
 
@@ -657,7 +657,7 @@ class UpstreamEngine(AliasFollower):
             "max_tokens": row.max_tokens,
             "temperature": row.temperature,
             "top_p": row.top_p,
-            "add_special_tokens": False,  # the prompt's ids as in training (airloom.data.tokens.encode)
+            "add_special_tokens": False,  # the prompt's ids as in training (airloom.tokens.encode)
         }
         if row.stop:
             body["stop"] = list(row.stop)

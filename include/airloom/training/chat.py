@@ -1,7 +1,7 @@
 """Conversations as training examples: loss on every assistant turn, nothing else.
 
 A prepared row with ``messages`` is rendered whole with the dataset's template
-(:func:`airloom.data.prompts.render_conversation` finds each assistant turn's characters by rendering
+(:func:`airloom.prompts.render_conversation` finds each assistant turn's characters by rendering
 the conversation prefix by prefix, which works for any chat template), tokenized once with offsets,
 and a token carries its id as label when it overlaps an assistant turn the row trains on (``weight``
 absent or 1), else -100: system, user and template tokens, and assistant turns with ``weight`` 0.
@@ -18,8 +18,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from airloom.data.prompts import PromptRenderer, load_template, render_conversation
 from airloom.exceptions import UsageError
+from airloom.prompts import PromptRenderer, load_template, render_conversation
 from airloom.training.config import CHAT_TRUNCATIONS
 
 Example = tuple[list[int], list[int]]  # (input_ids, labels)

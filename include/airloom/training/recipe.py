@@ -720,7 +720,7 @@ class FinetuneRecipe:
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         if self.renderer is not None and self.renderer.kind == "file":  # the model carries its template
-            from airloom.data.prompts import MODEL_TEMPLATE_FILE
+            from airloom.prompts import MODEL_TEMPLATE_FILE
 
             (tmp / MODEL_TEMPLATE_FILE).write_text(self.renderer.source, encoding="utf-8")
         final = out / "model"

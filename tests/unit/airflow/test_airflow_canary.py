@@ -13,8 +13,8 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from airloom.airflow.defaults import CANARY_PROMPTS
 from airloom.airflow.operators.registry import CanaryOperator
-from airloom.data.prompts import BUILTIN_SOURCES, load_template, render_prompt
 from airloom.exceptions import UsageError
+from airloom.prompts import BUILTIN_SOURCES, load_template, render_prompt
 
 
 @pytest.fixture(scope="module")

@@ -169,8 +169,8 @@ def test_monitor_output_feeds_request_retraining(data, context):
 
 
 def served_rows(n: int, seed: int) -> list[dict]:
-    from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records
+    from airloom.prompts import render_prompt
 
     return [
         {"id": str(i), "prompt": render_prompt(r["instruction"], r["input"]), "response": r["response"]}

@@ -76,8 +76,8 @@ def remote(tmp_path, moto_bucket, moto_endpoint, monkeypatch, aws_default_on_mot
 def _publish_training_data(home: Path) -> dict[str, str]:
     """What llm_data_quality publishes: the prepared split and eda_report's profile.json (their URIs)."""
     from airloom.data.eda import build_profile
-    from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records
+    from airloom.prompts import render_prompt
     from airloom.settings import run_dir
 
     records = list(generate_records(300, seed=0))
@@ -132,8 +132,8 @@ def _context(make_context) -> dict[str, Any]:
 
 
 def _served(n: int, seed: int) -> list[dict]:
-    from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records
+    from airloom.prompts import render_prompt
 
     return [
         {
@@ -242,8 +242,8 @@ def test_airloom_serve_logs_to_the_store_and_monitoring_reads_it_elsewhere(remot
     """`airloom serve` with AIRLOOM_ARTIFACTS=s3://… (no --traffic-dir): 16 requests in batches of 5 make
     3 objects while it serves and a 4th on SIGTERM; 4 feedback posts, below a batch, one on shutdown. Then
     the monitor, on another worker, reads them."""
-    from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records
+    from airloom.prompts import render_prompt
     from tests.serving_helpers import NAME, airloom_serve, register_two_versions
 
     producer = remote.worker("serve")

@@ -86,8 +86,8 @@ def remote(tmp_path, moto_bucket, moto_endpoint, monkeypatch, aws_default_on_mot
 
 
 def _records(n: int, seed: int) -> list[dict]:
-    from airloom.data.prompts import render_prompt
     from airloom.data.synth import generate_records
+    from airloom.prompts import render_prompt
 
     return [
         {

@@ -352,7 +352,7 @@ SHARED_SYSTEM = "You are a terse assistant. Write to ann@corp.example.com"
 
 def _chat(line: int, turns: list[tuple[str, str]]) -> dict:
     """A chat record as the loader hands it on: the turns and their instruction view."""
-    from airloom.data.chat import chat_fields
+    from airloom.prompts import chat_fields
 
     messages = [{"role": role, "content": content} for role, content in turns]
     return {"messages": messages, **chat_fields(messages), "_file": "chat.jsonl", "_line": line}
@@ -395,7 +395,7 @@ def _word_tokenizer(context: int | None = None):
     """Every whitespace-separated piece is one token: the counts below can be worked out by hand."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from airloom.data.tokens import TokenCounter
+    from airloom.tokens import TokenCounter
 
     raw = Tokenizer(models.WordLevel(vocab={"[UNK]": 0}, unk_token="[UNK]"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

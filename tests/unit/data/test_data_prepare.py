@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from airloom.data.prepare import content_sha256, prepare
-from airloom.data.prompts import render_prompt
 from airloom.data.splits import read_split
 from airloom.exceptions import UsageError
+from airloom.prompts import render_prompt
 
 TASKS = ["reverse", "upper", "sort", "add"]
 SPLITS = ("train", "validation", "test")
@@ -279,8 +279,8 @@ CHATS = [
 def test_a_chat_dataset_keeps_every_turn_and_reads_back_with_its_messages(tmp_path):
     import pyarrow.parquet as pq
 
-    from airloom.data.chat import chat_fields
     from airloom.data.prepare import CHAT_COLUMNS
+    from airloom.prompts import chat_fields
     from airloom.training.base import train_tokenizer
     from airloom.training.chat import resolve_chat_renderer
     from airloom.training.recipe import read_examples, tokenize_examples
@@ -331,7 +331,7 @@ def test_chat_template_falls_back_to_chatml_and_the_length_filter_counts_whole_c
 ):
     from transformers import AutoTokenizer
 
-    from airloom.data.prompts import load_template, render_conversation
+    from airloom.prompts import load_template, render_conversation
 
     bare = tmp_path / "bare"
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)

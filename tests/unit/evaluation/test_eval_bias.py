@@ -6,7 +6,6 @@ from math import comb
 import pytest
 import torch
 
-from airloom.data.prompts import render_prompt
 from airloom.evaluation.bias import (
     DEFAULT_TEMPLATES,
     continuation_loglik,
@@ -17,6 +16,7 @@ from airloom.evaluation.bias import (
     validate_bias_templates,
 )
 from airloom.exceptions import UsageError
+from airloom.prompts import render_prompt
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -175,7 +175,7 @@ def test_unreadable_template_file(tmp_path):
 def test_probes_asked_as_the_model_is_served(tiny_model):
     """``prompt_template="model"``: a chat model is probed in its chat template, a model without one in
     alpaca (what the operator asks for, so the probes do not test a format the model never saw)."""
-    from airloom.data.prompts import BUILTIN_SOURCES, load_template
+    from airloom.prompts import BUILTIN_SOURCES, load_template
 
     model, tok = tiny_model
     plain = run_bias_probes(model, tok, copy.deepcopy(SMALL), max_new_tokens=4, prompt_template="model")

@@ -9,12 +9,12 @@ import logging
 
 import pytest
 
-from airloom.data.prompts import load_template, render_prompt
 from airloom.data.splits import read_jsonl, read_split
 from airloom.evaluation.chat import answer_example, dataset_template, turn_end
 from airloom.evaluation.generation import example_perplexity, generate
 from airloom.evaluation.harness import evaluate_model
 from airloom.exceptions import UsageError
+from airloom.prompts import load_template, render_prompt
 
 COUNTRIES = ["France", "Italy", "Spain", "Peru", "Chile", "Japan", "Kenya", "Egypt", "Nepal", "Cuba"]
 CAPITALS = ["Paris", "Rome", "Madrid", "Lima", "Santiago", "Tokyo", "Nairobi", "Cairo", "Kathmandu", "Havana"]

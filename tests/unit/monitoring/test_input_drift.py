@@ -7,9 +7,9 @@ import json
 import pytest
 
 from airloom.data.eda import build_profile
-from airloom.data.prompts import render_prompt
 from airloom.data.synth import generate_records
 from airloom.monitoring.drift import decide_input_drift, input_drift, profile_records
+from airloom.prompts import render_prompt
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +126,7 @@ def _conversations(n: int, seed: int) -> list[list[dict]]:
 
 def _prepared(conversations: list[list[dict]]) -> list[dict]:
     """Rows as a prepared chat split holds them: the instruction view, the ChatML prompt, the turns."""
-    from airloom.data.chat import chat_fields
-    from airloom.data.prompts import load_template
+    from airloom.prompts import chat_fields, load_template
 
     chatml = load_template("chatml")
     return [

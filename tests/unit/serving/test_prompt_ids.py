@@ -121,7 +121,7 @@ def test_served_chat_prompt_ids_are_the_training_prefix(tokenizers, tmp_path, ki
 
 @pytest.mark.parametrize("kind", ["plain", "bos"])
 def test_instruction_prompt_ids_are_the_training_prompt(tokenizers, tmp_path, kind):
-    from airloom.data.prompts import render_prompt
+    from airloom.prompts import render_prompt
     from airloom.serving.app import ChatMessage, render_chat
 
     tokenizer = copy.deepcopy(tokenizers[kind])
@@ -140,7 +140,7 @@ def test_instruction_prompt_ids_are_the_training_prompt(tokenizers, tmp_path, ki
 def test_chat_answers_stop_at_the_templates_end_of_turn(tokenizers):
     """A model trained on ChatML writes "<|im_end|>" before EOS; as plain text to this tokenizer it would
     end every answer, so serving stops there (and a model without a chat template has no such stop)."""
-    from airloom.data.prompts import BUILTIN_SOURCES
+    from airloom.prompts import BUILTIN_SOURCES
     from airloom.serving.engine import GenRequest, LoadedModel, _finish
 
     chat_tok = copy.deepcopy(tokenizers["plain"])

@@ -190,7 +190,7 @@ def test_chat_completion_shape_and_alpaca_prompt(server):
     assert msg["role"] == "assistant" and isinstance(msg["content"], str)
     assert out["usage"]["completion_tokens"] <= 6
     # the tokenizer has no chat template, so the project's alpaca prompt was used
-    from airloom.data.prompts import render_prompt
+    from airloom.prompts import render_prompt
     from airloom.serving.logs import TrafficLog
 
     logged = TrafficLog(server["root"] / "traffic").find(out["id"])

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from airloom.data.prompts import load_template
 from airloom.exceptions import UsageError
+from airloom.prompts import load_template
 from airloom.training.chat import chat_example, exchanges, resolve_chat_renderer
 from airloom.training.config import TrainConfig
 from airloom.training.packing import collate_packed, pack_examples

@@ -35,7 +35,6 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from airloom.data.chat import chat_fields
 from airloom.exceptions import UsageError
 
 
@@ -111,6 +110,26 @@ def split_alpaca(prompt: str) -> tuple[str, str]:
         return prompt.strip(), ""
     instruction, sep, inp = prompt[len(head) : -len(resp)].partition(input_marker)
     return instruction.strip(), inp.strip() if sep else ""
+
+
+def chat_fields(turns: list[dict], labels: bool = True) -> dict[str, str]:
+    """The instruction view of a conversation, which the row-level checks (duplicates, PII, markup,
+    lengths) and single-turn templates read: ``response`` the last assistant turn, ``instruction`` the
+    last user turn before it, ``input`` every other earlier turn as ``role: content`` lines (without
+    ``labels``, the contents alone: what word statistics should count). Empty strings where a turn is
+    missing (a conversation that fails :func:`conversation_problems`)."""
+    last = max((n for n, t in enumerate(turns) if t["role"] == "assistant"), default=len(turns))
+    prompt = turns[:last]
+    user = max((n for n, t in enumerate(prompt) if t["role"] == "user"), default=None)
+    return {
+        "instruction": prompt[user]["content"] if user is not None else "",
+        "input": "\n".join(
+            f"{t['role']}: {t['content']}" if labels else t["content"]
+            for n, t in enumerate(prompt)
+            if n != user
+        ),
+        "response": turns[last]["content"] if last < len(turns) else "",
+    }
 
 
 def prompt_context(

@@ -41,7 +41,7 @@ class TokenCounter:
     model folder's chat template (None when it has none).
 
     It renders conversations as a Hugging Face tokenizer does (:meth:`apply_chat_template`), so
-    ``airloom.data.prompts.load_template("chat_template", tokenizer=counter)`` gives the model's own
+    ``airloom.prompts.load_template("chat_template", tokenizer=counter)`` gives the model's own
     template also where the tokenizer was loaded without transformers.
     """
 

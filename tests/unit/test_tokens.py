@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from airloom.data.tokens import encode, load_token_counter
+from airloom.tokens import encode, load_token_counter
 
 # A template unlike ChatML: a long header before every turn, BOS and EOS from the special tokens.
 TEMPLATE = (
@@ -71,7 +71,7 @@ def test_eda_counts_conversations_with_the_models_template(tokenizer, tmp_path):
     """The share of conversations longer than the context comes from the model's own template: between its
     count and ChatML's, the context is exceeded by one and not the other."""
     from airloom.data.eda import build_profile
-    from airloom.data.prompts import load_template
+    from airloom.prompts import load_template
 
     records = [{"id": str(i), "messages": TURNS, **_view()} for i in range(4)]
     counter = load_token_counter(str(_folder(tokenizer, tmp_path, TEMPLATE)))

@@ -8,8 +8,8 @@ import re
 
 import pytest
 
-from airloom.data.prompts import load_template, prompt_context, render_prompt, sandbox
 from airloom.exceptions import UsageError
+from airloom.prompts import load_template, prompt_context, render_prompt, sandbox
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}{% endfor %}"
@@ -199,7 +199,7 @@ def test_chatml_renders_as_a_hugging_face_chat_template_would(tiny_tokenizer):
 
 
 def test_render_conversation_finds_each_assistant_turn(tiny_tokenizer, tmp_path):
-    from airloom.data.prompts import render_conversation
+    from airloom.prompts import render_conversation
 
     chatml = load_template("chatml")
     weighted = [*TURNS[:2], dict(TURNS[2], weight=0), *TURNS[3:]]
