@@ -52,6 +52,7 @@ from airloom.data.neardup import (
     NearDuplicates,
     scan_words,
 )
+from airloom.data.seen import SeenKeys
 from airloom.data.text import CONTROL_CHARS_RE, MARKUP_RE, dedup_key, find_pii, has_markup
 from airloom.exceptions import UsageError
 from airloom.prompts import CHAT_TEMPLATE, PromptRenderer, chat_fields, load_template
@@ -381,38 +382,6 @@ class _PairCounts:
             (int(k >> np.uint64(32)), int(k & np.uint64(0xFFFFFFFF)), int(c))
             for k, c in zip(self.keys[order], self.counts[order], strict=True)
         ]
-
-
-class FirstSeen:
-    """The first row of each 64-bit key over a stream of chunks, in a few bytes per distinct key.
-
-    Keys seen so far live in sorted numpy runs (merged when there are many), not in a dict: 16 bytes a
-    key instead of ~100, which is what lets a profile of millions of rows stay small.
-    """
-
-    def __init__(self) -> None:
-        self._runs: list[tuple[np.ndarray, np.ndarray]] = []  # (sorted keys, their first rows)
-
-    def first_rows(self, keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """For each (key, row) of a chunk, in stream order: the first row seen with that key."""
-        if not len(keys):
-            return rows.copy()
-        uniq, at, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        first = rows[at]
-        new = np.ones(len(uniq), dtype=bool)
-        for run_keys, run_rows in self._runs:  # earlier chunks: their rows come first
-            pos = np.minimum(np.searchsorted(run_keys, uniq), len(run_keys) - 1)
-            hit = run_keys[pos] == uniq
-            first[hit] = run_rows[pos[hit]]
-            new &= ~hit
-        if new.any():
-            self._runs.append((uniq[new], first[new]))
-            if len(self._runs) > 8:
-                k = np.concatenate([r[0] for r in self._runs])
-                r = np.concatenate([r[1] for r in self._runs])
-                order = np.argsort(k)
-                self._runs = [(k[order], r[order])]
-        return first[inverse.reshape(-1)]
 
 
 def row_key_hashes(records: Sequence[dict]) -> np.ndarray:
@@ -796,7 +765,7 @@ class Profiler:
         self._lang_stride = 1
         self.n = 0
         self.columns = Columns(spill_dir)
-        self._first_seen = FirstSeen()
+        self._first_seen = SeenKeys()
         self.empty = dict.fromkeys(TEXT_FIELDS, 0)
         self.present = {"id": 0, "task": 0}
         self.tasks: Counter[str] = Counter()
@@ -1052,7 +1021,7 @@ class Profiler:
         """Ask for the near-duplicates, the word statistics and the language guess now, so a background
         process works on them while the caller does other things (in place: computed here and now)."""
         if self._near_job is None:
-            self._first_seen = FirstSeen()  # the pass is over: its keys (12 bytes a row) can go
+            self._first_seen = SeenKeys()  # the pass is over: its keys (12 bytes a row) can go
             self._near_job = self.work.ask("near_duplicates")
             self._words_job = self.work.ask("summary")
             if self.want_languages:

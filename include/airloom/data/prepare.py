@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from airloom.data.neardup import DEFAULT_THRESHOLD as DEFAULT_NEAR_THRESHOLD
+from airloom.data.seen import SeenKeys
 from airloom.data.text import dedup_key, has_markup, normalize_text, numberish
 from airloom.data.text import scrub_pii as _scrub
 from airloom.exceptions import UsageError
@@ -461,32 +462,6 @@ class _InBackground:
         self._pool.shutdown(wait=True)
 
 
-class _HashSet:
-    """A set of 64-bit hashes in a few sorted numpy runs: 8 bytes a member, where a Python set needs ~80.
-
-    Runs merge like a binary counter (a new run swallows every older run no longer than itself), so
-    there are O(log n) runs to search and each member is copied O(log n) times.
-    """
-
-    def __init__(self) -> None:
-        self._runs: list[np.ndarray] = []
-
-    def contains(self, values: np.ndarray) -> np.ndarray:
-        found = np.zeros(len(values), dtype=bool)
-        for run in self._runs:
-            at = np.minimum(np.searchsorted(run, values), len(run) - 1)
-            found |= run[at] == values
-        return found
-
-    def add(self, values: np.ndarray) -> None:
-        """Add ``values`` (callers add only values not yet in the set; a repeat would be harmless)."""
-        run = np.sort(values)
-        while self._runs and len(self._runs[-1]) <= len(run):
-            run = np.sort(np.concatenate((self._runs.pop(), run)))
-        if len(run):
-            self._runs.append(run)
-
-
 def _hashes64(digests: list[bytes]) -> np.ndarray:
     """The first 8 bytes of each digest as a big-endian unsigned number."""
     return np.frombuffer(b"".join(d[:8] for d in digests), dtype=">u8").astype(np.uint64)
@@ -524,7 +499,7 @@ class _Screen:
     Works a chunk of ``CHUNK_ROWS`` records at a time and appends the kept rows, in input order, to a
     Parquet spool file. What stays in memory per kept row is fixed-size: its task (as a small code)
     and the first 16 bytes of its rank digest ``sha256(seed, key)``; plus, for dedup and id
-    uniqueness, a 64-bit hash per distinct key and per id (see :class:`_HashSet`).
+    uniqueness, a 64-bit hash per distinct key and per id (see :class:`airloom.data.seen.SeenKeys`).
 
     The rank digest doubles as the dedup hash: for one seed, equal keys give equal digests. Two
     different keys share the first 64 bits with probability ~n²/2**65 (about 5e-8 for 1.4M rows), in
@@ -561,8 +536,8 @@ class _Screen:
         self.dropped: dict[str, list[str]] = {"pii": [], "too_long": []}
         self.task_names: dict[str | None, int] = {}  # task -> code, in order of first appearance
         self._rank_prefix = f"{seed}\x1e".encode()
-        self._seen_keys = _HashSet()
-        self._used_ids = _HashSet()
+        self._seen_keys = SeenKeys(rows=False)
+        self._used_ids = SeenKeys(rows=False)
         self._ranks: list[np.ndarray] = []  # per chunk: (rows, 2) uint64, the rank digest's first 16 bytes
         self._tasks: list[np.ndarray] = []  # per chunk: task codes
         self._writer: Any = None
