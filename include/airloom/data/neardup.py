@@ -10,8 +10,7 @@ Everything runs on numpy arrays in batches, so 100k+ rows take seconds, not minu
    one Python string per word.
 2. MinHash signatures are bit for bit those of ``datasketch.MinHash(num_perm, seed=seed,
    hashfunc=lambda h: h)`` (scheme ``affine32``) updated with the row's shingle hashes, so a
-   signature can be wrapped in ``datasketch.LeanMinHash`` (:func:`lean_minhash`) and used with
-   datasketch's own indexes.
+   signature can be wrapped in ``datasketch.LeanMinHash`` and used with datasketch's own indexes.
 3. LSH banding (``bands`` x ``rows_per_band``) is chosen so that a pair exactly at the threshold
    becomes a candidate with probability >= 99% (more above it); rows sharing a band are candidates.
 4. Candidates are ranked by the Jaccard their signatures estimate, those more than 3 standard
@@ -31,9 +30,8 @@ import mmap
 import shutil
 import tempfile
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -408,20 +406,6 @@ class NearDuplicateFinder:
         """Remove the scratch files, if any (:meth:`result` does too)."""
         self._store.close()
 
-    # --- single rows (for checks and interop) -----------------------------------------------------
-
-    def shingle_hashes(self, text: str) -> np.ndarray:
-        """The distinct shingle hashes of one text, sorted (what the signature is made of)."""
-        scan = scan_words([text])
-        h, _ = self._shingle_hashes(scan.hashes, scan.lengths)
-        return _unique(h)
-
-    def signature(self, text: str) -> np.ndarray:
-        """The MinHash signature of one text (uint32, ``num_perm`` values)."""
-        values = self.shingle_hashes(text)
-        sig = self._signatures(values, np.zeros(len(values), dtype=np.int64), np.array([len(values)]))
-        return sig[:, 0].copy()
-
     # --- result -----------------------------------------------------------------------------------
 
     def result(self) -> NearDuplicates:
@@ -696,55 +680,3 @@ class _Spill(_Store):
             self._sig_file.close()
         self._maps.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def find_near_duplicates(
-    texts: Iterable[str],
-    *,
-    threshold: float = DEFAULT_THRESHOLD,
-    shingle_size: int = DEFAULT_SHINGLE_SIZE,
-    num_perm: int = DEFAULT_NUM_PERM,
-    seed: int = DEFAULT_SEED,
-    eligible: Sequence[bool] | np.ndarray | None = None,
-    batch_size: int = 4096,
-    spill_dir: str | Path | None = None,
-) -> NearDuplicates:
-    """Near-duplicates among ``texts`` (index order decides which copy is first).
-
-    Args:
-        texts: One string per row (e.g. instruction, input and response joined by newlines).
-        threshold: Least Jaccard similarity of the word-shingle sets to count as a near-duplicate.
-        shingle_size: Words per shingle.
-        num_perm: MinHash permutations (64-128 is plenty: candidates are confirmed exactly).
-        seed: Seed of the permutations (datasketch's ``seed``).
-        eligible: Rows that take part; the others are neither flagged nor kept as first copies
-            (e.g. rows already quarantined, or exact duplicates already counted).
-        batch_size: Rows per batch.
-        spill_dir: Keep the per-row data in a scratch folder made here (removed at the end) instead of
-            in memory: for corpora whose shingles would not fit.
-    """
-    finder = NearDuplicateFinder(threshold, shingle_size, num_perm, seed, spill_dir=spill_dir)
-    flags = None if eligible is None else np.asarray(eligible, dtype=bool)
-    if flags is not None and isinstance(texts, Sequence) and len(texts) != len(flags):
-        raise ValueError(f"eligible has {len(flags)} entries for {len(texts)} texts")
-    batch: list[str] = []
-    start = 0
-    for text in chain(texts, [None]):
-        if text is not None:
-            batch.append(text)
-        if batch and (len(batch) == batch_size or text is None):
-            if flags is not None and start + len(batch) > len(flags):
-                raise ValueError(f"eligible has {len(flags)} entries, fewer than the texts")
-            finder.add_texts(batch, None if flags is None else flags[start : start + len(batch)])
-            start += len(batch)
-            batch = []
-    if flags is not None and start != len(flags):
-        raise ValueError(f"eligible has {len(flags)} entries for {start} texts")
-    return finder.result()
-
-
-def lean_minhash(signature: np.ndarray, seed: int = DEFAULT_SEED) -> Any:
-    """A ``datasketch.LeanMinHash`` of a signature from :meth:`NearDuplicateFinder.signature`."""
-    from datasketch import LeanMinHash
-
-    return LeanMinHash(seed=seed, hashvalues=signature, scheme="affine32")

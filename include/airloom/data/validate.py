@@ -241,7 +241,7 @@ class ValidationConfig:
 
 @dataclass
 class ValidationResult:
-    """Outcome of :func:`validate`; every number is also in ``validation.json``."""
+    """Outcome of :func:`validate_stream`; every number is also in ``validation.json``."""
 
     success: bool
     rows_read: int
@@ -555,7 +555,7 @@ def _suite_spec(config: ValidationConfig) -> list[tuple[str, str | None, str | N
     )
     for column, rate, check in rates:
         # the mean of a flag column is the share of flagged rows; an aggregate, so GX does not list (and
-        # store, and render) the indices of what can be most of the rows: validate() has them already
+        # store, and render) the indices of what can be most of the rows: the feature columns have them already
         spec.append(
             (
                 "ExpectColumnMeanToBeBetween",
@@ -1029,16 +1029,6 @@ def _public(rec: dict) -> dict:
     if "messages" in rec:
         return {k: v for k, v in rec.items() if not k.startswith("_") and k not in TEXT_FIELDS}
     return {k: v for k, v in rec.items() if not k.startswith("_")}
-
-
-def validate(load: LoadResult, out_dir: Path, config: ValidationConfig | None = None) -> ValidationResult:
-    """Run the suite over ``load.records`` (all in memory); see :func:`validate_stream`."""
-    if load.rows_read != len(load.records) + len(load.rejected):
-        raise UsageError(
-            f"{load.source}: rows_read is {load.rows_read} but there are {len(load.records)} records and "
-            f"{len(load.rejected)} rejected rows; pass what load_records returned"
-        )
-    return validate_stream(lambda: [load], out_dir, config, source=load.source)
 
 
 def validate_stream(

