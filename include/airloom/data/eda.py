@@ -624,7 +624,8 @@ class WordWork:
         self.total_words += len(scan.keys)
         self.hll.add(scan.keys)
         # word ids: distinct keys of the batch, looked up once each; new words decoded from the bytes
-        order = np.argsort(scan.keys, kind="stable")
+        # any sort (numpy's SIMD quicksort is ~5x its stable one): first occurrences come from reduceat
+        order = np.argsort(scan.keys)
         sorted_keys = scan.keys[order]
         first = (
             np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1]))
@@ -640,7 +641,7 @@ class WordWork:
         new = np.flatnonzero(~known)
         room = _VOCAB_CAP - len(self.vocab_words)
         if new.size and room > 0:
-            where = order[first]  # first occurrence of each distinct word
+            where = np.minimum.reduceat(order, np.flatnonzero(first))  # each distinct word's first position
             new = new[np.argsort(where[new], kind="stable")][:room]  # ids in order of appearance
             start = len(self.vocab_words)
             unique_ids[new] = np.arange(start, start + len(new))

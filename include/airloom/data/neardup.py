@@ -515,7 +515,7 @@ def _partners(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """
     m = len(rows)
     slots = np.full((m, 2 * _CANDIDATES_PER_BAND), -1, dtype=np.int32)
-    order = np.argsort(keys, kind="stable")  # equal keys stay in row order
+    order = np.argsort(keys)  # numpy's SIMD quicksort, ~5x its stable sort; row order restored below
     new = np.empty(m, dtype=bool)
     new[0] = True
     sorted_keys = keys[order]
@@ -524,7 +524,16 @@ def _partners(keys: np.ndarray, rows: np.ndarray) -> np.ndarray:
     del sorted_keys
     if new.all():
         return slots
-    order = order.astype(np.int32)
+    # equal keys in row order: (run number, position) sorted as one int64, in place, then the position
+    composite = np.cumsum(new, dtype=np.int64)
+    composite -= 1
+    composite *= m
+    composite += order
+    del order
+    composite.sort()
+    composite %= m
+    order = composite.astype(np.int32)
+    del composite
     pos = np.arange(m, dtype=np.int32)
     run_start = np.where(new, pos, np.int32(0))
     del new
