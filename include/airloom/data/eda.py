@@ -25,6 +25,7 @@ Validation profiles the data in its own pass (:func:`save_scan`); EDA then rende
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import math
 import os
@@ -53,7 +54,7 @@ from airloom.data.neardup import (
     scan_words,
 )
 from airloom.data.seen import SeenKeys
-from airloom.data.text import CONTROL_CHARS_RE, MARKUP_RE, dedup_key, find_pii, has_markup
+from airloom.data.text import CONTROL_CHARS_RE, MARKUP_RE, CharClasses, dedup_key, find_pii, has_markup
 from airloom.exceptions import UsageError
 from airloom.prompts import CHAT_TEMPLATE, PromptRenderer, chat_fields, load_template
 from airloom.tokens import as_token_counter
@@ -318,18 +319,27 @@ def _script_of(ch: str) -> str:
 
 
 def _row_scripts(text: str) -> tuple[str, bool]:
-    """(the script most of the row's letters are in, whether another script has >= 10% of them)."""
+    """(the script most of the row's letters are in, whether another script has >= 10% of them); a tie
+    goes to the script whose first letter comes first."""
     if text.isascii():
         return ("Latin" if _ASCII_LETTER_RE.search(text) else "none"), False
-    letters: Counter[str] = Counter()
-    for ch, k in Counter(text).items():
-        if ch.isalpha():
-            letters[_script_of(ch)] += k
-    if not letters:
+    classes = _LETTER_SCRIPTS(text)
+    counts = np.bincount(classes, minlength=len(_SCRIPT_NAMES) + 1).tolist()[1:]  # a few dozen: Python's pace
+    total = sum(counts)
+    if not total:
         return "none", False
-    ranked = letters.most_common()
-    total = sum(letters.values())
-    return ranked[0][0], len(ranked) > 1 and ranked[1][1] >= 0.1 * total
+    top, second = heapq.nlargest(2, counts)
+    first = counts.index(top)
+    if counts.count(top) > 1:
+        first = min(
+            (k for k, n in enumerate(counts) if n == top), key=lambda k: int(np.argmax(classes == k + 1))
+        )
+    return _SCRIPT_NAMES[first], second > 0 and second >= 0.1 * total
+
+
+_SCRIPT_NAMES = sorted({*_SCRIPTS.values(), "Other"})
+# per character: 0 not a letter, else 1 + its script's place in _SCRIPT_NAMES
+_LETTER_SCRIPTS = CharClasses(lambda ch: 1 + _SCRIPT_NAMES.index(_script_of(ch)) if ch.isalpha() else 0)
 
 
 class _PairCounts:

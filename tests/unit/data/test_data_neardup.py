@@ -147,6 +147,10 @@ def test_the_fast_byte_split_is_words_and_both_entry_points_agree():
     assert scan.hashes.tolist() == one_by_one
     assert [scan.word(k) for k in range(len(scan.hashes))] == [w for ws in expected for w in ws]
     assert expected[0] == ["hello", "world", "it", "s", "fine", "here", "now", "ok", "said"]
+    # every non-ASCII separator, each replaced in the UTF-8 bytes
+    separated = "ä" + "ö".join(WHITESPACE[10:]) + "ü¡¿·‐‑‒–—‘’‚“”„…‹›、。《》「」【】！（），：；？end"
+    assert [scan_words([separated]).word(k) for k in range(len(words(separated)))] == words(separated)
+    assert len(words(separated)) == len(WHITESPACE) - 10 + 2
 
     by_text, by_hashes = NearDuplicateFinder(threshold=0.5), NearDuplicateFinder(threshold=0.5)
     more = [*texts, texts[1] + " encore", texts[5] + " Ещё"]
