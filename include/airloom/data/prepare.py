@@ -50,6 +50,7 @@ from airloom.prompts import (
     prompt_context,
     render_conversation,
 )
+from airloom.tokens import TokenCounter, load_token_counter
 
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("id", "prompt", "response", "task", "instruction", "input")
@@ -296,11 +297,14 @@ def prepare(
     return manifest
 
 
-def load_tokenizer(ref: str) -> tuple[Any, dict[str, Any]]:
+def load_tokenizer(ref: str) -> tuple[TokenCounter, dict[str, Any]]:
     """Load a tokenizer from a model folder or ``registry:`` reference; return it and its manifest entry.
 
-    The entry pins what was used: the resolved reference (``registry:NAME/N`` for registry refs) and
-    a sha256 over the tokenizer's files, so a later run can tell whether it tokenizes the same way.
+    The tokenizer is the light :class:`airloom.tokens.TokenCounter` (the ``tokenizers`` library, the
+    folder's chat template; transformers only for a slow tokenizer): the same ids and rendering as
+    ``AutoTokenizer``, without its seconds of imports. The entry pins what was used: the resolved
+    reference (``registry:NAME/N`` for registry refs) and a sha256 over the tokenizer's files, so a later
+    run can tell whether it tokenizes the same way.
     """
     from airloom.registry.resolve import REGISTRY_PREFIX, resolve_model
 
@@ -311,12 +315,7 @@ def load_tokenizer(ref: str) -> tuple[Any, dict[str, Any]]:
     folder = Path(resolved["path"])
     if not ref.startswith(REGISTRY_PREFIX) and not folder.is_dir():
         raise UsageError(f"tokenizer {ref!r}: no such folder (give a model folder or registry:NAME)")
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
-    except Exception as exc:
-        raise UsageError(f"cannot load tokenizer {ref!r} from {folder}: {exc}") from exc
+    tok = load_token_counter(str(folder))
     digest = hashlib.sha256()
     for name in TOKENIZER_FILES:
         if (folder / name).is_file():
@@ -980,25 +979,31 @@ def _note(ids: list[str], rid: str, cap: int) -> None:
         ids.append(rid)
 
 
-def _token_lengths(tokenizer: Any, rows: list[dict], renderer: Any = None, batch: int = 1024) -> list[int]:
+def _token_lengths(
+    counter: TokenCounter, rows: list[dict], renderer: Any = None, batch: int = 1024
+) -> list[int]:
     """Tokens of prompt + response + EOS, counted as ``airloom.training.recipe.tokenize_examples`` does:
     a conversation under a template that renders conversations counts its whole rendered text."""
-    eos = tokenizer.eos_token or ""
+    eos = counter.special_tokens.get("eos_token") or ""
     whole = renderer is not None and renderer.multi_turn
     out: list[int] = []
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
-        # verbose=False: rows longer than the model's context are expected here; they are what is counted.
-        prompts = tokenizer([r["prompt"] for r in chunk], add_special_tokens=False, verbose=False)
-        responses = tokenizer([r["response"] + eos for r in chunk], add_special_tokens=False, verbose=False)
-        lengths = [len(p) + len(r) for p, r in zip(prompts["input_ids"], responses["input_ids"], strict=True)]
-        if whole:
-            for n, r in enumerate(chunk):
-                if r["turns"]:
-                    text = render_conversation(
-                        renderer, r["turns"], eos or None, r["task"], r["where"], spans=False
-                    ).text
-                    lengths[n] = len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        lengths = [0] * len(chunk)
+        convs = [n for n, r in enumerate(chunk) if whole and r["turns"]]
+        singles = [n for n, r in enumerate(chunk) if not (whole and r["turns"])]  # prompt + response
+        if convs:  # each conversation rendered whole, the texts counted together (one tokenizer call)
+            texts = [
+                render_conversation(renderer, chunk[n]["turns"], eos or None, chunk[n]["task"], chunk[n]["where"],
+                                    spans=False).text
+                for n in convs
+            ]  # fmt: skip
+            for n, count in zip(convs, counter.lengths(texts), strict=True):
+                lengths[n] = count
+        prompts = counter.lengths([chunk[n]["prompt"] for n in singles])
+        responses = counter.lengths([chunk[n]["response"] + eos for n in singles])
+        for n, p, r in zip(singles, prompts, responses, strict=True):
+            lengths[n] = p + r
         out.extend(lengths)
     return out
 
