@@ -425,6 +425,18 @@ def _json_value_encoder() -> Callable[[str | None], bytes]:
     return msgspec.json.Encoder().encode
 
 
+def _turns_json(turns: list[dict], encode: Callable[[str | None], bytes]) -> str:
+    """``json.dumps(turns, ensure_ascii=False)`` of cleaned turns (``role``, ``content``, ``weight`` if
+    any, in that order), its strings escaped by ``encode`` (:func:`_json_value_encoder`): ~3x faster."""
+    parts = []
+    for t in turns:
+        part = b'{"role": ' + encode(t["role"]) + b', "content": ' + encode(t["content"])
+        if "weight" in t:
+            part += b', "weight": %d' % t["weight"]
+        parts.append(part + b"}")
+    return (b"[" + b", ".join(parts) + b"]").decode("utf-8")
+
+
 def _json_lines(batch: Any, columns: tuple[str, ...] = COLUMNS) -> list[str]:
     """The canonical JSON line of each row of a pyarrow batch (``columns``: text, ``task`` and
     ``messages`` nullable)."""
@@ -675,9 +687,10 @@ class _Screen:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        encode = _json_value_encoder()
         for r in rows:
             turns = r.pop("turns")
-            r["messages"] = json.dumps(turns, ensure_ascii=False) if turns else None
+            r["messages"] = _turns_json(turns, encode) if turns else None
             self.conversations += turns is not None
         schema = _schema(CHAT_COLUMNS)
         table = pa.Table.from_arrays(

@@ -750,6 +750,13 @@ def test_fast_paths_match_validate_and_json():
         {"id": a, "prompt": b, "response": c, "task": None if len(a) % 3 else a, "instruction": b, "input": c}
         for a, b, c in zip(texts, texts[1:], texts[2:], strict=False)
     ]
+    turns = [
+        {"role": a, "content": b} | ({"weight": len(c) % 2} if len(c) % 3 else {})
+        for a, b, c in zip(texts, texts[1:], texts[2:], strict=False)
+    ]
+    assert prepare_module._turns_json(turns, prepare_module._json_value_encoder()) == json.dumps(
+        turns, ensure_ascii=False
+    )
     batch = pa.Table.from_pylist(rows)
     expected = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows]
     assert prepare_module._json_lines(batch) == expected
