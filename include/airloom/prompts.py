@@ -118,15 +118,15 @@ def chat_fields(turns: list[dict], labels: bool = True) -> dict[str, str]:
     last user turn before it, ``input`` every other earlier turn as ``role: content`` lines (without
     ``labels``, the contents alone: what word statistics should count). Empty strings where a turn is
     missing (a conversation that fails :func:`conversation_problems`)."""
-    last = max((n for n, t in enumerate(turns) if t["role"] == "assistant"), default=len(turns))
-    prompt = turns[:last]
-    user = max((n for n, t in enumerate(prompt) if t["role"] == "user"), default=None)
+    roles = [t["role"] for t in turns]  # list searches in C: this runs on every chat row of every stage
+    last = len(roles) - 1 - roles[::-1].index("assistant") if "assistant" in roles else len(roles)
+    before = roles[:last]
+    user = last - 1 - before[::-1].index("user") if "user" in before else None
+    others = turns[:last] if user is None else turns[:user] + turns[user + 1 : last]
     return {
-        "instruction": prompt[user]["content"] if user is not None else "",
+        "instruction": turns[user]["content"] if user is not None else "",
         "input": "\n".join(
-            f"{t['role']}: {t['content']}" if labels else t["content"]
-            for n, t in enumerate(prompt)
-            if n != user
+            [f"{t['role']}: {t['content']}" for t in others] if labels else [t["content"] for t in others]
         ),
         "response": turns[last]["content"] if last < len(turns) else "",
     }

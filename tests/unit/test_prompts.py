@@ -229,3 +229,28 @@ def test_render_conversation_finds_each_assistant_turn(tiny_tokenizer, tmp_path)
         render_conversation(load_template("alpaca"), TURNS)
     with pytest.raises(UsageError, match=r"must end with an assistant turn"):
         render_conversation(chatml, TURNS[:4])
+
+
+def test_chat_fields_reads_the_last_exchange_whatever_the_roles():
+    """The instruction view against its definition, on random role sequences (odd roles included):
+    response the last assistant turn, instruction the last user turn before it, input the rest in order."""
+    import random
+
+    from airloom.prompts import chat_fields
+
+    def by_definition(turns, labels):
+        last = max((n for n, t in enumerate(turns) if t["role"] == "assistant"), default=len(turns))
+        user = max((n for n, t in enumerate(turns[:last]) if t["role"] == "user"), default=None)
+        rest = [t for n, t in enumerate(turns[:last]) if n != user]
+        return {
+            "instruction": turns[user]["content"] if user is not None else "",
+            "input": "\n".join(f"{t['role']}: {t['content']}" if labels else t["content"] for t in rest),
+            "response": turns[last]["content"] if last < len(turns) else "",
+        }
+
+    rng = random.Random(0)
+    for _ in range(3000):
+        roles = ["system", "user", "assistant", "tool", None]
+        turns = [{"role": rng.choice(roles), "content": f"t{n}"} for n in range(rng.randint(0, 6))]
+        for labels in (True, False):
+            assert chat_fields(turns, labels) == by_definition(turns, labels), turns
