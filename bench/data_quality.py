@@ -30,6 +30,10 @@ Then ours runs again on ``--scale`` (default 10) times the rows, for the ratio o
 
     .venv/bin/python bench/data_quality.py [--copies 30] [--scale 10] [--skip-ydata] [--skip-scale]
                                            [--repeat N] [--workdir DIR] [--profile]
+                                           [--variant codegen|cyrillic|chat]
+
+``--variant cyrillic`` (every row non-ASCII) and ``--variant chat`` (OpenAI conversations; no ydata run)
+measure the same rows through the stage's other paths (see :func:`make_corpus`).
 
 ``--profile`` also runs each of our stages once under cProfile on the 1× corpus and prints the top
 functions by cumulative time (slower; not part of the timed figures).
@@ -73,8 +77,20 @@ YDATA_SCRIPT = textwrap.dedent("""
 """)
 
 
-def make_corpus(path: Path, copies: int) -> int:
-    """Write ``copies`` × the codegen set as JSONL, each row distinct (see the module docstring)."""
+_CYRILLIC = str.maketrans(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ",
+    "абцдефгхийклмнопярстуввхызАБЦДЕФГХИЙКЛМНОПЯРСТУВВХЫЗ",
+)
+
+
+def make_corpus(path: Path, copies: int, variant: str = "codegen") -> int:
+    """Write ``copies`` × the codegen set as JSONL, each row distinct (see the module docstring).
+
+    ``variant``: ``codegen`` as it is; ``cyrillic`` with every Latin letter mapped to a Cyrillic one (the
+    same rows, sizes and near-copies, every row non-ASCII); ``chat`` as OpenAI ``messages`` rows (a system
+    turn every third row, the instruction and input as the user turn, the response as the assistant's;
+    every fifth row a second exchange).
+    """
     rows = json.loads(SOURCE.read_text(encoding="utf-8"))
     n = 0
     with open(path, "w", encoding="utf-8") as fh:
@@ -87,6 +103,23 @@ def make_corpus(path: Path, copies: int) -> int:
                     "input": row["input"] + tag if row.get("input") else "",
                     "response": row["response"] + tag,
                 }
+                if variant == "cyrillic":
+                    out = {k: v.translate(_CYRILLIC) for k, v in out.items()}
+                elif variant == "chat":
+                    user = out["instruction"] + (f"\n\n{out['input']}" if out["input"] else "")
+                    turns = [{"role": "system", "content": "You are a careful programming assistant."}] * (
+                        n % 3 == 1
+                    )
+                    turns += [
+                        {"role": "user", "content": user},
+                        {"role": "assistant", "content": out["response"]},
+                    ]
+                    if n % 5 == 1:
+                        turns += [
+                            {"role": "user", "content": "Thanks! Can you explain it briefly?"},
+                            {"role": "assistant", "content": "Sure: " + out["response"][:200]},
+                        ]
+                    out = {"messages": turns}
                 fh.write(json.dumps(out, ensure_ascii=False) + "\n")
     return n
 
@@ -310,6 +343,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=30, help="times the codegen set is repeated (1×)")
     parser.add_argument("--scale", type=int, default=10, help="the larger run has this many times the rows")
+    parser.add_argument(
+        "--variant",
+        choices=("codegen", "cyrillic", "chat"),
+        default="codegen",
+        help="the corpus: as it is, its Latin letters as Cyrillic ones, or as OpenAI chat rows (no ydata run)",
+    )
     parser.add_argument("--skip-ydata", action="store_true")
     parser.add_argument("--skip-scale", action="store_true")
     parser.add_argument("--profile", action="store_true", help="also cProfile our stages on the 1× corpus")
@@ -329,10 +368,14 @@ def main(argv: list[str] | None = None) -> int:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         corpus = work / "corpus_1x.jsonl"
-        rows = make_corpus(corpus, args.copies)
+        rows = make_corpus(corpus, args.copies, args.variant)
+        args.skip_ydata = (
+            args.skip_ydata or args.variant == "chat"
+        )  # ydata's report reads the three text columns
         mib = corpus.stat().st_size / 2**20
         print(
-            f"corpus 1x: {rows:,} rows ({args.copies} x {SOURCE.name}, each row suffixed ' [row N]'), "
+            f"corpus 1x ({args.variant}): {rows:,} rows ({args.copies} x {SOURCE.name}, each row suffixed "
+            "' [row N]'), "
             f"{mib:.0f} MiB JSONL",
             flush=True,
         )
@@ -356,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         big = None
         if not args.skip_scale:
             big_corpus = work / f"corpus_{args.scale}x.jsonl"
-            big_rows = make_corpus(big_corpus, args.copies * args.scale)
+            big_rows = make_corpus(big_corpus, args.copies * args.scale, args.variant)
             print(
                 f"corpus {args.scale}x: {big_rows:,} rows, {big_corpus.stat().st_size / 2**20:.0f} MiB",
                 flush=True,
