@@ -224,6 +224,8 @@ def run_ours(corpus: Path, work: Path, label: str, tokenizer: Path) -> dict:
             str(work / "prepare"),
             "--near-dedup",
             "off",
+            "--tokenizer",  # loaded only where rows are conversations (the chat template) or lengths bounded
+            str(tokenizer),
         ],
     }
     result: dict = {"stages": {}}
