@@ -32,7 +32,6 @@ import os
 import re
 import shutil
 import tempfile
-import unicodedata
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -54,7 +53,16 @@ from airloom.data.neardup import (
     scan_words,
 )
 from airloom.data.seen import SeenKeys
-from airloom.data.text import CONTROL_CHARS_RE, MARKUP_RE, CharClasses, dedup_key, find_pii, has_markup
+from airloom.data.text import (
+    CONTROL_CHARS_RE,
+    MARKUP_RE,
+    SCRIPTS,
+    CharClasses,
+    dedup_key,
+    find_pii,
+    has_markup,
+    script_of,
+)
 from airloom.exceptions import UsageError
 from airloom.prompts import CHAT_TEMPLATE, PromptRenderer, chat_fields, load_template
 from airloom.tokens import as_token_counter
@@ -89,17 +97,6 @@ _SYSTEM_TOP = 10
 _TURNS_SHOWN = 40  # bars of the turns-per-conversation histogram; longer conversations counted in "above"
 _ROLE_GROUPS = (*ROLES, "other")  # turns of any other role are counted together
 _ASCII_LETTER_RE = re.compile(r"[A-Za-z]")
-_SCRIPTS = {
-    "LATIN": "Latin", "CYRILLIC": "Cyrillic", "GREEK": "Greek", "ARABIC": "Arabic", "HEBREW": "Hebrew",
-    "CJK": "Han (CJK)", "KANGXI": "Han (CJK)", "IDEOGRAPHIC": "Han (CJK)", "HIRAGANA": "Hiragana",
-    "KATAKANA": "Katakana", "HANGUL": "Hangul", "DEVANAGARI": "Devanagari", "BENGALI": "Bengali",
-    "GURMUKHI": "Gurmukhi", "GUJARATI": "Gujarati", "ORIYA": "Oriya", "TAMIL": "Tamil", "TELUGU": "Telugu",
-    "KANNADA": "Kannada", "MALAYALAM": "Malayalam", "SINHALA": "Sinhala", "THAI": "Thai", "LAO": "Lao",
-    "TIBETAN": "Tibetan", "MYANMAR": "Myanmar", "GEORGIAN": "Georgian", "ARMENIAN": "Armenian",
-    "ETHIOPIC": "Ethiopic", "KHMER": "Khmer", "MONGOLIAN": "Mongolian", "SYRIAC": "Syriac", "THAANA": "Thaana",
-    "BOPOMOFO": "Bopomofo", "CHEROKEE": "Cherokee",
-}  # fmt: skip
-_script_cache: dict[str, str] = {}
 
 
 def build_profile(records: Sequence[dict], out_dir: Path, **options: Any) -> dict:
@@ -306,18 +303,6 @@ def _mask(value: str) -> str:
     return value[:2] + "*" * (len(value) - 6) + value[-4:]
 
 
-def _script_of(ch: str) -> str:
-    """Unicode script of a letter, from its character name (no data files needed)."""
-    script = _script_cache.get(ch)
-    if script is None:
-        parts = unicodedata.name(ch, "").split(" ")
-        script = _SCRIPTS.get(parts[0])
-        if script is None and len(parts) > 1:  # FULLWIDTH LATIN …, HALFWIDTH KATAKANA …
-            script = _SCRIPTS.get(parts[1])
-        script = _script_cache[ch] = script or "Other"
-    return script
-
-
 def _row_scripts(text: str) -> tuple[str, bool]:
     """(the script most of the row's letters are in, whether another script has >= 10% of them); a tie
     goes to the script whose first letter comes first."""
@@ -337,9 +322,9 @@ def _row_scripts(text: str) -> tuple[str, bool]:
     return _SCRIPT_NAMES[first], second > 0 and second >= 0.1 * total
 
 
-_SCRIPT_NAMES = sorted({*_SCRIPTS.values(), "Other"})
+_SCRIPT_NAMES = sorted({*SCRIPTS.values(), "Other"})
 # per character: 0 not a letter, else 1 + its script's place in _SCRIPT_NAMES
-_LETTER_SCRIPTS = CharClasses(lambda ch: 1 + _SCRIPT_NAMES.index(_script_of(ch)) if ch.isalpha() else 0)
+_LETTER_SCRIPTS = CharClasses(lambda ch: 1 + _SCRIPT_NAMES.index(script_of(ch)) if ch.isalpha() else 0)
 
 
 class _PairCounts:

@@ -230,3 +230,41 @@ class CharClasses:
 
 
 _ALPHA_OR_SPACE = CharClasses(lambda ch: _ALPHA_OR_SPACE_RE.fullmatch(ch) is not None)
+
+#: A letter's Unicode script, by the first word of its character name (no data files needed).
+SCRIPTS = {
+    "LATIN": "Latin", "CYRILLIC": "Cyrillic", "GREEK": "Greek", "ARABIC": "Arabic", "HEBREW": "Hebrew",
+    "CJK": "Han (CJK)", "KANGXI": "Han (CJK)", "IDEOGRAPHIC": "Han (CJK)", "HIRAGANA": "Hiragana",
+    "KATAKANA": "Katakana", "HANGUL": "Hangul", "DEVANAGARI": "Devanagari", "BENGALI": "Bengali",
+    "GURMUKHI": "Gurmukhi", "GUJARATI": "Gujarati", "ORIYA": "Oriya", "TAMIL": "Tamil", "TELUGU": "Telugu",
+    "KANNADA": "Kannada", "MALAYALAM": "Malayalam", "SINHALA": "Sinhala", "THAI": "Thai", "LAO": "Lao",
+    "TIBETAN": "Tibetan", "MYANMAR": "Myanmar", "GEORGIAN": "Georgian", "ARMENIAN": "Armenian",
+    "ETHIOPIC": "Ethiopic", "KHMER": "Khmer", "MONGOLIAN": "Mongolian", "SYRIAC": "Syriac", "THAANA": "Thaana",
+    "BOPOMOFO": "Bopomofo", "CHEROKEE": "Cherokee",
+}  # fmt: skip
+#: Scripts written without spaces between words: a whitespace-separated "word" there is a phrase or a
+#: sentence, so word-length measures say nothing about such text.
+UNSPACED_SCRIPTS = frozenset({"Han (CJK)", "Hiragana", "Katakana", "Thai", "Lao", "Khmer", "Myanmar"})
+
+
+def script_of(ch: str) -> str:
+    """Unicode script of a letter (``Other`` when :data:`SCRIPTS` does not name it)."""
+    parts = unicodedata.name(ch, "").split(" ")
+    script = SCRIPTS.get(parts[0])
+    if script is None and len(parts) > 1:  # FULLWIDTH LATIN …, HALFWIDTH KATAKANA …
+        script = SCRIPTS.get(parts[1])
+    return script or "Other"
+
+
+# per character: 0 not a letter, 1 a letter of a script with spaces between words, 2 one without
+_SPACING = CharClasses(lambda ch: (2 if script_of(ch) in UNSPACED_SCRIPTS else 1) if ch.isalpha() else 0)
+
+
+def unspaced(text: str) -> bool:
+    """Whether most of ``text``'s letters are in a script written without spaces (Chinese, Japanese, Thai…)."""
+    if text.isascii():
+        return False
+    import numpy as np
+
+    counts = np.bincount(_SPACING(text), minlength=3)
+    return bool(counts[2] > counts[1])

@@ -31,7 +31,15 @@ from typing import IO, Any
 
 from airloom.data.chat import ROLES, longest_turns
 from airloom.data.load import TEXT_FIELDS, Finding, LoadResult
-from airloom.data.text import CONTROL_CHARS_RE, MARKUP_RE, composition, find_pii, has_markup, repetition
+from airloom.data.text import (
+    CONTROL_CHARS_RE,
+    MARKUP_RE,
+    composition,
+    find_pii,
+    has_markup,
+    repetition,
+    unspaced,
+)
 from airloom.exceptions import UsageError
 
 # --- configuration --------------------------------------------------------------------------------
@@ -84,7 +92,9 @@ class ValidationConfig:
         max_repeated_ngram_fraction: Largest share of a field's (or turn's) word 5-grams that repeat an
             earlier one.
         max_non_alpha_fraction: Largest share of characters that are neither letters nor whitespace.
-        min_mean_word_length: Least mean word length (characters).
+        min_mean_word_length: Least mean word length (characters). Neither word-length bound judges a
+            row whose letters are mostly in a script written without spaces (Chinese, Japanese, Thai...:
+            :func:`airloom.data.text.unspaced`), where a whitespace-separated "word" is a whole phrase.
         max_mean_word_length: Most mean word length.
         quality_min_words: The quality measures judge texts (a field or turn for repetition, the whole
             row for the other two) of at least this many words (or 1,000 characters); shorter texts are
@@ -952,7 +962,8 @@ def _row_quality(rec: dict, min_words: int, ngram_floor: float = 0.0) -> dict[st
         non_alpha, word_length, words = composition(whole)
         if words >= min_words or len(whole) >= QUALITY_MIN_CHARS:
             out["non_alpha_fraction"] = (non_alpha, None)
-            out["mean_word_length"] = (word_length, None)
+            if not unspaced(whole):  # Chinese, Japanese, Thai…: a "word" there is a whole phrase
+                out["mean_word_length"] = (word_length, None)
     return out
 
 

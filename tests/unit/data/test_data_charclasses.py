@@ -13,7 +13,7 @@ def _scripts_by_counter(row: str) -> tuple[str, bool]:
     letters: Counter[str] = Counter()
     for ch, k in Counter(row).items():
         if ch.isalpha():
-            letters[eda._script_of(ch)] += k
+            letters[text.script_of(ch)] += k
     if not letters:
         return "none", False
     ranked = letters.most_common()  # ties: the script seen first

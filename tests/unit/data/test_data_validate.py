@@ -446,3 +446,27 @@ def test_a_tokenizer_that_cannot_load_costs_the_token_lengths_not_the_run(tmp_pa
     assert result.success and result.accepted == 5
     profile, _ = load_scan(tmp_path / "out" / "scan", fingerprint(source))
     assert "no-such-model" in profile["tokens"]["error"] and "tokens" not in profile["fields"]["instruction"]
+
+
+def test_word_length_is_not_judged_on_text_written_without_spaces(tmp_path):
+    """A Chinese or Japanese answer has no spaces between words: its whitespace "words" are whole phrases,
+    so the mean word length bound (meant for spaced scripts) would quarantine every long row. Such rows are
+    not judged by it; their other measures still are, and a long run of Latin letters still fails it."""
+    from airloom.data.text import unspaced
+
+    zh = "机器学习是人工智能的一个分支它使计算机能够从数据中学习而无需明确编程"
+    ja = "機械学習はデータから学ぶことでコンピュータが明示的にプログラムされずに動作を改善する技術です"
+    assert unspaced(zh * 3) and unspaced(ja) and unspaced("การเรียนรู้ของเครื่อง")
+    assert not unspaced("machine learning " + zh[:3]) and not unspaced("обучение") and not unspaced("123")
+    rows: list = _clean_rows(20)
+    rows += [
+        {"instruction": f"请解释第{i}段", "input": "", "response": (zh * 40)[i : i + 1200]} for i in range(3)
+    ]
+    rows.append({"instruction": "説明してください", "input": "", "response": ja * 30})
+    rows.append({"instruction": "Spell it", "input": "", "response": "x" * 1200})
+    config = ValidationConfig(max_quarantine_rate=1.0)
+    result = validate_load(load_records(_write(tmp_path / "mixed.jsonl", rows)), tmp_path / "out", config)
+
+    word_length = {f.line for f in result.findings if f.check == "mean_word_length"}
+    assert word_length == {25}  # the Latin run only
+    assert result.quarantined == 1 and result.accepted == 24
