@@ -55,13 +55,12 @@ from airloom.data.neardup import (
 from airloom.data.seen import SeenKeys
 from airloom.data.text import (
     CONTROL_CHARS_RE,
+    LETTER_SCRIPTS,
     MARKUP_RE,
-    SCRIPTS,
-    CharClasses,
+    SCRIPT_NAMES,
     dedup_key,
     find_pii,
     has_markup,
-    script_of,
 )
 from airloom.exceptions import UsageError
 from airloom.prompts import CHAT_TEMPLATE, PromptRenderer, chat_fields, load_template
@@ -308,8 +307,8 @@ def _row_scripts(text: str) -> tuple[str, bool]:
     goes to the script whose first letter comes first."""
     if text.isascii():
         return ("Latin" if _ASCII_LETTER_RE.search(text) else "none"), False
-    classes = _LETTER_SCRIPTS(text)
-    counts = np.bincount(classes, minlength=len(_SCRIPT_NAMES) + 1).tolist()[1:]  # a few dozen: Python's pace
+    classes = LETTER_SCRIPTS(text)
+    counts = np.bincount(classes, minlength=len(SCRIPT_NAMES) + 1).tolist()[1:]  # a few dozen: Python's pace
     total = sum(counts)
     if not total:
         return "none", False
@@ -319,12 +318,7 @@ def _row_scripts(text: str) -> tuple[str, bool]:
         first = min(
             (k for k, n in enumerate(counts) if n == top), key=lambda k: int(np.argmax(classes == k + 1))
         )
-    return _SCRIPT_NAMES[first], second > 0 and second >= 0.1 * total
-
-
-_SCRIPT_NAMES = sorted({*SCRIPTS.values(), "Other"})
-# per character: 0 not a letter, else 1 + its script's place in _SCRIPT_NAMES
-_LETTER_SCRIPTS = CharClasses(lambda ch: 1 + _SCRIPT_NAMES.index(script_of(ch)) if ch.isalpha() else 0)
+    return SCRIPT_NAMES[first], second > 0 and second >= 0.1 * total
 
 
 class _PairCounts:

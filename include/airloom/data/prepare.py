@@ -1003,8 +1003,10 @@ def _token_lengths(
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
         lengths = [0] * len(chunk)
-        convs = [n for n, r in enumerate(chunk) if whole and r["turns"]]
-        singles = [n for n, r in enumerate(chunk) if not (whole and r["turns"])]  # prompt + response
+        convs: list[int] = []  # rendered whole
+        singles: list[int] = []  # prompt + response
+        for n, r in enumerate(chunk):
+            (convs if whole and r["turns"] else singles).append(n)
         if convs:  # each conversation rendered whole, the texts counted together (one tokenizer call)
             texts = [
                 render_conversation(renderer, chunk[n]["turns"], eos or None, chunk[n]["task"], chunk[n]["where"],

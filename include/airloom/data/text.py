@@ -256,8 +256,10 @@ def script_of(ch: str) -> str:
     return script or "Other"
 
 
-# per character: 0 not a letter, 1 a letter of a script with spaces between words, 2 one without
-_SPACING = CharClasses(lambda ch: (2 if script_of(ch) in UNSPACED_SCRIPTS else 1) if ch.isalpha() else 0)
+SCRIPT_NAMES = sorted({*SCRIPTS.values(), "Other"})
+#: Per character: 0 not a letter, else 1 + its script's place in :data:`SCRIPT_NAMES`.
+LETTER_SCRIPTS = CharClasses(lambda ch: 1 + SCRIPT_NAMES.index(script_of(ch)) if ch.isalpha() else 0)
+_UNSPACED_CLASSES = [1 + SCRIPT_NAMES.index(s) for s in sorted(UNSPACED_SCRIPTS)]
 
 
 def unspaced(text: str) -> bool:
@@ -266,5 +268,6 @@ def unspaced(text: str) -> bool:
         return False
     import numpy as np
 
-    counts = np.bincount(_SPACING(text), minlength=3)
-    return bool(counts[2] > counts[1])
+    counts = np.bincount(LETTER_SCRIPTS(text), minlength=len(SCRIPT_NAMES) + 1)
+    without = int(counts[_UNSPACED_CLASSES].sum())
+    return without > int(counts[1:].sum()) - without
